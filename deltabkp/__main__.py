@@ -1,0 +1,5 @@
+import sys
+
+from deltabkp.cli import main
+
+sys.exit(main())

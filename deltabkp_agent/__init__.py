@@ -1,0 +1,1 @@
+"""deltabkp_agent: see README; filled in by issue 4."""

@@ -1,0 +1,1 @@
+"""deltabkp_server: see README; filled in by issue 4."""
