@@ -1,2 +1,400 @@
-"""IN PROGRESS (lead): the wire codec. PROTOCOL_PLACEHOLDER = the contract in docs/formats.md,
-section "Wire protocol". Code against that contract; this module lands within ~30 minutes."""
+"""Sans-I/O wire codec: length-prefixed msgpack frames carrying the typed messages of protocol v1.
+
+Invariants: a frame is a u32 big-endian payload length followed by that many bytes of one
+msgpack map; no payload exceeds ``MAX_FRAME``; every decoded message is validated field by
+field by its attrs class before any caller sees it, so a handler never touches unchecked data.
+The codec performs no I/O: the Trio edge lives in ``deltabkp.transport``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import struct
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import attrs
+import msgpack
+
+from deltabkp.errors import RemoteProtocolError
+
+__all__ = [
+    "PROTOCOL_MAGIC",
+    "PROTOCOL_VERSION",
+    "MAX_FRAME",
+    "MAX_CHUNK",
+    "ROLES",
+    "Message",
+    "Hello",
+    "Challenge",
+    "Auth",
+    "Welcome",
+    "Error",
+    "Ping",
+    "Pong",
+    "BackupRequest",
+    "Unchanged",
+    "NeedSignature",
+    "SignatureChunk",
+    "SignatureEnd",
+    "DeltaChunk",
+    "BackupDone",
+    "Cancel",
+    "Announce",
+    "Ack",
+    "Request",
+    "Response",
+    "DataChunk",
+    "DataEnd",
+    "encode",
+    "decode_payload",
+    "FrameDecoder",
+    "new_nonce",
+    "handshake_proof",
+    "proof_matches",
+]
+
+PROTOCOL_MAGIC = "DELTABKP"
+PROTOCOL_VERSION = 1
+#: Hard ceiling on one frame's payload; a bigger length prefix is refused before buffering.
+MAX_FRAME = 1 << 20
+#: Largest data chunk a sender puts in one *Chunk message (leaves room for the envelope).
+MAX_CHUNK = 256 * 1024
+ROLES = ("server", "ctl", "agent")
+NONCE_SIZE = 32
+_HEADER = struct.Struct(">I")
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+M = TypeVar("M", bound="type[Message]")
+
+
+def _message(tag: str) -> Callable[[M], M]:
+    """Register an attrs class under its wire type tag."""
+
+    def wrap(cls: M) -> M:
+        cls.TYPE = tag
+        _REGISTRY[tag] = cls
+        return cls
+
+    return wrap
+
+
+class Message:
+    """Base of every wire message; ``TYPE`` is the tag stored under key ``"t"``."""
+
+    TYPE: ClassVar[str] = ""
+
+
+_str = attrs.validators.instance_of(str)
+_int = attrs.validators.instance_of(int)
+_bytes = attrs.validators.instance_of(bytes)
+_dict = attrs.validators.instance_of(dict)
+_opt_bytes = attrs.validators.optional(_bytes)
+_str_tuple = attrs.validators.deep_iterable(_str, attrs.validators.instance_of(tuple))
+_pair_tuple = attrs.validators.deep_iterable(
+    attrs.validators.deep_iterable(_str, attrs.validators.instance_of(tuple)),
+    attrs.validators.instance_of(tuple),
+)
+
+
+def _nonneg(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or value < 0:
+        raise ValueError(f"{attr.name} must be a non-negative integer")
+
+
+def _to_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _to_pairs(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_to_tuple(v) for v in value)
+    return value
+
+
+# --- handshake ------------------------------------------------------------------------------
+
+
+@_message("hello")
+@attrs.frozen
+class Hello(Message):
+    """Initiator's opening: protocol magic and version, its role, a fresh nonce."""
+
+    magic: str = attrs.field(validator=_str)
+    version: int = attrs.field(validator=_int)
+    role: str = attrs.field(validator=attrs.validators.in_(ROLES))
+    nonce: bytes = attrs.field(validator=_bytes)
+
+
+@_message("challenge")
+@attrs.frozen
+class Challenge(Message):
+    """Responder's nonce and its proof of the key over both nonces."""
+
+    nonce: bytes = attrs.field(validator=_bytes)
+    proof: bytes = attrs.field(validator=_bytes)
+
+
+@_message("auth")
+@attrs.frozen
+class Auth(Message):
+    """Initiator's proof of the key over both nonces."""
+
+    proof: bytes = attrs.field(validator=_bytes)
+
+
+@_message("welcome")
+@attrs.frozen
+class Welcome(Message):
+    """Handshake done; ``info`` says who answered (name, version)."""
+
+    info: dict[str, Any] = attrs.field(factory=dict, validator=_dict)
+
+
+# --- generic --------------------------------------------------------------------------------
+
+
+@_message("error")
+@attrs.frozen
+class Error(Message):
+    """A refusal or failure: a stable machine ``code`` and a human ``message``."""
+
+    code: str = attrs.field(validator=_str)
+    message: str = attrs.field(validator=_str)
+
+
+@_message("ping")
+@attrs.frozen
+class Ping(Message):
+    """Liveness probe."""
+
+
+@_message("pong")
+@attrs.frozen
+class Pong(Message):
+    """Answer to ``Ping``."""
+
+    info: dict[str, Any] = attrs.field(factory=dict, validator=_dict)
+
+
+# --- one backup (server -> agent) -----------------------------------------------------------
+
+
+@_message("backup")
+@attrs.frozen
+class BackupRequest(Message):
+    """Back up ``path``; ``base_hash`` is the blake3 of the server's newest archive, if any."""
+
+    path: str = attrs.field(validator=_str)
+    base_hash: bytes | None = attrs.field(default=None, validator=_opt_bytes)
+    exclude: tuple[str, ...] = attrs.field(default=(), converter=_to_tuple, validator=_str_tuple)
+
+
+@_message("unchanged")
+@attrs.frozen
+class Unchanged(Message):
+    """Nothing changed since ``archive_hash``; ``reason`` is "fingerprint" or "hash"."""
+
+    archive_hash: bytes = attrs.field(validator=_bytes)
+    reason: str = attrs.field(validator=_str)
+
+
+@_message("need-sig")
+@attrs.frozen
+class NeedSignature(Message):
+    """The agent has no cached signature for the base: send it."""
+
+
+@_message("sig-chunk")
+@attrs.frozen
+class SignatureChunk(Message):
+    data: bytes = attrs.field(validator=_bytes)
+
+
+@_message("sig-end")
+@attrs.frozen
+class SignatureEnd(Message):
+    pass
+
+
+@_message("delta-chunk")
+@attrs.frozen
+class DeltaChunk(Message):
+    data: bytes = attrs.field(validator=_bytes)
+
+
+@_message("backup-done")
+@attrs.frozen
+class BackupDone(Message):
+    """End of the delta stream: what the new archive is and what the build saw."""
+
+    archive_hash: bytes = attrs.field(validator=_bytes)
+    archive_size: int = attrs.field(validator=[_int, _nonneg])
+    files: int = attrs.field(validator=[_int, _nonneg])
+    changed: tuple[tuple[str, ...], ...] = attrs.field(
+        default=(), converter=_to_pairs, validator=_pair_tuple
+    )
+    skipped: tuple[tuple[str, ...], ...] = attrs.field(
+        default=(), converter=_to_pairs, validator=_pair_tuple
+    )
+
+
+@_message("cancel")
+@attrs.frozen
+class Cancel(Message):
+    """The sender abandons the exchange; the peer stops work and closes."""
+
+
+# --- agent -> server ------------------------------------------------------------------------
+
+
+@_message("announce")
+@attrs.frozen
+class Announce(Message):
+    """An agent that (re)started says where it listens, so pending retries can run now."""
+
+    host: str = attrs.field(validator=_str)
+    port: int = attrs.field(validator=[_int, _nonneg])
+
+
+@_message("ack")
+@attrs.frozen
+class Ack(Message):
+    pass
+
+
+# --- control (ctl -> server) ----------------------------------------------------------------
+
+
+@_message("request")
+@attrs.frozen
+class Request(Message):
+    op: str = attrs.field(validator=_str)
+    args: dict[str, Any] = attrs.field(factory=dict, validator=_dict)
+
+
+@_message("response")
+@attrs.frozen
+class Response(Message):
+    data: Any = None
+
+
+@_message("data-chunk")
+@attrs.frozen
+class DataChunk(Message):
+    data: bytes = attrs.field(validator=_bytes)
+
+
+@_message("data-end")
+@attrs.frozen
+class DataEnd(Message):
+    pass
+
+
+# --- codec ----------------------------------------------------------------------------------
+
+
+def encode(msg: Message) -> bytes:
+    """One complete frame for ``msg``."""
+    fields = attrs.asdict(msg, recurse=False)  # type: ignore[arg-type]
+    payload: bytes = msgpack.packb({"t": msg.TYPE, **fields}, use_bin_type=True)
+    if len(payload) > MAX_FRAME:
+        # Our own bug (a chunk too big), not the peer's: blame the local side.
+        from deltabkp.errors import LocalProtocolError
+
+        raise LocalProtocolError(
+            f"{msg.TYPE} message of {len(payload)} bytes exceeds the {MAX_FRAME}-byte frame limit"
+        )
+    return _HEADER.pack(len(payload)) + payload
+
+
+def decode_payload(payload: bytes) -> Message:
+    """Parse and validate one frame's payload; anything wrong is a ``RemoteProtocolError``."""
+    try:
+        obj = msgpack.unpackb(
+            payload,
+            raw=False,
+            use_list=True,  # free-form data (Response, Request args) stays JSON-like
+            strict_map_key=True,
+        )
+    # msgpack reports bad input as ValueError subclasses, or TypeError for an unhashable key.
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise RemoteProtocolError(f"malformed frame: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError("malformed frame: payload is not a map")
+    tag = obj.pop("t", None)
+    cls = _REGISTRY.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message type {tag!r}")
+    if cls is Hello:
+        # Hello must stay parseable by every version, so that a version mismatch gets a clear
+        # "unsupported version" answer instead of a field error.
+        obj = {k: obj.get(k) for k in ("magic", "version", "role", "nonce")}
+    try:
+        return cls(**obj)
+    except (TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"invalid {tag} message: {exc}") from None
+
+
+class FrameDecoder:
+    """Incremental frame splitter: ``feed`` bytes, then take messages with ``next_message``.
+
+    Buffers at most one partial frame plus what was fed; a length prefix above the limit is
+    refused as soon as its four bytes arrive, before any payload is buffered.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+        self._check_header()
+
+    def _check_header(self) -> None:
+        if len(self._buf) >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(self._buf)
+            if length > self._max:
+                raise RemoteProtocolError(
+                    f"frame of {length} bytes exceeds the {self._max}-byte limit "
+                    "(not a deltabkp peer?)"
+                )
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or None until more bytes are fed."""
+        if len(self._buf) < _HEADER.size:
+            return None
+        (length,) = _HEADER.unpack_from(self._buf)
+        end = _HEADER.size + length
+        if len(self._buf) < end:
+            return None
+        payload = bytes(self._buf[_HEADER.size : end])
+        del self._buf[:end]
+        self._check_header()
+        return decode_payload(payload)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+# --- authentication -------------------------------------------------------------------------
+
+_LABELS = {"responder": b"deltabkp/1 responder proof", "initiator": b"deltabkp/1 initiator proof"}
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_SIZE)
+
+
+def handshake_proof(key: bytes, side: str, initiator_nonce: bytes, responder_nonce: bytes) -> bytes:
+    """HMAC-SHA256 over both nonces; the label keeps one side's proof from serving the other."""
+    msg = _LABELS[side] + b"\0" + initiator_nonce + responder_nonce
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def proof_matches(expected: bytes, got: bytes) -> bool:
+    return hmac.compare_digest(expected, got)
