@@ -1,0 +1,123 @@
+"""``deltabkp-server``: command line, logging, signals; the daemon itself is ``Server``.
+
+Prints exactly one line on stdout, ``deltabkp-server listening on HOST:PORT``, once the port
+is open (port 0 resolves to the real port, which tests and scripts parse); everything else
+(one line per execution, warnings) goes to stderr.  SIGTERM and SIGINT shut down cleanly:
+running executions are cancelled, logged as failed and their partial files removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from deltabkp import transport
+from deltabkp.errors import DeltabkpError, UsageError
+from deltabkp_server.execution import ExecutionSettings
+from deltabkp_server.server import Server, configure_logging
+
+
+def default_data_dir() -> Path:
+    """``./deltabkp-data`` if it exists (a demo in the current directory), else the XDG dir."""
+    local = Path("deltabkp-data")
+    if local.is_dir():
+        return local
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "deltabkp"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deltabkp-server",
+        description=(
+            "The deltabkp backup server: pulls delta backups from deltabkp-agent nodes on "
+            "schedule, rebuilds and stores full tgz archives (newest 10 per target), keeps a "
+            "SQLite catalog with the complete execution log, and serves 'deltabkp ctl' on the "
+            "same port."
+        ),
+    )
+    p.add_argument(
+        "--listen", default=f"127.0.0.1:{transport.DEFAULT_SERVER_PORT}", metavar="HOST:PORT",
+        help="address to listen on (default 127.0.0.1:%(default)s; port 0 picks a free port)".replace(
+            "%(default)s", str(transport.DEFAULT_SERVER_PORT)),
+    )
+    p.add_argument(
+        "--data-dir", metavar="DIR", default=None,
+        help="catalog and archives (default: ./deltabkp-data if that directory exists, else "
+        "$XDG_DATA_HOME/deltabkp, i.e. ~/.local/share/deltabkp)",
+    )
+    p.add_argument(
+        "--key-file", metavar="F", default=None,
+        help="cluster key file (default: $DELTABKP_KEY_FILE, else ~/.config/deltabkp/cluster.key, "
+        "created on first use)",
+    )
+    p.add_argument("--max-concurrent", type=int, default=8, metavar="N",
+                   help="executions running at once, overall (default 8)")
+    p.add_argument("--max-per-node", type=int, default=2, metavar="N",
+                   help="executions running at once against one node (default 2)")
+    p.add_argument("--keep", type=int, default=10, metavar="N",
+                   help="archives kept per target (default 10)")
+    p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
+                   help="longest silence of an agent during a backup, seconds (default 300)")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        host, port = transport.parse_hostport(args.listen)
+        for name in ("max_concurrent", "max_per_node", "keep"):
+            if getattr(args, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        key = transport.load_key(args.key_file)
+        server = Server(
+            data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
+            key=key, host=host, port=port,
+            max_concurrent=args.max_concurrent, max_per_node=args.max_per_node,
+            settings=ExecutionSettings(keep=args.keep, idle_timeout=args.idle_timeout),
+        )
+        trio.run(_run, server)
+    except DeltabkpError as exc:
+        print(f"deltabkp-server: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _run(server: Server) -> None:
+    async with trio.open_nursery() as nursery:
+        # Signals first, so a SIGTERM during start-up also ends cleanly.
+        await nursery.start(_watch_signals, nursery.cancel_scope)
+        address = await nursery.start(server.run)
+        print(f"deltabkp-server listening on {address}", flush=True)
+        logging.getLogger("deltabkp_server").info(
+            "data dir %s, max %d executions (%d per node)",
+            server.data_dir, server.max_concurrent, server.max_per_node,
+        )
+
+
+async def _watch_signals(
+    scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            logging.getLogger("deltabkp_server").info(
+                "%s: shutting down", signal.Signals(signum).name
+            )
+            scope.cancel()
+            return
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The server: opens catalog and store, reconciles them, then listens and schedules.
+
+Job: own the pieces (catalog, store, executor, scheduler, control API) and the one listening
+port, which serves ``ctl`` clients (control API) and ``agent`` announcements; the role proved
+in the handshake decides the service.
+Invariants:
+- start-up reconciliation runs before anything is served: executions a crash left open are
+  closed as failed, ``.part`` files and files with no committed catalog row are deleted,
+  committed rows whose files are gone are marked missing (never offered as a base);
+- a connection that fails authentication gets one error frame and is closed, nothing else;
+  no connection handler can bring the daemon down (their errors are logged);
+- cancelling ``run`` (SIGTERM/SIGINT) cancels executions, whose ``.part`` files are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from deltabkp import __version__, transport, wire
+from deltabkp.errors import DeltabkpError
+from deltabkp_server.catalog import AsyncCatalog, Catalog, SqliteCatalog
+from deltabkp_server.control import ControlAPI
+from deltabkp_server.execution import ExecutionSettings, Executor
+from deltabkp_server.scheduler import Scheduler
+from deltabkp_server.store import LocalStore
+
+__all__ = ["Server"]
+
+log = logging.getLogger("deltabkp_server")
+AGENT_IDLE_S = 30.0
+
+
+class Server:
+    def __init__(
+        self,
+        *,
+        data_dir: str | Path,
+        key: bytes,
+        host: str = "127.0.0.1",
+        port: int = transport.DEFAULT_SERVER_PORT,
+        max_concurrent: int = 8,
+        max_per_node: int = 2,
+        settings: ExecutionSettings = ExecutionSettings(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.key = key
+        self.host = host
+        self.port = port
+        self.max_concurrent = max_concurrent
+        self.max_per_node = max_per_node
+        self.settings = settings
+        self.clock = clock
+        self.started = clock()
+        self.address = ""
+        self.files_limiter = trio.CapacityLimiter(max(2, max_concurrent))
+        self.catalog: AsyncCatalog
+        self.store: LocalStore
+        self.scheduler: Scheduler
+        self.control = ControlAPI(self)
+
+    async def _open(self) -> None:
+        def open_all() -> tuple[SqliteCatalog, LocalStore]:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            return SqliteCatalog(self.data_dir / "catalog.sqlite3"), LocalStore(self.data_dir)
+
+        cat, self.store = await trio.to_thread.run_sync(open_all)
+        self.catalog = AsyncCatalog(cat)
+        await self.reconcile()
+        executor = Executor(
+            key=self.key, catalog=self.catalog, store=self.store,
+            files_limiter=self.files_limiter, settings=self.settings, clock=self.clock,
+        )
+        self.scheduler = Scheduler(
+            executor=executor, catalog=self.catalog, key=self.key,
+            max_concurrent=self.max_concurrent, max_per_node=self.max_per_node, clock=self.clock,
+        )
+        for t in await self.catalog.call(lambda c: c.targets()):
+            self.scheduler.add(t)
+
+    async def reconcile(self) -> None:
+        now = self.clock()
+        n = await self.catalog.call(
+            lambda c: c.fail_unfinished(now, "the server stopped during this execution (crash or kill)")
+        )
+        committed = await self.catalog.call(lambda c: c.retained_keys())
+        report = await trio.to_thread.run_sync(self.store.reconcile, committed)
+        if report.missing:
+            def mark(c: Catalog) -> None:
+                for t, s in report.missing:
+                    c.mark_missing(t, s)
+
+            await self.catalog.call(mark)
+        for p in report.removed_parts:
+            log.warning("start-up: removed partial archive %s", p)
+        for p in report.removed_orphans:
+            log.warning("start-up: removed %s (no committed catalog row)", p)
+        for tid, seq in report.missing:
+            log.error("start-up: archive %d of target %d is in the catalog but not on disk; marked missing", seq, tid)
+        if n:
+            log.warning("start-up: %d execution(s) left open by a previous run marked failed", n)
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        await self._open()
+        try:
+            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        except OSError as exc:
+            raise DeltabkpError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
+        sockname = listeners[0].socket.getsockname()
+        h = self.host if self.host not in ("", None) else sockname[0]
+        self.address = f"[{h}]:{sockname[1]}" if ":" in h else f"{h}:{sockname[1]}"
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.scheduler.run)
+                await nursery.start(trio.serve_listeners, self._handle, listeners)
+                task_status.started(self.address)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.catalog.sync.close)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            async with stream:
+                try:
+                    chan = await transport.accept(
+                        stream, key=self.key, roles=("ctl", "agent"),
+                        info={"name": "deltabkp-server", "version": __version__},
+                    )
+                except DeltabkpError as exc:
+                    log.warning("refused connection: %s", exc)
+                    return
+                if chan.role == "ctl":
+                    await self.control.serve(chan)
+                else:
+                    await self._serve_agent(chan)
+        except DeltabkpError as exc:
+            log.warning("connection ended: %s", exc)
+        except Exception:  # a bug: log it, never let one connection take the daemon down
+            log.exception("internal error while serving a connection")
+
+    async def _serve_agent(self, chan: transport.Channel) -> None:
+        """Agents announce themselves (pending retries run now) and may ping."""
+        while True:
+            try:
+                msg = await chan.receive(timeout=AGENT_IDLE_S)
+            except DeltabkpError:
+                return
+            if isinstance(msg, wire.Announce):
+                peer_host = chan.peer.rpartition(":")[0].strip("[]")
+                hit = self.scheduler.announce(msg.host, msg.port, peer_host)
+                log.info(
+                    "agent %s:%d announced itself; %d pending retr%s run now",
+                    msg.host, msg.port, len(hit), "y" if len(hit) == 1 else "ies",
+                )
+                await chan.send(wire.Ack())
+            elif isinstance(msg, wire.Ping):
+                await chan.send(wire.Pong({"name": "deltabkp-server", "version": __version__}))
+            else:
+                await chan.send_error("protocol", f"unexpected {msg.TYPE} message from an agent")
+                return
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s deltabkp-server %(levelname)s %(message)s"))
+    root = logging.getLogger("deltabkp_server")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
