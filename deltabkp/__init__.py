@@ -24,6 +24,16 @@ from deltabkp.errors import (
     UsageError,
 )
 
+# --- engine (issue 2) ---
+from deltabkp._engine_delta import DeltaEncoder, delta
+from deltabkp._engine_patch import Patcher, patch
+from deltabkp._engine_signature import (
+    Signature,
+    SignatureBuilder,
+    default_block_size,
+    signature,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -46,5 +56,13 @@ __all__ = [
     "UnsupportedVersion",
     "UsageError",
     # --- engine (issue 2) ---
+    "DeltaEncoder",
+    "Patcher",
+    "Signature",
+    "SignatureBuilder",
+    "default_block_size",
+    "delta",
+    "patch",
+    "signature",
     # --- archive (issue 3) ---
 ]

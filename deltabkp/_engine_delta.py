@@ -1,0 +1,307 @@
+"""Delta encoding: turn a new file into COPY/LITERAL/END ops against a base's signature.
+
+Format v1 (docs/formats.md, section engine): a 49-byte header (magic ``DBKD``, version, block
+size, base size, base blake3), then ops: ``C`` COPY(first block u32, count u32), ``L``
+LITERAL(length u32 in 1..65536, bytes), and one final ``E`` END(new size u64, new blake3).
+
+How the encoder stays fast in Python: weak sums of every offset of a stretch of the new data
+come out of one vectorised prefix sum (``_engine_rolling``); a bitmap indexed by the top bits
+of the weak sum rejects almost every offset in one numpy gather; the few survivors are checked
+against the exact sorted weak sums, and only those get a strong sum.  After a match the encoder
+first tries the following base blocks at the following offsets (runs of matches are the common
+case), which costs one XXH3 per block and no weak sums at all.
+
+Invariants: the encoder does no I/O; its memory is the signature's lookup tables plus the
+unscanned tail of the input (at most one scan window plus a block) and a pending literal of at
+most 64 KiB; it never emits an op that later input could change.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+import blake3
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from deltabkp._engine_rolling import weak_sums_all_offsets
+from deltabkp._engine_signature import Signature, as_bytes_view
+from deltabkp.errors import UsageError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = [
+    "DELTA_MAGIC",
+    "DELTA_VERSION",
+    "MAX_LITERAL",
+    "DeltaEncoder",
+    "delta",
+]
+
+DELTA_MAGIC = b"DBKD"
+DELTA_VERSION = 1
+MAX_LITERAL = 64 * 1024
+
+# magic, version, block size, base size, base blake3
+DELTA_HEADER = struct.Struct(">4sBIQ32s")
+OP_COPY = 0x43  # "C"
+OP_LITERAL = 0x4C  # "L"
+OP_END = 0x45  # "E"
+COPY_OP = struct.Struct(">BII")
+LITERAL_OP = struct.Struct(">BI")
+END_OP = struct.Struct(">BQ32s")
+
+# Offsets scanned per vectorised step: small right after a run breaks (the next match is
+# usually near), doubling while nothing matches, capped so temporaries stay in cache.
+SCAN_MIN = 16 * 1024
+SCAN_MAX = 256 * 1024
+# Without the final flag, wait for this many scannable offsets: scanning a sliver costs a
+# whole block of prefix sums, which would make tiny feeds quadratic.
+SCAN_WAIT = 16 * 1024
+# Weak-sum groups bigger than this (repeated blocks) get a strong-sum dict.
+_SMALL_GROUP = 8
+
+_strong = xxhash.xxh3_128_digest
+
+
+class _MatchIndex:
+    """Lookup tables over the whole blocks of a signature."""
+
+    def __init__(self, sig: Signature) -> None:
+        nfull = sig.full_blocks
+        weak = sig.weak_array()[:nfull]
+        self.nfull = nfull
+        self.weak = weak
+        self.strong_len = sig.strong_len
+        self.strongs = sig.strong_sums
+        # ~32 bitmap slots per block keeps false positives near 3%, while 2^16..2^21 bools
+        # (64 KiB..2 MiB) stay cache-resident for the per-offset gather.
+        bits = min(21, max(16, nfull.bit_length() + 5))
+        self.shift = 32 - bits
+        self.bitmap = np.zeros(1 << bits, np.bool_)
+        self.bitmap[weak >> self.shift] = True
+        self.order: npt.NDArray[np.intp] = np.argsort(weak, kind="stable")
+        self.sorted_weak = weak[self.order]
+        self._groups: dict[int, dict[bytes, int]] = {}
+
+    def strong_of(self, block: int) -> bytes:
+        sl = self.strong_len
+        return self.strongs[block * sl : (block + 1) * sl]
+
+    def _group(self, lo: int, hi: int) -> dict[bytes, int]:
+        table = self._groups.get(lo)
+        if table is None:
+            table = {}
+            for k in self.order[lo:hi].tolist():
+                table.setdefault(self.strong_of(k), k)
+            self._groups[lo] = table
+        return table
+
+    def find(
+        self, w: npt.NDArray[np.uint32], mv: memoryview, start: int, bs: int, prefer: int
+    ) -> tuple[int, int] | None:
+        """First offset ``start + i`` whose window matches a block: (offset, block) or None."""
+        keys = np.right_shift(w, self.shift).astype(np.intp)
+        cand = np.flatnonzero(self.bitmap[keys])
+        if not cand.size:
+            return None
+        vals = w[cand]
+        sw = self.sorted_weak
+        lo = np.searchsorted(sw, vals, "left")
+        hit = sw[np.minimum(lo, len(sw) - 1)] == vals
+        if not hit.any():
+            return None
+        cand, lo, vals = cand[hit], lo[hit], vals[hit]
+        hi = np.searchsorted(sw, vals, "right")
+        sl = self.strong_len
+        pref_weak = int(self.weak[prefer]) if 0 <= prefer < self.nfull else -1
+        for rel, l, h, val in zip(cand.tolist(), lo.tolist(), hi.tolist(), vals.tolist()):
+            j = start + rel
+            digest = _strong(mv[j : j + bs])[:sl]
+            if val == pref_weak and digest == self.strong_of(prefer):
+                return j, prefer
+            if h - l <= _SMALL_GROUP:
+                for k in self.order[l:h].tolist():
+                    if self.strong_of(k) == digest:
+                        return j, k
+            else:
+                found = self._group(l, h).get(digest)
+                if found is not None:
+                    return j, found
+        return None
+
+
+class DeltaEncoder:
+    """Streaming delta of a new file against a signature: ``feed()`` chunks, then ``finish()``.
+
+    Both return delta bytes ready to send (``feed`` may return b"").  After ``finish()``,
+    ``new_size`` and ``new_hash`` (blake3) describe the new file.
+    """
+
+    def __init__(self, signature: Buffer | Signature) -> None:
+        sig = signature if isinstance(signature, Signature) else Signature.parse(signature)
+        self.signature = sig
+        self._index = _MatchIndex(sig)
+        self._bs = sig.block_size
+        self._buf = bytearray()
+        self._pos = 0  # next offset (in _buf) not yet decided
+        self._lit = 0  # start (in _buf) of the pending literal; _lit <= _pos
+        self._run_first = 0
+        self._run_count = 0  # pending COPY run, not yet emitted
+        self._expect = -1  # block expected at _pos right after a copy, or -1
+        self._scan = SCAN_MIN
+        self._out: list[bytes] = [
+            DELTA_HEADER.pack(
+                DELTA_MAGIC, DELTA_VERSION, sig.block_size, sig.base_size, sig.base_hash
+            )
+        ]
+        self._hasher = blake3.blake3()
+        self._size = 0
+        self._done = False
+        self.new_size = 0
+        self.new_hash = b""
+
+    def feed(self, data: Buffer) -> bytes:
+        if self._done:
+            raise UsageError("DeltaEncoder.feed() called after finish()")
+        mv = as_bytes_view(data)
+        if mv:
+            self._hasher.update(mv)
+            self._size += len(mv)
+            self._buf += mv
+            if len(self._buf) - self._pos >= self._bs + SCAN_WAIT:
+                self._step(final=False)
+        return self._take_output()
+
+    def finish(self) -> bytes:
+        if self._done:
+            raise UsageError("DeltaEncoder.finish() called twice")
+        self._done = True
+        self._step(final=True)
+        self._flush_copy()
+        self.new_size = self._size
+        self.new_hash = self._hasher.digest()
+        self._out.append(END_OP.pack(OP_END, self.new_size, self.new_hash))
+        self._buf = bytearray()
+        return self._take_output()
+
+    def _take_output(self) -> bytes:
+        out = b"".join(self._out)
+        self._out = []
+        return out
+
+    # --- op emission ---------------------------------------------------------------------
+
+    def _flush_copy(self) -> None:
+        if self._run_count:
+            self._out.append(COPY_OP.pack(OP_COPY, self._run_first, self._run_count))
+            self._run_count = 0
+
+    def _copy(self, block: int) -> None:
+        if self._run_count and block == self._run_first + self._run_count:
+            self._run_count += 1
+        else:
+            self._flush_copy()
+            self._run_first, self._run_count = block, 1
+
+    def _literal(self, mv: memoryview, start: int, stop: int) -> None:
+        if stop <= start:
+            return
+        self._flush_copy()
+        out = self._out
+        for a in range(start, stop, MAX_LITERAL):
+            b = min(stop, a + MAX_LITERAL)
+            out.append(LITERAL_OP.pack(OP_LITERAL, b - a))
+            out.append(bytes(mv[a:b]))
+
+    # --- matching ----------------------------------------------------------------------
+
+    def _step(self, final: bool) -> None:
+        self._scan_buffer(final)
+        # Everything before the pending literal is emitted: drop it (views are gone by now).
+        drop = self._lit
+        if drop:
+            del self._buf[:drop]
+            self._pos -= drop
+            self._lit = 0
+
+    def _scan_buffer(self, final: bool) -> None:
+        buf = self._buf
+        mv = memoryview(buf)
+        arr = np.frombuffer(buf, np.uint8)
+        try:
+            self._scan_view(mv, arr, final)
+        finally:
+            del arr
+            mv.release()
+
+    def _scan_view(self, mv: memoryview, arr: npt.NDArray[np.uint8], final: bool) -> None:
+        idx = self._index
+        bs = self._bs
+        nfull = idx.nfull
+        strong_of = idx.strong_of
+        sl = idx.strong_len
+        end = len(mv)
+        last = end - bs  # last offset whose window is whole
+        i, lit = self._pos, self._lit
+        while True:
+            expect = self._expect
+            if expect >= 0 and lit == i:
+                # Continue the run: the next base block at the next offset, no weak sums.
+                while expect < nfull and i + bs <= end:
+                    if _strong(mv[i : i + bs])[:sl] != strong_of(expect):
+                        break
+                    self._copy(expect)
+                    expect += 1
+                    i += bs
+                lit = i
+                if expect >= nfull:
+                    expect = -1
+                if i + bs > end:
+                    self._expect = expect
+                    break
+                self._expect = -1
+            if i > last or nfull == 0:
+                break
+            avail = last - i + 1
+            if not final and avail < SCAN_WAIT:
+                break
+            count = min(self._scan, avail)
+            w = weak_sums_all_offsets(arr[i : i + count + bs - 1], bs)
+            prefer = self._run_first + self._run_count if self._run_count else -1
+            found = idx.find(w, mv, i, bs, prefer)
+            del w
+            if found is not None:
+                j, block = found
+                self._literal(mv, lit, j)
+                self._copy(block)
+                i = lit = j + bs
+                self._expect = block + 1 if block + 1 < nfull else -1
+                self._scan = SCAN_MIN
+            else:
+                i += count
+                self._scan = min(2 * self._scan, SCAN_MAX)
+                if i - lit >= MAX_LITERAL:
+                    whole = lit + (i - lit) // MAX_LITERAL * MAX_LITERAL
+                    self._literal(mv, lit, whole)
+                    lit = whole
+        if final:
+            sig = self.signature
+            tail = sig.base_size - nfull * bs
+            if tail and end - tail >= i and _strong(mv[end - tail : end])[:sl] == strong_of(nfull):
+                self._literal(mv, lit, end - tail)
+                self._copy(nfull)
+            else:
+                self._literal(mv, lit, end)
+            i = lit = end
+        self._pos, self._lit = i, lit
+
+
+def delta(signature: Buffer | Signature, new: Buffer) -> bytes:
+    """The delta (format v1) turning the signature's base into ``new``, all in memory."""
+    enc = DeltaEncoder(signature)
+    head = enc.feed(new)
+    return head + enc.finish()

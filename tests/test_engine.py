@@ -1,0 +1,259 @@
+"""Delta engine: round trips (whole and streamed), op choice, and typed errors on bad input."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+import deltabkp
+from deltabkp import (
+    DeltaEncoder,
+    FormatError,
+    IntegrityError,
+    LimitExceeded,
+    Patcher,
+    Signature,
+    SignatureBuilder,
+    UnsupportedVersion,
+    UsageError,
+)
+from deltabkp._engine_delta import (
+    COPY_OP,
+    DELTA_HEADER,
+    END_OP,
+    LITERAL_OP,
+    OP_COPY,
+    OP_END,
+    OP_LITERAL,
+)
+from deltabkp._engine_rolling import (
+    strong_sum,
+    weak_sum,
+    weak_sums_all_offsets,
+    weak_sums_of_blocks,
+)
+
+
+def ops_of(delta: bytes) -> list[tuple[str, int, int]]:
+    """Decode a delta into (kind, a, b) tuples: ("C", first, count), ("L", length, 0)."""
+    p = DELTA_HEADER.size
+    ops: list[tuple[str, int, int]] = []
+    while p < len(delta):
+        tag = delta[p]
+        if tag == OP_COPY:
+            _t, first, count = COPY_OP.unpack_from(delta, p)
+            ops.append(("C", first, count))
+            p += COPY_OP.size
+        elif tag == OP_LITERAL:
+            _t, length = LITERAL_OP.unpack_from(delta, p)
+            ops.append(("L", length, 0))
+            p += LITERAL_OP.size + length
+        else:
+            assert tag == OP_END
+            _t, size, _h = END_OP.unpack_from(delta, p)
+            ops.append(("E", size, 0))
+            p += END_OP.size
+    assert p == len(delta)
+    return ops
+
+
+def roundtrip(base: bytes, new: bytes, block_size: int | None = None) -> bytes:
+    sig = deltabkp.signature(base, block_size)
+    dlt = deltabkp.delta(sig, new)
+    assert bytes(deltabkp.patch(base, dlt)) == new
+    return dlt
+
+
+# --- checksums ------------------------------------------------------------------------------
+
+
+def test_weak_sums_agree_across_methods() -> None:
+    import numpy as np
+
+    rng = random.Random(5)
+    data = bytes(rng.getrandbits(8) for _ in range(3000))
+    arr = np.frombuffer(data, np.uint8)
+    for bs in (16, 100, 1024):
+        every = weak_sums_all_offsets(arr, bs)
+        assert len(every) == len(data) - bs + 1
+        for i in (0, 1, 17, len(data) - bs):
+            assert int(every[i]) == weak_sum(data[i : i + bs])
+        whole = len(data) // bs * bs
+        blocks = weak_sums_of_blocks(arr[:whole], bs)
+        assert blocks.tolist() == [int(every[i]) for i in range(0, whole, bs)]
+
+
+def test_weak_sum_is_the_documented_polynomial() -> None:
+    data = b"deltabkp"
+    expected = sum(b * pow(0x9E3779B1, t, 1 << 32) for t, b in enumerate(data)) % (1 << 32)
+    assert weak_sum(data) == expected
+    import xxhash
+
+    assert strong_sum(data, 8) == xxhash.xxh3_128(data).digest()[:8]
+
+
+# --- round trips ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 1023, 1024, 1025, 100_000])
+def test_identical_is_all_copies(size: int) -> None:
+    base = os.urandom(size)
+    dlt = roundtrip(base, base, 16 if size < 2000 else None)
+    ops = ops_of(dlt)
+    if size == 0:
+        assert ops == [("E", 0, 0)]
+    else:
+        sig = Signature.parse(deltabkp.signature(base, 16 if size < 2000 else None))
+        assert ops == [("C", 0, sig.block_count), ("E", size, 0)]
+
+
+def test_empty_and_unrelated() -> None:
+    roundtrip(b"", b"")
+    roundtrip(b"", b"new data")
+    roundtrip(b"old data", b"")
+    base, new = os.urandom(300_000), os.urandom(250_000)
+    dlt = roundtrip(base, new, 1024)
+    assert all(kind in "LE" for kind, _a, _b in ops_of(dlt))
+    assert all(a <= 64 * 1024 for kind, a, _b in ops_of(dlt) if kind == "L")
+
+
+def test_small_edit_costs_about_one_block() -> None:
+    base = os.urandom(1 << 20)
+    new = base[:300_000] + b"inserted!" + base[300_000:700_000] + base[701_000:]
+    dlt = roundtrip(base, new, 1024)
+    assert len(dlt) < 3 * 1024 + 200
+    sig = Signature.parse(deltabkp.signature(base, 1024))
+    copied = sum(b for kind, _a, b in ops_of(dlt) if kind == "C")
+    assert copied >= sig.block_count - 4
+
+
+def test_shifted_and_repeated_blocks() -> None:
+    block = os.urandom(64)
+    base = block * 50 + os.urandom(100) + block * 3
+    roundtrip(base, os.urandom(5) + base, 64)
+    roundtrip(base, base[:-7], 64)
+    roundtrip(base, block * 200, 64)
+    roundtrip(b"\0" * 10_000, b"\0" * 30_001, 64)
+    dlt = roundtrip(block * 4, block * 400, 64)
+    assert len(dlt) < 2000
+
+
+def test_short_last_block_matches_at_the_end() -> None:
+    base = os.urandom(1000 + 37)
+    new = os.urandom(10) + base
+    dlt = roundtrip(base, new, 100)
+    assert [op for op in ops_of(dlt) if op[0] != "E"] == [("L", 10, 0), ("C", 0, 11)]
+
+
+def test_streaming_in_random_chunks_matches_whole() -> None:
+    rng = random.Random(7)
+    base = os.urandom(400_000)
+    new = bytearray(base)
+    for _ in range(20):
+        at = rng.randrange(len(new))
+        new[at : at + rng.randrange(3000)] = os.urandom(rng.randrange(3000))
+    new = bytes(new)
+    sig = deltabkp.signature(base, 512)
+    enc = DeltaEncoder(sig)
+    parts: list[bytes] = []
+    at = 0
+    while at < len(new):
+        step = rng.choice([1, 7, 100, 4096, 70_000, 300_000])
+        parts.append(enc.feed(new[at : at + step]))
+        at += step
+    parts.append(enc.finish())
+    dlt = b"".join(parts)
+    assert enc.new_size == len(new)
+    assert bytes(deltabkp.patch(base, dlt)) == new
+    patcher = Patcher(base)
+    out: list[bytes | memoryview] = []
+    for i in range(0, len(dlt), 333):
+        out += patcher.feed(dlt[i : i + 333])
+    patcher.finish()
+    assert b"".join(bytes(p) for p in out) == new
+    assert patcher.new_size == len(new) and patcher.new_hash == enc.new_hash
+
+
+def test_builder_in_chunks_equals_whole() -> None:
+    data = os.urandom(100_003)
+    whole = deltabkp.signature(data, 1000)
+    builder = SignatureBuilder(1000)
+    for i in range(0, len(data), 777):
+        builder.feed(data[i : i + 777])
+    assert builder.finish() == whole
+    derived = SignatureBuilder(base_size=len(data))
+    derived.feed(bytearray(data))
+    sig = Signature.parse(derived.finish())
+    assert sig.block_size == deltabkp.default_block_size(len(data))
+    assert sig.base_size == len(data)
+    import blake3
+
+    assert sig.base_hash == blake3.blake3(data).digest()
+
+
+def test_copy_pieces_are_zero_copy_views() -> None:
+    base = os.urandom(10_000)
+    dlt = deltabkp.delta(deltabkp.signature(base, 1000), base[:5000] + b"x" + base[5000:])
+    pieces = Patcher(base).feed(dlt)
+    views = [p for p in pieces if isinstance(p, memoryview)]
+    assert views and all(v.obj is base for v in views)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def test_builder_argument_errors() -> None:
+    with pytest.raises(UsageError):
+        SignatureBuilder()
+    with pytest.raises(UsageError):
+        SignatureBuilder(3)
+    b = SignatureBuilder(16)
+    b.finish()
+    with pytest.raises(UsageError):
+        b.feed(b"x")
+
+
+def test_signature_errors_are_typed() -> None:
+    sig = deltabkp.signature(os.urandom(5000), 1000)
+    with pytest.raises(FormatError, match="magic"):
+        Signature.parse(b"XXXX" + sig[4:])
+    with pytest.raises(UnsupportedVersion):
+        Signature.parse(sig[:4] + b"\x02" + sig[5:])
+    with pytest.raises(FormatError, match="truncated"):
+        Signature.parse(sig[:-1])
+    with pytest.raises(FormatError, match="trailing"):
+        Signature.parse(sig + b"\0")
+    with pytest.raises(FormatError, match="truncated"):
+        Signature.parse(sig[:20])
+    with pytest.raises(LimitExceeded):
+        Signature.parse(sig, max_size=100)
+
+
+def test_patch_errors_are_typed() -> None:
+    base = os.urandom(5000)
+    new = base[:2000] + b"zz" + base[2000:]
+    dlt = deltabkp.delta(deltabkp.signature(base, 100), new)
+    with pytest.raises(IntegrityError, match="5000 bytes"):
+        deltabkp.patch(base[:-1], dlt)
+    other = bytearray(base)
+    other[10] ^= 1
+    with pytest.raises(IntegrityError, match="blake3"):
+        deltabkp.patch(bytes(other), dlt)
+    with pytest.raises(FormatError, match="truncated"):
+        deltabkp.patch(base, dlt[:-1])
+    with pytest.raises(FormatError, match="trailing"):
+        deltabkp.patch(base, dlt + b"E")
+    with pytest.raises(FormatError, match="magic"):
+        deltabkp.patch(base, b"DBKS" + dlt[4:])
+    with pytest.raises(UnsupportedVersion):
+        deltabkp.patch(base, dlt[:4] + b"\x09" + dlt[5:])
+    bad_copy = dlt[: DELTA_HEADER.size] + COPY_OP.pack(OP_COPY, 49, 2) + dlt[-END_OP.size :]
+    with pytest.raises(FormatError, match="outside"):
+        deltabkp.patch(base, bad_copy)
+    big_lit = dlt[: DELTA_HEADER.size] + LITERAL_OP.pack(OP_LITERAL, 70_000)
+    with pytest.raises(FormatError, match="LITERAL"):
+        deltabkp.patch(base, big_lit)
+    with pytest.raises(IntegrityError):
+        Patcher(base, base_hash=b"\0" * 32).feed(dlt)
