@@ -101,8 +101,9 @@ class ControlAPI:
                     )
                 data = await op(req.args)
             except RequestRefused as exc:
-                log.info("ctl %s %s refused (%s): %s", chan.peer, req.op, exc.code, exc.message)
-                await chan.send(wire.Error(exc.code, exc.message))
+                message = _name_target(exc.message, req.args)
+                log.info("ctl %s %s refused (%s): %s", chan.peer, req.op, exc.code, message)
+                await chan.send(wire.Error(exc.code, message))
                 continue
             except DeltabkpError as exc:
                 log.error("ctl %s %s failed: %s", chan.peer, req.op, exc)
@@ -253,3 +254,10 @@ class ControlAPI:
 def _under(path: str, root: str) -> bool:
     root = posixpath.normpath(root)
     return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _name_target(message: str, args: dict[str, Any]) -> str:
+    """Every refusal names the node and path it is about (when the request had them)."""
+    node, path = args.get("node"), args.get("path")
+    parts = [str(x) for x in (node, path) if isinstance(x, str) and x and str(x) not in message]
+    return f"{' '.join(parts)}: {message}" if parts else message

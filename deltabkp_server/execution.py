@@ -86,17 +86,19 @@ class _Patch:
     """Patcher over the base + SignatureBuilder + part file; driven from worker threads only."""
 
     def __init__(self, base_buf: Any, base: ArchiveRecord | None, part: PartWriter) -> None:
-        self.patcher = deltabkp.Patcher(base_buf)
-        # The new archive is usually about the size of the old one: size its blocks for that.
-        self.sig = deltabkp.SignatureBuilder(base_size=base.size if base else None)
+        # With base_hash the patcher refuses, from the header on, a delta made for another base.
+        self.patcher = deltabkp.Patcher(base_buf, base_hash=base.hash if base else None)
+        # The signature of the new archive is built while it is written, with blocks sized
+        # for the base (the new archive is usually about as big).  With no base the size is
+        # unknown until the end, so that first signature is built from the written file.
+        self.sig = deltabkp.SignatureBuilder(base_size=base.size) if base is not None else None
         self.part = part
 
     def feed(self, data: bytes) -> None:
         for piece in self.patcher.feed(data):
             self.part.write(piece)
-            self.sig.feed(piece)
-        # Pieces may be views into the mmap of the base: drop them before the map closes.
-        piece = None  # noqa: F841
+            if self.sig is not None:
+                self.sig.feed(piece)
 
     def finish(self, done: wire.BackupDone) -> bytes:
         self.patcher.finish()  # raises IntegrityError on a length or blake3 mismatch
@@ -109,6 +111,10 @@ class _Patch:
             raise IntegrityError(
                 f"wrote {self.part.size} bytes but the archive has {done.archive_size}"
             )
+        if self.sig is None:
+            self.sig = deltabkp.SignatureBuilder(base_size=self.part.size)
+            for block in self.part.read_back(1 << 20):
+                self.sig.feed(block)
         sig: bytes = self.sig.finish()
         return sig
 

@@ -50,6 +50,7 @@ class PartWriter(Protocol):
     @property
     def size(self) -> int: ...
     def write(self, data: bytes | memoryview) -> None: ...
+    def read_back(self, chunk_size: int) -> Iterator[bytes]: ...
     def commit(self, signature: bytes) -> None: ...
     def abort(self) -> None: ...
 
@@ -103,6 +104,16 @@ class _LocalPart:
         except OSError as exc:
             raise StoreError(f"cannot write {self.part}: {exc.strerror}") from None
         self._size += len(data)
+
+    def read_back(self, chunk_size: int) -> Iterator[bytes]:
+        """What was written so far (used to sign a first archive of unknown size)."""
+        try:
+            self._f.flush()
+            with open(self.part, "rb") as f:
+                while block := f.read(chunk_size):
+                    yield block
+        except OSError as exc:
+            raise StoreError(f"cannot read back {self.part}: {exc.strerror}") from None
 
     def commit(self, signature: bytes) -> None:
         if self._done:

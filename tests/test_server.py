@@ -1,0 +1,341 @@
+"""The server in-process over real TCP, against a scripted protocol peer.
+
+``ScriptedAgent`` speaks protocol v1 exactly like an agent but serves plain byte strings as
+"archives" and can misbehave on purpose (wrong hash, hang-up mid-stream, refusals), which the
+real agent never does: these are the server's fault paths (integrity fallback to a full
+transfer, partial files removed, every attempt logged).  The end-to-end behaviour with the
+real agent and the real ``deltabkp ctl`` is in ``tests/test_e2e*.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import blake3
+import pytest
+import trio
+
+import deltabkp
+from deltabkp import transport, wire
+from deltabkp.errors import AuthError, PeerUnavailable, RequestRefused
+from deltabkp_server.execution import ExecutionSettings
+from deltabkp_server.server import Server, configure_logging
+
+KEY = b"s" * 32
+OTHER_KEY = b"o" * 32
+
+configure_logging()
+
+
+@attrs.define
+class ScriptedAgent:
+    """An agent-side protocol peer serving ``content[path]`` as the archive bytes."""
+
+    content: dict[str, bytes] = attrs.Factory(dict)
+    corrupt_next: int = 0  # this many backups claim a hash that the delta does not produce
+    hang_up_after_chunks: int | None = None
+    refuse: str | None = None
+    need_sig_always: bool = True
+    requests: list[wire.BackupRequest] = attrs.Factory(list)
+    signatures_received: int = 0
+    address: str = ""
+    cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        with self.cancel_scope:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            port = listeners[0].socket.getsockname()[1]
+            self.address = f"127.0.0.1:{port}"
+            async with trio.open_nursery() as n:
+                await n.start(trio.serve_listeners, self._handle, listeners)
+                task_status.started(self.address)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                chan = await transport.accept(stream, key=KEY, roles=("server",))
+                msg = await chan.receive()
+                if isinstance(msg, wire.Ping):
+                    await chan.send(wire.Pong({"roots": ["/srv"]}))
+                elif isinstance(msg, wire.BackupRequest):
+                    await self._backup(chan, msg)
+            except (PeerUnavailable, RequestRefused, deltabkp.ProtocolError):
+                pass
+
+    async def _backup(self, chan: transport.Channel, req: wire.BackupRequest) -> None:
+        self.requests.append(req)
+        if self.refuse:
+            await chan.send(wire.Error("path-not-allowed", f"{req.path}: {self.refuse}"))
+            return
+        data = self.content[req.path]
+        h = blake3.blake3(data).digest()
+        if req.base_hash == h:
+            await chan.send(wire.Unchanged(h, "hash"))
+            return
+        if req.base_hash is not None:
+            await chan.send(wire.NeedSignature())
+            sig = b""
+            while True:
+                m = await chan.receive()
+                if isinstance(m, wire.SignatureEnd):
+                    break
+                assert isinstance(m, wire.SignatureChunk)
+                sig += m.data
+            self.signatures_received += 1
+        else:
+            sig = deltabkp.signature(b"")
+        sent_data = data
+        if self.corrupt_next:
+            self.corrupt_next -= 1
+            # The delta rebuilds other bytes than the hash we announce: an integrity failure.
+            sent_data = data[:-1] + bytes([data[-1] ^ 1])
+        dlt = deltabkp.delta(sig, sent_data)
+        chunks = [dlt[i : i + 50_000] for i in range(0, len(dlt), 50_000)]
+        for i, c in enumerate(chunks):
+            if self.hang_up_after_chunks is not None and i >= self.hang_up_after_chunks:
+                await trio.sleep(0.2)
+                return  # hang up mid-stream
+            await chan.send(wire.DeltaChunk(c))
+        await chan.send(wire.BackupDone(h, len(data), 1, (("a.log", "grew while read"),), ()))
+
+
+async def ctl(address: str, op: str, key: bytes = KEY, **args: Any) -> Any:
+    host, port = transport.parse_hostport(address)
+    with trio.fail_after(60):
+        chan = await transport.connect(host, port, key=key, role="ctl")
+        async with chan:
+            await chan.send(wire.Request(op, args))
+            return (await chan.receive_a(wire.Response, timeout=60)).data
+
+
+@pytest.fixture
+async def agent(nursery: trio.Nursery) -> AsyncIterator[ScriptedAgent]:
+    a = ScriptedAgent()
+    await nursery.start(a.serve)
+    yield a
+    a.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Server]:
+    srv = Server(
+        data_dir=tmp_path / "data", key=KEY, host="127.0.0.1", port=0,
+        settings=ExecutionSettings(keep=3, connect_timeout=5, idle_timeout=10),
+    )
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await srv.run(task_status=task_status)
+
+    await nursery.start(run)
+    yield srv
+    scope.cancel()
+
+
+def _files(srv: Server) -> list[str]:
+    return sorted(str(p.relative_to(srv.data_dir / "archives")) for p in (srv.data_dir / "archives").rglob("*") if p.is_file())
+
+
+async def _register(srv: Server, agent: ScriptedAgent, path: str = "/srv/app", every: str = "1h") -> dict[str, Any]:
+    out = await ctl(srv.address, "register", node=agent.address, path=path, every=every)
+    # Registration makes the target due at once: wait for that first execution to finish so
+    # that each test starts from a known state.
+    with trio.fail_after(30):
+        while not await ctl(srv.address, "log", node=agent.address, path=path) or any(
+            e["outcome"] is None for e in await ctl(srv.address, "log", node=agent.address, path=path)
+        ):
+            await trio.sleep(0.02)
+    return out
+
+
+async def test_first_backup_then_delta_then_unchanged(server: Server, agent: ScriptedAgent) -> None:
+    base = os.urandom(300_000)
+    agent.content["/srv/app"] = base
+    reg = await _register(server, agent)
+    assert reg["every_seconds"] == 3600 and "warning" not in reg
+    [first] = await ctl(server.address, "list", node=agent.address, path="/srv/app")
+    assert first["size"] == len(base) and first["retained"] and first["seq"] == 1
+    assert first["hash"] == blake3.blake3(base).hexdigest()
+    assert first["transferred"] > len(base)  # all literals, plus framing
+    assert _files(server) == ["1/1.sig", "1/1.tgz"]
+    assert (server.data_dir / "archives/1/1.tgz").read_bytes() == base
+    # The stored signature is the one the engine would compute for the archive.
+    assert deltabkp.Signature.parse((server.data_dir / "archives/1/1.sig").read_bytes()).base_hash == blake3.blake3(base).digest()
+
+    new = base[:100_000] + b"a small edit" + base[100_000:]
+    agent.content["/srv/app"] = new
+    rec = await ctl(server.address, "backup-now", node=agent.address, path="/srv/app", wait=True)
+    assert rec["outcome"] == "stored" and rec["archive_size"] == len(new)
+    assert rec["transferred"] < len(new) // 10  # only the changed blocks and the signature
+    assert agent.signatures_received == 1
+    assert agent.requests[-1].base_hash == blake3.blake3(base).digest()
+    assert (server.data_dir / "archives/1/2.tgz").read_bytes() == new
+    sig2 = deltabkp.Signature.parse((server.data_dir / "archives/1/2.sig").read_bytes())
+    assert sig2.base_hash == blake3.blake3(new).digest() and sig2.base_size == len(new)
+
+    rec = await ctl(server.address, "backup-now", node=agent.address, path="/srv/app", wait=True)
+    assert rec["outcome"] == "unchanged" and rec["seq"] == 2
+    assert len(await ctl(server.address, "list", node=agent.address, path="/srv/app")) == 2
+    log = await ctl(server.address, "log", node=agent.address, path="/srv/app")
+    assert [e["outcome"] for e in log] == ["unchanged", "stored", "stored"]
+    assert log[1]["changed"] == 1 and log[1]["changed_detail"] == [["a.log", "grew while read"]]
+
+
+async def test_integrity_failure_falls_back_to_a_full_transfer(server: Server, agent: ScriptedAgent) -> None:
+    agent.content["/srv/app"] = os.urandom(100_000)
+    await _register(server, agent)
+    new = agent.content["/srv/app"] + b"more"
+    agent.content["/srv/app"] = new
+    agent.corrupt_next = 1
+    rec = await ctl(server.address, "backup-now", node=agent.address, path="/srv/app", wait=True)
+    assert rec["outcome"] == "stored"
+    assert "full transfer" in rec["note"]
+    assert [r.base_hash is None for r in agent.requests[-2:]] == [False, True]
+    assert (server.data_dir / "archives/1/2.tgz").read_bytes() == new
+    assert rec["transferred"] > len(new)  # both attempts are counted
+    assert _files(server) == ["1/1.sig", "1/1.tgz", "1/2.sig", "1/2.tgz"]
+
+
+async def test_integrity_failure_twice_is_failed_and_stores_nothing(server: Server, agent: ScriptedAgent) -> None:
+    agent.content["/srv/app"] = os.urandom(50_000)
+    await _register(server, agent)
+    agent.content["/srv/app"] += b"x"
+    agent.corrupt_next = 2
+    rec = await ctl(server.address, "backup-now", node=agent.address, path="/srv/app", wait=True)
+    assert rec["outcome"] == "failed" and agent.address in rec["error"] and "/srv/app" in rec["error"]
+    assert "blake3" in rec["error"] or "differs" in rec["error"]
+    assert len(await ctl(server.address, "list", node=agent.address, path="/srv/app")) == 1
+    assert _files(server) == ["1/1.sig", "1/1.tgz"]
+    [t] = await ctl(server.address, "targets")
+    assert t["state"] == "retrying" and t["last_outcome"] == "failed"
+
+
+async def test_hang_up_mid_stream_leaves_no_partial_file(server: Server, agent: ScriptedAgent) -> None:
+    agent.content["/srv/app"] = os.urandom(400_000)
+    agent.hang_up_after_chunks = 2
+    await _register(server, agent)
+    [e] = await ctl(server.address, "log")
+    assert e["outcome"] == "failed" and "connection" in e["error"]
+    assert e["transferred"] > 100_000  # what did cross is still accounted
+    assert _files(server) == []
+    assert await ctl(server.address, "list", node=agent.address, path="/srv/app") == []
+
+
+async def test_refusal_by_the_agent_is_logged(server: Server, agent: ScriptedAgent) -> None:
+    agent.content["/srv/app"] = b"x"
+    agent.refuse = "not under an allowed root"
+    await _register(server, agent)
+    [e] = await ctl(server.address, "log")
+    assert e["outcome"] == "failed" and "path-not-allowed" in e["error"] and "/srv/app" in e["error"]
+
+
+async def test_retention_keeps_newest_and_lists_all(server: Server, agent: ScriptedAgent) -> None:
+    agent.content["/srv/app"] = b"v0" * 1000
+    await _register(server, agent)
+    for i in range(1, 5):
+        agent.content["/srv/app"] = f"v{i}".encode() * 1000
+        rec = await ctl(server.address, "backup-now", node=agent.address, path="/srv/app", wait=True)
+        assert rec["outcome"] == "stored"
+    listed = await ctl(server.address, "list", node=agent.address, path="/srv/app")
+    assert [a["seq"] for a in listed] == [5, 4, 3, 2, 1]
+    assert [a["retained"] for a in listed] == [True, True, True, False, False]  # keep=3 here
+    assert _files(server) == [f"1/{s}.{k}" for s in (3, 4, 5) for k in ("sig", "tgz")]
+    # A rotated-out version cannot be fetched; a retained one can, byte for byte.
+    with pytest.raises(RequestRefused) as ei:
+        await ctl(server.address, "fetch", node=agent.address, path="/srv/app", seq=1)
+    assert ei.value.code == "not-found" and "rotated out" in ei.value.message
+    host, port = transport.parse_hostport(server.address)
+    async with await transport.connect(host, port, key=KEY, role="ctl") as chan:
+        await chan.send(wire.Request("fetch", {"node": agent.address, "path": "/srv/app"}))
+        meta = (await chan.receive_a(wire.Response)).data
+        got = b""
+        while not isinstance(m := await chan.receive(), wire.DataEnd):
+            assert isinstance(m, wire.DataChunk)
+            got += m.data
+    assert meta["seq"] == 5 and got == b"v4" * 1000
+
+
+async def test_bad_requests_are_refused_and_change_nothing(server: Server, agent: ScriptedAgent) -> None:
+    agent.content["/srv/app"] = b"x" * 100
+    await _register(server, agent)
+    before = (await ctl(server.address, "targets"), await ctl(server.address, "log"))
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("register", {"node": agent.address, "path": "/srv/app", "every": "5"}, "exists"),
+        ("register", {"node": agent.address, "path": "/srv/other", "every": "0"}, "invalid"),
+        ("register", {"node": agent.address, "path": "/srv/other", "every": "soon"}, "invalid"),
+        ("register", {"node": "no-port", "path": "/srv/other", "every": "5"}, "invalid"),
+        ("register", {"node": agent.address, "path": "relative", "every": "5"}, "invalid"),
+        ("register", {"node": agent.address, "path": "/etc", "every": "5"}, "refused"),
+        ("register", {"node": agent.address, "every": "5"}, "invalid"),
+        ("unregister", {"node": agent.address, "path": "/srv/nope"}, "not-found"),
+        ("list", {"node": agent.address, "path": "/srv/nope"}, "not-found"),
+        ("backup-now", {"node": agent.address, "path": "/srv/nope"}, "not-found"),
+        ("log", {"limit": 0}, "invalid"),
+        ("frobnicate", {}, "invalid"),
+    ]
+    for op, args, code in cases:
+        with pytest.raises(RequestRefused) as ei:
+            await ctl(server.address, op, **args)
+        assert ei.value.code == code, (op, args, ei.value.message)
+        if "node" in args and args.get("path", "").startswith("/"):
+            assert args["path"] in ei.value.message
+    assert (await ctl(server.address, "targets"), await ctl(server.address, "log")) == before
+
+
+async def test_register_unreachable_agent_is_accepted_with_a_warning(server: Server) -> None:
+    with trio.socket.socket() as s:
+        await s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reg = await ctl(server.address, "register", node=f"127.0.0.1:{port}", path="/srv/app", every="1h")
+    assert "warning" in reg and f"127.0.0.1:{port}" in reg["warning"]
+    with trio.fail_after(20):
+        while not (log := await ctl(server.address, "log")) or log[0]["outcome"] is None:
+            await trio.sleep(0.02)
+    assert log[0]["outcome"] == "failed" and "cannot connect" in log[0]["error"]
+    [t] = await ctl(server.address, "targets")
+    assert t["state"] == "retrying"
+
+
+async def test_unregister_stops_backups(server: Server, agent: ScriptedAgent) -> None:
+    agent.content["/srv/app"] = b"x" * 100
+    await _register(server, agent, every="1s")
+    out = await ctl(server.address, "unregister", node=agent.address, path="/srv/app")
+    assert out == {"node": agent.address, "path": "/srv/app"}
+    n = len(await ctl(server.address, "log"))
+    await trio.sleep(2.5)  # more than two periods: nothing more may run
+    assert len(await ctl(server.address, "log")) == n
+    assert await ctl(server.address, "targets") == []
+    # History stays queryable after unregister.
+    assert len(await ctl(server.address, "list", node=agent.address, path="/srv/app")) == 1
+
+
+async def test_wrong_key_gets_nothing(server: Server) -> None:
+    host, port = transport.parse_hostport(server.address)
+    with pytest.raises(AuthError):
+        await transport.connect(host, port, key=OTHER_KEY, role="ctl")
+    # Raw bytes without a handshake: an error frame at most, then the connection closes.
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(wire.encode(wire.Request("targets", {})))
+        got = b""
+        with trio.fail_after(15):
+            while chunk := await stream.receive_some(65536):
+                got += chunk
+    dec = wire.FrameDecoder()
+    dec.feed(got)
+    msgs = []
+    while (m := dec.next_message()) is not None:
+        msgs.append(m)
+    assert all(isinstance(m, wire.Error) for m in msgs) and len(msgs) <= 1
+    assert (await ctl(server.address, "status"))["targets"] == 0  # still serving
+
+
+async def test_status(server: Server) -> None:
+    st = await ctl(server.address, "status")
+    assert st["listen"] == server.address and st["targets"] == 0 and st["running"] == 0
+    assert st["data_dir"] == str(server.data_dir)
