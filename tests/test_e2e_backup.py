@@ -1,0 +1,241 @@
+"""End to end with real processes on 127.0.0.1: deltabkp-server, deltabkp-agent, deltabkp ctl.
+
+The issue's done-when list, one test each: first backup + restore; a ~1% change to a real
+source tree crosses ≤ 5% of the archive, no change is ``unchanged``; twelve changes keep ten
+archives and list twelve; unregister; bad requests; and the wrong key.  Crash and outage
+tests are in ``test_e2e_faults.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+from helpers_proc import Cluster, cluster, tree_equal, wait_for  # noqa: F401
+
+STDLIB = Path(os.__file__).parent
+# A few MB of real source: enough for a meaningful ratio, small enough to stay quick.
+REAL_DIRS = ("json", "email", "http", "logging", "xml", "unittest", "urllib", "concurrent")
+
+
+def make_small_tree(root: Path) -> Path:
+    app = root / "app"
+    (app / "conf").mkdir(parents=True)
+    (app / "data" / "deep" / "er").mkdir(parents=True)
+    (app / "conf" / "app.ini").write_text("[main]\nport = 8080\n")
+    (app / "data" / "log.txt").write_text("".join(f"line {i}\n" for i in range(2000)))
+    (app / "data" / "deep" / "er" / "blob.bin").write_bytes(os.urandom(20_000))
+    (app / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (app / "run.sh").chmod(0o755)
+    (app / "empty").mkdir()
+    os.symlink("conf/app.ini", app / "link.ini")
+    return app
+
+
+def copy_real_tree(root: Path) -> Path:
+    app = root / "src"
+    for d in REAL_DIRS:
+        shutil.copytree(STDLIB / d, app / d, ignore=shutil.ignore_patterns("__pycache__", "test*"))
+    return app
+
+
+def one_percent_change(app: Path) -> tuple[int, int]:
+    """Edit ~1% of the files (a line inserted mid-file, one appended) and add one small file.
+
+    Returns (files touched, bytes of the tree)."""
+    files = sorted(p for p in app.rglob("*.py"))
+    step = max(1, len(files) // max(1, len(files) // 100))
+    touched = 0
+    for i, p in enumerate(files[::step]):
+        text = p.read_text()
+        mid = len(text) // 2
+        cut = text.find("\n", mid) + 1 or len(text)
+        p.write_text(text[:cut] + f"# edited by the deltabkp e2e test ({i})\n" + text[cut:])
+        touched += 1
+    (app / "json" / "NEWS.txt").write_text("a new file\n" * 20)
+    total = sum(p.stat().st_size for p in app.rglob("*") if p.is_file())
+    return touched + 1, total
+
+
+def register_and_first_backup(c: Cluster, node: str, path: Path, every: str = "1h") -> dict:
+    out = c.ctl("register", node, str(path), "--every", every)
+    # Registration makes the target due at once; --wait then waits for an execution that
+    # starts after the request, so the first backup is over when it returns.
+    rec = c.ctl("backup-now", node, str(path), "--wait")
+    assert rec["outcome"] in ("stored", "unchanged"), rec
+    return out
+
+
+def test_register_backup_list_restore(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    app = make_small_tree(tmp_path)
+    c.start_server()
+    agent = c.start_agent(tmp_path)
+    register_and_first_backup(c, agent.address, app)
+    listed = c.ctl("list", agent.address, str(app))
+    assert len(listed) == 1, listed
+    [a] = listed
+    assert a["size"] > 0 and a["retained"] is True and a["transferred"] > 0
+    assert a["created"][:4].isdigit() and "T" in a["created"]  # ISO 8601
+    dest = tmp_path / "restored"
+    res = c.ctl_run("restore", agent.address, str(app), str(dest))
+    assert res.returncode == 0, res.stderr
+    assert tree_equal(app, dest) == []
+    targets = c.ctl("targets")
+    assert [(t["node"], t["path"], t["archives"]) for t in targets] == [(agent.address, str(app), 1)]
+
+
+def test_real_tree_one_percent_change_sends_little(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    app = copy_real_tree(tmp_path)
+    c.start_server()
+    agent = c.start_agent(tmp_path)
+    register_and_first_backup(c, agent.address, app)
+    touched, tree_bytes = one_percent_change(app)
+    rec = c.ctl("backup-now", agent.address, str(app), "--wait")
+    assert rec["outcome"] == "stored", rec
+    size, wire = rec["archive_size"], rec["transferred"]
+    print(f"real tree: {tree_bytes} bytes, {touched} files touched; archive {size} bytes; "
+          f"on the wire {wire} bytes = {100 * wire / size:.2f}% of the archive")
+    assert wire <= 0.05 * size, (wire, size)
+    listed = c.ctl("list", agent.address, str(app))
+    assert [x["transferred"] for x in listed][0] == wire
+    log = c.ctl("log", agent.address, str(app))
+    assert log[0]["transferred"] == wire and log[0]["outcome"] == "stored"
+
+    # No change: unchanged, nothing stored.
+    rec = c.ctl("backup-now", agent.address, str(app), "--wait")
+    assert rec["outcome"] == "unchanged", rec
+    assert len(c.ctl("list", agent.address, str(app))) == 2
+    assert len(list((c.data_dir / "archives").rglob("*.tgz"))) == 2
+
+    dest = tmp_path / "restored"
+    assert c.ctl_run("restore", agent.address, str(app), str(dest)).returncode == 0
+    assert tree_equal(app, dest) == []
+
+
+def test_twelve_changes_keep_ten_archives_and_log_everything(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    app = make_small_tree(tmp_path)
+    c.start_server()
+    agent = c.start_agent(tmp_path)
+    register_and_first_backup(c, agent.address, app)
+    for i in range(11):
+        (app / "data" / "log.txt").write_text(f"version {i}\n" * 500)
+        rec = c.ctl("backup-now", agent.address, str(app), "--wait")
+        assert rec["outcome"] == "stored", rec
+    tgz = list((c.data_dir / "archives").rglob("*.tgz"))
+    sig = list((c.data_dir / "archives").rglob("*.sig"))
+    assert len(tgz) == 10 and len(sig) == 10
+    listed = c.ctl("list", agent.address, str(app))
+    assert len(listed) == 12
+    assert [a["retained"] for a in listed] == [True] * 10 + [False] * 2
+    assert [a["seq"] for a in listed] == list(range(12, 0, -1))
+    log = c.ctl("log", agent.address, str(app))
+    assert sum(1 for e in log if e["outcome"] == "stored") == 12
+    assert all(e["outcome"] in ("stored", "unchanged") for e in log)
+    # The oldest two cannot be restored any more; the newest can.
+    res = c.ctl_run("restore", agent.address, str(app), str(tmp_path / "old"), "--version", "1")
+    assert res.returncode == 3 and "1" in res.stderr
+    res = c.ctl_run("restore", agent.address, str(app), str(tmp_path / "new"))
+    assert res.returncode == 0 and tree_equal(app, tmp_path / "new") == []
+
+
+def test_unregister_stops_backups(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    app = make_small_tree(tmp_path)
+    c.start_server()
+    agent = c.start_agent(tmp_path)
+    register_and_first_backup(c, agent.address, app, every="1s")
+    # With a 1 s period, more executions follow by themselves (unchanged ones).
+    wait_for(lambda: len(c.ctl("log", agent.address, str(app))) >= 3, what="periodic executions")
+    out = c.ctl("unregister", agent.address, str(app))
+    assert out["node"] == agent.address and out["path"] == str(app)
+    n = len(c.ctl("log", agent.address, str(app)))
+    wait_for(lambda: not c.ctl("status")["running"], what="running execution to end")
+    n = len(c.ctl("log", agent.address, str(app)))
+    (app / "conf" / "app.ini").write_text("changed after unregister\n")
+    time.sleep(3)  # three periods: a registered target would have run three times
+    assert len(c.ctl("log", agent.address, str(app))) == n
+    assert c.ctl("targets") == []
+    res = c.ctl_run("backup-now", agent.address, str(app))
+    assert res.returncode == 3 and agent.address in res.stderr and str(app) in res.stderr
+
+
+def test_bad_requests_get_clear_errors_and_change_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    app = make_small_tree(tmp_path)
+    c.start_server()
+    agent = c.start_agent(tmp_path)
+    node = agent.address
+    register_and_first_backup(c, node, app)
+    before = (c.ctl("targets"), c.ctl("log"))
+    refused = [
+        ("register", node, str(app), "--every", "5"),            # twice
+        ("register", node, str(app / "conf"), "--every", "0"),   # bad frequency
+        ("register", node, str(app / "conf"), "--every", "often"),
+        ("register", node, "/etc", "--every", "5"),              # not under the agent's roots
+        ("unregister", node, str(app / "nope")),
+        ("list", node, str(app / "nope")),
+        ("backup-now", node, str(app / "nope")),
+    ]
+    for args in refused:
+        res = c.ctl_run(*args)
+        assert res.returncode == 3, (args, res.returncode, res.stderr)
+        assert res.stderr.strip(), args
+        assert node in res.stderr and args[2] in res.stderr, (args, res.stderr)
+    usage = [
+        ("register", "no-port-here", str(app), "--every", "5"),
+        ("register", node),
+    ]
+    for args in usage:
+        res = c.ctl_run(*args)
+        assert res.returncode == 2, (args, res.returncode, res.stderr)
+    assert (c.ctl("targets"), c.ctl("log")) == before
+    # A server that is not there is a connection failure, with its own exit code.
+    c.server.stop()  # type: ignore[union-attr]
+    res = c.ctl_run("targets")
+    assert res.returncode == 4 and res.stderr.strip()
+
+
+def test_without_the_key_nothing_is_served(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    app = make_small_tree(tmp_path)
+    c.start_server()
+    agent = c.start_agent(tmp_path)
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text("x" * 64 + "\n")
+    wrong.chmod(0o600)
+    res = c.ctl_run("targets", key_file=wrong)
+    assert res.returncode == 4 and "key" in res.stderr.lower(), res.stderr
+    res = c.ctl_run("register", agent.address, str(app), "--every", "5", key_file=wrong)
+    assert res.returncode == 4
+    assert c.ctl("targets") == []  # nothing was registered
+    # An agent with another key serves the server nothing either: the execution fails.
+    stranger = c.start_agent(tmp_path, key_file=wrong, announce=False)
+    c.ctl("register", stranger.address, str(app), "--every", "1h")
+    rec = c.ctl_run("--json", "backup-now", stranger.address, str(app), "--wait")
+    assert rec.returncode != 0
+    log = c.ctl("log", stranger.address, str(app))
+    assert log[0]["outcome"] == "failed" and "key" in log[0]["error"].lower()
+    assert c.ctl("list", stranger.address, str(app)) == []
+    assert not (c.data_dir / "archives").exists() or not list((c.data_dir / "archives").rglob("*.tgz"))
+
+
+def test_catalog_is_consistent_after_a_clean_stop(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    app = make_small_tree(tmp_path)
+    server = c.start_server()
+    agent = c.start_agent(tmp_path)
+    register_and_first_backup(c, agent.address, app)
+    assert server.stop() == 0
+    db = sqlite3.connect(c.data_dir / "catalog.sqlite3")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT COUNT(*) FROM archives").fetchone()[0] == 1
+    db.close()
+    # A restart serves the same history.
+    c.start_server()
+    assert len(c.ctl("list", agent.address, str(app))) == 1
