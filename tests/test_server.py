@@ -10,6 +10,7 @@ real agent and the real ``deltabkp ctl`` is in ``tests/test_e2e*.py``.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import deltabkp
 from deltabkp import transport, wire
 from deltabkp.errors import AuthError, PeerUnavailable, RequestRefused
 from deltabkp_server.execution import ExecutionSettings
+from deltabkp_server.scheduler import RETRY_CAP_S, backoff_delay
 from deltabkp_server.server import Server, configure_logging
 
 KEY = b"s" * 32
@@ -40,6 +42,11 @@ class ScriptedAgent:
     hang_up_after_chunks: int | None = None
     refuse: str | None = None
     need_sig_always: bool = True
+    gate: trio.Event | None = None  # backups wait for it (to observe concurrency)
+    active: int = 0
+    max_active: int = 0
+    port: int = 0
+    shared: list[int] = attrs.Factory(lambda: [0, 0])  # [active, max active] across peers
     requests: list[wire.BackupRequest] = attrs.Factory(list)
     signatures_received: int = 0
     address: str = ""
@@ -47,7 +54,7 @@ class ScriptedAgent:
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         with self.cancel_scope:
-            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
             port = listeners[0].socket.getsockname()[1]
             self.address = f"127.0.0.1:{port}"
             async with trio.open_nursery() as n:
@@ -62,7 +69,17 @@ class ScriptedAgent:
                 if isinstance(msg, wire.Ping):
                     await chan.send(wire.Pong({"roots": ["/srv"]}))
                 elif isinstance(msg, wire.BackupRequest):
-                    await self._backup(chan, msg)
+                    self.active += 1
+                    self.max_active = max(self.max_active, self.active)
+                    self.shared[0] += 1
+                    self.shared[1] = max(self.shared[1], self.shared[0])
+                    try:
+                        if self.gate is not None:
+                            await self.gate.wait()
+                        await self._backup(chan, msg)
+                    finally:
+                        self.active -= 1
+                        self.shared[0] -= 1
             except (PeerUnavailable, RequestRefused, deltabkp.ProtocolError):
                 pass
 
@@ -339,3 +356,76 @@ async def test_status(server: Server) -> None:
     st = await ctl(server.address, "status")
     assert st["listen"] == server.address and st["targets"] == 0 and st["running"] == 0
     assert st["data_dir"] == str(server.data_dir)
+
+
+async def test_announce_runs_a_pending_retry_at_once(server: Server, nursery: trio.Nursery) -> None:
+    first = ScriptedAgent(content={"/srv/app": b"one" * 100})
+    await nursery.start(first.serve)
+    port = int(first.address.rpartition(":")[2])
+    await _register(server, first)
+    first.cancel_scope.cancel()  # the node goes down
+    await trio.sleep(0.1)
+    rec = await ctl(server.address, "backup-now", node=first.address, path="/srv/app", wait=True)
+    assert rec["outcome"] == "failed"
+    [t] = await ctl(server.address, "targets")
+    assert t["state"] == "retrying"
+    second = ScriptedAgent(content={"/srv/app": b"two" * 100}, port=port)
+    await nursery.start(second.serve)
+    host, sport = transport.parse_hostport(server.address)
+    async with await transport.connect(host, sport, key=KEY, role="agent") as chan:
+        await chan.send(wire.Announce("127.0.0.1", port))
+        await chan.receive_a(wire.Ack)
+    with trio.fail_after(20):
+        while (log := await ctl(server.address, "log"))[0]["outcome"] != "stored":
+            await trio.sleep(0.02)
+    assert log[0]["trigger"] in ("announce", "retry")
+    [t] = await ctl(server.address, "targets")
+    assert t["state"] == "ok" and t["last_error"] is None
+    second.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("overall", "per_node"), [(4, 1), (1, 3), (2, 2)])
+async def test_concurrency_limits_per_node_and_overall(
+    nursery: trio.Nursery, tmp_path: Path, overall: int, per_node: int
+) -> None:
+    shared, gate = [0, 0], trio.Event()
+    agent = ScriptedAgent(gate=gate, shared=shared)
+    await nursery.start(agent.serve)
+    other = ScriptedAgent(gate=gate, shared=shared)
+    await nursery.start(other.serve)
+    srv = Server(data_dir=tmp_path / "d", key=KEY, host="127.0.0.1", port=0,
+                 max_concurrent=overall, max_per_node=per_node)
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await srv.run(task_status=task_status)
+
+    await nursery.start(run)
+    for i in range(3):
+        for a in (agent, other):
+            a.content[f"/srv/p{i}"] = os.urandom(1000)
+            await ctl(srv.address, "register", node=a.address, path=f"/srv/p{i}", every="1h")
+    # Six targets are due; the limits admit exactly this many, which then wait at the gate.
+    expected = min(overall, 2 * per_node)
+    with trio.fail_after(30):
+        while shared[0] < expected:
+            await trio.sleep(0.01)
+    st = await ctl(srv.address, "status")
+    assert st["running"] == 6  # all six are in flight or queued on the limiters
+    gate.set()
+    with trio.fail_after(30):
+        while len([e for e in await ctl(srv.address, "log") if e["outcome"] == "stored"]) < 6:
+            await trio.sleep(0.05)
+    assert agent.max_active <= per_node and other.max_active <= per_node
+    assert shared[1] == expected
+    scope.cancel()
+
+
+def test_backoff_is_capped_by_the_cap_and_the_period() -> None:
+    rng = random.Random(1)
+    for attempt in range(1, 40):
+        d = backoff_delay(attempt, 3600, rng)
+        raw = min(RETRY_CAP_S, 2 ** (attempt - 1))
+        assert raw / 2 <= d <= raw
+    assert all(backoff_delay(a, 5, rng) <= 5 for a in range(1, 20))
