@@ -61,6 +61,11 @@ SCAN_MAX = 256 * 1024
 # Without the final flag, wait for this many scannable offsets: scanning a sliver costs a
 # whole block of prefix sums, which would make tiny feeds quadratic.
 SCAN_WAIT = 16 * 1024
+# Stage-1 bitmap: ~16 slots per block, at most 2^20 bools (1 MiB, about the L2 size);
+# stage-2 bitmap: 2^20 bools, touched only by stage-1 survivors.
+LEVEL1_EXTRA_BITS = 4
+LEVEL1_MAX_BITS = 20
+LEVEL2_BITS = 20
 # Weak-sum groups bigger than this (repeated blocks) get a strong-sum dict.
 _SMALL_GROUP = 8
 
@@ -68,24 +73,38 @@ _strong = xxhash.xxh3_128_digest
 
 
 class _MatchIndex:
-    """Lookup tables over the whole blocks of a signature."""
+    """Lookup tables over the whole blocks of a signature, plus the scan's scratch arrays.
 
-    def __init__(self, sig: Signature) -> None:
+    Candidate filtering is two-staged so that the per-offset work is one gather into a
+    cache-resident bitmap: stage 1 indexes a small bitmap by the weak sum's top bits (a few
+    percent of offsets pass), stage 2 indexes a second bitmap by its low bits for those only,
+    and the rare survivors are checked exactly against the sorted weak sums.
+    """
+
+    def __init__(self, sig: Signature, scan_max: int) -> None:
         nfull = sig.full_blocks
         weak = sig.weak_array()[:nfull]
         self.nfull = nfull
         self.weak = weak
         self.strong_len = sig.strong_len
         self.strongs = sig.strong_sums
-        # ~32 bitmap slots per block keeps false positives near 3%, while 2^16..2^21 bools
-        # (64 KiB..2 MiB) stay cache-resident for the per-offset gather.
-        bits = min(21, max(16, nfull.bit_length() + 5))
-        self.shift = 32 - bits
-        self.bitmap = np.zeros(1 << bits, np.bool_)
-        self.bitmap[weak >> self.shift] = True
+        bits1 = min(LEVEL1_MAX_BITS, max(16, nfull.bit_length() + LEVEL1_EXTRA_BITS))
+        self.shift = 32 - bits1
+        self.bitmap1 = np.zeros(1 << bits1, np.bool_)
+        self.bitmap1[weak >> self.shift] = True
+        self.mask2 = (1 << LEVEL2_BITS) - 1
+        self.bitmap2 = np.zeros(1 << LEVEL2_BITS, np.bool_)
+        self.bitmap2[weak & self.mask2] = True
         self.order: npt.NDArray[np.intp] = np.argsort(weak, kind="stable")
         self.sorted_weak = weak[self.order]
         self._groups: dict[int, dict[bytes, int]] = {}
+        bs = sig.block_size
+        self.scratch = (
+            np.empty(scan_max + bs + 1, np.uint32),
+            np.empty(scan_max + bs + 1, np.uint32),
+        )
+        self._keys = np.empty(scan_max, np.intp)
+        self._hits = np.empty(scan_max, np.bool_)
 
     def strong_of(self, block: int) -> bytes:
         sl = self.strong_len
@@ -104,11 +123,18 @@ class _MatchIndex:
         self, w: npt.NDArray[np.uint32], mv: memoryview, start: int, bs: int, prefer: int
     ) -> tuple[int, int] | None:
         """First offset ``start + i`` whose window matches a block: (offset, block) or None."""
-        keys = np.right_shift(w, self.shift).astype(np.intp)
-        cand = np.flatnonzero(self.bitmap[keys])
+        n = len(w)
+        keys, hits = self._keys[:n], self._hits[:n]
+        np.right_shift(w, self.shift, out=keys, casting="unsafe")
+        np.take(self.bitmap1, keys, out=hits)
+        cand = np.flatnonzero(hits)
         if not cand.size:
             return None
         vals = w[cand]
+        keep = self.bitmap2[vals & self.mask2]
+        if not keep.any():
+            return None
+        cand, vals = cand[keep], vals[keep]
         sw = self.sorted_weak
         lo = np.searchsorted(sw, vals, "left")
         hit = sw[np.minimum(lo, len(sw) - 1)] == vals
@@ -144,7 +170,7 @@ class DeltaEncoder:
     def __init__(self, signature: Buffer | Signature) -> None:
         sig = signature if isinstance(signature, Signature) else Signature.parse(signature)
         self.signature = sig
-        self._index = _MatchIndex(sig)
+        self._index = _MatchIndex(sig, SCAN_MAX)
         self._bs = sig.block_size
         self._buf = bytearray()
         self._pos = 0  # next offset (in _buf) not yet decided
@@ -270,7 +296,7 @@ class DeltaEncoder:
             if not final and avail < SCAN_WAIT:
                 break
             count = min(self._scan, avail)
-            w = weak_sums_all_offsets(arr[i : i + count + bs - 1], bs)
+            w = weak_sums_all_offsets(arr[i : i + count + bs - 1], bs, idx.scratch)
             prefer = self._run_first + self._run_count if self._run_count else -1
             found = idx.find(w, mv, i, bs, prefer)
             del w

@@ -105,19 +105,29 @@ def weak_sums_of_blocks(data: U8, block_size: int) -> U32:
     return out
 
 
-def weak_sums_all_offsets(data: U8, block_size: int) -> U32:
-    """Weak sum of the window ``data[i:i+block_size]`` for every ``i`` where it fits."""
+def weak_sums_all_offsets(
+    data: U8, block_size: int, scratch: tuple[U32, U32] | None = None
+) -> U32:
+    """Weak sum of the window ``data[i:i+block_size]`` for every ``i`` where it fits.
+
+    ``scratch`` is two uint32 arrays, each at least ``len(data) + 1`` long, reused for the
+    prefix sums and the result (which is then a view into the second): fresh multi-megabyte
+    temporaries would cost more in page faults than the arithmetic itself.
+    """
     m = len(data)
     count = m - block_size + 1
     if count <= 0:
         return np.empty(0, np.uint32)
     q, p = _powers(m)
-    s = np.empty(m + 1, np.uint32)
+    if scratch is None:
+        s, w = np.empty(m + 1, np.uint32), np.empty(count, np.uint32)
+    else:
+        s, w = scratch[0][: m + 1], scratch[1][:count]
     s[0] = 0
     np.multiply(data, q, out=s[1:])
     np.cumsum(s[1:], out=s[1:])
-    w = s[block_size:] - s[:count]
-    w *= p[:count]
+    np.subtract(s[block_size:], s[:count], out=w)
+    np.multiply(w, p[:count], out=w)
     return w
 
 
