@@ -1,0 +1,152 @@
+"""``deltabkp-agent``: command line, logging, signals; the daemon itself is ``Agent``.
+
+Prints exactly one line on stdout, ``deltabkp-agent listening on HOST:PORT``, once the port
+is open (port 0 resolves to the real port, which tests and scripts parse); everything else
+goes to stderr.  SIGTERM and SIGINT shut down cleanly: running builds stop at their next
+chunk, nothing half-written is cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from deltabkp import transport
+from deltabkp.errors import DeltabkpError, UsageError
+from deltabkp_agent.agent import Agent, AgentConfig, configure_logging
+from deltabkp_agent.allowlist import Allowlist
+
+DEFAULT_LISTEN = "127.0.0.1:7471"
+
+EPILOG = """\
+examples:
+  # serve two application directories to the server on this machine
+  deltabkp-agent --listen 0.0.0.0:7471 --allow /srv/app1 --allow /srv/app2 \\
+      --server backup.example.com:7470
+
+  # a throw-away agent on a free port (prints the port it got)
+  deltabkp-agent --listen 127.0.0.1:0 --allow ./demo --cache-dir /tmp/agent-cache
+
+then, from anywhere with the same key:
+  deltabkp ctl register NODE_HOST:7471 /srv/app1 --every 5
+
+The agent only serves directories whose real path (symlinks and '..' resolved) lies under an
+--allow root; anything else is refused with 'path-not-allowed'. Every connection must prove
+the cluster key (--key-file, else $DELTABKP_KEY_FILE, else ~/.config/deltabkp/cluster.key)
+before a byte of its request is read.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deltabkp-agent",
+        description=(
+            "The deltabkp agent: serves hot, rsync-style delta backups of allowed directories "
+            "on this node to deltabkp servers. It builds a deterministic rsyncable tgz, answers "
+            "'unchanged' without reading files when the tree's metadata has not changed, and "
+            "otherwise sends only the blocks that differ from the server's last archive."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+        help=f"address to listen on (default {DEFAULT_LISTEN}; port 0 picks a free port, "
+        "printed on stdout)",
+    )
+    p.add_argument(
+        "--allow", action="append", default=[], metavar="ROOT", required=True,
+        help="a directory this agent may back up (with everything under it); repeatable",
+    )
+    p.add_argument(
+        "--key-file", metavar="F", default=None,
+        help="cluster key file (default: $DELTABKP_KEY_FILE, else ~/.config/deltabkp/cluster.key, "
+        "created on first use)",
+    )
+    p.add_argument(
+        "--server", action="append", default=[], metavar="HOST:PORT",
+        help="a server to announce this agent to at start-up, so its pending retries run at "
+        "once (retried quietly in the background while the server is down); repeatable",
+    )
+    p.add_argument(
+        "--cache-dir", metavar="DIR", default=None,
+        help="where signatures and tree fingerprints of produced archives are kept (default "
+        "$XDG_CACHE_HOME/deltabkp/agent-PORT, i.e. ~/.cache/deltabkp/agent-PORT)",
+    )
+    p.add_argument(
+        "--exclude", action="append", default=[], metavar="PATTERN",
+        help="leave matching files out of every archive (archive exclude pattern); repeatable",
+    )
+    p.add_argument("--max-builds", type=int, default=2, metavar="N",
+                   help="archive builds running at once (default 2; each uses about one core)")
+    p.add_argument("--max-signature-mb", type=int, default=128, metavar="MB",
+                   help="largest signature accepted from a server, MiB (default 128)")
+    p.add_argument("--keep", type=int, default=3, metavar="N",
+                   help="cache entries (archive signatures) kept per path (default 3)")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    host, port = transport.parse_hostport(args.listen)
+    for name in ("max_builds", "max_signature_mb", "keep"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    servers = tuple(transport.parse_hostport(s, transport.DEFAULT_SERVER_PORT) for s in args.server)
+    return AgentConfig(
+        key=transport.load_key(args.key_file),
+        allow=Allowlist.from_args(args.allow),
+        host=host,
+        port=port,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        servers=servers,
+        exclude=tuple(args.exclude),
+        max_builds=args.max_builds,
+        max_signature=args.max_signature_mb * 1024 * 1024,
+        keep=args.keep,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        agent = Agent(config_from_args(args))
+        trio.run(_run, agent)
+    except DeltabkpError as exc:
+        print(f"deltabkp-agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _run(agent: Agent) -> None:
+    async with trio.open_nursery() as nursery:
+        # Signals first, so a SIGTERM during start-up also ends cleanly.
+        await nursery.start(_watch_signals, nursery.cancel_scope)
+        address = await nursery.start(agent.run)
+        print(f"deltabkp-agent listening on {address}", flush=True)
+
+
+async def _watch_signals(
+    scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            logging.getLogger("deltabkp_agent").info(
+                "%s: shutting down", signal.Signals(signum).name
+            )
+            scope.cancel()
+            return
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

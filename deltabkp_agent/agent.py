@@ -1,0 +1,221 @@
+"""The agent daemon: listener, authentication, dispatch, and announcements to servers.
+
+Job: accept connections from deltabkp servers on one TCP port, authenticate each before
+reading its request, answer ``ping`` and serve ``backup`` requests for allow-listed paths,
+and announce itself to the servers it was told about so that their pending retries run now.
+Invariants:
+- nothing but the handshake is read from a peer that has not proved the cluster key; such
+  a peer gets one ``error`` frame and the connection is closed (``transport.accept``);
+- a path is served only through ``Allowlist.resolve`` (real path under an allowed root);
+- one backup at a time per real path (a per-path lock), any number of paths at once, at
+  most ``max_builds`` archive builds in worker threads at once; the event loop itself never
+  does CPU-heavy or blocking work, so ``ping`` is answered while backups run;
+- no connection handler can bring the daemon down: errors are logged and the connection
+  closed; every network wait has a deadline (idle connections are dropped).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from pathlib import Path
+
+import attrs
+import trio
+
+from deltabkp import __version__, transport, wire
+from deltabkp.errors import DeltabkpError, PeerUnavailable, ProtocolError, RequestRefused
+from deltabkp_agent.allowlist import Allowlist
+from deltabkp_agent.backup import BackupContext, describe_failure, serve_backup
+from deltabkp_agent.cache import AgentCache, default_cache_dir
+
+__all__ = ["Agent", "AgentConfig", "configure_logging"]
+
+log = logging.getLogger("deltabkp_agent")
+
+#: How long an authenticated connection may stay silent between requests.
+IDLE_TIMEOUT = 60.0
+#: Announce retry backoff: first delay and cap, seconds.
+ANNOUNCE_FIRST_S = 0.5
+ANNOUNCE_CAP_S = 30.0
+
+
+@attrs.frozen
+class AgentConfig:
+    """Everything the agent is told on its command line (already validated)."""
+
+    key: bytes = attrs.field(repr=False)
+    allow: Allowlist
+    host: str = "127.0.0.1"
+    port: int = 0
+    cache_dir: Path | None = None  # None: default_cache_dir(actual port)
+    servers: tuple[tuple[str, int], ...] = ()
+    exclude: tuple[str, ...] = ()
+    max_builds: int = 2
+    max_signature: int = 128 * 1024 * 1024
+    keep: int = 3
+    handshake_timeout: float = transport.DEFAULT_TIMEOUT
+
+
+class Agent:
+    """One agent daemon; ``run`` until cancelled."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.address = ""
+        self.cache: AgentCache | None = None
+        self.builds = trio.CapacityLimiter(config.max_builds)
+        self.active = 0
+        self.served = 0
+        self._locks: dict[str, trio.Lock] = {}
+        self.announced: set[str] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        try:
+            listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+        except OSError as exc:
+            raise DeltabkpError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
+        port = listeners[0].socket.getsockname()[1]
+        host = cfg.host
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        cache_dir = cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir(port)
+        self.cache = await trio.to_thread.run_sync(lambda: AgentCache(cache_dir, keep=cfg.keep))
+        log.info(
+            "serving %s on %s; cache %s", ", ".join(cfg.allow.roots), self.address, cache_dir
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            for host_port in cfg.servers:
+                nursery.start_soon(self._announce, host_port)
+            task_status.started(self.address)
+
+    # -- announcements -----------------------------------------------------------------------
+
+    async def _announce(self, server: tuple[str, int]) -> None:
+        """Tell ``server`` we are up; retry quietly (capped backoff + jitter) until it hears."""
+        host, port = server
+        name = f"{host}:{port}"
+        delay = ANNOUNCE_FIRST_S
+        my_host, _, my_port = self.address.rpartition(":")
+        failures = 0
+        while True:
+            try:
+                chan = await transport.connect(host, port, key=self.config.key, role="agent")
+                async with chan:
+                    await chan.send(wire.Announce(my_host.strip("[]"), int(my_port)))
+                    await chan.receive_a(wire.Ack)
+            except DeltabkpError as exc:
+                failures += 1
+                # Loud once, then quiet: a server that is down is normal, not news.
+                (log.warning if failures == 1 else log.debug)(
+                    "announce to server %s failed (%s); retrying in the background", name, exc
+                )
+            else:
+                log.info("announced %s to server %s", self.address, name)
+                self.announced.add(name)
+                return
+            await trio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, ANNOUNCE_CAP_S)
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _pong_info(self) -> dict[str, object]:
+        return {
+            "name": "deltabkp-agent",
+            "version": __version__,
+            "node": self.address,
+            "roots": self.config.allow.advertised,
+            "active": self.active,
+            "served": self.served,
+        }
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            async with stream:
+                try:
+                    chan = await transport.accept(
+                        stream, key=self.config.key, roles=("server",),
+                        timeout=self.config.handshake_timeout,
+                        info={"name": "deltabkp-agent", "version": __version__, "node": self.address},
+                    )
+                except DeltabkpError as exc:
+                    log.warning("refused connection: %s", exc)
+                    return
+                await self._serve(chan)
+        except DeltabkpError as exc:
+            log.warning("connection ended: %s", exc)
+        except Exception:  # a bug: log it, never let one connection take the daemon down
+            log.exception("internal error while serving a connection")
+
+    async def _serve(self, chan: transport.Channel) -> None:
+        while True:
+            try:
+                msg = await chan.receive(timeout=IDLE_TIMEOUT, raise_errors=False)
+            except DeltabkpError:
+                return  # hang-up, silence or a bad frame: the server is done with us
+            if isinstance(msg, wire.Ping):
+                await chan.send(wire.Pong(self._pong_info()))
+            elif isinstance(msg, wire.BackupRequest):
+                if not await self._backup(chan, msg):
+                    return
+            elif isinstance(msg, (wire.Cancel, wire.Error)):
+                return
+            else:
+                await chan.send_error("protocol", f"agent {self.address}: unexpected {msg.TYPE} message")
+                return
+
+    async def _backup(self, chan: transport.Channel, req: wire.BackupRequest) -> bool:
+        """Serve one request; False when the connection is unusable afterwards."""
+        node, path = self.address, req.path
+        assert self.cache is not None
+        try:
+            root = self.config.allow.resolve(path, node)
+        except RequestRefused as exc:
+            log.warning("refused backup of %s: %s", path, exc.message)
+            await chan.send(wire.Error(exc.code, exc.message))
+            return True
+        exclude = tuple(dict.fromkeys((*self.config.exclude, *req.exclude)))
+        ctx = BackupContext(node, self.cache, self.builds, self.config.max_signature)
+        lock = self._locks.setdefault(root, trio.Lock())
+        self.active += 1
+        try:
+            async with lock:
+                out = await serve_backup(ctx, chan, req, root, exclude)
+        except (PeerUnavailable, ProtocolError) as exc:
+            log.warning("backup of %s abandoned: %s", path, exc)
+            if isinstance(exc, ProtocolError):
+                await chan.send_error("protocol", str(exc))
+            return False
+        except Exception as exc:
+            code, message = describe_failure(exc, node, path)
+            if code == "internal":
+                log.exception("backup of %s failed", path)
+            else:
+                log.warning("backup of %s failed: %s", path, message)
+            await chan.send_error(code, message)
+            return True
+        finally:
+            self.active -= 1
+        self.served += 1
+        if out.outcome == "unchanged":
+            log.info("backup of %s: unchanged (%s), base %s", path, out.reason, out.archive_hash.hex()[:16])
+        else:
+            log.info(
+                "backup of %s: archive %s, %d bytes, %d files, delta %d bytes (%.1f%%), "
+                "signature from %s, %d changed while read",
+                path, out.archive_hash.hex()[:16], out.archive_size, out.files, out.delta_bytes,
+                100.0 * out.delta_bytes / out.archive_size if out.archive_size else 0.0,
+                out.signature_from, out.changed,
+            )
+        return True
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s deltabkp-agent %(levelname)s %(message)s"))
+    root = logging.getLogger("deltabkp_agent")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False

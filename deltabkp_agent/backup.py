@@ -1,0 +1,368 @@
+"""Serve one ``BackupRequest``: quick check, base signature, then archive → delta as a stream.
+
+The conversation (docs/formats.md, "Messages after the handshake"), agent side::
+
+    ← backup(path, base_hash)
+    → unchanged(base_hash, "fingerprint")          tree metadata is what it was for base_hash
+    | → need-sig  ← sig-chunk* sig-end             no cached signature of base_hash
+      → delta-chunk* backup-done(...)              the new archive against that signature
+      | → unchanged(base_hash, "hash")             rebuilt, byte-identical to the base
+
+Invariants:
+- the tree fingerprint is taken *before* the archive build starts, so a change during the
+  build makes the next quick check miss; it is recorded only if it was not racy;
+- archive building, delta encoding and the new archive's signature all run in one worker
+  thread (behind the agent's build limiter); it hands delta bytes to the event loop through
+  a bounded memory channel, so a slow server slows the build and memory stays bounded
+  (channel slots + at most ``HOLD_LIMIT`` held back + the encoder's own buffer);
+- delta output is held back (up to ``HOLD_LIMIT``) while a base exists, so an archive that
+  turns out byte-identical to the base is answered ``unchanged (hash)`` with no delta sent;
+- a server that hangs up or sends anything during the stream stops the build at its next
+  chunk (the thread checks for cancellation), and nothing is cached;
+- the cache is written only after ``backup-done`` (or ``unchanged``) was sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+import deltabkp
+from deltabkp import Signature, transport, wire
+from deltabkp.errors import (
+    ArchiveError,
+    DeltabkpError,
+    FormatError,
+    PeerUnavailable,
+    RemoteProtocolError,
+    RequestRefused,
+)
+from deltabkp_agent.cache import AgentCache
+
+__all__ = ["BackupContext", "BackupOutcome", "serve_backup", "HOLD_LIMIT"]
+
+log = logging.getLogger("deltabkp_agent")
+
+#: Delta bytes held back while the archive might still turn out identical to the base.
+HOLD_LIMIT = 1 << 20
+#: Delta bytes gathered before a push to the network (fewer, fuller frames).
+FLUSH_AT = wire.MAX_CHUNK
+#: Slots of the thread → event loop channel (each ≤ MAX_CHUNK bytes).
+CHANNEL_SLOTS = 4
+#: Longest wait for the next signature chunk from the server.
+SIG_CHUNK_TIMEOUT = 60.0
+
+
+@attrs.frozen
+class BackupContext:
+    """What serving a backup needs from the agent."""
+
+    node: str
+    cache: AgentCache
+    limiter: trio.CapacityLimiter
+    max_signature: int
+
+
+@attrs.frozen
+class BackupOutcome:
+    """How one request ended, for the agent's log line."""
+
+    outcome: str  # "unchanged" | "sent"
+    reason: str = ""
+    archive_hash: bytes = b""
+    archive_size: int = 0
+    delta_bytes: int = 0
+    files: int = 0
+    changed: int = 0
+    signature_from: str = ""  # "cache" | "server" | "none"
+
+
+@attrs.frozen
+class _Built:
+    archive_hash: bytes
+    archive_size: int
+    files: int
+    changed: tuple[tuple[str, str], ...]
+    skipped: tuple[tuple[str, str], ...]
+    signature: bytes
+    #: True when every delta byte is still held back (nothing pushed yet).
+    held: bool
+    delta_bytes: int
+
+
+class _Stopped(Exception):
+    """The event loop side went away (cancelled or hung up): stop building."""
+
+
+async def serve_backup(
+    ctx: BackupContext,
+    chan: transport.Channel,
+    req: wire.BackupRequest,
+    root: str,
+    exclude: tuple[str, ...],
+) -> BackupOutcome:
+    """Answer ``req`` for the real directory ``root`` (already allow-listed) on ``chan``."""
+    node, path = ctx.node, req.path
+
+    async def thread(fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=ctx.limiter)
+
+    # 1. Fingerprint first: before anything is read, so a change from now on is a miss later.
+    fp = await thread(_fingerprint, root, exclude)
+    if req.base_hash is not None and not fp.racy:
+        recorded = await thread(ctx.cache.fingerprint, root, req.base_hash, exclude)
+        if recorded is not None and recorded == fp.digest:
+            await chan.send(wire.Unchanged(req.base_hash, "fingerprint"))
+            return BackupOutcome("unchanged", "fingerprint", req.base_hash)
+    fingerprint = None if fp.racy else bytes(fp.digest)
+
+    # 2. The signature of the base: cached, or asked from the server, or empty (first backup).
+    sig_from = "none"
+    if req.base_hash is None:
+        base_sig = Signature.parse(deltabkp.SignatureBuilder(base_size=0).finish())
+    else:
+        cached = await thread(ctx.cache.signature, req.base_hash)
+        if cached is not None:
+            sig_from = "cache"
+            base_sig = Signature.parse(cached)
+        else:
+            sig_from = "server"
+            await chan.send(wire.NeedSignature())
+            raw = await _receive_signature(chan, ctx, path)
+            base_sig = await thread(_parse_server_signature, raw, req.base_hash, node, path)
+            # It is the server's own signature of that archive: worth keeping.
+            await thread(_cache_quietly, ctx.cache.record, root, req.base_hash,
+                         {"fingerprint": None, "exclude": exclude, "signature": raw})
+
+    # 3. Build archive → delta in a worker thread; stream it.
+    if req.base_hash is not None:
+        estimate = base_sig.base_size
+    else:
+        estimate = await thread(_estimate_archive_size, root)
+    built = await _stream_delta(ctx, chan, root, exclude, base_sig, estimate, req.base_hash is not None)
+
+    if req.base_hash is not None and built.held and built.archive_hash == req.base_hash:
+        await chan.send(wire.Unchanged(req.base_hash, "hash"))
+        await thread(_cache_quietly, ctx.cache.record, root, req.base_hash,
+                     {"fingerprint": fingerprint, "exclude": exclude, "signature": None})
+        return BackupOutcome("unchanged", "hash", req.base_hash, built.archive_size,
+                             signature_from=sig_from)
+    await chan.send(wire.BackupDone(
+        built.archive_hash, built.archive_size, built.files, built.changed, built.skipped
+    ))
+    await thread(_cache_quietly, ctx.cache.record, root, built.archive_hash,
+                 {"fingerprint": fingerprint, "exclude": exclude, "signature": built.signature})
+    return BackupOutcome(
+        "sent", "", built.archive_hash, built.archive_size, built.delta_bytes, built.files,
+        len(built.changed), sig_from,
+    )
+
+
+# -- pieces running in worker threads ---------------------------------------------------------
+
+
+def _fingerprint(root: str, exclude: tuple[str, ...]) -> Any:
+    from deltabkp.archive import tree_fingerprint
+
+    return tree_fingerprint(root, exclude=exclude)
+
+
+def _estimate_archive_size(root: str) -> int:
+    """A cheap guess of the first archive's size (to pick its signature's block size)."""
+    total = 0
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    try:
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append(e.path)
+                        elif e.is_file(follow_symlinks=False):
+                            total += e.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    # Source trees and logs compress about 3:1; the guess only has to be the right magnitude.
+    return total // 3
+
+
+def _parse_server_signature(raw: bytes, base_hash: bytes, node: str, path: str) -> Signature:
+    try:
+        sig = Signature.parse(raw)
+    except FormatError as exc:
+        raise RemoteProtocolError(f"agent {node}: signature sent for {path} is invalid: {exc}") from None
+    if sig.base_hash != base_hash:
+        raise RemoteProtocolError(
+            f"agent {node}: signature sent for {path} is of archive {sig.base_hash.hex()[:16]}, "
+            f"not of the base {base_hash.hex()[:16]}"
+        )
+    return sig
+
+
+def _cache_quietly(fn: Callable[..., None], root: str, h: bytes, kw: dict[str, Any]) -> None:
+    # The cache only saves work later: a full disk must not fail a backup that was sent.
+    try:
+        fn(root, h, **kw)
+    except OSError as exc:
+        log.warning("cache: could not record archive %s of %s: %s", h.hex()[:16], root, exc)
+
+
+def _build(
+    root: str,
+    exclude: tuple[str, ...],
+    base_sig: Signature,
+    estimate: int,
+    hold: bool,
+    send: trio.MemorySendChannel[bytes],
+) -> _Built | None:
+    """Worker thread: tgz → (delta encoder, new signature) → channel. None if stopped."""
+    from deltabkp.archive import TgzBuilder
+
+    def push(data: bytes) -> None:
+        for i in range(0, len(data), wire.MAX_CHUNK):
+            try:
+                # Blocks while the channel is full: the network paces the build.
+                trio.from_thread.run(send.send, data[i : i + wire.MAX_CHUNK])
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.Cancelled,
+                    trio.RunFinishedError):
+                raise _Stopped from None
+
+    encoder = deltabkp.DeltaEncoder(base_sig)
+    new_sig = deltabkp.SignatureBuilder(base_size=max(estimate, 0))
+    pending = bytearray()
+    delta_bytes = 0
+    try:
+        builder = TgzBuilder(root, exclude=exclude)
+        for chunk in builder:
+            try:
+                trio.from_thread.check_cancelled()
+            except trio.Cancelled:
+                raise _Stopped from None
+            new_sig.feed(chunk)
+            pending += encoder.feed(chunk)
+            if hold and len(pending) > HOLD_LIMIT:
+                hold = False
+            if not hold and len(pending) >= FLUSH_AT:
+                cut = len(pending) - len(pending) % FLUSH_AT
+                out = bytes(pending[:cut])
+                del pending[:cut]
+                delta_bytes += len(out)
+                push(out)
+        pending += encoder.finish()
+        held = hold
+        if not (held and encoder.new_hash == base_sig.base_hash):
+            delta_bytes += len(pending)
+            push(bytes(pending))
+            held = False
+    except _Stopped:
+        return None
+    report = builder.report
+    return _Built(
+        archive_hash=encoder.new_hash,
+        archive_size=encoder.new_size,
+        files=int(report.files),
+        changed=tuple((str(i.path), str(i.what)) for i in report.changed),
+        skipped=tuple((str(i.path), str(i.what)) for i in report.skipped),
+        signature=new_sig.finish(),
+        held=held,
+        delta_bytes=delta_bytes,
+    )
+
+
+# -- event loop side --------------------------------------------------------------------------
+
+
+async def _receive_signature(chan: transport.Channel, ctx: BackupContext, path: str) -> bytes:
+    buf = bytearray()
+    while True:
+        msg = await chan.receive(timeout=SIG_CHUNK_TIMEOUT)
+        if isinstance(msg, wire.SignatureEnd):
+            return bytes(buf)
+        if isinstance(msg, wire.Cancel):
+            raise PeerUnavailable(f"agent {ctx.node}: server cancelled the backup of {path}")
+        if not isinstance(msg, wire.SignatureChunk):
+            raise RemoteProtocolError(
+                f"agent {ctx.node}: expected sig-chunk for {path}, got {msg.TYPE}"
+            )
+        buf += msg.data
+        if len(buf) > ctx.max_signature:
+            raise RequestRefused(
+                "refused",
+                f"agent {ctx.node}: signature for {path} exceeds the agent's limit of "
+                f"{ctx.max_signature} bytes (--max-signature-mb)",
+            )
+
+
+@attrs.define
+class _Box:
+    built: _Built | None = None
+    error: BaseException | None = None
+    aborted: str | None = None
+
+
+async def _stream_delta(
+    ctx: BackupContext,
+    chan: transport.Channel,
+    root: str,
+    exclude: tuple[str, ...],
+    base_sig: Signature,
+    estimate: int,
+    hold: bool,
+) -> _Built:
+    send, receive = trio.open_memory_channel[bytes](CHANNEL_SLOTS)
+    box = _Box()
+
+    async def produce() -> None:
+        async with send:
+            try:
+                box.built = await trio.to_thread.run_sync(
+                    _build, root, exclude, base_sig, estimate, hold, send, limiter=ctx.limiter
+                )
+            except Exception as exc:  # reported to the server below; a bug is logged there
+                box.error = exc
+
+    async def watch_peer(scope: trio.CancelScope) -> None:
+        # The server says nothing during the stream; anything it does say (cancel, an error,
+        # a hang-up) ends this backup.
+        try:
+            msg = await chan.receive(timeout=None, raise_errors=False)
+            box.aborted = f"server sent {msg.TYPE} during the stream"
+        except DeltabkpError as exc:
+            box.aborted = str(exc)
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce)
+        nursery.start_soon(watch_peer, nursery.cancel_scope)
+        async with receive:
+            async for piece in receive:
+                await chan.send(wire.DeltaChunk(piece))
+        nursery.cancel_scope.cancel()  # the stream is done: stop watching
+
+    if box.aborted is not None:
+        raise PeerUnavailable(f"agent {ctx.node}: backup of {root} abandoned: {box.aborted}")
+    if box.error is not None:
+        raise box.error
+    if box.built is None:  # stopped without the peer going away: we are being cancelled
+        await trio.lowlevel.checkpoint()
+        raise PeerUnavailable(f"agent {ctx.node}: backup of {root} stopped")
+    return box.built
+
+
+def describe_failure(exc: BaseException, node: str, path: str) -> tuple[str, str]:
+    """(code, message) of the ``Error`` sent to the server when a build fails."""
+    if isinstance(exc, RequestRefused):
+        return exc.code, exc.message
+    if isinstance(exc, ArchiveError):
+        return "failed", f"agent {node}: archiving {path} failed: {exc}"
+    if isinstance(exc, DeltabkpError):
+        return "failed", f"agent {node}: backup of {path} failed: {exc}"
+    return "internal", f"agent {node}: internal error during the backup of {path}: {exc!r}"
