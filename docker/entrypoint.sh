@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Entry point of the deltabkp image (docker/Dockerfile): one role per container.
+#
+#   keygen              create the shared cluster key $DELTABKP_KEY_FILE once (it lives in the
+#                       cluster-key volume that every container mounts); never replace one
+#   manager             deltabkp-server on 0.0.0.0:7470, catalog + archives in /var/lib/deltabkp
+#   echosv              an echo node: the echo app (port 7000, files in $ECHO_DATA_DIR), its
+#                       deltabkp-agent (port 7471, allowed on $ECHO_DATA_DIR only, announcing
+#                       itself to every manager in $BKP_SERVERS) and a load generator; then
+#                       registers the app with every manager via `deltabkp ctl register`
+#   healthcheck-echosv  exit 0 iff the echo app echoes and the agent accepts connections
+#   anything else       run as given (e.g. `bash`)
+#
+# Invariants: an echo node runs while both its app and its agent run (if one dies the container
+# exits and compose restarts it); registration retries until each manager answers, and a target
+# that is already registered (a restarted node) counts as done; SIGTERM stops every child.
+set -euo pipefail
+
+KEY_FILE=${DELTABKP_KEY_FILE:-/etc/deltabkp/cluster.key}
+export DELTABKP_KEY_FILE=$KEY_FILE
+ECHO_DATA_DIR=${ECHO_DATA_DIR:-/data/echo}
+ECHO_APP_DIR=${ECHO_APP_DIR:-/opt/deltabkp/echo}
+ECHO_PORT=${ECHO_PORT:-7000}
+AGENT_PORT=${AGENT_PORT:-7471}
+# Inside a container every port is on the compose network; the tests run this script as plain
+# local processes with LISTEN_HOST=127.0.0.1.
+LISTEN_HOST=${LISTEN_HOST:-0.0.0.0}
+
+log() { echo "[$(date -u +%FT%TZ)] $*" >&2; }
+
+wait_for_key() {
+    # The keygen container runs first (depends_on), but a hand-started container may not wait.
+    for _ in $(seq 1 60); do
+        [ -s "$KEY_FILE" ] && return 0
+        sleep 1
+    done
+    log "no cluster key at $KEY_FILE (is the cluster-key volume mounted and initialised?)"
+    exit 1
+}
+
+keygen() {
+    if [ -s "$KEY_FILE" ]; then
+        log "cluster key $KEY_FILE exists; kept"
+        return 0
+    fi
+    mkdir -p "$(dirname "$KEY_FILE")"
+    umask 077
+    python -c 'import secrets; print(secrets.token_hex(32))' >"$KEY_FILE.tmp"
+    mv "$KEY_FILE.tmp" "$KEY_FILE"
+    log "created cluster key $KEY_FILE"
+}
+
+manager() {
+    wait_for_key
+    exec deltabkp-server --listen "$LISTEN_HOST:${MANAGER_PORT:-7470}" \
+        --data-dir "${MANAGER_DATA_DIR:-/var/lib/deltabkp}" --key-file "$KEY_FILE"
+}
+
+register_with() {
+    local server=$1 node=$2 out
+    until out=$(deltabkp ctl --server "$server" register "$node" "$ECHO_DATA_DIR" \
+                    --every "${BKP_EVERY:-1}" 2>&1); do
+        case $out in
+            *"already registered"*)
+                log "$node $ECHO_DATA_DIR was already registered with $server"
+                return 0 ;;
+        esac
+        log "registering $node $ECHO_DATA_DIR with $server failed: $out; retrying in 5 s"
+        sleep 5
+    done
+    log "registered with $server: $out"
+}
+
+echosv() {
+    wait_for_key
+    local node=${ECHO_NODE:-$(hostname):$AGENT_PORT}
+    local servers=() s
+    for s in ${BKP_SERVERS:-}; do servers+=(--server "$s"); done
+    mkdir -p "$ECHO_DATA_DIR"
+
+    python "$ECHO_APP_DIR"/echo_app.py --listen "$LISTEN_HOST:$ECHO_PORT" \
+        --data-dir "$ECHO_DATA_DIR" &
+    local app=$!
+    deltabkp-agent --listen "$LISTEN_HOST:$AGENT_PORT" --allow "$ECHO_DATA_DIR" \
+        --key-file "$KEY_FILE" "${servers[@]}" &
+    local agent=$!
+    python "$ECHO_APP_DIR"/echo_load.py "127.0.0.1:$ECHO_PORT" --client "$(hostname)" \
+        --rate "${ECHO_LOAD_RATE:-5}" --duration "${ECHO_LOAD_DURATION:-86400}" -q &
+    local load=$!
+    local registrars=()
+    for s in ${BKP_SERVERS:-}; do
+        register_with "$s" "$node" &
+        registrars+=($!)
+    done
+
+    # shellcheck disable=SC2064  # expand the pids now
+    trap "kill -TERM $app $agent $load ${registrars[*]} 2>/dev/null; wait; exit 0" TERM INT
+    log "echo node $node: app pid $app, agent pid $agent, load pid $load; managers: ${BKP_SERVERS:-none}"
+    # Either daemon ending ends the node (compose restarts it); the load generator may end.
+    local rc=0
+    wait -n "$app" "$agent" || rc=$?
+    log "the echo app or the agent exited ($rc); stopping the node"
+    kill -TERM "$app" "$agent" "$load" "${registrars[@]}" 2>/dev/null || true
+    wait || true
+    exit 1
+}
+
+healthcheck_echosv() {
+    python "$ECHO_APP_DIR"/echo_load.py "127.0.0.1:$ECHO_PORT" --count 1 --timeout 3 \
+        --connect-tries 1 --client healthcheck -q >/dev/null
+    python -c "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 3).close()" \
+        "$AGENT_PORT"
+}
+
+role=${1:-manager}
+case $role in
+    keygen) keygen ;;
+    manager) manager ;;
+    echosv) echosv ;;
+    healthcheck-echosv) healthcheck_echosv ;;
+    *) exec "$@" ;;
+esac
