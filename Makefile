@@ -24,7 +24,7 @@ FOLLOW ?= 1
 PYTHON ?= python3
 DOCKER_COMPOSE ?= docker compose
 # The generated compose file (docker/compose_scale.py): managerN / echosvN extend docker-compose.yml.
-COMPOSE_FILE_GEN := $(CURDIR)/run/docker/compose.yml
+COMPOSE_FILE_GEN ?= $(CURDIR)/run/docker/compose.yml
 COMPOSE := BKP_EVERY=$(EVERY) $(DOCKER_COMPOSE) --project-directory $(CURDIR) -f $(COMPOSE_FILE_GEN)
 SCALE := $(PYTHON) $(CURDIR)/docker/compose_scale.py --out $(COMPOSE_FILE_GEN)
 
