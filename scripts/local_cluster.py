@@ -14,7 +14,7 @@ Everything lives in one run directory::
     RUN_DIR/logs/*.log        one log per process
     RUN_DIR/server/           the server's data directory (catalog + archives)
     RUN_DIR/echosvN/data/     echo node N's data directory: the backed-up path
-    RUN_DIR/echosvN/agent/    echo node N's agent working directory (its HOME)
+    RUN_DIR/echosvN/agent/    echo node N's agent: working directory and signature cache
 
 Invariants:
 - Ports are chosen free at start: every daemon listens on port 0 and the port it reports
@@ -264,12 +264,13 @@ class Cluster:
             self.python, str(ECHO_DIR / "echo_app.py"), "--listen", "127.0.0.1:0",
             "--data-dir", str(data), "--rotate-bytes", str(64 * 1024),
         ], self.env, node_dir)
-        agent_home = node_dir / "agent"
-        agent_env = {**self.env, "HOME": str(agent_home)}  # per-agent caches stay apart
+        agent_dir = (node_dir / "agent").resolve()
         node["agent"] = start_daemon(self.run, f"{name}-agent", [
             self.python, "-m", "deltabkp_agent", "--listen", "127.0.0.1:0", "--allow", str(data),
             "--server", server, "--key-file", str(self.run / "cluster.key"),
-        ], agent_env, agent_home)
+            # Beside the data, never inside it: the cache must not end up in the backups.
+            "--cache-dir", str(agent_dir / "cache"),
+        ], self.env, agent_dir)
         node["load"] = start_daemon(self.run, f"{name}-load", [
             self.python, str(ECHO_DIR / "echo_load.py"), node["app"]["address"],
             "--client", name, "--rate", str(rate), "--duration", str(load_duration),
