@@ -21,12 +21,11 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-import blake3
 import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from deltabkp._engine_rolling import weak_sums_all_offsets
+from deltabkp._engine_rolling import WholeHash, weak_sums_all_offsets
 from deltabkp._engine_signature import Signature, as_bytes_view
 from deltabkp.errors import UsageError
 
@@ -172,19 +171,22 @@ class DeltaEncoder:
         self.signature = sig
         self._index = _MatchIndex(sig, SCAN_MAX)
         self._bs = sig.block_size
+        # Undecided input kept between feeds (the unscanned tail and the pending literal).
+        # When it is empty, a feed is scanned in place in the caller's buffer.
         self._buf = bytearray()
-        self._pos = 0  # next offset (in _buf) not yet decided
-        self._lit = 0  # start (in _buf) of the pending literal; _lit <= _pos
+        self._pos = 0  # next offset not yet decided, in the buffer being scanned
+        self._lit = 0  # start of the pending literal; _lit <= _pos
         self._run_first = 0
         self._run_count = 0  # pending COPY run, not yet emitted
         self._expect = -1  # block expected at _pos right after a copy, or -1
         self._scan = SCAN_MIN
-        self._out: list[bytes] = [
+        self._out: list[bytes | memoryview] = [
             DELTA_HEADER.pack(
                 DELTA_MAGIC, DELTA_VERSION, sig.block_size, sig.base_size, sig.base_hash
             )
         ]
-        self._hasher = blake3.blake3()
+        self._ready: list[bytes] = []
+        self._hasher = WholeHash()
         self._size = 0
         self._done = False
         self.new_size = 0
@@ -197,27 +199,74 @@ class DeltaEncoder:
         if mv:
             self._hasher.update(mv)
             self._size += len(mv)
-            self._buf += mv
-            if len(self._buf) - self._pos >= self._bs + SCAN_WAIT:
-                self._step(final=False)
+            if self._buf:
+                self._buf += mv
+                if len(self._buf) - self._pos >= self._bs + SCAN_WAIT:
+                    self._step_owned(final=False)
+            elif len(mv) >= self._bs + SCAN_WAIT:
+                self._step_view(mv, final=False)
+            else:
+                self._buf += mv
         return self._take_output()
 
     def finish(self) -> bytes:
         if self._done:
             raise UsageError("DeltaEncoder.finish() called twice")
         self._done = True
-        self._step(final=True)
-        self._flush_copy()
         self.new_size = self._size
         self.new_hash = self._hasher.digest()
-        self._out.append(END_OP.pack(OP_END, self.new_size, self.new_hash))
+        self._step_owned(final=True)
         self._buf = bytearray()
         return self._take_output()
 
+    def _encode_whole(self, mv: memoryview) -> bytes:
+        """Delta of a whole new file in one buffer: scanned in place, joined once."""
+        self._hasher.update(mv)
+        self._size = self.new_size = len(mv)
+        self.new_hash = self._hasher.digest()
+        self._done = True
+        self._step_view(mv, final=True)
+        return self._take_output()
+
     def _take_output(self) -> bytes:
-        out = b"".join(self._out)
-        self._out = []
-        return out
+        ready = self._ready
+        self._ready = []
+        if len(ready) == 1:
+            return ready[0]
+        return b"".join(ready)
+
+    def _collect(self, final: bool) -> None:
+        """Join pending ops while the views they hold into the input are still valid."""
+        if final:
+            self._flush_copy()
+            self._out.append(END_OP.pack(OP_END, self.new_size, self.new_hash))
+        if self._out:
+            self._ready.append(b"".join(self._out))
+            self._out = []
+
+    def _step_owned(self, final: bool) -> None:
+        buf = self._buf
+        mv = memoryview(buf)
+        try:
+            self._scan_view(mv, final)
+            self._collect(final)
+        finally:
+            mv.release()
+        # Everything before the pending literal is emitted: drop it.
+        drop = self._lit
+        if drop:
+            del buf[:drop]
+            self._pos -= drop
+            self._lit = 0
+
+    def _step_view(self, mv: memoryview, final: bool) -> None:
+        self._pos = self._lit = 0
+        self._scan_view(mv, final)
+        self._collect(final)
+        # Keep the undecided rest; the caller may reuse its buffer once we return.
+        self._buf = bytearray(mv[self._lit :])
+        self._pos -= self._lit
+        self._lit = 0
 
     # --- op emission ---------------------------------------------------------------------
 
@@ -241,30 +290,12 @@ class DeltaEncoder:
         for a in range(start, stop, MAX_LITERAL):
             b = min(stop, a + MAX_LITERAL)
             out.append(LITERAL_OP.pack(OP_LITERAL, b - a))
-            out.append(bytes(mv[a:b]))
+            out.append(mv[a:b])
 
     # --- matching ----------------------------------------------------------------------
 
-    def _step(self, final: bool) -> None:
-        self._scan_buffer(final)
-        # Everything before the pending literal is emitted: drop it (views are gone by now).
-        drop = self._lit
-        if drop:
-            del self._buf[:drop]
-            self._pos -= drop
-            self._lit = 0
-
-    def _scan_buffer(self, final: bool) -> None:
-        buf = self._buf
-        mv = memoryview(buf)
-        arr = np.frombuffer(buf, np.uint8)
-        try:
-            self._scan_view(mv, arr, final)
-        finally:
-            del arr
-            mv.release()
-
-    def _scan_view(self, mv: memoryview, arr: npt.NDArray[np.uint8], final: bool) -> None:
+    def _scan_view(self, mv: memoryview, final: bool) -> None:
+        arr = np.frombuffer(mv, np.uint8)
         idx = self._index
         bs = self._bs
         nfull = idx.nfull
@@ -328,6 +359,4 @@ class DeltaEncoder:
 
 def delta(signature: Buffer | Signature, new: Buffer) -> bytes:
     """The delta (format v1) turning the signature's base into ``new``, all in memory."""
-    enc = DeltaEncoder(signature)
-    head = enc.feed(new)
-    return head + enc.finish()
+    return DeltaEncoder(signature)._encode_whole(as_bytes_view(new))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 
+import blake3
 import numpy as np
 import numpy.typing as npt
 import xxhash
@@ -30,6 +31,7 @@ __all__ = [
     "weak_sums_of_blocks",
     "weak_sums_all_offsets",
     "strong_sum",
+    "WholeHash",
 ]
 
 U32 = npt.NDArray[np.uint32]
@@ -134,3 +136,35 @@ def weak_sums_all_offsets(
 def strong_sum(block: bytes | bytearray | memoryview, strong_len: int) -> bytes:
     """Strong sum of one block: the first ``strong_len`` bytes of its XXH3-128 digest."""
     return _strong(block)[:strong_len]
+
+
+class WholeHash:
+    """blake3 of a stream: big updates use every core, small ones are batched first.
+
+    blake3's multi-threaded update pays off from ~256 KiB and costs more than it saves on
+    small pieces, so pieces below that are staged in one buffer and hashed in bulk.
+    """
+
+    BIG = 256 * 1024
+
+    def __init__(self) -> None:
+        self._h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self._stage = bytearray()
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) >= self.BIG:
+            if self._stage:
+                self._h.update(self._stage)
+                self._stage.clear()
+            self._h.update(data)
+        else:
+            self._stage += data
+            if len(self._stage) >= self.BIG:
+                self._h.update(self._stage)
+                self._stage.clear()
+
+    def digest(self) -> bytes:
+        if self._stage:
+            self._h.update(self._stage)
+            self._stage.clear()
+        return bytes(self._h.digest())

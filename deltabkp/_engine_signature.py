@@ -16,12 +16,12 @@ import struct
 from typing import TYPE_CHECKING
 
 import attrs
-import blake3
 import numpy as np
 
 from deltabkp._engine_rolling import (
     STRONG_ID_XXH3_128,
     WEAK_ID_POLY32,
+    WholeHash,
     strong_sum,
     weak_sum,
     weak_sums_of_blocks,
@@ -231,7 +231,7 @@ class SignatureBuilder:
         self._pending = bytearray()
         self._weak: list[np.ndarray[tuple[int], np.dtype[np.uint32]]] = []
         self._strong = bytearray()
-        self._hasher = blake3.blake3()
+        self._hasher = WholeHash()
         self._size = 0
         self._done = False
 

@@ -1,0 +1,190 @@
+"""deltabkp's delta engine side by side with librsync's ``rdiff``, in the same run.
+
+    python benchmarks/bench_engine.py [--repeat N] [--sweep]
+
+Builds (once) a realistic archive pair (``benchmarks/engine_data.py``: the Python standard
+library, a ~1% change set, deterministic tar, ``gzip --rsyncable``) and an unrelated pair of
+random files, then times each step: ``rdiff`` as wall time of the real command (files in the
+page cache), ``deltabkp`` in-process with inputs in memory.  Prints throughput (MB/s of the
+base for signature, of the new file for delta and patch), the ratio to rdiff, and the sizes
+of signatures and deltas.  ``--sweep`` also tabulates sizes per block size (the measurement
+behind ``default_block_size``).  Best of ``--repeat`` runs; asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import engine_data  # noqa: E402
+
+import deltabkp  # noqa: E402
+
+MB = 1e6
+
+
+def best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    result: Any = None
+    times = []
+    for _ in range(repeat):
+        result = None
+        gc.collect()
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), result
+
+
+def rdiff(args: list[str], out: Path, repeat: int) -> float:
+    def once() -> None:
+        out.unlink(missing_ok=True)  # rdiff refuses to overwrite
+        subprocess.run(["rdiff", *args], check=True)
+
+    t, _ = best(once, repeat)
+    return t
+
+
+def stream_delta(sig: bytes, new: bytes, chunk: int = 1 << 20) -> bytes:
+    enc = deltabkp.DeltaEncoder(sig)
+    mv = memoryview(new)
+    parts = [enc.feed(mv[i : i + chunk]) for i in range(0, len(mv), chunk)]
+    parts.append(enc.finish())
+    return b"".join(parts)
+
+
+def stream_patch(base: bytes, dlt: bytes, out_path: Path, chunk: int = 256 * 1024) -> None:
+    patcher = deltabkp.Patcher(base)
+    with open(out_path, "wb") as f:
+        for i in range(0, len(dlt), chunk):
+            for piece in patcher.feed(dlt[i : i + chunk]):
+                f.write(piece)
+        patcher.finish()
+
+
+def stream_signature(base: bytes, chunk: int = 1 << 20) -> bytes:
+    b = deltabkp.SignatureBuilder(base_size=len(base))
+    mv = memoryview(base)
+    for i in range(0, len(mv), chunk):
+        b.feed(mv[i : i + chunk])
+    return b.finish()
+
+
+def row(step: str, n: int, t_rdiff: float | None, t_ours: float) -> str:
+    ours = n / t_ours / MB
+    if t_rdiff is None:
+        return f"| {step:<34} | {'':>12} | {ours:>8.0f} MB/s ({t_ours * 1e3:6.1f} ms) | {'':>6} |"
+    theirs = n / t_rdiff / MB
+    return (
+        f"| {step:<34} | {theirs:>5.0f} MB/s ({t_rdiff * 1e3:5.1f} ms) "
+        f"| {ours:>8.0f} MB/s ({t_ours * 1e3:6.1f} ms) | {ours / theirs:5.2f}x |"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--sweep", action="store_true", help="also tabulate sizes per block size")
+    args = ap.parse_args()
+    if shutil.which("rdiff") is None:
+        print("rdiff not found (apt-get install rdiff)", file=sys.stderr)
+        return 1
+    paths = engine_data.build()
+    base, new = paths["base"].read_bytes(), paths["new"].read_bytes()
+    ubase, unew = paths["ubase"].read_bytes(), paths["unew"].read_bytes()
+    rep = args.repeat
+    tmp = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    try:
+        version = subprocess.run(["rdiff", "--version"], capture_output=True, text=True)
+        print(f"# {version.stdout.splitlines()[0]} vs deltabkp {deltabkp.__version__}, "
+              f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")
+        print(f"# archive pair: base {len(base):,} B, new {len(new):,} B "
+              f"(stdlib tree, ~1% change set, gzip --rsyncable); unrelated pair: "
+              f"{len(unew):,} B random each; best of {rep}")
+        rs_sig, rs_delta, rs_out = tmp / "r.sig", tmp / "r.delta", tmp / "r.out"
+        t_rsig = rdiff(["signature", str(paths["base"]), str(rs_sig)], rs_sig, rep)
+        t_rdelta = rdiff(["delta", str(rs_sig), str(paths["new"]), str(rs_delta)], rs_delta, rep)
+        t_rpatch = rdiff(["patch", str(paths["base"]), str(rs_delta), str(rs_out)], rs_out, rep)
+        r_block, r_strong = struct.unpack(">II", rs_sig.read_bytes()[4:12])
+        r_sig_size, r_delta_size = rs_sig.stat().st_size, rs_delta.stat().st_size
+
+        t_sig, sig = best(lambda: deltabkp.signature(base), rep)
+        t_ssig, ssig = best(lambda: stream_signature(base), rep)
+        assert ssig == sig
+        t_delta, dlt = best(lambda: deltabkp.delta(sig, new), rep)
+        t_sdelta, _ = best(lambda: stream_delta(sig, new), rep)
+        t_patch, out = best(lambda: deltabkp.patch(base, dlt), rep)
+        assert bytes(out) == new
+        del out
+        t_spatch, _ = best(lambda: stream_patch(base, dlt, tmp / "o"), rep)
+        assert (tmp / "o").read_bytes() == new
+        parsed = deltabkp.Signature.parse(sig)
+
+        ru_sig, ru_delta = tmp / "u.sig", tmp / "u.delta"
+        rdiff(["signature", str(paths["ubase"]), str(ru_sig)], ru_sig, 1)
+        t_rudelta = rdiff(["delta", str(ru_sig), str(paths["unew"]), str(ru_delta)], ru_delta, rep)
+        usig = deltabkp.signature(ubase)
+        t_udelta, udlt = best(lambda: deltabkp.delta(usig, unew), rep)
+
+        print()
+        print(f"| {'step':<34} | {'rdiff':>24} | {'deltabkp':>26} | ratio  |")
+        print(f"|{'-' * 36}|{'-' * 26}|{'-' * 28}|{'-' * 8}|")
+        print(row("signature (archive)", len(base), t_rsig, t_sig))
+        print(row("  signature, 1 MiB feeds", len(base), t_rsig, t_ssig))
+        print(row("delta (archive, ~1% change)", len(new), t_rdelta, t_delta))
+        print(row("  delta, 1 MiB feeds", len(new), t_rdelta, t_sdelta))
+        print(row("patch (archive), in memory", len(new), t_rpatch, t_patch))
+        print(row("  patch, 256 KiB feeds -> file", len(new), t_rpatch, t_spatch))
+        print(row("delta (unrelated data)", len(unew), t_rudelta, t_udelta))
+        print()
+        print("| sizes (archive pair)          |      rdiff |   deltabkp | ratio |")
+        print("|-------------------------------|-----------:|-----------:|------:|")
+        for what, theirs, ours in (
+            ("signature", r_sig_size, len(sig)),
+            ("delta", r_delta_size, len(dlt)),
+            ("signature + delta", r_sig_size + r_delta_size, len(sig) + len(dlt)),
+            ("delta (unrelated)", ru_delta.stat().st_size, len(udlt)),
+        ):
+            print(f"| {what:<29} | {theirs:>10,} | {ours:>10,} | {ours / theirs:5.2f} |")
+        print()
+        print(f"# rdiff defaults: block {r_block} B, strong sum {r_strong} B (BLAKE2), "
+              f"weak sum rabinkarp 4 B")
+        print(f"# deltabkp: block {parsed.block_size} B (default_block_size), weak poly32 4 B, "
+              f"strong XXH3-128 truncated to {parsed.strong_len} B, END blake3-256")
+
+        if args.sweep:
+            print()
+            print("| block size | signature | delta   | sig + delta | delta MB/s |")
+            print("|-----------:|----------:|--------:|------------:|-----------:|")
+            for bs in (1024, 2048, 4096, 8192, 16384, r_block):
+                s = deltabkp.signature(base, bs)
+                t, d = best(lambda s=s: deltabkp.delta(s, new), 1)  # type: ignore[misc]
+                print(f"| {bs:>10} | {len(s):>9,} | {len(d):>7,} | {len(s) + len(d):>11,} "
+                      f"| {len(new) / t / MB:>10.0f} |")
+            rd = tmp / "sweep.delta"
+            for bs in (1024, 2048, 4096, 8192):
+                rs = tmp / f"sweep{bs}.sig"
+                subprocess.run(["rdiff", "-b", str(bs), "signature", str(paths["base"]), str(rs)],
+                               check=True)
+                rd.unlink(missing_ok=True)
+                subprocess.run(["rdiff", "delta", str(rs), str(paths["new"]), str(rd)], check=True)
+                print(f"# rdiff -b {bs}: signature {rs.stat().st_size:,}, "
+                      f"delta {rd.stat().st_size:,}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
