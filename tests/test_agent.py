@@ -1,0 +1,438 @@
+"""The agent in-process over real TCP on 127.0.0.1, driven by a tiny server-side test client.
+
+Covers: the path allowlist (outside a root, ``..``, symlink escape, missing), peers that do
+not prove the key (wrong key, garbage, an oversized frame, a request before the handshake)
+get one error frame and nothing else, and full backup exchanges checked byte for byte
+against a fresh archive build: first backup (all literals), unchanged by fingerprint, a
+small delta after a change, the NeedSignature path with an empty cache, unchanged by hash,
+a server hanging up mid-stream, two paths at once, and pings answered during a large backup.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import attrs
+import blake3
+import pytest
+import trio
+
+import deltabkp
+from deltabkp import transport, wire
+from deltabkp.errors import AuthError, RequestRefused
+from deltabkp_agent import Agent, AgentConfig, Allowlist
+from deltabkp_agent.agent import configure_logging
+
+KEY = b"k" * 32
+OTHER_KEY = b"x" * 32
+
+configure_logging()
+
+
+# -- fixtures and the test client ---------------------------------------------------------------
+
+
+@attrs.define
+class Env:
+    agent: Agent
+    root: Path  # the allowed root
+    outside: Path
+    cache: Path
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return transport.parse_hostport(self.agent.address)
+
+
+async def start_agent(nursery: trio.Nursery, tmp: Path, cache: Path | None = None) -> Env:
+    root = tmp / "allowed"
+    outside = tmp / "outside"
+    root.mkdir(exist_ok=True)
+    outside.mkdir(exist_ok=True)
+    cache = cache or tmp / "cache"
+    cfg = AgentConfig(
+        key=KEY, allow=Allowlist.from_args([str(root)]), host="127.0.0.1", port=0,
+        cache_dir=cache, handshake_timeout=5,
+    )
+    agent = Agent(cfg)
+    await nursery.start(agent.run)
+    return Env(agent, root, outside, cache)
+
+
+@pytest.fixture
+async def env(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Env]:
+    yield await start_agent(nursery, tmp_path)
+
+
+async def connect(env: Env, key: bytes = KEY) -> transport.Channel:
+    host, port = env.host_port
+    return await transport.connect(host, port, key=key, role="server", timeout=5)
+
+
+@attrs.define
+class Result:
+    kind: str  # "unchanged" | "delta"
+    reason: str = ""
+    delta: bytes = b""
+    done: wire.BackupDone | None = None
+    asked_signature: bool = False
+
+
+async def backup(
+    env: Env, path: Path | str, base: bytes | None = None, *, base_sig: bytes | None = None
+) -> Result:
+    """One BackupRequest as a server makes it; ``base`` is the server's last archive."""
+    base_hash = blake3.blake3(base).digest() if base is not None else None
+    with trio.fail_after(60):
+        async with await connect(env) as chan:
+            await chan.send(wire.BackupRequest(str(path), base_hash, ()))
+            msg = await chan.receive(timeout=30)
+            asked = False
+            if isinstance(msg, wire.NeedSignature):
+                asked = True
+                assert base is not None
+                sig = base_sig if base_sig is not None else deltabkp.signature(base)
+                for i in range(0, len(sig), 1000):  # many small chunks on purpose
+                    await chan.send(wire.SignatureChunk(sig[i : i + 1000]))
+                await chan.send(wire.SignatureEnd())
+                msg = await chan.receive(timeout=30)
+            if isinstance(msg, wire.Unchanged):
+                assert msg.archive_hash == base_hash
+                return Result("unchanged", msg.reason, asked_signature=asked)
+            delta = bytearray()
+            while isinstance(msg, wire.DeltaChunk):
+                assert len(msg.data) <= wire.MAX_CHUNK
+                delta += msg.data
+                msg = await chan.receive(timeout=30)
+            assert isinstance(msg, wire.BackupDone), msg
+            return Result("delta", "", bytes(delta), msg, asked)
+
+
+def fresh_archive(root: Path) -> bytes:
+    from deltabkp.archive import TgzBuilder
+
+    return b"".join(TgzBuilder(str(root)))
+
+
+def make_tree(root: Path, files: int = 30, size: int = 4000) -> None:
+    (root / "sub" / "deeper").mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        d = root / ("sub" if i % 2 else "sub/deeper")
+        (d / f"f{i:03}.txt").write_text("".join(f"file {i} line {j}\n" for j in range(size // 16)))
+    (root / "bin.dat").write_bytes(os.urandom(50_000))
+    settle(root)
+
+
+def settle(root: Path) -> None:
+    """Put every mtime in the past, so that the tree fingerprint is not racy."""
+    past = time.time() - 60
+    for p in [root, *root.rglob("*")]:
+        os.utime(p, (past, past), follow_symlinks=False)
+
+
+# -- allowlist ----------------------------------------------------------------------------------
+
+
+async def test_ping_is_answered_with_the_allowed_roots(env: Env) -> None:
+    async with await connect(env) as chan:
+        await chan.send(wire.Ping())
+        pong = await chan.receive_a(wire.Pong)
+    assert str(env.root) in pong.info["roots"]
+    assert pong.info["node"] == env.agent.address
+
+
+@pytest.mark.parametrize("how", ["outside", "dotdot", "symlink", "symlink-inside-path", "relative"])
+async def test_paths_outside_the_allowed_roots_are_refused(env: Env, how: str) -> None:
+    (env.outside / "secret.txt").write_text("not yours\n")
+    os.symlink(env.outside, env.root / "escape")
+    path = {
+        "outside": str(env.outside),
+        "dotdot": f"{env.root}/../outside",
+        "symlink": str(env.root / "escape"),
+        "symlink-inside-path": str(env.root / "escape" / "."),
+        "relative": "allowed",
+    }[how]
+    async with await connect(env) as chan:
+        await chan.send(wire.BackupRequest(path, None, ()))
+        with pytest.raises(RequestRefused) as info:
+            await chan.receive()
+    code = "invalid" if how == "relative" else "path-not-allowed"
+    assert info.value.code == code
+    assert path in info.value.message and env.agent.address in info.value.message
+    # Nothing was archived and nothing was cached.
+    assert not any((env.cache / "sigs").iterdir())
+
+
+async def test_missing_path_inside_a_root_is_not_found(env: Env) -> None:
+    async with await connect(env) as chan:
+        await chan.send(wire.BackupRequest(str(env.root / "nope"), None, ()))
+        with pytest.raises(RequestRefused) as info:
+            await chan.receive()
+    assert info.value.code == "not-found" and "nope" in info.value.message
+
+
+async def test_symlink_that_stays_inside_the_root_is_served(env: Env) -> None:
+    make_tree(env.root / "app")
+    os.symlink(env.root / "app", env.root / "alias")
+    r = await backup(env, env.root / "alias")
+    assert r.kind == "delta" and r.done is not None
+    assert deltabkp.patch(b"", r.delta) == fresh_archive(env.root / "app")
+
+
+# -- unauthenticated peers ----------------------------------------------------------------------
+
+
+def _raw_exchange(address: str, payload: bytes, then: bytes = b"") -> list[wire.Message]:
+    """Send raw bytes, read until the agent hangs up; return every frame it sent."""
+    host, port = transport.parse_hostport(address)
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(payload)
+        got = bytearray()
+        while True:
+            try:
+                data = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            got += data
+            if then:
+                try:
+                    s.sendall(then)
+                except OSError:
+                    pass
+                then = b""
+    dec = wire.FrameDecoder()
+    dec.feed(bytes(got))
+    out = []
+    while (m := dec.next_message()) is not None:
+        out.append(m)
+    assert dec.buffered == 0
+    return out
+
+
+async def test_wrong_key_gets_an_auth_error_and_nothing_else(env: Env) -> None:
+    # With the transport: the agent's proof does not verify under the other key.
+    with pytest.raises(AuthError):
+        await connect(env, key=OTHER_KEY)
+    # Byte by byte: a peer with the wrong key gets the challenge, then one error, then EOF.
+    nonce = wire.new_nonce()
+    hello = wire.encode(wire.Hello(wire.PROTOCOL_MAGIC, wire.PROTOCOL_VERSION, "server", nonce))
+    bad_auth = wire.encode(wire.Auth(b"\0" * 32))
+    request = wire.encode(wire.BackupRequest(str(env.root), None, ()))
+    frames = await trio.to_thread.run_sync(
+        _raw_exchange, env.agent.address, hello, bad_auth + request
+    )
+    assert [type(f) for f in frames] == [wire.Challenge, wire.Error]
+    assert isinstance(frames[1], wire.Error) and frames[1].code == "auth"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        struct.pack(">I", wire.MAX_FRAME + 1) + b"\0" * 100,
+        wire.encode(wire.BackupRequest("/", None, ())),  # a request before the handshake
+        wire.encode(wire.Hello("NOTDELTA", 1, "server", b"n" * 32)),
+        wire.encode(wire.Hello(wire.PROTOCOL_MAGIC, 1, "ctl", b"n" * 32)),  # not served here
+    ],
+    ids=["http", "oversized-frame", "request-first", "bad-magic", "wrong-role"],
+)
+async def test_garbage_gets_one_error_frame_then_the_connection_closes(env: Env, payload: bytes) -> None:
+    frames = await trio.to_thread.run_sync(_raw_exchange, env.agent.address, payload)
+    assert len(frames) == 1 and isinstance(frames[0], wire.Error), frames
+    # And the agent is still fine.
+    async with await connect(env) as chan:
+        await chan.send(wire.Ping())
+        await chan.receive_a(wire.Pong)
+
+
+# -- backups ------------------------------------------------------------------------------------
+
+
+async def test_backup_exchange_first_unchanged_changed(env: Env) -> None:
+    app = env.root / "app"
+    make_tree(app)
+    # First backup: no base, so the delta is all literals and rebuilds the archive from nothing.
+    r1 = await backup(env, app)
+    assert r1.kind == "delta" and r1.done is not None and not r1.asked_signature
+    a1 = bytes(deltabkp.patch(b"", r1.delta))
+    assert a1 == fresh_archive(app)
+    assert r1.done.archive_hash == blake3.blake3(a1).digest()
+    assert r1.done.archive_size == len(a1) and r1.done.files >= 30
+
+    # Nothing changed: answered from the tree fingerprint, no file read, nothing sent.
+    r2 = await backup(env, app, a1)
+    assert (r2.kind, r2.reason) == ("unchanged", "fingerprint")
+
+    # A small change: the cached signature is used (no NeedSignature), the delta is small.
+    p = app / "sub" / "f001.txt"
+    p.write_text(p.read_text().replace("line 100\n", "line one hundred, edited\n"))
+    settle(app)
+    r3 = await backup(env, app, a1)
+    assert r3.kind == "delta" and not r3.asked_signature and r3.done is not None
+    a2 = bytes(deltabkp.patch(a1, r3.delta))
+    assert a2 == fresh_archive(app) and a2 != a1
+    assert r3.done.archive_hash == blake3.blake3(a2).digest()
+    assert len(r3.delta) < len(a2) // 5, (len(r3.delta), len(a2))
+
+    # The server asking with an old base still gets a correct delta against that base.
+    r4 = await backup(env, app, a1)
+    assert r4.kind == "delta" and deltabkp.patch(a1, r4.delta) == a2
+
+
+async def test_empty_cache_asks_for_the_signature(nursery: trio.Nursery, tmp_path: Path) -> None:
+    env = await start_agent(nursery, tmp_path)
+    app = env.root / "app"
+    make_tree(app)
+    a1 = fresh_archive(app)  # as if another agent (or a lost cache) produced the base
+
+    # Same tree: the agent needs the signature, rebuilds, finds the same hash → unchanged.
+    r = await backup(env, app, a1)
+    assert r.asked_signature and (r.kind, r.reason) == ("unchanged", "hash")
+    # The fingerprint was recorded with that answer: the next check reads no file.
+    r = await backup(env, app, a1)
+    assert (r.kind, r.reason) == ("unchanged", "fingerprint") and not r.asked_signature
+
+    # A change, on an agent with an empty cache: signature asked for, delta correct.
+    env2 = await start_agent(nursery, tmp_path / "second", cache=tmp_path / "cache2")
+    app2 = env2.root / "app"
+    make_tree(app2)
+    b1 = fresh_archive(app2)
+    (app2 / "sub" / "new.txt").write_text("new file\n" * 100)
+    settle(app2)
+    r = await backup(env2, app2, b1)
+    assert r.asked_signature and r.kind == "delta"
+    assert deltabkp.patch(b1, r.delta) == fresh_archive(app2)
+
+
+async def test_a_signature_for_another_base_is_refused(env: Env) -> None:
+    app = env.root / "app"
+    make_tree(app)
+    a1 = fresh_archive(app)
+    async with await connect(env) as chan:
+        await chan.send(wire.BackupRequest(str(app), blake3.blake3(a1).digest(), ()))
+        assert isinstance(await chan.receive(), wire.NeedSignature)
+        await chan.send(wire.SignatureChunk(deltabkp.signature(b"something else" * 100)))
+        await chan.send(wire.SignatureEnd())
+        with pytest.raises(RequestRefused) as info:
+            await chan.receive()
+    assert info.value.code == "protocol" and str(app) in info.value.message
+
+
+async def test_oversized_signature_is_refused(nursery: trio.Nursery, tmp_path: Path) -> None:
+    root = tmp_path / "allowed"
+    make_tree(root / "app")
+    cfg = AgentConfig(key=KEY, allow=Allowlist.from_args([str(root)]), port=0,
+                      cache_dir=tmp_path / "cache", max_signature=10_000)
+    agent = Agent(cfg)
+    await nursery.start(agent.run)
+    host, port = transport.parse_hostport(agent.address)
+    async with await transport.connect(host, port, key=KEY, role="server") as chan:
+        await chan.send(wire.BackupRequest(str(root / "app"), b"h" * 32, ()))
+        assert isinstance(await chan.receive(), wire.NeedSignature)
+        with pytest.raises(RequestRefused) as info:
+            for _ in range(20):
+                await chan.send(wire.SignatureChunk(b"s" * 1000))
+            await chan.send(wire.SignatureEnd())
+            await chan.receive()
+    assert info.value.code == "refused" and "limit" in info.value.message
+
+
+async def test_change_during_the_build_makes_the_next_check_miss(env: Env) -> None:
+    """The fingerprint recorded is the one taken before the build, never after it."""
+    app = env.root / "app"
+    make_tree(app)
+    r1 = await backup(env, app)
+    a1 = bytes(deltabkp.patch(b"", r1.delta))
+    # Simulate "changed while the archive was being built": the archive we got is a1, but the
+    # tree is now different. The recorded fingerprint (pre-build) must not match the new tree.
+    (app / "late.txt").write_text("written after the build\n")
+    settle(app)
+    r2 = await backup(env, app, a1)
+    assert r2.kind == "delta"
+    assert deltabkp.patch(a1, r2.delta) == fresh_archive(app)
+
+
+async def test_server_hanging_up_mid_stream_stops_the_build(env: Env) -> None:
+    app = env.root / "big"
+    app.mkdir()
+    for i in range(8):
+        (app / f"r{i}.bin").write_bytes(os.urandom(1_000_000))
+    settle(app)
+    with trio.fail_after(30):
+        async with await connect(env) as chan:
+            await chan.send(wire.BackupRequest(str(app), None, ()))
+            assert isinstance(await chan.receive(), wire.DeltaChunk)
+            await chan.send(wire.Cancel())
+        # The agent stops; the cache learnt nothing and the agent still answers.
+        while env.agent.active:
+            await trio.sleep(0.05)
+    assert not any((env.cache / "sigs").iterdir())
+    r = await backup(env, app)
+    assert r.kind == "delta" and deltabkp.patch(b"", r.delta) == fresh_archive(app)
+
+
+async def test_two_paths_at_once(env: Env) -> None:
+    apps = [env.root / "one", env.root / "two"]
+    for a in apps:
+        make_tree(a)
+    results: dict[Path, Result] = {}
+
+    async def one(a: Path) -> None:
+        results[a] = await backup(env, a)
+
+    async with trio.open_nursery() as n:
+        for a in apps:
+            n.start_soon(one, a)
+    for a in apps:
+        assert deltabkp.patch(b"", results[a].delta) == fresh_archive(a)
+
+
+async def test_ping_is_answered_while_a_large_backup_runs(env: Env) -> None:
+    app = env.root / "large"
+    app.mkdir()
+    # Incompressible data: the build is CPU-bound for a while.
+    for i in range(24):
+        (app / f"blob{i:02}.bin").write_bytes(os.urandom(1_000_000))
+    settle(app)
+    pongs = 0
+    with trio.fail_after(120):
+        async with await connect(env) as chan:
+            await chan.send(wire.BackupRequest(str(app), None, ()))
+            first = await chan.receive(timeout=30)
+            assert isinstance(first, wire.DeltaChunk)
+            delta = bytearray(first.data)
+            # The backup is under way (and blocked on us, its reader): the agent still answers.
+            for _ in range(5):
+                async with await connect(env) as ping_chan:
+                    await ping_chan.send(wire.Ping())
+                    pong = await ping_chan.receive_a(wire.Pong, timeout=5)
+                    assert pong.info["active"] == 1
+                    pongs += 1
+            # And while it builds at full speed, too.
+            async with trio.open_nursery() as n:
+
+                async def drain() -> None:
+                    nonlocal delta
+                    msg = await chan.receive(timeout=30)
+                    while isinstance(msg, wire.DeltaChunk):
+                        delta += msg.data
+                        msg = await chan.receive(timeout=30)
+                    assert isinstance(msg, wire.BackupDone)
+                    n.cancel_scope.cancel()
+
+                n.start_soon(drain)
+                while True:
+                    async with await connect(env) as ping_chan:
+                        await ping_chan.send(wire.Ping())
+                        await ping_chan.receive_a(wire.Pong, timeout=5)
+                        pongs += 1
+                    await trio.sleep(0.01)
+    assert pongs >= 5
+    assert deltabkp.patch(b"", bytes(delta)) == fresh_archive(app)
