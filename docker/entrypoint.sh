@@ -82,7 +82,8 @@ echosv() {
         --data-dir "$ECHO_DATA_DIR" &
     local app=$!
     deltabkp-agent --listen "$LISTEN_HOST:$AGENT_PORT" --allow "$ECHO_DATA_DIR" \
-        --key-file "$KEY_FILE" "${servers[@]}" &
+        --key-file "$KEY_FILE" --cache-dir "${AGENT_CACHE_DIR:-/var/cache/deltabkp/agent}" \
+        "${servers[@]}" &
     local agent=$!
     python "$ECHO_APP_DIR"/echo_load.py "127.0.0.1:$ECHO_PORT" --client "$(hostname)" \
         --rate "${ECHO_LOAD_RATE:-5}" --duration "${ECHO_LOAD_DURATION:-86400}" -q &

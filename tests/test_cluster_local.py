@@ -1,0 +1,244 @@
+"""The local cluster, end to end through the make targets: real processes on 127.0.0.1.
+
+Job: ``make local-up`` (a run directory under tmp, a 2-second frequency) → a first backup of
+every echo app arrives → ``make local-add-echosv`` → the new app's backup arrives, nothing else
+restarted → the live, changing data yields further archives → every stored archive extracts
+with ``tar xzf`` and holds the app's own messages, ``deltabkp ctl restore`` too → ``make
+local-status`` / ``local-logs`` show the cluster → ``make local-down`` leaves none of the
+recorded processes (nor any process of their sessions) running, and nothing else is touched.
+
+Invariants: every wait has a deadline (no timing assertion); whatever happens, the fixture
+runs ``make local-down`` and then kills any recorded process that is still ours, so a failing
+test leaves nothing behind either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import local_cluster as lc  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+EVERY = "2s"
+DEADLINE_S = 120.0
+
+
+def wait_for(pred: Callable[[], Any], what: str, timeout: float = DEADLINE_S, run: Path | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}" + (f"\n{logs(run)}" if run else ""))
+        time.sleep(0.2)
+
+
+def logs(run: Path | None) -> str:
+    if run is None or not (run / "logs").is_dir():
+        return ""
+    return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-3000:]}"
+                     for p in sorted((run / "logs").glob("*.log")))
+
+
+class LocalRun:
+    """One run directory and the make targets that drive it."""
+
+    def __init__(self, run: Path) -> None:
+        self.run = run
+
+    def make(self, target: str, *variables: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["make", "--no-print-directory", "-C", str(REPO), target, f"RUN_DIR={self.run}",
+             f"PYTHON={sys.executable}", *variables],
+            capture_output=True, text=True, timeout=timeout,
+        )
+
+    def make_ok(self, target: str, *variables: str) -> str:
+        res = self.make(target, *variables)
+        assert res.returncode == 0, f"make {target} exited {res.returncode}:\n{res.stdout}\n{res.stderr}\n{logs(self.run)}"
+        return res.stdout
+
+    def record(self) -> dict[str, Any]:
+        rec: dict[str, Any] | None = lc.read_record(self.run)
+        assert rec is not None, f"no {lc.RECORD} in {self.run}"
+        return rec
+
+    def ctl(self, *args: str) -> Any:
+        rec = self.record()
+        cmd = [sys.executable, "-m", "deltabkp", "ctl", "--server", rec["server"]["address"],
+               "--key-file", str(self.run / "cluster.key"), "--json", *args]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, f"{' '.join(args)}: {res.stderr}\n{logs(self.run)}"
+        return json.loads(res.stdout) if res.stdout.strip() else None
+
+    def targets(self) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(t["node"], t["path"]): t for t in self.ctl("targets")}
+
+
+@pytest.fixture
+def local_run(tmp_path: Path) -> Iterator[LocalRun]:
+    r = LocalRun(tmp_path / "run")
+    try:
+        yield r
+    finally:
+        r.make("local-down")
+        rec = lc.read_record(r.run)
+        if rec is not None:
+            # Belt and braces: whatever local-down missed is killed here (and the test failed).
+            for e in lc.all_entries(rec):
+                if lc.is_ours_and_alive(e["pid"], e["ticks"]):
+                    for pid in [e["pid"], *lc.session_members(e["pid"], e["ticks"])]:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+        print(logs(r.run))  # shown by pytest for a failing test only
+
+
+def node_key(node: dict[str, Any]) -> tuple[str, str]:
+    return node["agent"]["address"], node["data_dir"]
+
+
+def stored(r: LocalRun, node: dict[str, Any]) -> list[dict[str, Any]]:
+    return r.ctl("list", *node_key(node))  # type: ignore[no-any-return]
+
+
+def at_least_two(r: LocalRun, node: dict[str, Any]) -> list[dict[str, Any]] | None:
+    got = stored(r, node)
+    return got if len(got) >= 2 else None
+
+
+def extract_and_check(tgz: Path, dest: Path) -> str:
+    """``tar xzf`` works and the tree is one echo app's; returns the client whose messages it holds.
+
+    Log lines are ``<time> <peer> <client> <seq> <words>``; each app is loaded by exactly one
+    generator, named after its node, so one archive holds one client's messages. stats.json is
+    replaced atomically by the app: a hot backup must never catch it half-written.
+    """
+    dest.mkdir(parents=True)
+    res = subprocess.run(["tar", "xzf", str(tgz), "-C", str(dest)], capture_output=True, text=True)
+    assert res.returncode == 0, f"tar xzf {tgz}: {res.stderr}"
+    logs_in = sorted(dest.rglob("messages*.log"))
+    assert logs_in, f"{tgz} holds no messages log: {sorted(p.name for p in dest.rglob('*'))}"
+    clients = {line.split()[2] for p in logs_in for line in p.read_text().splitlines()
+               if len(line.split()) >= 4}
+    assert len(clients) == 1, f"{tgz}: messages of {clients}"
+    stats = list(dest.rglob("stats.json"))
+    assert len(stats) == 1, stats
+    assert json.loads(stats[0].read_text())["messages"] >= 1
+    return clients.pop()
+
+
+def test_local_cluster_up_add_backups_down(local_run: LocalRun, tmp_path: Path) -> None:
+    r = local_run
+    out = r.make_ok("local-up", "ECHO_SERVERS=2", f"EVERY={EVERY}")
+    assert "2 echo node(s)" in out
+
+    rec = r.record()
+    assert [n["name"] for n in rec["nodes"]] == ["echosv1", "echosv2"]
+    addresses = [rec["server"]["address"]] + [n[k]["address"] for n in rec["nodes"] for k in ("app", "agent")]
+    assert all(a.startswith("127.0.0.1:") for a in addresses)
+    assert len(set(addresses)) == len(addresses), "ports chosen at start must differ"
+    assert all(lc.is_ours_and_alive(e["pid"], e["ticks"]) for e in lc.all_entries(rec))
+
+    # Every echo app is registered (by local-up, through deltabkp ctl) and gets a first backup.
+    targets = r.targets()
+    assert set(targets) == {node_key(n) for n in rec["nodes"]}
+    assert all(t["every_seconds"] == 2 for t in targets.values())
+    for n in rec["nodes"]:
+        wait_for(partial(stored, r, n), f"first backup of {n['name']}", run=r.run)
+
+    # Add a node: nothing that runs is restarted, the new app is registered and backed up.
+    before = {e["name"]: (e["pid"], e["ticks"]) for e in lc.all_entries(rec)}
+    r.make_ok("local-add-echosv", "NEW_ECHOSVS=1")
+    rec = r.record()
+    assert [n["name"] for n in rec["nodes"]] == ["echosv1", "echosv2", "echosv3"]
+    after = {e["name"]: (e["pid"], e["ticks"]) for e in lc.all_entries(rec)}
+    assert {k: after[k] for k in before} == before
+    assert all(lc.is_ours_and_alive(*after[k]) for k in after)
+    new = rec["nodes"][2]
+    assert node_key(new) in r.targets()
+    wait_for(lambda: stored(r, new), "first backup of echosv3", run=r.run)
+
+    # Live, changing data: the load generators keep writing, so further archives are stored.
+    for n in rec["nodes"]:
+        got = wait_for(partial(at_least_two, r, n), f"a second archive of {n['name']}", run=r.run)
+        assert len({a["hash"] for a in got}) == len(got), "a stored archive must differ from the last"
+
+    status = r.make_ok("local-status")
+    assert status.count("running") >= 10 and rec["server"]["address"] in status
+    assert all(n["data_dir"] in status for n in rec["nodes"])
+    shown = r.make_ok("local-logs", "FOLLOW=0")
+    assert "server " in shown and "echosv3-agent " in shown and "listening on" in shown
+
+    # Freeze the store before reading it (rotation deletes old archives): unregistering stops
+    # the backups and keeps every archive and the history.
+    for n in rec["nodes"]:
+        r.ctl("unregister", *node_key(n))
+
+    # Every stored archive extracts with plain tar and holds its own app's messages
+    # (the store keeps one directory per target: archives/<target>/<seq>.tgz).
+    archive_root = r.run / "server" / "archives"
+
+    def settled() -> int | None:
+        # An execution that was running at unregister time may still commit: wait until the
+        # files on disk and the catalog agree.
+        retained = sum(len([a for a in stored(r, n) if a["retained"]]) for n in rec["nodes"])
+        return retained if retained == len(list(archive_root.rglob("*.tgz"))) else None
+
+    retained = wait_for(settled, "the store and the catalog to agree", run=r.run)
+    archive_dirs = sorted(d for d in archive_root.iterdir() if d.is_dir())
+    assert len(archive_dirs) == 3 and retained >= 6
+    seen: set[str] = set()
+    n_tgz = 0
+    for d in archive_dirs:
+        clients = {extract_and_check(tgz, tmp_path / "extracted" / d.name / tgz.stem)
+                   for tgz in sorted(d.glob("*.tgz"))}
+        n_tgz += len(list(d.glob("*.tgz")))
+        assert len(clients) == 1, f"{d}: archives of {clients}"
+        seen |= clients
+    assert seen == {n["name"] for n in rec["nodes"]}
+    assert n_tgz == retained
+    for n in rec["nodes"]:
+        dest = tmp_path / "restored" / n["name"]
+        res = subprocess.run(
+            [sys.executable, "-m", "deltabkp", "ctl", "--server", rec["server"]["address"],
+             "--key-file", str(r.run / "cluster.key"), "restore", *node_key(n), str(dest)],
+            capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        text = "".join(p.read_text() for p in dest.rglob("messages*.log"))
+        assert f" {n['name']} " in text and json.loads((dest / "stats.json").read_text())["messages"] >= 1
+
+    # local-down stops exactly what was started: a bystander process of ours stays up.
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        down = r.make_ok("local-down")
+        assert "local cluster stopped" in down
+        for e in lc.all_entries(r.record()):
+            assert not lc.is_ours_and_alive(e["pid"], e["ticks"]), f"{e['name']} still runs"
+            assert lc.session_members(e["pid"], e["ticks"]) == [], f"{e['name']}'s session lives on"
+        host, _, port = rec["server"]["address"].rpartition(":")
+        with pytest.raises(OSError):
+            socket.create_connection((host, int(port)), timeout=2).close()
+        assert bystander.poll() is None, "local-down stopped a process it had not started"
+    finally:
+        bystander.kill()
+        bystander.wait()
+    # Once down, a second local-down is a no-op and local-add-echosv refuses.
+    r.make_ok("local-down")
+    assert r.make("local-add-echosv").returncode != 0
