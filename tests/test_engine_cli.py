@@ -102,3 +102,10 @@ def test_cli_empty_files(tmp_path: Path) -> None:
     assert main(["delta", str(tmp_path / "sig"), str(tmp_path / "empty"), str(tmp_path / "d")]) == 0
     assert main(["patch", str(tmp_path / "empty"), str(tmp_path / "d"), str(tmp_path / "o")]) == 0
     assert (tmp_path / "o").read_bytes() == b""
+
+
+def test_engine_demo_runs() -> None:
+    demo = Path(__file__).resolve().parent.parent / "examples" / "engine_demo.py"
+    r = subprocess.run([sys.executable, str(demo)], capture_output=True, timeout=120, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "blake3 verified" in r.stdout and "saved" in r.stdout
