@@ -195,7 +195,7 @@ class Agent:
             else:
                 log.warning("backup of %s failed: %s", path, message)
             await chan.send_error(code, message)
-            return True
+            return False  # the conversation may be mid-way: start afresh on a new connection
         finally:
             self.active -= 1
         self.served += 1

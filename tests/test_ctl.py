@@ -188,8 +188,12 @@ def test_register_backup_list_restore(cluster: Cluster, tmp_path: Path) -> None:
     res = cluster.ctl_run("restore", node, str(app), str(tmp_path / "v9"), "--version", "9")
     assert res.returncode == 3 and "[not-found]" in res.stderr and node in res.stderr
 
+    # Registering runs the first backup at once; backup-now found nothing new.
     log = cluster.ctl("log", node, str(app), "--limit", "5")
-    assert log[0]["outcome"] == "stored" and log[0]["node"] == node
+    assert [e["outcome"] for e in log] == ["unchanged", "stored"]
+    assert all(e["node"] == node and e["path"] == str(app) for e in log)
+    human = cluster.ctl_run("log")
+    assert human.returncode == 0 and "OUTCOME" in human.stdout and "stored" in human.stdout
 
 
 def test_backup_now_wait_exits_1_when_the_execution_fails(cluster: Cluster, tmp_path: Path) -> None:
