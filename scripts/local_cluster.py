@@ -11,6 +11,7 @@ Everything lives in one run directory::
     RUN_DIR/cluster.json      the record: every process started (pid, start time, command, log)
                               and every address; the only thing ``down`` acts on
     RUN_DIR/cluster.key       the shared cluster key (random, mode 0600)
+    RUN_DIR/env               `. RUN_DIR/env` sets DELTABKP_SERVER and DELTABKP_KEY_FILE
     RUN_DIR/logs/*.log        one log per process
     RUN_DIR/server/           the server's data directory (catalog + archives)
     RUN_DIR/echosvN/data/     echo node N's data directory: the backed-up path
@@ -38,6 +39,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -55,7 +57,7 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 CTL_TIMEOUT_S = 60.0
 # What a previous (stopped) cluster left in a run directory; ``up`` clears only these names.
-OWN_NAMES = ("cluster.json", "cluster.key", "logs", "server")
+OWN_NAMES = ("cluster.json", "cluster.key", "env", "logs", "server")
 OWN_NODE = re.compile(r"^echosv\d+$")
 
 
@@ -319,9 +321,13 @@ class Cluster:
             self._abort(record)
             raise
         write_record(self.run, record)
+        # For a shell: `. RUN_DIR/env` and plain `deltabkp ctl ...` talks to this cluster.
+        (self.run / "env").write_text(
+            f"export DELTABKP_SERVER={shlex.quote(record['server']['address'])}\n"
+            f"export DELTABKP_KEY_FILE={shlex.quote(str(key))}\n")
         print(f"local cluster up in {self.run}: 1 server, {echo_servers} echo node(s); "
               f"server {record['server']['address']}")
-        print(f"  deltabkp ctl --server {record['server']['address']} --key-file {key} targets")
+        print(f"  . {shlex.quote(str(self.run / 'env'))} && deltabkp ctl targets")
 
     def add_echosv(self, new: int, every: str | None) -> None:
         record = self._live_record()
