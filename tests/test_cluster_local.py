@@ -242,3 +242,45 @@ def test_local_cluster_up_add_backups_down(local_run: LocalRun, tmp_path: Path) 
     # Once down, a second local-down is a no-op and local-add-echosv refuses.
     r.make_ok("local-down")
     assert r.make("local-add-echosv").returncode != 0
+
+
+def test_failed_local_up_stops_what_it_started(local_run: LocalRun) -> None:
+    # The server refuses a bad frequency at registration: by then the server and the first
+    # node's app, agent and load generator run, and local-up must stop all of them.
+    res = local_run.make("local-up", "ECHO_SERVERS=1", "EVERY=0")
+    assert res.returncode != 0
+    assert "register" in res.stderr and "stopping what was started" in res.stderr
+    rec = local_run.record()
+    entries = lc.all_entries(rec)
+    assert {e["name"] for e in entries} == {"server", "echosv1-app", "echosv1-agent", "echosv1-load"}
+    for e in entries:
+        assert not lc.is_ours_and_alive(e["pid"], e["ticks"]), f"{e['name']} still runs"
+        assert lc.session_members(e["pid"], e["ticks"]) == []
+    # A later local-up in the same run directory starts afresh.
+    assert "already up" not in local_run.make("local-up", "ECHO_SERVERS=0").stderr
+    assert local_run.record()["nodes"] == []
+
+
+def test_local_down_never_signals_a_reused_pid(tmp_path: Path) -> None:
+    # A record whose pid now belongs to another process (different start time) must leave that
+    # process alone; the same pid with its true start time is ours and is stopped.
+    run = tmp_path / "run"
+    run.mkdir()
+    sleeper = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        ticks = lc.start_ticks(sleeper.pid)
+        assert ticks > 0
+        entry = {"name": "server", "pid": sleeper.pid, "ticks": ticks + 1, "argv": ["sleep"],
+                 "log": "logs/server.log", "address": None}
+        lc.write_record(run, {"server": entry, "nodes": []})
+        r = LocalRun(run)
+        out = r.make_ok("local-down")
+        assert "already gone" in out
+        assert sleeper.poll() is None, "local-down signalled a process it had not started"
+        lc.write_record(run, {"server": {**entry, "ticks": ticks}, "nodes": []})
+        assert "stopped" in r.make_ok("local-down")
+        assert sleeper.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
