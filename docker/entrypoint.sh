@@ -5,7 +5,8 @@
 #                       cluster-key volume that every container mounts); never replace one
 #   manager             deltabkp-server on 0.0.0.0:7470, catalog + archives in /var/lib/deltabkp
 #   echosv              an echo node: the echo app (port 7000, files in $ECHO_DATA_DIR), its
-#                       deltabkp-agent (port 7471, allowed on $ECHO_DATA_DIR only, announcing
+#                       deltabkp-agent (on $ECHO_NODE, default `hostname`:7471, the name the
+#                       managers reach it by; allowed on $ECHO_DATA_DIR only, announcing
 #                       itself to every manager in $BKP_SERVERS) and a load generator; then
 #                       registers the app with every manager via `deltabkp ctl register`
 #   healthcheck-echosv  exit 0 iff the echo app echoes and the agent accepts connections
@@ -81,7 +82,10 @@ echosv() {
     python "$ECHO_APP_DIR"/echo_app.py --listen "$LISTEN_HOST:$ECHO_PORT" \
         --data-dir "$ECHO_DATA_DIR" &
     local app=$!
-    deltabkp-agent --listen "$LISTEN_HOST:$AGENT_PORT" --allow "$ECHO_DATA_DIR" \
+    # The agent listens on the very name it is registered under (echosvN:7471 resolves to this
+    # container's address): it announces that host:port, and the managers match the
+    # announcement against registered node names, so pending retries run as soon as it is up.
+    deltabkp-agent --listen "${AGENT_LISTEN:-$node}" --allow "$ECHO_DATA_DIR" \
         --key-file "$KEY_FILE" --cache-dir "${AGENT_CACHE_DIR:-/var/cache/deltabkp/agent}" \
         "${servers[@]}" &
     local agent=$!
@@ -109,8 +113,9 @@ echosv() {
 healthcheck_echosv() {
     python "$ECHO_APP_DIR"/echo_load.py "127.0.0.1:$ECHO_PORT" --count 1 --timeout 3 \
         --connect-tries 1 --client healthcheck -q >/dev/null
-    python -c "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 3).close()" \
-        "$AGENT_PORT"
+    local node=${ECHO_NODE:-$(hostname):$AGENT_PORT}
+    python -c "import socket, sys; h, _, p = sys.argv[1].rpartition(':'); socket.create_connection((h, int(p)), 3).close()" \
+        "${AGENT_LISTEN:-$node}"
 }
 
 role=${1:-manager}
