@@ -81,6 +81,27 @@ def stream_signature(base: bytes, chunk: int = 1 << 20) -> bytes:
     return b.finish()
 
 
+COLD_PATCH = """
+import sys, time, deltabkp
+base = open(sys.argv[1], "rb").read()
+dlt = open(sys.argv[2], "rb").read()
+t0 = time.perf_counter()
+out = deltabkp.patch(base, dlt)
+print(time.perf_counter() - t0)
+"""
+
+
+def cold_patch(base: Path, dlt: bytes, tmp: Path, repeat: int) -> float:
+    """patch() as the first big allocation of a fresh process (page faults included)."""
+    (tmp / "cold.delta").write_bytes(dlt)
+    times = []
+    for _ in range(repeat):
+        r = subprocess.run([sys.executable, "-c", COLD_PATCH, str(base), str(tmp / "cold.delta")],
+                           check=True, capture_output=True, text=True)
+        times.append(float(r.stdout))
+    return min(times)
+
+
 def row(step: str, n: int, t_rdiff: float | None, t_ours: float) -> str:
     ours = n / t_ours / MB
     if t_rdiff is None:
@@ -127,6 +148,11 @@ def main() -> int:
         t_patch, out = best(lambda: deltabkp.patch(base, dlt), rep)
         assert bytes(out) == new
         del out
+        t_cold = cold_patch(paths["base"], dlt, tmp, rep)
+        reuse = bytearray(len(new))
+        t_rpatch_buf, out = best(lambda: deltabkp.patch(base, dlt, out=reuse), rep)
+        assert out == new
+        del out
         t_spatch, _ = best(lambda: stream_patch(base, dlt, tmp / "o"), rep)
         assert (tmp / "o").read_bytes() == new
         parsed = deltabkp.Signature.parse(sig)
@@ -145,6 +171,8 @@ def main() -> int:
         print(row("delta (archive, ~1% change)", len(new), t_rdelta, t_delta))
         print(row("  delta, 1 MiB feeds", len(new), t_rdelta, t_sdelta))
         print(row("patch (archive), in memory", len(new), t_rpatch, t_patch))
+        print(row("  patch, first call in a new process", len(new), t_rpatch, t_cold))
+        print(row("  patch into a reused buffer (out=)", len(new), t_rpatch, t_rpatch_buf))
         print(row("  patch, 256 KiB feeds -> file", len(new), t_rpatch, t_spatch))
         print(row("delta (unrelated data)", len(unew), t_rudelta, t_udelta))
         print()

@@ -9,12 +9,7 @@ raises a ``FormatError`` and a delta applied to the wrong base or a mismatching 
 
 from __future__ import annotations
 
-import mmap
-import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING
-
-import blake3
 
 from deltabkp._engine_delta import (
     COPY_OP,
@@ -59,8 +54,7 @@ class Patcher:
         self._blocks = 0
         self._have_header = False
         self._end: tuple[int, bytes] | None = None
-        # None only inside patch(), which hashes the pieces itself (in parallel).
-        self._hasher: WholeHash | None = WholeHash()
+        self._hasher = WholeHash()
         self._size = 0
         self._done = False
         self.base_hash: bytes | None = None
@@ -75,18 +69,21 @@ class Patcher:
             return []
         if self._end is not None:
             raise FormatError(f"delta: trailing data after END at offset {self._offset}")
-        self._buf += mv
         pieces: list[bytes | memoryview] = []
-        used = self._parse(pieces)
-        if used:
+        if self._buf:
+            self._buf += mv
+            used = self._parse(pieces, self._buf)
             del self._buf[:used]
-            self._offset += used
+        else:
+            # Parse the caller's buffer in place; keep only an incomplete op's bytes.
+            used = self._parse(pieces, mv)
+            self._buf = bytearray(mv[used:])
+        self._offset += used
         return pieces
 
-    def _parse_header(self) -> int:
-        buf = self._buf
+    def _parse_header(self, buf: bytearray | memoryview) -> int:
         n = len(buf)
-        if buf[: min(n, 4)] != DELTA_MAGIC[: min(n, 4)]:
+        if bytes(buf[: min(n, 4)]) != DELTA_MAGIC[: min(n, 4)]:
             raise FormatError(
                 f"not a deltabkp delta: magic is {bytes(buf[:4])!r}, expected {DELTA_MAGIC!r}"
             )
@@ -118,19 +115,18 @@ class Patcher:
         self._have_header = True
         return _HEADER_SIZE
 
-    def _parse(self, pieces: list[bytes | memoryview]) -> int:
-        buf = self._buf
+    def _parse(self, pieces: list[bytes | memoryview], buf: bytearray | memoryview) -> int:
         n = len(buf)
         p = 0
         if not self._have_header:
-            p = self._parse_header()
+            p = self._parse_header(buf)
             if not self._have_header:
                 return 0
         base = self._base
         base_size = len(base)
         bs = self._block_size
         nblocks = self._blocks
-        update = self._hasher.update if self._hasher is not None else None
+        update = self._hasher.update
         size = self._size
         try:
             while p < n:
@@ -179,8 +175,7 @@ class Patcher:
                     raise FormatError(
                         f"delta: unknown op byte 0x{tag:02x} at offset {self._offset + p}"
                     )
-                if update is not None:
-                    update(piece)
+                update(piece)
                 size += len(piece)
                 pieces.append(piece)
         finally:
@@ -188,10 +183,6 @@ class Patcher:
         return p
 
     def finish(self) -> None:
-        assert self._hasher is not None
-        self._finish(self._hasher.digest)
-
-    def _finish(self, digest: Callable[[], bytes]) -> None:
         if self._done:
             raise UsageError("Patcher.finish() called twice")
         self._done = True
@@ -210,7 +201,7 @@ class Patcher:
             raise IntegrityError(
                 f"patched output is {self._size} bytes but the delta's END says {new_size}"
             )
-        got = digest()
+        got = self._hasher.digest()
         if got != new_hash:
             raise IntegrityError(
                 f"patched output's blake3 {got.hex()[:16]}... does not match the delta's END "
@@ -219,62 +210,33 @@ class Patcher:
         self.new_size, self.new_hash = new_size, new_hash
 
 
-#: Outputs at least this big are assembled in a prefaulted map while a thread hashes them.
-_PARALLEL_MIN = 4 << 20
+def patch(base: Buffer, delta: Buffer, *, out: Buffer | None = None) -> bytes | memoryview:
+    """Apply a whole delta to a whole base and return the verified new file.
 
-
-def _assemble(pieces: list[bytes | memoryview], total: int) -> memoryview:
-    """Copy pieces into a fresh anonymous map, prefaulted in one go (MAP_POPULATE).
-
-    Faulting a fresh buffer in page by page costs more than copying into it; populating the
-    map in the kernel halves that.  Huge pages would do better still where available.
-    """
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    area = mmap.mmap(-1, total, flags=flags)
-    out = memoryview(area)
-    at = 0
-    for piece in pieces:
-        end = at + len(piece)
-        out[at:end] = piece
-        at = end
-    return out
-
-
-def patch(base: Buffer, delta: Buffer) -> bytes | memoryview:
-    """Apply a whole delta to a whole base; returns the verified new file.
-
-    The result is ``bytes``, a zero-copy view into ``base`` when the delta is one COPY run,
-    or a view of a private memory map for large outputs.  For large outputs the blake3 check
-    runs in a worker thread while the main thread assembles the output (both release the GIL).
+    The result is a zero-copy view into ``base`` when the delta is a single COPY run, else
+    ``bytes``.  With ``out`` (a writable buffer at least as long as the result, e.g. one
+    reused across calls) the result is written there and a view of its first ``new_size``
+    bytes is returned: faulting in a fresh multi-megabyte buffer can cost more than the
+    patch itself, so callers patching repeatedly may want to keep one.
     """
     patcher = Patcher(base)
-    patcher._hasher = None
     pieces = patcher.feed(delta)
-    total = patcher._size
-    if total < _PARALLEL_MIN:
-        hasher = blake3.blake3()
-        for piece in pieces:
-            hasher.update(piece)
-        patcher._finish(hasher.digest)
+    patcher.finish()  # verified before a byte is copied
+    total = patcher.new_size
+    if out is None:
         if len(pieces) == 1:
             return pieces[0]
         return b"".join(pieces)
-    digest: list[bytes] = []
-
-    def hash_pieces() -> None:
-        hasher = blake3.blake3()
-        for piece in pieces:
-            hasher.update(piece)
-        digest.append(hasher.digest())
-
-    worker = threading.Thread(target=hash_pieces, name="deltabkp-patch-hash")
-    worker.start()
-    try:
-        out: memoryview | None = None
-        if len(pieces) > 1:
-            out = _assemble(pieces, total)
-    finally:
-        worker.join()
-    # An empty list would mean the worker died: report a mismatch rather than a result.
-    patcher._finish(lambda: digest[0] if digest else b"")
-    return out if out is not None else pieces[0]
+    dest = as_bytes_view(out)
+    if dest.readonly or len(dest) < total:
+        raise UsageError(
+            f"patch(out=...) needs a writable buffer of at least {total} bytes, "
+            f"got {len(dest)}{' (read-only)' if dest.readonly else ''}"
+        )
+    dest = dest[:total]
+    at = 0
+    for piece in pieces:
+        end = at + len(piece)
+        dest[at:end] = piece
+        at = end
+    return dest

@@ -257,3 +257,21 @@ def test_patch_errors_are_typed() -> None:
         deltabkp.patch(base, big_lit)
     with pytest.raises(IntegrityError):
         Patcher(base, base_hash=b"\0" * 32).feed(dlt)
+
+
+def test_patch_large_output_and_caller_buffer() -> None:
+    base = os.urandom(6 << 20)
+    new = base[:1 << 20] + b"edit" + base[(1 << 20) + 100 :] + b"tail"
+    dlt = deltabkp.delta(deltabkp.signature(base), new)
+    out = deltabkp.patch(base, dlt)
+    assert isinstance(out, bytes) and out == new
+    buf = bytearray(len(new) + 10)
+    into = deltabkp.patch(base, dlt, out=buf)
+    assert isinstance(into, memoryview) and into.obj is buf and into == new
+    with pytest.raises(UsageError, match="at least"):
+        deltabkp.patch(base, dlt, out=bytearray(10))
+    with pytest.raises(UsageError, match="read-only"):
+        deltabkp.patch(base, dlt, out=bytes(len(new)))
+    # One COPY run: the result is a view into the base itself.
+    same = deltabkp.patch(base, deltabkp.delta(deltabkp.signature(base), base))
+    assert isinstance(same, memoryview) and same.obj is base
