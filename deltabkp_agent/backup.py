@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,10 @@ HOLD_LIMIT = 1 << 20
 FLUSH_AT = wire.MAX_CHUNK
 #: Slots of the thread → event loop channel (each ≤ MAX_CHUNK bytes).
 CHANNEL_SLOTS = 4
+#: Longest the server may hear nothing during a build: after this, held delta bytes (or an
+#: empty delta-chunk) go out, so its idle timeout (300 s by default) never fires on a build
+#: that is merely slow; the "unchanged (hash)" shortcut is then given up for that build.
+KEEPALIVE_S = 30.0
 #: Longest wait for the next signature chunk from the server.
 SIG_CHUNK_TIMEOUT = 60.0
 
@@ -226,14 +231,19 @@ def _build(
     """Worker thread: tgz → (delta encoder, new signature) → channel. None if stopped."""
     from deltabkp.archive import TgzBuilder
 
+    last_push = time.monotonic()
+
     def push(data: bytes) -> None:
-        for i in range(0, len(data), wire.MAX_CHUNK):
+        nonlocal last_push
+        # An empty chunk is a keep-alive: the server's patcher accepts it as no-op.
+        for i in range(0, max(len(data), 1), wire.MAX_CHUNK):
             try:
                 # Blocks while the channel is full: the network paces the build.
                 trio.from_thread.run(send.send, data[i : i + wire.MAX_CHUNK])
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.Cancelled,
                     trio.RunFinishedError):
                 raise _Stopped from None
+        last_push = time.monotonic()
 
     encoder = deltabkp.DeltaEncoder(base_sig)
     new_sig = deltabkp.SignatureBuilder(base_size=max(estimate, 0))
@@ -256,11 +266,17 @@ def _build(
                 del pending[:cut]
                 delta_bytes += len(out)
                 push(out)
+            elif time.monotonic() - last_push > KEEPALIVE_S:
+                hold = False
+                out, pending = bytes(pending), bytearray()
+                delta_bytes += len(out)
+                push(out)
         pending += encoder.finish()
         held = hold
         if not (held and encoder.new_hash == base_sig.base_hash):
-            delta_bytes += len(pending)
-            push(bytes(pending))
+            if pending:
+                delta_bytes += len(pending)
+                push(bytes(pending))
             held = False
     except _Stopped:
         return None
