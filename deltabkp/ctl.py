@@ -534,7 +534,8 @@ def _human_backup_now(d: Any, req: dict[str, Any]) -> str:
             f"({_ratio(d.get('transferred'), d.get('archive_size'))})"
         )
     elif outcome == "unchanged":
-        line += f" ({d.get('note') or 'nothing changed'}), {size(d.get('transferred'))} on the wire"
+        why = str(d.get("note") or "nothing changed").removeprefix("unchanged").strip(" ()")
+        line += f" ({why}), {size(d.get('transferred'))} on the wire"
     if d.get("changed"):
         line += f"; {d['changed']} file(s) changed while read"
     if d.get("error"):
