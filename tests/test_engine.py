@@ -275,3 +275,35 @@ def test_patch_large_output_and_caller_buffer() -> None:
     # One COPY run: the result is a view into the base itself.
     same = deltabkp.patch(base, deltabkp.delta(deltabkp.signature(base), base))
     assert isinstance(same, memoryview) and same.obj is base
+
+
+@pytest.mark.parametrize("strong_len", [4, 16])
+def test_strong_len_is_recorded_and_used(strong_len: int) -> None:
+    base = os.urandom(50_000)
+    builder = SignatureBuilder(256, strong_len=strong_len)
+    builder.feed(base)
+    sig = builder.finish()
+    parsed = Signature.parse(sig)
+    assert parsed.strong_len == strong_len
+    assert len(sig) == 52 + parsed.block_count * (4 + strong_len)
+    new = base[:10_000] + b"!" + base[10_000:]
+    assert bytes(deltabkp.patch(base, deltabkp.delta(sig, new))) == new
+    with pytest.raises(UsageError):
+        SignatureBuilder(256, strong_len=3)
+
+
+def test_encoder_memory_is_bounded_and_output_streams() -> None:
+    from deltabkp._engine_delta import SCAN_WAIT
+
+    rng = random.Random(3)
+    base = rng.randbytes(2 << 20)
+    sig = deltabkp.signature(base, 4096)
+    enc = DeltaEncoder(sig)
+    bound = 4096 + SCAN_WAIT + 64 * 1024 + 64 * 1024  # block + scan wait + literal + one feed
+    emitted = 0
+    for i in range(300):  # ~19 MiB of new data: unrelated chunks with copied stretches between
+        chunk = rng.randbytes(64 * 1024) if i % 3 else base[(i % 30) * 65536 : (i % 30 + 1) * 65536]
+        emitted += len(enc.feed(chunk))
+        assert len(enc._buf) <= bound
+    assert emitted > 10 << 20  # the delta left as the data came in, not at finish()
+    enc.finish()
