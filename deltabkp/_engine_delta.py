@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from deltabkp._engine_rolling import WholeHash, weak_sums_all_offsets
+from deltabkp._engine_rolling import WholeHash, hash_beside, weak_sums_all_offsets
 from deltabkp._engine_signature import Signature, as_bytes_view
 from deltabkp.errors import UsageError
 
@@ -65,6 +65,8 @@ SCAN_WAIT = 16 * 1024
 LEVEL1_EXTRA_BITS = 4
 LEVEL1_MAX_BITS = 20
 LEVEL2_BITS = 20
+# Blocks compared per step while extending a run of matches.
+RUN_BATCH = 16
 # Weak-sum groups bigger than this (repeated blocks) get a strong-sum dict.
 _SMALL_GROUP = 8
 
@@ -221,11 +223,14 @@ class DeltaEncoder:
 
     def _encode_whole(self, mv: memoryview) -> bytes:
         """Delta of a whole new file in one buffer: scanned in place, joined once."""
-        self._hasher.update(mv)
+        digest = hash_beside(mv)
         self._size = self.new_size = len(mv)
-        self.new_hash = self._hasher.digest()
         self._done = True
-        self._step_view(mv, final=True)
+        try:
+            self._scan_view(mv, final=True)
+        finally:
+            self.new_hash = digest()
+        self._collect(final=True)
         return self._take_output()
 
     def _take_output(self) -> bytes:
@@ -282,6 +287,13 @@ class DeltaEncoder:
             self._flush_copy()
             self._run_first, self._run_count = block, 1
 
+    def _copy_run(self, first: int, count: int) -> None:
+        if self._run_count and first == self._run_first + self._run_count:
+            self._run_count += count
+        else:
+            self._flush_copy()
+            self._run_first, self._run_count = first, count
+
     def _literal(self, mv: memoryview, start: int, stop: int) -> None:
         if stop <= start:
             return
@@ -300,6 +312,7 @@ class DeltaEncoder:
         bs = self._bs
         nfull = idx.nfull
         strong_of = idx.strong_of
+        strongs = idx.strongs
         sl = idx.strong_len
         end = len(mv)
         last = end - bs  # last offset whose window is whole
@@ -307,13 +320,27 @@ class DeltaEncoder:
         while True:
             expect = self._expect
             if expect >= 0 and lit == i:
-                # Continue the run: the next base block at the next offset, no weak sums.
+                # Continue the run: the next base blocks at the next offsets, no weak sums,
+                # a batch of blocks per comparison.
+                start = expect
                 while expect < nfull and i + bs <= end:
-                    if _strong(mv[i : i + bs])[:sl] != strong_of(expect):
-                        break
-                    self._copy(expect)
-                    expect += 1
-                    i += bs
+                    k = min(RUN_BATCH, nfull - expect, (end - i) // bs)
+                    got = b"".join(
+                        [_strong(mv[o : o + bs])[:sl] for o in range(i, i + k * bs, bs)]
+                    )
+                    want = strongs[expect * sl : (expect + k) * sl]
+                    if got == want:
+                        expect += k
+                        i += k * bs
+                        continue
+                    t = 0
+                    while got[t * sl : (t + 1) * sl] == want[t * sl : (t + 1) * sl]:
+                        t += 1
+                    expect += t
+                    i += t * bs
+                    break
+                if expect > start:
+                    self._copy_run(start, expect - start)
                 lit = i
                 if expect >= nfull:
                     expect = -1

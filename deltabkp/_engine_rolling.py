@@ -17,6 +17,7 @@ results never depend on where a caller's chunk boundaries fall.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import blake3
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "weak_sums_all_offsets",
     "strong_sum",
     "WholeHash",
+    "hash_beside",
 ]
 
 U32 = npt.NDArray[np.uint32]
@@ -168,3 +170,34 @@ class WholeHash:
             self._h.update(self._stage)
             self._stage.clear()
         return bytes(self._h.digest())
+
+
+#: Whole buffers at least this big are hashed in a worker thread beside the main work.
+BACKGROUND_HASH_MIN = 4 << 20
+
+
+def hash_beside(data: memoryview) -> Callable[[], bytes]:
+    """Start hashing ``data`` with blake3; return a function that waits for the digest.
+
+    blake3 releases the GIL, so on a big buffer a worker thread hashes on one core while
+    the caller scans or sums on the other; small buffers are hashed at once.  The caller
+    must keep ``data`` alive and unchanged until it has the digest.
+    """
+    if len(data) < BACKGROUND_HASH_MIN:
+        digest = bytes(blake3.blake3(data).digest())
+        return lambda: digest
+    result: list[bytes] = []
+
+    def work() -> None:
+        result.append(bytes(blake3.blake3(data).digest()))
+
+    worker = threading.Thread(target=work, name="deltabkp-blake3", daemon=True)
+    worker.start()
+
+    def wait() -> bytes:
+        worker.join()
+        if not result:  # the worker died: recompute rather than report a wrong hash
+            result.append(bytes(blake3.blake3(data).digest()))
+        return result[0]
+
+    return wait

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -22,6 +23,7 @@ from deltabkp._engine_rolling import (
     STRONG_ID_XXH3_128,
     WEAK_ID_POLY32,
     WholeHash,
+    hash_beside,
     strong_sum,
     weak_sum,
     weak_sums_of_blocks,
@@ -241,14 +243,13 @@ class SignatureBuilder:
             raise UsageError("SignatureBuilder.feed() called after finish()")
         mv = as_bytes_view(data)
         # Slices of ~1 MiB stay in cache across the three passes (blake3, weak, strong).
-        step = FEED_SLICE
-        if len(mv) > step:
-            for at in range(0, len(mv), step):
-                self.feed(mv[at : at + step])
-            return
-        if not mv:
-            return
-        self._hasher.update(mv)
+        for at in range(0, len(mv), FEED_SLICE):
+            part = mv[at : at + FEED_SLICE]
+            self._hasher.update(part)
+            self._sums(part)
+
+    def _sums(self, mv: memoryview) -> None:
+        """Add the block sums of the next bytes of the base (the caller hashes them)."""
         self._size += len(mv)
         bs = self.block_size
         if self._pending:
@@ -275,6 +276,9 @@ class SignatureBuilder:
         return self.finish_signature().to_bytes()
 
     def finish_signature(self) -> Signature:
+        return self._finish(self._hasher.digest)
+
+    def _finish(self, base_hash: Callable[[], bytes]) -> Signature:
         if self._done:
             raise UsageError("SignatureBuilder.finish() called twice")
         self._done = True
@@ -288,7 +292,7 @@ class SignatureBuilder:
         return Signature(
             block_size=self.block_size,
             base_size=self._size,
-            base_hash=self._hasher.digest(),
+            base_hash=base_hash(),
             strong_len=self.strong_len,
             weak_sums=weak_bytes,
             strong_sums=bytes(self._strong),
@@ -299,5 +303,10 @@ def signature(base: Buffer, block_size: int | None = None) -> bytes:
     """The signature (format v1) of a whole base held in memory."""
     mv = as_bytes_view(base)
     builder = SignatureBuilder(block_size, base_size=len(mv))
-    builder.feed(mv)
-    return builder.finish()
+    digest = hash_beside(mv)  # blake3 on the other core while this one sums blocks
+    try:
+        for at in range(0, len(mv), FEED_SLICE):
+            builder._sums(mv[at : at + FEED_SLICE])
+    finally:
+        sig = builder._finish(digest)
+    return sig.to_bytes()
