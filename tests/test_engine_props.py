@@ -200,3 +200,21 @@ def test_fuzz_mutated_delta_never_gives_wrong_output(
         return
     # A mutation that survives verification must have left the output intact.
     assert b"".join(bytes(p) for p in out) == new
+
+
+@given(
+    st.integers(4, 40).flatmap(lambda n: st.binary(min_size=n * 64, max_size=n * 64 + 63)),
+    st.binary(min_size=1, max_size=100),
+    st.integers(0, 2**32),
+)
+def test_everything_unchanged_is_found(base: bytes, insert: bytes, seed: int) -> None:
+    """After an insertion anywhere, the delta is the insertion plus at most two blocks."""
+    rng = random.Random(seed)
+    # Unique blocks, so that the only good match for each is its own position.
+    base = bytes(b ^ rng.getrandbits(8) for b in base)
+    at = rng.randrange(len(base) + 1)
+    new = base[:at] + insert + base[at:]
+    dlt = deltabkp.delta(deltabkp.signature(base, 64), new)
+    assert bytes(deltabkp.patch(base, dlt)) == new
+    overhead = 49 + 41 + 3 * (5 + 9)  # header, END, a few COPY/LITERAL headers
+    assert len(dlt) <= overhead + len(insert) + 2 * 64
