@@ -348,7 +348,16 @@ class DeltaEncoder:
                     self._expect = expect
                     break
                 self._expect = -1
-            if i > last or nfull == 0:
+            if nfull == 0:
+                # No whole blocks (empty or tiny base): all literal, except that the base's
+                # only, short block may still match the very end.
+                i = max(i, end - self.signature.base_size)
+                if i - lit >= MAX_LITERAL:
+                    whole = lit + (i - lit) // MAX_LITERAL * MAX_LITERAL
+                    self._literal(mv, lit, whole)
+                    lit = whole
+                break
+            if i > last:
                 break
             avail = last - i + 1
             if not final and avail < SCAN_WAIT:

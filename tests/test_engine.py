@@ -307,3 +307,25 @@ def test_encoder_memory_is_bounded_and_output_streams() -> None:
         assert len(enc._buf) <= bound
     assert emitted > 10 << 20  # the delta left as the data came in, not at finish()
     enc.finish()
+
+
+@pytest.mark.parametrize("base", [b"", b"tiny base"])
+def test_first_backup_streams_with_bounded_memory(base: bytes) -> None:
+    """Against an empty (or one short block) base every byte is literal, yet it streams."""
+    enc = DeltaEncoder(deltabkp.signature(base, 1024))
+    rng = random.Random(9)
+    parts, data = [], []
+    for _ in range(100):
+        chunk = rng.randbytes(100_000)
+        data.append(chunk)
+        parts.append(enc.feed(chunk))
+        assert len(enc._buf) < 2 * 64 * 1024 + 100_000
+    parts.append(enc.finish())
+    assert sum(map(len, parts[:-1])) > 9_000_000
+    new = b"".join(data) + base
+    assert bytes(deltabkp.patch(base, b"".join(parts))) == b"".join(data)
+    # ... and a new file that ends with the short base block still copies it.
+    dlt = deltabkp.delta(deltabkp.signature(base, 1024), new)
+    assert bytes(deltabkp.patch(base, dlt)) == new
+    if base:
+        assert dlt[-41 - 9 :].startswith(COPY_OP.pack(OP_COPY, 0, 1))
