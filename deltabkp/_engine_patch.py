@@ -75,8 +75,9 @@ class Patcher:
             used = self._parse(pieces, self._buf)
             del self._buf[:used]
         else:
-            # Parse the caller's buffer in place; keep only an incomplete op's bytes.
-            used = self._parse(pieces, mv)
+            # Parse the caller's buffer in place; keep only an incomplete op's bytes.  Literal
+            # pieces may be views into it only if it is immutable.
+            used = self._parse(pieces, mv, shared=isinstance(mv.obj, bytes))
             self._buf = bytearray(mv[used:])
         self._offset += used
         return pieces
@@ -115,7 +116,9 @@ class Patcher:
         self._have_header = True
         return _HEADER_SIZE
 
-    def _parse(self, pieces: list[bytes | memoryview], buf: bytearray | memoryview) -> int:
+    def _parse(
+        self, pieces: list[bytes | memoryview], buf: bytearray | memoryview, shared: bool = False
+    ) -> int:
         n = len(buf)
         p = 0
         if not self._have_header:
@@ -162,7 +165,10 @@ class Patcher:
                     start = p + LITERAL_OP.size
                     if n - start < length:
                         break
-                    piece = bytes(buf[start : start + length])
+                    if shared and isinstance(buf, memoryview):
+                        piece = buf[start : start + length]
+                    else:
+                        piece = bytes(buf[start : start + length])
                     p = start + length
                 elif tag == OP_END:
                     if n - p < END_OP.size:

@@ -198,7 +198,12 @@ def test_copy_pieces_are_zero_copy_views() -> None:
     dlt = deltabkp.delta(deltabkp.signature(base, 1000), base[:5000] + b"x" + base[5000:])
     pieces = Patcher(base).feed(dlt)
     views = [p for p in pieces if isinstance(p, memoryview)]
-    assert views and all(v.obj is base for v in views)
+    # COPY pieces view the base; literal pieces may view the (immutable) delta
+    assert {id(v.obj) for v in views} == {id(base), id(dlt)}
+    # ... but never a buffer the caller could change afterwards.
+    mutable = bytearray(dlt)
+    pieces = Patcher(base).feed(mutable)
+    assert all(p.obj is base for p in pieces if isinstance(p, memoryview))
 
 
 # --- errors -----------------------------------------------------------------------------------
