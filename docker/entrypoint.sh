@@ -80,7 +80,7 @@ echosv() {
     mkdir -p "$ECHO_DATA_DIR"
 
     python "$ECHO_APP_DIR"/echo_app.py --listen "$LISTEN_HOST:$ECHO_PORT" \
-        --data-dir "$ECHO_DATA_DIR" &
+        --data-dir "$ECHO_DATA_DIR" --rotate-bytes "${ECHO_ROTATE_BYTES:-262144}" &
     local app=$!
     # The agent listens on the very name it is registered under (echosvN:7471 resolves to this
     # container's address): it announces that host:port, and the managers match the

@@ -264,7 +264,7 @@ class Cluster:
         record["nodes"].append(node)  # recorded as it grows, so a failure can stop the parts
         node["app"] = start_daemon(self.run, f"{name}-app", [
             self.python, str(ECHO_DIR / "echo_app.py"), "--listen", "127.0.0.1:0",
-            "--data-dir", str(data), "--rotate-bytes", str(64 * 1024),
+            "--data-dir", str(data), "--rotate-bytes", str(record["rotate_bytes"]),
         ], self.env, node_dir)
         agent_dir = (node_dir / "agent").resolve()
         node["agent"] = start_daemon(self.run, f"{name}-agent", [
@@ -289,7 +289,8 @@ class Cluster:
               f"registered {data} every {every}")
         return node
 
-    def up(self, echo_servers: int, every: str, rate: float, load_duration: float) -> None:
+    def up(self, echo_servers: int, every: str, rate: float, load_duration: float,
+           rotate_bytes: int) -> None:
         old = read_record(self.run)
         if old is not None and any(is_ours_and_alive(e["pid"], e["ticks"]) for e in all_entries(old)):
             raise ClusterError(f"a local cluster is already up in {self.run} "
@@ -306,6 +307,7 @@ class Cluster:
             f.write(secrets.token_hex(32) + "\n")
         record: dict[str, Any] = {
             "run_dir": str(self.run), "every": every, "rate": rate, "load_duration": load_duration,
+            "rotate_bytes": rotate_bytes,
             "server": None, "nodes": [], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         try:
@@ -457,7 +459,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in (p_up, p_add):
         p.add_argument("--every", default=None,
                        help="backup frequency (integer minutes, or 90s / 5m / 2h; default 1)")
-    p_up.add_argument("--rate", type=float, default=5.0, help="load: messages per second per app")
+    # Defaults from the same variables the compose file passes to the echo containers.
+    p_up.add_argument("--rate", type=float, default=float(os.environ.get("ECHO_LOAD_RATE", "5")),
+                      help="load: messages per second per app (default $ECHO_LOAD_RATE, else 5)")
+    p_up.add_argument("--rotate-bytes", type=int,
+                      default=int(os.environ.get("ECHO_ROTATE_BYTES", str(64 * 1024))),
+                      help="echo apps rotate their log at this size "
+                      "(default $ECHO_ROTATE_BYTES, else 65536)")
     p_up.add_argument("--load-duration", type=float, default=24 * 3600.0,
                       help="load generators stop by themselves after this many seconds")
     sub.add_parser("status", help="processes, targets and last backups")
@@ -479,7 +487,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "up":
                 if args.echo_servers < 0:
                     ap.error("--echo-servers must be >= 0")
-                cluster.up(args.echo_servers, args.every or "1", args.rate, args.load_duration)
+                if args.rotate_bytes < 1 or args.rate < 0:
+                    ap.error("--rotate-bytes must be >= 1 and --rate >= 0")
+                cluster.up(args.echo_servers, args.every or "1", args.rate, args.load_duration,
+                           args.rotate_bytes)
             elif args.command == "add-echosv":
                 if args.new < 1:
                     ap.error("--new must be >= 1")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -68,6 +69,8 @@ class LocalRun:
             ["make", "--no-print-directory", "-C", str(REPO), target, f"RUN_DIR={self.run}",
              f"PYTHON={sys.executable}", *variables],
             capture_output=True, text=True, timeout=timeout,
+            # Small logs rotate every few seconds: files are renamed and deleted under the backups.
+            env={**os.environ, "ECHO_ROTATE_BYTES": "2048"},
         )
 
     def make_ok(self, target: str, *variables: str) -> str:
@@ -123,8 +126,8 @@ def at_least_two(r: LocalRun, node: dict[str, Any]) -> list[dict[str, Any]] | No
     return got if len(got) >= 2 else None
 
 
-def extract_and_check(tgz: Path, dest: Path) -> str:
-    """``tar xzf`` works and the tree is one echo app's; returns the client whose messages it holds.
+def extract_and_check(tgz: Path, dest: Path) -> tuple[str, set[str]]:
+    """``tar xzf`` works and the tree is one echo app's; returns (client, file names).
 
     Log lines are ``<time> <peer> <client> <seq> <words>``; each app is loaded by exactly one
     generator, named after its node, so one archive holds one client's messages. stats.json is
@@ -141,7 +144,7 @@ def extract_and_check(tgz: Path, dest: Path) -> str:
     stats = list(dest.rglob("stats.json"))
     assert len(stats) == 1, stats
     assert json.loads(stats[0].read_text())["messages"] >= 1
-    return clients.pop()
+    return clients.pop(), {p.name for p in dest.rglob("*") if p.is_file()}
 
 
 def test_local_cluster_up_add_backups_down(local_run: LocalRun, tmp_path: Path) -> None:
@@ -205,15 +208,21 @@ def test_local_cluster_up_add_backups_down(local_run: LocalRun, tmp_path: Path) 
     archive_dirs = sorted(d for d in archive_root.iterdir() if d.is_dir())
     assert len(archive_dirs) == 3 and retained >= 6
     seen: set[str] = set()
+    names: set[str] = set()
     n_tgz = 0
     for d in archive_dirs:
-        clients = {extract_and_check(tgz, tmp_path / "extracted" / d.name / tgz.stem)
-                   for tgz in sorted(d.glob("*.tgz"))}
-        n_tgz += len(list(d.glob("*.tgz")))
+        clients = set()
+        for tgz in sorted(d.glob("*.tgz")):
+            client, files = extract_and_check(tgz, tmp_path / "extracted" / d.name / tgz.stem)
+            clients.add(client)
+            names |= files
+            n_tgz += 1
         assert len(clients) == 1, f"{d}: archives of {clients}"
         seen |= clients
     assert seen == {n["name"] for n in rec["nodes"]}
     assert n_tgz == retained
+    # The apps rotated their logs between backups: rotated files made it into archives.
+    assert any(re.fullmatch(r"messages-\d+\.log", n) for n in names), names
     for n in rec["nodes"]:
         dest = tmp_path / "restored" / n["name"]
         res = subprocess.run(
