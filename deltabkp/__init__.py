@@ -34,6 +34,18 @@ from deltabkp._engine_signature import (
     signature,
 )
 
+# --- archive (issue 3) ---
+from deltabkp.archive import (
+    ArchiveReport,
+    ExtractReport,
+    FileIssue,
+    Fingerprint,
+    TgzBuilder,
+    build_archive,
+    extract_archive,
+    tree_fingerprint,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -65,4 +77,12 @@ __all__ = [
     "patch",
     "signature",
     # --- archive (issue 3) ---
+    "ArchiveReport",
+    "ExtractReport",
+    "FileIssue",
+    "Fingerprint",
+    "TgzBuilder",
+    "build_archive",
+    "extract_archive",
+    "tree_fingerprint",
 ]

@@ -1,0 +1,23 @@
+"""The archive: deterministic, rsyncable, hot-safe tgz of a live directory; quick check; restore.
+
+``TgzBuilder`` / ``build_archive`` write the tgz (docs/formats.md "Archive"),
+``tree_fingerprint`` answers "unchanged?" from metadata alone, ``extract_archive`` restores
+safely.  Invariants are stated in each private module.
+"""
+
+from __future__ import annotations
+
+from deltabkp.archive._build import ArchiveReport, FileIssue, TgzBuilder, build_archive
+from deltabkp.archive._extract import ExtractReport, extract_archive
+from deltabkp.archive._walk import Fingerprint, tree_fingerprint
+
+__all__ = [
+    "ArchiveReport",
+    "ExtractReport",
+    "FileIssue",
+    "Fingerprint",
+    "TgzBuilder",
+    "build_archive",
+    "extract_archive",
+    "tree_fingerprint",
+]

@@ -1,0 +1,470 @@
+"""The streaming, deterministic, rsyncable, hot-safe tgz writer over a live directory tree.
+
+Invariants:
+- same tree content and metadata => byte-identical output (sorted walk, GNU tar headers with
+  numeric owners and empty owner names, mtimes in whole seconds, fixed gzip header, cut
+  points and compression depending on the stream alone: docs/formats.md "Archive");
+- every tar header's size equals the data bytes that follow it, whatever the application
+  does to the file meanwhile: a file is read completely (bounded, retried) before its header
+  is written, or, past ``mem_limit``, streamed as exactly the size announced (truncated or
+  zero padded) - and every inconsistency lands in the report;
+- memory is bounded whatever the tree: one file up to ``mem_limit``, plus a few compression
+  jobs of ~``JOB_SIZE`` bytes in flight;
+- no lock is ever taken on an application file; FIFOs, sockets and devices are never opened.
+
+Two cores: the iterating thread walks, reads, writes tar headers and finds cut points;
+``threads`` worker threads deflate whole jobs (runs of segments) at once; zlib releases the
+GIL, and since each segment is compressed from a reset state the bytes do not depend on how
+segments are grouped into jobs or on the number of threads.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import stat
+import tarfile
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import BinaryIO
+
+import attrs
+
+from deltabkp.archive._gzip import GZIP_HEADER, CutFinder, compress_segments, gzip_trailer
+from deltabkp.archive._walk import Excluder, check_root, walk
+from deltabkp.errors import ArchiveError
+
+__all__ = ["ArchiveReport", "FileIssue", "TgzBuilder", "build_archive"]
+
+#: Uncompressed bytes gathered before cut points are searched and a job is handed out.
+JOB_SIZE = 512 * 1024
+#: Files up to this size are read whole into memory (and re-read on change); bigger ones
+#: are streamed in ``_READ`` pieces with the size fixed by the header.
+MEM_LIMIT = 8 * 1024 * 1024
+_READ = 1024 * 1024
+#: Reads of one file before giving up on a consistent copy.
+RETRIES = 3
+#: A file modified this recently may have been written within the same timestamp tick as
+#: our read, unseen by stat; it must read the same twice in a row to count as consistent.
+HOT_NS = 100_000_000
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_SPECIAL = {
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+@attrs.frozen
+class FileIssue:
+    """Something that happened to one entry: ``path`` relative to the root, ``what`` in words."""
+
+    path: str
+    what: str
+
+
+@attrs.frozen
+class ArchiveReport:
+    """What a build did.
+
+    ``files`` counts regular files stored with data (hard links to them are in
+    ``hardlinks``); ``bytes_in`` is the uncompressed tar stream, ``bytes_out`` the tgz;
+    ``content_bytes`` the file data in it.  ``changed`` lists files whose stored copy may
+    not be a consistent snapshot (they kept changing while read); ``skipped`` entries that
+    are not in the archive at all (special files, vanished, unreadable).
+    """
+
+    files: int
+    dirs: int
+    symlinks: int
+    hardlinks: int
+    bytes_in: int
+    bytes_out: int
+    content_bytes: int
+    changed: tuple[FileIssue, ...]
+    skipped: tuple[FileIssue, ...]
+
+
+@attrs.define
+class _Counts:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    content: int = 0
+    changed: list[FileIssue] = attrs.Factory(list)
+    skipped: list[FileIssue] = attrs.Factory(list)
+
+
+def _header(
+    name: str, st: os.stat_result, type_: bytes, size: int = 0, linkname: str = ""
+) -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.type = type_
+    ti.size = size
+    ti.mode = stat.S_IMODE(st.st_mode)
+    ti.mtime = st.st_mtime_ns // 1_000_000_000
+    ti.uid = st.st_uid
+    ti.gid = st.st_gid
+    ti.uname = ti.gname = ""
+    ti.linkname = linkname
+    return ti.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+def _pad(n: int) -> bytes:
+    return b"\0" * (-n % _BLOCK)
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (
+        a.st_size == b.st_size
+        and a.st_mtime_ns == b.st_mtime_ns
+        and a.st_ctime_ns == b.st_ctime_ns
+        and a.st_ino == b.st_ino
+    )
+
+
+def _describe(before: os.stat_result, after: os.stat_result, got: int) -> str:
+    if after.st_size > before.st_size or got > before.st_size:
+        return "grew while read"
+    if after.st_size < before.st_size or got < before.st_size:
+        return "shrank while read"
+    return "modified while read"
+
+
+class TgzBuilder:
+    """Iterate to get the tgz of ``root`` as ``bytes`` chunks; then read ``report``.
+
+    ``exclude``: fnmatch patterns (see ``Excluder``).  ``level``: deflate level (part of the
+    output: keep the default for reproducible bytes).  ``threads``: compression worker
+    threads (0 compresses in the iterating thread; the bytes are the same).  May be iterated
+    once, from any one thread.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        exclude: Sequence[str] = (),
+        level: int = 6,
+        threads: int = 2,
+        retries: int = RETRIES,
+        mem_limit: int = MEM_LIMIT,
+    ) -> None:
+        self.root = root
+        self.exclude = Excluder(exclude)
+        if not 1 <= level <= 9:
+            raise ArchiveError(f"deflate level must be 1..9, not {level}")
+        self.level = level
+        self.threads = max(0, threads)
+        self.retries = max(1, retries)
+        self.mem_limit = max(_READ, mem_limit)
+        self._started = False
+        self._report: ArchiveReport | None = None
+
+    @property
+    def report(self) -> ArchiveReport:
+        if self._report is None:
+            raise ArchiveError("the archive report exists only once the archive was iterated to its end")
+        return self._report
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._started:
+            raise ArchiveError("a TgzBuilder can be iterated only once")
+        self._started = True
+        return self._generate()
+
+    # -- compression pipeline -----------------------------------------------------------------
+
+    def _generate(self) -> Iterator[bytes]:
+        top = check_root(self.root)
+        counts = _Counts()
+        finder = CutFinder()
+        crc = 0
+        size_in = 0
+        size_out = 0
+        pending = b""  # stream bytes after the last cut (already scanned)
+        pending_at = 0  # absolute offset of pending[0]
+        gathered: list[bytes] = []
+        gathered_len = 0
+        pool = ThreadPoolExecutor(self.threads, "deltabkp-gzip") if self.threads else None
+        inflight: collections.deque[Future[bytes]] = collections.deque()
+        head = GZIP_HEADER
+
+        def job(data: bytes, cuts: list[int], final: bool) -> Future[bytes] | bytes:
+            if pool is None:
+                return compress_segments(data, cuts, self.level, final)
+            return pool.submit(compress_segments, data, cuts, self.level, final)
+
+        try:
+            ready: list[bytes] = []
+            for piece in self._tar(top, counts):
+                gathered.append(piece)
+                gathered_len += len(piece)
+                if gathered_len < JOB_SIZE:
+                    continue
+                block = b"".join(gathered)
+                gathered.clear()
+                gathered_len = 0
+                crc = zlib.crc32(block, crc)
+                size_in += len(block)
+                cuts = finder.feed(block)
+                data = pending + block
+                if not cuts:
+                    pending = data
+                    continue
+                end = cuts[-1] - pending_at
+                res = job(data[:end], [c - pending_at for c in cuts], False)
+                pending, pending_at = data[end:], cuts[-1]
+                if isinstance(res, bytes):
+                    ready.append(res)
+                else:
+                    inflight.append(res)
+                    ready.extend(f.result() for f in _drain(inflight, self.threads + 1))
+                if ready:
+                    out = head + b"".join(ready)
+                    head = b""
+                    ready.clear()
+                    size_out += len(out)
+                    yield out
+            block = b"".join(gathered)
+            crc = zlib.crc32(block, crc)
+            size_in += len(block)
+            cuts = finder.feed(block)
+            res = job(pending + block, [c - pending_at for c in cuts], True)
+            tail = [f.result() for f in _drain(inflight, 0)]
+            tail.append(res if isinstance(res, bytes) else res.result())
+            out = head + b"".join(tail) + gzip_trailer(crc, size_in)
+            size_out += len(out)
+            yield out
+        finally:
+            for f in inflight:
+                f.cancel()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._report = ArchiveReport(
+            files=counts.files,
+            dirs=counts.dirs,
+            symlinks=counts.symlinks,
+            hardlinks=counts.hardlinks,
+            bytes_in=size_in,
+            bytes_out=size_out,
+            content_bytes=counts.content,
+            changed=tuple(counts.changed),
+            skipped=tuple(counts.skipped),
+        )
+
+    # -- the tar stream -------------------------------------------------------------------------
+
+    def _tar(self, top: bytes, counts: _Counts) -> Iterator[bytes]:
+        def skip(rel: str, what: str) -> None:
+            counts.skipped.append(FileIssue(rel, what))
+
+        links: dict[tuple[int, int], str] = {}
+        total = 0
+        for rel, path, st in walk(top, self.exclude, skip):
+            kind = stat.S_IFMT(st.st_mode)
+            if kind == stat.S_IFDIR:
+                counts.dirs += 1
+                hdr = _header(rel + "/", st, tarfile.DIRTYPE)
+                total += len(hdr)
+                yield hdr
+            elif kind == stat.S_IFLNK:
+                try:
+                    target = os.fsdecode(os.readlink(path))
+                except FileNotFoundError:
+                    skip(rel, "vanished before it was read")
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL:  # no longer a symlink
+                        skip(rel, "replaced while read (no longer a symlink)")
+                    else:
+                        skip(rel, f"cannot read symlink: {exc.strerror}")
+                    continue
+                counts.symlinks += 1
+                hdr = _header(rel, st, tarfile.SYMTYPE, linkname=target)
+                total += len(hdr)
+                yield hdr
+            elif kind == stat.S_IFREG:
+                key = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and key in links:
+                    counts.hardlinks += 1
+                    hdr = _header(rel, st, tarfile.LNKTYPE, linkname=links[key])
+                    total += len(hdr)
+                    yield hdr
+                    continue
+                for piece in self._file(rel, path, counts, links):
+                    total += len(piece)
+                    yield piece
+            else:
+                skip(rel, f"{_SPECIAL.get(kind, 'special file')} not archived")
+        end = b"\0" * (2 * _BLOCK)
+        total += len(end)
+        # Like GNU tar: end-of-archive blocks, then pad to a whole 10 KiB record.
+        yield end + b"\0" * (-total % _RECORD)
+
+    def _file(
+        self, rel: str, path: bytes, counts: _Counts, links: dict[tuple[int, int], str]
+    ) -> Iterator[bytes]:
+        """Tar header + data + padding of one regular file, or nothing (then reported)."""
+        last: tuple[bytes, os.stat_result] | None = None
+        what = ""
+        for _attempt in range(self.retries):
+            t0 = time.time_ns()
+            try:
+                fd = os.open(path, _O_READ)
+            except FileNotFoundError:
+                if last is None:
+                    counts.skipped.append(FileIssue(rel, "vanished before it was read"))
+                    return
+                what += ", then vanished"
+                break
+            except OSError as exc:
+                if last is not None:
+                    what += f", then could not be reopened ({exc.strerror})"
+                    break
+                if exc.errno == errno.ELOOP:
+                    counts.skipped.append(FileIssue(rel, "replaced by a symlink while read"))
+                else:
+                    counts.skipped.append(FileIssue(rel, f"cannot open: {exc.strerror}"))
+                return
+            try:
+                before = os.fstat(fd)
+                if not stat.S_ISREG(before.st_mode):
+                    if last is not None:
+                        what += ", then replaced by a non-regular file"
+                        break
+                    counts.skipped.append(FileIssue(rel, "replaced by a non-regular file while read"))
+                    return
+                if before.st_size > self.mem_limit:
+                    yield from self._stream(rel, fd, before, counts, links)
+                    return
+                chunks: list[bytes] = []
+                got = 0
+                while got <= self.mem_limit:
+                    b = os.read(fd, _READ)
+                    if not b:
+                        break
+                    chunks.append(b)
+                    got += len(b)
+                after = os.fstat(fd)
+            except OSError as exc:
+                if last is not None:
+                    what += f", then could not be read ({exc.strerror})"
+                    break
+                counts.skipped.append(FileIssue(rel, f"cannot read: {exc.strerror}"))
+                return
+            finally:
+                os.close(fd)
+            data = b"".join(chunks)
+            if got > self.mem_limit:
+                # Grew past the in-memory limit while read: next attempt streams it.
+                what = "grew while read"
+                continue
+            consistent = _same(before, after) and got == after.st_size
+            if consistent and max(after.st_mtime_ns, after.st_ctime_ns) >= t0 - HOT_NS:
+                # Written just now: a write in the same clock tick leaves stat unchanged, so
+                # only two identical reads in a row prove a consistent copy.
+                consistent = last is not None and last[0] == data and _same(last[1], after)
+            if not consistent:
+                what = _describe(before, after, got) if not _same(before, after) else (
+                    what or "modified while read"
+                )
+            last = (data, after)
+            if consistent:
+                what = ""
+                break
+        if last is None:
+            counts.skipped.append(FileIssue(rel, what or "could not be read"))
+            return
+        data, st = last
+        if what:
+            counts.changed.append(
+                FileIssue(rel, f"{what}; stored the last complete read ({len(data)} bytes)")
+            )
+        counts.files += 1
+        counts.content += len(data)
+        if st.st_nlink > 1:
+            links[(st.st_dev, st.st_ino)] = rel
+        yield _header(rel, st, tarfile.REGTYPE, size=len(data))
+        yield data
+        yield _pad(len(data))
+
+    def _stream(
+        self, rel: str, fd: int, before: os.stat_result, counts: _Counts,
+        links: dict[tuple[int, int], str],
+    ) -> Iterator[bytes]:
+        """A large file, streamed: exactly ``before.st_size`` bytes follow the header."""
+        size = before.st_size
+        yield _header(rel, before, tarfile.REGTYPE, size=size)
+        got = 0
+        error = ""
+        while got < size:
+            try:
+                b = os.read(fd, min(_READ, size - got))
+            except OSError as exc:
+                error = f"read failed after {got} bytes ({exc.strerror})"
+                break
+            if not b:
+                break
+            got += len(b)
+            yield b
+        short = size - got
+        while short > 0:
+            n = min(short, _READ)
+            short -= n
+            yield b"\0" * n
+        try:
+            after = os.fstat(fd)
+            more = os.read(fd, 1) if not error and got == size else b""
+        except OSError:
+            after, more = before, b""
+        yield _pad(size)
+        counts.files += 1
+        counts.content += size
+        if before.st_nlink > 1:
+            links[(before.st_dev, before.st_ino)] = rel
+        if error:
+            what = f"{error}; zero padded to the {size} bytes announced"
+        elif got < size:
+            what = f"shrank while read; {size - got} missing bytes zero padded to {size}"
+        elif more or after.st_size > size:
+            what = f"grew while read; stored its first {size} bytes"
+        elif not _same(before, after):
+            what = f"modified while read; stored as read ({size} bytes, too large to re-read)"
+        else:
+            return
+        counts.changed.append(FileIssue(rel, what))
+
+
+def _drain(inflight: collections.deque[Future[bytes]], keep: int) -> Iterator[Future[bytes]]:
+    """Pop (oldest first) until at most ``keep`` jobs remain, or the oldest is not done yet."""
+    while inflight and (len(inflight) > keep or inflight[0].done()):
+        yield inflight.popleft()
+
+
+def build_archive(
+    root: str | os.PathLike[str],
+    out: BinaryIO | str | os.PathLike[str],
+    *,
+    exclude: Sequence[str] = (),
+) -> ArchiveReport:
+    """Write the tgz of ``root`` to ``out`` (an open binary file, or a path written in place)."""
+    builder = TgzBuilder(root, exclude=exclude)
+    if isinstance(out, (str, os.PathLike)):
+        try:
+            with open(out, "wb") as f:
+                for chunk in builder:
+                    f.write(chunk)
+        except OSError as exc:
+            raise ArchiveError(f"{os.fsdecode(out)}: cannot write: {exc.strerror}") from None
+    else:
+        for chunk in builder:
+            out.write(chunk)
+    return builder.report
