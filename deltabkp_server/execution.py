@@ -300,7 +300,13 @@ def _describe(exc: DeltabkpError, target: Target) -> str:
     if isinstance(exc, RequestRefused):
         text = f"agent refused ({exc.code}): {exc.message}"
     prefix = f"{target.node} {target.path}: "
-    return text if text.startswith(prefix) else prefix + text
+    if text.startswith(prefix):
+        return text
+    # Transport errors start with the peer's address: say it once.
+    for head in (f"{target.node}: ", f"agent {target.node}: "):
+        if text.startswith(head):
+            text = text[len(head):]
+    return prefix + text
 
 
 def _log_record(r: ExecutionRecord) -> None:
