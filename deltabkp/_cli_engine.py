@@ -20,7 +20,7 @@ from typing import IO, BinaryIO
 
 from deltabkp._engine_delta import DeltaEncoder
 from deltabkp._engine_patch import Patcher
-from deltabkp._engine_signature import Signature, SignatureBuilder
+from deltabkp._engine_signature import DEFAULT_STRONG_LEN, Signature, SignatureBuilder
 from deltabkp.errors import DeltabkpError, RequestRefused, UsageError
 
 CHUNK = 1 << 20
@@ -33,8 +33,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="write the block signature of BASE to SIG (like rdiff signature)",
         description="Write the block signature of BASE to SIG ('-' for stdin/stdout).",
     )
-    p.add_argument("--block-size", type=int, default=None, metavar="N",
+    p.add_argument("-b", "--block-size", type=int, default=None, metavar="N",
                    help="block size in bytes (default: derived from BASE's size)")
+    p.add_argument("-S", "--strong-len", type=int, default=DEFAULT_STRONG_LEN, metavar="N",
+                   help=f"bytes of strong sum kept per block, 4..16 (default "
+                   f"{DEFAULT_STRONG_LEN})")
     p.add_argument("base", metavar="BASE")
     p.add_argument("sig", metavar="SIG")
     p.set_defaults(func=_cmd_signature)
@@ -145,7 +148,7 @@ def _cmd_signature(args: argparse.Namespace) -> int:
         if block_size is None and size is None:
             pending = list(chunks)  # stdin of unknown size: hold it to size the blocks
             size = sum(len(c) for c in pending)
-        builder = SignatureBuilder(block_size, base_size=size)
+        builder = SignatureBuilder(block_size, base_size=size, strong_len=args.strong_len)
         for data in pending:
             builder.feed(data)
         pending = []

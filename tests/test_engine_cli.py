@@ -55,7 +55,7 @@ def test_cli_and_api_interoperate(files: dict[str, Path]) -> None:
     d = files["dir"]
     base, new = files["base"].read_bytes(), files["new"].read_bytes()
     # CLI signature -> API delta -> CLI patch
-    assert main(["signature", "--block-size", "1024", str(files["base"]), str(d / "sig")]) == 0
+    assert main(["signature", "-b", "1024", str(files["base"]), str(d / "sig")]) == 0
     cli_sig = (d / "sig").read_bytes()
     assert cli_sig == deltabkp.signature(base, 1024)
     assert Signature.parse(cli_sig).block_size == 1024
@@ -91,6 +91,9 @@ def test_cli_errors_are_one_line_and_typed(files: dict[str, Path]) -> None:
     r = run("signature", str(d / "missing"), str(d / "x"))
     assert r.returncode == 1 and "missing" in r.stderr.decode()
     assert main(["signature", "--block-size", "5", str(files["base"]), str(d / "x")]) == 2
+    assert main(["signature", "--strong-len", "17", str(files["base"]), str(d / "x")]) == 2
+    assert main(["signature", "-S", "16", str(files["base"]), str(d / "s16")]) == 0
+    assert Signature.parse((d / "s16").read_bytes()).strong_len == 16
     assert main(["patch", "-", "-", str(d / "x")]) == 2
     r = run("patch")
     assert r.returncode == 2
