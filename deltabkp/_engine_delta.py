@@ -6,10 +6,11 @@ LITERAL(length u32 in 1..65536, bytes), and one final ``E`` END(new size u64, ne
 
 How the encoder stays fast in Python: weak sums of every offset of a stretch of the new data
 come out of one vectorised prefix sum (``_engine_rolling``); a bitmap indexed by the top bits
-of the weak sum rejects almost every offset in one numpy gather; the few survivors are checked
-against the exact sorted weak sums, and only those get a strong sum.  After a match the encoder
-first tries the following base blocks at the following offsets (runs of matches are the common
-case), which costs one XXH3 per block and no weak sums at all.
+of the weak sum rejects almost every offset in one numpy gather, a second one indexed by the
+low bits thins the survivors, the rest are checked against the exact sorted weak sums, and
+only those get a strong sum.  After a match the encoder first tries the following base blocks
+at the following offsets, 16 at a time (runs of matches are the common case), which costs one
+XXH3 per block and no weak sums at all.
 
 Invariants: the encoder does no I/O; its memory is the signature's lookup tables plus the
 unscanned tail of the input (at most one scan window plus a block) and a pending literal of at
