@@ -137,7 +137,10 @@ def main() -> int:
         t_rsig = rdiff(["signature", str(paths["base"]), str(rs_sig)], rs_sig, rep)
         t_rdelta = rdiff(["delta", str(rs_sig), str(paths["new"]), str(rs_delta)], rs_delta, rep)
         t_rpatch = rdiff(["patch", str(paths["base"]), str(rs_delta), str(rs_out)], rs_out, rep)
-        r_block, r_strong = struct.unpack(">II", rs_sig.read_bytes()[4:12])
+        r_magic, r_block, r_strong = struct.unpack(">III", rs_sig.read_bytes()[:12])
+        r_kind = {0x72730136: "rollsum + MD4", 0x72730137: "rollsum + BLAKE2",
+                  0x72730146: "rabinkarp + MD4", 0x72730147: "rabinkarp + BLAKE2"}.get(
+                      r_magic, hex(r_magic))
         r_sig_size, r_delta_size = rs_sig.stat().st_size, rs_delta.stat().st_size
 
         t_sig, sig = best(lambda: deltabkp.signature(base), rep)
@@ -186,8 +189,8 @@ def main() -> int:
         ):
             print(f"| {what:<29} | {theirs:>10,} | {ours:>10,} | {ours / theirs:5.2f} |")
         print()
-        print(f"# rdiff defaults: block {r_block} B, strong sum {r_strong} B (BLAKE2), "
-              f"weak sum rabinkarp 4 B")
+        print(f"# rdiff defaults: block {r_block} B, sums {r_kind}: 4 B weak + {r_strong} B "
+              f"strong per block")
         print(f"# deltabkp: block {parsed.block_size} B (default_block_size), weak poly32 4 B, "
               f"strong XXH3-128 truncated to {parsed.strong_len} B, END blake3-256")
 
