@@ -125,14 +125,19 @@ def make_tree(root: Path, files: int = 30, size: int = 4000) -> None:
         d = root / ("sub" if i % 2 else "sub/deeper")
         (d / f"f{i:03}.txt").write_text("".join(f"file {i} line {j}\n" for j in range(size // 16)))
     (root / "bin.dat").write_bytes(os.urandom(50_000))
-    settle(root)
 
 
-def settle(root: Path) -> None:
-    """Put every mtime in the past, so that the tree fingerprint is not racy."""
-    past = time.time() - 60
-    for p in [root, *root.rglob("*")]:
-        os.utime(p, (past, past), follow_symlinks=False)
+async def settle(root: Path) -> None:
+    """Wait until the tree's fingerprint is no longer racy (its newest change is > 2 s old).
+
+    Only the tests that expect an "unchanged (fingerprint)" answer need this: a racy tree is
+    (rightly) never answered from its fingerprint.
+    """
+    from deltabkp.archive import tree_fingerprint
+
+    with trio.fail_after(30):
+        while (await trio.to_thread.run_sync(tree_fingerprint, root)).racy:
+            await trio.sleep(0.1)
 
 
 # -- allowlist ----------------------------------------------------------------------------------
@@ -258,6 +263,7 @@ async def test_garbage_gets_one_error_frame_then_the_connection_closes(env: Env,
 async def test_backup_exchange_first_unchanged_changed(env: Env) -> None:
     app = env.root / "app"
     make_tree(app)
+    await settle(app)
     # First backup: no base, so the delta is all literals and rebuilds the archive from nothing.
     r1 = await backup(env, app)
     assert r1.kind == "delta" and r1.done is not None and not r1.asked_signature
@@ -273,7 +279,6 @@ async def test_backup_exchange_first_unchanged_changed(env: Env) -> None:
     # A small change: the cached signature is used (no NeedSignature), the delta is small.
     p = app / "sub" / "f001.txt"
     p.write_text(p.read_text().replace("line 100\n", "line one hundred, edited\n"))
-    settle(app)
     r3 = await backup(env, app, a1)
     assert r3.kind == "delta" and not r3.asked_signature and r3.done is not None
     a2 = bytes(deltabkp.patch(a1, r3.delta))
@@ -290,6 +295,7 @@ async def test_empty_cache_asks_for_the_signature(nursery: trio.Nursery, tmp_pat
     env = await start_agent(nursery, tmp_path)
     app = env.root / "app"
     make_tree(app)
+    await settle(app)
     a1 = fresh_archive(app)  # as if another agent (or a lost cache) produced the base
 
     # Same tree: the agent needs the signature, rebuilds, finds the same hash → unchanged.
@@ -305,7 +311,6 @@ async def test_empty_cache_asks_for_the_signature(nursery: trio.Nursery, tmp_pat
     make_tree(app2)
     b1 = fresh_archive(app2)
     (app2 / "sub" / "new.txt").write_text("new file\n" * 100)
-    settle(app2)
     r = await backup(env2, app2, b1)
     assert r.asked_signature and r.kind == "delta"
     assert deltabkp.patch(b1, r.delta) == fresh_archive(app2)
@@ -344,18 +349,38 @@ async def test_oversized_signature_is_refused(nursery: trio.Nursery, tmp_path: P
 
 
 async def test_change_during_the_build_makes_the_next_check_miss(env: Env) -> None:
-    """The fingerprint recorded is the one taken before the build, never after it."""
+    """The fingerprint recorded is the one taken before the build, never one taken after it."""
     app = env.root / "app"
-    make_tree(app)
-    r1 = await backup(env, app)
-    a1 = bytes(deltabkp.patch(b"", r1.delta))
-    # Simulate "changed while the archive was being built": the archive we got is a1, but the
-    # tree is now different. The recorded fingerprint (pre-build) must not match the new tree.
-    (app / "late.txt").write_text("written after the build\n")
-    settle(app)
+    app.mkdir()
+    (app / "a-early.txt").write_text("archived first\n" * 100)
+    for i in range(6):
+        (app / f"z-blob{i}.bin").write_bytes(os.urandom(1_000_000))
+    await settle(app)
+    with trio.fail_after(60):
+        async with await connect(env) as chan:
+            await chan.send(wire.BackupRequest(str(app), None, ()))
+            msg = await chan.receive(timeout=30)
+            assert isinstance(msg, wire.DeltaChunk)
+            # The build is under way (paced by us): change a file it has already read.
+            (app / "a-early.txt").write_text("changed during the build\n" * 100)
+            # Hold the build (it waits for us) until the change is no longer racy, so that a
+            # fingerprint taken after the build would look trustworthy - and be wrong.
+            await settle(app)
+            delta = bytearray()
+            while isinstance(msg, wire.DeltaChunk):
+                delta += msg.data
+                msg = await chan.receive(timeout=30)
+            assert isinstance(msg, wire.BackupDone)
+    a1 = bytes(deltabkp.patch(b"", bytes(delta)))
+    await settle(app)
     r2 = await backup(env, app, a1)
-    assert r2.kind == "delta"
-    assert deltabkp.patch(a1, r2.delta) == fresh_archive(app)
+    # Never "unchanged (fingerprint)": the tree is not what the pre-build fingerprint saw.
+    assert r2.reason != "fingerprint"
+    fresh = fresh_archive(app)
+    if r2.kind == "delta":
+        assert deltabkp.patch(a1, r2.delta) == fresh
+    else:  # the build happened to read the file after the change: same archive
+        assert (r2.reason, a1) == ("hash", fresh)
 
 
 async def test_server_hanging_up_mid_stream_stops_the_build(env: Env) -> None:
@@ -363,7 +388,6 @@ async def test_server_hanging_up_mid_stream_stops_the_build(env: Env) -> None:
     app.mkdir()
     for i in range(8):
         (app / f"r{i}.bin").write_bytes(os.urandom(1_000_000))
-    settle(app)
     with trio.fail_after(30):
         async with await connect(env) as chan:
             await chan.send(wire.BackupRequest(str(app), None, ()))
@@ -399,7 +423,6 @@ async def test_ping_is_answered_while_a_large_backup_runs(env: Env) -> None:
     # Incompressible data: the build is CPU-bound for a while.
     for i in range(24):
         (app / f"blob{i:02}.bin").write_bytes(os.urandom(1_000_000))
-    settle(app)
     pongs = 0
     with trio.fail_after(120):
         async with await connect(env) as chan:
