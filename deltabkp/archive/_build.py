@@ -13,9 +13,9 @@ Invariants:
 - no lock is ever taken on an application file; FIFOs, sockets and devices are never opened.
 
 Two cores: the iterating thread walks, reads, writes tar headers and finds cut points;
-``threads`` worker threads deflate whole jobs (runs of segments) at once; zlib releases the
-GIL, and since each segment is compressed from a reset state the bytes do not depend on how
-segments are grouped into jobs or on the number of threads.
+``threads`` worker threads deflate whole jobs (runs of segments) at once, each primed with
+the 32 KiB before its job; zlib releases the GIL, and the bytes do not depend on how segments
+are grouped into jobs or on the number of threads (see ``_gzip``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,13 @@ from typing import BinaryIO
 
 import attrs
 
-from deltabkp.archive._gzip import GZIP_HEADER, CutFinder, compress_segments, gzip_trailer
+from deltabkp.archive._gzip import (
+    DICT_SIZE,
+    GZIP_HEADER,
+    CutFinder,
+    compress_segments,
+    gzip_trailer,
+)
 from deltabkp.archive._walk import Excluder, check_root, walk
 from deltabkp.errors import ArchiveError
 
@@ -197,10 +203,14 @@ class TgzBuilder:
         inflight: collections.deque[Future[bytes]] = collections.deque()
         head = GZIP_HEADER
 
+        zdict = b""
+
         def job(data: bytes, cuts: list[int], final: bool) -> Future[bytes] | bytes:
+            nonlocal zdict
+            prime, zdict = zdict, (zdict + data)[-DICT_SIZE:]
             if pool is None:
-                return compress_segments(data, cuts, self.level, final)
-            return pool.submit(compress_segments, data, cuts, self.level, final)
+                return compress_segments(data, cuts, self.level, final, prime)
+            return pool.submit(compress_segments, data, cuts, self.level, final, prime)
 
         try:
             ready: list[bytes] = []
