@@ -199,6 +199,18 @@ def _estimate_archive_size(root: str) -> int:
     return total // 3
 
 
+def agent_block_size(archive_size: int) -> int:
+    """Block size of the signatures the agent makes of its own archives (kept in its cache).
+
+    A quarter of the engine's default (at least 256 B): these signatures never cross the
+    network, so finer blocks cost only agent memory and disk (~5% of the archive at 256 B,
+    ~0.3% at 4 KiB for archives of a GiB and up), while each change costs less literal
+    around it.  Measured on the e2e real-tree ~1% change (635 KB archive): the delta is
+    5.17% of the archive at 1 KiB blocks, 4.38% at 256 B.
+    """
+    return max(256, deltabkp.default_block_size(archive_size) // 4)
+
+
 def _parse_server_signature(raw: bytes, base_hash: bytes, node: str, path: str) -> Signature:
     try:
         sig = Signature.parse(raw)
@@ -246,7 +258,7 @@ def _build(
         last_push = time.monotonic()
 
     encoder = deltabkp.DeltaEncoder(base_sig)
-    new_sig = deltabkp.SignatureBuilder(base_size=max(estimate, 0))
+    new_sig = deltabkp.SignatureBuilder(agent_block_size(max(estimate, 0)))
     pending = bytearray()
     delta_bytes = 0
     try:
