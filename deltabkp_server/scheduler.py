@@ -105,6 +105,9 @@ class Scheduler:
         self.max_per_node = max_per_node
         self._node_limiters: dict[str, trio.CapacityLimiter] = {}
         self._slots: dict[int, _Slot] = {}
+        # Targets with an execution in flight, also across unregister + register again (the
+        # new slot must not start a second execution of the same target meanwhile).
+        self._busy: set[int] = set()
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -155,12 +158,11 @@ class Scheduler:
         return hit
 
     def is_running(self, target_id: int) -> bool:
-        slot = self._slots.get(target_id)
-        return bool(slot and slot.running)
+        return target_id in self._busy
 
     @property
     def running(self) -> int:
-        return sum(1 for s in self._slots.values() if s.running)
+        return len(self._busy)
 
     def wake(self) -> None:
         self._wake.set()
@@ -184,7 +186,7 @@ class Scheduler:
         now = self.clock()
         wake_at = math.inf
         for slot in list(self._slots.values()):
-            if slot.running or slot.probing:
+            if slot.running or slot.probing or slot.target.id in self._busy:
                 continue
             if slot.queued is not None:
                 trigger, slot.queued = slot.queued, None
@@ -210,6 +212,7 @@ class Scheduler:
     async def _execute(self, slot: _Slot, trigger: str) -> None:
         waiters, slot.waiters = slot.waiters, []
         target = slot.target
+        self._busy.add(target.id)
         try:
             async with self.global_limiter, self._limiter(target.node):
                 record = await self.executor.run(target, trigger)
@@ -226,6 +229,7 @@ class Scheduler:
             slot.next_due = self.clock() + backoff_delay(slot.attempt, target.every_s, self.rng)
         finally:
             slot.running = False
+            self._busy.discard(target.id)
             self.wake()
 
     async def _after(self, slot: _Slot, record: ExecutionRecord) -> None:

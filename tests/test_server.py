@@ -409,10 +409,9 @@ async def test_concurrency_limits_per_node_and_overall(
     # Six targets are due; the limits admit exactly this many, which then wait at the gate.
     expected = min(overall, 2 * per_node)
     with trio.fail_after(30):
-        while shared[0] < expected:
+        # All six are in flight or queued on the limiters; only `expected` reach the agents.
+        while shared[0] < expected or (await ctl(srv.address, "status"))["running"] < 6:
             await trio.sleep(0.01)
-    st = await ctl(srv.address, "status")
-    assert st["running"] == 6  # all six are in flight or queued on the limiters
     gate.set()
     with trio.fail_after(30):
         while len([e for e in await ctl(srv.address, "log") if e["outcome"] == "stored"]) < 6:
@@ -429,3 +428,27 @@ def test_backoff_is_capped_by_the_cap_and_the_period() -> None:
         raw = min(RETRY_CAP_S, 2 ** (attempt - 1))
         assert raw / 2 <= d <= raw
     assert all(backoff_delay(a, 5, rng) <= 5 for a in range(1, 20))
+
+
+async def test_reregister_during_a_running_execution_runs_one_at_a_time(
+    server: Server, nursery: trio.Nursery
+) -> None:
+    gate = trio.Event()
+    agent = ScriptedAgent(content={"/srv/app": b"data" * 100}, gate=gate)
+    await nursery.start(agent.serve)
+    await ctl(server.address, "register", node=agent.address, path="/srv/app", every="1h")
+    with trio.fail_after(20):
+        while agent.active < 1:
+            await trio.sleep(0.01)
+    await ctl(server.address, "unregister", node=agent.address, path="/srv/app")
+    await ctl(server.address, "register", node=agent.address, path="/srv/app", every="1h")
+    [t] = await ctl(server.address, "targets")
+    assert t["state"] == "running"
+    await trio.sleep(0.3)  # give a wrongly started second execution time to show up
+    assert agent.max_active == 1
+    gate.set()
+    with trio.fail_after(20):
+        while len(log := await ctl(server.address, "log")) < 2 or any(e["outcome"] is None for e in log):
+            await trio.sleep(0.02)
+    assert [e["outcome"] for e in log] == ["unchanged", "stored"]
+    assert agent.max_active == 1
