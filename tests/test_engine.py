@@ -334,3 +334,19 @@ def test_first_backup_streams_with_bounded_memory(base: bytes) -> None:
     assert bytes(deltabkp.patch(base, dlt)) == new
     if base:
         assert dlt[-41 - 9 :].startswith(COPY_OP.pack(OP_COPY, 0, 1))
+
+
+def test_signature_value_and_base_hash_check() -> None:
+    base = os.urandom(20_000)
+    raw = deltabkp.signature(base, 512)
+    sig = Signature.parse(raw)
+    assert sig == Signature.parse(bytearray(raw)) and hash(sig) == hash(Signature.parse(raw))
+    assert "weak_sums" not in repr(sig)  # no multi-kilobyte reprs
+    new = base[5000:] + base[:5000]
+    dlt = deltabkp.delta(sig, new)  # a parsed Signature works as well as bytes
+    assert dlt == deltabkp.delta(raw, new)
+    patcher = Patcher(memoryview(base), base_hash=sig.base_hash)
+    out = patcher.feed(dlt)
+    patcher.finish()
+    assert patcher.base_hash == sig.base_hash
+    assert b"".join(bytes(p) for p in out) == new
