@@ -372,24 +372,18 @@ async def _restore(client: _Client, req: dict[str, Any], dest: Path, what: str) 
             )
         report = await trio.to_thread.run_sync(_extract, tmp, dest)
         meta["dest"] = str(dest)
-        if report is not None:
-            meta["extracted"] = report
+        meta["extracted"] = report
         return meta
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _extract(archive: Path, dest: Path) -> dict[str, Any] | None:
+def _extract(archive: Path, dest: Path) -> dict[str, Any]:
     from deltabkp.archive import extract_archive
 
-    dest.mkdir(parents=True, exist_ok=True)
-    report = extract_archive(archive, dest)
-    out: dict[str, Any] = {}
-    for name in ("files", "dirs", "links", "bytes"):
-        value = getattr(report, name, None)
-        if isinstance(value, int):
-            out[name] = value
-    return out or None
+    r = extract_archive(archive, dest)  # refuses entries escaping dest (UnsafeArchiveError)
+    return {"files": r.files, "dirs": r.dirs, "symlinks": r.symlinks, "hardlinks": r.hardlinks,
+            "bytes": r.bytes}
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -544,10 +538,12 @@ def _human_backup_now(d: Any, req: dict[str, Any]) -> str:
 
 
 def _human_restore(meta: dict[str, Any], dest: Path) -> str:
+    x = meta.get("extracted") or {}
     return (
         f"restored {meta.get('node')} {meta.get('path')} archive {meta.get('seq')} "
         f"(created {_when(meta.get('created'))}, {size(meta.get('size'))}, blake3 verified) "
-        f"into {dest}"
+        f"into {dest}: {x.get('files', 0)} files, {x.get('dirs', 0)} directories, "
+        f"{x.get('symlinks', 0) + x.get('hardlinks', 0)} links, {size(x.get('bytes'))} of data"
     )
 
 

@@ -56,6 +56,8 @@ class AgentConfig:
     max_signature: int = 128 * 1024 * 1024
     keep: int = 3
     handshake_timeout: float = transport.DEFAULT_TIMEOUT
+    #: Connections served at once; more are closed at once (a flood cannot exhaust the agent).
+    max_connections: int = 256
 
 
 class Agent:
@@ -69,6 +71,7 @@ class Agent:
         self.active = 0
         self.served = 0
         self._locks: dict[str, trio.Lock] = {}
+        self._connections = trio.Semaphore(config.max_connections)
         self.announced: set[str] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -132,8 +135,12 @@ class Agent:
         }
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        if self._connections.value == 0:
+            log.warning("too many connections (%d): closing a new one", self.config.max_connections)
+            await stream.aclose()
+            return
         try:
-            async with stream:
+            async with self._connections, stream:
                 try:
                     chan = await transport.accept(
                         stream, key=self.config.key, roles=("server",),
