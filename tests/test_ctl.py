@@ -211,3 +211,24 @@ def test_backup_now_wait_exits_1_when_the_execution_fails(cluster: Cluster, tmp_
     # Without --wait it is only queued.
     res = cluster.ctl_run("backup-now", node, str(app))
     assert res.returncode == 0 and "queued" in res.stdout
+
+
+def test_restore_refuses_an_archive_that_fails_its_hash(cluster: Cluster, tmp_path: Path) -> None:
+    """A stored archive corrupted on the server's disk is caught by ctl before extraction."""
+    cluster.start_server()
+    app = make_app(tmp_path)
+    agent = cluster.start_agent(app)
+    node = agent.address
+    cluster.ctl("register", node, str(app), "--every", "60")
+    cluster.ctl("backup-now", node, str(app), "--wait")
+    [tgz] = [p for p in cluster.archive_files() if p.suffix == ".tgz"]
+    data = bytearray(tgz.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one bit pattern flipped
+    tgz.write_bytes(bytes(data))
+
+    dest = tmp_path / "restored"
+    res = cluster.ctl_run("restore", node, str(app), str(dest))
+    assert res.returncode == 6, res
+    assert "blake3" in res.stderr and node in res.stderr and str(app) in res.stderr
+    assert not dest.exists() or not any(dest.iterdir())  # nothing extracted
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]  # temp file removed
