@@ -13,40 +13,27 @@ Invariants:
 - no lock is ever taken on an application file; FIFOs, sockets and devices are never opened.
 
 Two cores: the iterating thread walks, reads, writes tar headers and finds cut points;
-``threads`` worker threads deflate whole jobs (runs of segments) at once, each primed with
-the 32 KiB before its job; zlib releases the GIL, and the bytes do not depend on how segments
-are grouped into jobs or on the number of threads (see ``_gzip``).
+worker threads deflate (``_gzip.RsyncableGzip``).
 """
 
 from __future__ import annotations
 
-import collections
 import errno
 import os
 import stat
 import tarfile
 import time
-import zlib
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 import attrs
 
-from deltabkp.archive._gzip import (
-    DICT_SIZE,
-    GZIP_HEADER,
-    CutFinder,
-    compress_segments,
-    gzip_trailer,
-)
+from deltabkp.archive._gzip import RsyncableGzip
 from deltabkp.archive._walk import Excluder, check_root, walk
 from deltabkp.errors import ArchiveError
 
 __all__ = ["ArchiveReport", "FileIssue", "TgzBuilder", "build_archive"]
 
-#: Uncompressed bytes gathered before cut points are searched and a job is handed out.
-JOB_SIZE = 512 * 1024
 #: Files up to this size are read whole into memory (and re-read on change); bigger ones
 #: are streamed in ``_READ`` pieces with the size fixed by the header.
 MEM_LIMIT = 8 * 1024 * 1024
@@ -191,80 +178,15 @@ class TgzBuilder:
     def _generate(self) -> Iterator[bytes]:
         top = check_root(self.root)
         counts = _Counts()
-        finder = CutFinder()
-        crc = 0
-        size_in = 0
-        size_out = 0
-        pending = b""  # stream bytes after the last cut (already scanned)
-        pending_at = 0  # absolute offset of pending[0]
-        gathered: list[bytes] = []
-        gathered_len = 0
-        pool = ThreadPoolExecutor(self.threads, "deltabkp-gzip") if self.threads else None
-        inflight: collections.deque[Future[bytes]] = collections.deque()
-        head = GZIP_HEADER
-
-        zdict = b""
-
-        def job(data: bytes, cuts: list[int], final: bool) -> Future[bytes] | bytes:
-            nonlocal zdict
-            prime, zdict = zdict, (zdict + data)[-DICT_SIZE:]
-            if pool is None:
-                return compress_segments(data, cuts, self.level, final, prime)
-            return pool.submit(compress_segments, data, cuts, self.level, final, prime)
-
-        try:
-            ready: list[bytes] = []
-            for piece in self._tar(top, counts):
-                gathered.append(piece)
-                gathered_len += len(piece)
-                if gathered_len < JOB_SIZE:
-                    continue
-                block = b"".join(gathered)
-                gathered.clear()
-                gathered_len = 0
-                crc = zlib.crc32(block, crc)
-                size_in += len(block)
-                cuts = finder.feed(block)
-                data = pending + block
-                if not cuts:
-                    pending = data
-                    continue
-                end = cuts[-1] - pending_at
-                res = job(data[:end], [c - pending_at for c in cuts], False)
-                pending, pending_at = data[end:], cuts[-1]
-                if isinstance(res, bytes):
-                    ready.append(res)
-                else:
-                    inflight.append(res)
-                    ready.extend(f.result() for f in _drain(inflight, self.threads + 1))
-                if ready:
-                    out = head + b"".join(ready)
-                    head = b""
-                    ready.clear()
-                    size_out += len(out)
-                    yield out
-            block = b"".join(gathered)
-            crc = zlib.crc32(block, crc)
-            size_in += len(block)
-            cuts = finder.feed(block)
-            res = job(pending + block, [c - pending_at for c in cuts], True)
-            tail = [f.result() for f in _drain(inflight, 0)]
-            tail.append(res if isinstance(res, bytes) else res.result())
-            out = head + b"".join(tail) + gzip_trailer(crc, size_in)
-            size_out += len(out)
-            yield out
-        finally:
-            for f in inflight:
-                f.cancel()
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        stream = RsyncableGzip(self.level, self.threads)
+        yield from stream.compress(self._tar(top, counts))
         self._report = ArchiveReport(
             files=counts.files,
             dirs=counts.dirs,
             symlinks=counts.symlinks,
             hardlinks=counts.hardlinks,
-            bytes_in=size_in,
-            bytes_out=size_out,
+            bytes_in=stream.bytes_in,
+            bytes_out=stream.bytes_out,
             content_bytes=counts.content,
             changed=tuple(counts.changed),
             skipped=tuple(counts.skipped),
@@ -451,12 +373,6 @@ class TgzBuilder:
         else:
             return
         counts.changed.append(FileIssue(rel, what))
-
-
-def _drain(inflight: collections.deque[Future[bytes]], keep: int) -> Iterator[Future[bytes]]:
-    """Pop (oldest first) until at most ``keep`` jobs remain, or the oldest is not done yet."""
-    while inflight and (len(inflight) > keep or inflight[0].done()):
-        yield inflight.popleft()
 
 
 def build_archive(

@@ -20,9 +20,11 @@ Invariants:
 
 from __future__ import annotations
 
+import collections
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +35,7 @@ __all__ = [
     "GZIP_HEADER",
     "MAX_SEGMENT",
     "MIN_SEGMENT",
+    "RsyncableGzip",
     "WINDOW",
     "compress_segments",
     "gzip_trailer",
@@ -42,12 +45,13 @@ __all__ = [
 WINDOW = 64
 #: No cut closer than this to the previous one (keeps runs of zeros from cutting every byte
 #: and bounds the flush overhead).
-MIN_SEGMENT = 4096
+MIN_SEGMENT = 2048
 #: A forced cut after this many bytes without a natural one (bounds a job's size).
 MAX_SEGMENT = 64 * 1024
-#: A window ends a segment when its 16-bit sum is below this: probability 1/8192, so with
-#: the minimum the mean segment is ~12 KiB of tar (chosen by measurement, docs/formats.md).
-_THRESHOLD = 8
+#: A window ends a segment when its 16-bit sum is below this: probability 1/4096, so with
+#: the minimum the mean segment is ~6 KiB of tar (chosen by measurement, docs/formats.md:
+#: smaller segments keep deltas smaller, each sync flush costs ~20 bytes of output).
+_THRESHOLD = 16
 
 # Fixed forever for format version 1: changing the table moves every cut point.
 _GEAR: npt.NDArray[np.uint16] = (
@@ -135,3 +139,92 @@ def compress_segments(
         out.append(comp.compress(view[prev:]))
         out.append(comp.flush(zlib.Z_FINISH))
     return b"".join(out)
+
+
+#: Uncompressed bytes gathered before cut points are searched and a job is handed out.
+JOB_SIZE = 512 * 1024
+
+
+class RsyncableGzip:
+    """Compress a stream of byte pieces into one rsyncable gzip member, as ``bytes`` chunks.
+
+    The iterating thread gathers ~``JOB_SIZE`` bytes, finds the cut points and the CRC, and
+    hands the run of whole segments to one of ``threads`` worker threads (0: compress in
+    the iterating thread).  At most ``threads + 1`` jobs wait, so memory stays bounded and a
+    slow consumer slows the producer.  ``bytes_in`` / ``bytes_out`` are final once the
+    iteration ended.
+    """
+
+    def __init__(self, level: int = 6, threads: int = 2) -> None:
+        self.level = level
+        self.threads = threads
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def compress(self, pieces: Iterable[bytes]) -> Iterator[bytes]:
+        finder = CutFinder()
+        crc = 0
+        pending = b""  # stream bytes after the last cut (already scanned)
+        pending_at = 0  # absolute offset of pending[0]
+        gathered: list[bytes] = []
+        gathered_len = 0
+        zdict = b""
+        head = GZIP_HEADER
+        pool = ThreadPoolExecutor(self.threads, "deltabkp-gzip") if self.threads > 0 else None
+        inflight: collections.deque[Future[bytes]] = collections.deque()
+
+        def submit(data: bytes, cuts: list[int], final: bool) -> None:
+            nonlocal zdict
+            prime, zdict = zdict, (zdict + data)[-DICT_SIZE:]
+            if pool is None:
+                done: Future[bytes] = Future()
+                done.set_result(compress_segments(data, cuts, self.level, final, prime))
+                inflight.append(done)
+            else:
+                inflight.append(pool.submit(compress_segments, data, cuts, self.level, final, prime))
+
+        def ready(keep: int) -> bytes:
+            nonlocal head
+            out = [head]
+            head = b""
+            # Oldest first; wait only while more than ``keep`` jobs are queued.
+            while inflight and (len(inflight) > keep or inflight[0].done()):
+                out.append(inflight.popleft().result())
+            return b"".join(out)
+
+        try:
+            for piece in pieces:
+                gathered.append(piece)
+                gathered_len += len(piece)
+                if gathered_len < JOB_SIZE:
+                    continue
+                block = b"".join(gathered)
+                gathered.clear()
+                gathered_len = 0
+                crc = zlib.crc32(block, crc)
+                self.bytes_in += len(block)
+                cuts = finder.feed(block)
+                data = pending + block
+                if not cuts:
+                    pending = data
+                    continue
+                end = cuts[-1] - pending_at
+                submit(data[:end], [c - pending_at for c in cuts], False)
+                pending, pending_at = data[end:], cuts[-1]
+                out = ready(self.threads)
+                if out:
+                    self.bytes_out += len(out)
+                    yield out
+            block = b"".join(gathered)
+            crc = zlib.crc32(block, crc)
+            self.bytes_in += len(block)
+            cuts = finder.feed(block)
+            submit(pending + block, [c - pending_at for c in cuts], True)
+            out = ready(0) + gzip_trailer(crc, self.bytes_in)
+            self.bytes_out += len(out)
+            yield out
+        finally:
+            for f in inflight:
+                f.cancel()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)

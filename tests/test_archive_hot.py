@@ -1,0 +1,288 @@
+"""Hot backups: archives built while a real writer process appends to, truncates, rewrites,
+replaces, deletes and creates files.  Every archive must be a valid tar whose every stored
+file is a state the file really had, unless the report says it changed while read.
+
+This module is also the writer: ``python tests/test_archive_hot.py ROOT STOPFILE SEED``.
+Each change the writer makes is ONE system call (a write of whole lines, a truncate at a line
+boundary, a rename), so every state a file passes through is "valid" (see ``valid``) except
+while a single write is being copied in; a stored file that is not valid is a torn read.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from deltabkp.archive import TgzBuilder
+
+HERE = Path(__file__).resolve()
+#: Hard stop for the writer, whatever happens to the test (it also stops on STOPFILE).
+WRITER_MAX_S = 120
+BUILDS = 16
+
+
+def line(gen: int, i: int, rng: random.Random) -> bytes:
+    body = b"%d:%d:%s" % (gen, i, rng.randbytes(rng.randrange(10, 400)).hex().encode())
+    return body + b":%08x\n" % zlib.crc32(body)
+
+
+def content(gen: int, n: int, rng: random.Random) -> bytes:
+    return b"gen=%d\n" % gen + b"".join(line(gen, i, rng) for i in range(n))
+
+
+def valid(data: bytes) -> bool:
+    """Empty, or a header and whole lines of its generation, numbered from 0, CRCs right."""
+    if not data:
+        return True
+    if not data.endswith(b"\n"):
+        return False
+    lines = data.split(b"\n")[:-1]
+    if not lines[0].startswith(b"gen="):
+        return False
+    gen = lines[0][4:]
+    for i, ln in enumerate(lines[1:]):
+        body, _, crc = ln.rpartition(b":")
+        parts = body.split(b":")
+        if len(parts) != 3 or parts[0] != gen or parts[1] != b"%d" % i:
+            return False
+        if crc != b"%08x" % zlib.crc32(body):
+            return False
+    return True
+
+
+def writer(root: Path, stop: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    gens: dict[Path, int] = {}
+    counts: dict[Path, int] = {}
+    deadline = time.monotonic() + WRITER_MAX_S
+    ops = 0
+    while not stop.exists() and time.monotonic() < deadline:
+        d = root / f"d{rng.randrange(4)}"
+        p = d / f"f{rng.randrange(12)}.log"
+        op = rng.choice(("append", "append", "append", "truncate", "rewrite", "replace",
+                         "delete", "rmdir", "symlink", "big"))
+        try:
+            d.mkdir(exist_ok=True)
+            if p not in gens and p.exists():
+                # a file the test made: learn its generation and line count
+                data = p.read_bytes()
+                gens[p] = int(data.split(b"\n", 1)[0][4:])
+                counts[p] = data.count(b"\n") - 1
+            if op == "append" and p.exists():
+                n = counts.get(p, 0)
+                k = rng.randrange(1, 20)
+                data = b"".join(line(gens.get(p, 0), n + j, rng) for j in range(k))
+                fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+                counts[p] = n + k
+            elif op == "truncate" and p.exists():
+                data = p.read_bytes()
+                keep = rng.randrange(counts.get(p, 0) + 1)
+                os.truncate(p, _boundary(data, keep))
+                counts[p] = keep
+            elif op in ("rewrite", "append") :
+                # in place, one pwrite at 0 of at least the old length (so no tail survives)
+                gen = gens.get(p, 0) + 1
+                old = p.stat().st_size if p.exists() else 0
+                n = rng.randrange(1, 200)
+                data = content(gen, n, rng)
+                while len(data) < old:
+                    n += 50
+                    data = content(gen, n, rng)
+                fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o644)
+                try:
+                    os.pwrite(fd, data, 0)
+                finally:
+                    os.close(fd)
+                gens[p], counts[p] = gen, n
+            elif op == "replace":
+                gen = gens.get(p, 0) + 1
+                n = rng.randrange(1, 300)
+                tmp = d / f".tmp-{rng.randrange(1 << 30)}"
+                tmp.write_bytes(content(gen, n, rng))
+                os.replace(tmp, p)
+                gens[p], counts[p] = gen, n
+            elif op == "delete":
+                p.unlink(missing_ok=True)
+                gens.pop(p, None)
+                counts.pop(p, None)
+            elif op == "rmdir":
+                sub = d / "sub"
+                if sub.exists():
+                    for q in sub.iterdir():
+                        q.unlink()
+                    sub.rmdir()
+                else:
+                    sub.mkdir()
+                    (sub / "x.log").write_bytes(content(0, 5, rng))
+            elif op == "symlink":
+                link = d / "link"
+                tmp = d / f".lnk-{rng.randrange(1 << 30)}"
+                os.symlink(p.name, tmp)
+                os.replace(tmp, link)
+            elif op == "big":
+                # a file past the builder's in-memory limit: streamed, not re-read
+                b = root / "big.log"
+                if not b.exists() or b.stat().st_size > 3 << 20:
+                    b.write_bytes(content(0, 0, rng))
+                    counts[b] = 0
+                n = counts.get(b, 0)
+                data = b"".join(line(0, n + j, rng) for j in range(200))
+                with open(b, "ab") as f:
+                    f.write(data)
+                counts[b] = n + 200
+            ops += 1
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, OSError):
+            continue
+    print(ops, flush=True)
+
+
+def _boundary(data: bytes, keep: int) -> int:
+    """Offset just after the header and ``keep`` lines (a valid state to truncate to)."""
+    at = 0
+    for _ in range(keep + 1):
+        nl = data.find(b"\n", at)
+        if nl < 0:
+            return at
+        at = nl + 1
+    return at
+
+
+def test_archives_built_while_a_process_writes(tmp_path: Path) -> None:
+    root = tmp_path / "live"
+    root.mkdir()
+    rng = random.Random(1)
+    for i in range(4):
+        (root / f"d{i}").mkdir()
+        for j in range(12):
+            (root / f"d{i}" / f"f{j}.log").write_bytes(content(0, rng.randrange(1, 300), rng))
+    stop = tmp_path / "stop"
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE), str(root), str(stop), "7"], stdout=subprocess.PIPE
+    )
+    try:
+        torn = []
+        stats = {"changed": 0, "skipped": 0, "files": 0}
+        archives = set()
+        for k in range(BUILDS):
+            # Alternate the in-memory limit so that big.log is also streamed.
+            builder = TgzBuilder(root, mem_limit=(1 << 20) if k % 2 else (8 << 20), threads=k % 3)
+            data = b"".join(builder)  # must never raise
+            report = builder.report
+            archives.add(data)
+            changed = {i.path for i in report.changed}
+            stats["changed"] += len(report.changed)
+            stats["skipped"] += len(report.skipped)
+            assert all(i.what for i in report.changed + report.skipped)
+            # A valid gzip and a valid tar: every header's size is followed by its data.
+            raw = zlib.decompress(data[10:-8], -15)
+            assert len(raw) == report.bytes_in and len(raw) % 512 == 0
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tf:
+                files = 0
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    files += 1
+                    f = tf.extractfile(m)
+                    assert f is not None
+                    body = f.read()
+                    assert len(body) == m.size
+                    if m.name not in changed and not valid(body):
+                        torn.append((k, m.name, len(body)))
+                assert files == report.files
+            stats["files"] += report.files
+            subprocess.run(["tar", "tzf", "-"], input=data, check=True, capture_output=True)
+        assert not torn, f"torn copies not reported: {torn}"
+    finally:
+        stop.touch()
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    ops = int(out.decode().strip() or 0)
+    # The writer really ran during the builds, and the tree did change between them.
+    assert ops > 0 and len(archives) > 1
+    print(f"writer ops: {ops}; over {BUILDS} builds: {stats}")
+
+
+def test_the_torn_copy_detector_detects() -> None:
+    """The check above can fail: torn copies of the writer's files are not ``valid``."""
+    rng = random.Random(5)
+    old, new = content(1, 50, rng), content(2, 60, rng)
+    assert valid(old) and valid(new) and valid(b"")
+    assert not valid(new[: len(new) // 2])  # a read racing an append or a rewrite
+    assert not valid(new[:3000] + old[3000:])  # half rewritten in place
+    assert not valid(old + line(2, 50, rng))  # a line of another generation
+    assert not valid(old[:-1] + b"X\n")  # a corrupted byte
+
+
+def test_big_file_shrinking_mid_stream_is_padded_and_reported(tmp_path: Path) -> None:
+    """Deterministic: the consumer truncates a streamed file between two chunks."""
+    root = tmp_path / "t"
+    root.mkdir()
+    big = root / "big.bin"
+    big.write_bytes(random.Random(2).randbytes(6 << 20))
+    builder = TgzBuilder(root, mem_limit=1 << 20, threads=0)
+    it = iter(builder)
+    chunks = [next(it)]  # the builder is now part-way through big.bin
+    os.truncate(big, 1 << 20)
+    chunks += list(it)
+    [issue] = builder.report.changed
+    assert issue.path == "big.bin" and "shrank while read" in issue.what
+    with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tf:
+        m = tf.getmember("big.bin")
+        assert m.size == 6 << 20
+        f = tf.extractfile(m)
+        assert f is not None and f.read()[-(1 << 20):] == bytes(1 << 20)
+
+
+def test_big_file_growing_mid_stream_keeps_the_announced_size(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    root.mkdir()
+    big = root / "big.bin"
+    first = random.Random(3).randbytes(4 << 20)
+    big.write_bytes(first)
+    builder = TgzBuilder(root, mem_limit=1 << 20, threads=0)
+    it = iter(builder)
+    chunks = [next(it)]
+    with open(big, "ab") as f:
+        f.write(b"more" * 1000)
+    chunks += list(it)
+    [issue] = builder.report.changed
+    assert issue.path == "big.bin" and "grew while read" in issue.what
+    with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tf:
+        f = tf.extractfile("big.bin")
+        assert f is not None and f.read() == first
+
+
+def test_vanished_between_listing_and_reading_is_skipped(tmp_path: Path) -> None:
+    """Deterministic: files deleted after the walk listed their directory."""
+    root = tmp_path / "t"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "pad.bin").write_bytes(random.Random(4).randbytes(2 << 20))
+    for i in range(5):
+        (root / "a" / f"z{i}").write_bytes(b"x")
+    builder = TgzBuilder(root, threads=0)
+    it = iter(builder)
+    chunks = [next(it)]  # 'a' is listed (the walk is inside it), z* not yet read
+    for i in range(5):
+        (root / "a" / f"z{i}").unlink()
+    chunks += list(it)
+    assert sorted(i.path for i in builder.report.skipped) == [f"a/z{i}" for i in range(5)]
+    assert all("vanished" in i.what for i in builder.report.skipped)
+    names = tarfile.open(fileobj=io.BytesIO(b"".join(chunks))).getnames()
+    assert names == ["a", "a/pad.bin"]
+
+
+if __name__ == "__main__":
+    writer(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
