@@ -204,3 +204,35 @@ def test_make_docker_config_target_validates_for_real(compose_cmd: list[str], tm
                f"PYTHON={sys.executable}"])
     assert res.returncode == 0, res.stdout + res.stderr
     assert "echosv3" in out.read_text()
+
+
+def test_image_and_compose_agree(compose_cmd: list[str]) -> None:
+    # No engine builds the image here, so check what can drift statically: every COPY source
+    # exists and passes docker/Dockerfile.dockerignore, every path compose runs in the
+    # container is one the Dockerfile installs, and every role compose asks for is one the
+    # entry point handles.
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    ignore = (REPO / "docker" / "Dockerfile.dockerignore").read_text().split("\n")
+    kept = [line[1:].removesuffix("/**") for line in ignore if line.startswith("!")]
+    installed: dict[str, str] = {}
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            *sources, target = line.split()[1:]
+            for src in sources:
+                assert (REPO / src).exists(), f"COPY {src}: not in the repository"
+                assert src.rstrip("/") in kept, f"COPY {src}: excluded by the dockerignore"
+                installed[src] = target
+    assert installed["docker/entrypoint.sh"] == "/opt/deltabkp/entrypoint.sh"
+    assert installed["examples/echo"] == "/opt/deltabkp/echo"
+    assert 'ENTRYPOINT ["/opt/deltabkp/entrypoint.sh"]' in dockerfile
+    entrypoint = (REPO / "docker" / "entrypoint.sh").read_text()
+    assert "ECHO_APP_DIR=${ECHO_APP_DIR:-/opt/deltabkp/echo}" in entrypoint
+    roles = set()
+    for svc in config_json(compose_cmd, BASE)["services"].values():
+        roles.add(svc["command"][0])
+        test = svc.get("healthcheck", {}).get("test", [])
+        if "/opt/deltabkp/entrypoint.sh" in test:
+            roles.add(test[test.index("/opt/deltabkp/entrypoint.sh") + 1])
+    assert roles == {"keygen", "manager", "echosv", "healthcheck-echosv"}
+    for role in roles:
+        assert f"\n    {role}) " in entrypoint, f"entrypoint.sh does not handle {role!r}"
