@@ -83,6 +83,11 @@ class _Extractor:
         parts = rel.split("/")[:-1]
         for i in range(1, len(parts) + 1):
             sub = "/".join(parts[:i])
+            if sub in self.symlinks:
+                raise UnsafeArchiveError(
+                    f"entry {member!r}: its parent {sub!r} is a symlink in this archive; "
+                    "refusing to write through it"
+                )
             if sub in self.known_dirs:
                 continue
             path = self.abs(sub)
