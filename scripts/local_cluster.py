@@ -266,6 +266,7 @@ class Cluster:
             self.python, str(ECHO_DIR / "echo_app.py"), "--listen", "127.0.0.1:0",
             "--data-dir", str(data), "--rotate-bytes", str(record["rotate_bytes"]),
         ], self.env, node_dir)
+        write_record(self.run, record)  # on disk at once: even a killed `up` leaves a full record
         agent_dir = (node_dir / "agent").resolve()
         node["agent"] = start_daemon(self.run, f"{name}-agent", [
             self.python, "-m", "deltabkp_agent", "--listen", "127.0.0.1:0", "--allow", str(data),
@@ -273,11 +274,13 @@ class Cluster:
             # Beside the data, never inside it: the cache must not end up in the backups.
             "--cache-dir", str(agent_dir / "cache"),
         ], self.env, agent_dir)
+        write_record(self.run, record)
         node["load"] = start_daemon(self.run, f"{name}-load", [
             self.python, str(ECHO_DIR / "echo_load.py"), node["app"]["address"],
             "--client", name, "--rate", str(rate), "--duration", str(load_duration),
         ], self.env, node_dir, ready=False)
         node["registered"] = False
+        write_record(self.run, record)
         res = self.ctl(server, "--json", "register", node["agent"]["address"], str(data),
                        "--every", every)
         node["registered"] = True
@@ -315,6 +318,7 @@ class Cluster:
                 self.python, "-m", "deltabkp_server", "--listen", "127.0.0.1:0",
                 "--data-dir", str((self.run / "server").resolve()), "--key-file", str(key),
             ], self.env, self.run / "server")
+            write_record(self.run, record)
             print(f"  server: {record['server']['address']} (data {self.run / 'server'})")
             for i in range(1, echo_servers + 1):
                 self.start_node(record, i, every, rate, load_duration)
