@@ -458,3 +458,32 @@ async def test_ping_is_answered_while_a_large_backup_runs(env: Env) -> None:
                     await trio.sleep(0.01)
     assert pongs >= 5
     assert deltabkp.patch(b"", bytes(delta)) == fresh_archive(app)
+
+
+async def test_keep_alive_gives_up_holding_and_stays_patchable(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the keep-alive due at every chunk, held bytes (even none) go out at once: the
+    server then sees delta-chunks (some empty) instead of "unchanged (hash)", and the delta
+    still rebuilds the archive exactly."""
+    import deltabkp_agent.backup as backup_mod
+
+    monkeypatch.setattr(backup_mod, "KEEPALIVE_S", -1.0)
+    app = env.root / "app"
+    make_tree(app, files=400)  # several archive chunks
+    a1 = fresh_archive(app)
+    base_hash = blake3.blake3(a1).digest()
+    chunks: list[bytes] = []
+    with trio.fail_after(60):
+        async with await connect(env) as chan:
+            await chan.send(wire.BackupRequest(str(app), base_hash, ()))
+            assert isinstance(await chan.receive(), wire.NeedSignature)
+            await chan.send(wire.SignatureChunk(deltabkp.signature(a1)))
+            await chan.send(wire.SignatureEnd())
+            msg = await chan.receive()
+            while isinstance(msg, wire.DeltaChunk):
+                chunks.append(msg.data)
+                msg = await chan.receive()
+    assert isinstance(msg, wire.BackupDone) and msg.archive_hash == base_hash
+    assert b"" in chunks  # a keep-alive went out while the encoder had nothing to say
+    assert deltabkp.patch(a1, b"".join(chunks)) == a1
