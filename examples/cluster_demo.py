@@ -132,11 +132,23 @@ def main() -> int:
             ctl(server, env, "register", node, str(app), "--every", "1")
             print(f"registered {node} {app} every 1 minute")
 
+        # Registering makes a target due at once: wait for those first (full) backups.
+        for node, app in zip(nodes, apps):
+            deadline = time.monotonic() + 60
+            rows: object = []
+            while not rows and time.monotonic() < deadline:
+                time.sleep(0.2)
+                rows = ctl(server, env, "list", node, str(app))
+            if not isinstance(rows, list) or not rows:
+                raise SystemExit(f"no first backup of {node} {app} within 60 s; see {run}/server.log")
+            first = rows[-1]
+            print(f"  first backup: {node} {app.name}: archive {human(first['size'])}, "
+                  f"on the wire {human(first['transferred'])} (no base yet: a plain upload)")
+
         rnd = random.Random(42)
-        for round_no in range(args.rounds + 1):
-            if round_no:
-                for app in apps:
-                    mutate(app, rnd, round_no)
+        for round_no in range(1, args.rounds + 1):
+            for app in apps:
+                mutate(app, rnd, round_no)
             for node, app in zip(nodes, apps):
                 ex = ctl(server, env, "backup-now", node, str(app), "--wait")
                 assert isinstance(ex, dict)
