@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import collections
+import hashlib
 import struct
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -53,9 +54,12 @@ MAX_SEGMENT = 64 * 1024
 #: smaller segments keep deltas smaller, each sync flush costs ~20 bytes of output).
 _THRESHOLD = 16
 
-# Fixed forever for format version 1: changing the table moves every cut point.
-_GEAR: npt.NDArray[np.uint16] = (
-    np.random.Generator(np.random.PCG64(0x64626B70)).integers(0, 1 << 16, 256, dtype=np.uint16)
+# Fixed forever for format version 1 (changing it moves every cut point): 16-bit values
+# from a hash, so that no library's random generator can change them under us.
+_GEAR: npt.NDArray[np.uint16] = np.array(
+    [int.from_bytes(hashlib.blake2b(b"deltabkp-gear-v1" + bytes([i]), digest_size=2).digest(), "little")
+     for i in range(256)],
+    dtype=np.uint16,
 )
 
 #: ID1 ID2 CM=deflate FLG=0 MTIME=0 XFL=0 OS=255 (unknown): nothing varies between runs.
