@@ -387,3 +387,29 @@ def test_golden_tree_archive(tmp_path: Path) -> None:
     if os.environ.get("DELTABKP_REGEN_GOLDEN"):
         golden.write_bytes(data)
     assert data == golden.read_bytes()
+
+
+@given(
+    name=st.binary(min_size=1, max_size=160).filter(lambda b: b"\0" not in b),
+    link=st.binary(max_size=130).filter(lambda b: b"\0" not in b),
+    mode=st.integers(0, 0o7777),
+    ids=st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)),
+    size=st.integers(0, 2**40),
+    mtime=st.integers(-(2**33), 2**40),
+    type_=st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE]),
+)
+def test_fast_tar_header_equals_tarfile(
+    name: bytes, link: bytes, mode: int, ids: tuple[int, int], size: int, mtime: int, type_: bytes
+) -> None:
+    from types import SimpleNamespace
+
+    from deltabkp.archive._build import _header, _slow_header
+
+    n, lk = os.fsdecode(name), os.fsdecode(link)
+    fake = SimpleNamespace(st_mode=stat.S_IFREG | mode, st_mtime_ns=mtime * 10**9 + 7,
+                           st_uid=ids[0], st_gid=ids[1])
+    fast = _header(n, fake, type_, size, lk)  # type: ignore[arg-type]
+    assert fast == _slow_header(n, mode, mtime, ids[0], ids[1], type_, size, lk)
+    with tarfile.open(fileobj=io.BytesIO(fast + bytes(size % 512 and 0) + bytes(1024)), mode="r:") as tf:
+        ti = tf.next()
+        assert ti is not None and ti.mode == mode and ti.mtime == mtime
