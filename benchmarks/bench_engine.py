@@ -47,15 +47,6 @@ def best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     return min(times), result
 
 
-def rdiff(args: list[str], out: Path, repeat: int) -> float:
-    def once() -> None:
-        out.unlink(missing_ok=True)  # rdiff refuses to overwrite
-        subprocess.run(["rdiff", *args], check=True)
-
-    t, _ = best(once, repeat)
-    return t
-
-
 def stream_delta(sig: bytes, new: bytes, chunk: int = 1 << 20) -> bytes:
     enc = deltabkp.DeltaEncoder(sig)
     mv = memoryview(new)
@@ -91,17 +82,6 @@ print(time.perf_counter() - t0)
 """
 
 
-def cold_patch(base: Path, dlt: bytes, tmp: Path, repeat: int) -> float:
-    """patch() as the first big allocation of a fresh process (page faults included)."""
-    (tmp / "cold.delta").write_bytes(dlt)
-    times = []
-    for _ in range(repeat):
-        r = subprocess.run([sys.executable, "-c", COLD_PATCH, str(base), str(tmp / "cold.delta")],
-                           check=True, capture_output=True, text=True)
-        times.append(float(r.stdout))
-    return min(times)
-
-
 def row(step: str, n: int, t_rdiff: float | None, t_ours: float) -> str:
     ours = n / t_ours / MB
     if t_rdiff is None:
@@ -132,39 +112,71 @@ def main() -> int:
               f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")
         print(f"# archive pair: base {len(base):,} B, new {len(new):,} B "
               f"(stdlib tree, ~1% change set, gzip --rsyncable); unrelated pair: "
-              f"{len(unew):,} B random each; best of {rep}")
+              f"{len(unew):,} B random each; best of {rep} interleaved rounds")
         rs_sig, rs_delta, rs_out = tmp / "r.sig", tmp / "r.delta", tmp / "r.out"
-        t_rsig = rdiff(["signature", str(paths["base"]), str(rs_sig)], rs_sig, rep)
-        t_rdelta = rdiff(["delta", str(rs_sig), str(paths["new"]), str(rs_delta)], rs_delta, rep)
-        t_rpatch = rdiff(["patch", str(paths["base"]), str(rs_delta), str(rs_out)], rs_out, rep)
+        ru_sig, ru_delta = tmp / "u.sig", tmp / "u.delta"
+        b, n, ub, un = (str(paths[k]) for k in ("base", "new", "ubase", "unew"))
+        subprocess.run(["rdiff", "signature", ub, str(ru_sig)], check=True)
+        sig = deltabkp.signature(base)
+        dlt = deltabkp.delta(sig, new)
+        usig = deltabkp.signature(ubase)
+        (tmp / "cold.delta").write_bytes(dlt)
+        reuse = bytearray(len(new))
+
+        def run_rdiff(*cmd: str) -> Callable[[], None]:
+            def once() -> None:
+                Path(cmd[-1]).unlink(missing_ok=True)  # rdiff refuses to overwrite
+                subprocess.run(["rdiff", *cmd], check=True)
+            return once
+
+        def cold() -> float:
+            r = subprocess.run([sys.executable, "-c", COLD_PATCH, b, str(tmp / "cold.delta")],
+                               check=True, capture_output=True, text=True)
+            return float(r.stdout)
+
+        jobs: dict[str, Callable[[], Any]] = {
+            "r.sig": run_rdiff("signature", b, str(rs_sig)),
+            "sig": lambda: deltabkp.signature(base),
+            "ssig": lambda: stream_signature(base),
+            "r.delta": run_rdiff("delta", str(rs_sig), n, str(rs_delta)),
+            "delta": lambda: deltabkp.delta(sig, new),
+            "sdelta": lambda: stream_delta(sig, new),
+            "r.patch": run_rdiff("patch", b, str(rs_delta), str(rs_out)),
+            "patch": lambda: deltabkp.patch(base, dlt),
+            "cold": cold,  # times itself inside the fresh process
+            "patch.out": lambda: deltabkp.patch(base, dlt, out=reuse),
+            "spatch": lambda: stream_patch(base, dlt, tmp / "o"),
+            "r.udelta": run_rdiff("delta", str(ru_sig), un, str(ru_delta)),
+            "udelta": lambda: deltabkp.delta(usig, unew),
+        }
+        # Rounds interleave every step, so a burst of load elsewhere hits both tools alike.
+        times: dict[str, list[float]] = {k: [] for k in jobs}
+        for _ in range(rep):
+            for key, fn in jobs.items():
+                gc.collect()
+                t0 = time.perf_counter()
+                got = fn()
+                elapsed = time.perf_counter() - t0
+                times[key].append(got if key == "cold" else elapsed)
+                del got
+        t = {k: min(v) for k, v in times.items()}
+        t_rsig, t_sig, t_ssig = t["r.sig"], t["sig"], t["ssig"]
+        t_rdelta, t_delta, t_sdelta = t["r.delta"], t["delta"], t["sdelta"]
+        t_rpatch, t_patch, t_cold = t["r.patch"], t["patch"], t["cold"]
+        t_rpatch_buf, t_spatch = t["patch.out"], t["spatch"]
+        t_rudelta, t_udelta = t["r.udelta"], t["udelta"]
+        # The outputs are right (the timed runs above discard them).
+        assert stream_signature(base) == sig and stream_delta(sig, new) == dlt
+        assert bytes(deltabkp.patch(base, dlt)) == new
+        assert (tmp / "o").read_bytes() == new and rs_out.read_bytes() == new
+        udlt = deltabkp.delta(usig, unew)
+        assert bytes(deltabkp.patch(ubase, udlt)) == unew
         r_magic, r_block, r_strong = struct.unpack(">III", rs_sig.read_bytes()[:12])
         r_kind = {0x72730136: "rollsum + MD4", 0x72730137: "rollsum + BLAKE2",
                   0x72730146: "rabinkarp + MD4", 0x72730147: "rabinkarp + BLAKE2"}.get(
                       r_magic, hex(r_magic))
         r_sig_size, r_delta_size = rs_sig.stat().st_size, rs_delta.stat().st_size
-
-        t_sig, sig = best(lambda: deltabkp.signature(base), rep)
-        t_ssig, ssig = best(lambda: stream_signature(base), rep)
-        assert ssig == sig
-        t_delta, dlt = best(lambda: deltabkp.delta(sig, new), rep)
-        t_sdelta, _ = best(lambda: stream_delta(sig, new), rep)
-        t_patch, out = best(lambda: deltabkp.patch(base, dlt), rep)
-        assert bytes(out) == new
-        del out
-        t_cold = cold_patch(paths["base"], dlt, tmp, rep)
-        reuse = bytearray(len(new))
-        t_rpatch_buf, out = best(lambda: deltabkp.patch(base, dlt, out=reuse), rep)
-        assert out == new
-        del out
-        t_spatch, _ = best(lambda: stream_patch(base, dlt, tmp / "o"), rep)
-        assert (tmp / "o").read_bytes() == new
         parsed = deltabkp.Signature.parse(sig)
-
-        ru_sig, ru_delta = tmp / "u.sig", tmp / "u.delta"
-        rdiff(["signature", str(paths["ubase"]), str(ru_sig)], ru_sig, 1)
-        t_rudelta = rdiff(["delta", str(ru_sig), str(paths["unew"]), str(ru_delta)], ru_delta, rep)
-        usig = deltabkp.signature(ubase)
-        t_udelta, udlt = best(lambda: deltabkp.delta(usig, unew), rep)
 
         print()
         print(f"| {'step':<34} | {'rdiff':>24} | {'deltabkp':>26} | ratio  |")
@@ -200,9 +212,9 @@ def main() -> int:
             print("|-----------:|----------:|--------:|------------:|-----------:|")
             for bs in (1024, 2048, 4096, 8192, 16384, r_block):
                 s = deltabkp.signature(base, bs)
-                t, d = best(lambda s=s: deltabkp.delta(s, new), 1)  # type: ignore[misc]
+                ts, d = best(lambda s=s: deltabkp.delta(s, new), 1)  # type: ignore[misc]
                 print(f"| {bs:>10} | {len(s):>9,} | {len(d):>7,} | {len(s) + len(d):>11,} "
-                      f"| {len(new) / t / MB:>10.0f} |")
+                      f"| {len(new) / ts / MB:>10.0f} |")
             rd = tmp / "sweep.delta"
             for bs in (1024, 2048, 4096, 8192):
                 rs = tmp / f"sweep{bs}.sig"
