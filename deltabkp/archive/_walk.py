@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 OnSkip = Callable[[str, str], None]
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 class Excluder:
@@ -138,6 +139,8 @@ def walk(
 FINGERPRINT_MAGIC = b"DBKPFP"
 _FP_VERSION = 1
 _FP_RECORD = struct.Struct("<IIIIqqqQQ")
+#: The record of an entry listed but not stat-able (mode 0 is no real entry's).
+_UNREADABLE = bytes(_FP_RECORD.size)
 #: An entry whose mtime or ctime is this close to (or after) the start of the scan cannot be
 #: trusted: a later write in the same timestamp tick would leave its metadata unchanged (git's
 #: racy-clean rule).  Generous, to cover coarse clocks and file systems (FAT: 2 s).
@@ -193,22 +196,62 @@ def tree_fingerprint(
         h.update(b"X" + os.fsencode(p) + b"\0")
     start = time.time_ns()
     newest = 0
-    parts: list[bytes] = []
-
-    def on_skip(rel: str, what: str) -> None:
-        parts.append(b"S" + os.fsencode(rel) + b"\0")
-
-    for rel, _path, st in walk(top, excluder, on_skip):
-        parts.append(b"E" + os.fsencode(rel) + b"\0")
-        parts.append(
-            _FP_RECORD.pack(
-                st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_size,
-                st.st_mtime_ns, st.st_ctime_ns, st.st_ino, 0,
+    pack = _FP_RECORD.pack
+    # Not the archive's order (any fixed order will do): one directory at a time, sorted,
+    # its subdirectories afterwards.  A tight loop: this is the agent's hot path.
+    todo: list[tuple[bytes, bytes]] = [(b"", top)]
+    while todo:
+        prefix, path = todo.pop()
+        try:
+            # Listing through a directory fd makes each lstat a one-component lookup
+            # (fstatat), ~12% faster than stat by full path on deep trees.
+            fd = os.open(path, _O_DIR)
+        except OSError:
+            if path == top:
+                raise ArchiveError(f"{os.fsdecode(top)}: cannot list") from None
+            h.update(b"S%s\0" % prefix)
+            continue
+        try:
+            with os.scandir(fd) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            os.close(fd)
+            h.update(b"S%s\0" % prefix)
+            continue
+        names: list[str] = []
+        records: list[bytes] = []
+        for e in entries:
+            name = e.name  # str: scandir of an fd names in str (surrogateescape)
+            if excluder:
+                try:
+                    is_dir = e.is_dir(follow_symlinks=False)
+                except OSError:
+                    is_dir = False
+                if excluder.excluded(os.fsdecode(prefix) + name, name, is_dir):
+                    continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                names.append(name)
+                records.append(_UNREADABLE)
+                continue
+            m, c = st.st_mtime_ns, st.st_ctime_ns
+            names.append(name)
+            records.append(pack(
+                st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_size, m, c, st.st_ino, 0
+            ))
+            if m > newest:
+                newest = m
+            if c > newest:
+                newest = c
+            if stat.S_ISDIR(st.st_mode):
+                raw = os.fsencode(name)
+                todo.append((prefix + raw + b"/", path + b"/" + raw))
+        os.close(fd)
+        h.update(
+            b"D%s\0%d\0%s\0%s" % (
+                prefix, len(names), "\0".join(names).encode("utf-8", "surrogateescape"),
+                b"".join(records),
             )
         )
-        newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
-        if len(parts) >= 2048:
-            h.update(b"".join(parts))
-            parts.clear()
-    h.update(b"".join(parts))
     return Fingerprint(digest=h.digest(), racy=newest >= start - RACY_NS)
