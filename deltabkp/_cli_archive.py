@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -57,8 +58,13 @@ def _archive(args: argparse.Namespace) -> int:
         sys.stdout.buffer.flush()
     else:
         part = f"{args.out}.part"
+        exclude = list(args.exclude)
+        # An output inside the tree must not archive itself (half written).
+        rel = os.path.relpath(os.path.abspath(part), os.path.abspath(args.src))
+        if not rel.startswith(os.pardir + os.sep) and rel != os.pardir:
+            exclude += [glob.escape(rel), glob.escape(rel[: -len(".part")])]
         try:
-            report = build_archive(args.src, part, exclude=args.exclude)
+            report = build_archive(args.src, part, exclude=exclude)
             os.replace(part, args.out)
         except BaseException:
             try:

@@ -87,3 +87,15 @@ def test_errors_have_exit_codes(tmp_path: Path) -> None:
     assert not (tmp_path / "escape").exists()
     r = run("archive")
     assert r.returncode == 2
+
+
+def test_output_inside_the_tree_is_not_archived(tmp_path: Path) -> None:
+    src = tree(tmp_path / "src")
+    (src / "sub" / "old[1].tgz").write_bytes(b"an earlier archive, kept")
+    out = src / "sub" / "old[1].tgz"
+    r = run("archive", str(src), str(out))
+    assert r.returncode == 0, r.stderr
+    assert b"changed while read: 0" in r.stdout
+    names = tarfile.open(out).getnames()
+    assert "sub/old[1].tgz" not in names and "sub/old[1].tgz.part" not in names
+    assert "sub/c.py" in names
