@@ -320,7 +320,10 @@ class TgzBuilder:
                 chunks: list[bytes] = []
                 got = 0
                 while got <= self.mem_limit:
-                    b = os.read(fd, _READ)
+                    # Ask for what stat announced (+1 to see EOF): os.read allocates the
+                    # full request, and a 1 MiB buffer per small file costs more than the read.
+                    want = before.st_size + 1 - got if got <= before.st_size else 65536
+                    b = os.read(fd, min(want, _READ))
                     if not b:
                         break
                     chunks.append(b)
