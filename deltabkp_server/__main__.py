@@ -85,13 +85,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_concurrent=args.max_concurrent, max_per_node=args.max_per_node,
             settings=ExecutionSettings(keep=args.keep, idle_timeout=args.idle_timeout),
         )
-        trio.run(_run, server)
+        try:
+            trio.run(_run, server)
+        except BaseExceptionGroup as group:
+            raise _single_error(group) from None
     except DeltabkpError as exc:
         print(f"deltabkp-server: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _single_error(group: BaseExceptionGroup) -> BaseException:
+    """Nurseries wrap errors in groups; a start-up failure is one DeltabkpError: unwrap it."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    errors = [e for e in leaves if isinstance(e, DeltabkpError)]
+    if errors and len(errors) == len(leaves):
+        return errors[0]
+    return group
 
 
 async def _run(server: Server) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import trio
 
 from deltabkp import __version__, transport, wire
-from deltabkp.errors import DeltabkpError
+from deltabkp.errors import DeltabkpError, StoreError
 from deltabkp_server.catalog import AsyncCatalog, Catalog, SqliteCatalog
 from deltabkp_server.control import ControlAPI
 from deltabkp_server.execution import ExecutionSettings, Executor
@@ -67,7 +67,10 @@ class Server:
 
     async def _open(self) -> None:
         def open_all() -> tuple[SqliteCatalog, LocalStore]:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create data dir {self.data_dir}: {exc.strerror}") from None
             return SqliteCatalog(self.data_dir / "catalog.sqlite3"), LocalStore(self.data_dir)
 
         cat, self.store = await trio.to_thread.run_sync(open_all)

@@ -452,3 +452,45 @@ async def test_reregister_during_a_running_execution_runs_one_at_a_time(
             await trio.sleep(0.02)
     assert [e["outcome"] for e in log] == ["unchanged", "stored"]
     assert agent.max_active == 1
+
+
+# -- the deltabkp-server command -------------------------------------------------------------
+
+
+def _server_cmd(*args: str, timeout: float = 30) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "deltabkp_server", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_server_cli_help_names_the_defaults() -> None:
+    res = _server_cmd("--help")
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    assert "127.0.0.1:7470" in text and "~/.local/share/deltabkp" in text and "./deltabkp-data" in text
+
+
+def test_server_cli_errors_are_one_clear_line(tmp_path: Path) -> None:
+    import socket
+
+    res = _server_cmd("--listen", "nonsense", "--data-dir", str(tmp_path / "d"))
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "deltabkp-server: error: bad address 'nonsense': expected HOST:PORT"
+    ]
+    key = tmp_path / "k"
+    key.write_text("k" * 40)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = _server_cmd("--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "d"), "--key-file", str(key))
+    assert res.returncode == 1 and "cannot listen" in res.stderr and "Traceback" not in res.stderr
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "catalog.sqlite3").write_bytes(b"this is not a database" * 100)
+    res = _server_cmd("--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "bad"), "--key-file", str(key))
+    assert res.returncode == 1 and "catalog" in res.stderr and "Traceback" not in res.stderr
+    res = _server_cmd("--max-concurrent", "0", "--data-dir", str(tmp_path / "d"), "--key-file", str(key))
+    assert res.returncode == 2 and "--max-concurrent" in res.stderr
