@@ -57,6 +57,7 @@ def stream_delta(sig: bytes, new: bytes, chunk: int = 1 << 20) -> bytes:
 
 def stream_patch(base: bytes, dlt: bytes, out_path: Path, chunk: int = 256 * 1024) -> None:
     patcher = deltabkp.Patcher(base)
+    out_path.unlink(missing_ok=True)  # as for rdiff: a new file, not a truncated one
     with open(out_path, "wb") as f:
         for i in range(0, len(dlt), chunk):
             for piece in patcher.feed(dlt[i : i + chunk]):
