@@ -3,12 +3,17 @@ and nothing is ever written outside the destination."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deltabkp.archive import build_archive, extract_archive
 from deltabkp.errors import ArchiveError, UnsafeArchiveError
@@ -174,3 +179,51 @@ def test_read_only_directories_still_get_their_contents(tmp_path: Path) -> None:
     extract_archive(out, tmp_path / "x")
     assert (tmp_path / "x" / "ro" / "f").read_text() == "inside a read-only dir"
     assert os.stat(tmp_path / "x" / "ro").st_mode & 0o777 == 0o555
+
+
+def _fuzz_base() -> bytes:
+    return tgz(
+        entry("dir/", type_=tarfile.DIRTYPE, mode=0o755),
+        entry("dir/a.txt", b"alpha " * 200),
+        entry("dir/l", type_=tarfile.SYMTYPE, linkname="a.txt"),
+        entry("h", type_=tarfile.LNKTYPE, linkname="dir/a.txt"),
+        entry("b.bin", bytes(range(256)) * 20),
+    )
+
+
+FUZZ_BASE = _fuzz_base()
+
+
+@settings(max_examples=150)
+@given(st.lists(st.tuples(st.integers(0, len(FUZZ_BASE) - 1), st.integers(0, 255)), max_size=6),
+       st.integers(10, len(FUZZ_BASE)))
+def test_fuzzed_archives_fail_only_with_archive_errors(muts: list[tuple[int, int]], cut: int) -> None:
+    data = bytearray(FUZZ_BASE)
+    for at, val in muts:
+        data[at] = val
+    box = Path(tempfile.mkdtemp(prefix="deltabkp-fuzz-"))
+    try:
+        try:
+            extract_archive(io.BytesIO(bytes(data[:cut])), box / "dest")
+        except ArchiveError:
+            pass
+        assert os.listdir(box) == ["dest"]
+    finally:
+        shutil.rmtree(box)
+
+
+@settings(max_examples=100)
+@given(st.binary(max_size=3000))
+def test_fuzzed_uncompressed_tar_fails_only_with_archive_errors(raw: bytes) -> None:
+    """Garbage inside a valid gzip member: only the tar parser is exercised."""
+    box = Path(tempfile.mkdtemp(prefix="deltabkp-fuzz-"))
+    try:
+        base = bytearray(gzip.decompress(FUZZ_BASE))
+        base[: len(raw)] = raw
+        try:
+            extract_archive(io.BytesIO(gzip.compress(bytes(base))), box / "dest")
+        except ArchiveError:
+            pass
+        assert os.listdir(box) == ["dest"]
+    finally:
+        shutil.rmtree(box)
