@@ -39,9 +39,21 @@ from deltabkp_server.catalog import AsyncCatalog
 from deltabkp_server.model import ArchiveRecord, ExecutionRecord, ExecutionResult, Target
 from deltabkp_server.store import PartWriter, Store
 
-__all__ = ["Executor", "ExecutionSettings"]
+__all__ = ["Executor", "ExecutionSettings", "Ran", "PERMANENT_REFUSALS"]
 
 log = logging.getLogger("deltabkp_server")
+
+
+#: Agent error codes that say "never for this path", not "not now".
+PERMANENT_REFUSALS = frozenset({"path-not-allowed", "not-found", "invalid", "refused"})
+
+
+@attrs.frozen
+class Ran:
+    """What ``Executor.run`` reports to the scheduler."""
+
+    record: ExecutionRecord
+    retry: bool
 
 
 @attrs.frozen
@@ -142,13 +154,15 @@ class Executor:
     async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.files)
 
-    async def run(self, target: Target, trigger: str) -> ExecutionRecord:
-        """One execution of ``target``; returns its finished log row (never raises DeltabkpError)."""
+    async def run(self, target: Target, trigger: str) -> Ran:
+        """One execution of ``target``: its finished log row, and whether a failure is worth
+        retrying before the next period.  Raises no ``DeltabkpError`` but a catalog failure."""
         started = self.clock()
         eid = await self.catalog.call(lambda c: c.start_execution(target.id, started, trigger))
         log.info("execution %d of %s %s started (%s)", eid, target.node, target.path, trigger)
         meter = _Meter()
         note: str | None = None
+        retry = False
         try:
             try:
                 record = await self._attempt(target, eid, meter, full=False, note=None)
@@ -163,6 +177,9 @@ class Executor:
                 archive_seq=u.base.seq, archive_hash=u.base.hash, note=note or u.reason,
             ))
         except DeltabkpError as exc:
+            # The node refusing this path will refuse it again: wait for the next period.
+            # Anything else (unreachable, broken transfer, bad data) retries when it answers.
+            retry = not (isinstance(exc, RequestRefused) and exc.code in PERMANENT_REFUSALS)
             record = await self._finish(eid, ExecutionResult(
                 outcome="failed", ended=self.clock(), bytes_sent=meter.sent,
                 bytes_received=meter.received, error=_describe(exc, target), note=note,
@@ -176,7 +193,7 @@ class Executor:
                 ))
             raise
         _log_record(record)
-        return record
+        return Ran(record, retry)
 
     async def _finish(self, eid: int, result: ExecutionResult) -> ExecutionRecord:
         return await self.catalog.call(lambda c: c.finish_execution(eid, result))

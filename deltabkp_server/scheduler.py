@@ -215,8 +215,9 @@ class Scheduler:
         self._busy.add(target.id)
         try:
             async with self.global_limiter, self._limiter(target.node):
-                record = await self.executor.run(target, trigger)
-            await self._after(slot, record)
+                ran = await self.executor.run(target, trigger)
+            record = ran.record
+            await self._after(slot, record, ran.retry)
             for w in waiters:
                 w.set(record)
         except DeltabkpError as exc:
@@ -232,21 +233,22 @@ class Scheduler:
             self._busy.discard(target.id)
             self.wake()
 
-    async def _after(self, slot: _Slot, record: ExecutionRecord) -> None:
+    async def _after(self, slot: _Slot, record: ExecutionRecord, retry: bool) -> None:
         now = self.clock()
         every = slot.target.every_s
-        if record.outcome in ("stored", "unchanged"):
+        error = record.error
+        if record.outcome in ("stored", "unchanged") or not retry:
             if slot.state == "retrying" or record.trigger == "schedule":
                 # Keep the cadence; if we fell behind, start a fresh period from now.
                 nxt = slot.next_due + every
                 slot.next_due = nxt if nxt > now else now + every
             slot.state, slot.attempt = "ok", 0
-            error = None
+            if record.outcome != "failed":
+                error = None
         else:
             slot.state = "retrying"
             slot.attempt += 1
             slot.next_due = now + backoff_delay(slot.attempt, every, self.rng)
-            error = record.error
             log.info(
                 "%s %s: retrying; next probe in %.1f s",
                 slot.target.node, slot.target.path, slot.next_due - now,

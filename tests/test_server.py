@@ -249,6 +249,11 @@ async def test_refusal_by_the_agent_is_logged(server: Server, agent: ScriptedAge
     await _register(server, agent)
     [e] = await ctl(server.address, "log")
     assert e["outcome"] == "failed" and "path-not-allowed" in e["error"] and "/srv/app" in e["error"]
+    # A refusal is not an outage: no retry storm, the next try is the next period.
+    [t] = await ctl(server.address, "targets")
+    assert t["state"] == "ok" and t["last_outcome"] == "failed" and "path-not-allowed" in t["last_error"]
+    assert t["next_due"] > e["ended"]
+    assert len(agent.requests) == 1
 
 
 async def test_retention_keeps_newest_and_lists_all(server: Server, agent: ScriptedAgent) -> None:
