@@ -44,15 +44,14 @@ STRONG_ID_XXH3_128 = 1
 
 #: Odd multiplier of the polynomial weak sum (the 32-bit golden-ratio constant).
 Q = 0x9E3779B1
-_MASK = (1 << 32) - 1
 _P = pow(Q, -1, 1 << 32)  # Q**-1 mod 2**32
 
 _strong = xxhash.xxh3_128_digest
 
-# Powers Q**j and P**j (j < len); grown on demand, shared read-only by every encoder.
+# Powers Q**j and P**j (j < len), grown on demand and shared read-only by every encoder; one
+# tuple so that a reader always sees a matching pair, even while another thread grows them.
 _lock = threading.Lock()
-_q_pow: U32 = np.ones(1, np.uint32)
-_p_pow: U32 = np.ones(1, np.uint32)
+_tables: tuple[U32, U32] = (np.ones(1, np.uint32), np.ones(1, np.uint32))
 
 
 def _grow(table: U32, base: int, n: int) -> U32:
@@ -71,15 +70,14 @@ def _grow(table: U32, base: int, n: int) -> U32:
 
 def _powers(n: int) -> tuple[U32, U32]:
     """Return (Q**j, Q**-j) for j < n (views of shared, read-only tables)."""
-    global _q_pow, _p_pow
-    q, p = _q_pow, _p_pow
+    global _tables
+    q, p = _tables
     if len(q) < n:
         with _lock:
-            if len(_q_pow) < n:
-                size = max(n, 2 * len(_q_pow))
-                _q_pow = _grow(_q_pow, Q, size)
-                _p_pow = _grow(_p_pow, _P, size)
-            q, p = _q_pow, _p_pow
+            q, p = _tables
+            if len(q) < n:
+                size = max(n, 2 * len(q))
+                _tables = q, p = _grow(q, Q, size), _grow(p, _P, size)
     return q[:n], p[:n]
 
 
