@@ -44,6 +44,8 @@ def test_cli_pipes_with_dash(files: dict[str, Path]) -> None:
     base, new = files["base"].read_bytes(), files["new"].read_bytes()
     sig = run("signature", "--block-size", "2048", "-", "-", stdin=base)
     assert sig.returncode == 0 and sig.stdout == deltabkp.signature(base, 2048)
+    # without a block size, stdin is sized first: same default as for a file
+    assert run("signature", "-", "-", stdin=base).stdout == deltabkp.signature(base)
     (files["dir"] / "sig").write_bytes(sig.stdout)
     dlt = run("delta", str(files["dir"] / "sig"), "-", "-", stdin=new)
     assert dlt.returncode == 0
