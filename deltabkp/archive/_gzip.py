@@ -149,6 +149,17 @@ def compress_segments(
 JOB_SIZE = 512 * 1024
 
 
+def _split(pieces: Iterable[bytes]) -> Iterator[bytes | memoryview]:
+    """The pieces, big ones (a file read whole) cut to JOB_SIZE: jobs and chunks stay small."""
+    for whole in pieces:
+        if len(whole) <= JOB_SIZE:
+            yield whole
+        else:
+            view = memoryview(whole)
+            for at in range(0, len(whole), JOB_SIZE):
+                yield view[at : at + JOB_SIZE]
+
+
 class RsyncableGzip:
     """Compress a stream of byte pieces into one rsyncable gzip member, as ``bytes`` chunks.
 
@@ -170,7 +181,7 @@ class RsyncableGzip:
         crc = 0
         pending = b""  # stream bytes after the last cut (already scanned)
         pending_at = 0  # absolute offset of pending[0]
-        gathered: list[bytes] = []
+        gathered: list[bytes | memoryview] = []
         gathered_len = 0
         zdict = b""
         head = GZIP_HEADER
@@ -197,7 +208,7 @@ class RsyncableGzip:
             return b"".join(out)
 
         try:
-            for piece in pieces:
+            for piece in _split(pieces):
                 gathered.append(piece)
                 gathered_len += len(piece)
                 if gathered_len < JOB_SIZE:
