@@ -34,6 +34,7 @@ from deltabkp.errors import (
     IntegrityError,
     RemoteProtocolError,
     RequestRefused,
+    StoreError,
 )
 from deltabkp_server.catalog import AsyncCatalog
 from deltabkp_server.model import ArchiveRecord, ExecutionRecord, ExecutionResult, Target
@@ -243,7 +244,7 @@ class Executor:
         if isinstance(msg, wire.NeedSignature):
             if base is None:
                 raise RemoteProtocolError(f"{target.node}: asked for a signature but no base was offered")
-            sig: bytes = await self._thread(self.store.read_signature, target.id, base.seq)
+            sig: bytes = await self._base_io(target, base, self.store.read_signature, target.id, base.seq)
             for i in range(0, len(sig), wire.MAX_CHUNK):
                 await chan.send(wire.SignatureChunk(sig[i : i + wire.MAX_CHUNK]))
             await chan.send(wire.SignatureEnd())
@@ -257,7 +258,9 @@ class Executor:
         try:
             with contextlib.ExitStack() as stack:
                 if base is not None:
-                    buf = await self._thread(stack.enter_context, self.store.base(target.id, base.seq))
+                    buf = await self._base_io(
+                        target, base, stack.enter_context, self.store.base(target.id, base.seq)
+                    )
                 else:
                     buf = b""
                 patch = _Patch(buf, base, part)
@@ -297,6 +300,18 @@ class Executor:
             raise
         await self._rotate(target)
         return record
+
+    async def _base_io(
+        self, target: Target, base: ArchiveRecord, fn: Callable[..., Any], *args: Any
+    ) -> Any:
+        """Read the base archive or its signature; if it is gone or unreadable, stop offering
+        it (marked missing) and fall back to a full transfer, like any integrity failure."""
+        try:
+            return await self._thread(fn, *args)
+        except StoreError as exc:
+            await self.catalog.call(lambda c: c.mark_missing(target.id, base.seq))
+            log.error("%s %s: archive %d marked missing: %s", target.node, target.path, base.seq, exc)
+            raise IntegrityError(f"base archive {base.seq} is unreadable ({exc})") from None
 
     async def _rotate(self, target: Target) -> None:
         """Keep the newest ``keep`` archives: flip the rows first, then delete the files."""

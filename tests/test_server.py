@@ -100,6 +100,8 @@ class ScriptedAgent:
                 m = await chan.receive()
                 if isinstance(m, wire.SignatureEnd):
                     break
+                if isinstance(m, wire.Cancel):
+                    return  # the server gave up on this attempt
                 assert isinstance(m, wire.SignatureChunk)
                 sig += m.data
             self.signatures_received += 1
@@ -499,3 +501,16 @@ def test_server_cli_errors_are_one_clear_line(tmp_path: Path) -> None:
     assert res.returncode == 1 and "catalog" in res.stderr and "Traceback" not in res.stderr
     res = _server_cmd("--max-concurrent", "0", "--data-dir", str(tmp_path / "d"), "--key-file", str(key))
     assert res.returncode == 2 and "--max-concurrent" in res.stderr
+
+
+async def test_a_lost_base_archive_falls_back_to_a_full_transfer(server: Server, agent: ScriptedAgent) -> None:
+    agent.content["/srv/app"] = os.urandom(50_000)
+    await _register(server, agent)
+    (server.data_dir / "archives" / "1" / "1.sig").unlink()  # e.g. removed by hand
+    agent.content["/srv/app"] += b"more"
+    rec = await ctl(server.address, "backup-now", node=agent.address, path="/srv/app", wait=True)
+    assert rec["outcome"] == "stored" and "full transfer" in rec["note"] and "unreadable" in rec["note"]
+    assert agent.requests[-1].base_hash is None
+    listed = await ctl(server.address, "list", node=agent.address, path="/srv/app")
+    assert [(a["seq"], a["retained"], a["missing"]) for a in listed] == [(2, True, False), (1, False, True)]
+    assert (server.data_dir / "archives/1/2.tgz").read_bytes() == agent.content["/srv/app"]
