@@ -16,11 +16,14 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import stat
+import struct
 import tarfile
 import zlib
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import attrs
@@ -252,6 +255,19 @@ def _kind(ti: tarfile.TarInfo) -> str:
     return f"type {ti.type!r}"
 
 
+@contextlib.contextmanager
+def _parsing(label: str, current: Callable[[], str]) -> Iterator[None]:
+    """Around ``tarfile``'s header parsing only: on malformed input it can also raise
+    TypeError, ValueError, IndexError or struct.error (found by fuzzing); all mean "not a
+    valid tgz".  Our own code is outside this block, so its bugs are not hidden."""
+    try:
+        yield
+    except (tarfile.TarError, EOFError, zlib.error, TypeError, ValueError, IndexError,
+            struct.error) as exc:
+        where = f" after entry {current()!r}" if current() else ""
+        raise ArchiveError(f"{label}: not a valid tgz{where}: {exc or type(exc).__name__}") from None
+
+
 def extract_archive(
     archive: str | os.PathLike[str] | BinaryIO, dest: str | os.PathLike[str]
 ) -> ExtractReport:
@@ -276,8 +292,15 @@ def extract_archive(
         else:
             f = archive
         try:
-            with tarfile.open(fileobj=f, mode="r|gz") as tar:
-                for ti in tar:
+            with _parsing(label, lambda: current):
+                tar = tarfile.open(fileobj=f, mode="r|gz")
+            with tar:
+                members = iter(tar)
+                while True:
+                    with _parsing(label, lambda: current):
+                        ti = next(members, None)
+                    if ti is None:
+                        break
                     current = ti.name
                     ex.member(tar, ti)
                     # Streaming mode keeps every member otherwise: memory must not grow.

@@ -198,14 +198,15 @@ class RsyncableGzip:
             else:
                 inflight.append(pool.submit(compress_segments, data, cuts, self.level, final, prime))
 
-        def ready(keep: int) -> bytes:
+        def ready(keep: int) -> Iterator[bytes]:
+            """Finished jobs' output, oldest first, one chunk per job (~JOB_SIZE of input);
+            waits only while more than ``keep`` jobs are queued."""
             nonlocal head
-            out = [head]
-            head = b""
-            # Oldest first; wait only while more than ``keep`` jobs are queued.
             while inflight and (len(inflight) > keep or inflight[0].done()):
-                out.append(inflight.popleft().result())
-            return b"".join(out)
+                out = head + inflight.popleft().result()
+                head = b""
+                self.bytes_out += len(out)
+                yield out
 
         try:
             for piece in _split(pieces):
@@ -226,18 +227,16 @@ class RsyncableGzip:
                 end = cuts[-1] - pending_at
                 submit(data[:end], [c - pending_at for c in cuts], False)
                 pending, pending_at = data[end:], cuts[-1]
-                out = ready(self.threads)
-                if out:
-                    self.bytes_out += len(out)
-                    yield out
+                yield from ready(self.threads)
             block = b"".join(gathered)
             crc = zlib.crc32(block, crc)
             self.bytes_in += len(block)
             cuts = finder.feed(block)
             submit(pending + block, [c - pending_at for c in cuts], True)
-            out = ready(0) + gzip_trailer(crc, self.bytes_in)
-            self.bytes_out += len(out)
-            yield out
+            rest = list(ready(0))  # at most threads + 1 chunks; the final job is last
+            rest[-1] += gzip_trailer(crc, self.bytes_in)
+            self.bytes_out += 8
+            yield from rest
         finally:
             for f in inflight:
                 f.cancel()
