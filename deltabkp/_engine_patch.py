@@ -25,7 +25,13 @@ from deltabkp._engine_delta import (
 )
 from deltabkp._engine_rolling import WholeHash
 from deltabkp._engine_signature import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, as_bytes_view
-from deltabkp.errors import FormatError, IntegrityError, UnsupportedVersion, UsageError
+from deltabkp.errors import (
+    FormatError,
+    IntegrityError,
+    LimitExceeded,
+    UnsupportedVersion,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -42,12 +48,17 @@ class Patcher:
     ``FormatError`` on a truncated delta and ``IntegrityError`` if the output's length or
     blake3 differ from the delta's END record; afterwards ``new_size`` and ``new_hash`` hold
     the verified values.  If ``base_hash`` is given, a delta made against another base is
-    refused from its header on (no hashing of the base is done here).
+    refused from its header on (no hashing of the base is done here).  With ``max_size``, an
+    output growing past it raises ``LimitExceeded`` (a few COPY ops of the whole base can
+    describe an arbitrarily large output).
     """
 
-    def __init__(self, base: Buffer, *, base_hash: bytes | None = None) -> None:
+    def __init__(
+        self, base: Buffer, *, base_hash: bytes | None = None, max_size: int | None = None
+    ) -> None:
         self._base = as_bytes_view(base)
         self._want_base_hash = base_hash
+        self._max_size = max_size
         self._buf = bytearray()
         self._offset = 0  # delta offset of _buf[0], for error messages
         self._block_size = 0
@@ -181,8 +192,13 @@ class Patcher:
                     raise FormatError(
                         f"delta: unknown op byte 0x{tag:02x} at offset {self._offset + p}"
                     )
-                update(piece)
                 size += len(piece)
+                if self._max_size is not None and size > self._max_size:
+                    raise LimitExceeded(
+                        f"delta: output passes the limit of {self._max_size} bytes "
+                        f"at offset {self._offset + p}"
+                    )
+                update(piece)
                 pieces.append(piece)
         finally:
             self._size = size
@@ -216,7 +232,9 @@ class Patcher:
         self.new_size, self.new_hash = new_size, new_hash
 
 
-def patch(base: Buffer, delta: Buffer, *, out: Buffer | None = None) -> bytes | memoryview:
+def patch(
+    base: Buffer, delta: Buffer, *, out: Buffer | None = None, max_size: int | None = None
+) -> bytes | memoryview:
     """Apply a whole delta to a whole base and return the verified new file.
 
     The result is a zero-copy view into ``base`` when the delta is a single COPY run, else
@@ -225,7 +243,7 @@ def patch(base: Buffer, delta: Buffer, *, out: Buffer | None = None) -> bytes | 
     bytes is returned: faulting in a fresh multi-megabyte buffer can cost more than the
     patch itself, so callers patching repeatedly may want to keep one.
     """
-    patcher = Patcher(base)
+    patcher = Patcher(base, max_size=max_size)
     pieces = patcher.feed(delta)
     patcher.finish()  # verified before a byte is copied
     total = patcher.new_size

@@ -350,3 +350,16 @@ def test_signature_value_and_base_hash_check() -> None:
     patcher.finish()
     assert patcher.base_hash == sig.base_hash
     assert b"".join(bytes(p) for p in out) == new
+
+
+def test_output_limit_stops_a_copy_bomb() -> None:
+    base = os.urandom(64 * 1024)
+    sig = Signature.parse(deltabkp.signature(base, 1024))
+    header = DELTA_HEADER.pack(b"DBKD", 1, 1024, len(base), sig.base_hash)
+    bomb = header + COPY_OP.pack(OP_COPY, 0, sig.block_count) * 1000  # 64 MiB from 9 KB
+    with pytest.raises(LimitExceeded, match="limit of 1000000"):
+        deltabkp.patch(base, bomb, max_size=1_000_000)
+    patcher = Patcher(base, max_size=len(base))
+    patcher.feed(header + COPY_OP.pack(OP_COPY, 0, sig.block_count))
+    with pytest.raises(LimitExceeded):
+        patcher.feed(COPY_OP.pack(OP_COPY, 0, 1))
