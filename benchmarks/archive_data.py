@@ -5,9 +5,9 @@ are set explicitly, so reruns give the same trees (and so the same archives).
 
 - ``base``: the installed Python standard library without ``site-packages``, ``config-*``
   (a static library) and the test suite's ``__pycache__`` (sources, bytecode, extension
-  modules: ~107 MB, ~5,800 files);
-- ``new``: a copy of ``base`` with changes to 1% as many files as it has: edits inside files, appends,
-  deletions, additions, and a 64-byte overwrite inside the largest binary;
+  modules: ~107 MB, ~4,800 files);
+- ``new``: a copy of ``base`` with as many changes as 1% of its files: edits inside files,
+  appends, deletions, additions, and a 64-byte overwrite inside the largest binary;
 - ``many``: 24,000 small files in 240 directories (for the quick check).
 """
 
