@@ -15,6 +15,7 @@ import stat
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -245,6 +246,19 @@ def test_report_only_after_iteration_and_single_use(tmp_path: Path) -> None:
     with pytest.raises(ArchiveError, match="only once"):
         iter(b)
     it.close()  # abandoning the iteration stops the workers
+    assert not [t for t in threading.enumerate() if t.name.startswith("deltabkp-gzip")]
+
+
+def test_iterated_in_another_thread_like_the_agent(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "t")
+    builder = TgzBuilder(tree)
+    chunks: list[bytes] = []
+    worker = threading.Thread(target=lambda: chunks.extend(builder))
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive()
+    assert b"".join(chunks) == build_bytes(tree)[0]
+    assert builder.report.files == 7
 
 
 def test_empty_tree(tmp_path: Path) -> None:
