@@ -169,7 +169,9 @@ class Error(Message):
 @_message("ping")
 @attrs.frozen
 class Ping(Message):
-    """Liveness probe."""
+    """Liveness probe; with ``path``, also ask an agent whether it would serve that path."""
+
+    path: str | None = attrs.field(default=None, validator=attrs.validators.optional(_str))
 
 
 @_message("pong")

@@ -134,6 +134,14 @@ class Agent:
             "served": self.served,
         }
 
+    def _path_check(self, path: str) -> dict[str, object]:
+        """The allowlist's verdict on ``path``, resolved here where the path lives."""
+        try:
+            self.config.allow.resolve(path, self.address)
+        except RequestRefused as exc:
+            return {"ok": False, "code": exc.code, "message": exc.message}
+        return {"ok": True}
+
     async def _handle(self, stream: trio.SocketStream) -> None:
         if self._connections.value == 0:
             log.warning("too many connections (%d): closing a new one", self.config.max_connections)
@@ -163,7 +171,10 @@ class Agent:
             except DeltabkpError:
                 return  # hang-up, silence or a bad frame: the server is done with us
             if isinstance(msg, wire.Ping):
-                await chan.send(wire.Pong(self._pong_info()))
+                info = self._pong_info()
+                if msg.path is not None:
+                    info["path_check"] = self._path_check(msg.path)
+                await chan.send(wire.Pong(info))
             elif isinstance(msg, wire.BackupRequest):
                 if not await self._backup(chan, msg):
                     return

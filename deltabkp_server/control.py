@@ -153,17 +153,17 @@ class ControlAPI:
                     host, port, key=self.server.key, role="server", timeout=REGISTER_PING_S
                 )
                 async with chan:
-                    await chan.send(wire.Ping())
+                    await chan.send(wire.Ping(path))
                     pong = await chan.receive_a(wire.Pong, timeout=REGISTER_PING_S)
         except (DeltabkpError, trio.TooSlowError) as exc:
             return f"agent {node} did not answer ({exc}); registered anyway, backups start when it does"
-        roots = pong.info.get("roots", pong.info.get("allow"))
-        if isinstance(roots, list) and all(isinstance(r, str) for r in roots):
-            if not any(_under(path, r) for r in roots):
-                raise RequestRefused(
-                    "refused",
-                    f"agent {node} does not allow {path} (allowed roots: {', '.join(roots) or 'none'})",
-                )
+        # The agent resolves the path itself (symlinks, ``..``): only it can say what it serves.
+        check = pong.info.get("path_check")
+        if isinstance(check, dict) and not check.get("ok", True):
+            message = str(check.get("message") or f"agent {node} will not serve {path}")
+            if check.get("code") == "not-found":
+                return f"{message}; registered anyway, backups start when it exists"
+            raise RequestRefused("refused", message)
         return None
 
     async def unregister(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -249,11 +249,6 @@ class ControlAPI:
                 break
             await chan.send(wire.DataChunk(block))
         await chan.send(wire.DataEnd())
-
-
-def _under(path: str, root: str) -> bool:
-    root = posixpath.normpath(root)
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _name_target(message: str, args: dict[str, Any]) -> str:

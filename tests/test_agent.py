@@ -151,6 +151,24 @@ async def test_ping_is_answered_with_the_allowed_roots(env: Env) -> None:
     assert pong.info["node"] == env.agent.address
 
 
+async def test_ping_with_a_path_gets_the_allowlist_verdict(env: Env) -> None:
+    # A link from outside into the root is a legitimate spelling: the agent resolves it.
+    os.symlink(env.root, env.outside / "app-link")
+    os.symlink(env.outside, env.root / "escape")
+    verdicts = {}
+    async with await connect(env) as chan:
+        for path in (str(env.root), str(env.outside / "app-link"), str(env.root / "escape"),
+                     str(env.outside), str(env.root / "missing")):
+            await chan.send(wire.Ping(path))
+            verdicts[path] = (await chan.receive_a(wire.Pong)).info["path_check"]
+    assert verdicts[str(env.root)] == {"ok": True}
+    assert verdicts[str(env.outside / "app-link")] == {"ok": True}
+    assert verdicts[str(env.root / "escape")]["code"] == "path-not-allowed"
+    assert verdicts[str(env.outside)]["code"] == "path-not-allowed"
+    assert verdicts[str(env.root / "missing")]["code"] == "not-found"
+    assert str(env.root / "escape") in str(verdicts[str(env.root / "escape")]["message"])
+
+
 @pytest.mark.parametrize("how", ["outside", "dotdot", "symlink", "symlink-inside-path", "relative"])
 async def test_paths_outside_the_allowed_roots_are_refused(env: Env, how: str) -> None:
     (env.outside / "secret.txt").write_text("not yours\n")

@@ -67,7 +67,13 @@ class ScriptedAgent:
                 chan = await transport.accept(stream, key=KEY, roles=("server",))
                 msg = await chan.receive()
                 if isinstance(msg, wire.Ping):
-                    await chan.send(wire.Pong({"roots": ["/srv"]}))
+                    info: dict[str, Any] = {}
+                    if msg.path is not None:  # a scripted allowlist: everything under /srv
+                        ok = msg.path.startswith("/srv/")
+                        info["path_check"] = {"ok": True} if ok else {
+                            "ok": False, "code": "path-not-allowed",
+                            "message": f"agent {self.address}: path {msg.path} is not under an allowed root"}
+                    await chan.send(wire.Pong(info))
                 elif isinstance(msg, wire.BackupRequest):
                     self.active += 1
                     self.max_active = max(self.max_active, self.active)
