@@ -177,8 +177,9 @@ def test_archives_built_while_a_process_writes(tmp_path: Path) -> None:
         stats = {"changed": 0, "skipped": 0, "files": 0}
         archives = set()
         for k in range(BUILDS):
-            # Alternate the in-memory limit so that big.log is also streamed.
-            builder = TgzBuilder(root, mem_limit=(1 << 20) if k % 2 else (8 << 20), threads=k % 3)
+            # Vary the limits so that big.log is read into memory, spooled, or streamed.
+            builder = TgzBuilder(root, mem_limit=(1 << 20) if k % 2 else (8 << 20),
+                                 spool_limit=0 if k % 4 == 3 else 1 << 30, threads=k % 3)
             data = b"".join(builder)  # must never raise
             report = builder.report
             archives.add(data)
@@ -232,7 +233,8 @@ def test_big_file_shrinking_mid_stream_is_padded_and_reported(tmp_path: Path) ->
     root.mkdir()
     big = root / "big.bin"
     big.write_bytes(random.Random(2).randbytes(6 << 20))
-    builder = TgzBuilder(root, mem_limit=1 << 20, threads=0)
+    # spool_limit=0: past mem_limit, files are streamed (not spooled and re-read)
+    builder = TgzBuilder(root, mem_limit=1 << 20, spool_limit=0, threads=0)
     it = iter(builder)
     chunks = [next(it)]  # the builder is now part-way through big.bin
     os.truncate(big, 1 << 20)
@@ -252,7 +254,7 @@ def test_big_file_growing_mid_stream_keeps_the_announced_size(tmp_path: Path) ->
     big = root / "big.bin"
     first = random.Random(3).randbytes(4 << 20)
     big.write_bytes(first)
-    builder = TgzBuilder(root, mem_limit=1 << 20, threads=0)
+    builder = TgzBuilder(root, mem_limit=1 << 20, spool_limit=0, threads=0)
     it = iter(builder)
     chunks = [next(it)]
     with open(big, "ab") as f:
@@ -263,6 +265,28 @@ def test_big_file_growing_mid_stream_keeps_the_announced_size(tmp_path: Path) ->
     with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tf:
         f = tf.extractfile("big.bin")
         assert f is not None and f.read() == first
+
+
+def test_big_file_is_spooled_then_emitted_consistently(tmp_path: Path) -> None:
+    """Past mem_limit a file is copied to a spool before its header: a change after the
+    copy does not reach the archive, which holds one consistent version."""
+    root = tmp_path / "t"
+    root.mkdir()
+    big = root / "big.bin"
+    first = random.Random(6).randbytes(6 << 20)
+    big.write_bytes(first)
+    spools = tmp_path / "spool"
+    spools.mkdir()
+    builder = TgzBuilder(root, mem_limit=1 << 20, threads=0, spool_dir=str(spools))
+    it = iter(builder)
+    chunks = [next(it)]  # big.bin is captured in the spool and being emitted from it
+    os.truncate(big, 1 << 20)
+    chunks += list(it)
+    assert builder.report.changed == () and builder.report.content_bytes == 6 << 20
+    with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tf:
+        f = tf.extractfile("big.bin")
+        assert f is not None and f.read() == first
+    assert os.listdir(spools) == []  # the spool is unlinked from the start
 
 
 def test_vanished_between_listing_and_reading_is_skipped(tmp_path: Path) -> None:

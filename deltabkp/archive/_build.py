@@ -5,9 +5,10 @@ Invariants:
   numeric owners and empty owner names, mtimes in whole seconds, fixed gzip header, cut
   points and compression depending on the stream alone: docs/formats.md "Archive");
 - every tar header's size equals the data bytes that follow it, whatever the application
-  does to the file meanwhile: a file is read completely (bounded, retried) before its header
-  is written, or, past ``mem_limit``, streamed as exactly the size announced (truncated or
-  zero padded) - and every inconsistency lands in the report;
+  does to the file meanwhile: a file is read completely (into memory up to ``mem_limit``,
+  else into an unlinked spool file up to ``spool_limit``; re-read on change, a bounded
+  number of times) before its header is written; past ``spool_limit`` it is streamed as
+  exactly the size announced (cut or zero padded).  Every inconsistency lands in the report;
 - memory is bounded whatever the tree: one file up to ``mem_limit``, plus a few compression
   jobs of ~``JOB_SIZE`` bytes in flight;
 - no lock is ever taken on an application file; FIFOs, sockets and devices are never opened.
@@ -23,11 +24,13 @@ import os
 import stat
 import struct
 import tarfile
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO
 
 import attrs
+import blake3
 
 from deltabkp.archive._gzip import RsyncableGzip
 from deltabkp.archive._walk import Excluder, check_root, walk
@@ -39,6 +42,10 @@ __all__ = ["ArchiveReport", "FileIssue", "TgzBuilder", "build_archive"]
 #: are streamed in ``_READ`` pieces with the size fixed by the header.
 MEM_LIMIT = 8 * 1024 * 1024
 _READ = 1024 * 1024
+#: Files past ``mem_limit`` and up to this size are copied to an unlinked temporary file
+#: (``spool_dir``) so that they too can be re-read before anything is emitted; bigger ones
+#: are streamed with the size fixed by the header (truncated or zero padded, reported).
+SPOOL_LIMIT = 4 * 1024**3
 #: Reads of one file before giving up on a consistent copy.
 RETRIES = 3
 #: A file modified this recently may have been written within the same timestamp tick as
@@ -176,8 +183,12 @@ class TgzBuilder:
 
     ``exclude``: fnmatch patterns (see ``Excluder``).  ``level``: deflate level (part of the
     output: keep the default for reproducible bytes).  ``threads``: compression worker
-    threads (0 compresses in the iterating thread; the bytes are the same).  May be iterated
-    once, from any one thread.
+    threads (0 compresses in the iterating thread; the bytes are the same).  ``retries``:
+    reads of a file before its last read is stored as "changed while read".  ``mem_limit``
+    / ``spool_limit`` / ``spool_dir``: files up to ``mem_limit`` are read into memory, up
+    to ``spool_limit`` into an unlinked temporary file in ``spool_dir`` (default: the
+    system's), bigger ones streamed without re-reading.  May be iterated once, from any one
+    thread.
     """
 
     def __init__(
@@ -189,6 +200,8 @@ class TgzBuilder:
         threads: int = 2,
         retries: int = RETRIES,
         mem_limit: int = MEM_LIMIT,
+        spool_limit: int = SPOOL_LIMIT,
+        spool_dir: str | None = None,
     ) -> None:
         self.root = root
         self.exclude = Excluder(exclude)
@@ -198,6 +211,8 @@ class TgzBuilder:
         self.threads = max(0, threads)
         self.retries = max(1, retries)
         self.mem_limit = max(_READ, mem_limit)
+        self.spool_limit = spool_limit
+        self.spool_dir = spool_dir
         self._started = False
         self._report: ArchiveReport | None = None
 
@@ -284,92 +299,122 @@ class TgzBuilder:
     def _file(
         self, rel: str, path: bytes, counts: _Counts, links: dict[tuple[int, int], str]
     ) -> Iterator[bytes]:
-        """Tar header + data + padding of one regular file, or nothing (then reported)."""
-        last: tuple[bytes, os.stat_result] | None = None
+        """Tar header + data + padding of one regular file, or nothing (then reported).
+
+        Each attempt reads the whole file (into memory, or past ``mem_limit`` into a spool
+        file) between two ``fstat``s; nothing is emitted before an attempt is accepted or
+        the attempts ran out, so the header always announces the bytes actually captured.
+        """
+        spool_box: list[BinaryIO | None] = [None]  # one spool per file, made on demand
+        # (content, stat after the read, byte count, fingerprint of the content)
+        last: tuple[bytes | None, os.stat_result, int, bytes] | None = None
         what = ""
-        for _attempt in range(self.retries):
-            t0 = time.time_ns()
-            try:
-                fd = os.open(path, _O_READ)
-            except FileNotFoundError:
-                if last is None:
-                    counts.skipped.append(FileIssue(rel, "vanished before it was read"))
-                    return
-                what += ", then vanished"
-                break
-            except OSError as exc:
-                if last is not None:
-                    what += f", then could not be reopened ({exc.strerror})"
+        try:
+            for _attempt in range(self.retries):
+                t0 = time.time_ns()
+                try:
+                    fd = os.open(path, _O_READ)
+                except FileNotFoundError:
+                    if last is None:
+                        counts.skipped.append(FileIssue(rel, "vanished before it was read"))
+                        return
+                    what += ", then vanished"
                     break
-                if exc.errno == errno.ELOOP:
-                    counts.skipped.append(FileIssue(rel, "replaced by a symlink while read"))
-                else:
-                    counts.skipped.append(FileIssue(rel, f"cannot open: {exc.strerror}"))
-                return
-            try:
-                before = os.fstat(fd)
-                if not stat.S_ISREG(before.st_mode):
+                except OSError as exc:
                     if last is not None:
-                        what += ", then replaced by a non-regular file"
+                        what += f", then could not be reopened ({exc.strerror})"
                         break
-                    counts.skipped.append(FileIssue(rel, "replaced by a non-regular file while read"))
+                    if exc.errno == errno.ELOOP:
+                        counts.skipped.append(FileIssue(rel, "replaced by a symlink while read"))
+                    else:
+                        counts.skipped.append(FileIssue(rel, f"cannot open: {exc.strerror}"))
                     return
-                if before.st_size > self.mem_limit:
-                    yield from self._stream(rel, fd, before, counts, links)
+                try:
+                    before = os.fstat(fd)
+                    if not stat.S_ISREG(before.st_mode):
+                        if last is not None:
+                            what += ", then replaced by a non-regular file"
+                            break
+                        counts.skipped.append(
+                            FileIssue(rel, "replaced by a non-regular file while read")
+                        )
+                        return
+                    data: bytes | None = None
+                    if before.st_size <= self.mem_limit:
+                        data, more = _read_small(fd, before.st_size, self.mem_limit)
+                        got, digest = len(data), data
+                    elif before.st_size <= self.spool_limit:
+                        if spool_box[0] is None:
+                            spool_box[0] = self._new_spool()
+                        spool = spool_box[0]
+                        if spool is None:  # no room for a spool: stream it instead
+                            yield from self._stream(rel, fd, before, counts, links)
+                            return
+                        got, more, digest = _read_to_spool(fd, before.st_size, spool)
+                    else:
+                        yield from self._stream(rel, fd, before, counts, links)
+                        return
+                    after = os.fstat(fd)
+                except _SpoolFailed as exc:
+                    # The spool's disk failed, not the file: stream this one instead.
+                    spool_box[0] = None
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    counts.changed.append(FileIssue(rel, f"spool failed ({exc}); streamed instead"))
+                    yield from self._stream(rel, fd, os.fstat(fd), counts, links)
                     return
-                chunks: list[bytes] = []
-                got = 0
-                while got <= self.mem_limit:
-                    # Ask for what stat announced (+1 to see EOF): os.read allocates the
-                    # full request, and a 1 MiB buffer per small file costs more than the read.
-                    want = before.st_size + 1 - got if got <= before.st_size else 65536
-                    b = os.read(fd, min(want, _READ))
-                    if not b:
+                except OSError as exc:
+                    if last is not None:
+                        what += f", then could not be read ({exc.strerror})"
                         break
-                    chunks.append(b)
-                    got += len(b)
-                after = os.fstat(fd)
-            except OSError as exc:
-                if last is not None:
-                    what += f", then could not be read ({exc.strerror})"
+                    counts.skipped.append(FileIssue(rel, f"cannot read: {exc.strerror}"))
+                    return
+                finally:
+                    os.close(fd)
+                consistent = _same(before, after) and got == after.st_size and not more
+                if consistent and max(after.st_mtime_ns, after.st_ctime_ns) >= t0 - HOT_NS:
+                    # Written just now: a write in the same clock tick leaves stat unchanged,
+                    # so only two identical reads in a row prove a consistent copy.
+                    consistent = last is not None and last[3] == digest and _same(last[1], after)
+                if not consistent:
+                    if not _same(before, after) or more or got != after.st_size:
+                        what = _describe(before, after, got + int(bool(more)))
+                    else:
+                        what = what or "modified while read"
+                last = (data, after, got, digest)
+                if consistent:
+                    what = ""
                     break
-                counts.skipped.append(FileIssue(rel, f"cannot read: {exc.strerror}"))
+            if last is None:
+                counts.skipped.append(FileIssue(rel, what or "could not be read"))
                 return
-            finally:
-                os.close(fd)
-            data = b"".join(chunks)
-            if got > self.mem_limit:
-                # Grew past the in-memory limit while read: next attempt streams it.
-                what = "grew while read"
-                continue
-            consistent = _same(before, after) and got == after.st_size
-            if consistent and max(after.st_mtime_ns, after.st_ctime_ns) >= t0 - HOT_NS:
-                # Written just now: a write in the same clock tick leaves stat unchanged, so
-                # only two identical reads in a row prove a consistent copy.
-                consistent = last is not None and last[0] == data and _same(last[1], after)
-            if not consistent:
-                what = _describe(before, after, got) if not _same(before, after) else (
-                    what or "modified while read"
+            data, st, got, _digest = last
+            if what:
+                counts.changed.append(
+                    FileIssue(rel, f"{what}; stored the last complete read ({got} bytes)")
                 )
-            last = (data, after)
-            if consistent:
-                what = ""
-                break
-        if last is None:
-            counts.skipped.append(FileIssue(rel, what or "could not be read"))
-            return
-        data, st = last
-        if what:
-            counts.changed.append(
-                FileIssue(rel, f"{what}; stored the last complete read ({len(data)} bytes)")
-            )
-        counts.files += 1
-        counts.content += len(data)
-        if st.st_nlink > 1:
-            links[(st.st_dev, st.st_ino)] = rel
-        yield _header(rel, st, tarfile.REGTYPE, size=len(data))
-        yield data
-        yield _pad(len(data))
+            counts.files += 1
+            counts.content += got
+            if st.st_nlink > 1:
+                links[(st.st_dev, st.st_ino)] = rel
+            yield _header(rel, st, tarfile.REGTYPE, size=got)
+            if data is not None:
+                yield data
+            else:
+                spool = spool_box[0]
+                assert spool is not None
+                yield from _replay(spool, got)
+            yield _pad(got)
+        finally:
+            spool = spool_box[0]
+            if spool is not None:
+                spool.close()
+                spool_box[0] = None
+
+    def _new_spool(self) -> BinaryIO | None:
+        try:
+            return tempfile.TemporaryFile(dir=self.spool_dir)  # unlinked at once: no leftovers
+        except OSError:
+            return None
 
     def _stream(
         self, rel: str, fd: int, before: os.stat_result, counts: _Counts,
@@ -416,6 +461,70 @@ class TgzBuilder:
         else:
             return
         counts.changed.append(FileIssue(rel, what))
+
+
+class _SpoolFailed(Exception):
+    """Writing or re-reading the spool file failed (its disk, not the application's file)."""
+
+
+def _read_small(fd: int, size: int, limit: int) -> tuple[bytes, bool]:
+    """Up to ``size`` bytes of ``fd``; True too if there was more (it grew while read)."""
+    chunks: list[bytes] = []
+    got = 0
+    while got < size:
+        # Ask for what stat announced: os.read allocates the whole request, and a 1 MiB
+        # buffer per small file costs more than the read itself.
+        b = os.read(fd, min(size - got, _READ))
+        if not b:
+            return b"".join(chunks), False
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks), bool(os.read(fd, 1))
+
+
+def _read_to_spool(fd: int, size: int, spool: BinaryIO) -> tuple[int, bool, bytes]:
+    """Copy up to ``size`` bytes of ``fd`` into ``spool`` (rewound and truncated first);
+    return the count, whether there was more, and a blake3 digest of what was copied.
+
+    Errors of the spool raise ``_SpoolFailed``; errors reading ``fd`` stay ``OSError``."""
+    h = blake3.blake3()
+    got = 0
+    _spool(spool.seek, 0)
+    _spool(spool.truncate)
+    while got < size:
+        b = os.read(fd, min(size - got, _READ))
+        if not b:
+            break
+        h.update(b)
+        _spool(spool.write, b)
+        got += len(b)
+    _spool(spool.flush)
+    more = got == size and bool(os.read(fd, 1))
+    return got, more, h.digest()
+
+
+def _spool(op: Callable[..., object], *args: object) -> None:
+    try:
+        op(*args)
+    except OSError as exc:
+        raise _SpoolFailed(exc.strerror or str(exc)) from None
+
+
+def _replay(spool: BinaryIO, size: int) -> Iterator[bytes]:
+    """Exactly ``size`` bytes from the start of ``spool`` (zeros if the spool came up short:
+    the header is already out)."""
+    spool.seek(0)
+    left = size
+    while left > 0:
+        try:
+            b = spool.read(min(left, _READ))
+        except OSError:
+            b = b""
+        if not b:
+            yield bytes(left)
+            return
+        left -= len(b)
+        yield b
 
 
 def build_archive(
