@@ -11,6 +11,7 @@ while a single write is being copied in; a stored file that is not valid is a to
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import subprocess
@@ -287,6 +288,35 @@ def test_big_file_is_spooled_then_emitted_consistently(tmp_path: Path) -> None:
         f = tf.extractfile("big.bin")
         assert f is not None and f.read() == first
     assert os.listdir(spools) == []  # the spool is unlinked from the start
+
+
+SPOOL_FULL = r"""
+import json, resource, signal, sys
+import deltabkp
+# Files this process writes may not pass 1 MiB: the spool's "disk" fills up (EFBIG).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+b = deltabkp.TgzBuilder(sys.argv[1], mem_limit=1 << 20, threads=0)
+data = b"".join(b)
+sys.stdout.buffer.write(data)
+sys.stderr.write(json.dumps([[i.path, i.what] for i in b.report.changed]))
+"""
+
+
+def test_spool_failure_falls_back_to_streaming(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    root.mkdir()
+    content_ = random.Random(7).randbytes(3 << 20)
+    (root / "big.bin").write_bytes(content_)
+    r = subprocess.run([sys.executable, "-c", SPOOL_FULL, str(root)], capture_output=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    changed = json.loads(r.stderr)
+    assert len(changed) == 1 and changed[0][0] == "big.bin"
+    assert "spool failed" in changed[0][1] and "streamed instead" in changed[0][1]
+    with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tf:
+        f = tf.extractfile("big.bin")
+        assert f is not None and f.read() == content_
 
 
 def test_vanished_between_listing_and_reading_is_skipped(tmp_path: Path) -> None:

@@ -340,8 +340,9 @@ class TgzBuilder:
                         )
                         return
                     data: bytes | None = None
+                    spooling = False
                     if before.st_size <= self.mem_limit:
-                        data, more = _read_small(fd, before.st_size, self.mem_limit)
+                        data, more = _read_small(fd, before.st_size)
                         got, digest = len(data), data
                     elif before.st_size <= self.spool_limit:
                         if spool_box[0] is None:
@@ -350,6 +351,7 @@ class TgzBuilder:
                         if spool is None:  # no room for a spool: stream it instead
                             yield from self._stream(rel, fd, before, counts, links)
                             return
+                        spooling = True
                         got, more, digest = _read_to_spool(fd, before.st_size, spool)
                     else:
                         yield from self._stream(rel, fd, before, counts, links)
@@ -357,13 +359,17 @@ class TgzBuilder:
                     after = os.fstat(fd)
                 except _SpoolFailed as exc:
                     # The spool's disk failed, not the file: stream this one instead.
+                    if spool_box[0] is not None:
+                        spool_box[0].close()
                     spool_box[0] = None
                     os.lseek(fd, 0, os.SEEK_SET)
                     counts.changed.append(FileIssue(rel, f"spool failed ({exc}); streamed instead"))
                     yield from self._stream(rel, fd, os.fstat(fd), counts, links)
                     return
                 except OSError as exc:
-                    if last is not None:
+                    # A failed spool copy has overwritten the spool: a spooled earlier read
+                    # is gone too.
+                    if last is not None and not (spooling and last[0] is None):
                         what += f", then could not be read ({exc.strerror})"
                         break
                     counts.skipped.append(FileIssue(rel, f"cannot read: {exc.strerror}"))
@@ -467,7 +473,7 @@ class _SpoolFailed(Exception):
     """Writing or re-reading the spool file failed (its disk, not the application's file)."""
 
 
-def _read_small(fd: int, size: int, limit: int) -> tuple[bytes, bool]:
+def _read_small(fd: int, size: int) -> tuple[bytes, bool]:
     """Up to ``size`` bytes of ``fd``; True too if there was more (it grew while read)."""
     chunks: list[bytes] = []
     got = 0
