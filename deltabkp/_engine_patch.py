@@ -9,7 +9,13 @@ raises a ``FormatError`` and a delta applied to the wrong base or a mismatching 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+import blake3
+import numpy as np
+import numpy.typing as npt
 
 from deltabkp._engine_delta import (
     COPY_OP,
@@ -66,6 +72,7 @@ class Patcher:
         self._have_header = False
         self._end: tuple[int, bytes] | None = None
         self._hasher = WholeHash()
+        self._hash_pieces = True  # off only inside patch(), which hashes them in parallel
         self._size = 0
         self._done = False
         self.base_hash: bytes | None = None
@@ -140,7 +147,7 @@ class Patcher:
         base_size = len(base)
         bs = self._block_size
         nblocks = self._blocks
-        update = self._hasher.update
+        update = self._hasher.update if self._hash_pieces else None
         size = self._size
         try:
             while p < n:
@@ -198,13 +205,17 @@ class Patcher:
                         f"delta: output passes the limit of {self._max_size} bytes "
                         f"at offset {self._offset + p}"
                     )
-                update(piece)
+                if update is not None:
+                    update(piece)
                 pieces.append(piece)
         finally:
             self._size = size
         return p
 
     def finish(self) -> None:
+        self._finish(self._hasher.digest)
+
+    def _finish(self, digest: Callable[[], bytes]) -> None:
         if self._done:
             raise UsageError("Patcher.finish() called twice")
         self._done = True
@@ -223,7 +234,7 @@ class Patcher:
             raise IntegrityError(
                 f"patched output is {self._size} bytes but the delta's END says {new_size}"
             )
-        got = self._hasher.digest()
+        got = digest()
         if got != new_hash:
             raise IntegrityError(
                 f"patched output's blake3 {got.hex()[:16]}... does not match the delta's END "
@@ -232,35 +243,67 @@ class Patcher:
         self.new_size, self.new_hash = new_size, new_hash
 
 
+#: Outputs at least this big are hashed in a worker thread while the main one copies them.
+_PARALLEL_MIN = 4 << 20
+
+
+def _hash_pieces(pieces: list[bytes | memoryview]) -> bytes:
+    hasher = blake3.blake3()
+    for piece in pieces:
+        hasher.update(piece)
+    return bytes(hasher.digest())
+
+
+def _copy_into(dest: npt.NDArray[np.uint8], pieces: list[bytes | memoryview]) -> None:
+    at = 0
+    for piece in pieces:
+        end = at + len(piece)
+        dest[at:end] = np.frombuffer(piece, np.uint8)  # numpy copies without the GIL
+        at = end
+
+
 def patch(
     base: Buffer, delta: Buffer, *, out: Buffer | None = None, max_size: int | None = None
 ) -> bytes | memoryview:
     """Apply a whole delta to a whole base and return the verified new file.
 
-    The result is a zero-copy view into ``base`` when the delta is a single COPY run, else
-    ``bytes``.  With ``out`` (a writable buffer at least as long as the result, e.g. one
-    reused across calls) the result is written there and a view of its first ``new_size``
-    bytes is returned: faulting in a fresh multi-megabyte buffer can cost more than the
-    patch itself, so callers patching repeatedly may want to keep one.
+    The result is a zero-copy view into ``base`` when the delta is a single COPY run,
+    ``bytes`` when it is small, else a view of a fresh numpy buffer.  With ``out`` (a writable
+    buffer at least as long as the result, e.g. one reused across calls) the result is
+    written there and a view of its first ``new_size`` bytes is returned.
+
+    For big outputs blake3 runs in a worker thread while this one copies the pieces with
+    numpy: both release the GIL, so the page faults of a fresh output buffer (which can cost
+    more than the patch itself) overlap the hashing.  Nothing is returned unverified.
     """
     patcher = Patcher(base, max_size=max_size)
+    patcher._hash_pieces = False
     pieces = patcher.feed(delta)
-    patcher.finish()  # verified before a byte is copied
-    total = patcher.new_size
-    if out is None:
-        if len(pieces) == 1:
-            return pieces[0]
-        return b"".join(pieces)
-    dest = as_bytes_view(out)
-    if dest.readonly or len(dest) < total:
-        raise UsageError(
-            f"patch(out=...) needs a writable buffer of at least {total} bytes, "
-            f"got {len(dest)}{' (read-only)' if dest.readonly else ''}"
-        )
-    dest = dest[:total]
-    at = 0
-    for piece in pieces:
-        end = at + len(piece)
-        dest[at:end] = piece
-        at = end
-    return dest
+    total = patcher._size
+    view: memoryview | None = None
+    if out is not None:
+        view = as_bytes_view(out)
+        if view.readonly or len(view) < total:
+            raise UsageError(
+                f"patch(out=...) needs a writable buffer of at least {total} bytes, "
+                f"got {len(view)}{' (read-only)' if view.readonly else ''}"
+            )
+    if total < _PARALLEL_MIN or (view is None and len(pieces) == 1):
+        patcher._finish(lambda: _hash_pieces(pieces))
+        if view is None:
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        _copy_into(np.frombuffer(view, np.uint8), pieces)
+        return view[:total]
+    digest: list[bytes] = []
+    worker = threading.Thread(
+        target=lambda: digest.append(_hash_pieces(pieces)), name="deltabkp-patch-blake3"
+    )
+    worker.start()
+    try:
+        dest = np.empty(total, np.uint8) if view is None else np.frombuffer(view, np.uint8)
+        _copy_into(dest, pieces)
+    finally:
+        worker.join()
+    # An empty list means the worker died: hash here rather than trust the output.
+    patcher._finish(lambda: digest[0] if digest else _hash_pieces(pieces))
+    return dest.data[:total] if view is None else view[:total]

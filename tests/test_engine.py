@@ -268,8 +268,12 @@ def test_patch_large_output_and_caller_buffer() -> None:
     base = os.urandom(6 << 20)
     new = base[:1 << 20] + b"edit" + base[(1 << 20) + 100 :] + b"tail"
     dlt = deltabkp.delta(deltabkp.signature(base), new)
-    out = deltabkp.patch(base, dlt)
-    assert isinstance(out, bytes) and out == new
+    out = deltabkp.patch(base, dlt)  # big: copied and hashed in parallel, a numpy buffer
+    assert isinstance(out, memoryview) and out == new and out.format == "B"
+    small_new = base[:50_000] + b"x" + base[50_000:100_000]
+    small_dlt = deltabkp.delta(deltabkp.signature(base[:100_000]), small_new)
+    small = deltabkp.patch(base[:100_000], small_dlt)
+    assert isinstance(small, bytes) and small == small_new
     buf = bytearray(len(new) + 10)
     into = deltabkp.patch(base, dlt, out=buf)
     assert isinstance(into, memoryview) and into.obj is buf and into == new
@@ -363,3 +367,16 @@ def test_output_limit_stops_a_copy_bomb() -> None:
     patcher.feed(header + COPY_OP.pack(OP_COPY, 0, sig.block_count))
     with pytest.raises(LimitExceeded):
         patcher.feed(COPY_OP.pack(OP_COPY, 0, 1))
+
+
+def test_big_patch_is_verified_before_it_is_returned() -> None:
+    base = os.urandom(6 << 20)
+    new = base[:3 << 20] + b"changed" + base[3 << 20 :]
+    dlt = deltabkp.delta(deltabkp.signature(base), new)
+    bad_hash = dlt[:-32] + bytes(32)
+    for kwargs in ({}, {"out": bytearray(len(new))}):
+        with pytest.raises(IntegrityError, match="blake3"):
+            deltabkp.patch(base, bad_hash, **kwargs)  # type: ignore[arg-type]
+        with pytest.raises(FormatError, match="truncated"):
+            deltabkp.patch(base, dlt[:-41], **kwargs)  # type: ignore[arg-type]
+        assert bytes(deltabkp.patch(base, dlt, **kwargs)) == new  # type: ignore[arg-type]
