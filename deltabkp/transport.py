@@ -8,9 +8,9 @@ frame headers, so they are the real bytes on the wire.
 
 from __future__ import annotations
 
-import errno
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import TypeVar
 
@@ -32,11 +32,17 @@ __all__ = [
     "load_key",
     "default_key_path",
     "parse_hostport",
+    "format_hostport",
     "DEFAULT_TIMEOUT",
+    "DEFAULT_SEND_TIMEOUT",
     "DEFAULT_SERVER_PORT",
 ]
 
 DEFAULT_TIMEOUT = 10.0
+#: A peer that reads nothing for this long is treated as gone (it must not pin our tasks).
+DEFAULT_SEND_TIMEOUT = 60.0
+#: Before authentication a peer may make us buffer this much, no more (handshake frames are tiny).
+HANDSHAKE_MAX_FRAME = 4096
 DEFAULT_SERVER_PORT = 7470
 _RECV_SIZE = 64 * 1024
 _MIN_KEY = 16
@@ -48,23 +54,43 @@ T = TypeVar("T", bound=wire.Message)
 class Channel:
     """A message channel over an authenticated stream (after ``connect`` / ``accept``)."""
 
-    def __init__(self, stream: trio.abc.Stream, peer: str, role: str = "") -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        peer: str,
+        role: str = "",
+        *,
+        send_timeout: float = DEFAULT_SEND_TIMEOUT,
+    ) -> None:
         self._stream = stream
-        self._decoder = wire.FrameDecoder()
+        # Unauthenticated peers get a tiny frame limit; ``_authenticated`` lifts it.
+        self._decoder = wire.FrameDecoder(HANDSHAKE_MAX_FRAME)
         self._send_lock = trio.Lock()
         self.peer = peer
         self.role = role
+        self.send_timeout = send_timeout
         self.peer_info: dict[str, object] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
 
+    def _authenticated(self) -> None:
+        self._decoder.max_frame = wire.MAX_FRAME
+
     async def send(self, msg: wire.Message) -> None:
+        """Send one message; a peer that stops reading for ``send_timeout`` s is gone."""
         frame = wire.encode(msg)
         async with self._send_lock:
-            try:
-                await self._stream.send_all(frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise PeerUnavailable(f"{self.peer}: connection lost while sending ({exc})") from None
+            with trio.move_on_after(self.send_timeout) as scope:
+                try:
+                    await self._stream.send_all(frame)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise PeerUnavailable(
+                        f"{self.peer}: connection lost while sending ({exc})"
+                    ) from None
+            if scope.cancelled_caught:
+                raise PeerUnavailable(
+                    f"{self.peer}: peer stopped reading (nothing sent for {self.send_timeout:g} s)"
+                )
         self.bytes_sent += len(frame)
 
     async def receive(
@@ -123,6 +149,11 @@ class Channel:
         await self.aclose()
 
 
+def format_hostport(host: str, port: int) -> str:
+    """``host:port``, bracketing IPv6 literals (the inverse of ``parse_hostport``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _peer_name(stream: trio.abc.Stream) -> str:
     sock = getattr(stream, "socket", None)
     if sock is None:
@@ -131,8 +162,11 @@ def _peer_name(stream: trio.abc.Stream) -> str:
         addr = sock.getpeername()
     except OSError:
         return "peer"
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_hostport(addr[0], addr[1])
+
+
+class _UnsupportedPeerVersion(RemoteProtocolError):
+    """The peer speaks another protocol version (answered with code "version")."""
 
 
 def _check_nonce(nonce: bytes, peer: str) -> None:
@@ -144,7 +178,7 @@ async def connect(
     host: str, port: int, *, key: bytes, role: str, timeout: float = DEFAULT_TIMEOUT
 ) -> Channel:
     """Open an authenticated channel to ``host:port`` as ``role`` (initiator side)."""
-    peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    peer = format_hostport(host, port)
     try:
         with trio.fail_after(timeout):
             stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
@@ -168,14 +202,20 @@ async def connect(
 
 async def _initiate(chan: Channel, key: bytes, role: str) -> None:
     n_i = wire.new_nonce()
-    await chan.send(wire.Hello(wire.PROTOCOL_MAGIC, wire.PROTOCOL_VERSION, role, n_i))
-    challenge = await chan.receive_a(wire.Challenge, timeout=None)
-    _check_nonce(challenge.nonce, chan.peer)
-    expected = wire.handshake_proof(key, "responder", n_i, challenge.nonce)
-    if not wire.proof_matches(expected, challenge.proof):
-        raise AuthError(f"{chan.peer} does not hold our cluster key (wrong key file?)")
-    await chan.send(wire.Auth(wire.handshake_proof(key, "initiator", n_i, challenge.nonce)))
-    welcome = await chan.receive_a(wire.Welcome, timeout=None)
+    try:
+        await chan.send(wire.Hello(wire.PROTOCOL_MAGIC, wire.PROTOCOL_VERSION, role, n_i))
+        challenge = await chan.receive_a(wire.Challenge, timeout=None)
+        _check_nonce(challenge.nonce, chan.peer)
+        expected = wire.handshake_proof(key, "responder", n_i, challenge.nonce)
+        if not wire.proof_matches(expected, challenge.proof):
+            raise AuthError(f"{chan.peer} does not hold our cluster key (wrong key file?)")
+        await chan.send(wire.Auth(wire.handshake_proof(key, "initiator", n_i, challenge.nonce)))
+        welcome = await chan.receive_a(wire.Welcome, timeout=None)
+    except RequestRefused as exc:
+        # A refusal during the handshake is a protocol failure (wrong port, wrong version,
+        # wrong role), not a refused request: it must not look like the server said "no".
+        raise RemoteProtocolError(f"{chan.peer} refused the connection: {exc.message}") from None
+    chan._authenticated()
     chan.peer_info = dict(welcome.info)
 
 
@@ -198,8 +238,11 @@ async def accept(
     except trio.TooSlowError:
         await chan.send_error("protocol", f"handshake not completed within {timeout:g} s")
         raise PeerUnavailable(f"{chan.peer}: handshake timed out") from None
-    except AuthError as exc:
+    except AuthError:
         await chan.send_error("auth", "authentication failed: the cluster keys differ")
+        raise
+    except _UnsupportedPeerVersion as exc:
+        await chan.send_error("version", str(exc))
         raise
     except RemoteProtocolError as exc:
         await chan.send_error("protocol", str(exc))
@@ -214,12 +257,10 @@ async def _respond(chan: Channel, key: bytes, roles: tuple[str, ...], info: dict
     if hello.magic != wire.PROTOCOL_MAGIC:
         raise RemoteProtocolError(f"{chan.peer}: not a deltabkp peer (magic {hello.magic!r})")
     if hello.version != wire.PROTOCOL_VERSION:
-        await chan.send_error(
-            "version",
-            f"protocol version {hello.version} is not supported (this side speaks "
-            f"{wire.PROTOCOL_VERSION})",
+        raise _UnsupportedPeerVersion(
+            f"{chan.peer}: protocol version {hello.version} is not supported (this side "
+            f"speaks {wire.PROTOCOL_VERSION})"
         )
-        raise RemoteProtocolError(f"{chan.peer}: unsupported protocol version {hello.version}")
     if hello.role not in roles:
         raise RemoteProtocolError(f"{chan.peer}: role {hello.role!r} is not served here")
     _check_nonce(hello.nonce, chan.peer)
@@ -233,6 +274,7 @@ async def _respond(chan: Channel, key: bytes, roles: tuple[str, ...], info: dict
     if not wire.proof_matches(expected, auth.proof):
         raise AuthError(f"{chan.peer} failed authentication (wrong cluster key)")
     chan.role = hello.role
+    chan._authenticated()
     await chan.send(wire.Welcome(dict(info)))
 
 
@@ -272,19 +314,26 @@ def load_key(path: str | os.PathLike[str] | None = None) -> bytes:
 
 
 def _create_key_file(p: Path) -> None:
-    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    if p.exists():
         return
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Write a complete private temp file, then link it into place: a process starting at
+        # the same instant sees either no key file or a whole one, never an empty one.
+        fd, tmp = tempfile.mkstemp(prefix=".cluster.key.", dir=p.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_hex(32).encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, p)
+            except FileExistsError:
+                pass  # another process won the race; its key is the key
+        finally:
+            os.unlink(tmp)
     except OSError as exc:
-        if exc.errno == errno.EEXIST:
-            return
-        raise UsageError(f"cannot create key file {p}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_hex(32).encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
+        raise UsageError(f"cannot create key file {p}: {exc.strerror or exc}") from None
 
 
 def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:

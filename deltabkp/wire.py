@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 import attrs
 import msgpack
 
-from deltabkp.errors import RemoteProtocolError
+from deltabkp.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "PROTOCOL_MAGIC",
@@ -105,6 +105,38 @@ def _nonneg(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
         raise ValueError(f"{attr.name} must be a non-negative integer")
 
 
+def _port(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not 0 <= value <= 65535:
+        raise ValueError(f"{attr.name} must be a TCP port (0-65535)")
+
+
+#: Free-form values (request args, responses, info maps) may nest this deep, no deeper.
+MAX_DEPTH = 32
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+def _check_plain(value: object) -> None:
+    """Free-form data must be JSON-like (no msgpack ext types) and shallow, so that no
+    consumer (``json.dumps`` in ``ctl --json``) can be made to fail or recurse without end."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, _PLAIN):
+            continue
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"data nested deeper than {MAX_DEPTH} levels")
+        if type(v) is dict:
+            stack.extend((x, depth + 1) for x in v.values())
+        elif type(v) in (list, tuple):  # exact: msgpack's ExtType is a tuple subclass
+            stack.extend((x, depth + 1) for x in v)
+        else:
+            raise ValueError(f"unsupported value of type {type(v).__name__}")
+
+
+def _plain(_inst: object, _attr: attrs.Attribute[Any], value: Any) -> None:
+    _check_plain(value)
+
+
 def _to_tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
@@ -124,7 +156,7 @@ class Hello(Message):
     """Initiator's opening: protocol magic and version, its role, a fresh nonce."""
 
     magic: str = attrs.field(validator=_str)
-    version: int = attrs.field(validator=_int)
+    version: int = attrs.field(validator=[_int, _nonneg])
     role: str = attrs.field(validator=attrs.validators.in_(ROLES))
     nonce: bytes = attrs.field(validator=_bytes)
 
@@ -151,7 +183,7 @@ class Auth(Message):
 class Welcome(Message):
     """Handshake done; ``info`` says who answered (name, version)."""
 
-    info: dict[str, Any] = attrs.field(factory=dict, validator=_dict)
+    info: dict[str, Any] = attrs.field(factory=dict, validator=[_dict, _plain])
 
 
 # --- generic --------------------------------------------------------------------------------
@@ -179,7 +211,7 @@ class Ping(Message):
 class Pong(Message):
     """Answer to ``Ping``."""
 
-    info: dict[str, Any] = attrs.field(factory=dict, validator=_dict)
+    info: dict[str, Any] = attrs.field(factory=dict, validator=[_dict, _plain])
 
 
 # --- one backup (server -> agent) -----------------------------------------------------------
@@ -259,7 +291,7 @@ class Announce(Message):
     """An agent that (re)started says where it listens, so pending retries can run now."""
 
     host: str = attrs.field(validator=_str)
-    port: int = attrs.field(validator=[_int, _nonneg])
+    port: int = attrs.field(validator=[_int, _port])
 
 
 @_message("ack")
@@ -275,13 +307,13 @@ class Ack(Message):
 @attrs.frozen
 class Request(Message):
     op: str = attrs.field(validator=_str)
-    args: dict[str, Any] = attrs.field(factory=dict, validator=_dict)
+    args: dict[str, Any] = attrs.field(factory=dict, validator=[_dict, _plain])
 
 
 @_message("response")
 @attrs.frozen
 class Response(Message):
-    data: Any = None
+    data: Any = attrs.field(default=None, validator=_plain)
 
 
 @_message("data-chunk")
@@ -305,8 +337,6 @@ def encode(msg: Message) -> bytes:
     payload: bytes = msgpack.packb({"t": msg.TYPE, **fields}, use_bin_type=True)
     if len(payload) > MAX_FRAME:
         # Our own bug (a chunk too big), not the peer's: blame the local side.
-        from deltabkp.errors import LocalProtocolError
-
         raise LocalProtocolError(
             f"{msg.TYPE} message of {len(payload)} bytes exceeds the {MAX_FRAME}-byte frame limit"
         )
@@ -350,7 +380,7 @@ class FrameDecoder:
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buf = bytearray()
-        self._max = max_frame
+        self.max_frame = max_frame
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
@@ -359,9 +389,9 @@ class FrameDecoder:
     def _check_header(self) -> None:
         if len(self._buf) >= _HEADER.size:
             (length,) = _HEADER.unpack_from(self._buf)
-            if length > self._max:
+            if length > self.max_frame:
                 raise RemoteProtocolError(
-                    f"frame of {length} bytes exceeds the {self._max}-byte limit "
+                    f"frame of {length} bytes exceeds the {self.max_frame}-byte limit "
                     "(not a deltabkp peer?)"
                 )
 

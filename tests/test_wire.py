@@ -123,15 +123,58 @@ def test_invalid_messages_are_protocol_errors(payload: object) -> None:
         wire.decode_payload(msgpack.packb(payload, use_bin_type=True))
 
 
-@given(st.binary(max_size=2048))
-def test_fuzz_random_bytes_only_raise_protocol_errors(data: bytes) -> None:
+def _drain(data: bytes, step: int) -> None:
     dec = wire.FrameDecoder()
     try:
-        dec.feed(data)
-        while dec.next_message() is not None:
-            pass
+        for i in range(0, len(data), step):
+            dec.feed(data[i : i + step])
+            while (msg := dec.next_message()) is not None:
+                assert attrs.has(type(msg))
     except RemoteProtocolError:
         pass
+
+
+@given(st.binary(max_size=2048), st.sampled_from([1, 7, 4096]))
+def test_fuzz_random_bytes_only_raise_protocol_errors(data: bytes, step: int) -> None:
+    _drain(data, step)
+
+
+_json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=8),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=4), kids, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(
+    st.sampled_from(sorted(wire._REGISTRY)) | st.text(max_size=6),
+    st.dictionaries(
+        st.sampled_from(["path", "data", "code", "message", "info", "args", "op", "port", "host",
+                         "archive_hash", "base_hash", "changed", "nonce", "version", "role", "x"]),
+        _json_like,
+        max_size=5,
+    ),
+    st.sampled_from([1, 5, 100_000]),
+)
+def test_fuzz_well_framed_payloads_reach_the_validators(tag: str, fields: dict[str, object], step: int) -> None:
+    import msgpack
+
+    payload = msgpack.packb({"t": tag, **fields}, use_bin_type=True)
+    _drain(struct.pack(">I", len(payload)) + payload, step)
+
+
+def test_free_form_data_must_be_plain_and_shallow() -> None:
+    import msgpack
+
+    deep: object = 1
+    for _ in range(wire.MAX_DEPTH + 5):
+        deep = [deep]
+    for data in (deep, msgpack.ExtType(5, b"x")):
+        payload = msgpack.packb({"t": "response", "data": data}, use_bin_type=True)
+        with pytest.raises(RemoteProtocolError):
+            wire.decode_payload(payload)
+    with pytest.raises(RemoteProtocolError):
+        wire.decode_payload(msgpack.packb({"t": "announce", "host": "h", "port": 70000}))
 
 
 @given(st.sampled_from(SAMPLES), st.data())
@@ -217,7 +260,7 @@ async def test_authenticated_round_trip_counts_bytes() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_wrong_key_is_refused_both_ways() -> None:
+async def test_wrong_key_is_detected_by_the_initiator() -> None:
     async with trio.open_nursery() as nursery:
         port = await _echo_server(nursery, KEY)
         # The initiator notices the responder's proof does not match its own key.
@@ -264,6 +307,88 @@ async def test_unauthenticated_requests_get_only_an_error() -> None:
             assert msgs and all(isinstance(m, wire.Error) for m in msgs), msgs
             await stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_handshake_refusals_are_protocol_errors_not_refused_requests() -> None:
+    async with trio.open_nursery() as nursery:
+        port = await _echo_server(nursery, KEY)
+        # The echo responder serves every role; a responder that does not (a ctl pointed at an
+        # agent's port) answers with a handshake error, which must not read as "refused".
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        chan = transport.Channel(stream, "test")
+        await chan.send(wire.Hello(wire.PROTOCOL_MAGIC, 99, "ctl", b"n" * 32))
+        with pytest.raises(RequestRefused) as ei:
+            await chan.receive()
+        assert ei.value.code == "version"
+        with pytest.raises(PeerUnavailable):  # exactly one Error frame, then the hang-up
+            await chan.receive(timeout=5)
+        await chan.aclose()
+
+        async def agent_like(stream: trio.SocketStream) -> None:
+            try:
+                await transport.accept(stream, key=KEY, roles=("server",), timeout=5)
+            except DeltabkpError:
+                pass
+            await stream.aclose()
+
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, agent_like, 0, host="127.0.0.1"))
+        agent_port = listeners[0].socket.getsockname()[1]
+        with pytest.raises(RemoteProtocolError, match="role 'ctl' is not served"):
+            await transport.connect("127.0.0.1", agent_port, key=KEY, role="ctl")
+        nursery.cancel_scope.cancel()
+
+
+async def test_big_frames_are_refused_before_authentication() -> None:
+    async with trio.open_nursery() as nursery:
+        port = await _echo_server(nursery, KEY)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        # Well under MAX_FRAME, but no handshake frame is this big: refused before buffering.
+        await stream.send_all(struct.pack(">I", 100_000))
+        received = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        [msg] = _decode_all(received)
+        assert isinstance(msg, wire.Error) and "exceeds" in msg.message
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_stops_reading_unblocks_the_sender() -> None:
+    async with trio.open_nursery() as nursery:
+        held: list[trio.SocketStream] = []
+
+        async def never_reads(stream: trio.SocketStream) -> None:
+            held.append(stream)
+            await trio.sleep_forever()
+
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, never_reads, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        chan = transport.Channel(stream, f"127.0.0.1:{port}", send_timeout=0.5)
+        with trio.fail_after(60):
+            with pytest.raises(PeerUnavailable, match="stopped reading"):
+                while True:  # fills both socket buffers, then the deadline fires
+                    await chan.send(wire.DeltaChunk(b"x" * wire.MAX_CHUNK))
+        await chan.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def test_concurrent_first_use_creates_one_whole_key(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path)}
+    env.pop("DELTABKP_KEY_FILE", None)
+    code = "from deltabkp.transport import load_key; print(load_key().hex())"
+    for round_no in range(3):
+        (tmp_path / "deltabkp" / "cluster.key").unlink(missing_ok=True)
+        procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        outs = [p.communicate(timeout=60) for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        assert len({o for o, _ in outs}) == 1, (round_no, outs)
+    assert not [p for p in (tmp_path / "deltabkp").iterdir() if p.name != "cluster.key"]
 
 
 async def test_connect_to_closed_port_is_peer_unavailable() -> None:
