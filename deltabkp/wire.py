@@ -127,7 +127,7 @@ def _check_plain(value: object) -> None:
             raise ValueError(f"data nested deeper than {MAX_DEPTH} levels")
         if type(v) is dict:
             stack.extend((x, depth + 1) for x in v.values())
-        elif type(v) in (list, tuple):  # exact: msgpack's ExtType is a tuple subclass
+        elif type(v) is list or type(v) is tuple:  # exact: msgpack's ExtType is a tuple
             stack.extend((x, depth + 1) for x in v)
         else:
             raise ValueError(f"unsupported value of type {type(v).__name__}")
