@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="archives kept per target (default 10)")
     p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
                    help="longest silence of an agent during a backup, seconds (default 300)")
+    p.add_argument("--max-archive-mb", type=int, default=64 * 1024, metavar="MB",
+                   help="largest archive accepted from an agent, MiB (default 65536 = 64 GiB)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     return p
 
@@ -75,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(logging.WARNING if args.quiet else logging.INFO)
     try:
         host, port = transport.parse_hostport(args.listen)
-        for name in ("max_concurrent", "max_per_node", "keep"):
+        for name in ("max_concurrent", "max_per_node", "keep", "max_archive_mb"):
             if getattr(args, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         key = transport.load_key(args.key_file)
@@ -83,7 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
             key=key, host=host, port=port,
             max_concurrent=args.max_concurrent, max_per_node=args.max_per_node,
-            settings=ExecutionSettings(keep=args.keep, idle_timeout=args.idle_timeout),
+            settings=ExecutionSettings(
+                keep=args.keep, idle_timeout=args.idle_timeout,
+                max_archive_size=args.max_archive_mb << 20,
+            ),
         )
         try:
             trio.run(_run, server)

@@ -63,6 +63,9 @@ class ExecutionSettings:
     connect_timeout: float = 10.0
     #: Longest silence between two messages of the agent (it may build a big archive first).
     idle_timeout: float = 300.0
+    #: Largest archive accepted: a few COPY ops can describe an unbounded output, and a
+    #: compromised node must not be able to fill the server's disk with one delta.
+    max_archive_size: int = 64 << 30
 
 
 @attrs.define
@@ -98,9 +101,13 @@ class _Unchanged(Exception):
 class _Patch:
     """Patcher over the base + SignatureBuilder + part file; driven from worker threads only."""
 
-    def __init__(self, base_buf: Any, base: ArchiveRecord | None, part: PartWriter) -> None:
+    def __init__(
+        self, base_buf: Any, base: ArchiveRecord | None, part: PartWriter, max_size: int
+    ) -> None:
         # With base_hash the patcher refuses, from the header on, a delta made for another base.
-        self.patcher = deltabkp.Patcher(base_buf, base_hash=base.hash if base else None)
+        self.patcher = deltabkp.Patcher(
+            base_buf, base_hash=base.hash if base else None, max_size=max_size
+        )
         # The signature of the new archive is built while it is written, with blocks sized
         # for the base (the new archive is usually about as big).  With no base the size is
         # unknown until the end, so that first signature is built from the written file.
@@ -263,7 +270,7 @@ class Executor:
                     )
                 else:
                     buf = b""
-                patch = _Patch(buf, base, part)
+                patch = _Patch(buf, base, part, self.settings.max_archive_size)
                 while isinstance(msg, wire.DeltaChunk):
                     await self._thread(patch.feed, msg.data)
                     msg = await chan.receive(timeout=idle)

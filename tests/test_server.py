@@ -520,3 +520,26 @@ async def test_a_lost_base_archive_falls_back_to_a_full_transfer(server: Server,
     listed = await ctl(server.address, "list", node=agent.address, path="/srv/app")
     assert [(a["seq"], a["retained"], a["missing"]) for a in listed] == [(2, True, False), (1, False, True)]
     assert (server.data_dir / "archives/1/2.tgz").read_bytes() == agent.content["/srv/app"]
+
+
+async def test_an_archive_over_the_size_limit_is_refused_and_not_stored(
+    nursery: trio.Nursery, tmp_path: Path, agent: ScriptedAgent
+) -> None:
+    srv = Server(
+        data_dir=tmp_path / "data", key=KEY, host="127.0.0.1", port=0,
+        settings=ExecutionSettings(connect_timeout=5, idle_timeout=10, max_archive_size=100_000),
+    )
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await srv.run(task_status=task_status)
+
+    await nursery.start(run)
+    agent.content["/srv/app"] = os.urandom(150_000)
+    await _register(srv, agent)
+    [ex] = await ctl(srv.address, "log", node=agent.address, path="/srv/app")
+    assert ex["outcome"] == "failed" and "100000" in ex["error"], ex
+    assert await ctl(srv.address, "list", node=agent.address, path="/srv/app") == []
+    assert _files(srv) == []
+    scope.cancel()
