@@ -2,9 +2,10 @@
 
 Job: turn one command line into one control request (docs/formats.md, "Control ops"), print
 the server's answer as a human table or as JSON (``--json``), and exit with a code that tells
-what happened: 0 ok, 1 ``backup-now --wait`` ran and failed, 2 usage error, 3 refused by the
-server (or by the agent, through the server), 4 server unreachable or protocol failure,
-5/6 a restored archive that is malformed / fails its hash.
+what happened: 0 ok, 1 ``backup-now --wait`` ran and failed (or ``restore`` could not write
+next to DEST), 2 usage error, 3 refused by the server (or by the agent, through the server),
+4 server unreachable or protocol failure, 5/6 a restored archive that is malformed / fails
+its hash.
 Invariants:
 - every message names the server, and the node and path the request was about;
 - every network wait has a deadline (``--timeout``; ``backup-now --wait`` waits as long as
@@ -17,13 +18,15 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import blake3
 import trio
@@ -40,10 +43,17 @@ from deltabkp.errors import (
     UsageError,
 )
 
-__all__ = ["register", "default_server", "EXIT_FAILED"]
+__all__ = ["register", "default_server", "EXIT_FAILED", "RestoreWriteError"]
 
 #: ``backup-now --wait``: the execution ran and failed.
 EXIT_FAILED = 1
+
+
+class RestoreWriteError(DeltabkpError):
+    """``restore`` could not write the downloaded archive next to DEST (permissions, disk full)."""
+
+    exit_code = 1
+
 
 _ENV_SERVER = "DELTABKP_SERVER"
 
@@ -72,7 +82,8 @@ server address: --server HOST:PORT, else $DELTABKP_SERVER, else 127.0.0.1:7470.
 cluster key: --key-file F, else $DELTABKP_KEY_FILE, else ~/.config/deltabkp/cluster.key.
 frequency: integer minutes ('15'), or a number with s, m, h or d ('90s', '5m', '2h', '1d').
 
-exit codes: 0 ok; 1 'backup-now --wait' ran and failed; 2 usage error; 3 refused by the server
+exit codes: 0 ok; 1 'backup-now --wait' ran and failed, or restore could not write next to
+DEST; 2 usage error; 3 refused by the server
 (already registered, unknown target, bad frequency, path not allowed by the agent, ...);
 4 server unreachable, wrong key or protocol failure; 5/6 restored archive malformed / corrupt.
 """
@@ -214,8 +225,8 @@ def _run_command(args: argparse.Namespace) -> int:
     cmd: str = args.ctl_command
     server = args.server or default_server()
     host, port = transport.parse_hostport(server, transport.DEFAULT_SERVER_PORT)
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError("--timeout must be a positive number of seconds")
     req: dict[str, Any] = {}
     if cmd in ("register", "unregister", "list", "backup-now", "restore") or (
         cmd == "log" and args.node is not None
@@ -232,8 +243,8 @@ def _run_command(args: argparse.Namespace) -> int:
         req["limit"] = args.limit
     if cmd == "backup-now":
         req["wait"] = bool(args.wait)
-        if args.wait_timeout <= 0:
-            raise UsageError("--wait-timeout must be positive")
+        if not (math.isfinite(args.wait_timeout) and args.wait_timeout > 0):
+            raise UsageError("--wait-timeout must be a positive number of seconds")
     key = transport.load_key(args.key_file)
     client = _Client(host, port, key, float(args.timeout))
     what = f"{req['node']} {req['path']}" if "node" in req else ""
@@ -259,7 +270,7 @@ class _Client:
 
     def __init__(self, host: str, port: int, key: bytes, timeout: float) -> None:
         self.host, self.port, self.key, self.timeout = host, port, key, timeout
-        self.name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.name = transport.format_hostport(host, port)
 
     async def connect(self, what: str) -> transport.Channel:
         try:
@@ -326,44 +337,28 @@ def _prepare_dest(dest: Path, what: str) -> Path:
 
 
 async def _restore(client: _Client, req: dict[str, Any], dest: Path, what: str) -> dict[str, Any]:
-    chan = await client.connect(what)
-    fd, tmp_name = tempfile.mkstemp(
-        dir=dest.absolute().parent, prefix=f".{dest.name}.", suffix=".tgz.part"
-    )
+    # The temp file first: a destination we cannot write to fails before anything is asked.
+    try:
+        fd, tmp_name = tempfile.mkstemp(
+            dir=dest.absolute().parent, prefix=f".{dest.name}.", suffix=".tgz.part"
+        )
+    except OSError as exc:
+        raise RestoreWriteError(
+            f"{what}: cannot create a temp file next to the restore destination {dest}: "
+            f"{exc.strerror or exc}"
+        ) from None
     tmp = Path(tmp_name)
     try:
-        async with chan:
+        try:
             with os.fdopen(fd, "wb") as f:
-                await chan.send(wire.Request("fetch", req))
-                head = await client._receive(chan, what)
-                if not isinstance(head, wire.Response) or not isinstance(head.data, dict):
-                    raise RemoteProtocolError(f"{what}: server {client.name} sent {head.TYPE} to fetch")
-                meta: dict[str, Any] = dict(head.data)
-                try:
-                    size = int(meta["size"])
-                    want = bytes.fromhex(str(meta["hash"]))
-                except (KeyError, TypeError, ValueError):
-                    raise RemoteProtocolError(
-                        f"{what}: server {client.name} sent a malformed archive header {meta!r}"
-                    ) from None
-                hasher = blake3.blake3()
-                got = 0
-                while True:
-                    msg = await client._receive(chan, what)
-                    if isinstance(msg, wire.DataEnd):
-                        break
-                    if not isinstance(msg, wire.DataChunk):
-                        raise RemoteProtocolError(
-                            f"{what}: server {client.name} sent {msg.TYPE} inside an archive"
-                        )
-                    got += len(msg.data)
-                    if got > size:
-                        raise IntegrityError(
-                            f"{what}: archive {meta.get('seq')} is longer than the {size} bytes announced"
-                        )
-                    hasher.update(msg.data)
-                    await trio.to_thread.run_sync(f.write, msg.data)
+                async with await client.connect(what) as chan:
+                    meta, got, size, hasher, want = await _download(client, chan, req, what, f)
                 await trio.to_thread.run_sync(f.flush)
+        except OSError as exc:  # the network's own are PeerUnavailable already: these are ours
+            raise RestoreWriteError(
+                f"{what}: cannot write the archive to {tmp} (restore destination {dest}): "
+                f"{exc.strerror or exc}"
+            ) from None
         if got != size or hasher.digest() != want:
             raise IntegrityError(
                 f"{what}: archive {meta.get('seq')} arrived with {got} bytes and blake3 "
@@ -375,7 +370,43 @@ async def _restore(client: _Client, req: dict[str, Any], dest: Path, what: str) 
         meta["extracted"] = report
         return meta
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+async def _download(
+    client: _Client, chan: transport.Channel, req: dict[str, Any], what: str, f: BinaryIO
+) -> tuple[dict[str, Any], int, int, blake3.blake3, bytes]:
+    """Fetch the archive into ``f``: (header, bytes got, size announced, hasher, hash announced)."""
+    await chan.send(wire.Request("fetch", req))
+    head = await client._receive(chan, what)
+    if not isinstance(head, wire.Response) or not isinstance(head.data, dict):
+        raise RemoteProtocolError(f"{what}: server {client.name} sent {head.TYPE} to fetch")
+    meta: dict[str, Any] = dict(head.data)
+    try:
+        size = int(meta["size"])
+        want = bytes.fromhex(str(meta["hash"]))
+    except (KeyError, TypeError, ValueError):
+        raise RemoteProtocolError(
+            f"{what}: server {client.name} sent a malformed archive header {meta!r}"
+        ) from None
+    hasher = blake3.blake3()
+    got = 0
+    while True:
+        msg = await client._receive(chan, what)
+        if isinstance(msg, wire.DataEnd):
+            return meta, got, size, hasher, want
+        if not isinstance(msg, wire.DataChunk):
+            raise RemoteProtocolError(
+                f"{what}: server {client.name} sent {msg.TYPE} inside an archive"
+            )
+        got += len(msg.data)
+        if got > size:
+            raise IntegrityError(
+                f"{what}: archive {meta.get('seq')} is longer than the {size} bytes announced"
+            )
+        hasher.update(msg.data)
+        await trio.to_thread.run_sync(f.write, msg.data)
 
 
 def _extract(archive: Path, dest: Path) -> dict[str, Any]:

@@ -119,12 +119,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         agent = Agent(config_from_args(args))
         trio.run(_run, agent)
-    except DeltabkpError as exc:
-        print(f"deltabkp-agent: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+    except (DeltabkpError, KeyboardInterrupt, BaseExceptionGroup) as exc:
+        err = _expected(exc)
+        if err is None:
+            raise  # a bug: keep the whole traceback
+        if isinstance(err, KeyboardInterrupt):
+            return 130
+        print(f"deltabkp-agent: error: {err}", file=sys.stderr)
+        return err.exit_code
     return 0
+
+
+def _expected(exc: BaseException) -> DeltabkpError | KeyboardInterrupt | None:
+    """The error to report for ``exc``, unwrapped from the nurseries' exception groups.
+
+    None if any part of it is something else (a bug, shown with its traceback).
+    """
+    if isinstance(exc, (DeltabkpError, KeyboardInterrupt)):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        found = [_expected(e) for e in exc.exceptions]
+        if found and all(f is not None for f in found):
+            # A real error says more than the interrupt that came with it.
+            return next((f for f in found if isinstance(f, DeltabkpError)), found[0])
+    return None
 
 
 async def _run(agent: Agent) -> None:

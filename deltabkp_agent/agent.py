@@ -7,9 +7,15 @@ Invariants:
 - nothing but the handshake is read from a peer that has not proved the cluster key; such
   a peer gets one ``error`` frame and the connection is closed (``transport.accept``);
 - a path is served only through ``Allowlist.resolve`` (real path under an allowed root);
-- one backup at a time per real path (a per-path lock), any number of paths at once, at
-  most ``max_builds`` archive builds in worker threads at once; the event loop itself never
-  does CPU-heavy or blocking work, so ``ping`` is answered while backups run;
+- one backup at a time per real path (a per-path lock, waited on under a deadline, then
+  ``busy``; entries are dropped when unused), any number of paths at once, at most
+  ``max_builds`` archive builds in worker threads at once; the event loop itself never does
+  CPU-heavy or blocking work (path checks run in threads too), so ``ping`` is answered
+  while backups run;
+- unauthenticated handshakes and authenticated sessions have separate budgets: at most
+  ``max_handshakes`` handshakes pending (a new one evicts the oldest, so silent sockets
+  cannot lock a real server out) each under a short deadline, and at most
+  ``max_connections`` sessions;
 - no connection handler can bring the daemon down: errors are logged and the connection
   closed; every network wait has a deadline (idle connections are dropped).
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import sys
+import time
 from pathlib import Path
 
 import attrs
@@ -27,7 +34,7 @@ import trio
 from deltabkp import __version__, transport, wire
 from deltabkp.errors import DeltabkpError, PeerUnavailable, ProtocolError, RequestRefused
 from deltabkp_agent.allowlist import Allowlist
-from deltabkp_agent.backup import BackupContext, describe_failure, serve_backup
+from deltabkp_agent.backup import BackupContext, ServerStopped, describe_failure, serve_backup
 from deltabkp_agent.cache import AgentCache, default_cache_dir
 
 __all__ = ["Agent", "AgentConfig", "configure_logging"]
@@ -36,6 +43,13 @@ log = logging.getLogger("deltabkp_agent")
 
 #: How long an authenticated connection may stay silent between requests.
 IDLE_TIMEOUT = 60.0
+#: How long a new connection has to prove the cluster key: a real server needs a few round
+#: trips; a silent peer holds a handshake slot this long at most.
+HANDSHAKE_TIMEOUT = 3.0
+#: How long a backup request waits for a running backup of the same path (then ``busy``).
+PATH_LOCK_TIMEOUT = 30.0
+#: Failed handshakes are news at most once per this many seconds (INFO); the rest is DEBUG.
+REFUSED_LOG_EVERY_S = 60.0
 #: Announce retry backoff: first delay and cap, seconds.
 ANNOUNCE_FIRST_S = 0.5
 ANNOUNCE_CAP_S = 30.0
@@ -55,9 +69,41 @@ class AgentConfig:
     max_builds: int = 2
     max_signature: int = 128 * 1024 * 1024
     keep: int = 3
-    handshake_timeout: float = transport.DEFAULT_TIMEOUT
-    #: Connections served at once; more are closed at once (a flood cannot exhaust the agent).
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    #: Authenticated sessions served at once; more are told ``busy`` and closed.
     max_connections: int = 256
+    #: Handshakes pending at once; a new connection beyond this evicts the oldest pending one.
+    max_handshakes: int = 64
+    path_lock_timeout: float = PATH_LOCK_TIMEOUT
+    #: A server that reads nothing for this long is gone (its build slot and path lock freed).
+    send_timeout: float = transport.DEFAULT_SEND_TIMEOUT
+
+
+@attrs.define
+class _PathLock:
+    lock: trio.Lock = attrs.Factory(trio.Lock)
+    users: int = 0  # tasks holding or waiting for ``lock``; the entry goes at 0
+
+
+class _RateLimitedLog:
+    """INFO at most once per ``every`` seconds (with a count of what was held back), else DEBUG."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._next = 0.0
+        self._held = 0
+
+    def __call__(self, fmt: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            log.debug(fmt, *args)
+            return
+        if self._held:
+            fmt += " (and %d more like it since the last report)"
+            args = (*args, self._held)
+        log.info(fmt, *args)
+        self._next, self._held = now + self.every, 0
 
 
 class Agent:
@@ -70,8 +116,11 @@ class Agent:
         self.builds = trio.CapacityLimiter(config.max_builds)
         self.active = 0
         self.served = 0
-        self._locks: dict[str, trio.Lock] = {}
-        self._connections = trio.Semaphore(config.max_connections)
+        self._locks: dict[str, _PathLock] = {}
+        self.sessions = 0
+        #: Pending handshakes, oldest first (dicts keep insertion order).
+        self._handshakes: dict[object, trio.CancelScope] = {}
+        self._log_refused = _RateLimitedLog(REFUSED_LOG_EVERY_S)
         self.announced: set[str] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -79,10 +128,12 @@ class Agent:
         try:
             listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
         except OSError as exc:
-            raise DeltabkpError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
+            raise DeltabkpError(
+                f"cannot listen on {transport.format_hostport(cfg.host, cfg.port)}: {exc.strerror}"
+            ) from None
         port = listeners[0].socket.getsockname()[1]
         host = cfg.host
-        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.address = transport.format_hostport(host, port)
         cache_dir = cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir(port)
         self.cache = await trio.to_thread.run_sync(lambda: AgentCache(cache_dir, keep=cfg.keep))
         log.info(
@@ -99,7 +150,7 @@ class Agent:
     async def _announce(self, server: tuple[str, int]) -> None:
         """Tell ``server`` we are up; retry quietly (capped backoff + jitter) until it hears."""
         host, port = server
-        name = f"{host}:{port}"
+        name = transport.format_hostport(host, port)
         delay = ANNOUNCE_FIRST_S
         my_host, _, my_port = self.address.rpartition(":")
         failures = 0
@@ -134,35 +185,73 @@ class Agent:
             "served": self.served,
         }
 
-    def _path_check(self, path: str) -> dict[str, object]:
+    async def _resolve(self, path: str) -> str:
+        """``Allowlist.resolve`` (realpath, stat: blocking) in a worker thread."""
+        return await trio.to_thread.run_sync(self.config.allow.resolve, path, self.address)
+
+    async def _path_check(self, path: str) -> dict[str, object]:
         """The allowlist's verdict on ``path``, resolved here where the path lives."""
         try:
-            self.config.allow.resolve(path, self.address)
+            await self._resolve(path)
         except RequestRefused as exc:
             return {"ok": False, "code": exc.code, "message": exc.message}
         return {"ok": True}
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        if self._connections.value == 0:
-            log.warning("too many connections (%d): closing a new one", self.config.max_connections)
-            await stream.aclose()
-            return
         try:
-            async with self._connections, stream:
-                try:
-                    chan = await transport.accept(
-                        stream, key=self.config.key, roles=("server",),
-                        timeout=self.config.handshake_timeout,
-                        info={"name": "deltabkp-agent", "version": __version__, "node": self.address},
-                    )
-                except DeltabkpError as exc:
-                    log.warning("refused connection: %s", exc)
+            async with stream:
+                chan = await self._handshake(stream)
+                if chan is None:
                     return
-                await self._serve(chan)
+                if self.sessions >= self.config.max_connections:
+                    log.warning(
+                        "too many sessions (%d): closing the one from %s",
+                        self.config.max_connections, chan.peer,
+                    )
+                    await chan.send_error(
+                        "busy", f"agent {self.address}: too many connections, try again later"
+                    )
+                    return
+                self.sessions += 1
+                try:
+                    await self._serve(chan)
+                finally:
+                    self.sessions -= 1
         except DeltabkpError as exc:
             log.warning("connection ended: %s", exc)
         except Exception:  # a bug: log it, never let one connection take the daemon down
             log.exception("internal error while serving a connection")
+
+    async def _handshake(self, stream: trio.SocketStream) -> transport.Channel | None:
+        """The authenticated channel, or None (refused, timed out or evicted; logged)."""
+        if len(self._handshakes) >= self.config.max_handshakes:
+            # Evict the oldest pending handshake rather than refuse this one: a real server
+            # finishes its handshake in a few round trips, a flood of silent sockets cannot
+            # keep it out.
+            oldest = next(iter(self._handshakes))
+            self._handshakes.pop(oldest).cancel()
+        token = object()
+        scope = self._handshakes[token] = trio.CancelScope()
+        try:
+            with scope:
+                chan = await transport.accept(
+                    stream, key=self.config.key, roles=("server",),
+                    timeout=self.config.handshake_timeout,
+                    info={"name": "deltabkp-agent", "version": __version__, "node": self.address},
+                )
+                chan.send_timeout = self.config.send_timeout
+                return chan
+        except DeltabkpError as exc:
+            self._log_refused("refused connection: %s", exc)
+            return None
+        finally:
+            self._handshakes.pop(token, None)
+            if scope.cancelled_caught:
+                self._log_refused(
+                    "more than %d handshakes pending: dropped the oldest",
+                    self.config.max_handshakes,
+                )
+        return None  # evicted: the cancel scope swallowed the cancellation
 
     async def _serve(self, chan: transport.Channel) -> None:
         while True:
@@ -173,7 +262,7 @@ class Agent:
             if isinstance(msg, wire.Ping):
                 info = self._pong_info()
                 if msg.path is not None:
-                    info["path_check"] = self._path_check(msg.path)
+                    info["path_check"] = await self._path_check(msg.path)
                 await chan.send(wire.Pong(info))
             elif isinstance(msg, wire.BackupRequest):
                 if not await self._backup(chan, msg):
@@ -189,18 +278,51 @@ class Agent:
         node, path = self.address, req.path
         assert self.cache is not None
         try:
-            root = self.config.allow.resolve(path, node)
+            root = await self._resolve(path)
         except RequestRefused as exc:
             log.warning("refused backup of %s: %s", path, exc.message)
             await chan.send(wire.Error(exc.code, exc.message))
             return True
         exclude = tuple(dict.fromkeys((*self.config.exclude, *req.exclude)))
         ctx = BackupContext(node, self.cache, self.builds, self.config.max_signature)
-        lock = self._locks.setdefault(root, trio.Lock())
+        entry = self._locks.setdefault(root, _PathLock())
+        entry.users += 1
+        try:
+            acquired = False
+            with trio.move_on_after(self.config.path_lock_timeout):
+                await entry.lock.acquire()
+                acquired = True
+            if not acquired:
+                log.warning("refused backup of %s: another backup of it is still running", path)
+                await chan.send(wire.Error("busy", f"agent {node}: a backup of {path} is already running"))
+                return True
+            try:
+                return await self._run_backup(ctx, chan, req, root, exclude)
+            finally:
+                entry.lock.release()
+        except PeerUnavailable as exc:  # sending "busy" failed
+            log.warning("backup of %s abandoned: %s", path, exc)
+            return False
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[root]
+
+    async def _run_backup(
+        self,
+        ctx: BackupContext,
+        chan: transport.Channel,
+        req: wire.BackupRequest,
+        root: str,
+        exclude: tuple[str, ...],
+    ) -> bool:
+        node, path = self.address, req.path
         self.active += 1
         try:
-            async with lock:
-                out = await serve_backup(ctx, chan, req, root, exclude)
+            out = await serve_backup(ctx, chan, req, root, exclude)
+        except ServerStopped as exc:
+            log.info("backup of %s stopped: %s", path, exc)
+            return False
         except (PeerUnavailable, ProtocolError) as exc:
             log.warning("backup of %s abandoned: %s", path, exc)
             if isinstance(exc, ProtocolError):

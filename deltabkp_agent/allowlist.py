@@ -58,17 +58,19 @@ class Allowlist:
         """The real path to read for ``path``, or ``RequestRefused`` naming node and path.
 
         Codes: ``invalid`` (not absolute, NUL), ``path-not-allowed`` (outside every root,
-        also via ``..`` or a symlink), ``not-found`` (inside a root but missing or not a
-        directory).
+        also via ``..`` or a symlink; the message never reveals the real path), ``not-found``
+        (inside a root but missing or not a directory).  Blocking (``realpath``, ``stat``):
+        call it from a worker thread.
         """
         if not path.startswith("/") or "\x00" in path:
             raise RequestRefused("invalid", f"agent {node}: path {path!r} must be absolute")
         real = os.path.realpath(path)
         if not any(_is_under(real, r) for r in self.roots):
-            via = "" if real == os.path.normpath(path) else f" (it resolves to {real})"
+            # Never say where it resolves to: that would let a server read any symlink's
+            # target on this node (Ping("/proc/1/cwd")).  The roots are no secret (Pong).
             raise RequestRefused(
                 "path-not-allowed",
-                f"agent {node}: path {path}{via} is not under an allowed root "
+                f"agent {node}: path {path} resolves outside the allowed roots "
                 f"({', '.join(self.roots) or 'none'})",
             )
         if not os.path.isdir(real):

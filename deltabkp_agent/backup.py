@@ -17,8 +17,10 @@ Invariants:
   (channel slots + at most ``HOLD_LIMIT`` held back + the encoder's own buffer);
 - delta output is held back (up to ``HOLD_LIMIT``) while a base exists, so an archive that
   turns out byte-identical to the base is answered ``unchanged (hash)`` with no delta sent;
-- a server that hangs up or sends anything during the stream stops the build at its next
-  chunk (the thread checks for cancellation), and nothing is cached;
+- a server that hangs up, stops reading (the transport's send deadline) or sends anything
+  during the stream stops the build at its next chunk (the thread checks for
+  cancellation), and nothing is cached; a server's own ``cancel``/``error`` ends the backup
+  quietly (``ServerStopped``: nothing is sent back);
 - the cache is written only after ``backup-done`` (or ``unchanged``) was sent.
 """
 
@@ -45,7 +47,7 @@ from deltabkp.errors import (
 )
 from deltabkp_agent.cache import AgentCache
 
-__all__ = ["BackupContext", "BackupOutcome", "serve_backup", "HOLD_LIMIT"]
+__all__ = ["BackupContext", "BackupOutcome", "ServerStopped", "serve_backup", "HOLD_LIMIT"]
 
 log = logging.getLogger("deltabkp_agent")
 
@@ -104,6 +106,11 @@ class _Stopped(Exception):
     """The event loop side went away (cancelled or hung up): stop building."""
 
 
+class ServerStopped(PeerUnavailable):
+    """The server ended the backup itself (``cancel`` or its own ``error``): stop, and send
+    nothing back (echoing its error to it would only make noise)."""
+
+
 async def serve_backup(
     ctx: BackupContext,
     chan: transport.Channel,
@@ -149,7 +156,9 @@ async def serve_backup(
         estimate = base_sig.base_size
     else:
         estimate = await thread(_estimate_archive_size, root)
-    built = await _stream_delta(ctx, chan, root, exclude, base_sig, estimate, req.base_hash is not None)
+    built = await _stream_delta(
+        ctx, chan, path, root, exclude, base_sig, estimate, req.base_hash is not None
+    )
 
     if req.base_hash is not None and built.held and built.archive_hash == req.base_hash:
         await chan.send(wire.Unchanged(req.base_hash, "hash"))
@@ -308,14 +317,22 @@ def _build(
 # -- event loop side --------------------------------------------------------------------------
 
 
+def _server_stopped(msg: wire.Message, node: str, path: str) -> ServerStopped:
+    if isinstance(msg, wire.Error):
+        return ServerStopped(
+            f"agent {node}: server ended the backup of {path} ({msg.code}: {msg.message})"
+        )
+    return ServerStopped(f"agent {node}: server cancelled the backup of {path}")
+
+
 async def _receive_signature(chan: transport.Channel, ctx: BackupContext, path: str) -> bytes:
     buf = bytearray()
     while True:
-        msg = await chan.receive(timeout=SIG_CHUNK_TIMEOUT)
+        msg = await chan.receive(timeout=SIG_CHUNK_TIMEOUT, raise_errors=False)
         if isinstance(msg, wire.SignatureEnd):
             return bytes(buf)
-        if isinstance(msg, wire.Cancel):
-            raise PeerUnavailable(f"agent {ctx.node}: server cancelled the backup of {path}")
+        if isinstance(msg, (wire.Cancel, wire.Error)):
+            raise _server_stopped(msg, ctx.node, path)
         if not isinstance(msg, wire.SignatureChunk):
             raise RemoteProtocolError(
                 f"agent {ctx.node}: expected sig-chunk for {path}, got {msg.TYPE}"
@@ -334,11 +351,13 @@ class _Box:
     built: _Built | None = None
     error: BaseException | None = None
     aborted: str | None = None
+    stopped_by_server: ServerStopped | None = None
 
 
 async def _stream_delta(
     ctx: BackupContext,
     chan: transport.Channel,
+    path: str,
     root: str,
     exclude: tuple[str, ...],
     base_sig: Signature,
@@ -362,6 +381,8 @@ async def _stream_delta(
         # a hang-up) ends this backup.
         try:
             msg = await chan.receive(timeout=None, raise_errors=False)
+            if isinstance(msg, (wire.Cancel, wire.Error)):
+                box.stopped_by_server = _server_stopped(msg, ctx.node, path)
             box.aborted = f"server sent {msg.TYPE} during the stream"
         except DeltabkpError as exc:
             box.aborted = str(exc)
@@ -370,18 +391,26 @@ async def _stream_delta(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(produce)
         nursery.start_soon(watch_peer, nursery.cancel_scope)
-        async with receive:
-            async for piece in receive:
-                await chan.send(wire.DeltaChunk(piece))
-        nursery.cancel_scope.cancel()  # the stream is done: stop watching
+        try:
+            async with receive:
+                async for piece in receive:
+                    # A server that stops reading is dropped by the send deadline
+                    # (PeerUnavailable); caught here, or it would leave as an ExceptionGroup.
+                    await chan.send(wire.DeltaChunk(piece))
+        except PeerUnavailable as exc:
+            if box.aborted is None:
+                box.aborted = str(exc)
+        nursery.cancel_scope.cancel()  # the stream is done (or dead): stop watching
 
+    if box.stopped_by_server is not None:
+        raise box.stopped_by_server
     if box.aborted is not None:
-        raise PeerUnavailable(f"agent {ctx.node}: backup of {root} abandoned: {box.aborted}")
+        raise PeerUnavailable(f"agent {ctx.node}: backup of {path} abandoned: {box.aborted}")
     if box.error is not None:
         raise box.error
     if box.built is None:  # stopped without the peer going away: we are being cancelled
         await trio.lowlevel.checkpoint()
-        raise PeerUnavailable(f"agent {ctx.node}: backup of {root} stopped")
+        raise PeerUnavailable(f"agent {ctx.node}: backup of {path} stopped")
     return box.built
 
 

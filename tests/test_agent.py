@@ -5,16 +5,20 @@ not prove the key (wrong key, garbage, an oversized frame, a request before the 
 get one error frame and nothing else, and full backup exchanges checked byte for byte
 against a fresh archive build: first backup (all literals), unchanged by fingerprint, a
 small delta after a change, the NeedSignature path with an empty cache, unchanged by hash,
-a server hanging up mid-stream, two paths at once, and pings answered during a large backup.
+a server cancelling, hanging up or no longer reading mid-stream (the build slot and the
+path lock are freed), a second backup of a busy path, a server's own error not echoed back,
+two paths at once, pings answered during a large backup, and the connection budgets
+(silent sockets cannot lock a real server out).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import attrs
@@ -24,7 +28,7 @@ import trio
 
 import deltabkp
 from deltabkp import transport, wire
-from deltabkp.errors import AuthError, RequestRefused
+from deltabkp.errors import AuthError, PeerUnavailable, RequestRefused
 from deltabkp_agent import Agent, AgentConfig, Allowlist
 from deltabkp_agent.agent import configure_logging
 
@@ -49,7 +53,9 @@ class Env:
         return transport.parse_hostport(self.agent.address)
 
 
-async def start_agent(nursery: trio.Nursery, tmp: Path, cache: Path | None = None) -> Env:
+async def start_agent(
+    nursery: trio.Nursery, tmp: Path, cache: Path | None = None, **config: object
+) -> Env:
     root = tmp / "allowed"
     outside = tmp / "outside"
     root.mkdir(parents=True, exist_ok=True)
@@ -57,7 +63,7 @@ async def start_agent(nursery: trio.Nursery, tmp: Path, cache: Path | None = Non
     cache = cache or tmp / "cache"
     cfg = AgentConfig(
         key=KEY, allow=Allowlist.from_args([str(root)]), host="127.0.0.1", port=0,
-        cache_dir=cache, handshake_timeout=5,
+        cache_dir=cache, **{"handshake_timeout": 5, **config},  # type: ignore[arg-type]
     )
     agent = Agent(cfg)
     await nursery.start(agent.run)
@@ -167,6 +173,8 @@ async def test_ping_with_a_path_gets_the_allowlist_verdict(env: Env) -> None:
     assert verdicts[str(env.outside)]["code"] == "path-not-allowed"
     assert verdicts[str(env.root / "missing")]["code"] == "not-found"
     assert str(env.root / "escape") in str(verdicts[str(env.root / "escape")]["message"])
+    # Where a path really leads is not the server's business (Ping("/proc/1/cwd")).
+    assert str(env.outside) not in str(verdicts[str(env.root / "escape")]["message"])
 
 
 @pytest.mark.parametrize("how", ["outside", "dotdot", "symlink", "symlink-inside-path", "relative"])
@@ -401,7 +409,7 @@ async def test_change_during_the_build_makes_the_next_check_miss(env: Env) -> No
         assert (r2.reason, a1) == ("hash", fresh)
 
 
-async def test_server_hanging_up_mid_stream_stops_the_build(env: Env) -> None:
+async def test_server_cancelling_mid_stream_stops_the_build(env: Env) -> None:
     app = env.root / "big"
     app.mkdir()
     for i in range(8):
@@ -505,3 +513,172 @@ async def test_keep_alive_gives_up_holding_and_stays_patchable(
     assert isinstance(msg, wire.BackupDone) and msg.archive_hash == base_hash
     assert b"" in chunks  # a keep-alive went out while the encoder had nothing to say
     assert deltabkp.patch(a1, b"".join(chunks)) == a1
+
+
+# -- servers that go away, busy paths, connection budgets -----------------------------------------
+
+
+@pytest.fixture
+def agent_log() -> Iterator[list[logging.LogRecord]]:
+    """Every record the agent logs during the test."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(logging.DEBUG)
+    logger = logging.getLogger("deltabkp_agent")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def big_tree(app: Path, mb: int = 8) -> None:
+    app.mkdir()
+    for i in range(mb):
+        (app / f"r{i:02}.bin").write_bytes(os.urandom(1_000_000))
+
+
+async def until_idle(agent: Agent) -> None:
+    """Wait until no backup runs (its build thread has returned: the slot is free again)."""
+    with trio.fail_after(30):
+        while agent.active:
+            await trio.sleep(0.02)
+    assert agent.builds.borrowed_tokens == 0
+    assert agent._locks == {}  # unused path locks are dropped
+
+
+async def test_server_closing_the_socket_mid_stream_frees_the_build(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    env = await start_agent(nursery, tmp_path, max_builds=1)  # a leaked slot would hang below
+    app = env.root / "big"
+    big_tree(app)
+    with trio.fail_after(30):
+        chan = await connect(env)
+        await chan.send(wire.BackupRequest(str(app), None, ()))
+        assert isinstance(await chan.receive(), wire.DeltaChunk)
+        await chan.aclose()  # a real hang-up: no cancel, no error, the socket is gone
+    await until_idle(env.agent)
+    assert not any((env.cache / "sigs").iterdir())
+    r = await backup(env, app)
+    assert r.kind == "delta" and deltabkp.patch(b"", r.delta) == fresh_archive(app)
+
+
+async def connect_small_window(env: Env) -> transport.Channel:
+    """An authenticated channel whose socket buffers little: it stops reading for real."""
+    host, port = env.host_port
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect((host, port))
+    chan = transport.Channel(trio.SocketStream(sock), env.agent.address)
+    with trio.fail_after(10):
+        await transport._initiate(chan, KEY, "server")
+    return chan
+
+
+async def test_server_that_stops_reading_is_dropped(
+    nursery: trio.Nursery, tmp_path: Path, agent_log: list[logging.LogRecord]
+) -> None:
+    env = await start_agent(nursery, tmp_path, max_builds=1, send_timeout=0.3)
+    app = env.root / "big"
+    big_tree(app, mb=16)
+    async with await connect_small_window(env) as chan:
+        await chan.send(wire.BackupRequest(str(app), None, ()))
+        assert isinstance(await chan.receive(), wire.DeltaChunk)
+        # Read nothing more: the agent's send deadline must free the slot and the path lock.
+        await until_idle(env.agent)
+    # A dead peer, not a bug (the failed send must not escape as an ExceptionGroup).
+    assert not [r for r in agent_log if r.levelno >= logging.ERROR]
+    assert any("abandoned" in r.getMessage() and "stopped reading" in r.getMessage()
+               for r in agent_log), [r.getMessage() for r in agent_log]
+    r = await backup(env, app)
+    assert r.kind == "delta" and deltabkp.patch(b"", r.delta) == fresh_archive(app)
+
+
+async def test_a_second_backup_of_a_busy_path_is_told_busy(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    env = await start_agent(nursery, tmp_path, path_lock_timeout=0.2)
+    app = env.root / "big"
+    big_tree(app)
+    with trio.fail_after(30):
+        async with await connect(env) as first:
+            await first.send(wire.BackupRequest(str(app), None, ()))
+            assert isinstance(await first.receive(), wire.DeltaChunk)
+            # The first backup holds the path (it waits for us to read); a second one waits
+            # for it only so long.
+            async with await connect(env) as second:
+                await second.send(wire.BackupRequest(str(app), None, ()))
+                with pytest.raises(RequestRefused) as info:
+                    await second.receive()
+                assert info.value.code == "busy"
+                assert env.agent.address in info.value.message and str(app) in info.value.message
+                # The connection is still in step: it answers a ping.
+                await second.send(wire.Ping())
+                await second.receive_a(wire.Pong)
+    await until_idle(env.agent)
+
+
+async def test_a_servers_own_error_is_not_echoed_back(
+    env: Env, agent_log: list[logging.LogRecord]
+) -> None:
+    app = env.root / "app"
+    make_tree(app)
+    with trio.fail_after(30):
+        async with await connect(env) as chan:
+            await chan.send(wire.BackupRequest(str(app), b"h" * 32, ()))
+            assert isinstance(await chan.receive(), wire.NeedSignature)
+            await chan.send(wire.Error("failed", "server: cannot read the base archive"))
+            # The agent stops and hangs up without a word (no error frame of its own).
+            with pytest.raises(PeerUnavailable):
+                await chan.receive(raise_errors=False)
+    await until_idle(env.agent)
+    assert not [r for r in agent_log if r.levelno >= logging.WARNING]
+
+
+async def test_silent_sockets_cannot_lock_a_real_server_out(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # Silent peers would each hold a handshake slot for 60 s here; there are only 4 slots.
+    env = await start_agent(nursery, tmp_path, max_handshakes=4, handshake_timeout=60)
+    host, port = env.host_port
+    silent = []
+    try:
+        with trio.fail_after(20):
+            for _ in range(12):
+                s = trio.socket.socket()
+                await s.connect((host, port))
+                silent.append(s)
+            while len(env.agent._handshakes) < 4:
+                await trio.sleep(0.02)
+            # A real server still gets in (it evicts the oldest silent socket) ...
+            async with await connect(env) as chan:
+                await chan.send(wire.Ping())
+                await chan.receive_a(wire.Pong)
+            # ... and the evicted silent sockets were closed without a byte.
+            assert await silent[0].recv(100) == b""
+            assert len(env.agent._handshakes) <= 4
+    finally:
+        for s in silent:
+            s.close()
+
+
+async def test_authenticated_sessions_have_their_own_budget(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    env = await start_agent(nursery, tmp_path, max_connections=1)
+    with trio.fail_after(20):
+        async with await connect(env) as first:
+            await first.send(wire.Ping())
+            await first.receive_a(wire.Pong)
+            async with await connect(env) as second:  # authenticated, then told why not
+                with pytest.raises(RequestRefused) as info:
+                    await second.receive()
+                assert info.value.code == "busy" and env.agent.address in info.value.message
+        async with await connect(env) as again:  # the session slot was given back
+            await again.send(wire.Ping())
+            await again.receive_a(wire.Pong)

@@ -1,4 +1,5 @@
-"""The ``deltabkp-agent`` process: start-up line, bad arguments, announce, SIGTERM mid-backup.
+"""The ``deltabkp-agent`` process: start-up line, bad arguments, a port in use, announce,
+SIGTERM mid-backup.
 
 Each test starts the real console script on 127.0.0.1 port 0 and talks to it over TCP as a
 server would (``deltabkp.transport``), or listens as a server for its announcement.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 import trio
 
 from deltabkp import transport, wire
-from helpers_proc import Daemon, exe
+from helpers_proc import Daemon, exe, wait_for
 
 KEY = b"p" * 32
 
@@ -67,7 +69,11 @@ async def test_announces_itself_to_a_server_that_comes_up_late(tmp_path: Path, k
         tmp_path / "agent.log", env_for(tmp_path),
     ))
     try:
-        await trio.sleep(1.0)  # a few announce attempts fail against the closed port
+        # The first attempt fails against the closed port (and says so) before we listen.
+        await trio.to_thread.run_sync(lambda: wait_for(
+            lambda: "announce to server" in agent.log_text() and "failed" in agent.log_text(),
+            what="a failed announce in the agent's log",
+        ))
         got: list[wire.Announce] = []
         done = trio.Event()
 
@@ -115,6 +121,21 @@ async def test_sigterm_during_a_backup_stops_cleanly(tmp_path: Path, key_file: P
         assert not list((cache / "sigs").iterdir())
     finally:
         agent.stop()
+
+
+def test_port_in_use_is_one_line_of_error(tmp_path: Path, key_file: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cmd = [exe("deltabkp-agent"), "--listen", f"127.0.0.1:{port}", "--key-file", str(key_file),
+               "--allow", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env_for(tmp_path))
+    assert res.returncode == 1, res
+    assert "Traceback" not in res.stderr and "ExceptionGroup" not in res.stderr, res.stderr
+    [line] = res.stderr.strip().splitlines()
+    assert line.startswith("deltabkp-agent: error: cannot listen on") and str(port) in line
+    assert res.stdout == ""
 
 
 def test_listening_line_and_default_cache_dir(tmp_path: Path, key_file: Path) -> None:

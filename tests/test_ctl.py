@@ -56,6 +56,10 @@ def make_app(root: Path) -> Path:
         (["log", "--limit", "0"], "--limit"),
         (["--server", "127.0.0.1:99999", "targets"], "port out of range"),
         (["--timeout", "0", "targets"], "--timeout"),
+        (["--timeout", "nan", "targets"], "--timeout"),
+        (["--timeout", "inf", "targets"], "--timeout"),
+        (["backup-now", "10.0.0.5:7471", "/srv/app", "--wait", "--wait-timeout", "nan"],
+         "--wait-timeout"),
         (["--key-file", "/nonexistent/key", "targets"], "does not exist"),
         (["frobnicate"], "invalid choice"),
         (["restore", "10.0.0.5:7471", "/srv/app"], "DEST"),
@@ -75,6 +79,15 @@ def test_help_teaches_with_examples(env: dict[str, str]) -> None:
         assert word in res.stdout
     res = run("restore", "--help", env=env)
     assert res.returncode == 0 and "--version" in res.stdout and "examples:" in res.stdout
+
+
+def test_restore_into_an_unwritable_place_is_one_line_naming_dest(env: dict[str, str]) -> None:
+    # Found before connecting (nothing listens on port 9): the temp file comes first.
+    res = run("--server", "127.0.0.1:9", "restore", "10.0.0.5:7471", "/srv/app", "/proc/x", env=env)
+    assert res.returncode == 1, res
+    assert "Traceback" not in res.stderr, res.stderr
+    [line] = res.stderr.strip().splitlines()
+    assert "/proc/x" in line and "10.0.0.5:7471 /srv/app" in line
 
 
 # -- connection failures: exit 4 ------------------------------------------------------------------
@@ -126,6 +139,7 @@ def test_refusals_exit_3_and_name_node_and_path(cluster: Cluster, tmp_path: Path
         err = refused(cmd, node, "/not/registered", code="not-found")
         assert node in err and "/not/registered" in err
     err = refused("log", node, "/not/registered", code="not-found")
+    assert node in err and "/not/registered" in err
 
     # Nothing changed: still exactly one target.
     targets = cluster.ctl("targets")
