@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import trio
 
 from deltabkp import transport
+from deltabkp._daemon import run_daemon
 from deltabkp.errors import DeltabkpError, UsageError
 from deltabkp_agent.agent import Agent, AgentConfig, configure_logging
 from deltabkp_agent.allowlist import Allowlist
@@ -118,52 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(logging.WARNING if args.quiet else logging.INFO)
     try:
         agent = Agent(config_from_args(args))
-        trio.run(_run, agent)
-    except (DeltabkpError, KeyboardInterrupt, BaseExceptionGroup) as exc:
-        err = _expected(exc)
-        if err is None:
-            raise  # a bug: keep the whole traceback
-        if isinstance(err, KeyboardInterrupt):
-            return 130
-        print(f"deltabkp-agent: error: {err}", file=sys.stderr)
-        return err.exit_code
-    return 0
-
-
-def _expected(exc: BaseException) -> DeltabkpError | KeyboardInterrupt | None:
-    """The error to report for ``exc``, unwrapped from the nurseries' exception groups.
-
-    None if any part of it is something else (a bug, shown with its traceback).
-    """
-    if isinstance(exc, (DeltabkpError, KeyboardInterrupt)):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        found = [_expected(e) for e in exc.exceptions]
-        if found and all(f is not None for f in found):
-            # A real error says more than the interrupt that came with it.
-            return next((f for f in found if isinstance(f, DeltabkpError)), found[0])
-    return None
-
-
-async def _run(agent: Agent) -> None:
-    async with trio.open_nursery() as nursery:
-        # Signals first, so a SIGTERM during start-up also ends cleanly.
-        await nursery.start(_watch_signals, nursery.cancel_scope)
-        address = await nursery.start(agent.run)
-        print(f"deltabkp-agent listening on {address}", flush=True)
-
-
-async def _watch_signals(
-    scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        task_status.started()
-        async for signum in signals:
-            logging.getLogger("deltabkp_agent").info(
-                "%s: shutting down", signal.Signals(signum).name
-            )
-            scope.cancel()
-            return
+    except DeltabkpError as exc:
+        print(f"deltabkp-agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return run_daemon("deltabkp-agent", agent.run)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import trio
 
 from deltabkp import transport
+from deltabkp._daemon import run_daemon
 from deltabkp.errors import DeltabkpError, UsageError
 from deltabkp_server.execution import ExecutionSettings
 from deltabkp_server.server import Server, configure_logging
@@ -90,59 +89,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_archive_size=args.max_archive_mb << 20,
             ),
         )
-        try:
-            trio.run(_run, server)
-        except BaseExceptionGroup as group:
-            raise _single_error(group) from None
     except DeltabkpError as exc:
         print(f"deltabkp-server: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return 0
 
-
-def _single_error(group: BaseExceptionGroup) -> BaseException:
-    """Nurseries wrap errors in groups; a start-up failure is one DeltabkpError: unwrap it."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(group)
-    errors = [e for e in leaves if isinstance(e, DeltabkpError)]
-    if errors and len(errors) == len(leaves):
-        return errors[0]
-    return group
-
-
-async def _run(server: Server) -> None:
-    async with trio.open_nursery() as nursery:
-        # Signals first, so a SIGTERM during start-up also ends cleanly.
-        await nursery.start(_watch_signals, nursery.cancel_scope)
-        address = await nursery.start(server.run)
-        print(f"deltabkp-server listening on {address}", flush=True)
+    def ready(_address: str) -> None:
         logging.getLogger("deltabkp_server").info(
             "data dir %s, max %d executions (%d per node)",
             server.data_dir, server.max_concurrent, server.max_per_node,
         )
 
-
-async def _watch_signals(
-    scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        task_status.started()
-        async for signum in signals:
-            logging.getLogger("deltabkp_server").info(
-                "%s: shutting down", signal.Signals(signum).name
-            )
-            scope.cancel()
-            return
+    return run_daemon("deltabkp-server", server.run, ready)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,79 @@
+"""Shared life cycle of the two daemons: run under Trio, stop cleanly on SIGTERM/SIGINT,
+announce the bound address, and turn expected failures into one line and an exit code.
+
+Invariant: a ``DeltabkpError`` (even wrapped by nurseries in exception groups) ends the
+process with one ``NAME: error: …`` line and its ``exit_code``; anything else is a bug and
+keeps its full traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from deltabkp.errors import DeltabkpError
+
+__all__ = ["run_daemon"]
+
+Starter = Callable[..., Awaitable[object]]
+
+
+def _expected(exc: BaseException) -> DeltabkpError | KeyboardInterrupt | None:
+    """The error to report for ``exc``, unwrapped from exception groups; None for a bug."""
+    if isinstance(exc, (DeltabkpError, KeyboardInterrupt)):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        found = [_expected(e) for e in exc.exceptions]
+        if found and all(f is not None for f in found):
+            # A real error says more than the interrupt that came with it.
+            return next((f for f in found if isinstance(f, DeltabkpError)), found[0])
+    return None
+
+
+async def _watch_signals(
+    name: str,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            # The daemon's package logger: "deltabkp-agent" logs as "deltabkp_agent".
+            logging.getLogger(name.replace("-", "_")).info(
+                "%s: shutting down", signal.Signals(signum).name
+            )
+            scope.cancel()
+            return
+
+
+def run_daemon(name: str, start: Starter, on_ready: Callable[[str], None] | None = None) -> int:
+    """Run ``start`` (a ``nursery.start``-able task that reports its address) until a signal.
+
+    Prints ``NAME listening on ADDRESS`` once it is ready (tests and scripts wait for it).
+    """
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            # Signals first, so a SIGTERM during start-up also ends cleanly.
+            await nursery.start(_watch_signals, name, nursery.cancel_scope)
+            address = await nursery.start(start)
+            print(f"{name} listening on {address}", flush=True)
+            if on_ready is not None:
+                on_ready(str(address))
+
+    try:
+        trio.run(main)
+    except (DeltabkpError, KeyboardInterrupt, BaseExceptionGroup) as exc:
+        err = _expected(exc)
+        if err is None:
+            raise  # a bug: keep the whole traceback
+        if isinstance(err, KeyboardInterrupt):
+            return 130
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
