@@ -145,12 +145,10 @@ async def agent(nursery: trio.Nursery) -> AsyncIterator[ScriptedAgent]:
     a.cancel_scope.cancel()
 
 
-@pytest.fixture
-async def server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Server]:
-    srv = Server(
-        data_dir=tmp_path / "data", key=KEY, host="127.0.0.1", port=0,
-        settings=ExecutionSettings(keep=3, connect_timeout=5, idle_timeout=10),
-    )
+async def _start_server(
+    nursery: trio.Nursery, data_dir: Path, settings: ExecutionSettings
+) -> tuple[Server, trio.CancelScope]:
+    srv = Server(data_dir=data_dir, key=KEY, host="127.0.0.1", port=0, settings=settings)
     scope = trio.CancelScope()
 
     async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -158,6 +156,14 @@ async def server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Server]
             await srv.run(task_status=task_status)
 
     await nursery.start(run)
+    return srv, scope
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Server]:
+    srv, scope = await _start_server(
+        nursery, tmp_path / "data", ExecutionSettings(keep=3, connect_timeout=5, idle_timeout=10)
+    )
     yield srv
     scope.cancel()
 
@@ -525,17 +531,10 @@ async def test_a_lost_base_archive_falls_back_to_a_full_transfer(server: Server,
 async def test_an_archive_over_the_size_limit_is_refused_and_not_stored(
     nursery: trio.Nursery, tmp_path: Path, agent: ScriptedAgent
 ) -> None:
-    srv = Server(
-        data_dir=tmp_path / "data", key=KEY, host="127.0.0.1", port=0,
-        settings=ExecutionSettings(connect_timeout=5, idle_timeout=10, max_archive_size=100_000),
+    srv, scope = await _start_server(
+        nursery, tmp_path / "data",
+        ExecutionSettings(connect_timeout=5, idle_timeout=10, max_archive_size=100_000),
     )
-    scope = trio.CancelScope()
-
-    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with scope:
-            await srv.run(task_status=task_status)
-
-    await nursery.start(run)
     agent.content["/srv/app"] = os.urandom(150_000)
     await _register(srv, agent)
     [ex] = await ctl(srv.address, "log", node=agent.address, path="/srv/app")
