@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 import deltabkp
 from deltabkp import errors
@@ -39,10 +36,20 @@ def test_cli_without_command_is_usage_error() -> None:
     assert out.returncode == 2
 
 
-@pytest.mark.skipif(shutil.which("mypy") is None, reason="mypy is part of the [test] extra")
 def test_library_is_mypy_strict_clean() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_daemons_are_mypy_strict_clean() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--config-file", str(ROOT / "pyproject.toml"),
+         "deltabkp_server", "deltabkp_agent"],
         cwd=ROOT,
         capture_output=True,
         text=True,
