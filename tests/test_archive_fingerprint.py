@@ -110,7 +110,14 @@ root = os.path.realpath(sys.argv[1])
 opened = []
 def hook(event, args):
     if event == "open" and args and isinstance(args[0], (str, bytes)):
-        p = os.path.realpath(os.fsdecode(args[0]))
+        p = os.fsdecode(args[0])
+        if not os.path.isabs(p):
+            # A name relative to a directory fd (the walk's opens): a file unless O_DIRECTORY.
+            flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
+            if not flags & os.O_DIRECTORY:
+                opened.append(p)
+            return
+        p = os.path.realpath(p)
         if p.startswith(root + os.sep) and not os.path.isdir(p):
             opened.append(p)
 sys.addaudithook(hook)

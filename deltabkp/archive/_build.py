@@ -11,7 +11,10 @@ Invariants:
   exactly the size announced (cut or zero padded).  Every inconsistency lands in the report;
 - memory is bounded whatever the tree: one file up to ``mem_limit``, plus a few compression
   jobs of ~``JOB_SIZE`` bytes in flight;
-- no lock is ever taken on an application file; FIFOs, sockets and devices are never opened.
+- no lock is ever taken on an application file; FIFOs, sockets and devices are never opened;
+- nothing outside the tree is ever read: entries are opened relative to their directory's fd
+  (``_walk.walk``) without following a symlink, so one swapped in mid-build is reported,
+  never followed.
 
 Two cores: the iterating thread walks, reads, writes tar headers and finds cut points;
 worker threads deflate (``_gzip.RsyncableGzip``).
@@ -33,7 +36,7 @@ import attrs
 import blake3
 
 from deltabkp.archive._gzip import RsyncableGzip
-from deltabkp.archive._walk import Excluder, check_root, walk
+from deltabkp.archive._walk import Excluder, open_root, walk
 from deltabkp.errors import ArchiveError
 
 __all__ = ["ArchiveReport", "FileIssue", "TgzBuilder", "build_archive"]
@@ -231,10 +234,13 @@ class TgzBuilder:
     # -- compression pipeline -----------------------------------------------------------------
 
     def _generate(self) -> Iterator[bytes]:
-        top = check_root(self.root)
-        counts = _Counts()
-        stream = RsyncableGzip(self.level, self.threads)
-        yield from stream.compress(self._tar(top, counts))
+        top, top_fd = open_root(self.root)
+        try:
+            counts = _Counts()
+            stream = RsyncableGzip(self.level, self.threads)
+            yield from stream.compress(self._tar(top, top_fd, counts))
+        finally:
+            os.close(top_fd)
         self._report = ArchiveReport(
             files=counts.files,
             dirs=counts.dirs,
@@ -249,13 +255,13 @@ class TgzBuilder:
 
     # -- the tar stream -------------------------------------------------------------------------
 
-    def _tar(self, top: bytes, counts: _Counts) -> Iterator[bytes]:
+    def _tar(self, top: bytes, top_fd: int, counts: _Counts) -> Iterator[bytes]:
         def skip(rel: str, what: str) -> None:
             counts.skipped.append(FileIssue(rel, what))
 
         links: dict[tuple[int, int], str] = {}
         total = 0
-        for rel, path, st in walk(top, self.exclude, skip):
+        for rel, dir_fd, name, st in walk(top, top_fd, self.exclude, skip):
             kind = stat.S_IFMT(st.st_mode)
             if kind == stat.S_IFDIR:
                 counts.dirs += 1
@@ -264,7 +270,7 @@ class TgzBuilder:
                 yield hdr
             elif kind == stat.S_IFLNK:
                 try:
-                    target = os.fsdecode(os.readlink(path))
+                    target = os.readlink(name, dir_fd=dir_fd)
                 except FileNotFoundError:
                     skip(rel, "vanished before it was read")
                     continue
@@ -286,7 +292,7 @@ class TgzBuilder:
                     total += len(hdr)
                     yield hdr
                     continue
-                for piece in self._file(rel, path, counts, links):
+                for piece in self._file(rel, dir_fd, name, st, counts, links):
                     total += len(piece)
                     yield piece
             else:
@@ -297,13 +303,17 @@ class TgzBuilder:
         yield end + b"\0" * (-total % _RECORD)
 
     def _file(
-        self, rel: str, path: bytes, counts: _Counts, links: dict[tuple[int, int], str]
+        self, rel: str, dir_fd: int, name: str, seen: os.stat_result, counts: _Counts,
+        links: dict[tuple[int, int], str],
     ) -> Iterator[bytes]:
         """Tar header + data + padding of one regular file, or nothing (then reported).
 
         Each attempt reads the whole file (into memory, or past ``mem_limit`` into a spool
         file) between two ``fstat``s; nothing is emitted before an attempt is accepted or
         the attempts ran out, so the header always announces the bytes actually captured.
+        ``name`` is opened in ``dir_fd`` without following a symlink: whatever is opened is
+        an entry of that directory.  Another regular file there (an atomic save replacing
+        the one ``seen`` by the listing) is read like any rewrite; anything else is skipped.
         """
         spool_box: list[BinaryIO | None] = [None]  # one spool per file, made on demand
         # (content, stat after the read, byte count, fingerprint of the content)
@@ -313,7 +323,7 @@ class TgzBuilder:
             for _attempt in range(self.retries):
                 t0 = time.time_ns()
                 try:
-                    fd = os.open(path, _O_READ)
+                    fd = os.open(name, _O_READ, dir_fd=dir_fd)
                 except FileNotFoundError:
                     if last is None:
                         counts.skipped.append(FileIssue(rel, "vanished before it was read"))
@@ -325,18 +335,25 @@ class TgzBuilder:
                         what += f", then could not be reopened ({exc.strerror})"
                         break
                     if exc.errno == errno.ELOOP:
-                        counts.skipped.append(FileIssue(rel, "replaced by a symlink while read"))
+                        counts.skipped.append(
+                            FileIssue(rel, "replaced while read (by a symlink); not followed")
+                        )
                     else:
                         counts.skipped.append(FileIssue(rel, f"cannot open: {exc.strerror}"))
                     return
                 try:
                     before = os.fstat(fd)
-                    if not stat.S_ISREG(before.st_mode):
+                    # Another device: something mounted over it, not this tree's file.
+                    by = (
+                        "another file system's file" if before.st_dev != seen.st_dev
+                        else "" if stat.S_ISREG(before.st_mode) else "a non-regular file"
+                    )
+                    if by:
                         if last is not None:
-                            what += ", then replaced by a non-regular file"
+                            what += f", then replaced by {by}"
                             break
                         counts.skipped.append(
-                            FileIssue(rel, "replaced by a non-regular file while read")
+                            FileIssue(rel, f"replaced while read (by {by}); not read")
                         )
                         return
                     data: bytes | None = None
