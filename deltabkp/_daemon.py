@@ -17,9 +17,19 @@ import trio
 
 from deltabkp.errors import DeltabkpError
 
-__all__ = ["run_daemon"]
+__all__ = ["configure_logging", "run_daemon"]
 
 Starter = Callable[..., Awaitable[object]]
+
+
+def configure_logging(name: str, level: int = logging.INFO) -> None:
+    """Log the daemon's package (``deltabkp-agent`` → logger ``deltabkp_agent``) to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {name} %(levelname)s %(message)s"))
+    root = logging.getLogger(name.replace("-", "_"))
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
 
 
 def _expected(exc: BaseException) -> DeltabkpError | KeyboardInterrupt | None:

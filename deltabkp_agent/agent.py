@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 import time
 from pathlib import Path
 
 import attrs
 import trio
 
-from deltabkp import __version__, transport, wire
+from deltabkp import _daemon, __version__, transport, wire
 from deltabkp.errors import DeltabkpError, PeerUnavailable, ProtocolError, RequestRefused
 from deltabkp_agent.allowlist import Allowlist
 from deltabkp_agent.backup import BackupContext, ServerStopped, describe_failure, serve_backup
@@ -353,9 +352,4 @@ class Agent:
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s deltabkp-agent %(levelname)s %(message)s"))
-    root = logging.getLogger("deltabkp_agent")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    _daemon.configure_logging("deltabkp-agent", level)

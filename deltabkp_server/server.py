@@ -15,14 +15,13 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
-from deltabkp import __version__, transport, wire
+from deltabkp import _daemon, __version__, transport, wire
 from deltabkp.errors import DeltabkpError, StoreError
 from deltabkp_server.catalog import AsyncCatalog, Catalog, SqliteCatalog
 from deltabkp_server.control import ControlAPI
@@ -170,9 +169,4 @@ class Server:
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s deltabkp-server %(levelname)s %(message)s"))
-    root = logging.getLogger("deltabkp_server")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    _daemon.configure_logging("deltabkp-server", level)
