@@ -18,6 +18,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from archive_data import change_set
+
 WORK = Path(__file__).resolve().parent / "_work"
 SEED = 20261126
 
@@ -33,43 +35,6 @@ def _copy_tree(src: Path, dst: Path) -> None:
         symlinks=True,
         ignore=shutil.ignore_patterns("__pycache__", "site-packages", "*.pyc"),
     )
-
-
-def _change(tree: Path, rng: random.Random) -> dict[str, int]:
-    """Apply a ~1% change set in place; returns how many files got each kind of change."""
-    files = sorted(p for p in tree.rglob("*") if p.is_file() and not p.is_symlink())
-    texts = [p for p in files if p.suffix in (".py", ".txt", ".rst", ".cfg", ".html")]
-    binaries = [p for p in files if p.suffix == ".so"]
-    n = max(1, len(files) // 100)  # ~1% of the files are touched
-    counts = {"edited": 0, "appended": 0, "deleted": 0, "added": 0, "binary": 0}
-    picked = rng.sample(texts, n)
-    for i, path in enumerate(picked):
-        data = path.read_bytes()
-        kind = ("edited", "edited", "appended", "deleted")[i % 4]
-        if kind == "edited":
-            at = rng.randrange(len(data) + 1)
-            cut = rng.randrange(0, 200)
-            data = data[:at] + b"# changed by the benchmark %d\n" % i + data[at + cut :]
-            path.write_bytes(data)
-        elif kind == "appended":
-            path.write_bytes(data + b"\n# appended line %d\n" % i * rng.randrange(1, 20))
-        else:
-            path.unlink()
-        counts[kind] += 1
-    for i in range(max(1, n // 4)):
-        d = rng.choice(picked).parent
-        words = [rng.choice(("alpha", "beta", "gamma", "delta", "x", "y", "=", "+", "\n"))
-                 for _ in range(rng.randrange(100, 5000))]
-        (d / f"bench_added_{i}.py").write_text(" ".join(words))
-        counts["added"] += 1
-    victim = max(binaries, key=lambda p: p.stat().st_size) if binaries else None
-    if victim is not None:
-        data = bytearray(victim.read_bytes())
-        at = len(data) // 2
-        data[at : at + 64] = rng.randbytes(64)
-        victim.write_bytes(bytes(data))
-        counts["binary"] = 1
-    return counts
 
 
 def _tgz(tree: Path, out: Path) -> None:
@@ -106,7 +71,8 @@ def build(work: Path = WORK) -> dict[str, Path]:
     _copy_tree(_source_tree(), trees / "base")
     _tgz(trees / "base", paths["base"])
     shutil.copytree(trees / "base", trees / "new", symlinks=True)
-    counts = _change(trees / "new", rng)
+    # The same ~1% change set as the archive benchmark (one definition for both).
+    counts = change_set(trees / "new", rng)
     print(f"change set: {counts}", file=sys.stderr)
     _tgz(trees / "new", paths["new"])
     shutil.rmtree(trees)
