@@ -183,7 +183,8 @@ async def serve_backup(
 def _fingerprint(root: str, exclude: tuple[str, ...]) -> Any:
     from deltabkp.archive import tree_fingerprint
 
-    return tree_fingerprint(root, exclude=exclude)
+    # ``root`` is the checked realpath: no component may have become a symlink since.
+    return tree_fingerprint(root, exclude=exclude, no_links=True)
 
 
 def _estimate_archive_size(root: str) -> int:
@@ -271,7 +272,7 @@ def _build(
     pending = bytearray()
     delta_bytes = 0
     try:
-        builder = TgzBuilder(root, exclude=exclude)
+        builder = TgzBuilder(root, exclude=exclude, no_links=True)
         for chunk in builder:
             try:
                 trio.from_thread.check_cancelled()

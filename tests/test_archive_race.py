@@ -5,6 +5,7 @@ hooks on the walk's own listing / opening functions, in process."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import tarfile
@@ -251,3 +252,30 @@ def test_a_symlink_root_is_refused(box: tuple[Path, Path], tmp_path: Path) -> No
     members, _b = build(via)
     assert members["secret.txt"] == b"inside d\n"
 
+
+
+def test_no_links_refuses_a_root_path_with_a_symlinked_component(tmp_path: Path) -> None:
+    # The agent checks realpath(path) and then builds with no_links=True: if a folder on
+    # that resolved path has been swapped for a symlink since, the build must refuse, not
+    # follow it out of the checked tree.
+    allowed = tmp_path / "allowed"
+    (allowed / "mid" / "app").mkdir(parents=True)
+    (allowed / "mid" / "app" / "f.txt").write_text("inside\n")
+    outside = tmp_path / "outside"
+    (outside / "app").mkdir(parents=True)
+    (outside / "app" / "secret.txt").write_text("SECRET\n")
+    real = os.path.realpath(allowed / "mid" / "app")
+    def names(data: bytes) -> list[str]:
+        return tarfile.open(fileobj=io.BytesIO(gzip.decompress(data))).getnames()
+
+    assert any(n.endswith("f.txt") for n in names(b"".join(TgzBuilder(real, no_links=True))))
+    assert tree_fingerprint(real, no_links=True).digest
+    # The swap: "mid" becomes a symlink to the outside folder, same spelling of the path.
+    os.rename(allowed / "mid", tmp_path / "mid-old")
+    os.symlink(outside, allowed / "mid")
+    with pytest.raises(ArchiveError, match="symlink"):
+        b"".join(TgzBuilder(real, no_links=True))
+    with pytest.raises(ArchiveError, match="symlink"):
+        tree_fingerprint(real, no_links=True)
+    # Without the flag the same path is followed (the CLI's behaviour for user-given paths).
+    assert any(n.endswith("secret.txt") for n in names(b"".join(TgzBuilder(real))))

@@ -205,8 +205,11 @@ class TgzBuilder:
         mem_limit: int = MEM_LIMIT,
         spool_limit: int = SPOOL_LIMIT,
         spool_dir: str | None = None,
+        no_links: bool = False,
     ) -> None:
         self.root = root
+        #: Refuse a root path with any symlinked component (see ``open_root``).
+        self.no_links = no_links
         self.exclude = Excluder(exclude)
         if not 1 <= level <= 9:
             raise ArchiveError(f"deflate level must be 1..9, not {level}")
@@ -234,7 +237,7 @@ class TgzBuilder:
     # -- compression pipeline -----------------------------------------------------------------
 
     def _generate(self) -> Iterator[bytes]:
-        top, top_fd = open_root(self.root)
+        top, top_fd = open_root(self.root, no_links=self.no_links)
         try:
             counts = _Counts()
             stream = RsyncableGzip(self.level, self.threads)

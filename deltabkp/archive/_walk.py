@@ -74,18 +74,45 @@ class Excluder:
         return False
 
 
-def open_root(root: str | os.PathLike[str]) -> tuple[bytes, int]:
+def _open_no_links(path: bytes) -> int:
+    """Open an absolute path one component at a time, none of them followed if a symlink.
+
+    For a path that was already resolved and checked (the agent's ``realpath`` under an
+    allowed root): a component swapped for a symlink since then fails the open instead of
+    leading the build out of the checked tree.
+    """
+    if not path.startswith(b"/"):
+        raise ArchiveError(f"{os.fsdecode(path)}: must be an absolute, resolved path")
+    fd = os.open(b"/", _O_DIR)
+    try:
+        for part in (p for p in path.split(b"/") if p):
+            nxt = os.open(part, _O_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_root(root: str | os.PathLike[str], *, no_links: bool = False) -> tuple[bytes, int]:
     """The root as bytes and an open fd of it (close it), after checking it is a directory.
 
     The root itself must not be a symlink (pass its real path: the agent resolves and checks
-    it); symlinks in the components above it are followed, as by any path lookup.
+    it); symlinks in the components above it are followed, as by any path lookup, unless
+    ``no_links`` (then no component may be a symlink).
     """
     path = os.fsencode(root)
     try:
-        fd = os.open(path, _O_DIR)
+        fd = _open_no_links(path) if no_links else os.open(path, _O_DIR)
     except FileNotFoundError:
         raise ArchiveError(f"{os.fsdecode(path)}: no such directory") from None
     except OSError as exc:
+        if no_links and exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ArchiveError(
+                f"{os.fsdecode(path)}: a component of the path is a symlink or not a "
+                "directory (changed since it was checked?); not followed"
+            ) from None
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             try:
                 link = stat.S_ISLNK(os.lstat(path).st_mode)
@@ -257,7 +284,7 @@ class Fingerprint:
 
 
 def tree_fingerprint(
-    root: str | os.PathLike[str], *, exclude: Sequence[str] = ()
+    root: str | os.PathLike[str], *, exclude: Sequence[str] = (), no_links: bool = False
 ) -> Fingerprint:
     """Fingerprint ``root`` from metadata alone (``lstat`` of each entry; no file is opened).
 
@@ -265,7 +292,7 @@ def tree_fingerprint(
     inode and link count; plus the exclude patterns.  Whatever would change the archive
     changes one of these (a content write changes mtime and ctime).
     """
-    top, top_fd = open_root(root)
+    top, top_fd = open_root(root, no_links=no_links)
     excluder = Excluder(exclude)
     h = blake3.blake3()
     h.update(FINGERPRINT_MAGIC + bytes((_FP_VERSION,)))
