@@ -24,17 +24,16 @@ from deltabkp.errors import (
     UsageError,
 )
 
-# --- engine (issue 2) ---
-from deltabkp._engine_delta import DeltaEncoder, delta
-from deltabkp._engine_patch import Patcher, patch
-from deltabkp._engine_signature import (
+from deltabkp.engine import (
+    DeltaEncoder,
+    Patcher,
     Signature,
     SignatureBuilder,
     default_block_size,
+    delta,
+    patch,
     signature,
 )
-
-# --- archive (issue 3) ---
 from deltabkp.archive import (
     ArchiveReport,
     ExtractReport,
@@ -67,7 +66,7 @@ __all__ = [
     "UnsafeArchiveError",
     "UnsupportedVersion",
     "UsageError",
-    # --- engine (issue 2) ---
+    # engine
     "DeltaEncoder",
     "Patcher",
     "Signature",
@@ -76,7 +75,7 @@ __all__ = [
     "delta",
     "patch",
     "signature",
-    # --- archive (issue 3) ---
+    # archive
     "ArchiveReport",
     "ExtractReport",
     "FileIssue",

@@ -18,9 +18,9 @@ import sys
 from collections.abc import Iterator
 from typing import IO, BinaryIO
 
-from deltabkp._engine_delta import DeltaEncoder
-from deltabkp._engine_patch import Patcher
-from deltabkp._engine_signature import DEFAULT_STRONG_LEN, Signature, SignatureBuilder
+from deltabkp.engine._delta import DeltaEncoder
+from deltabkp.engine._patch import Patcher
+from deltabkp.engine._signature import DEFAULT_STRONG_LEN, Signature, SignatureBuilder
 from deltabkp.errors import DeltabkpError, RequestRefused, UsageError
 
 CHUNK = 1 << 20
@@ -174,7 +174,7 @@ def _read_all(name: str, limit: int | None = None) -> bytes:
 
 def _cmd_delta(args: argparse.Namespace) -> int:
     _check_stdin_once(args.sig, args.new)
-    from deltabkp._engine_signature import MAX_SIGNATURE_SIZE
+    from deltabkp.engine._signature import MAX_SIGNATURE_SIZE
 
     raw = _read_all(args.sig, MAX_SIGNATURE_SIZE)
     with _blame(args.sig):

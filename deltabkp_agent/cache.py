@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import attrs
 import blake3
 
 from deltabkp import Signature
+from deltabkp._atomic import write_bytes_atomic
 from deltabkp.errors import FormatError, UsageError
 
 __all__ = ["AgentCache", "CacheEntry", "default_cache_dir"]
@@ -194,16 +194,7 @@ class AgentCache:
             self._sig_file(h).unlink(missing_ok=True)
 
     def _write_atomic(self, target: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes_atomic(target, data, mode=0o600)
 
     def _sig_file(self, archive_hash: bytes) -> Path:
         return self._sigs / f"{archive_hash.hex()}.sig"

@@ -19,7 +19,7 @@ from deltabkp import (
     UnsupportedVersion,
     UsageError,
 )
-from deltabkp._engine_delta import (
+from deltabkp.engine._delta import (
     COPY_OP,
     DELTA_HEADER,
     END_OP,
@@ -28,7 +28,7 @@ from deltabkp._engine_delta import (
     OP_END,
     OP_LITERAL,
 )
-from deltabkp._engine_rolling import (
+from deltabkp.engine._rolling import (
     strong_sum,
     weak_sum,
     weak_sums_all_offsets,
@@ -302,7 +302,7 @@ def test_strong_len_is_recorded_and_used(strong_len: int) -> None:
 
 
 def test_encoder_memory_is_bounded_and_output_streams() -> None:
-    from deltabkp._engine_delta import SCAN_WAIT
+    from deltabkp.engine._delta import SCAN_WAIT
 
     rng = random.Random(3)
     base = rng.randbytes(2 << 20)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import attrs
 import numpy as np
 
-from deltabkp._engine_rolling import (
+from deltabkp.engine._rolling import (
     STRONG_ID_XXH3_128,
     WEAK_ID_POLY32,
     WholeHash,

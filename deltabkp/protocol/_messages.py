@@ -1,24 +1,16 @@
-"""Sans-I/O wire codec: length-prefixed msgpack frames carrying the typed messages of protocol v1.
+"""The messages of protocol v1: typed, validated attrs classes, one per wire type tag.
 
-Invariants: a frame is a u32 big-endian payload length followed by that many bytes of one
-msgpack map; no payload exceeds ``MAX_FRAME``; every decoded message is validated field by
-field by its attrs class before any caller sees it, so a handler never touches unchecked data.
-The codec performs no I/O: the Trio edge lives in ``deltabkp.transport``.
+Invariant: every field is checked by its class's validators when a message is built, so a
+decoded message is valid before any caller sees it (the codec builds them from the wire).
+Free-form data (request args, responses, info maps) is plain JSON-like data, bounded in depth.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
-import struct
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import attrs
-import msgpack
-
-from deltabkp.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "PROTOCOL_MAGIC",
@@ -26,6 +18,7 @@ __all__ = [
     "MAX_FRAME",
     "MAX_CHUNK",
     "ROLES",
+    "REGISTRY",
     "Message",
     "Hello",
     "Challenge",
@@ -48,12 +41,6 @@ __all__ = [
     "Response",
     "DataChunk",
     "DataEnd",
-    "encode",
-    "decode_payload",
-    "FrameDecoder",
-    "new_nonce",
-    "handshake_proof",
-    "proof_matches",
 ]
 
 PROTOCOL_MAGIC = "DELTABKP"
@@ -63,10 +50,8 @@ MAX_FRAME = 1 << 20
 #: Largest data chunk a sender puts in one *Chunk message (leaves room for the envelope).
 MAX_CHUNK = 256 * 1024
 ROLES = ("server", "ctl", "agent")
-NONCE_SIZE = 32
-_HEADER = struct.Struct(">I")
 
-_REGISTRY: dict[str, type[Message]] = {}
+REGISTRY: dict[str, type[Message]] = {}
 
 M = TypeVar("M", bound="type[Message]")
 
@@ -76,7 +61,7 @@ def _message(tag: str) -> Callable[[M], M]:
 
     def wrap(cls: M) -> M:
         cls.TYPE = tag
-        _REGISTRY[tag] = cls
+        REGISTRY[tag] = cls
         return cls
 
     return wrap
@@ -326,107 +311,3 @@ class DataChunk(Message):
 @attrs.frozen
 class DataEnd(Message):
     pass
-
-
-# --- codec ----------------------------------------------------------------------------------
-
-
-def encode(msg: Message) -> bytes:
-    """One complete frame for ``msg``."""
-    fields = attrs.asdict(msg, recurse=False)  # type: ignore[arg-type]
-    payload: bytes = msgpack.packb({"t": msg.TYPE, **fields}, use_bin_type=True)
-    if len(payload) > MAX_FRAME:
-        # Our own bug (a chunk too big), not the peer's: blame the local side.
-        raise LocalProtocolError(
-            f"{msg.TYPE} message of {len(payload)} bytes exceeds the {MAX_FRAME}-byte frame limit"
-        )
-    return _HEADER.pack(len(payload)) + payload
-
-
-def decode_payload(payload: bytes) -> Message:
-    """Parse and validate one frame's payload; anything wrong is a ``RemoteProtocolError``."""
-    try:
-        obj = msgpack.unpackb(
-            payload,
-            raw=False,
-            use_list=True,  # free-form data (Response, Request args) stays JSON-like
-            strict_map_key=True,
-        )
-    # msgpack reports bad input as ValueError subclasses, or TypeError for an unhashable key.
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise RemoteProtocolError(f"malformed frame: {exc}") from None
-    if not isinstance(obj, dict):
-        raise RemoteProtocolError("malformed frame: payload is not a map")
-    tag = obj.pop("t", None)
-    cls = _REGISTRY.get(tag) if isinstance(tag, str) else None
-    if cls is None:
-        raise RemoteProtocolError(f"unknown message type {tag!r}")
-    if cls is Hello:
-        # Hello must stay parseable by every version, so that a version mismatch gets a clear
-        # "unsupported version" answer instead of a field error.
-        obj = {k: obj.get(k) for k in ("magic", "version", "role", "nonce")}
-    try:
-        return cls(**obj)
-    except (TypeError, ValueError) as exc:
-        raise RemoteProtocolError(f"invalid {tag} message: {exc}") from None
-
-
-class FrameDecoder:
-    """Incremental frame splitter: ``feed`` bytes, then take messages with ``next_message``.
-
-    Buffers at most one partial frame plus what was fed; a length prefix above the limit is
-    refused as soon as its four bytes arrive, before any payload is buffered.
-    """
-
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buf = bytearray()
-        self.max_frame = max_frame
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
-        self._check_header()
-
-    def _check_header(self) -> None:
-        if len(self._buf) >= _HEADER.size:
-            (length,) = _HEADER.unpack_from(self._buf)
-            if length > self.max_frame:
-                raise RemoteProtocolError(
-                    f"frame of {length} bytes exceeds the {self.max_frame}-byte limit "
-                    "(not a deltabkp peer?)"
-                )
-
-    def next_message(self) -> Message | None:
-        """The next complete message, or None until more bytes are fed."""
-        if len(self._buf) < _HEADER.size:
-            return None
-        (length,) = _HEADER.unpack_from(self._buf)
-        end = _HEADER.size + length
-        if len(self._buf) < end:
-            return None
-        payload = bytes(self._buf[_HEADER.size : end])
-        del self._buf[:end]
-        self._check_header()
-        return decode_payload(payload)
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-
-# --- authentication -------------------------------------------------------------------------
-
-_LABELS = {"responder": b"deltabkp/1 responder proof", "initiator": b"deltabkp/1 initiator proof"}
-
-
-def new_nonce() -> bytes:
-    return secrets.token_bytes(NONCE_SIZE)
-
-
-def handshake_proof(key: bytes, side: str, initiator_nonce: bytes, responder_nonce: bytes) -> bytes:
-    """HMAC-SHA256 over both nonces; the label keeps one side's proof from serving the other."""
-    msg = _LABELS[side] + b"\0" + initiator_nonce + responder_nonce
-    return hmac.new(key, msg, hashlib.sha256).digest()
-
-
-def proof_matches(expected: bytes, got: bytes) -> bool:
-    return hmac.compare_digest(expected, got)

@@ -5,7 +5,7 @@ size, base size, base blake3), then ops: ``C`` COPY(first block u32, count u32),
 LITERAL(length u32 in 1..65536, bytes), and one final ``E`` END(new size u64, new blake3).
 
 How the encoder stays fast in Python: weak sums of every offset of a stretch of the new data
-come out of one vectorised prefix sum (``_engine_rolling``); a bitmap indexed by the top bits
+come out of one vectorised prefix sum (``_rolling``); a bitmap indexed by the top bits
 of the weak sum rejects almost every offset in one numpy gather, a second one indexed by the
 low bits thins the survivors, the rest are checked against the exact sorted weak sums, and
 only those get a strong sum.  After a match the encoder first tries the following base blocks
@@ -26,8 +26,8 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from deltabkp._engine_rolling import WholeHash, hash_beside, weak_sums_all_offsets
-from deltabkp._engine_signature import Signature, as_bytes_view
+from deltabkp.engine._rolling import WholeHash, hash_beside, weak_sums_all_offsets
+from deltabkp.engine._signature import Signature, as_bytes_view
 from deltabkp.errors import UsageError
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ import blake3
 import numpy as np
 import numpy.typing as npt
 
-from deltabkp._engine_delta import (
+from deltabkp.engine._delta import (
     COPY_OP,
     DELTA_HEADER,
     DELTA_MAGIC,
@@ -29,8 +29,8 @@ from deltabkp._engine_delta import (
     OP_END,
     OP_LITERAL,
 )
-from deltabkp._engine_rolling import WholeHash
-from deltabkp._engine_signature import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, as_bytes_view
+from deltabkp.engine._rolling import WholeHash
+from deltabkp.engine._signature import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, as_bytes_view
 from deltabkp.errors import (
     FormatError,
     IntegrityError,

@@ -1,0 +1,35 @@
+"""The Trio edge: channels over TCP, connect/accept, addresses, key files, daemon life cycle.
+
+Everything here moves bytes for ``deltabkp.protocol`` and applies deadlines; no conversation
+rule lives here.  ``import deltabkp`` never imports this package (the library stays free of
+Trio); the daemons and ``ctl`` do.
+"""
+
+from __future__ import annotations
+
+from deltabkp.net._address import Address, normalise_path
+from deltabkp.net._channel import (
+    DEFAULT_SEND_TIMEOUT,
+    DEFAULT_SERVER_PORT,
+    DEFAULT_TIMEOUT,
+    Channel,
+    accept,
+    connect,
+)
+from deltabkp.net._daemon import configure_logging, run_daemon
+from deltabkp.net._keys import default_key_path, load_key
+
+__all__ = [
+    "Address",
+    "normalise_path",
+    "Channel",
+    "accept",
+    "connect",
+    "DEFAULT_SEND_TIMEOUT",
+    "DEFAULT_SERVER_PORT",
+    "DEFAULT_TIMEOUT",
+    "configure_logging",
+    "run_daemon",
+    "default_key_path",
+    "load_key",
+]

@@ -1,0 +1,76 @@
+"""Addresses and target paths: one parser and one formatter for ``host:port`` and ``[v6]:port``.
+
+Every place that reads a node, a listen address or a server address from a user or a peer
+goes through ``Address.parse``; every place that prints one uses ``str(address)``, so the two
+always agree (IPv6 literals bracketed).  ``normalise_path`` is the one check of a target path.
+Errors are ``UsageError`` with the text as given; a server turns them into ``invalid``.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import attrs
+
+from deltabkp.errors import UsageError
+
+__all__ = ["Address", "normalise_path"]
+
+
+@attrs.frozen
+class Address:
+    """A TCP endpoint; ``str()`` is ``host:port`` or ``[v6]:port``."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, default_port: int | None = None) -> Address:
+        """``"host:port"`` or ``"[v6]:port"`` (the port optional with ``default_port``)."""
+        s = text.strip()
+        if s.startswith("["):
+            host, sep, rest = s[1:].partition("]")
+            port_s = rest[1:] if rest.startswith(":") else ""
+            if not sep or (rest and not rest.startswith(":")):
+                raise UsageError(f"bad address {text!r}: expected HOST:PORT")
+        else:
+            host, sep, port_s = s.rpartition(":")
+            if not sep:
+                host, port_s = s, ""
+        if not port_s:
+            if default_port is None:
+                raise UsageError(f"bad address {text!r}: expected HOST:PORT")
+            port_s = str(default_port)
+        if not host:
+            raise UsageError(f"bad address {text!r}: missing host")
+        try:
+            port = int(port_s)
+        except ValueError:
+            raise UsageError(f"bad address {text!r}: port {port_s!r} is not a number") from None
+        if not 0 <= port <= 65535:
+            raise UsageError(f"bad address {text!r}: port out of range")
+        return cls(host, port)
+
+    @classmethod
+    def parse_node(cls, text: object) -> Address:
+        """A node's agent address: a real port (1-65535), host in canonical (lower) case."""
+        if not isinstance(text, str):
+            raise UsageError(f"node must be a string HOST:PORT, got {text!r}")
+        addr = cls.parse(text)
+        if not 1 <= addr.port <= 65535:
+            raise UsageError(f"bad node {text!r}: port must be 1-65535")
+        return cls(addr.host.lower(), addr.port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def normalise_path(text: object) -> str:
+    """A target path: a non-empty absolute POSIX path without NUL, ``..`` and ``//`` folded."""
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError(f"path must be a non-empty string, got {text!r}")
+    if not text.startswith("/"):
+        raise UsageError(f"path {text!r} must be absolute (a directory on the node)")
+    if "\x00" in text:
+        raise UsageError(f"path {text!r} contains a NUL byte")
+    return posixpath.normpath(text)

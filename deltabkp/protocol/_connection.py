@@ -1,0 +1,265 @@
+"""One connection, sans-I/O: the authenticating handshake, then one conversation.
+
+Bytes in (``receive_data``), messages out (``next_event``); messages in (``send``), bytes out
+(``data_to_send``) — the hyper-h2 shape.  The Trio edge (``deltabkp.net``) only moves bytes
+and applies deadlines; the real server, agent and ctl and the test peers all drive this.
+
+The handshake (docs/formats.md, "Handshake")::
+
+    initiator → hello(magic, version, role, nonce_i)
+    responder → challenge(nonce_r, HMAC(key, "responder" | nonce_i | nonce_r))
+    initiator → auth(HMAC(key, "initiator" | nonce_i | nonce_r))
+    responder → welcome(info)
+
+Invariants: before both proofs check out, no message but the handshake's is accepted and a
+frame may be at most ``HANDSHAKE_MAX_FRAME`` bytes; proofs are compared in constant time; a
+responder whose handshake fails queues exactly one ``error`` frame (code ``auth``,
+``version`` or ``protocol``) and nothing else.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+from deltabkp.errors import (
+    AuthError,
+    DeltabkpError,
+    ErrorCode,
+    LocalProtocolError,
+    RemoteProtocolError,
+    RequestRefused,
+)
+from deltabkp.protocol._conversations import Conversation, for_initiator, responder_of
+from deltabkp.protocol._frames import FrameDecoder, encode
+from deltabkp.protocol._messages import (
+    MAX_FRAME,
+    PROTOCOL_MAGIC,
+    PROTOCOL_VERSION,
+    ROLES,
+    Auth,
+    Challenge,
+    Error,
+    Hello,
+    Message,
+    Welcome,
+)
+
+__all__ = [
+    "Connection",
+    "UnsupportedPeerVersion",
+    "HANDSHAKE_MAX_FRAME",
+    "NONCE_SIZE",
+    "new_nonce",
+    "handshake_proof",
+    "proof_matches",
+]
+
+#: Before authentication a peer may make us buffer this much, no more (handshake frames are tiny).
+HANDSHAKE_MAX_FRAME = 4096
+NONCE_SIZE = 32
+_LABELS = {"responder": b"deltabkp/1 responder proof", "initiator": b"deltabkp/1 initiator proof"}
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_SIZE)
+
+
+def handshake_proof(key: bytes, side: str, initiator_nonce: bytes, responder_nonce: bytes) -> bytes:
+    """HMAC-SHA256 over both nonces; the label keeps one side's proof from serving the other."""
+    msg = _LABELS[side] + b"\0" + initiator_nonce + responder_nonce
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def proof_matches(expected: bytes, got: bytes) -> bool:
+    return hmac.compare_digest(expected, got)
+
+
+class UnsupportedPeerVersion(RemoteProtocolError):
+    """The peer speaks another protocol version (answered with code ``version``)."""
+
+
+class Connection:
+    """Both phases of one connection, as ``our_role``.
+
+    The initiator knows its conversation from the start; the responder learns it from the
+    peer's ``hello`` (its role), among ``serve_roles``.  ``peer`` names the other end in
+    errors (its address).
+    """
+
+    def __init__(
+        self,
+        *,
+        key: bytes,
+        our_role: str,
+        initiator: bool,
+        peer: str = "peer",
+        serve_roles: tuple[str, ...] = ROLES,
+        info: Mapping[str, Any] | None = None,
+        nonce: bytes | None = None,
+    ) -> None:
+        if our_role not in ROLES:
+            raise LocalProtocolError(f"unknown role {our_role!r}")
+        self.our_role = our_role
+        self.initiator = initiator
+        self.peer = peer
+        self._key = key
+        self._serve_roles = serve_roles
+        self._info = dict(info or {})
+        self._nonce = nonce if nonce is not None else new_nonce()
+        self._peer_nonce = b""
+        self._decoder = FrameDecoder(HANDSHAKE_MAX_FRAME)
+        self._out = bytearray()
+        self._events: collections.deque[Message] = collections.deque()
+        self.handshake_state = "start" if initiator else "await hello"
+        self.peer_role: str | None = responder_of(our_role) if initiator else None
+        self.peer_info: dict[str, Any] = {}
+        self.conversation: Conversation | None = None
+
+    # -- bytes ---------------------------------------------------------------------------
+
+    @property
+    def authenticated(self) -> bool:
+        return self.conversation is not None
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the peer since the last call."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the peer; runs the handshake; raises on any violation."""
+        self._decoder.feed(data)
+        while not self.authenticated:
+            msg = self._decoder.next_message()
+            if msg is None:
+                return
+            self._handshake(msg)
+
+    def next_event(self) -> Message | None:
+        """The next message of the conversation (already checked), or None for more bytes."""
+        if not self.authenticated:
+            return None
+        msg = self._decoder.next_message()
+        if msg is not None:
+            assert self.conversation is not None
+            self.conversation.receive(msg)
+        return msg
+
+    def send(self, msg: Message) -> None:
+        """Queue ``msg`` after checking that the conversation allows it now."""
+        if self.conversation is None:
+            raise LocalProtocolError(f"{self.our_role} tried to send {msg.TYPE} before the handshake")
+        self.conversation.send(msg)
+        self._out += encode(msg)
+
+    def send_error(self, code: ErrorCode, reason: str) -> None:
+        """Queue an ``error`` frame outside the conversation's rules: we are about to hang up."""
+        self._out += encode(Error(str(code), reason))
+
+    # -- errors --------------------------------------------------------------------------
+
+    def refusal(self, msg: Error) -> DeltabkpError:
+        """The exception for an ``error`` from the peer, with what it answered filled in."""
+        conv = self.conversation
+        ctx: dict[str, Any] = {"peer": self.peer, "peer_role": self.peer_role}
+        if conv is not None:
+            ctx.update(node=conv.node, path=conv.path)
+        if msg.code == ErrorCode.AUTH:
+            return AuthError(msg.message, **ctx)
+        return RequestRefused(msg.code, msg.message, **ctx)
+
+    # -- the handshake -------------------------------------------------------------------
+
+    def initiate(self) -> None:
+        """Initiator: queue ``hello``."""
+        if not self.initiator or self.handshake_state != "start":
+            raise LocalProtocolError("initiate() is the initiator's first step, and only once")
+        self._out += encode(Hello(PROTOCOL_MAGIC, PROTOCOL_VERSION, self.our_role, self._nonce))
+        self.handshake_state = "await challenge"
+
+    def _handshake(self, msg: Message) -> None:
+        if self.initiator:
+            self._initiator_step(msg)
+            return
+        try:
+            self._responder_step(msg)
+        except AuthError:
+            self.send_error(ErrorCode.AUTH, "authentication failed: the cluster keys differ")
+            raise
+        except UnsupportedPeerVersion as exc:
+            self.send_error(ErrorCode.VERSION, exc.reason)
+            raise
+        except RemoteProtocolError as exc:
+            self.send_error(ErrorCode.PROTOCOL, exc.reason)
+            raise
+
+    def _peer_error(self, what: str) -> RemoteProtocolError:
+        return RemoteProtocolError(what, peer=self.peer, peer_role=self.peer_role)
+
+    def _check_nonce(self, nonce: bytes) -> None:
+        if not 16 <= len(nonce) <= 64:
+            raise self._peer_error(f"handshake nonce of {len(nonce)} bytes")
+
+    def _initiator_step(self, msg: Message) -> None:
+        if isinstance(msg, Error):
+            # A refusal during the handshake is a failed connection (wrong key, port, version
+            # or role), not a refused request: it must not look like the server said "no".
+            if msg.code == ErrorCode.AUTH:
+                raise AuthError(msg.message, peer=self.peer, peer_role=self.peer_role)
+            raise self._peer_error(f"refused the connection: {msg.message}")
+        if self.handshake_state == "await challenge" and isinstance(msg, Challenge):
+            self._check_nonce(msg.nonce)
+            expected = handshake_proof(self._key, "responder", self._nonce, msg.nonce)
+            if not proof_matches(expected, msg.proof):
+                raise AuthError(
+                    "does not hold our cluster key (wrong key file?)",
+                    peer=self.peer, peer_role=self.peer_role,
+                )
+            self._out += encode(Auth(handshake_proof(self._key, "initiator", self._nonce, msg.nonce)))
+            self.handshake_state = "await welcome"
+        elif self.handshake_state == "await welcome" and isinstance(msg, Welcome):
+            self.peer_info = dict(msg.info)
+            self._authenticated(self.our_role)
+        else:
+            want = self.handshake_state.removeprefix("await ")
+            raise self._peer_error(f"expected {want} message, got {msg.TYPE}")
+
+    def _responder_step(self, msg: Message) -> None:
+        if self.handshake_state == "await hello":
+            if not isinstance(msg, Hello):
+                raise self._peer_error(f"expected hello, got {msg.TYPE}")
+            if msg.magic != PROTOCOL_MAGIC:
+                raise self._peer_error(f"not a deltabkp peer (magic {msg.magic!r})")
+            if msg.version != PROTOCOL_VERSION:
+                raise UnsupportedPeerVersion(
+                    f"protocol version {msg.version} is not supported (this side speaks "
+                    f"{PROTOCOL_VERSION})", peer=self.peer,
+                )
+            if msg.role not in self._serve_roles or msg.role == self.our_role:
+                raise self._peer_error(f"role {msg.role!r} is not served here")
+            self._check_nonce(msg.nonce)
+            self._peer_nonce = msg.nonce
+            self.peer_role = msg.role
+            proof = handshake_proof(self._key, "responder", msg.nonce, self._nonce)
+            self._out += encode(Challenge(self._nonce, proof))
+            self.handshake_state = "await auth"
+            return
+        if not isinstance(msg, Auth):
+            raise AuthError(f"expected auth, got {msg.TYPE}", peer=self.peer)
+        expected = handshake_proof(self._key, "initiator", self._peer_nonce, self._nonce)
+        if not proof_matches(expected, msg.proof):
+            raise AuthError("failed authentication (wrong cluster key)", peer=self.peer)
+        assert self.peer_role is not None
+        self._authenticated(self.peer_role)
+        self._out += encode(Welcome(self._info))
+
+    def _authenticated(self, initiator_role: str) -> None:
+        self.handshake_state = "done"
+        self._decoder.max_frame = MAX_FRAME
+        self.conversation = for_initiator(initiator_role, self.our_role, self.peer)

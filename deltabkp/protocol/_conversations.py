@@ -1,0 +1,272 @@
+"""The conversations after the handshake, as state machines both sides drive (h11-style).
+
+One table per conversation says, for each state, which side may send which message and the
+state it leads to; the same object checks what we send (``LocalProtocolError``: our bug) and
+what we receive (``RemoteProtocolError`` naming the peer's role: its fault).  Semantic checks
+that a table cannot express (an ``unchanged`` must name the base we offered, a download must
+match the size and blake3 announced) live in each conversation's ``_check``.
+
+The conversations (docs/formats.md, "Messages after the handshake"):
+
+- ``AgentSession``, server → agent: ``ping → pong``; ``backup → unchanged`` |
+  ``need-sig, sig-chunk*, sig-end`` then ``delta-chunk*, backup-done`` | ``unchanged``;
+  the agent may answer ``error`` at any point of a request; the server may ``cancel``.
+- ``AnnounceSession``, agent → server: ``announce → ack``, ``ping → pong``.
+- ``ControlSession``, ctl → server: ``request → response | error``; ``request(fetch) →
+  response(meta), data-chunk*, data-end``.
+
+No I/O, no clock, no threads: events in, verdicts out.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import blake3
+
+from deltabkp.errors import IntegrityError, LocalProtocolError, RemoteProtocolError
+from deltabkp.protocol._messages import (
+    Ack,
+    Announce,
+    BackupDone,
+    BackupRequest,
+    Cancel,
+    DataChunk,
+    DataEnd,
+    DeltaChunk,
+    Error,
+    Message,
+    NeedSignature,
+    Ping,
+    Pong,
+    Request,
+    Response,
+    SignatureChunk,
+    SignatureEnd,
+    Unchanged,
+)
+
+__all__ = [
+    "Conversation",
+    "AgentSession",
+    "AnnounceSession",
+    "ControlSession",
+    "for_initiator",
+    "responder_of",
+    "CLOSED",
+]
+
+CLOSED = "closed"
+_Key = tuple[str, str, type[Message]]
+
+
+class Conversation:
+    """A conversation between ``initiator`` and ``responder`` roles, seen from ``our_role``."""
+
+    NAME: ClassVar[str] = ""
+    INITIATOR: ClassVar[str] = ""
+    RESPONDER: ClassVar[str] = ""
+    TABLE: ClassVar[dict[_Key, str]] = {}
+
+    def __init__(self, our_role: str, peer: str = "peer") -> None:
+        if our_role not in (self.INITIATOR, self.RESPONDER):
+            raise LocalProtocolError(f"{our_role} takes no part in the {self.NAME} conversation")
+        self.our_role = our_role
+        self.their_role = self.RESPONDER if our_role == self.INITIATOR else self.INITIATOR
+        self.peer = peer
+        self.state = "idle"
+        #: What the request in flight is about: the context of an error answering it.
+        self.node: str | None = None
+        self.path: str | None = None
+
+    def send(self, msg: Message) -> None:
+        """Check that we may send ``msg`` now, and move on."""
+        self._step(self.our_role, msg)
+
+    def receive(self, msg: Message) -> None:
+        """Check that the peer may send ``msg`` now, and move on."""
+        self._step(self.their_role, msg)
+
+    def _step(self, sender: str, msg: Message) -> None:
+        nxt = self.TABLE.get((self.state, sender, type(msg)))
+        if nxt is None:
+            self._fault(sender, f"sent {msg.TYPE} while {self.state} (not allowed in the "
+                        f"{self.NAME} conversation)")
+        nxt = self._check(sender, msg, nxt)
+        self.state = nxt
+
+    def _fault(self, sender: str, what: str, *, integrity: bool = False) -> Any:
+        """Blame ``sender``: us (a local bug) or the peer (a remote protocol error)."""
+        if sender == self.our_role:
+            raise LocalProtocolError(f"{self.our_role} {what}")
+        if integrity:
+            raise IntegrityError(what, node=self.node, path=self.path)
+        raise RemoteProtocolError(
+            f"{self.their_role} {what}", node=self.node, path=self.path, peer=self.peer,
+        )
+
+    def _check(self, sender: str, msg: Message, nxt: str) -> str:
+        return nxt
+
+
+def _answerable(
+    table: dict[_Key, str], states: tuple[str, ...], who: str,
+    kinds: tuple[type[Message], ...], nxt: str,
+) -> None:
+    for s in states:
+        for k in kinds:
+            table[(s, who, k)] = nxt
+
+
+class AgentSession(Conversation):
+    """Server ↔ agent: pings and backups, any number of them one after another."""
+
+    NAME = "backup"
+    INITIATOR = "server"
+    RESPONDER = "agent"
+    TABLE: ClassVar[dict[_Key, str]] = {
+        ("idle", "server", Ping): "pinged",
+        ("pinged", "agent", Pong): "idle",
+        ("pinged", "agent", Error): "idle",
+        ("idle", "server", BackupRequest): "requested",
+        ("requested", "agent", Unchanged): "idle",
+        ("requested", "agent", NeedSignature): "sending signature",
+        ("requested", "agent", DeltaChunk): "streaming delta",
+        ("requested", "agent", BackupDone): "idle",
+        ("sending signature", "server", SignatureChunk): "sending signature",
+        ("sending signature", "server", SignatureEnd): "awaiting delta",
+        ("awaiting delta", "agent", DeltaChunk): "streaming delta",
+        ("awaiting delta", "agent", BackupDone): "idle",
+        ("awaiting delta", "agent", Unchanged): "idle",
+        ("streaming delta", "agent", DeltaChunk): "streaming delta",
+        ("streaming delta", "agent", BackupDone): "idle",
+        # The agent hangs up on a server it cannot serve (too many sessions).
+        ("idle", "agent", Error): CLOSED,
+    }
+    _BUSY = ("requested", "sending signature", "awaiting delta", "streaming delta")
+    _answerable(TABLE, _BUSY, "agent", (Error,), "idle")
+    _answerable(TABLE, ("idle", *_BUSY), "server", (Cancel, Error), CLOSED)
+
+    def __init__(self, our_role: str, peer: str = "peer") -> None:
+        super().__init__(our_role, peer)
+        self.node = peer
+        self.base_hash: bytes | None = None
+
+    def _check(self, sender: str, msg: Message, nxt: str) -> str:
+        if isinstance(msg, BackupRequest):
+            self.path, self.base_hash = msg.path, msg.base_hash
+        elif isinstance(msg, Ping):
+            self.path = msg.path
+        elif isinstance(msg, Unchanged):
+            if self.base_hash is None or msg.archive_hash != self.base_hash:
+                offered = "no base" if self.base_hash is None else "another base hash"
+                self._fault(sender, f"answered unchanged for {self.path} but the server offered {offered}")
+        elif isinstance(msg, NeedSignature) and self.base_hash is None:
+            self._fault(sender, f"asked for the signature of {self.path} but no base was offered")
+        return nxt
+
+
+class AnnounceSession(Conversation):
+    """Agent → server: "I am up" (pending retries of this node run now), and pings."""
+
+    NAME = "announce"
+    INITIATOR = "agent"
+    RESPONDER = "server"
+    TABLE: ClassVar[dict[_Key, str]] = {
+        ("idle", "agent", Announce): "announced",
+        ("announced", "server", Ack): "idle",
+        ("announced", "server", Error): "idle",
+        ("idle", "agent", Ping): "pinged",
+        ("pinged", "server", Pong): "idle",
+        ("pinged", "server", Error): "idle",
+        ("idle", "server", Error): CLOSED,
+    }
+
+
+class ControlSession(Conversation):
+    """ctl → server: requests and their answers; ``fetch`` streams one archive, checked here."""
+
+    NAME = "control"
+    INITIATOR = "ctl"
+    RESPONDER = "server"
+    TABLE: ClassVar[dict[_Key, str]] = {
+        ("idle", "ctl", Request): "answering",
+        ("answering", "server", Response): "idle",
+        ("answering", "server", Error): "idle",
+        ("fetch head", "server", Response): "downloading",
+        ("fetch head", "server", Error): "idle",
+        ("downloading", "server", DataChunk): "downloading",
+        ("downloading", "server", DataEnd): "idle",
+        ("downloading", "server", Error): "idle",
+        ("idle", "server", Error): CLOSED,
+    }
+
+    def __init__(self, our_role: str, peer: str = "peer") -> None:
+        super().__init__(our_role, peer)
+        self.op: str | None = None
+        #: The archive being downloaded: header, bytes so far, hasher (receiving side only).
+        self.meta: dict[str, Any] = {}
+        self.expected_size = 0
+        self.expected_hash = b""
+        self.got = 0
+        self._hasher: Any = None
+
+    def _check(self, sender: str, msg: Message, nxt: str) -> str:
+        if isinstance(msg, Request):
+            self.op = msg.op
+            node, path = msg.args.get("node"), msg.args.get("path")
+            self.node = node if isinstance(node, str) else None
+            self.path = path if isinstance(path, str) else None
+            return "fetch head" if msg.op == "fetch" else nxt
+        if self.state == "fetch head" and isinstance(msg, Response):
+            self._start_download(sender, msg)
+        elif isinstance(msg, DataChunk):
+            self.got += len(msg.data)
+            if self.got > self.expected_size:
+                self._fault(sender, f"archive {self.meta.get('seq')} is longer than the "
+                            f"{self.expected_size} bytes announced", integrity=True)
+            if self._hasher is not None:
+                self._hasher.update(msg.data)
+        elif isinstance(msg, DataEnd):
+            self._end_download(sender)
+        return nxt
+
+    def _start_download(self, sender: str, msg: Response) -> None:
+        meta = msg.data
+        try:
+            assert isinstance(meta, dict)
+            size = meta["size"]
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ValueError(size)
+            self.expected_hash = bytes.fromhex(str(meta["hash"]))
+        except (AssertionError, KeyError, TypeError, ValueError):
+            self._fault(sender, f"sent a malformed archive header {meta!r}")
+        self.meta, self.expected_size, self.got = dict(meta), size, 0
+        # Only the receiver pays for hashing: it is the one that must not trust the bytes.
+        self._hasher = blake3.blake3() if sender != self.our_role else None
+
+    def _end_download(self, sender: str) -> None:
+        if self.got != self.expected_size:
+            self._fault(sender, f"archive {self.meta.get('seq')} arrived with {self.got} bytes, "
+                        f"but {self.expected_size} were announced", integrity=True)
+        if self._hasher is not None and self._hasher.digest() != self.expected_hash:
+            self._fault(sender, f"archive {self.meta.get('seq')} arrived with blake3 "
+                        f"{self._hasher.hexdigest()[:16]}, but the server announced "
+                        f"{self.expected_hash.hex()[:16]}", integrity=True)
+
+
+_BY_INITIATOR: dict[str, type[Conversation]] = {
+    c.INITIATOR: c for c in (AgentSession, AnnounceSession, ControlSession)
+}
+
+
+def for_initiator(initiator_role: str, our_role: str, peer: str = "peer") -> Conversation:
+    """The conversation a connection opened by ``initiator_role`` carries."""
+    cls = _BY_INITIATOR.get(initiator_role)
+    if cls is None:
+        raise LocalProtocolError(f"no conversation is opened by a {initiator_role!r}")
+    return cls(our_role, peer)
+
+
+def responder_of(initiator_role: str) -> str:
+    return _BY_INITIATOR[initiator_role].RESPONDER

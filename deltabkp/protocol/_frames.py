@@ -1,0 +1,103 @@
+"""Frames: a u32 big-endian payload length, then one msgpack map ``{"t": TYPE, ...fields}``.
+
+Sans-I/O: ``encode`` turns a message into one frame; ``FrameDecoder`` is fed bytes and yields
+validated messages.  A length prefix above the decoder's limit is refused as soon as its four
+bytes arrive, before any payload is buffered; anything malformed is a ``RemoteProtocolError``.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import attrs
+import msgpack
+
+from deltabkp.errors import LocalProtocolError, RemoteProtocolError
+from deltabkp.protocol._messages import MAX_FRAME, REGISTRY, Hello, Message
+
+__all__ = ["encode", "decode_payload", "FrameDecoder", "HEADER_SIZE"]
+
+_HEADER = struct.Struct(">I")
+HEADER_SIZE = _HEADER.size
+
+
+def encode(msg: Message) -> bytes:
+    """One complete frame for ``msg``."""
+    fields = attrs.asdict(msg, recurse=False)  # type: ignore[arg-type]
+    payload: bytes = msgpack.packb({"t": msg.TYPE, **fields}, use_bin_type=True)
+    if len(payload) > MAX_FRAME:
+        # Our own bug (a chunk too big), not the peer's: blame the local side.
+        raise LocalProtocolError(
+            f"{msg.TYPE} message of {len(payload)} bytes exceeds the {MAX_FRAME}-byte frame limit"
+        )
+    return _HEADER.pack(len(payload)) + payload
+
+
+def decode_payload(payload: bytes) -> Message:
+    """Parse and validate one frame's payload; anything wrong is a ``RemoteProtocolError``."""
+    try:
+        obj = msgpack.unpackb(
+            payload,
+            raw=False,
+            use_list=True,  # free-form data (Response, Request args) stays JSON-like
+            strict_map_key=True,
+        )
+    # msgpack reports bad input as ValueError subclasses, or TypeError for an unhashable key.
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise RemoteProtocolError(f"malformed frame: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError("malformed frame: payload is not a map")
+    tag = obj.pop("t", None)
+    cls = REGISTRY.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message type {tag!r}")
+    if cls is Hello:
+        # Hello must stay parseable by every version, so that a version mismatch gets a clear
+        # "unsupported version" answer instead of a field error.
+        obj = {k: obj.get(k) for k in ("magic", "version", "role", "nonce")}
+    try:
+        return cls(**obj)
+    except (TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"invalid {tag} message: {exc}") from None
+
+
+class FrameDecoder:
+    """Incremental frame splitter: ``feed`` bytes, then take messages with ``next_message``.
+
+    Buffers at most one partial frame plus what was fed; a length prefix above the limit is
+    refused as soon as its four bytes arrive, before any payload is buffered.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self.max_frame = max_frame
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+        self._check_header()
+
+    def _check_header(self) -> None:
+        if len(self._buf) >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(self._buf)
+            if length > self.max_frame:
+                raise RemoteProtocolError(
+                    f"frame of {length} bytes exceeds the {self.max_frame}-byte limit "
+                    "(not a deltabkp peer?)"
+                )
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or None until more bytes are fed."""
+        if len(self._buf) < _HEADER.size:
+            return None
+        (length,) = _HEADER.unpack_from(self._buf)
+        end = _HEADER.size + length
+        if len(self._buf) < end:
+            return None
+        payload = bytes(self._buf[_HEADER.size : end])
+        del self._buf[:end]
+        self._check_header()
+        return decode_payload(payload)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
