@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-from deltabkp import transport
-from deltabkp._daemon import run_daemon
+from deltabkp import net
 from deltabkp.errors import DeltabkpError, UsageError
 from deltabkp_agent.agent import Agent, AgentConfig, configure_logging
 from deltabkp_agent.allowlist import Allowlist
@@ -93,16 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
-    host, port = transport.parse_hostport(args.listen)
+    listen = net.Address.parse(args.listen)
     for name in ("max_builds", "max_signature_mb", "keep"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    servers = tuple(transport.parse_hostport(s, transport.DEFAULT_SERVER_PORT) for s in args.server)
+    servers = tuple(net.Address.parse(s, net.DEFAULT_SERVER_PORT) for s in args.server)
     return AgentConfig(
-        key=transport.load_key(args.key_file),
+        key=net.load_key(args.key_file),
         allow=Allowlist.from_args(args.allow),
-        host=host,
-        port=port,
+        host=listen.host,
+        port=listen.port,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         servers=servers,
         exclude=tuple(args.exclude),
@@ -120,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeltabkpError as exc:
         print(f"deltabkp-agent: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    return run_daemon("deltabkp-agent", agent.run)
+    return net.run_daemon("deltabkp-agent", agent.run)
 
 
 if __name__ == "__main__":  # pragma: no cover

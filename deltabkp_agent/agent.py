@@ -5,7 +5,7 @@ reading its request, answer ``ping`` and serve ``backup`` requests for allow-lis
 and announce itself to the servers it was told about so that their pending retries run now.
 Invariants:
 - nothing but the handshake is read from a peer that has not proved the cluster key; such
-  a peer gets one ``error`` frame and the connection is closed (``transport.accept``);
+  a peer gets one ``error`` frame and the connection is closed (``net.accept``);
 - a path is served only through ``Allowlist.resolve`` (real path under an allowed root);
 - one backup at a time per real path (a per-path lock, waited on under a deadline, then
   ``busy``; entries are dropped when unused), any number of paths at once, at most
@@ -30,8 +30,15 @@ from pathlib import Path
 import attrs
 import trio
 
-from deltabkp import _daemon, __version__, transport, wire
-from deltabkp.errors import DeltabkpError, PeerUnavailable, ProtocolError, RequestRefused
+from deltabkp import __version__, net, protocol
+from deltabkp.errors import (
+    DeltabkpError,
+    ErrorCode,
+    PeerUnavailable,
+    ProtocolError,
+    RemoteProtocolError,
+    RequestRefused,
+)
 from deltabkp_agent.allowlist import Allowlist
 from deltabkp_agent.backup import BackupContext, ServerStopped, describe_failure, serve_backup
 from deltabkp_agent.cache import AgentCache, default_cache_dir
@@ -63,7 +70,7 @@ class AgentConfig:
     host: str = "127.0.0.1"
     port: int = 0
     cache_dir: Path | None = None  # None: default_cache_dir(actual port)
-    servers: tuple[tuple[str, int], ...] = ()
+    servers: tuple[net.Address, ...] = ()
     exclude: tuple[str, ...] = ()
     max_builds: int = 2
     max_signature: int = 128 * 1024 * 1024
@@ -75,7 +82,7 @@ class AgentConfig:
     max_handshakes: int = 64
     path_lock_timeout: float = PATH_LOCK_TIMEOUT
     #: A server that reads nothing for this long is gone (its build slot and path lock freed).
-    send_timeout: float = transport.DEFAULT_SEND_TIMEOUT
+    send_timeout: float = net.DEFAULT_SEND_TIMEOUT
 
 
 @attrs.define
@@ -128,11 +135,10 @@ class Agent:
             listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
         except OSError as exc:
             raise DeltabkpError(
-                f"cannot listen on {transport.format_hostport(cfg.host, cfg.port)}: {exc.strerror}"
+                f"cannot listen on {net.Address(cfg.host, cfg.port)}: {exc.strerror}"
             ) from None
         port = listeners[0].socket.getsockname()[1]
-        host = cfg.host
-        self.address = transport.format_hostport(host, port)
+        self.address = str(net.Address(cfg.host, port))
         cache_dir = cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir(port)
         self.cache = await trio.to_thread.run_sync(lambda: AgentCache(cache_dir, keep=cfg.keep))
         log.info(
@@ -140,25 +146,24 @@ class Agent:
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, self._handle, listeners)
-            for host_port in cfg.servers:
-                nursery.start_soon(self._announce, host_port)
+            for server in cfg.servers:
+                nursery.start_soon(self._announce, server)
             task_status.started(self.address)
 
     # -- announcements -----------------------------------------------------------------------
 
-    async def _announce(self, server: tuple[str, int]) -> None:
+    async def _announce(self, server: net.Address) -> None:
         """Tell ``server`` we are up; retry quietly (capped backoff + jitter) until it hears."""
-        host, port = server
-        name = transport.format_hostport(host, port)
+        name = str(server)
         delay = ANNOUNCE_FIRST_S
-        my_host, _, my_port = self.address.rpartition(":")
+        me = net.Address.parse(self.address)
         failures = 0
         while True:
             try:
-                chan = await transport.connect(host, port, key=self.config.key, role="agent")
+                chan = await net.connect(server, key=self.config.key, role="agent")
                 async with chan:
-                    await chan.send(wire.Announce(my_host.strip("[]"), int(my_port)))
-                    await chan.receive_a(wire.Ack)
+                    await chan.send(protocol.Announce(me.host, me.port))
+                    await chan.receive_a(protocol.Ack)
             except DeltabkpError as exc:
                 failures += 1
                 # Loud once, then quiet: a server that is down is normal, not news.
@@ -193,7 +198,7 @@ class Agent:
         try:
             await self._resolve(path)
         except RequestRefused as exc:
-            return {"ok": False, "code": exc.code, "message": exc.message}
+            return {"ok": False, "code": str(exc.code), "message": exc.reason}
         return {"ok": True}
 
     async def _handle(self, stream: trio.SocketStream) -> None:
@@ -207,9 +212,7 @@ class Agent:
                         "too many sessions (%d): closing the one from %s",
                         self.config.max_connections, chan.peer,
                     )
-                    await chan.send_error(
-                        "busy", f"agent {self.address}: too many connections, try again later"
-                    )
+                    await chan.send_error(ErrorCode.BUSY, "too many connections, try again later")
                     return
                 self.sessions += 1
                 try:
@@ -221,7 +224,7 @@ class Agent:
         except Exception:  # a bug: log it, never let one connection take the daemon down
             log.exception("internal error while serving a connection")
 
-    async def _handshake(self, stream: trio.SocketStream) -> transport.Channel | None:
+    async def _handshake(self, stream: trio.SocketStream) -> net.Channel | None:
         """The authenticated channel, or None (refused, timed out or evicted; logged)."""
         if len(self._handshakes) >= self.config.max_handshakes:
             # Evict the oldest pending handshake rather than refuse this one: a real server
@@ -233,8 +236,8 @@ class Agent:
         scope = self._handshakes[token] = trio.CancelScope()
         try:
             with scope:
-                chan = await transport.accept(
-                    stream, key=self.config.key, roles=("server",),
+                chan = await net.accept(
+                    stream, key=self.config.key, role="agent", roles=("server",),
                     timeout=self.config.handshake_timeout,
                     info={"name": "deltabkp-agent", "version": __version__, "node": self.address},
                 )
@@ -252,35 +255,35 @@ class Agent:
                 )
         return None  # evicted: the cancel scope swallowed the cancellation
 
-    async def _serve(self, chan: transport.Channel) -> None:
+    async def _serve(self, chan: net.Channel) -> None:
         while True:
             try:
                 msg = await chan.receive(timeout=IDLE_TIMEOUT, raise_errors=False)
+            except RemoteProtocolError as exc:  # out of turn: say so before hanging up
+                await chan.send_error(ErrorCode.PROTOCOL, exc.reason)
+                return
             except DeltabkpError:
                 return  # hang-up, silence or a bad frame: the server is done with us
-            if isinstance(msg, wire.Ping):
+            if isinstance(msg, protocol.Ping):
                 info = self._pong_info()
                 if msg.path is not None:
                     info["path_check"] = await self._path_check(msg.path)
-                await chan.send(wire.Pong(info))
-            elif isinstance(msg, wire.BackupRequest):
+                await chan.send(protocol.Pong(info))
+            elif isinstance(msg, protocol.BackupRequest):
                 if not await self._backup(chan, msg):
                     return
-            elif isinstance(msg, (wire.Cancel, wire.Error)):
-                return
-            else:
-                await chan.send_error("protocol", f"agent {self.address}: unexpected {msg.TYPE} message")
+            else:  # cancel or error: the conversation is closed
                 return
 
-    async def _backup(self, chan: transport.Channel, req: wire.BackupRequest) -> bool:
+    async def _backup(self, chan: net.Channel, req: protocol.BackupRequest) -> bool:
         """Serve one request; False when the connection is unusable afterwards."""
         node, path = self.address, req.path
         assert self.cache is not None
         try:
             root = await self._resolve(path)
         except RequestRefused as exc:
-            log.warning("refused backup of %s: %s", path, exc.message)
-            await chan.send(wire.Error(exc.code, exc.message))
+            log.warning("refused backup of %s: %s", path, exc)
+            await chan.send(protocol.Error(str(exc.code), exc.reason))
             return True
         exclude = tuple(dict.fromkeys((*self.config.exclude, *req.exclude)))
         ctx = BackupContext(node, self.cache, self.builds, self.config.max_signature)
@@ -293,7 +296,9 @@ class Agent:
                 acquired = True
             if not acquired:
                 log.warning("refused backup of %s: another backup of it is still running", path)
-                await chan.send(wire.Error("busy", f"agent {node}: a backup of {path} is already running"))
+                await chan.send(
+                    protocol.Error(str(ErrorCode.BUSY), "a backup of this path is already running")
+                )
                 return True
             try:
                 return await self._run_backup(ctx, chan, req, root, exclude)
@@ -310,12 +315,12 @@ class Agent:
     async def _run_backup(
         self,
         ctx: BackupContext,
-        chan: transport.Channel,
-        req: wire.BackupRequest,
+        chan: net.Channel,
+        req: protocol.BackupRequest,
         root: str,
         exclude: tuple[str, ...],
     ) -> bool:
-        node, path = self.address, req.path
+        path = req.path
         self.active += 1
         try:
             out = await serve_backup(ctx, chan, req, root, exclude)
@@ -325,11 +330,11 @@ class Agent:
         except (PeerUnavailable, ProtocolError) as exc:
             log.warning("backup of %s abandoned: %s", path, exc)
             if isinstance(exc, ProtocolError):
-                await chan.send_error("protocol", str(exc))
+                await chan.send_error(ErrorCode.PROTOCOL, exc.reason)
             return False
         except Exception as exc:
-            code, message = describe_failure(exc, node, path)
-            if code == "internal":
+            code, message = describe_failure(exc)
+            if code == ErrorCode.INTERNAL:
                 log.exception("backup of %s failed", path)
             else:
                 log.warning("backup of %s failed: %s", path, message)
@@ -352,4 +357,4 @@ class Agent:
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    _daemon.configure_logging("deltabkp-agent", level)
+    net.configure_logging("deltabkp-agent", level)

@@ -12,7 +12,8 @@ import os
 
 import attrs
 
-from deltabkp.errors import RequestRefused, UsageError
+from deltabkp.errors import ErrorCode, RequestRefused, UsageError
+from deltabkp.net import normalise_path
 
 __all__ = ["Allowlist", "resolve_roots"]
 
@@ -62,18 +63,20 @@ class Allowlist:
         (inside a root but missing or not a directory).  Blocking (``realpath``, ``stat``):
         call it from a worker thread.
         """
-        if not path.startswith("/") or "\x00" in path:
-            raise RequestRefused("invalid", f"agent {node}: path {path!r} must be absolute")
+        try:
+            normalise_path(path)
+        except UsageError as exc:
+            raise RequestRefused(ErrorCode.INVALID, exc.reason, node=node, path=path) from None
         real = os.path.realpath(path)
         if not any(_is_under(real, r) for r in self.roots):
             # Never say where it resolves to: that would let a server read any symlink's
             # target on this node (Ping("/proc/1/cwd")).  The roots are no secret (Pong).
             raise RequestRefused(
-                "path-not-allowed",
-                f"agent {node}: path {path} resolves outside the allowed roots "
-                f"({', '.join(self.roots) or 'none'})",
+                ErrorCode.PATH_NOT_ALLOWED,
+                f"resolves outside the agent's allowed roots ({', '.join(self.roots) or 'none'})",
+                node=node, path=path,
             )
         if not os.path.isdir(real):
             what = "does not exist" if not os.path.lexists(real) else "is not a directory"
-            raise RequestRefused("not-found", f"agent {node}: path {path} {what}")
+            raise RequestRefused(ErrorCode.NOT_FOUND, f"{what} on the agent", node=node, path=path)
         return real

@@ -36,10 +36,11 @@ import attrs
 import trio
 
 import deltabkp
-from deltabkp import Signature, transport, wire
+from deltabkp import Signature, net, protocol
 from deltabkp.errors import (
     ArchiveError,
     DeltabkpError,
+    ErrorCode,
     FormatError,
     PeerUnavailable,
     RemoteProtocolError,
@@ -54,7 +55,7 @@ log = logging.getLogger("deltabkp_agent")
 #: Delta bytes held back while the archive might still turn out identical to the base.
 HOLD_LIMIT = 1 << 20
 #: Delta bytes gathered before a push to the network (fewer, fuller frames).
-FLUSH_AT = wire.MAX_CHUNK
+FLUSH_AT = protocol.MAX_CHUNK
 #: Slots of the thread → event loop channel (each ≤ MAX_CHUNK bytes).
 CHANNEL_SLOTS = 4
 #: Longest the server may hear nothing during a build: after this, held delta bytes (or an
@@ -113,8 +114,8 @@ class ServerStopped(PeerUnavailable):
 
 async def serve_backup(
     ctx: BackupContext,
-    chan: transport.Channel,
-    req: wire.BackupRequest,
+    chan: net.Channel,
+    req: protocol.BackupRequest,
     root: str,
     exclude: tuple[str, ...],
 ) -> BackupOutcome:
@@ -129,7 +130,7 @@ async def serve_backup(
     if req.base_hash is not None and not fp.racy:
         recorded = await thread(ctx.cache.fingerprint, root, req.base_hash, exclude)
         if recorded is not None and recorded == fp.digest:
-            await chan.send(wire.Unchanged(req.base_hash, "fingerprint"))
+            await chan.send(protocol.Unchanged(req.base_hash, "fingerprint"))
             return BackupOutcome("unchanged", "fingerprint", req.base_hash)
     fingerprint = None if fp.racy else bytes(fp.digest)
 
@@ -144,7 +145,7 @@ async def serve_backup(
             base_sig = Signature.parse(cached)
         else:
             sig_from = "server"
-            await chan.send(wire.NeedSignature())
+            await chan.send(protocol.NeedSignature())
             raw = await _receive_signature(chan, ctx, path)
             base_sig = await thread(_parse_server_signature, raw, req.base_hash, node, path)
             # It is the server's own signature of that archive: worth keeping.
@@ -161,12 +162,12 @@ async def serve_backup(
     )
 
     if req.base_hash is not None and built.held and built.archive_hash == req.base_hash:
-        await chan.send(wire.Unchanged(req.base_hash, "hash"))
+        await chan.send(protocol.Unchanged(req.base_hash, "hash"))
         await thread(_cache_quietly, ctx.cache.record, root, req.base_hash,
                      {"fingerprint": fingerprint, "exclude": exclude, "signature": None})
         return BackupOutcome("unchanged", "hash", req.base_hash, built.archive_size,
                              signature_from=sig_from)
-    await chan.send(wire.BackupDone(
+    await chan.send(protocol.BackupDone(
         built.archive_hash, built.archive_size, built.files, built.changed, built.skipped
     ))
     await thread(_cache_quietly, ctx.cache.record, root, built.archive_hash,
@@ -225,11 +226,11 @@ def _parse_server_signature(raw: bytes, base_hash: bytes, node: str, path: str) 
     try:
         sig = Signature.parse(raw)
     except FormatError as exc:
-        raise RemoteProtocolError(f"agent {node}: signature sent for {path} is invalid: {exc}") from None
+        raise RemoteProtocolError(f"the signature sent is invalid: {exc}", node=node, path=path) from None
     if sig.base_hash != base_hash:
         raise RemoteProtocolError(
-            f"agent {node}: signature sent for {path} is of archive {sig.base_hash.hex()[:16]}, "
-            f"not of the base {base_hash.hex()[:16]}"
+            f"the signature sent is of archive {sig.base_hash.hex()[:16]}, "
+            f"not of the base {base_hash.hex()[:16]}", node=node, path=path,
         )
     return sig
 
@@ -258,10 +259,10 @@ def _build(
     def push(data: bytes) -> None:
         nonlocal last_push
         # An empty chunk is a keep-alive: the server's patcher accepts it as no-op.
-        for i in range(0, max(len(data), 1), wire.MAX_CHUNK):
+        for i in range(0, max(len(data), 1), protocol.MAX_CHUNK):
             try:
                 # Blocks while the channel is full: the network paces the build.
-                trio.from_thread.run(send.send, data[i : i + wire.MAX_CHUNK])
+                trio.from_thread.run(send.send, data[i : i + protocol.MAX_CHUNK])
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.Cancelled,
                     trio.RunFinishedError):
                 raise _Stopped from None
@@ -318,32 +319,29 @@ def _build(
 # -- event loop side --------------------------------------------------------------------------
 
 
-def _server_stopped(msg: wire.Message, node: str, path: str) -> ServerStopped:
-    if isinstance(msg, wire.Error):
+def _server_stopped(msg: protocol.Message, node: str, path: str) -> ServerStopped:
+    if isinstance(msg, protocol.Error):
         return ServerStopped(
-            f"agent {node}: server ended the backup of {path} ({msg.code}: {msg.message})"
+            f"the server ended the backup ({msg.code}: {msg.message})", node=node, path=path
         )
-    return ServerStopped(f"agent {node}: server cancelled the backup of {path}")
+    return ServerStopped("the server cancelled the backup", node=node, path=path)
 
 
-async def _receive_signature(chan: transport.Channel, ctx: BackupContext, path: str) -> bytes:
+async def _receive_signature(chan: net.Channel, ctx: BackupContext, path: str) -> bytes:
     buf = bytearray()
     while True:
         msg = await chan.receive(timeout=SIG_CHUNK_TIMEOUT, raise_errors=False)
-        if isinstance(msg, wire.SignatureEnd):
+        if isinstance(msg, protocol.SignatureEnd):
             return bytes(buf)
-        if isinstance(msg, (wire.Cancel, wire.Error)):
+        if isinstance(msg, (protocol.Cancel, protocol.Error)):
             raise _server_stopped(msg, ctx.node, path)
-        if not isinstance(msg, wire.SignatureChunk):
-            raise RemoteProtocolError(
-                f"agent {ctx.node}: expected sig-chunk for {path}, got {msg.TYPE}"
-            )
+        assert isinstance(msg, protocol.SignatureChunk)  # the conversation allows nothing else
         buf += msg.data
         if len(buf) > ctx.max_signature:
             raise RequestRefused(
-                "refused",
-                f"agent {ctx.node}: signature for {path} exceeds the agent's limit of "
-                f"{ctx.max_signature} bytes (--max-signature-mb)",
+                ErrorCode.REFUSED,
+                f"the signature exceeds the agent's limit of {ctx.max_signature} bytes "
+                "(--max-signature-mb)", node=ctx.node, path=path,
             )
 
 
@@ -357,7 +355,7 @@ class _Box:
 
 async def _stream_delta(
     ctx: BackupContext,
-    chan: transport.Channel,
+    chan: net.Channel,
     path: str,
     root: str,
     exclude: tuple[str, ...],
@@ -382,7 +380,7 @@ async def _stream_delta(
         # a hang-up) ends this backup.
         try:
             msg = await chan.receive(timeout=None, raise_errors=False)
-            if isinstance(msg, (wire.Cancel, wire.Error)):
+            if isinstance(msg, (protocol.Cancel, protocol.Error)):
                 box.stopped_by_server = _server_stopped(msg, ctx.node, path)
             box.aborted = f"server sent {msg.TYPE} during the stream"
         except DeltabkpError as exc:
@@ -397,7 +395,7 @@ async def _stream_delta(
                 async for piece in receive:
                     # A server that stops reading is dropped by the send deadline
                     # (PeerUnavailable); caught here, or it would leave as an ExceptionGroup.
-                    await chan.send(wire.DeltaChunk(piece))
+                    await chan.send(protocol.DeltaChunk(piece))
         except PeerUnavailable as exc:
             if box.aborted is None:
                 box.aborted = str(exc)
@@ -406,21 +404,22 @@ async def _stream_delta(
     if box.stopped_by_server is not None:
         raise box.stopped_by_server
     if box.aborted is not None:
-        raise PeerUnavailable(f"agent {ctx.node}: backup of {path} abandoned: {box.aborted}")
+        raise PeerUnavailable(f"backup abandoned: {box.aborted}", node=ctx.node, path=path)
     if box.error is not None:
         raise box.error
     if box.built is None:  # stopped without the peer going away: we are being cancelled
         await trio.lowlevel.checkpoint()
-        raise PeerUnavailable(f"agent {ctx.node}: backup of {path} stopped")
+        raise PeerUnavailable("backup stopped", node=ctx.node, path=path)
     return box.built
 
 
-def describe_failure(exc: BaseException, node: str, path: str) -> tuple[str, str]:
-    """(code, message) of the ``Error`` sent to the server when a build fails."""
-    if isinstance(exc, RequestRefused):
-        return exc.code, exc.message
+def describe_failure(exc: BaseException) -> tuple[ErrorCode, str]:
+    """(code, reason) of the ``error`` sent to the server when a build fails; the server
+    knows which node and path it asked about."""
+    if isinstance(exc, RequestRefused) and isinstance(exc.code, ErrorCode):
+        return exc.code, exc.reason
     if isinstance(exc, ArchiveError):
-        return "failed", f"agent {node}: archiving {path} failed: {exc}"
+        return ErrorCode.FAILED, f"archiving failed: {exc.reason}"
     if isinstance(exc, DeltabkpError):
-        return "failed", f"agent {node}: backup of {path} failed: {exc}"
-    return "internal", f"agent {node}: internal error during the backup of {path}: {exc!r}"
+        return ErrorCode.FAILED, f"backup failed: {exc.reason}"
+    return ErrorCode.INTERNAL, f"internal error of the agent during the backup: {exc!r}"

@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-from deltabkp import transport
-from deltabkp._daemon import run_daemon
+from deltabkp import net
 from deltabkp.errors import DeltabkpError, UsageError
-from deltabkp_server.execution import ExecutionSettings
+from deltabkp_server.config import ExecutionSettings
 from deltabkp_server.server import Server, configure_logging
 
 
@@ -43,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
-        "--listen", default=f"127.0.0.1:{transport.DEFAULT_SERVER_PORT}", metavar="HOST:PORT",
+        "--listen", default=f"127.0.0.1:{net.DEFAULT_SERVER_PORT}", metavar="HOST:PORT",
         help="address to listen on (default 127.0.0.1:%(default)s; port 0 picks a free port)".replace(
-            "%(default)s", str(transport.DEFAULT_SERVER_PORT)),
+            "%(default)s", str(net.DEFAULT_SERVER_PORT)),
     )
     p.add_argument(
         "--data-dir", metavar="DIR", default=None,
@@ -75,14 +74,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.WARNING if args.quiet else logging.INFO)
     try:
-        host, port = transport.parse_hostport(args.listen)
+        listen = net.Address.parse(args.listen)
         for name in ("max_concurrent", "max_per_node", "keep", "max_archive_mb"):
             if getattr(args, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        key = transport.load_key(args.key_file)
+        key = net.load_key(args.key_file)
         server = Server(
             data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
-            key=key, host=host, port=port,
+            key=key, host=listen.host, port=listen.port,
             max_concurrent=args.max_concurrent, max_per_node=args.max_per_node,
             settings=ExecutionSettings(
                 keep=args.keep, idle_timeout=args.idle_timeout,
@@ -96,10 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def ready(_address: str) -> None:
         logging.getLogger("deltabkp_server").info(
             "data dir %s, max %d executions (%d per node)",
-            server.data_dir, server.max_concurrent, server.max_per_node,
+            server.data_dir, server.config.max_concurrent, server.config.max_per_node,
         )
 
-    return run_daemon("deltabkp-server", server.run, ready)
+    return net.run_daemon("deltabkp-server", server.run, ready)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,7 +10,8 @@ Invariants:
 - every method is blocking and runs in a worker thread (see ``AsyncCatalog``), never on the
   event loop; the SQLite backend serialises its calls on one connection.
 
-Today's backend is SQLite in WAL mode (``SqliteCatalog``); PostgreSQL can plug in behind the
+Long on purpose: the protocol, the schema and the SQLite backend are one unit a second
+backend is checked against.  Today's backend is SQLite in WAL mode (``SqliteCatalog``); PostgreSQL can plug in behind the
 same ``Catalog`` protocol and must pass ``tests/test_catalog.py``.
 """
 
@@ -25,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-from deltabkp.errors import CatalogError, RequestRefused
+from deltabkp.errors import CatalogError, ErrorCode, RequestRefused
 from deltabkp_server.model import (
     ArchiveRecord,
     ExecutionRecord,
@@ -249,7 +250,7 @@ class SqliteCatalog:
                 "SELECT * FROM targets WHERE node=? AND path=?", (node, path)
             ).fetchone()
             if row is not None and row["active"]:
-                raise RequestRefused("exists", f"{node} {path} is already registered")
+                raise RequestRefused(ErrorCode.EXISTS, "is already registered", node=node, path=path)
             if row is None:
                 cur = db.execute(
                     "INSERT INTO targets (node, path, every_s, state, next_due, active, created)"
@@ -273,7 +274,7 @@ class SqliteCatalog:
                 "SELECT * FROM targets WHERE node=? AND path=? AND active=1", (node, path)
             ).fetchone()
             if row is None:
-                raise RequestRefused("not-found", f"{node} {path} is not registered")
+                raise RequestRefused(ErrorCode.NOT_FOUND, "is not registered", node=node, path=path)
             db.execute("UPDATE targets SET active=0 WHERE id=?", (row["id"],))
             out = db.execute("SELECT * FROM targets WHERE id=?", (row["id"],)).fetchone()
         return _target(out)

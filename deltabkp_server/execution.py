@@ -1,4 +1,5 @@
-"""One backup execution: pull a delta from the agent, rebuild the archive, verify, store, rotate.
+"""One backup execution: ``pull`` (the exchange) → ``ingest`` (patch, verify, commit) →
+``retention`` (keep the newest N), each in its own module; this one logs the execution.
 
 Job: turn one due target into exactly one logged execution row, whatever happens.
 Invariants:
@@ -7,9 +8,11 @@ Invariants:
   and start-up closes it as failed;
 - a new archive becomes visible only through ``Catalog.commit_archive``, after the patched
   file has been verified (whole-file blake3 from the delta's END and from ``BackupDone``)
-  and fsynced into place; anything else leaves no file behind (``PartWriter.abort``);
+  and fsynced into place; anything else leaves no file behind (``Ingest.aclose``);
 - a verification failure (``IntegrityError``) is retried once as a full transfer
   (``base_hash`` None), logged in the execution's note; it is never stored as good;
+- "unchanged" is a verdict of the attempt, not an exception; errors get the target's node
+  and path as fields (``with_context``), never by editing their text;
 - patching, signature building, hashing and file writes run in worker threads behind
   ``files_limiter``; every network wait has a deadline;
 - bytes on the wire are the channel's raw counters (frames and handshake included), summed
@@ -22,31 +25,23 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 import trio
 
-import deltabkp
-from deltabkp import transport, wire
-from deltabkp.errors import (
-    DeltabkpError,
-    IntegrityError,
-    RemoteProtocolError,
-    RequestRefused,
-    StoreError,
-)
+from deltabkp import net, protocol
+from deltabkp.errors import DeltabkpError, ErrorCode, IntegrityError, RequestRefused
 from deltabkp_server.catalog import AsyncCatalog
+from deltabkp_server.config import ExecutionSettings
+from deltabkp_server.ingest import Ingest
 from deltabkp_server.model import ArchiveRecord, ExecutionRecord, ExecutionResult, Target
-from deltabkp_server.store import PartWriter, Store
+from deltabkp_server.pull import Unchanged, pull
+from deltabkp_server.retention import rotate
+from deltabkp_server.store import Store
 
-__all__ = ["Executor", "ExecutionSettings", "Ran", "PERMANENT_REFUSALS"]
+__all__ = ["Executor", "ExecutionSettings", "Ran"]
 
 log = logging.getLogger("deltabkp_server")
-
-
-#: Agent error codes that say "never for this path", not "not now".
-PERMANENT_REFUSALS = frozenset({"path-not-allowed", "not-found", "invalid", "refused"})
 
 
 @attrs.frozen
@@ -57,24 +52,13 @@ class Ran:
     retry: bool
 
 
-@attrs.frozen
-class ExecutionSettings:
-    keep: int = 10
-    connect_timeout: float = 10.0
-    #: Longest silence between two messages of the agent (it may build a big archive first).
-    idle_timeout: float = 300.0
-    #: Largest archive accepted: a few COPY ops can describe an unbounded output, and a
-    #: compromised node must not be able to fill the server's disk with one delta.
-    max_archive_size: int = 64 << 30
-
-
 @attrs.define
 class _Meter:
     """Bytes on the wire over all attempts of one execution (closed ones + the open channel)."""
 
     done_sent: int = 0
     done_received: int = 0
-    current: transport.Channel | None = None
+    current: net.Channel | None = None
 
     @property
     def sent(self) -> int:
@@ -84,59 +68,18 @@ class _Meter:
     def received(self) -> int:
         return self.done_received + (self.current.bytes_received if self.current else 0)
 
-    def close(self, chan: transport.Channel) -> None:
+    def close(self, chan: net.Channel) -> None:
         self.done_sent += chan.bytes_sent
         self.done_received += chan.bytes_received
         self.current = None
 
 
-class _Unchanged(Exception):
-    """Internal signal: the agent's archive is the base archive."""
+@attrs.frozen
+class _Same:
+    """An attempt's verdict: the agent's archive is the base archive."""
 
-    def __init__(self, base: ArchiveRecord, reason: str) -> None:
-        self.base = base
-        self.reason = reason
-
-
-class _Patch:
-    """Patcher over the base + SignatureBuilder + part file; driven from worker threads only."""
-
-    def __init__(
-        self, base_buf: Any, base: ArchiveRecord | None, part: PartWriter, max_size: int
-    ) -> None:
-        # With base_hash the patcher refuses, from the header on, a delta made for another base.
-        self.patcher = deltabkp.Patcher(
-            base_buf, base_hash=base.hash if base else None, max_size=max_size
-        )
-        # The signature of the new archive is built while it is written, with blocks sized
-        # for the base (the new archive is usually about as big).  With no base the size is
-        # unknown until the end, so that first signature is built from the written file.
-        self.sig = deltabkp.SignatureBuilder(base_size=base.size) if base is not None else None
-        self.part = part
-
-    def feed(self, data: bytes) -> None:
-        for piece in self.patcher.feed(data):
-            self.part.write(piece)
-            if self.sig is not None:
-                self.sig.feed(piece)
-
-    def finish(self, done: wire.BackupDone) -> bytes:
-        self.patcher.finish()  # raises IntegrityError on a length or blake3 mismatch
-        if self.patcher.new_hash != done.archive_hash or self.patcher.new_size != done.archive_size:
-            raise IntegrityError(
-                f"patched archive ({self.patcher.new_size} bytes, {self.patcher.new_hash.hex()[:16]}) "
-                f"differs from the agent's ({done.archive_size} bytes, {done.archive_hash.hex()[:16]})"
-            )
-        if self.part.size != done.archive_size:
-            raise IntegrityError(
-                f"wrote {self.part.size} bytes but the archive has {done.archive_size}"
-            )
-        if self.sig is None:
-            self.sig = deltabkp.SignatureBuilder(base_size=self.part.size)
-            for block in self.part.read_back(1 << 20):
-                self.sig.feed(block)
-        sig: bytes = self.sig.finish()
-        return sig
+    base: ArchiveRecord
+    note: str
 
 
 class Executor:
@@ -159,45 +102,48 @@ class Executor:
         self.settings = settings
         self.clock = clock
 
-    async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.files)
-
     async def run(self, target: Target, trigger: str) -> Ran:
         """One execution of ``target``: its finished log row, and whether a failure is worth
         retrying before the next period.  Raises no ``DeltabkpError`` but a catalog failure."""
         started = self.clock()
         eid = await self.catalog.call(lambda c: c.start_execution(target.id, started, trigger))
-        log.info("execution %d of %s %s started (%s)", eid, target.node, target.path, trigger)
+        log.info("execution %d of %s started (%s)", eid, target.name, trigger)
         meter = _Meter()
         note: str | None = None
         retry = False
         try:
             try:
-                record = await self._attempt(target, eid, meter, full=False, note=None)
+                got = await self._attempt(target, eid, meter, full=False, note=None)
             except IntegrityError as exc:
-                note = f"delta result failed verification ({exc}); retried as a full transfer"
-                log.warning("execution %d of %s %s: %s", eid, target.node, target.path, note)
-                record = await self._attempt(target, eid, meter, full=True, note=note)
-        except _Unchanged as u:
-            record = await self._finish(eid, ExecutionResult(
-                outcome="unchanged", ended=self.clock(), bytes_sent=meter.sent,
-                bytes_received=meter.received, archive_size=u.base.size,
-                archive_seq=u.base.seq, archive_hash=u.base.hash, note=note or u.reason,
-            ))
+                note = f"delta result failed verification ({exc.reason}); retried as a full transfer"
+                log.warning("execution %d of %s: %s", eid, target.name, note)
+                got = await self._attempt(target, eid, meter, full=True, note=note)
+            if isinstance(got, _Same):
+                record = await self._finish(eid, ExecutionResult(
+                    outcome="unchanged", ended=self.clock(), bytes_sent=meter.sent,
+                    bytes_received=meter.received, archive_size=got.base.size,
+                    archive_seq=got.base.seq, archive_hash=got.base.hash, note=note or got.note,
+                ))
+            else:
+                record = got
+                await rotate(self.catalog, self.store, target, self.settings.keep,
+                             limiter=self.files, clock=self.clock)
         except DeltabkpError as exc:
+            exc.with_context(node=target.node, path=target.path)
             # The node refusing this path will refuse it again: wait for the next period.
             # Anything else (unreachable, broken transfer, bad data) retries when it answers.
-            retry = not (isinstance(exc, RequestRefused) and exc.code in PERMANENT_REFUSALS)
+            retry = not (isinstance(exc, RequestRefused) and isinstance(exc.code, ErrorCode)
+                         and exc.code.permanent)
             record = await self._finish(eid, ExecutionResult(
                 outcome="failed", ended=self.clock(), bytes_sent=meter.sent,
-                bytes_received=meter.received, error=_describe(exc, target), note=note,
+                bytes_received=meter.received, error=str(exc), note=note,
             ))
         except trio.Cancelled:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 await self._finish(eid, ExecutionResult(
                     outcome="failed", ended=self.clock(), bytes_sent=meter.sent,
                     bytes_received=meter.received,
-                    error=f"{target.node} {target.path}: cancelled (server shutting down)",
+                    error=f"{target.name}: cancelled (server shutting down)",
                 ))
             raise
         _log_record(record)
@@ -208,144 +154,51 @@ class Executor:
 
     async def _attempt(
         self, target: Target, eid: int, meter: _Meter, *, full: bool, note: str | None
-    ) -> ExecutionRecord:
-        base = None if full else await self.catalog.call(lambda c: c.newest_retained(target.id))
-        host, port = transport.parse_hostport(target.node)
-        chan = await transport.connect(
-            host, port, key=self.key, role="server", timeout=self.settings.connect_timeout
+    ) -> ExecutionRecord | _Same:
+        """Pull (protocol) → ingest (patch, verify, commit) over one connection."""
+        tid = target.id
+        base = None if full else await self.catalog.call(lambda c: c.newest_retained(tid))
+        chan = await net.connect(
+            net.Address.parse(target.node), key=self.key, role="server",
+            timeout=self.settings.connect_timeout,
         )
         meter.current = chan
+        ingest = Ingest(
+            catalog=self.catalog, store=self.store, target=target, base=base,
+            limiter=self.files, max_size=self.settings.max_archive_size,
+        )
         try:
-            return await self._converse(chan, target, eid, base, meter, note)
-        except _Unchanged:
-            raise
+            pulled = await pull(
+                chan, target.path, base.hash if base else None, idle=self.settings.idle_timeout,
+                read_signature=ingest.read_signature, sink=ingest,
+            )
+            if isinstance(pulled, Unchanged):
+                assert base is not None  # the conversation refuses "unchanged" without a base
+                return _Same(base, f"unchanged ({pulled.reason})")
+            done = pulled.done
+            if not await ingest.finish(done):
+                assert base is not None
+                return _Same(base, "unchanged (hash)")
+
+            def result(seq: int) -> ExecutionResult:
+                return ExecutionResult(
+                    outcome="stored", ended=self.clock(), bytes_sent=meter.sent,
+                    bytes_received=meter.received, archive_size=done.archive_size,
+                    archive_seq=seq, archive_hash=done.archive_hash, files=done.files,
+                    changed=done.changed, skipped=done.skipped, note=note,
+                )
+
+            return await ingest.commit(eid, result)
         except BaseException:
             # Tell the agent to stop building (best effort) before hanging up.
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 with contextlib.suppress(DeltabkpError):
-                    await chan.send(wire.Cancel())
+                    await chan.send(protocol.Cancel())
             raise
         finally:
+            await ingest.aclose()
             meter.close(chan)
             await chan.aclose()
-
-    async def _converse(
-        self,
-        chan: transport.Channel,
-        target: Target,
-        eid: int,
-        base: ArchiveRecord | None,
-        meter: _Meter,
-        note: str | None,
-    ) -> ExecutionRecord:
-        idle = self.settings.idle_timeout
-        await chan.send(wire.BackupRequest(target.path, base.hash if base else None, ()))
-        msg = await chan.receive(timeout=idle)
-        if isinstance(msg, wire.Unchanged):
-            if base is None or msg.archive_hash != base.hash:
-                raise RemoteProtocolError(
-                    f"{target.node}: 'unchanged' for {target.path} but we sent "
-                    f"{'no base' if base is None else 'another base hash'}"
-                )
-            raise _Unchanged(base, f"unchanged ({msg.reason})")
-        if isinstance(msg, wire.NeedSignature):
-            if base is None:
-                raise RemoteProtocolError(f"{target.node}: asked for a signature but no base was offered")
-            sig: bytes = await self._base_io(target, base, self.store.read_signature, target.id, base.seq)
-            for i in range(0, len(sig), wire.MAX_CHUNK):
-                await chan.send(wire.SignatureChunk(sig[i : i + wire.MAX_CHUNK]))
-            await chan.send(wire.SignatureEnd())
-            msg = await chan.receive(timeout=idle)
-        if not isinstance(msg, (wire.DeltaChunk, wire.BackupDone)):
-            raise RemoteProtocolError(f"{target.node}: unexpected {msg.TYPE} message during a backup")
-
-        seq = await self.catalog.call(lambda c: c.next_seq(target.id))
-        part: PartWriter = await self._thread(self.store.begin, target.id, seq)
-        committed = False
-        try:
-            with contextlib.ExitStack() as stack:
-                if base is not None:
-                    buf = await self._base_io(
-                        target, base, stack.enter_context, self.store.base(target.id, base.seq)
-                    )
-                else:
-                    buf = b""
-                patch = _Patch(buf, base, part, self.settings.max_archive_size)
-                while isinstance(msg, wire.DeltaChunk):
-                    await self._thread(patch.feed, msg.data)
-                    msg = await chan.receive(timeout=idle)
-                if not isinstance(msg, wire.BackupDone):
-                    raise RemoteProtocolError(
-                        f"{target.node}: expected delta-chunk or backup-done, got {msg.TYPE}"
-                    )
-                done = msg
-                signature: bytes = await self._thread(patch.finish, done)
-                # The patcher may hold views into the base's mmap: let go before it closes.
-                del patch, buf
-            if base is not None and done.archive_hash == base.hash:
-                raise _Unchanged(base, "unchanged (hash)")
-            await self._thread(part.commit, signature)
-            result = ExecutionResult(
-                outcome="stored", ended=self.clock(), bytes_sent=meter.sent,
-                bytes_received=meter.received, archive_size=done.archive_size,
-                archive_seq=seq, archive_hash=done.archive_hash, files=done.files,
-                changed=done.changed, skipped=done.skipped, note=note,
-            )
-            try:
-                _archive, record = await self.catalog.call(
-                    lambda c: c.commit_archive(eid, target.id, seq, result)
-                )
-                committed = True
-            finally:
-                if not committed:
-                    with trio.CancelScope(shield=True):
-                        await self._thread(self.store.delete, target.id, seq)
-        except BaseException:
-            if not committed:
-                with trio.CancelScope(shield=True):
-                    await self._thread(part.abort)
-            raise
-        await self._rotate(target)
-        return record
-
-    async def _base_io(
-        self, target: Target, base: ArchiveRecord, fn: Callable[..., Any], *args: Any
-    ) -> Any:
-        """Read the base archive or its signature; if it is gone or unreadable, stop offering
-        it (marked missing) and fall back to a full transfer, like any integrity failure."""
-        try:
-            return await self._thread(fn, *args)
-        except StoreError as exc:
-            await self.catalog.call(lambda c: c.mark_missing(target.id, base.seq))
-            log.error("%s %s: archive %d marked missing: %s", target.node, target.path, base.seq, exc)
-            raise IntegrityError(f"base archive {base.seq} is unreadable ({exc})") from None
-
-    async def _rotate(self, target: Target) -> None:
-        """Keep the newest ``keep`` archives: flip the rows first, then delete the files."""
-        now = self.clock()
-        retired = await self.catalog.call(lambda c: c.retire(target.id, self.settings.keep, now))
-        for a in retired:
-            try:
-                await self._thread(self.store.delete, target.id, a.seq)
-            except DeltabkpError as exc:
-                # The row is already not retained: start-up reconciliation removes the file.
-                log.warning("%s %s: rotating out archive %d: %s", target.node, target.path, a.seq, exc)
-            else:
-                log.info("%s %s: archive %d rotated out", target.node, target.path, a.seq)
-
-
-def _describe(exc: DeltabkpError, target: Target) -> str:
-    text = str(exc)
-    if isinstance(exc, RequestRefused):
-        text = f"agent refused ({exc.code}): {exc.message}"
-    prefix = f"{target.node} {target.path}: "
-    if text.startswith(prefix):
-        return text
-    # Transport errors start with the peer's address: say it once.
-    for head in (f"{target.node}: ", f"agent {target.node}: "):
-        if text.startswith(head):
-            text = text[len(head):]
-    return prefix + text
 
 
 def _log_record(r: ExecutionRecord) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from deltabkp.errors import RequestRefused
+from deltabkp.errors import ErrorCode, RequestRefused
 
 __all__ = [
     "Target",
@@ -31,7 +31,7 @@ STATES = ("ok", "retrying")
 
 _EVERY = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _UNIT = {"": 60, "s": 1, "m": 60, "h": 3600, "d": 86400}
-# A week of seconds caps nothing real but keeps next_due arithmetic far from overflow.
+# A year caps nothing real but keeps next_due arithmetic far from overflow.
 MAX_EVERY_S = 366 * 86400
 
 
@@ -41,18 +41,18 @@ def parse_every(text: object) -> int:
     Anything else (zero, negative, garbage) is refused with code "invalid".
     """
     if isinstance(text, bool) or not isinstance(text, (str, int)):
-        raise RequestRefused("invalid", f"frequency must be a string like '5', '90s', '5m', '2h', got {text!r}")
+        raise RequestRefused(ErrorCode.INVALID, f"frequency must be a string like '5', '90s', '5m', '2h', got {text!r}")
     m = _EVERY.match(str(text))
     if not m:
         raise RequestRefused(
-            "invalid",
+            ErrorCode.INVALID,
             f"bad frequency {text!r}: use integer minutes ('5') or a number with s, m, h or d ('90s', '2h')",
         )
     seconds = int(m.group(1)) * _UNIT[m.group(2)]
     if seconds <= 0:
-        raise RequestRefused("invalid", f"bad frequency {text!r}: must be greater than zero")
+        raise RequestRefused(ErrorCode.INVALID, f"bad frequency {text!r}: must be greater than zero")
     if seconds > MAX_EVERY_S:
-        raise RequestRefused("invalid", f"bad frequency {text!r}: more than a year")
+        raise RequestRefused(ErrorCode.INVALID, f"bad frequency {text!r}: more than a year")
     return seconds
 
 

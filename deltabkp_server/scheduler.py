@@ -27,8 +27,9 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from deltabkp import transport, wire
-from deltabkp.errors import DeltabkpError, RequestRefused
+from deltabkp.errors import DeltabkpError, ErrorCode, RequestRefused
+from deltabkp.net import Address
+from deltabkp_server.agents import ping
 from deltabkp_server.catalog import AsyncCatalog
 from deltabkp_server.execution import Executor
 from deltabkp_server.model import ExecutionRecord, Target
@@ -127,7 +128,8 @@ class Scheduler:
         if slot is not None:
             for w in slot.waiters:
                 w.set(None, RequestRefused(
-                    "not-found", f"{slot.target.node} {slot.target.path} was unregistered before it ran"
+                    ErrorCode.NOT_FOUND, "was unregistered before it ran",
+                    node=slot.target.node, path=slot.target.path,
                 ))
             slot.waiters.clear()
         self.wake()
@@ -135,7 +137,7 @@ class Scheduler:
     def request_now(self, target_id: int) -> Waiter:
         slot = self._slots.get(target_id)
         if slot is None:
-            raise RequestRefused("not-found", f"target {target_id} is not scheduled")
+            raise RequestRefused(ErrorCode.NOT_FOUND, f"target {target_id} is not scheduled")
         waiter = Waiter()
         slot.waiters.append(waiter)
         slot.queued = "manual"
@@ -144,10 +146,10 @@ class Scheduler:
 
     def announce(self, host: str, port: int, peer_host: str) -> list[Target]:
         """An agent came up: run the pending retries of its node now; returns those targets."""
-        wildcard = host in ("", "0.0.0.0", "::")
-        names = {f"{host}:{port}", f"[{host}]:{port}"}
-        if wildcard:
-            names |= {f"{peer_host}:{port}", f"[{peer_host}]:{port}"}
+        # A wildcard listener is reached at the address the announcement came from.
+        if host in ("", "0.0.0.0", "::"):
+            host = peer_host
+        names = {str(Address(host.lower(), port))}
         hit = []
         for slot in self._slots.values():
             if slot.target.node in names and slot.state == "retrying":
@@ -263,8 +265,8 @@ class Scheduler:
     async def _probe(self, slot: _Slot) -> None:
         target = slot.target
         try:
-            answered = await ping(target.node, self.key, timeout=PROBE_TIMEOUT_S)
-            if answered is None:
+            pinged = await ping(target.node, self.key, timeout=PROBE_TIMEOUT_S)
+            if pinged.answered:
                 # The node is back: back it up at once instead of waiting for the period.
                 log.info("%s answers again: retrying %s now", target.node, target.path)
                 slot.queued = slot.queued or "retry"
@@ -279,19 +281,3 @@ class Scheduler:
         finally:
             slot.probing = False
             self.wake()
-
-
-async def ping(node: str, key: bytes, *, timeout: float) -> str | None:
-    """Ping an agent: None when it answered, else why not (never raises DeltabkpError)."""
-    try:
-        host, port = transport.parse_hostport(node)
-        with trio.fail_after(timeout):
-            chan = await transport.connect(host, port, key=key, role="server", timeout=timeout)
-            async with chan:
-                await chan.send(wire.Ping())
-                await chan.receive_a(wire.Pong, timeout=timeout)
-    except trio.TooSlowError:
-        return f"{node}: no answer within {timeout:g} s"
-    except DeltabkpError as exc:
-        return str(exc)
-    return None

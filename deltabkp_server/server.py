@@ -21,40 +21,40 @@ from pathlib import Path
 
 import trio
 
-from deltabkp import _daemon, __version__, transport, wire
+from deltabkp import net
 from deltabkp.errors import DeltabkpError, StoreError
+from deltabkp_server.agents import SERVER_INFO, serve_announcements
 from deltabkp_server.catalog import AsyncCatalog, Catalog, SqliteCatalog
+from deltabkp_server.config import ExecutionSettings, ServerConfig
 from deltabkp_server.control import ControlAPI
-from deltabkp_server.execution import ExecutionSettings, Executor
+from deltabkp_server.execution import Executor
 from deltabkp_server.scheduler import Scheduler
 from deltabkp_server.store import LocalStore
 
-__all__ = ["Server"]
+__all__ = ["Server", "configure_logging"]
 
 log = logging.getLogger("deltabkp_server")
-AGENT_IDLE_S = 30.0
 
 
 class Server:
+    """One server daemon; ``run`` until cancelled."""
+
     def __init__(
         self,
         *,
         data_dir: str | Path,
         key: bytes,
         host: str = "127.0.0.1",
-        port: int = transport.DEFAULT_SERVER_PORT,
+        port: int = net.DEFAULT_SERVER_PORT,
         max_concurrent: int = 8,
         max_per_node: int = 2,
         settings: ExecutionSettings = ExecutionSettings(),
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.data_dir = Path(data_dir)
-        self.key = key
-        self.host = host
-        self.port = port
-        self.max_concurrent = max_concurrent
-        self.max_per_node = max_per_node
-        self.settings = settings
+        self.config = ServerConfig(
+            data_dir=Path(data_dir), key=key, host=host, port=port,
+            max_concurrent=max_concurrent, max_per_node=max_per_node, settings=settings,
+        )
         self.clock = clock
         self.started = clock()
         self.address = ""
@@ -62,7 +62,11 @@ class Server:
         self.catalog: AsyncCatalog
         self.store: LocalStore
         self.scheduler: Scheduler
-        self.control = ControlAPI(self)
+        self.control: ControlAPI
+
+    @property
+    def data_dir(self) -> Path:
+        return self.config.data_dir
 
     async def _open(self) -> None:
         def open_all() -> tuple[SqliteCatalog, LocalStore]:
@@ -75,13 +79,14 @@ class Server:
         cat, self.store = await trio.to_thread.run_sync(open_all)
         self.catalog = AsyncCatalog(cat)
         await self.reconcile()
+        cfg = self.config
         executor = Executor(
-            key=self.key, catalog=self.catalog, store=self.store,
-            files_limiter=self.files_limiter, settings=self.settings, clock=self.clock,
+            key=cfg.key, catalog=self.catalog, store=self.store,
+            files_limiter=self.files_limiter, settings=cfg.settings, clock=self.clock,
         )
         self.scheduler = Scheduler(
-            executor=executor, catalog=self.catalog, key=self.key,
-            max_concurrent=self.max_concurrent, max_per_node=self.max_per_node, clock=self.clock,
+            executor=executor, catalog=self.catalog, key=cfg.key,
+            max_concurrent=cfg.max_concurrent, max_per_node=cfg.max_per_node, clock=self.clock,
         )
         for t in await self.catalog.call(lambda c: c.targets()):
             self.scheduler.add(t)
@@ -110,13 +115,20 @@ class Server:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         await self._open()
+        cfg = self.config
         try:
-            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+            listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
         except OSError as exc:
-            raise DeltabkpError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
+            raise DeltabkpError(
+                f"cannot listen on {net.Address(cfg.host, cfg.port)}: {exc.strerror}"
+            ) from None
         sockname = listeners[0].socket.getsockname()
-        h = self.host if self.host not in ("", None) else sockname[0]
-        self.address = f"[{h}]:{sockname[1]}" if ":" in h else f"{h}:{sockname[1]}"
+        self.address = str(net.Address(cfg.host or sockname[0], sockname[1]))
+        self.control = ControlAPI(
+            config=cfg, catalog=self.catalog, scheduler=self.scheduler, store=self.store,
+            files_limiter=self.files_limiter, address=self.address, started=self.started,
+            clock=self.clock,
+        )
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.scheduler.run)
@@ -130,43 +142,24 @@ class Server:
         try:
             async with stream:
                 try:
-                    chan = await transport.accept(
-                        stream, key=self.key, roles=("ctl", "agent"),
-                        info={"name": "deltabkp-server", "version": __version__},
+                    chan = await net.accept(
+                        stream, key=self.config.key, role="server", roles=("ctl", "agent"),
+                        info=SERVER_INFO,
                     )
                 except DeltabkpError as exc:
                     log.warning("refused connection: %s", exc)
                     return
-                if chan.role == "ctl":
+                if chan.peer_role == "ctl":
                     await self.control.serve(chan)
                 else:
-                    await self._serve_agent(chan)
+                    await serve_announcements(
+                        chan, lambda h, p, ph: len(self.scheduler.announce(h, p, ph))
+                    )
         except DeltabkpError as exc:
             log.warning("connection ended: %s", exc)
         except Exception:  # a bug: log it, never let one connection take the daemon down
             log.exception("internal error while serving a connection")
 
-    async def _serve_agent(self, chan: transport.Channel) -> None:
-        """Agents announce themselves (pending retries run now) and may ping."""
-        while True:
-            try:
-                msg = await chan.receive(timeout=AGENT_IDLE_S)
-            except DeltabkpError:
-                return
-            if isinstance(msg, wire.Announce):
-                peer_host = chan.peer.rpartition(":")[0].strip("[]")
-                hit = self.scheduler.announce(msg.host, msg.port, peer_host)
-                log.info(
-                    "agent %s:%d announced itself; %d pending retr%s run now",
-                    msg.host, msg.port, len(hit), "y" if len(hit) == 1 else "ies",
-                )
-                await chan.send(wire.Ack())
-            elif isinstance(msg, wire.Ping):
-                await chan.send(wire.Pong({"name": "deltabkp-server", "version": __version__}))
-            else:
-                await chan.send_error("protocol", f"unexpected {msg.TYPE} message from an agent")
-                return
-
 
 def configure_logging(level: int = logging.INFO) -> None:
-    _daemon.configure_logging("deltabkp-server", level)
+    net.configure_logging("deltabkp-server", level)

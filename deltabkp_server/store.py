@@ -28,6 +28,7 @@ from typing import Protocol
 
 import attrs
 
+from deltabkp._atomic import fsync_dir
 from deltabkp.errors import StoreError
 
 __all__ = ["Store", "PartWriter", "LocalStore", "ReconcileReport"]
@@ -66,14 +67,6 @@ class Store(Protocol):
     def delete(self, target_id: int, seq: int) -> None: ...
     def keys(self) -> set[tuple[int, int]]: ...
     def reconcile(self, committed: set[tuple[int, int]]) -> ReconcileReport: ...
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _LocalPart:
@@ -130,7 +123,7 @@ class _LocalPart:
             # orphan (no catalog row) and is removed at start-up.
             os.rename(self.sig_part, self.sig)
             os.rename(self.part, self.tgz)
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
         except OSError as exc:
             self.abort()
             raise StoreError(f"cannot commit {self.tgz}: {exc.strerror}") from None
@@ -177,7 +170,7 @@ class LocalStore:
         try:
             if not d.exists():
                 d.mkdir(parents=True)
-                _fsync_dir(self.archives)
+                fsync_dir(self.archives)
         except FileExistsError:
             pass
         except OSError as exc:
@@ -272,7 +265,7 @@ class LocalStore:
                     orphans.append(str(f))
             touched = {Path(p).parent for p in parts + orphans}
             for d in touched:
-                _fsync_dir(d)
+                fsync_dir(d)
         except OSError as exc:
             raise StoreError(f"reconciling {self.archives}: {exc.strerror}") from None
         present = self.keys()

@@ -20,8 +20,32 @@ def test_all_names_exist() -> None:
 def test_every_error_is_rooted() -> None:
     for name in errors.__all__:
         cls = getattr(errors, name)
+        if cls is errors.ErrorCode:
+            continue
         assert issubclass(cls, deltabkp.DeltabkpError), name
         assert isinstance(cls.exit_code, int)
+
+
+def test_error_codes_are_one_enum() -> None:
+    # Every wire code is a member; an unknown one (a newer peer) survives as plain text.
+    assert errors.ErrorCode.parse("path-not-allowed") is errors.ErrorCode.PATH_NOT_ALLOWED
+    assert errors.ErrorCode.parse("from-the-future") == "from-the-future"
+    refused = errors.RequestRefused("busy", "try later")
+    assert refused.code is errors.ErrorCode.BUSY
+
+
+def test_errors_take_context_as_fields() -> None:
+    exc = errors.RequestRefused(errors.ErrorCode.NOT_FOUND, "is not registered")
+    assert str(exc) == "is not registered [not-found]"
+    exc.with_context(node="n:1", path="/p").with_context(node="other:2")
+    assert (exc.node, exc.path, exc.reason) == ("n:1", "/p", "is not registered")
+    assert str(exc) == "n:1 /p: is not registered [not-found]"
+    lost = errors.PeerUnavailable("connection closed by peer", peer="s:7470", peer_role="server")
+    lost.with_context(node="n:1", path="/p", hint="is it running?")
+    assert str(lost) == "n:1 /p: server s:7470: connection closed by peer; is it running?"
+    # The peer is not repeated when it is the node itself.
+    same = errors.PeerUnavailable("gone", peer="n:1", node="n:1", path="/p")
+    assert str(same) == "n:1 /p: gone"
 
 
 def test_cli_help_runs() -> None:

@@ -18,6 +18,10 @@ Invariants:
 
 Two cores: the iterating thread walks, reads, writes tar headers and finds cut points;
 worker threads deflate (``_gzip.RsyncableGzip``).
+
+A long module on purpose: the hot-read loop, the spool and the tar header writer share one
+file's state and its invariants (one consistent read or a reported change), which reads best
+in one place.
 """
 
 from __future__ import annotations

@@ -167,12 +167,13 @@ class Connection:
     def refusal(self, msg: Error) -> DeltabkpError:
         """The exception for an ``error`` from the peer, with what it answered filled in."""
         conv = self.conversation
-        ctx: dict[str, Any] = {"peer": self.peer, "peer_role": self.peer_role}
-        if conv is not None:
-            ctx.update(node=conv.node, path=conv.path)
         if msg.code == ErrorCode.AUTH:
-            return AuthError(msg.message, **ctx)
-        return RequestRefused(msg.code, msg.message, **ctx)
+            return AuthError(msg.message, peer=self.peer, peer_role=self.peer_role)
+        # A refusal is an answer about the request's node and path, not about the link.
+        return RequestRefused(
+            msg.code, msg.message, node=conv.node if conv else None,
+            path=conv.path if conv else None,
+        )
 
     # -- the handshake -------------------------------------------------------------------
 

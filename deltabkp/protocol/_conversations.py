@@ -20,7 +20,7 @@ No I/O, no clock, no threads: events in, verdicts out.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import blake3
 
@@ -95,7 +95,7 @@ class Conversation:
         nxt = self._check(sender, msg, nxt)
         self.state = nxt
 
-    def _fault(self, sender: str, what: str, *, integrity: bool = False) -> Any:
+    def _fault(self, sender: str, what: str, *, integrity: bool = False) -> NoReturn:
         """Blame ``sender``: us (a local bug) or the peer (a remote protocol error)."""
         if sender == self.our_role:
             raise LocalProtocolError(f"{self.our_role} {what}")

@@ -1,0 +1,35 @@
+"""The server's configuration: frozen values, validated by the command line before use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+from deltabkp.net import DEFAULT_SERVER_PORT
+
+__all__ = ["ServerConfig", "ExecutionSettings"]
+
+
+@attrs.frozen
+class ExecutionSettings:
+    keep: int = 10
+    connect_timeout: float = 10.0
+    #: Longest silence between two messages of the agent (it may build a big archive first).
+    idle_timeout: float = 300.0
+    #: Largest archive accepted: a few COPY ops can describe an unbounded output, and a
+    #: compromised node must not be able to fill the server's disk with one delta.
+    max_archive_size: int = 64 << 30
+
+
+@attrs.frozen
+class ServerConfig:
+    """Everything one server is told at start-up."""
+
+    data_dir: Path
+    key: bytes = attrs.field(repr=False)
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_SERVER_PORT
+    max_concurrent: int = 8
+    max_per_node: int = 2
+    settings: ExecutionSettings = ExecutionSettings()

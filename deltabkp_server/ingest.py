@@ -1,0 +1,174 @@
+"""Ingest: patch an incoming delta onto the base into a new archive, verify it, commit it.
+
+Job: the sink of ``pull`` and the only writer of new archives.
+Invariants:
+- the part file is opened at the first delta byte (an ``unchanged`` answer writes nothing);
+- patching, signature building, hashing and file writes run in worker threads behind the
+  server's files limiter, never on the event loop;
+- a new archive becomes visible only through ``Catalog.commit_archive``, after the patched
+  file matched the delta's END and the agent's ``backup-done`` (size and blake3) and was
+  fsynced into place; on any failure or cancellation ``aclose`` leaves no file behind;
+- a base that cannot be read is marked missing (never offered again) and reported as an
+  ``IntegrityError``, which the executor retries as a full transfer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+import deltabkp
+from deltabkp import protocol
+from deltabkp.errors import IntegrityError, StoreError
+from deltabkp_server.catalog import AsyncCatalog
+from deltabkp_server.model import ArchiveRecord, ExecutionRecord, ExecutionResult, Target
+from deltabkp_server.store import PartWriter, Store
+
+__all__ = ["Ingest"]
+
+log = logging.getLogger("deltabkp_server")
+
+
+class _Patch:
+    """Patcher over the base + SignatureBuilder + part file; driven from worker threads only."""
+
+    def __init__(
+        self, base_buf: Any, base: ArchiveRecord | None, part: PartWriter, max_size: int
+    ) -> None:
+        # With base_hash the patcher refuses, from the header on, a delta made for another base.
+        self.patcher = deltabkp.Patcher(
+            base_buf, base_hash=base.hash if base else None, max_size=max_size
+        )
+        # The signature of the new archive is built while it is written, with blocks sized
+        # for the base (the new archive is usually about as big).  With no base the size is
+        # unknown until the end, so that first signature is built from the written file.
+        self.sig = deltabkp.SignatureBuilder(base_size=base.size) if base is not None else None
+        self.part = part
+
+    def feed(self, data: bytes) -> None:
+        for piece in self.patcher.feed(data):
+            self.part.write(piece)
+            if self.sig is not None:
+                self.sig.feed(piece)
+
+    def finish(self, done: protocol.BackupDone) -> bytes:
+        self.patcher.finish()  # raises IntegrityError on a length or blake3 mismatch
+        if self.patcher.new_hash != done.archive_hash or self.patcher.new_size != done.archive_size:
+            raise IntegrityError(
+                f"patched archive ({self.patcher.new_size} bytes, {self.patcher.new_hash.hex()[:16]}) "
+                f"differs from the agent's ({done.archive_size} bytes, {done.archive_hash.hex()[:16]})"
+            )
+        if self.part.size != done.archive_size:
+            raise IntegrityError(
+                f"wrote {self.part.size} bytes but the archive has {done.archive_size}"
+            )
+        if self.sig is None:
+            self.sig = deltabkp.SignatureBuilder(base_size=self.part.size)
+            for block in self.part.read_back(1 << 20):
+                self.sig.feed(block)
+        sig: bytes = self.sig.finish()
+        return sig
+
+
+class Ingest:
+    """One new archive of ``target`` against ``base`` (None: a full transfer)."""
+
+    def __init__(
+        self,
+        *,
+        catalog: AsyncCatalog,
+        store: Store,
+        target: Target,
+        base: ArchiveRecord | None,
+        limiter: trio.CapacityLimiter,
+        max_size: int,
+    ) -> None:
+        self.catalog, self.store, self.target, self.base = catalog, store, target, base
+        self._limiter = limiter
+        self._max_size = max_size
+        self._stack = contextlib.ExitStack()
+        self._patch: _Patch | None = None
+        self._part: PartWriter | None = None
+        self._signature = b""
+        self.seq: int | None = None
+        self.committed = False
+
+    async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def _base_io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Read the base archive or its signature; if it is gone or unreadable, stop offering
+        it (marked missing) and fall back to a full transfer, like any integrity failure."""
+        base = self.base
+        assert base is not None
+        try:
+            return await self._thread(fn, *args)
+        except StoreError as exc:
+            tid, seq = self.target.id, base.seq
+            await self.catalog.call(lambda c: c.mark_missing(tid, seq))
+            log.error("%s: archive %d marked missing: %s", self.target.name, seq, exc)
+            raise IntegrityError(f"base archive {seq} is unreadable ({exc})") from None
+
+    async def read_signature(self) -> bytes:
+        """The stored signature of the base (the agent asked for it)."""
+        assert self.base is not None
+        sig: bytes = await self._base_io(self.store.read_signature, self.target.id, self.base.seq)
+        return sig
+
+    async def _open(self) -> _Patch:
+        if self._patch is None:
+            tid = self.target.id
+            self.seq = await self.catalog.call(lambda c: c.next_seq(tid))
+            self._part = await self._thread(self.store.begin, tid, self.seq)
+            buf: Any = b""
+            if self.base is not None:
+                buf = await self._base_io(
+                    self._stack.enter_context, self.store.base(tid, self.base.seq)
+                )
+            self._patch = _Patch(buf, self.base, self._part, self._max_size)
+        return self._patch
+
+    async def feed(self, data: bytes) -> None:
+        patch = await self._open()
+        await self._thread(patch.feed, data)
+
+    async def finish(self, done: protocol.BackupDone) -> bool:
+        """Verify the new archive; False when it is byte-identical to the base."""
+        patch = await self._open()
+        self._signature = await self._thread(patch.finish, done)
+        # The patcher may hold views into the base's mmap: let go before it closes.
+        self._patch = None
+        del patch
+        self._stack.close()
+        return self.base is None or done.archive_hash != self.base.hash
+
+    async def commit(
+        self, eid: int, result: Callable[[int], ExecutionResult]
+    ) -> ExecutionRecord:
+        """Put the verified archive in place and commit its catalog row (the point of truth);
+        ``result(seq)`` is the execution's result as of now."""
+        assert self._part is not None and self.seq is not None
+        await self._thread(self._part.commit, self._signature)
+        tid, seq, res = self.target.id, self.seq, result(self.seq)
+        try:
+            _archive, record = await self.catalog.call(
+                lambda c: c.commit_archive(eid, tid, seq, res)
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._thread(self.store.delete, tid, seq)
+            raise
+        self.committed = True
+        return record
+
+    async def aclose(self) -> None:
+        """Abort the part file unless committed; release the base (shielded: runs on cancel)."""
+        self._patch = None
+        self._stack.close()
+        if self._part is not None and not self.committed:
+            with trio.CancelScope(shield=True):
+                await self._thread(self._part.abort)

@@ -1,0 +1,72 @@
+"""Pull: the server's side of one backup exchange with an agent, and nothing else.
+
+Job: ask the agent for ``path`` against the base the server holds, hand it the base's
+signature if it asks, and pass every delta chunk to a sink; the answer is a value —
+``Unchanged(reason)`` or ``Delta(done)`` — never an exception.  The order of the messages is
+checked by ``protocol.AgentSession`` (an ``unchanged`` for a base we did not offer, a
+signature request with no base, a chunk out of turn are the agent's protocol errors); this
+module only moves them, each wait under the idle deadline.  Patching and storing are the
+sink's business (``ingest``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import attrs
+
+from deltabkp import net, protocol
+from deltabkp.errors import RemoteProtocolError
+
+__all__ = ["Unchanged", "Delta", "Pulled", "DeltaSink", "pull"]
+
+
+@attrs.frozen
+class Unchanged:
+    """The agent's archive is the base: ``reason`` is "fingerprint" or "hash"."""
+
+    reason: str
+
+
+@attrs.frozen
+class Delta:
+    """The delta stream ended: ``done`` says what the new archive is."""
+
+    done: protocol.BackupDone
+
+
+Pulled = Unchanged | Delta
+
+
+class DeltaSink(Protocol):
+    async def feed(self, data: bytes) -> None: ...
+
+
+async def pull(
+    chan: net.Channel,
+    path: str,
+    base_hash: bytes | None,
+    *,
+    idle: float,
+    read_signature: Callable[[], Awaitable[bytes]],
+    sink: DeltaSink,
+) -> Pulled:
+    """One backup request on ``chan``; delta chunks go to ``sink`` as they arrive."""
+    await chan.send(protocol.BackupRequest(path, base_hash, ()))
+    msg = await chan.receive(timeout=idle)
+    if isinstance(msg, protocol.NeedSignature):
+        sig = await read_signature()
+        for i in range(0, len(sig), protocol.MAX_CHUNK):
+            await chan.send(protocol.SignatureChunk(sig[i : i + protocol.MAX_CHUNK]))
+        await chan.send(protocol.SignatureEnd())
+        msg = await chan.receive(timeout=idle)
+    if isinstance(msg, protocol.Unchanged):
+        return Unchanged(msg.reason)
+    while isinstance(msg, protocol.DeltaChunk):
+        await sink.feed(msg.data)
+        msg = await chan.receive(timeout=idle)
+    if isinstance(msg, protocol.BackupDone):
+        return Delta(msg)
+    # The conversation allows nothing else here; a bug in its table would land here.
+    raise RemoteProtocolError(f"unexpected {msg.TYPE} during a backup", peer=chan.peer)

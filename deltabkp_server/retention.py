@@ -1,0 +1,45 @@
+"""Retention: after a new archive commits, keep the newest ``keep`` of its target.
+
+Invariant: the catalog rows flip first (``retained`` false, ``deleted_at`` set; the rows and
+the execution log stay for ever), then the files go; a file whose deletion fails is an
+orphan that start-up reconciliation removes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import trio
+
+from deltabkp.errors import DeltabkpError
+from deltabkp_server.catalog import AsyncCatalog
+from deltabkp_server.model import ArchiveRecord, Target
+from deltabkp_server.store import Store
+
+__all__ = ["rotate"]
+
+log = logging.getLogger("deltabkp_server")
+
+
+async def rotate(
+    catalog: AsyncCatalog,
+    store: Store,
+    target: Target,
+    keep: int,
+    *,
+    limiter: trio.CapacityLimiter,
+    clock: Callable[[], float] = time.time,
+) -> list[ArchiveRecord]:
+    """Retire all but the newest ``keep`` archives of ``target``; returns those retired."""
+    now = clock()
+    retired = await catalog.call(lambda c: c.retire(target.id, keep, now))
+    for a in retired:
+        try:
+            await trio.to_thread.run_sync(store.delete, target.id, a.seq, limiter=limiter)
+        except DeltabkpError as exc:
+            log.warning("%s: rotating out archive %d: %s", target.name, a.seq, exc)
+        else:
+            log.info("%s: archive %d rotated out", target.name, a.seq)
+    return retired
