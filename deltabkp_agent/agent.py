@@ -36,7 +36,6 @@ from deltabkp.errors import (
     ErrorCode,
     PeerUnavailable,
     ProtocolError,
-    RemoteProtocolError,
     RequestRefused,
 )
 from deltabkp_agent.allowlist import Allowlist
@@ -131,14 +130,9 @@ class Agent:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
-        try:
-            listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
-        except OSError as exc:
-            raise DeltabkpError(
-                f"cannot listen on {net.Address(cfg.host, cfg.port)}: {exc.strerror}"
-            ) from None
-        port = listeners[0].socket.getsockname()[1]
-        self.address = str(net.Address(cfg.host, port))
+        listeners, bound = await net.listen(net.Address(cfg.host, cfg.port))
+        port = bound.port
+        self.address = str(bound)
         cache_dir = cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir(port)
         self.cache = await trio.to_thread.run_sync(lambda: AgentCache(cache_dir, keep=cfg.keep))
         log.info(
@@ -257,13 +251,9 @@ class Agent:
 
     async def _serve(self, chan: net.Channel) -> None:
         while True:
-            try:
-                msg = await chan.receive(timeout=IDLE_TIMEOUT, raise_errors=False)
-            except RemoteProtocolError as exc:  # out of turn: say so before hanging up
-                await chan.send_error(ErrorCode.PROTOCOL, exc.reason)
-                return
-            except DeltabkpError:
-                return  # hang-up, silence or a bad frame: the server is done with us
+            msg = await chan.next_request(IDLE_TIMEOUT)
+            if msg is None:
+                return  # hang-up, silence or out of turn: the server is done with us
             if isinstance(msg, protocol.Ping):
                 info = self._pong_info()
                 if msg.path is not None:

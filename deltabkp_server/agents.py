@@ -17,13 +17,7 @@ import attrs
 import trio
 
 from deltabkp import __version__, net, protocol
-from deltabkp.errors import (
-    DeltabkpError,
-    ErrorCode,
-    PeerUnavailable,
-    RemoteProtocolError,
-    RequestRefused,
-)
+from deltabkp.errors import DeltabkpError, ErrorCode, PeerUnavailable, RequestRefused
 
 __all__ = ["Pinged", "ping", "serve_announcements", "SERVER_INFO", "AGENT_IDLE_S"]
 
@@ -75,14 +69,7 @@ async def serve_announcements(
     chan: net.Channel, announce: Callable[[str, int, str], int]
 ) -> None:
     """An agent's connection: ``announce`` → ``ack`` (its pending retries run now), ``ping``."""
-    while True:
-        try:
-            msg = await chan.receive(timeout=AGENT_IDLE_S)
-        except RemoteProtocolError as exc:  # out of turn: say so before hanging up
-            await chan.send_error(ErrorCode.PROTOCOL, exc.reason)
-            return
-        except DeltabkpError:
-            return
+    while (msg := await chan.next_request(AGENT_IDLE_S)) is not None:
         if isinstance(msg, protocol.Announce):
             peer_host = net.Address.parse(chan.peer).host if chan.peer != "peer" else ""
             hit = announce(msg.host, msg.port, peer_host)
@@ -93,3 +80,5 @@ async def serve_announcements(
             await chan.send(protocol.Ack())
         elif isinstance(msg, protocol.Ping):
             await chan.send(protocol.Pong(dict(SERVER_INFO)))
+        else:  # an error from the agent: the conversation is closed
+            return

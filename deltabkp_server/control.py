@@ -14,10 +14,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attrs
 import trio
 
 from deltabkp import __version__, net, protocol
-from deltabkp.errors import DeltabkpError, ErrorCode, RemoteProtocolError, RequestRefused, UsageError
+from deltabkp.errors import DeltabkpError, ErrorCode, RequestRefused, UsageError
 from deltabkp_server.agents import ping
 from deltabkp_server.catalog import AsyncCatalog
 from deltabkp_server.config import ServerConfig
@@ -56,30 +57,22 @@ def target_args(args: dict[str, Any]) -> tuple[str, str]:
         raise RequestRefused(ErrorCode.INVALID, exc.reason) from None
 
 
+@attrs.define(kw_only=True)
 class ControlAPI:
     """Serves authenticated ``ctl`` channels (one instance per server)."""
 
-    def __init__(
-        self,
-        *,
-        config: ServerConfig,
-        catalog: AsyncCatalog,
-        scheduler: Scheduler,
-        store: Store,
-        files_limiter: trio.CapacityLimiter,
-        address: str,
-        started: float,
-        clock: Callable[[], float],
-    ) -> None:
-        self.config = config
-        self.catalog = catalog
-        self.scheduler = scheduler
-        self.store = store
-        self.files = files_limiter
-        self.address = address
-        self.started = started
-        self.clock = clock
-        self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+    config: ServerConfig
+    catalog: AsyncCatalog
+    scheduler: Scheduler
+    store: Store
+    files: trio.CapacityLimiter = attrs.field(alias="files_limiter")
+    address: str
+    started: float
+    clock: Callable[[], float]
+    _ops: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._ops = {
             "register": self.register,
             "unregister": self.unregister,
             "list": self.list_archives,
@@ -90,14 +83,7 @@ class ControlAPI:
         }
 
     async def serve(self, chan: net.Channel) -> None:
-        while True:
-            try:
-                req = await chan.receive(timeout=CTL_IDLE_S)
-            except RemoteProtocolError as exc:  # out of turn: say so before hanging up
-                await chan.send_error(ErrorCode.PROTOCOL, exc.reason)
-                return
-            except DeltabkpError:
-                return  # hang-up or silence: the client is done
+        while (req := await chan.next_request(CTL_IDLE_S)) is not None:
             assert isinstance(req, protocol.Request)  # the only thing a client may send now
             try:
                 if req.op == "fetch":

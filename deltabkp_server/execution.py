@@ -82,25 +82,16 @@ class _Same:
     note: str
 
 
+@attrs.define(kw_only=True)
 class Executor:
     """Runs executions for the scheduler and the control API."""
 
-    def __init__(
-        self,
-        *,
-        key: bytes,
-        catalog: AsyncCatalog,
-        store: Store,
-        files_limiter: trio.CapacityLimiter,
-        settings: ExecutionSettings = ExecutionSettings(),
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.key = key
-        self.catalog = catalog
-        self.store = store
-        self.files = files_limiter
-        self.settings = settings
-        self.clock = clock
+    key: bytes = attrs.field(repr=False)
+    catalog: AsyncCatalog
+    store: Store
+    files: trio.CapacityLimiter = attrs.field(alias="files_limiter")
+    settings: ExecutionSettings = ExecutionSettings()
+    clock: Callable[[], float] = time.time
 
     async def run(self, target: Target, trigger: str) -> Ran:
         """One execution of ``target``: its finished log row, and whether a failure is worth

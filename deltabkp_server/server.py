@@ -116,14 +116,8 @@ class Server:
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         await self._open()
         cfg = self.config
-        try:
-            listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
-        except OSError as exc:
-            raise DeltabkpError(
-                f"cannot listen on {net.Address(cfg.host, cfg.port)}: {exc.strerror}"
-            ) from None
-        sockname = listeners[0].socket.getsockname()
-        self.address = str(net.Address(cfg.host or sockname[0], sockname[1]))
+        listeners, bound = await net.listen(net.Address(cfg.host, cfg.port))
+        self.address = str(bound)
         self.control = ControlAPI(
             config=cfg, catalog=self.catalog, scheduler=self.scheduler, store=self.store,
             files_limiter=self.files_limiter, address=self.address, started=self.started,

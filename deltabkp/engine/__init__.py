@@ -9,18 +9,9 @@ from __future__ import annotations
 
 from deltabkp.engine._delta import DeltaEncoder, delta
 from deltabkp.engine._patch import Patcher, patch
-from deltabkp.engine._signature import (
-    DEFAULT_STRONG_LEN,
-    MAX_SIGNATURE_SIZE,
-    Signature,
-    SignatureBuilder,
-    default_block_size,
-    signature,
-)
+from deltabkp.engine._signature import Signature, SignatureBuilder, default_block_size, signature
 
 __all__ = [
-    "DEFAULT_STRONG_LEN",
-    "MAX_SIGNATURE_SIZE",
     "DeltaEncoder",
     "Patcher",
     "Signature",

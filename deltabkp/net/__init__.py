@@ -15,6 +15,7 @@ from deltabkp.net._channel import (
     Channel,
     accept,
     connect,
+    listen,
 )
 from deltabkp.net._daemon import configure_logging, run_daemon
 from deltabkp.net._keys import default_key_path, load_key
@@ -25,6 +26,7 @@ __all__ = [
     "Channel",
     "accept",
     "connect",
+    "listen",
     "DEFAULT_SEND_TIMEOUT",
     "DEFAULT_SERVER_PORT",
     "DEFAULT_TIMEOUT",

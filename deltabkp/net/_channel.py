@@ -21,6 +21,7 @@ __all__ = [
     "Channel",
     "connect",
     "accept",
+    "listen",
     "DEFAULT_TIMEOUT",
     "DEFAULT_SEND_TIMEOUT",
     "DEFAULT_SERVER_PORT",
@@ -99,6 +100,17 @@ class Channel:
             raise self.conn.refusal(msg)
         return msg
 
+    async def next_request(self, timeout: float) -> protocol.Message | None:
+        """A serving loop's next message; None when the peer is done (hung up, silent for
+        ``timeout``, or out of turn — which it is told before we hang up)."""
+        try:
+            return await self.receive(timeout, raise_errors=False)
+        except RemoteProtocolError as exc:
+            await self.send_error(ErrorCode.PROTOCOL, exc.reason)
+        except DeltabkpError:
+            pass
+        return None
+
     async def receive_a(self, kind: type[T], timeout: float | None = DEFAULT_TIMEOUT) -> T:
         """The next message, which must be a ``kind`` (the conversation allows others too)."""
         msg = await self.receive(timeout)
@@ -153,6 +165,16 @@ class Channel:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+async def listen(address: Address) -> tuple[list[trio.SocketListener], Address]:
+    """Listening sockets for ``address`` and the address really bound (port 0 resolved)."""
+    try:
+        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+    except OSError as exc:
+        raise DeltabkpError(f"cannot listen on {address}: {exc.strerror}") from None
+    sockname = listeners[0].socket.getsockname()
+    return listeners, Address(address.host or sockname[0], sockname[1])
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:

@@ -8,92 +8,10 @@ the agent, ``ctl`` and the test peers in ``deltabkp.testing`` all drive it.
 
 from __future__ import annotations
 
-from deltabkp.protocol._connection import (
-    HANDSHAKE_MAX_FRAME,
-    Connection,
-    UnsupportedPeerVersion,
-    handshake_proof,
-    new_nonce,
-    proof_matches,
-)
-from deltabkp.protocol._conversations import (
-    CLOSED,
-    AgentSession,
-    AnnounceSession,
-    ControlSession,
-    Conversation,
-)
-from deltabkp.protocol._frames import FrameDecoder, decode_payload, encode
-from deltabkp.protocol._messages import (
-    MAX_CHUNK,
-    MAX_FRAME,
-    PROTOCOL_MAGIC,
-    PROTOCOL_VERSION,
-    ROLES,
-    Ack,
-    Announce,
-    Auth,
-    BackupDone,
-    BackupRequest,
-    Cancel,
-    Challenge,
-    DataChunk,
-    DataEnd,
-    DeltaChunk,
-    Error,
-    Hello,
-    Message,
-    NeedSignature,
-    Ping,
-    Pong,
-    Request,
-    Response,
-    SignatureChunk,
-    SignatureEnd,
-    Unchanged,
-    Welcome,
-)
+from deltabkp.protocol import _connection, _conversations, _frames, _messages
+from deltabkp.protocol._connection import *  # noqa: F403
+from deltabkp.protocol._conversations import *  # noqa: F403
+from deltabkp.protocol._frames import *  # noqa: F403
+from deltabkp.protocol._messages import *  # noqa: F403
 
-__all__ = [
-    "HANDSHAKE_MAX_FRAME",
-    "MAX_CHUNK",
-    "MAX_FRAME",
-    "PROTOCOL_MAGIC",
-    "PROTOCOL_VERSION",
-    "ROLES",
-    "CLOSED",
-    "Connection",
-    "Conversation",
-    "AgentSession",
-    "AnnounceSession",
-    "ControlSession",
-    "UnsupportedPeerVersion",
-    "FrameDecoder",
-    "decode_payload",
-    "encode",
-    "handshake_proof",
-    "new_nonce",
-    "proof_matches",
-    "Message",
-    "Hello",
-    "Challenge",
-    "Auth",
-    "Welcome",
-    "Error",
-    "Ping",
-    "Pong",
-    "BackupRequest",
-    "Unchanged",
-    "NeedSignature",
-    "SignatureChunk",
-    "SignatureEnd",
-    "DeltaChunk",
-    "BackupDone",
-    "Cancel",
-    "Announce",
-    "Ack",
-    "Request",
-    "Response",
-    "DataChunk",
-    "DataEnd",
-]
+__all__ = [*_messages.__all__, *_frames.__all__, *_connection.__all__, *_conversations.__all__]

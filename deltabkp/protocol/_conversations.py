@@ -51,8 +51,6 @@ __all__ = [
     "AgentSession",
     "AnnounceSession",
     "ControlSession",
-    "for_initiator",
-    "responder_of",
     "CLOSED",
 ]
 
