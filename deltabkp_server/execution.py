@@ -84,7 +84,8 @@ class _Same:
 
 @attrs.define(kw_only=True)
 class Executor:
-    """Runs executions for the scheduler and the control API."""
+    """Runs executions; only the scheduler calls it (``backup-now`` too goes through the
+    scheduler, so one target never runs twice at once)."""
 
     key: bytes = attrs.field(repr=False)
     catalog: AsyncCatalog
