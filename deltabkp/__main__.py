@@ -1,3 +1,5 @@
+"""``python -m deltabkp`` is the ``deltabkp`` command."""
+
 import sys
 
 from deltabkp.cli import main

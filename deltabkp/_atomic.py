@@ -28,21 +28,34 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` sets it, racing threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_write(
     target: str | os.PathLike[str], *, durable: bool = True, exclusive: bool = False,
-    mode: int = 0o644,
+    mode: int | None = None,
 ) -> Iterator[BinaryIO]:
     """Yield a file to write; on a clean exit it becomes ``target``, else it vanishes.
 
     Raises ``OSError`` as the system reports it; callers turn it into their typed error.
-    ``mode`` is the new file's permission bits (0o600 for secrets and private caches).
+    ``mode`` is the new file's permission bits (0o600 for secrets and private caches);
+    by default 0o666 less the umask, as ``open()`` would create it.
     With ``exclusive``, an existing ``target`` is kept and the new data dropped.
     """
     target = Path(target)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
-        os.fchmod(fd, mode)
+        os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -62,7 +75,9 @@ def atomic_write(
         raise
 
 
-def write_bytes_atomic(target: str | os.PathLike[str], data: bytes, **kw: bool | int) -> None:
+def write_bytes_atomic(
+    target: str | os.PathLike[str], data: bytes, **kw: bool | int | None
+) -> None:
     """``atomic_write`` of one bytes value."""
     with atomic_write(target, **kw) as f:  # type: ignore[arg-type]
         f.write(data)

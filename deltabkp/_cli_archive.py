@@ -1,7 +1,8 @@
 """``deltabkp archive`` and ``deltabkp extract``: the archive library on the command line.
 
-``archive`` writes OUT atomically (a ``.part`` file renamed at the end) or to stdout for
-``-``; files that changed while read or were skipped are listed but do not fail the command
+``archive`` writes OUT atomically (``deltabkp._atomic.atomic_write``: a temp file beside OUT,
+renamed at the end) or to stdout for ``-``; an OUT inside SRC_DIR is not archived, nor is its
+temp file; files that changed while read or were skipped are listed but do not fail the command
 (a hot backup expects them).  ``extract`` refuses unsafe archives with exit code 5.
 """
 
@@ -14,6 +15,7 @@ import os
 import sys
 from typing import Any
 
+from deltabkp._atomic import atomic_write
 from deltabkp.archive import ArchiveReport, ExtractReport, build_archive, extract_archive
 from deltabkp.errors import ArchiveError
 
@@ -57,30 +59,33 @@ def _archive(args: argparse.Namespace) -> int:
         report = build_archive(args.src, sys.stdout.buffer, exclude=args.exclude)
         sys.stdout.buffer.flush()
     else:
-        part = f"{args.out}.part"
-        exclude = list(args.exclude)
-        # An output inside the tree must not archive itself (half written).
-        rel = os.path.relpath(os.path.abspath(part), os.path.abspath(args.src))
-        if not rel.startswith(os.pardir + os.sep) and rel != os.pardir:
-            exclude += [glob.escape(rel), glob.escape(rel[: -len(".part")])]
+        exclude = [*args.exclude, *_own_output(args.src, args.out)]
         try:
-            report = build_archive(args.src, part, exclude=exclude)
-            os.replace(part, args.out)
-        except BaseException:
-            try:
-                os.unlink(part)
-            except OSError:
-                pass
-            raise
+            with atomic_write(args.out, durable=False) as f:  # a rerun rewrites it: no fsync
+                report = build_archive(args.src, f, exclude=exclude)
+        except OSError as exc:  # the temp file's: build_archive raises ArchiveError for its own
+            raise ArchiveError(f"cannot write the archive: {exc.strerror or exc}",
+                               path=args.out) from None
     _print(args, _archive_json(report), _archive_text(report), sys.stderr if to_stdout else sys.stdout)
     return 0
+
+
+def _own_output(src: str, out: str) -> list[str]:
+    """Exclude patterns for an OUT inside SRC: OUT itself and ``atomic_write``'s temp file
+    (``.NAME.XXXX.part`` beside it), so the archive never holds itself, half written."""
+    rel = os.path.relpath(os.path.abspath(out), os.path.abspath(src))
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return []
+    head, name = os.path.split(rel)
+    temp = glob.escape(f".{name}.") + "*" + glob.escape(".part")
+    return [glob.escape(rel), os.path.join(glob.escape(head), temp) if head else temp]
 
 
 def _extract(args: argparse.Namespace) -> int:
     if args.archive == "-":
         report = extract_archive(sys.stdin.buffer, args.dest)
     elif not os.path.isfile(args.archive):
-        raise ArchiveError(f"{args.archive}: no such archive file")
+        raise ArchiveError("no such archive file", path=args.archive)
     else:
         report = extract_archive(args.archive, args.dest)
     _print(args, _extract_json(report), _extract_text(report, args.dest), sys.stdout)

@@ -3,9 +3,10 @@
 Files stream through the sans-I/O classes in 1 MiB chunks, so memory stays bounded by the
 signature (and, for ``patch``, a memory map of the base).  ``-`` means stdin or stdout; a base
 read from stdin is held in memory (patching needs random access, and an unknown size needs a
-``--block-size`` to stream a signature).  Outputs to a path are written to ``PATH.part`` and
-renamed only once complete (and, for ``patch``, verified), so a failed run never leaves a
-plausible-looking output behind.  Every error names the file it concerns.
+``--block-size`` to stream a signature).  Outputs to a path are written through
+``deltabkp._atomic.atomic_write`` (a temp file beside PATH, renamed only once complete and,
+for ``patch``, verified), so a failed run never leaves a plausible-looking output behind.
+Every error names the file it concerns (as its ``path`` field).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import sys
 from collections.abc import Iterator
 from typing import IO, BinaryIO
 
+from deltabkp._atomic import atomic_write
 from deltabkp.engine._delta import DeltaEncoder
 from deltabkp.engine._patch import Patcher
 from deltabkp.engine._signature import DEFAULT_STRONG_LEN, Signature, SignatureBuilder
-from deltabkp.errors import DeltabkpError, RequestRefused, UsageError
+from deltabkp.errors import DeltabkpError, UsageError
 
 CHUNK = 1 << 20
 
@@ -70,16 +72,14 @@ def _check_stdin_once(*names: str) -> None:
 
 @contextlib.contextmanager
 def _blame(name: str) -> Iterator[None]:
-    """Prefix errors with the file they concern; turn OS errors into typed ones."""
+    """Name the file errors concern (the innermost name wins); turn OS errors into typed ones."""
     label = "<stdin>" if name == "-" else name
     try:
         yield
-    except RequestRefused:
-        raise
     except DeltabkpError as exc:
-        raise type(exc)(f"{label}: {exc}") from None
+        raise exc.with_context(path=label)
     except OSError as exc:
-        raise DeltabkpError(f"{label}: {exc.strerror or exc}") from None
+        raise DeltabkpError(exc.strerror or str(exc), path=label) from None
 
 
 @contextlib.contextmanager
@@ -104,24 +104,18 @@ def _chunks(f: IO[bytes], name: str) -> Iterator[bytes]:
 
 @contextlib.contextmanager
 def _open_out(name: str) -> Iterator[BinaryIO]:
-    """Yield a writable file; for a path, rename ``.part`` into place only on success."""
+    """Yield a writable file; a path appears only when the command succeeds."""
     if name == "-":
         yield sys.stdout.buffer
         with _blame("<stdout>"):
             sys.stdout.buffer.flush()
         return
-    part = name + ".part"
-    with _blame(part):
-        f = open(part, "wb")  # noqa: SIM115
     try:
-        with f:
+        # A CLI output is rewritten by a rerun: no fsync (durable=False) is needed.
+        with atomic_write(name, durable=False) as f:
             yield f
-        with _blame(name):
-            os.replace(part, name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(part)
-        raise
+    except OSError as exc:  # the body's own are blamed already: these are the temp file's
+        raise DeltabkpError(exc.strerror or str(exc), path=name) from None
 
 
 def _write(out: BinaryIO, name: str, data: bytes | memoryview) -> None:

@@ -1,9 +1,10 @@
 """The ``deltabkp`` command: rdiff-style engine commands, archive commands and ``ctl``.
 
 Each command family lives in its own module and registers its subcommands here; this module
-only parses, dispatches and maps ``DeltabkpError`` families to exit codes (borg-style):
-0 ok, 1 other error, 2 usage, 3 refused by the server, 4 connection/protocol failure,
-5 bad input data, 6 integrity failure.  Errors print one line on stderr.
+only builds the parser.  ``deltabkp._cli_run`` dispatches and maps ``DeltabkpError`` families
+to exit codes (borg-style): 0 ok, 1 other error, 2 usage, 3 refused by the server,
+4 connection/protocol failure, 5 bad input data, 6 integrity failure.  Errors print one line
+on stderr.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from deltabkp import _cli_archive, _cli_engine, ctl
-from deltabkp.errors import DeltabkpError
+from deltabkp import _cli_archive, _cli_engine, _cli_run, ctl
+from deltabkp._cli_run import EXIT_OK, EXIT_USAGE
 
-EXIT_OK = 0
-EXIT_USAGE = 2
+__all__ = ["EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 # Each family module exposes ``register(subparsers)`` and sets ``func`` on its parsers:
 # ``func(args) -> int`` returns the exit code.
@@ -45,25 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    func = getattr(args, "func", None)
-    if func is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    try:
-        code = func(args)
-    except DeltabkpError as exc:
-        print(f"deltabkp: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 1
-    return int(code or 0)
+    """The ``deltabkp`` console script: the exit code of the command line ``argv``."""
+    return _cli_run.run(build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,82 @@
+"""The ctl end of the control conversation: one authenticated connection to the server per command.
+
+``net`` moves the bytes and ``protocol.ControlSession`` checks the conversation (including a
+``fetch`` download's size and blake3); this module only adds what the user needs to act on a
+failure.  Invariants: every error leaving here is a ``DeltabkpError`` that names the node and
+path the command was about as fields (``with_context``; ``net`` and ``protocol`` name the
+server as the peer) — the text of an error is never edited; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from deltabkp import net, protocol
+from deltabkp.errors import AuthError, DeltabkpError, PeerUnavailable
+
+__all__ = ["Client", "default_server", "ENV_SERVER"]
+
+ENV_SERVER = "DELTABKP_SERVER"
+
+#: What to do when the server cannot be reached, or refuses our key.
+UNREACHABLE_HINT = "is deltabkp-server running there? (--server / $DELTABKP_SERVER)"
+KEY_HINT = (
+    "the server and this client must use the same cluster key "
+    "(check --key-file / $DELTABKP_KEY_FILE)"
+)
+
+
+def default_server() -> str:
+    """The server ``ctl`` talks to without ``--server``: ``$DELTABKP_SERVER``, else local."""
+    return os.environ.get(ENV_SERVER) or f"127.0.0.1:{net.DEFAULT_SERVER_PORT}"
+
+
+def _about(args: Mapping[str, Any]) -> dict[str, str | None]:
+    """The node and path a request is about (the context of any error answering it)."""
+    node, path = args.get("node"), args.get("path")
+    return {
+        "node": node if isinstance(node, str) else None,
+        "path": path if isinstance(path, str) else None,
+    }
+
+
+class Client:
+    """Connect, authenticate as ``ctl``, ask, close: one connection per command."""
+
+    def __init__(self, server: net.Address, key: bytes, timeout: float) -> None:
+        self.server = server
+        self.timeout = timeout
+        self._key = key
+
+    @asynccontextmanager
+    async def session(self, args: Mapping[str, Any]) -> AsyncIterator[net.Channel]:
+        """An open channel to the server; any error inside names what ``args`` is about."""
+        about = _about(args)
+        try:
+            try:
+                chan = await net.connect(self.server, key=self._key, role="ctl", timeout=self.timeout)
+            except PeerUnavailable as exc:
+                raise exc.with_context(hint=UNREACHABLE_HINT)
+            except AuthError as exc:
+                raise exc.with_context(hint=KEY_HINT)
+            async with chan:
+                yield chan
+        except DeltabkpError as exc:
+            # The network layers already name the server (peer) when it is the one at fault;
+            # an error of ours (a write failing during a download) must not blame it.
+            raise exc.with_context(**about)
+
+    async def request(
+        self, op: str, args: Mapping[str, Any], timeout: float | None = None
+    ) -> Any:
+        """Send ``Request(op, args)``; the ``Response``'s data (a refusal raises).
+
+        ``timeout`` overrides the per-answer deadline (``backup-now --wait`` waits longer).
+        """
+        async with self.session(args) as chan:
+            await chan.send(protocol.Request(op, dict(args)))
+            answer = await chan.receive_a(protocol.Response, timeout or self.timeout)
+            return answer.data

@@ -1,0 +1,121 @@
+"""``ctl restore``: download one archive into a temp file beside DEST, then extract it into DEST.
+
+Invariants: DEST is checked (a directory, empty, or missing with an existing parent) and the
+temp file created before anything is asked of the server, so a place we cannot write to fails
+first; nothing is extracted until the download is complete and ``protocol.ControlSession``
+has checked its size and blake3 against what the server announced (it raises
+``IntegrityError`` otherwise); extraction refuses entries that would escape DEST; the temp
+file is removed whatever happens.  Exit codes: 1 the temp file cannot be written
+(``RestoreWriteError``), 2 a bad DEST, 3/4 refused / unreachable, 5/6 malformed / corrupt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import trio
+
+from deltabkp import protocol
+from deltabkp.archive import extract_archive
+from deltabkp.ctl._client import Client
+from deltabkp.errors import (
+    ArchiveError,
+    DeltabkpError,
+    IntegrityError,
+    RemoteProtocolError,
+    UsageError,
+)
+
+__all__ = ["RestoreWriteError", "prepare_dest", "restore"]
+
+
+class RestoreWriteError(DeltabkpError):
+    """``restore`` could not write the downloaded archive next to DEST (permissions, disk full)."""
+
+    exit_code = 1
+
+
+def prepare_dest(dest: Path, about: Mapping[str, str]) -> Path:
+    """``dest`` if a restore may extract into it (UsageError naming the target otherwise)."""
+    reason = None
+    if dest.exists():
+        if not dest.is_dir():
+            reason = f"restore destination {dest} exists and is not a directory"
+        elif any(dest.iterdir()):
+            reason = f"restore destination {dest} is not empty"
+    elif not dest.absolute().parent.is_dir():
+        reason = f"the parent of the restore destination, {dest.absolute().parent}, does not exist"
+    if reason is not None:
+        raise UsageError(reason, **about)
+    return dest
+
+
+def restore(client: Client, args: Mapping[str, Any], dest: Path) -> dict[str, Any]:
+    """Check ``dest``, fetch the archive ``args`` names and extract it into ``dest``; returns
+    the archive's header from the server, plus ``dest`` and what was ``extracted``."""
+    about = {k: str(args[k]) for k in ("node", "path")}
+    prepare_dest(dest, about)
+    # The temp file first: a destination we cannot write to fails before anything is asked.
+    try:
+        fd, tmp_name = tempfile.mkstemp(
+            dir=dest.absolute().parent, prefix=f".{dest.name}.", suffix=".tgz.part"
+        )
+    except OSError as exc:
+        raise RestoreWriteError(
+            f"cannot create a temp file next to the restore destination {dest}: "
+            f"{exc.strerror or exc}", **about,
+        ) from None
+    tmp = Path(tmp_name)
+    try:
+        try:
+            with os.fdopen(fd, "wb") as f:
+                meta = trio.run(_download, client, args, f)
+        except OSError as exc:  # the network's own are PeerUnavailable already: these are ours
+            raise RestoreWriteError(
+                f"cannot write the archive to {tmp} (restore destination {dest}): "
+                f"{exc.strerror or exc}", **about,
+            ) from None
+        except IntegrityError as exc:
+            raise exc.with_context(**about, hint=f"nothing was extracted into {dest}")
+        try:
+            report = extract_archive(tmp, dest)  # refuses entries escaping dest
+        except ArchiveError as exc:
+            raise exc.with_context(**about)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    meta["dest"] = str(dest)
+    meta["extracted"] = {
+        "files": report.files, "dirs": report.dirs, "symlinks": report.symlinks,
+        "hardlinks": report.hardlinks, "bytes": report.bytes,
+    }
+    return meta
+
+
+async def _download(client: Client, args: Mapping[str, Any], f: BinaryIO) -> dict[str, Any]:
+    """Stream the archive into ``f``; the server's header (seq, size, hash, created, ...).
+
+    The conversation checks the header, the byte count and the blake3 as chunks arrive and
+    raises on ``DataEnd`` if they do not match: reaching the return means a verified archive.
+    """
+    async with client.session(args) as chan:
+        await chan.send(protocol.Request("fetch", dict(args)))
+        head = await chan.receive_a(protocol.Response, client.timeout)
+        meta: dict[str, Any] = dict(head.data)  # a dict: the conversation checked the header
+        while True:
+            msg = await chan.receive(client.timeout)
+            if isinstance(msg, protocol.DataEnd):
+                break
+            if not isinstance(msg, protocol.DataChunk):  # the conversation allows no other
+                raise RemoteProtocolError(
+                    f"sent {msg.TYPE} inside an archive", peer=chan.peer, peer_role=chan.peer_role
+                )
+            # Disk writes block: off the event loop, so deadlines keep running.
+            await trio.to_thread.run_sync(f.write, msg.data)
+        await trio.to_thread.run_sync(f.flush)
+    return meta
