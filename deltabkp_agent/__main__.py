@@ -9,15 +9,13 @@ chunk, nothing half-written is cached.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 
 from deltabkp import net
-from deltabkp.errors import DeltabkpError, UsageError
-from deltabkp_agent.agent import Agent, AgentConfig, configure_logging
+from deltabkp_agent.agent import Agent, AgentConfig
 from deltabkp_agent.allowlist import Allowlist
 
 DEFAULT_LISTEN = "127.0.0.1:7471"
@@ -53,19 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-        help=f"address to listen on (default {DEFAULT_LISTEN}; port 0 picks a free port, "
-        "printed on stdout)",
+    net.add_daemon_arguments(
+        p, listen=DEFAULT_LISTEN, listen_help=f"address to listen on (default {DEFAULT_LISTEN}; "
+        "port 0 picks a free port, printed on stdout)",
     )
     p.add_argument(
         "--allow", action="append", default=[], metavar="ROOT", required=True,
         help="a directory this agent may back up (with everything under it); repeatable",
-    )
-    p.add_argument(
-        "--key-file", metavar="F", default=None,
-        help="cluster key file (default: $DELTABKP_KEY_FILE, else ~/.config/deltabkp/cluster.key, "
-        "created on first use)",
     )
     p.add_argument(
         "--server", action="append", default=[], metavar="HOST:PORT",
@@ -87,15 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest signature accepted from a server, MiB (default 128)")
     p.add_argument("--keep", type=int, default=3, metavar="N",
                    help="cache entries (archive signatures) kept per path (default 3)")
-    p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
     listen = net.Address.parse(args.listen)
-    for name in ("max_builds", "max_signature_mb", "keep"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    net.at_least_one(args, "max_builds", "max_signature_mb", "keep")
     servers = tuple(net.Address.parse(s, net.DEFAULT_SERVER_PORT) for s in args.server)
     return AgentConfig(
         key=net.load_key(args.key_file),
@@ -113,13 +102,11 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(logging.WARNING if args.quiet else logging.INFO)
-    try:
-        agent = Agent(config_from_args(args))
-    except DeltabkpError as exc:
-        print(f"deltabkp-agent: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return net.run_daemon("deltabkp-agent", agent.run)
+
+    def build() -> tuple[net.Starter, None]:
+        return Agent(config_from_args(args)).run, None
+
+    return net.daemon_main("deltabkp-agent", args, build)
 
 
 if __name__ == "__main__":  # pragma: no cover

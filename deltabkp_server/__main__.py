@@ -12,14 +12,13 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
 from deltabkp import net
-from deltabkp.errors import DeltabkpError, UsageError
 from deltabkp_server.config import ExecutionSettings
-from deltabkp_server.server import Server, configure_logging
+from deltabkp_server.server import Server
 
 
 def default_data_dir() -> Path:
@@ -41,20 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
             "same port."
         ),
     )
-    p.add_argument(
-        "--listen", default=f"127.0.0.1:{net.DEFAULT_SERVER_PORT}", metavar="HOST:PORT",
-        help="address to listen on (default 127.0.0.1:%(default)s; port 0 picks a free port)".replace(
-            "%(default)s", str(net.DEFAULT_SERVER_PORT)),
+    listen = f"127.0.0.1:{net.DEFAULT_SERVER_PORT}"
+    net.add_daemon_arguments(
+        p, listen=listen, listen_help=f"address to listen on (default {listen}; port 0 picks a free port)",
     )
     p.add_argument(
         "--data-dir", metavar="DIR", default=None,
         help="catalog and archives (default: ./deltabkp-data if that directory exists, else "
         "$XDG_DATA_HOME/deltabkp, i.e. ~/.local/share/deltabkp)",
-    )
-    p.add_argument(
-        "--key-file", metavar="F", default=None,
-        help="cluster key file (default: $DELTABKP_KEY_FILE, else ~/.config/deltabkp/cluster.key, "
-        "created on first use)",
     )
     p.add_argument("--max-concurrent", type=int, default=8, metavar="N",
                    help="executions running at once, overall (default 8)")
@@ -66,39 +59,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest silence of an agent during a backup, seconds (default 300)")
     p.add_argument("--max-archive-mb", type=int, default=64 * 1024, metavar="MB",
                    help="largest archive accepted from an agent, MiB (default 65536 = 64 GiB)")
-    p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(logging.WARNING if args.quiet else logging.INFO)
-    try:
+
+    def build() -> tuple[net.Starter, Callable[[str], None]]:
         listen = net.Address.parse(args.listen)
-        for name in ("max_concurrent", "max_per_node", "keep", "max_archive_mb"):
-            if getattr(args, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        key = net.load_key(args.key_file)
+        net.at_least_one(args, "max_concurrent", "max_per_node", "keep", "max_archive_mb")
         server = Server(
             data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
-            key=key, host=listen.host, port=listen.port,
+            key=net.load_key(args.key_file), host=listen.host, port=listen.port,
             max_concurrent=args.max_concurrent, max_per_node=args.max_per_node,
             settings=ExecutionSettings(
                 keep=args.keep, idle_timeout=args.idle_timeout,
                 max_archive_size=args.max_archive_mb << 20,
             ),
         )
-    except DeltabkpError as exc:
-        print(f"deltabkp-server: error: {exc}", file=sys.stderr)
-        return exc.exit_code
 
-    def ready(_address: str) -> None:
-        logging.getLogger("deltabkp_server").info(
-            "data dir %s, max %d executions (%d per node)",
-            server.data_dir, server.config.max_concurrent, server.config.max_per_node,
-        )
+        def ready(_address: str) -> None:
+            logging.getLogger("deltabkp_server").info(
+                "data dir %s, max %d executions (%d per node)",
+                server.data_dir, server.config.max_concurrent, server.config.max_per_node,
+            )
 
-    return net.run_daemon("deltabkp-server", server.run, ready)
+        return server.run, ready
+
+    return net.daemon_main("deltabkp-server", args, build)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,14 @@ from deltabkp.net._channel import (
     connect,
     listen,
 )
-from deltabkp.net._daemon import configure_logging, run_daemon
+from deltabkp.net._daemon import (
+    Starter,
+    add_daemon_arguments,
+    at_least_one,
+    configure_logging,
+    daemon_main,
+    run_daemon,
+)
 from deltabkp.net._keys import default_key_path, load_key
 
 __all__ = [
@@ -30,7 +37,11 @@ __all__ = [
     "DEFAULT_SEND_TIMEOUT",
     "DEFAULT_SERVER_PORT",
     "DEFAULT_TIMEOUT",
+    "Starter",
+    "add_daemon_arguments",
+    "at_least_one",
     "configure_logging",
+    "daemon_main",
     "run_daemon",
     "default_key_path",
     "load_key",

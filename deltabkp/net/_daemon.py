@@ -1,5 +1,6 @@
-"""Shared life cycle of the two daemons: run under Trio, stop cleanly on SIGTERM/SIGINT,
-announce the bound address, and turn expected failures into one line and an exit code.
+"""Shared life cycle of the two daemons: their common flags, run under Trio, stop cleanly on
+SIGTERM/SIGINT, announce the bound address, and turn expected failures into one line and an
+exit code.
 
 Invariant: a ``DeltabkpError`` (even wrapped by nurseries in exception groups) ends the
 process with one ``NAME: error: …`` line and its ``exit_code``; anything else is a bug and
@@ -8,6 +9,7 @@ keeps its full traceback.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import sys
@@ -15,9 +17,21 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from deltabkp.errors import DeltabkpError
+from deltabkp.errors import DeltabkpError, UsageError
 
-__all__ = ["configure_logging", "run_daemon"]
+__all__ = [
+    "Starter",
+    "configure_logging",
+    "run_daemon",
+    "daemon_main",
+    "add_daemon_arguments",
+    "at_least_one",
+]
+
+KEY_FILE_HELP = (
+    "cluster key file (default: $DELTABKP_KEY_FILE, else ~/.config/deltabkp/cluster.key, "
+    "created on first use)"
+)
 
 Starter = Callable[..., Awaitable[object]]
 
@@ -30,6 +44,36 @@ def configure_logging(name: str, level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+def add_daemon_arguments(p: argparse.ArgumentParser, *, listen: str, listen_help: str) -> None:
+    """The flags every daemon has: ``--listen``, ``--key-file``, ``-q``."""
+    p.add_argument("--listen", default=listen, metavar="HOST:PORT", help=listen_help)
+    p.add_argument("--key-file", metavar="F", default=None, help=KEY_FILE_HELP)
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+
+
+def at_least_one(args: argparse.Namespace, *names: str) -> None:
+    """Counts and sizes given on the command line must be positive."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def daemon_main(
+    name: str,
+    args: argparse.Namespace,
+    build: Callable[[], tuple[Starter, Callable[[str], None] | None]],
+) -> int:
+    """Log, ``build`` the daemon from its checked flags (a bad flag is one line and its exit
+    code), then ``run_daemon`` it."""
+    configure_logging(name, logging.WARNING if args.quiet else logging.INFO)
+    try:
+        start, on_ready = build()
+    except DeltabkpError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return run_daemon(name, start, on_ready)
 
 
 def _expected(exc: BaseException) -> DeltabkpError | KeyboardInterrupt | None:
