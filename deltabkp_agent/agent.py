@@ -192,7 +192,7 @@ class Agent:
         try:
             await self._resolve(path)
         except RequestRefused as exc:
-            return {"ok": False, "code": str(exc.code), "message": exc.reason}
+            return {"ok": False, "code": str(exc.code), "message": exc.reason, "path": path}
         return {"ok": True}
 
     async def _handle(self, stream: trio.SocketStream) -> None:

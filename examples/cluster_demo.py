@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -24,27 +23,20 @@ import tempfile
 import time
 from pathlib import Path
 
-READY = re.compile(r"listening on (\S+)")
+from deltabkp.ctl import format_size
+from deltabkp.testing import Daemon, DaemonStartError, console_script
 
 
-def start(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+def start(cmd: list[str], log: Path, env: dict[str, str]) -> Daemon:
     """Start a daemon and wait for its 'listening on HOST:PORT' line (port 0 is resolved)."""
-    out = open(log, "wb")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        m = READY.search(log.read_text(errors="replace"))
-        if m:
-            return proc, m.group(1)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise SystemExit(f"{cmd[0]} did not start; its log:\n{log.read_text(errors='replace')}")
+    try:
+        return Daemon(cmd, log=log, env=env, append=False)
+    except DaemonStartError as exc:
+        raise SystemExit(exc.message) from None
 
 
 def ctl(server: str, env: dict[str, str], *args: str) -> object:
-    cmd = ["deltabkp", "ctl", "--server", server, "--json", *args]
+    cmd = [console_script("deltabkp"), "ctl", "--server", server, "--json", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise SystemExit(f"`{' '.join(cmd)}` failed ({res.returncode}): {res.stderr.strip()}")
@@ -79,14 +71,6 @@ def mutate(root: Path, rnd: random.Random, round_no: int) -> None:
     (root / "data" / f"new-{round_no}.txt").write_text(f"created in round {round_no}\n" * 50)
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3, help="changed backups after the first (default 3)")
@@ -105,26 +89,28 @@ def main() -> int:
     for i, app in enumerate(apps):
         make_app_tree(app, seed=i)
 
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[Daemon] = []
     try:
-        server_proc, server = start(
-            ["deltabkp-server", "--listen", "127.0.0.1:0", "--data-dir", str(run / "server-data")],
+        server_proc = start(
+            [console_script("deltabkp-server"), "--listen", "127.0.0.1:0", "--data-dir", str(run / "server-data")],
             run / "server.log",
             env,
         )
         procs.append(server_proc)
+        server = server_proc.address
         print(f"server listening on {server}")
         nodes = []
         for i, app in enumerate(apps, 1):
-            agent_proc, node = start(
+            agent_proc = start(
                 [
-                    "deltabkp-agent", "--listen", "127.0.0.1:0", "--allow", str(app),
+                    console_script("deltabkp-agent"), "--listen", "127.0.0.1:0", "--allow", str(app),
                     "--server", server, "--cache-dir", str(run / f"agent{i}-cache"),
                 ],
                 run / f"agent{i}.log",
                 env,
             )
             procs.append(agent_proc)
+            node = agent_proc.address
             nodes.append(node)
             print(f"agent {i} listening on {node}, allowed {app}")
 
@@ -142,8 +128,8 @@ def main() -> int:
             if not isinstance(rows, list) or not rows:
                 raise SystemExit(f"no first backup of {node} {app} within 60 s; see {run}/server.log")
             first = rows[-1]
-            print(f"  first backup: {node} {app.name}: archive {human(first['size'])}, "
-                  f"on the wire {human(first['transferred'])} (no base yet: a plain upload)")
+            print(f"  first backup: {node} {app.name}: archive {format_size(first['size'])}, "
+                  f"on the wire {format_size(first['transferred'])} (no base yet: a plain upload)")
 
         rnd = random.Random(42)
         for round_no in range(1, args.rounds + 1):
@@ -154,18 +140,19 @@ def main() -> int:
                 assert isinstance(ex, dict)
                 print(
                     f"  round {round_no}: {node} {app.name}: {ex.get('outcome')}, "
-                    f"archive {human(ex.get('archive_size') or 0)}, "
-                    f"on the wire {human(ex.get('transferred') or 0)}"
+                    f"archive {format_size(ex.get('archive_size') or 0)}, "
+                    f"on the wire {format_size(ex.get('transferred') or 0)}"
                 )
         # One more backup with no change at all: the agent answers "unchanged".
         ex = ctl(server, env, "backup-now", nodes[0], str(apps[0]), "--wait")
         assert isinstance(ex, dict)
         print(f"  no change: {nodes[0]} {apps[0].name}: {ex.get('outcome')}, "
-              f"on the wire {human(ex.get('transferred') or 0)}")
+              f"on the wire {format_size(ex.get('transferred') or 0)}")
 
         print("\nbackups of app1 (deltabkp ctl list):")
         subprocess.run(
-            ["deltabkp", "ctl", "--server", server, "list", nodes[0], str(apps[0])], env=env, check=True
+            [console_script("deltabkp"), "ctl", "--server", server, "list", nodes[0], str(apps[0])],
+            env=env, check=True,
         )
         total_size = total_wire = 0
         for node, app in zip(nodes, apps):
@@ -175,13 +162,14 @@ def main() -> int:
                 total_size += int(row["size"])
                 total_wire += int(row["transferred"])
         print(
-            f"\nall stored backups: {human(total_size)} of archives, {human(total_wire)} on the wire "
+            f"\nall stored backups: {format_size(total_size)} of archives, {format_size(total_wire)} on the wire "
             f"({100 * total_wire / max(total_size, 1):.1f}%); sending whole archives would have "
-            f"cost {human(total_size)}."
+            f"cost {format_size(total_size)}."
         )
         restore_dir = run / "restored-app1"
         subprocess.run(
-            ["deltabkp", "ctl", "--server", server, "restore", nodes[0], str(apps[0]), str(restore_dir)],
+            [console_script("deltabkp"), "ctl", "--server", server, "restore", nodes[0], str(apps[0]),
+             str(restore_dir)],
             env=env, check=True,
         )
         same = subprocess.run(["diff", "-r", str(apps[0]), str(restore_dir)], capture_output=True)
@@ -189,12 +177,7 @@ def main() -> int:
               f"{'identical to the live tree' if same.returncode == 0 else 'differs (the app kept writing)'}")
     finally:
         for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            p.stop(timeout=10)
         if not args.keep:
             shutil.rmtree(run, ignore_errors=True)
         else:

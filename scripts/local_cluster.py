@@ -19,7 +19,8 @@ Everything lives in one run directory::
 
 Invariants:
 - Ports are chosen free at start: every daemon listens on port 0 and the port it reports
-  (``... listening on HOST:PORT``) is recorded; nothing assumes a fixed port.
+  (``... listening on HOST:PORT``, waited for by ``deltabkp.testing.Daemon``, the project's
+  one daemon launcher) is recorded; nothing assumes a fixed port.
 - ``down`` stops exactly what ``up``/``add-echosv`` started and nothing else: a recorded pid
   is signalled only while its kernel start time still matches the recorded one (so a reused
   pid is never hit), and then its whole session (each process is a session leader), which
@@ -49,9 +50,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from deltabkp.testing import Daemon, DaemonStartError
+
 REPO = Path(__file__).resolve().parent.parent
 ECHO_DIR = REPO / "examples" / "echo"
-READY = re.compile(r"listening on (\S+)")
 RECORD = "cluster.json"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
@@ -115,38 +117,23 @@ def session_members(sid: int, not_before: int) -> list[int]:
 
 def start_daemon(run: Path, name: str, argv: list[str], env: dict[str, str], cwd: Path,
                  ready: bool = True) -> dict[str, Any]:
-    """Start ``argv`` detached (own session, output to ``logs/NAME.log``).
+    """Start ``argv`` detached (own session, output to ``logs/NAME.log``) and record it.
 
-    With ``ready``, wait for its ``listening on HOST:PORT`` line and record the address.
+    With ``ready``, wait for its ``listening on HOST:PORT`` line and record the address; a
+    daemon that does not come up is stopped by the launcher (nothing is left behind).
     """
     log = run / "logs" / f"{name}.log"
-    cwd.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+    try:
         # start_new_session: the daemon outlives this script and make, ignores the terminal's
         # Ctrl-C, and leads its own session, which is what `down` signals.
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=cwd, start_new_session=True)
-    entry: dict[str, Any] = {
-        "name": name, "pid": proc.pid, "ticks": start_ticks(proc.pid), "argv": argv,
-        "log": str(log.relative_to(run)), "address": None,
+        daemon = Daemon(argv, log=log, name=name, env=env, cwd=cwd, start_new_session=True,
+                        wait=ready, timeout=START_TIMEOUT_S)
+    except DaemonStartError as exc:
+        raise ClusterError(f"{exc.message}\n(whole log: {log})") from None
+    return {
+        "name": name, "pid": daemon.pid, "ticks": start_ticks(daemon.pid), "argv": argv,
+        "log": str(log.relative_to(run)), "address": daemon.address if ready else None,
     }
-    if not ready:
-        return entry
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        m = READY.search(text)
-        if m:
-            entry["address"] = m.group(1)
-            return entry
-        if proc.poll() is not None:
-            raise ClusterError(f"{name} exited ({proc.returncode}) before listening; "
-                               f"{log}:\n{text[-3000:]}")
-        time.sleep(0.05)
-    # Not recorded anywhere yet, so it is stopped here: a failed start leaves nothing behind.
-    stop_processes([entry], out=sys.stderr)
-    raise ClusterError(f"{name} did not report its port within {START_TIMEOUT_S:g} s; "
-                       f"{log}:\n{log.read_text(errors='replace')[-3000:]}")
 
 
 def stop_processes(entries: Sequence[dict[str, Any]], out: Any = sys.stdout) -> list[str]:

@@ -1,20 +1,16 @@
 """Real processes for end-to-end tests: ``deltabkp-server``, ``deltabkp-agent``, ``deltabkp ctl``.
 
-Each daemon is started on 127.0.0.1 port 0 and found through its ``... listening on HOST:PORT``
-line; its stderr goes to a log file that is printed when a test fails.  Every wait has a
-deadline; nothing here asserts anything about time.
+Each daemon is started on 127.0.0.1 port 0 by ``deltabkp.testing.Daemon`` and found through
+its ``... listening on HOST:PORT`` line; its output goes to a log file that is printed when a
+test fails.  Every wait has a deadline; nothing here asserts anything about time.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
-import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,14 +18,9 @@ from typing import Any
 
 import pytest
 
-READY = re.compile(r"listening on (\S+)")
-BIN = Path(sys.executable).parent
+from deltabkp import testing
 
-
-def exe(name: str) -> str:
-    """The console script installed beside this Python (editable install), else on PATH."""
-    p = BIN / name
-    return str(p) if p.exists() else (shutil.which(name) or name)
+exe = testing.console_script
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condition", interval: float = 0.05) -> Any:
@@ -44,65 +35,16 @@ def wait_for(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condit
         time.sleep(interval)
 
 
-class Daemon:
-    """A started daemon process; ``address`` is where it listens."""
+class Daemon(testing.Daemon):
+    """A started daemon process (``deltabkp.testing.Daemon``) in its own session; a daemon
+    that does not come up fails the test, with its log."""
 
     def __init__(self, name: str, cmd: list[str], log: Path, env: dict[str, str]) -> None:
-        self.name, self.cmd, self.log = name, cmd, log
-        self._err = open(log, "ab")
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=self._err, env=env, start_new_session=True
-        )
-        assert self.proc.stdout is not None
-        self.address = ""
-        deadline = time.monotonic() + 30
-        line = b""
-        # readline blocks, but the daemon prints its line or dies (EOF) promptly.
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            m = READY.search(line.decode(errors="replace"))
-            if m:
-                self.address = m.group(1)
-                break
-        if not self.address:
-            self.kill()
-            pytest.fail(f"{name} did not start ({cmd}); its log:\n{self.log_text()}")
-
-    @property
-    def port(self) -> int:
-        return int(self.address.rpartition(":")[2])
-
-    def log_text(self) -> str:
-        self._err.flush()
-        return self.log.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM, wait; SIGKILL if it does not stop. Returns the exit status."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """kill -9."""
-        if self.alive():
-            self.proc.kill()
-        self.proc.wait(30)
-        self._close()
-
-    def _close(self) -> None:
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        self._err.close()
+        self.cmd = cmd
+        try:
+            super().__init__(cmd, log=log, name=name, env=env, start_new_session=True)
+        except testing.DaemonStartError as exc:
+            pytest.fail(exc.message, pytrace=False)
 
 
 class Cluster:

@@ -1,4 +1,5 @@
-"""The agent in-process over real TCP on 127.0.0.1, driven by a tiny server-side test client.
+"""The agent in-process over real TCP on 127.0.0.1, driven as a server would drive it
+(``deltabkp.testing.backup_exchange`` and hand-written exchanges over ``deltabkp.net``).
 
 Covers: the path allowlist (outside a root, ``..``, symlink escape, missing), peers that do
 not prove the key (wrong key, garbage, an oversized frame, a request before the handshake)
@@ -17,7 +18,6 @@ import logging
 import os
 import socket
 import struct
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -27,8 +27,9 @@ import pytest
 import trio
 
 import deltabkp
-from deltabkp import transport, wire
-from deltabkp.errors import AuthError, PeerUnavailable, RequestRefused
+from deltabkp import net, protocol
+from deltabkp.errors import AuthError, ErrorCode, PeerUnavailable, RequestRefused
+from deltabkp.testing import BackupResult, backup_exchange
 from deltabkp_agent import Agent, AgentConfig, Allowlist
 from deltabkp_agent.agent import configure_logging
 
@@ -49,8 +50,8 @@ class Env:
     cache: Path
 
     @property
-    def host_port(self) -> tuple[str, int]:
-        return transport.parse_hostport(self.agent.address)
+    def endpoint(self) -> net.Address:
+        return net.Address.parse(self.agent.address)
 
 
 async def start_agent(
@@ -75,48 +76,17 @@ async def env(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Env]:
     yield await start_agent(nursery, tmp_path)
 
 
-async def connect(env: Env, key: bytes = KEY) -> transport.Channel:
-    host, port = env.host_port
-    return await transport.connect(host, port, key=key, role="server", timeout=5)
-
-
-@attrs.define
-class Result:
-    kind: str  # "unchanged" | "delta"
-    reason: str = ""
-    delta: bytes = b""
-    done: wire.BackupDone | None = None
-    asked_signature: bool = False
+async def connect(env: Env, key: bytes = KEY) -> net.Channel:
+    return await net.connect(env.endpoint, key=key, role="server", timeout=5)
 
 
 async def backup(
     env: Env, path: Path | str, base: bytes | None = None, *, base_sig: bytes | None = None
-) -> Result:
+) -> BackupResult:
     """One BackupRequest as a server makes it; ``base`` is the server's last archive."""
-    base_hash = blake3.blake3(base).digest() if base is not None else None
-    with trio.fail_after(60):
-        async with await connect(env) as chan:
-            await chan.send(wire.BackupRequest(str(path), base_hash, ()))
-            msg = await chan.receive(timeout=30)
-            asked = False
-            if isinstance(msg, wire.NeedSignature):
-                asked = True
-                assert base is not None
-                sig = base_sig if base_sig is not None else deltabkp.signature(base)
-                for i in range(0, len(sig), 1000):  # many small chunks on purpose
-                    await chan.send(wire.SignatureChunk(sig[i : i + 1000]))
-                await chan.send(wire.SignatureEnd())
-                msg = await chan.receive(timeout=30)
-            if isinstance(msg, wire.Unchanged):
-                assert msg.archive_hash == base_hash
-                return Result("unchanged", msg.reason, asked_signature=asked)
-            delta = bytearray()
-            while isinstance(msg, wire.DeltaChunk):
-                assert len(msg.data) <= wire.MAX_CHUNK
-                delta += msg.data
-                msg = await chan.receive(timeout=30)
-            assert isinstance(msg, wire.BackupDone), msg
-            return Result("delta", "", bytes(delta), msg, asked)
+    return await backup_exchange(
+        env.endpoint, KEY, str(path), base, base_sig=base_sig, chunk=1000,  # many small chunks
+    )
 
 
 def fresh_archive(root: Path) -> bytes:
@@ -151,8 +121,8 @@ async def settle(root: Path) -> None:
 
 async def test_ping_is_answered_with_the_allowed_roots(env: Env) -> None:
     async with await connect(env) as chan:
-        await chan.send(wire.Ping())
-        pong = await chan.receive_a(wire.Pong)
+        await chan.send(protocol.Ping())
+        pong = await chan.receive_a(protocol.Pong)
     assert str(env.root) in pong.info["roots"]
     assert pong.info["node"] == env.agent.address
 
@@ -165,16 +135,18 @@ async def test_ping_with_a_path_gets_the_allowlist_verdict(env: Env) -> None:
     async with await connect(env) as chan:
         for path in (str(env.root), str(env.outside / "app-link"), str(env.root / "escape"),
                      str(env.outside), str(env.root / "missing")):
-            await chan.send(wire.Ping(path))
-            verdicts[path] = (await chan.receive_a(wire.Pong)).info["path_check"]
+            await chan.send(protocol.Ping(path))
+            verdicts[path] = (await chan.receive_a(protocol.Pong)).info["path_check"]
     assert verdicts[str(env.root)] == {"ok": True}
     assert verdicts[str(env.outside / "app-link")] == {"ok": True}
     assert verdicts[str(env.root / "escape")]["code"] == "path-not-allowed"
     assert verdicts[str(env.outside)]["code"] == "path-not-allowed"
     assert verdicts[str(env.root / "missing")]["code"] == "not-found"
-    assert str(env.root / "escape") in str(verdicts[str(env.root / "escape")]["message"])
+    # The verdict names the path asked about as a field; its message is the bare reason.
+    escape = verdicts[str(env.root / "escape")]
+    assert escape["path"] == str(env.root / "escape") and "allowed roots" in escape["message"]
     # Where a path really leads is not the server's business (Ping("/proc/1/cwd")).
-    assert str(env.outside) not in str(verdicts[str(env.root / "escape")]["message"])
+    assert str(env.outside) not in str(escape)
 
 
 @pytest.mark.parametrize("how", ["outside", "dotdot", "symlink", "symlink-inside-path", "relative"])
@@ -189,7 +161,7 @@ async def test_paths_outside_the_allowed_roots_are_refused(env: Env, how: str) -
         "relative": "allowed",
     }[how]
     async with await connect(env) as chan:
-        await chan.send(wire.BackupRequest(path, None, ()))
+        await chan.send(protocol.BackupRequest(path, None, ()))
         with pytest.raises(RequestRefused) as info:
             await chan.receive()
     code = "invalid" if how == "relative" else "path-not-allowed"
@@ -201,7 +173,7 @@ async def test_paths_outside_the_allowed_roots_are_refused(env: Env, how: str) -
 
 async def test_missing_path_inside_a_root_is_not_found(env: Env) -> None:
     async with await connect(env) as chan:
-        await chan.send(wire.BackupRequest(str(env.root / "nope"), None, ()))
+        await chan.send(protocol.BackupRequest(str(env.root / "nope"), None, ()))
         with pytest.raises(RequestRefused) as info:
             await chan.receive()
     assert info.value.code == "not-found" and "nope" in info.value.message
@@ -218,10 +190,10 @@ async def test_symlink_that_stays_inside_the_root_is_served(env: Env) -> None:
 # -- unauthenticated peers ----------------------------------------------------------------------
 
 
-def _raw_exchange(address: str, payload: bytes, then: bytes = b"") -> list[wire.Message]:
+def _raw_exchange(address: str, payload: bytes, then: bytes = b"") -> list[protocol.Message]:
     """Send raw bytes, read until the agent hangs up; return every frame it sent."""
-    host, port = transport.parse_hostport(address)
-    with socket.create_connection((host, port), timeout=10) as s:
+    endpoint = net.Address.parse(address)
+    with socket.create_connection((endpoint.host, endpoint.port), timeout=10) as s:
         s.sendall(payload)
         got = bytearray()
         while True:
@@ -238,7 +210,7 @@ def _raw_exchange(address: str, payload: bytes, then: bytes = b"") -> list[wire.
                 except OSError:
                     pass
                 then = b""
-    dec = wire.FrameDecoder()
+    dec = protocol.FrameDecoder()
     dec.feed(bytes(got))
     out = []
     while (m := dec.next_message()) is not None:
@@ -248,39 +220,41 @@ def _raw_exchange(address: str, payload: bytes, then: bytes = b"") -> list[wire.
 
 
 async def test_wrong_key_gets_an_auth_error_and_nothing_else(env: Env) -> None:
-    # With the transport: the agent's proof does not verify under the other key.
+    # Through deltabkp.net: the agent's proof does not verify under the other key.
     with pytest.raises(AuthError):
         await connect(env, key=OTHER_KEY)
     # Byte by byte: a peer with the wrong key gets the challenge, then one error, then EOF.
-    nonce = wire.new_nonce()
-    hello = wire.encode(wire.Hello(wire.PROTOCOL_MAGIC, wire.PROTOCOL_VERSION, "server", nonce))
-    bad_auth = wire.encode(wire.Auth(b"\0" * 32))
-    request = wire.encode(wire.BackupRequest(str(env.root), None, ()))
+    nonce = protocol.new_nonce()
+    hello = protocol.encode(
+        protocol.Hello(protocol.PROTOCOL_MAGIC, protocol.PROTOCOL_VERSION, "server", nonce)
+    )
+    bad_auth = protocol.encode(protocol.Auth(b"\0" * 32))
+    request = protocol.encode(protocol.BackupRequest(str(env.root), None, ()))
     frames = await trio.to_thread.run_sync(
         _raw_exchange, env.agent.address, hello, bad_auth + request
     )
-    assert [type(f) for f in frames] == [wire.Challenge, wire.Error]
-    assert isinstance(frames[1], wire.Error) and frames[1].code == "auth"
+    assert [type(f) for f in frames] == [protocol.Challenge, protocol.Error]
+    assert isinstance(frames[1], protocol.Error) and frames[1].code == "auth"
 
 
 @pytest.mark.parametrize(
     "payload",
     [
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-        struct.pack(">I", wire.MAX_FRAME + 1) + b"\0" * 100,
-        wire.encode(wire.BackupRequest("/", None, ())),  # a request before the handshake
-        wire.encode(wire.Hello("NOTDELTA", 1, "server", b"n" * 32)),
-        wire.encode(wire.Hello(wire.PROTOCOL_MAGIC, 1, "ctl", b"n" * 32)),  # not served here
+        struct.pack(">I", protocol.MAX_FRAME + 1) + b"\0" * 100,
+        protocol.encode(protocol.BackupRequest("/", None, ())),  # a request before the handshake
+        protocol.encode(protocol.Hello("NOTDELTA", 1, "server", b"n" * 32)),
+        protocol.encode(protocol.Hello(protocol.PROTOCOL_MAGIC, 1, "ctl", b"n" * 32)),  # not served here
     ],
     ids=["http", "oversized-frame", "request-first", "bad-magic", "wrong-role"],
 )
 async def test_garbage_gets_one_error_frame_then_the_connection_closes(env: Env, payload: bytes) -> None:
     frames = await trio.to_thread.run_sync(_raw_exchange, env.agent.address, payload)
-    assert len(frames) == 1 and isinstance(frames[0], wire.Error), frames
+    assert len(frames) == 1 and isinstance(frames[0], protocol.Error), frames
     # And the agent is still fine.
     async with await connect(env) as chan:
-        await chan.send(wire.Ping())
-        await chan.receive_a(wire.Pong)
+        await chan.send(protocol.Ping())
+        await chan.receive_a(protocol.Pong)
 
 
 # -- backups ------------------------------------------------------------------------------------
@@ -347,10 +321,10 @@ async def test_a_signature_for_another_base_is_refused(env: Env) -> None:
     make_tree(app)
     a1 = fresh_archive(app)
     async with await connect(env) as chan:
-        await chan.send(wire.BackupRequest(str(app), blake3.blake3(a1).digest(), ()))
-        assert isinstance(await chan.receive(), wire.NeedSignature)
-        await chan.send(wire.SignatureChunk(deltabkp.signature(b"something else" * 100)))
-        await chan.send(wire.SignatureEnd())
+        await chan.send(protocol.BackupRequest(str(app), blake3.blake3(a1).digest(), ()))
+        assert isinstance(await chan.receive(), protocol.NeedSignature)
+        await chan.send(protocol.SignatureChunk(deltabkp.signature(b"something else" * 100)))
+        await chan.send(protocol.SignatureEnd())
         with pytest.raises(RequestRefused) as info:
             await chan.receive()
     assert info.value.code == "protocol" and str(app) in info.value.message
@@ -363,12 +337,11 @@ async def test_oversized_signature_is_refused(nursery: trio.Nursery, tmp_path: P
                       cache_dir=tmp_path / "cache", max_signature=10_000)
     agent = Agent(cfg)
     await nursery.start(agent.run)
-    host, port = transport.parse_hostport(agent.address)
-    async with await transport.connect(host, port, key=KEY, role="server") as chan:
-        await chan.send(wire.BackupRequest(str(root / "app"), b"h" * 32, ()))
-        assert isinstance(await chan.receive(), wire.NeedSignature)
-        await chan.send(wire.SignatureChunk(b"s" * 6000))
-        await chan.send(wire.SignatureChunk(b"s" * 6000))  # over the limit: refused at once
+    async with await net.connect(net.Address.parse(agent.address), key=KEY, role="server") as chan:
+        await chan.send(protocol.BackupRequest(str(root / "app"), b"h" * 32, ()))
+        assert isinstance(await chan.receive(), protocol.NeedSignature)
+        await chan.send(protocol.SignatureChunk(b"s" * 6000))
+        await chan.send(protocol.SignatureChunk(b"s" * 6000))  # over the limit: refused at once
         with pytest.raises(RequestRefused) as info:
             await chan.receive()
     assert info.value.code == "refused" and "limit" in info.value.message
@@ -384,19 +357,19 @@ async def test_change_during_the_build_makes_the_next_check_miss(env: Env) -> No
     await settle(app)
     with trio.fail_after(60):
         async with await connect(env) as chan:
-            await chan.send(wire.BackupRequest(str(app), None, ()))
+            await chan.send(protocol.BackupRequest(str(app), None, ()))
             msg = await chan.receive(timeout=30)
-            assert isinstance(msg, wire.DeltaChunk)
+            assert isinstance(msg, protocol.DeltaChunk)
             # The build is under way (paced by us): change a file it has already read.
             (app / "a-early.txt").write_text("changed during the build\n" * 100)
             # Hold the build (it waits for us) until the change is no longer racy, so that a
             # fingerprint taken after the build would look trustworthy - and be wrong.
             await settle(app)
             delta = bytearray()
-            while isinstance(msg, wire.DeltaChunk):
+            while isinstance(msg, protocol.DeltaChunk):
                 delta += msg.data
                 msg = await chan.receive(timeout=30)
-            assert isinstance(msg, wire.BackupDone)
+            assert isinstance(msg, protocol.BackupDone)
     a1 = bytes(deltabkp.patch(b"", bytes(delta)))
     await settle(app)
     r2 = await backup(env, app, a1)
@@ -416,9 +389,9 @@ async def test_server_cancelling_mid_stream_stops_the_build(env: Env) -> None:
         (app / f"r{i}.bin").write_bytes(os.urandom(1_000_000))
     with trio.fail_after(30):
         async with await connect(env) as chan:
-            await chan.send(wire.BackupRequest(str(app), None, ()))
-            assert isinstance(await chan.receive(), wire.DeltaChunk)
-            await chan.send(wire.Cancel())
+            await chan.send(protocol.BackupRequest(str(app), None, ()))
+            assert isinstance(await chan.receive(), protocol.DeltaChunk)
+            await chan.send(protocol.Cancel())
         # The agent stops; the cache learnt nothing and the agent still answers.
         while env.agent.active:
             await trio.sleep(0.05)
@@ -431,7 +404,7 @@ async def test_two_paths_at_once(env: Env) -> None:
     apps = [env.root / "one", env.root / "two"]
     for a in apps:
         make_tree(a)
-    results: dict[Path, Result] = {}
+    results: dict[Path, BackupResult] = {}
 
     async def one(a: Path) -> None:
         results[a] = await backup(env, a)
@@ -452,15 +425,15 @@ async def test_ping_is_answered_while_a_large_backup_runs(env: Env) -> None:
     pongs = 0
     with trio.fail_after(120):
         async with await connect(env) as chan:
-            await chan.send(wire.BackupRequest(str(app), None, ()))
+            await chan.send(protocol.BackupRequest(str(app), None, ()))
             first = await chan.receive(timeout=30)
-            assert isinstance(first, wire.DeltaChunk)
+            assert isinstance(first, protocol.DeltaChunk)
             delta = bytearray(first.data)
             # The backup is under way (and blocked on us, its reader): the agent still answers.
             for _ in range(5):
                 async with await connect(env) as ping_chan:
-                    await ping_chan.send(wire.Ping())
-                    pong = await ping_chan.receive_a(wire.Pong, timeout=5)
+                    await ping_chan.send(protocol.Ping())
+                    pong = await ping_chan.receive_a(protocol.Pong, timeout=5)
                     assert pong.info["active"] == 1
                     pongs += 1
             # And while it builds at full speed, too.
@@ -469,17 +442,17 @@ async def test_ping_is_answered_while_a_large_backup_runs(env: Env) -> None:
                 async def drain() -> None:
                     nonlocal delta
                     msg = await chan.receive(timeout=30)
-                    while isinstance(msg, wire.DeltaChunk):
+                    while isinstance(msg, protocol.DeltaChunk):
                         delta += msg.data
                         msg = await chan.receive(timeout=30)
-                    assert isinstance(msg, wire.BackupDone)
+                    assert isinstance(msg, protocol.BackupDone)
                     n.cancel_scope.cancel()
 
                 n.start_soon(drain)
                 while True:
                     async with await connect(env) as ping_chan:
-                        await ping_chan.send(wire.Ping())
-                        await ping_chan.receive_a(wire.Pong, timeout=5)
+                        await ping_chan.send(protocol.Ping())
+                        await ping_chan.receive_a(protocol.Pong, timeout=5)
                         pongs += 1
                     await trio.sleep(0.01)
     assert pongs >= 5
@@ -502,15 +475,15 @@ async def test_keep_alive_gives_up_holding_and_stays_patchable(
     chunks: list[bytes] = []
     with trio.fail_after(60):
         async with await connect(env) as chan:
-            await chan.send(wire.BackupRequest(str(app), base_hash, ()))
-            assert isinstance(await chan.receive(), wire.NeedSignature)
-            await chan.send(wire.SignatureChunk(deltabkp.signature(a1)))
-            await chan.send(wire.SignatureEnd())
+            await chan.send(protocol.BackupRequest(str(app), base_hash, ()))
+            assert isinstance(await chan.receive(), protocol.NeedSignature)
+            await chan.send(protocol.SignatureChunk(deltabkp.signature(a1)))
+            await chan.send(protocol.SignatureEnd())
             msg = await chan.receive()
-            while isinstance(msg, wire.DeltaChunk):
+            while isinstance(msg, protocol.DeltaChunk):
                 chunks.append(msg.data)
                 msg = await chan.receive()
-    assert isinstance(msg, wire.BackupDone) and msg.archive_hash == base_hash
+    assert isinstance(msg, protocol.BackupDone) and msg.archive_hash == base_hash
     assert b"" in chunks  # a keep-alive went out while the encoder had nothing to say
     assert deltabkp.patch(a1, b"".join(chunks)) == a1
 
@@ -559,8 +532,8 @@ async def test_server_closing_the_socket_mid_stream_frees_the_build(
     big_tree(app)
     with trio.fail_after(30):
         chan = await connect(env)
-        await chan.send(wire.BackupRequest(str(app), None, ()))
-        assert isinstance(await chan.receive(), wire.DeltaChunk)
+        await chan.send(protocol.BackupRequest(str(app), None, ()))
+        assert isinstance(await chan.receive(), protocol.DeltaChunk)
         await chan.aclose()  # a real hang-up: no cancel, no error, the socket is gone
     await until_idle(env.agent)
     assert not any((env.cache / "sigs").iterdir())
@@ -568,15 +541,15 @@ async def test_server_closing_the_socket_mid_stream_frees_the_build(
     assert r.kind == "delta" and deltabkp.patch(b"", r.delta) == fresh_archive(app)
 
 
-async def connect_small_window(env: Env) -> transport.Channel:
+async def connect_small_window(env: Env) -> net.Channel:
     """An authenticated channel whose socket buffers little: it stops reading for real."""
-    host, port = env.host_port
     sock = trio.socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await sock.connect((host, port))
-    chan = transport.Channel(trio.SocketStream(sock), env.agent.address)
+    await sock.connect((env.endpoint.host, env.endpoint.port))
+    conn = protocol.Connection(key=KEY, our_role="server", initiator=True, peer=env.agent.address)
+    chan = net.Channel(trio.SocketStream(sock), conn)
     with trio.fail_after(10):
-        await transport._initiate(chan, KEY, "server")
+        await chan.handshake()
     return chan
 
 
@@ -587,8 +560,8 @@ async def test_server_that_stops_reading_is_dropped(
     app = env.root / "big"
     big_tree(app, mb=16)
     async with await connect_small_window(env) as chan:
-        await chan.send(wire.BackupRequest(str(app), None, ()))
-        assert isinstance(await chan.receive(), wire.DeltaChunk)
+        await chan.send(protocol.BackupRequest(str(app), None, ()))
+        assert isinstance(await chan.receive(), protocol.DeltaChunk)
         # Read nothing more: the agent's send deadline must free the slot and the path lock.
         await until_idle(env.agent)
     # A dead peer, not a bug (the failed send must not escape as an ExceptionGroup).
@@ -607,19 +580,19 @@ async def test_a_second_backup_of_a_busy_path_is_told_busy(
     big_tree(app)
     with trio.fail_after(30):
         async with await connect(env) as first:
-            await first.send(wire.BackupRequest(str(app), None, ()))
-            assert isinstance(await first.receive(), wire.DeltaChunk)
+            await first.send(protocol.BackupRequest(str(app), None, ()))
+            assert isinstance(await first.receive(), protocol.DeltaChunk)
             # The first backup holds the path (it waits for us to read); a second one waits
             # for it only so long.
             async with await connect(env) as second:
-                await second.send(wire.BackupRequest(str(app), None, ()))
+                await second.send(protocol.BackupRequest(str(app), None, ()))
                 with pytest.raises(RequestRefused) as info:
                     await second.receive()
                 assert info.value.code == "busy"
                 assert env.agent.address in info.value.message and str(app) in info.value.message
                 # The connection is still in step: it answers a ping.
-                await second.send(wire.Ping())
-                await second.receive_a(wire.Pong)
+                await second.send(protocol.Ping())
+                await second.receive_a(protocol.Pong)
     await until_idle(env.agent)
 
 
@@ -630,9 +603,9 @@ async def test_a_servers_own_error_is_not_echoed_back(
     make_tree(app)
     with trio.fail_after(30):
         async with await connect(env) as chan:
-            await chan.send(wire.BackupRequest(str(app), b"h" * 32, ()))
-            assert isinstance(await chan.receive(), wire.NeedSignature)
-            await chan.send(wire.Error("failed", "server: cannot read the base archive"))
+            await chan.send(protocol.BackupRequest(str(app), b"h" * 32, ()))
+            assert isinstance(await chan.receive(), protocol.NeedSignature)
+            await chan.send(protocol.Error(ErrorCode.FAILED.value, "cannot read the base archive"))
             # The agent stops and hangs up without a word (no error frame of its own).
             with pytest.raises(PeerUnavailable):
                 await chan.receive(raise_errors=False)
@@ -645,20 +618,19 @@ async def test_silent_sockets_cannot_lock_a_real_server_out(
 ) -> None:
     # Silent peers would each hold a handshake slot for 60 s here; there are only 4 slots.
     env = await start_agent(nursery, tmp_path, max_handshakes=4, handshake_timeout=60)
-    host, port = env.host_port
     silent = []
     try:
         with trio.fail_after(20):
             for _ in range(12):
                 s = trio.socket.socket()
-                await s.connect((host, port))
+                await s.connect((env.endpoint.host, env.endpoint.port))
                 silent.append(s)
             while len(env.agent._handshakes) < 4:
                 await trio.sleep(0.02)
             # A real server still gets in (it evicts the oldest silent socket) ...
             async with await connect(env) as chan:
-                await chan.send(wire.Ping())
-                await chan.receive_a(wire.Pong)
+                await chan.send(protocol.Ping())
+                await chan.receive_a(protocol.Pong)
             # ... and the evicted silent sockets were closed without a byte.
             assert await silent[0].recv(100) == b""
             assert len(env.agent._handshakes) <= 4
@@ -673,12 +645,12 @@ async def test_authenticated_sessions_have_their_own_budget(
     env = await start_agent(nursery, tmp_path, max_connections=1)
     with trio.fail_after(20):
         async with await connect(env) as first:
-            await first.send(wire.Ping())
-            await first.receive_a(wire.Pong)
+            await first.send(protocol.Ping())
+            await first.receive_a(protocol.Pong)
             async with await connect(env) as second:  # authenticated, then told why not
                 with pytest.raises(RequestRefused) as info:
                     await second.receive()
                 assert info.value.code == "busy" and env.agent.address in info.value.message
         async with await connect(env) as again:  # the session slot was given back
-            await again.send(wire.Ping())
-            await again.receive_a(wire.Pong)
+            await again.send(protocol.Ping())
+            await again.receive_a(protocol.Pong)

@@ -2,7 +2,7 @@
 SIGTERM mid-backup.
 
 Each test starts the real console script on 127.0.0.1 port 0 and talks to it over TCP as a
-server would (``deltabkp.transport``), or listens as a server for its announcement.
+server would (``deltabkp.net``), or listens as a server for its announcement.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from deltabkp import transport, wire
+from deltabkp import net, protocol
 from helpers_proc import Daemon, exe, wait_for
 
 KEY = b"p" * 32
@@ -74,14 +74,14 @@ async def test_announces_itself_to_a_server_that_comes_up_late(tmp_path: Path, k
             lambda: "announce to server" in agent.log_text() and "failed" in agent.log_text(),
             what="a failed announce in the agent's log",
         ))
-        got: list[wire.Announce] = []
+        got: list[protocol.Announce] = []
         done = trio.Event()
 
         async def handle(stream: trio.SocketStream) -> None:
             async with stream:
-                chan = await transport.accept(stream, key=KEY, roles=("agent",))
-                msg = await chan.receive_a(wire.Announce)
-                await chan.send(wire.Ack())
+                chan = await net.accept(stream, key=KEY, role="server", roles=("agent",))
+                msg = await chan.receive_a(protocol.Announce)
+                await chan.send(protocol.Ack())
                 got.append(msg)
                 done.set()
 
@@ -107,11 +107,10 @@ async def test_sigterm_during_a_backup_stops_cleanly(tmp_path: Path, key_file: P
         tmp_path / "agent.log", env_for(tmp_path),
     ))
     try:
-        host, port = transport.parse_hostport(agent.address)
         with trio.fail_after(60):
-            async with await transport.connect(host, port, key=KEY, role="server") as chan:
-                await chan.send(wire.BackupRequest(str(app), None, ()))
-                assert isinstance(await chan.receive(timeout=30), wire.DeltaChunk)
+            async with await net.connect(agent.endpoint, key=KEY, role="server") as chan:
+                await chan.send(protocol.BackupRequest(str(app), None, ()))
+                assert isinstance(await chan.receive(timeout=30), protocol.DeltaChunk)
                 # Mid-stream (the agent waits for us to read): stop it.
                 agent.proc.send_signal(signal.SIGTERM)
                 rc = await trio.to_thread.run_sync(agent.proc.wait, 30)

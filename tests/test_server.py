@@ -1,10 +1,10 @@
 """The server in-process over real TCP, against a scripted protocol peer.
 
-``ScriptedAgent`` speaks protocol v1 exactly like an agent but serves plain byte strings as
-"archives" and can misbehave on purpose (wrong hash, hang-up mid-stream, refusals), which the
-real agent never does: these are the server's fault paths (integrity fallback to a full
-transfer, partial files removed, every attempt logged).  The end-to-end behaviour with the
-real agent and the real ``deltabkp ctl`` is in ``tests/test_e2e*.py``.
+``deltabkp.testing.ScriptedAgent`` speaks protocol v1 exactly like an agent but serves plain
+byte strings as "archives" and can misbehave on purpose (wrong hash, hang-up mid-stream,
+refusals), which the real agent never does: these are the server's fault paths (integrity
+fallback to a full transfer, partial files removed, every attempt logged).  The end-to-end
+behaviour with the real agent and the real ``deltabkp ctl`` is in ``tests/test_e2e*.py``.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import blake3
 import pytest
 import trio
 
 import deltabkp
-from deltabkp import transport, wire
-from deltabkp.errors import AuthError, PeerUnavailable, RequestRefused
+from deltabkp import net, protocol
+from deltabkp.errors import AuthError, RequestRefused
+from deltabkp.testing import ScriptedAgent
 from deltabkp_server.execution import ExecutionSettings
 from deltabkp_server.scheduler import RETRY_CAP_S, backoff_delay
 from deltabkp_server.server import Server, configure_logging
@@ -33,116 +33,20 @@ OTHER_KEY = b"o" * 32
 configure_logging()
 
 
-@attrs.define
-class ScriptedAgent:
-    """An agent-side protocol peer serving ``content[path]`` as the archive bytes."""
-
-    content: dict[str, bytes] = attrs.Factory(dict)
-    corrupt_next: int = 0  # this many backups claim a hash that the delta does not produce
-    hang_up_after_chunks: int | None = None
-    refuse: str | None = None
-    need_sig_always: bool = True
-    gate: trio.Event | None = None  # backups wait for it (to observe concurrency)
-    active: int = 0
-    max_active: int = 0
-    port: int = 0
-    shared: list[int] = attrs.Factory(lambda: [0, 0])  # [active, max active] across peers
-    requests: list[wire.BackupRequest] = attrs.Factory(list)
-    signatures_received: int = 0
-    address: str = ""
-    cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-
-    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        with self.cancel_scope:
-            listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
-            port = listeners[0].socket.getsockname()[1]
-            self.address = f"127.0.0.1:{port}"
-            async with trio.open_nursery() as n:
-                await n.start(trio.serve_listeners, self._handle, listeners)
-                task_status.started(self.address)
-
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            try:
-                chan = await transport.accept(stream, key=KEY, roles=("server",))
-                msg = await chan.receive()
-                if isinstance(msg, wire.Ping):
-                    info: dict[str, Any] = {}
-                    if msg.path is not None:  # a scripted allowlist: everything under /srv
-                        ok = msg.path.startswith("/srv/")
-                        info["path_check"] = {"ok": True} if ok else {
-                            "ok": False, "code": "path-not-allowed",
-                            "message": f"agent {self.address}: path {msg.path} is not under an allowed root"}
-                    await chan.send(wire.Pong(info))
-                elif isinstance(msg, wire.BackupRequest):
-                    self.active += 1
-                    self.max_active = max(self.max_active, self.active)
-                    self.shared[0] += 1
-                    self.shared[1] = max(self.shared[1], self.shared[0])
-                    try:
-                        if self.gate is not None:
-                            await self.gate.wait()
-                        await self._backup(chan, msg)
-                    finally:
-                        self.active -= 1
-                        self.shared[0] -= 1
-            except (PeerUnavailable, RequestRefused, deltabkp.ProtocolError):
-                pass
-
-    async def _backup(self, chan: transport.Channel, req: wire.BackupRequest) -> None:
-        self.requests.append(req)
-        if self.refuse:
-            await chan.send(wire.Error("path-not-allowed", f"{req.path}: {self.refuse}"))
-            return
-        data = self.content[req.path]
-        h = blake3.blake3(data).digest()
-        if req.base_hash == h:
-            await chan.send(wire.Unchanged(h, "hash"))
-            return
-        if req.base_hash is not None:
-            await chan.send(wire.NeedSignature())
-            sig = b""
-            while True:
-                m = await chan.receive()
-                if isinstance(m, wire.SignatureEnd):
-                    break
-                if isinstance(m, wire.Cancel):
-                    return  # the server gave up on this attempt
-                assert isinstance(m, wire.SignatureChunk)
-                sig += m.data
-            self.signatures_received += 1
-        else:
-            sig = deltabkp.signature(b"")
-        sent_data = data
-        if self.corrupt_next:
-            self.corrupt_next -= 1
-            # The delta rebuilds other bytes than the hash we announce: an integrity failure.
-            sent_data = data[:-1] + bytes([data[-1] ^ 1])
-        dlt = deltabkp.delta(sig, sent_data)
-        chunks = [dlt[i : i + 50_000] for i in range(0, len(dlt), 50_000)]
-        for i, c in enumerate(chunks):
-            if self.hang_up_after_chunks is not None and i >= self.hang_up_after_chunks:
-                await trio.sleep(0.2)
-                return  # hang up mid-stream
-            await chan.send(wire.DeltaChunk(c))
-        await chan.send(wire.BackupDone(h, len(data), 1, (("a.log", "grew while read"),), ()))
-
-
 async def ctl(address: str, op: str, key: bytes = KEY, **args: Any) -> Any:
-    host, port = transport.parse_hostport(address)
     with trio.fail_after(60):
-        chan = await transport.connect(host, port, key=key, role="ctl")
+        chan = await net.connect(net.Address.parse(address), key=key, role="ctl")
         async with chan:
-            await chan.send(wire.Request(op, args))
-            return (await chan.receive_a(wire.Response, timeout=60)).data
+            await chan.send(protocol.Request(op, args))
+            return (await chan.receive_a(protocol.Response, timeout=60)).data
 
 
 @pytest.fixture
 async def agent(nursery: trio.Nursery) -> AsyncIterator[ScriptedAgent]:
-    a = ScriptedAgent()
+    a = ScriptedAgent(key=KEY)
     await nursery.start(a.serve)
     yield a
-    a.cancel_scope.cancel()
+    a.stop()
 
 
 async def _start_server(
@@ -285,13 +189,12 @@ async def test_retention_keeps_newest_and_lists_all(server: Server, agent: Scrip
     with pytest.raises(RequestRefused) as ei:
         await ctl(server.address, "fetch", node=agent.address, path="/srv/app", seq=1)
     assert ei.value.code == "not-found" and "rotated out" in ei.value.message
-    host, port = transport.parse_hostport(server.address)
-    async with await transport.connect(host, port, key=KEY, role="ctl") as chan:
-        await chan.send(wire.Request("fetch", {"node": agent.address, "path": "/srv/app"}))
-        meta = (await chan.receive_a(wire.Response)).data
+    async with await net.connect(net.Address.parse(server.address), key=KEY, role="ctl") as chan:
+        await chan.send(protocol.Request("fetch", {"node": agent.address, "path": "/srv/app"}))
+        meta = (await chan.receive_a(protocol.Response)).data
         got = b""
-        while not isinstance(m := await chan.receive(), wire.DataEnd):
-            assert isinstance(m, wire.DataChunk)
+        while not isinstance(m := await chan.receive(), protocol.DataEnd):
+            assert isinstance(m, protocol.DataChunk)
             got += m.data
     assert meta["seq"] == 5 and got == b"v4" * 1000
 
@@ -351,23 +254,23 @@ async def test_unregister_stops_backups(server: Server, agent: ScriptedAgent) ->
 
 
 async def test_wrong_key_gets_nothing(server: Server) -> None:
-    host, port = transport.parse_hostport(server.address)
+    address = net.Address.parse(server.address)
     with pytest.raises(AuthError):
-        await transport.connect(host, port, key=OTHER_KEY, role="ctl")
+        await net.connect(address, key=OTHER_KEY, role="ctl")
     # Raw bytes without a handshake: an error frame at most, then the connection closes.
-    stream = await trio.open_tcp_stream(host, port)
+    stream = await trio.open_tcp_stream(address.host, address.port)
     async with stream:
-        await stream.send_all(wire.encode(wire.Request("targets", {})))
+        await stream.send_all(protocol.encode(protocol.Request("targets", {})))
         got = b""
         with trio.fail_after(15):
             while chunk := await stream.receive_some(65536):
                 got += chunk
-    dec = wire.FrameDecoder()
+    dec = protocol.FrameDecoder()
     dec.feed(got)
     msgs = []
     while (m := dec.next_message()) is not None:
         msgs.append(m)
-    assert all(isinstance(m, wire.Error) for m in msgs) and len(msgs) <= 1
+    assert all(isinstance(m, protocol.Error) for m in msgs) and len(msgs) <= 1
     assert (await ctl(server.address, "status"))["targets"] == 0  # still serving
 
 
@@ -378,9 +281,9 @@ async def test_status(server: Server) -> None:
 
 
 async def test_announce_runs_a_pending_retry_at_once(server: Server, nursery: trio.Nursery) -> None:
-    first = ScriptedAgent(content={"/srv/app": b"one" * 100})
+    first = ScriptedAgent(key=KEY, content={"/srv/app": b"one" * 100})
     await nursery.start(first.serve)
-    port = int(first.address.rpartition(":")[2])
+    port = net.Address.parse(first.address).port
     await _register(server, first)
     first.cancel_scope.cancel()  # the node goes down
     await trio.sleep(0.1)
@@ -388,12 +291,11 @@ async def test_announce_runs_a_pending_retry_at_once(server: Server, nursery: tr
     assert rec["outcome"] == "failed"
     [t] = await ctl(server.address, "targets")
     assert t["state"] == "retrying"
-    second = ScriptedAgent(content={"/srv/app": b"two" * 100}, port=port)
+    second = ScriptedAgent(key=KEY, content={"/srv/app": b"two" * 100}, port=port)
     await nursery.start(second.serve)
-    host, sport = transport.parse_hostport(server.address)
-    async with await transport.connect(host, sport, key=KEY, role="agent") as chan:
-        await chan.send(wire.Announce("127.0.0.1", port))
-        await chan.receive_a(wire.Ack)
+    async with await net.connect(net.Address.parse(server.address), key=KEY, role="agent") as chan:
+        await chan.send(protocol.Announce("127.0.0.1", port))
+        await chan.receive_a(protocol.Ack)
     with trio.fail_after(20):
         while (log := await ctl(server.address, "log"))[0]["outcome"] != "stored":
             await trio.sleep(0.02)
@@ -408,9 +310,9 @@ async def test_concurrency_limits_per_node_and_overall(
     nursery: trio.Nursery, tmp_path: Path, overall: int, per_node: int
 ) -> None:
     shared, gate = [0, 0], trio.Event()
-    agent = ScriptedAgent(gate=gate, shared=shared)
+    agent = ScriptedAgent(key=KEY, gate=gate, shared=shared)
     await nursery.start(agent.serve)
-    other = ScriptedAgent(gate=gate, shared=shared)
+    other = ScriptedAgent(key=KEY, gate=gate, shared=shared)
     await nursery.start(other.serve)
     srv = Server(data_dir=tmp_path / "d", key=KEY, host="127.0.0.1", port=0,
                  max_concurrent=overall, max_per_node=per_node)
@@ -453,7 +355,7 @@ async def test_reregister_during_a_running_execution_runs_one_at_a_time(
     server: Server, nursery: trio.Nursery
 ) -> None:
     gate = trio.Event()
-    agent = ScriptedAgent(content={"/srv/app": b"data" * 100}, gate=gate)
+    agent = ScriptedAgent(key=KEY, content={"/srv/app": b"data" * 100}, gate=gate)
     await nursery.start(agent.serve)
     await ctl(server.address, "register", node=agent.address, path="/srv/app", every="1h")
     with trio.fail_after(20):

@@ -33,6 +33,11 @@ class Address:
             port_s = rest[1:] if rest.startswith(":") else ""
             if not sep or (rest and not rest.startswith(":")):
                 raise UsageError(f"bad address {text!r}: expected HOST:PORT")
+        elif s.count(":") > 1:
+            # An IPv6 literal without brackets has no port that could be told apart from it.
+            if default_port is None:
+                raise UsageError(f"bad address {text!r}: write an IPv6 address as [ADDR]:PORT")
+            host, port_s = s, ""
         else:
             host, sep, port_s = s.rpartition(":")
             if not sep:
@@ -43,10 +48,9 @@ class Address:
             port_s = str(default_port)
         if not host:
             raise UsageError(f"bad address {text!r}: missing host")
-        try:
-            port = int(port_s)
-        except ValueError:
-            raise UsageError(f"bad address {text!r}: port {port_s!r} is not a number") from None
+        if not (port_s.isascii() and port_s.isdigit()):
+            raise UsageError(f"bad address {text!r}: port {port_s!r} is not a number")
+        port = int(port_s)
         if not 0 <= port <= 65535:
             raise UsageError(f"bad address {text!r}: port out of range")
         return cls(host, port)

@@ -119,6 +119,7 @@ class Connection:
         self.peer_role: str | None = responder_of(our_role) if initiator else None
         self.peer_info: dict[str, Any] = {}
         self.conversation: Conversation | None = None
+        self._refused = False
 
     # -- bytes ---------------------------------------------------------------------------
 
@@ -134,12 +135,21 @@ class Connection:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the peer; runs the handshake; raises on any violation."""
-        self._decoder.feed(data)
-        while not self.authenticated:
-            msg = self._decoder.next_message()
-            if msg is None:
-                return
-            self._handshake(msg)
+        if self.authenticated:
+            self._decoder.feed(data)
+            return
+        try:
+            self._decoder.feed(data)
+            while not self.authenticated:
+                msg = self._decoder.next_message()
+                if msg is None:
+                    return
+                self._handshake(msg)
+        except RemoteProtocolError as exc:
+            # Garbage or an oversized frame before authentication: the one error frame too.
+            if not self.initiator and not self._refused:
+                self._refuse(ErrorCode.PROTOCOL, exc.reason)
+            raise
 
     def next_event(self) -> Message | None:
         """The next message of the conversation (already checked), or None for more bytes."""
@@ -191,14 +201,19 @@ class Connection:
         try:
             self._responder_step(msg)
         except AuthError:
-            self.send_error(ErrorCode.AUTH, "authentication failed: the cluster keys differ")
+            self._refuse(ErrorCode.AUTH, "authentication failed: the cluster keys differ")
             raise
         except UnsupportedPeerVersion as exc:
-            self.send_error(ErrorCode.VERSION, exc.reason)
+            self._refuse(ErrorCode.VERSION, exc.reason)
             raise
         except RemoteProtocolError as exc:
-            self.send_error(ErrorCode.PROTOCOL, exc.reason)
+            self._refuse(ErrorCode.PROTOCOL, exc.reason)
             raise
+
+    def _refuse(self, code: ErrorCode, reason: str) -> None:
+        """The responder's one error frame of a failed handshake."""
+        self._refused = True
+        self.send_error(code, reason)
 
     def _peer_error(self, what: str) -> RemoteProtocolError:
         return RemoteProtocolError(what, peer=self.peer, peer_role=self.peer_role)

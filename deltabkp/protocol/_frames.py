@@ -87,6 +87,9 @@ class FrameDecoder:
 
     def next_message(self) -> Message | None:
         """The next complete message, or None until more bytes are fed."""
+        # Checked here too, not only on feed: the limit may have been raised (after the
+        # handshake) or the buffer may hold a next frame whose header nobody looked at yet.
+        self._check_header()
         if len(self._buf) < _HEADER.size:
             return None
         (length,) = _HEADER.unpack_from(self._buf)
@@ -95,7 +98,6 @@ class FrameDecoder:
             return None
         payload = bytes(self._buf[_HEADER.size : end])
         del self._buf[:end]
-        self._check_header()
         return decode_payload(payload)
 
     @property
