@@ -31,15 +31,19 @@ from pathlib import Path
 
 import trio
 
+from deltabkp.errors import UsageError
+from deltabkp.net import Address
+
 READY_PREFIX = "echo-app listening on"
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (or ``[v6]:PORT``) → (host, port); ``SystemExit`` with a clear message."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise SystemExit(f"echo-app: bad address {text!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
+    try:
+        addr = Address.parse(text)
+    except UsageError as exc:
+        raise SystemExit(f"echo-app: {exc}") from None
+    return addr.host, addr.port
 
 
 class MessageLog:
@@ -104,7 +108,7 @@ class MessageLog:
 async def serve_client(stream: trio.SocketStream, log: MessageLog, max_line: int) -> None:
     try:
         host, port = stream.socket.getpeername()[:2]
-        peer = f"{host}:{port}"
+        peer = str(Address(host, port))
     except OSError:
         peer = "?"
     buf = bytearray()

@@ -23,6 +23,9 @@ from collections.abc import Sequence
 
 import trio
 
+from deltabkp.errors import UsageError
+from deltabkp.net import Address
+
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
          "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo")
 
@@ -55,14 +58,14 @@ async def _read_line(stream: trio.SocketStream, buf: bytearray, limit: int) -> b
 
 async def drive(target: str, args: argparse.Namespace, stats: Stats, budget: list[int]) -> None:
     """Send to one app until the shared message budget is spent (or the run is cancelled)."""
-    host, _, port = target.rpartition(":")
+    addr = Address.parse(target)
     rnd = random.Random(f"{args.client}-{target}")
     backoff = 0.2
     seq = 0
     while budget[0] > 0:
         try:
             with trio.fail_after(args.timeout):
-                stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+                stream = await trio.open_tcp_stream(addr.host, addr.port)
         except (OSError, trio.TooSlowError) as exc:
             stats.failed_connects += 1
             if not args.quiet:
@@ -150,9 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.duration <= 0 or args.count < 0 or args.words < 3 or args.timeout <= 0:
         ap.error("--duration and --timeout must be positive, --count >= 0, --words >= 3")
     for t in args.targets:
-        host, sep, port = t.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            ap.error(f"bad target {t!r}: expected HOST:PORT")
+        try:
+            Address.parse(t)
+        except UsageError as exc:
+            ap.error(f"bad target: {exc}")
     try:
         stats = trio.run(run, args)
     except KeyboardInterrupt:
