@@ -17,6 +17,7 @@ from pathlib import Path
 
 
 from deltabkp import net
+from deltabkp.errors import UsageError
 from deltabkp_server.config import ExecutionSettings
 from deltabkp_server.server import Server
 
@@ -36,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "The deltabkp backup server: pulls delta backups from deltabkp-agent nodes on "
             "schedule, rebuilds and stores full tgz archives (newest 10 per target), keeps a "
-            "SQLite catalog with the complete execution log, and serves 'deltabkp ctl' on the "
-            "same port."
+            "catalog with the complete execution log, and serves 'deltabkp ctl' on the same "
+            "port. Several servers share the work when they share one PostgreSQL catalog and "
+            "one store (S3): each due target is leased to one of them."
         ),
     )
     listen = f"127.0.0.1:{net.DEFAULT_SERVER_PORT}"
@@ -49,6 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="catalog and archives (default: ./deltabkp-data if that directory exists, else "
         "$XDG_DATA_HOME/deltabkp, i.e. ~/.local/share/deltabkp)",
     )
+    p.add_argument(
+        "--catalog", metavar="URL", default="",
+        help="the catalog: sqlite:///PATH (default: catalog.sqlite3 in the data dir; one server "
+        "per SQLite catalog) or postgresql://USER@HOST:PORT/DB, shared by several servers",
+    )
+    p.add_argument(
+        "--store", metavar="URL", default="",
+        help="where archives live: file:///DIR (default: the data dir) or s3://BUCKET/PREFIX "
+        "(credentials the AWS way: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws)",
+    )
+    p.add_argument(
+        "--s3-endpoint", metavar="URL", default=None,
+        help="S3 endpoint for an s3:// store (default: $AWS_ENDPOINT_URL, else AWS)",
+    )
+    p.add_argument("--lease-ttl", type=float, default=30.0, metavar="S",
+                   help="seconds before a dead server's running targets move to another "
+                   "server sharing the catalog (default 30)")
     p.add_argument("--max-concurrent", type=int, default=8, metavar="N",
                    help="executions running at once, overall (default 8)")
     p.add_argument("--max-per-node", type=int, default=2, metavar="N",
@@ -68,10 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     def build() -> tuple[net.Starter, Callable[[str], None]]:
         listen = net.Address.parse(args.listen)
         net.at_least_one(args, "max_concurrent", "max_per_node", "keep", "max_archive_mb")
+        if not args.lease_ttl >= 3:
+            raise UsageError("--lease-ttl must be at least 3 seconds")
         server = Server(
             data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
             key=net.load_key(args.key_file), host=listen.host, port=listen.port,
             max_concurrent=args.max_concurrent, max_per_node=args.max_per_node,
+            catalog_url=args.catalog, store_url=args.store, s3_endpoint=args.s3_endpoint,
+            lease_ttl=args.lease_ttl,
             settings=ExecutionSettings(
                 keep=args.keep, idle_timeout=args.idle_timeout,
                 max_archive_size=args.max_archive_mb << 20,
@@ -80,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def ready(_address: str) -> None:
             logging.getLogger("deltabkp_server").info(
-                "data dir %s, max %d executions (%d per node)",
+                "server %s, data dir %s, max %d executions (%d per node)", server.server_id,
                 server.data_dir, server.config.max_concurrent, server.config.max_per_node,
             )
 

@@ -10,7 +10,7 @@ that does not answer is an answer too (the reason why, as an error value).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -66,13 +66,13 @@ async def ping(node: str, key: bytes, *, timeout: float, path: str | None = None
 
 
 async def serve_announcements(
-    chan: net.Channel, announce: Callable[[str, int, str], int]
+    chan: net.Channel, announce: Callable[[str, int, str], Awaitable[list[Any]]]
 ) -> None:
     """An agent's connection: ``announce`` → ``ack`` (its pending retries run now), ``ping``."""
     while (msg := await chan.next_request(AGENT_IDLE_S)) is not None:
         if isinstance(msg, protocol.Announce):
             peer_host = net.Address.parse(chan.peer).host if chan.peer != "peer" else ""
-            hit = announce(msg.host, msg.port, peer_host)
+            hit = len(await announce(msg.host, msg.port, peer_host))
             log.info(
                 "agent %s announced itself; %d pending retr%s run now",
                 net.Address(msg.host, msg.port), hit, "y" if hit == 1 else "ies",

@@ -33,3 +33,9 @@ class ServerConfig:
     max_concurrent: int = 8
     max_per_node: int = 2
     settings: ExecutionSettings = ExecutionSettings()
+    #: Backends by URL; empty: SQLite and a local directory in ``data_dir``.
+    catalog_url: str = ""
+    store_url: str = ""
+    s3_endpoint: str | None = None
+    #: Seconds a lease (and a heartbeat) stays valid without renewal.
+    lease_ttl: float = 30.0

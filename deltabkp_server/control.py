@@ -33,6 +33,8 @@ log = logging.getLogger("deltabkp_server")
 #: How long a ctl connection may stay silent between requests.
 CTL_IDLE_S = 600.0
 REGISTER_PING_S = 3.0
+#: How often ``backup-now --wait`` looks for the execution it asked for.
+WAIT_POLL_S = 0.2
 
 
 def _arg(args: dict[str, Any], name: str, kind: type, *, required: bool = True) -> Any:
@@ -122,7 +124,11 @@ class ControlAPI:
         now = self.clock()
         # The catalog is the one place that refuses a target registered twice (``exists``).
         target = await self.catalog.call(lambda c: c.register(node, path, every_s, now))
-        self.scheduler.add(target)
+        if _leased(target, now):
+            # Registered again while an execution of its previous life runs: that run's end
+            # rewrites the schedule, so queue the first backup of this one explicitly.
+            await self.scheduler.request_now(target.id)
+        self.scheduler.wake()
         log.info("registered %s every %d s", target.name, every_s)
         out: dict[str, Any] = {
             "node": node, "path": path, "every_seconds": every_s, "next_due": iso(target.next_due),
@@ -148,7 +154,6 @@ class ControlAPI:
     async def unregister(self, args: dict[str, Any]) -> dict[str, Any]:
         node, path = target_args(args)
         target = await self.catalog.call(lambda c: c.unregister(node, path))
-        self.scheduler.remove(target.id)
         log.info("unregistered %s", target.name)
         return {"node": node, "path": path}
 
@@ -161,7 +166,8 @@ class ControlAPI:
         rows = await self.catalog.call(lambda c: [
             (t, c.count_retained(t.id)) for t in c.targets()
         ])
-        return [t.to_wire(n, self.scheduler.is_running(t.id)) for t, n in rows]
+        now = self.clock()
+        return [t.to_wire(n, _leased(t, now)) for t, n in rows]
 
     async def log(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         limit = _arg(args, "limit", int, required=False)
@@ -176,22 +182,38 @@ class ControlAPI:
     async def backup_now(self, args: dict[str, Any]) -> dict[str, Any]:
         target = await self._target(args)
         wait = _arg(args, "wait", bool, required=False) or False
-        waiter = self.scheduler.request_now(target.id)
+        tid = target.id
+        after = await self.catalog.call(lambda c: c.last_execution_id())
+        await self.scheduler.request_now(tid)
         if not wait:
             return {"node": target.node, "path": target.path, "queued": True}
-        record = await waiter.wait()
-        return record.to_wire()
+        # Whichever server claims it, its execution row lands in the shared catalog.
+        while True:
+            done = [e for e in await self.catalog.call(lambda c: c.executions_since(tid, after))
+                    if e.outcome is not None]
+            if done:
+                return done[0].to_wire()
+            now_target = await self.catalog.call(lambda c: c.get_target(tid))
+            if not now_target.active and not _leased(now_target, self.clock()):
+                raise RequestRefused(ErrorCode.NOT_FOUND, "was unregistered before it ran")
+            await trio.sleep(WAIT_POLL_S)
 
     async def status(self, args: dict[str, Any]) -> dict[str, Any]:
+        now, ttl = self.clock(), self.scheduler.lease_ttl
         targets = await self.catalog.call(lambda c: c.targets())
+        servers = await self.catalog.call(lambda c: c.servers(now, ttl))
         return {
             "version": __version__,
-            "uptime_s": round(self.clock() - self.started, 3),
+            "server_id": self.scheduler.server_id,
+            "uptime_s": round(now - self.started),
             "listen": self.address,
             "targets": len(targets),
             "retrying": sum(1 for t in targets if t.state == "retrying"),
             "running": self.scheduler.running,
+            "servers": [s.to_wire() for s in servers],
             "data_dir": str(self.config.data_dir),
+            "catalog": self.config.catalog_url,
+            "store": self.config.store_url,
             "max_concurrent": self.config.max_concurrent,
             "max_per_node": self.config.max_per_node,
         }
@@ -226,3 +248,8 @@ class ControlAPI:
                 break
             await chan.send(protocol.DataChunk(block))
         await chan.send(protocol.DataEnd())
+
+
+def _leased(t: Target, now: float) -> bool:
+    """Some server holds a live lease on ``t``: it is running (or probing) right now."""
+    return t.lease_until is not None and t.lease_until > now

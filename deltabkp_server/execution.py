@@ -94,11 +94,14 @@ class Executor:
     settings: ExecutionSettings = ExecutionSettings()
     clock: Callable[[], float] = time.time
 
-    async def run(self, target: Target, trigger: str) -> Ran:
-        """One execution of ``target``: its finished log row, and whether a failure is worth
-        retrying before the next period.  Raises no ``DeltabkpError`` but a catalog failure."""
+    async def run(self, target: Target, trigger: str, *, due: float | None = None) -> Ran:
+        """One execution of ``target`` (``due``: when it was due, for the log's lag): its
+        finished log row, and whether a failure is worth retrying before the next period.
+        Raises no ``DeltabkpError`` but a catalog failure."""
         started = self.clock()
-        eid = await self.catalog.call(lambda c: c.start_execution(target.id, started, trigger))
+        eid = await self.catalog.call(
+            lambda c: c.start_execution(target.id, started, trigger, due=due)
+        )
         log.info("execution %d of %s started (%s)", eid, target.name, trigger)
         meter = _Meter()
         note: str | None = None

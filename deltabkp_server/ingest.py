@@ -122,13 +122,16 @@ class Ingest:
     async def _open(self) -> _Patch:
         if self._patch is None:
             tid = self.target.id
-            self.seq = await self.catalog.call(lambda c: c.next_seq(tid))
-            self._part = await self._thread(self.store.begin, tid, self.seq)
+            self.seq = seq = await self.catalog.call(lambda c: c.next_seq(tid))
+            # A crash between the store's commit and the catalog's can leave an archive at
+            # this seq; no row names it and we hold the target's lease: it is garbage.
+            await self._thread(self.store.delete, tid, seq)
+            self._part = await self._thread(self.store.begin, tid, seq)
             buf: Any = b""
             if self.base is not None:
-                buf = await self._base_io(
-                    self._stack.enter_context, self.store.base(tid, self.base.seq)
-                )
+                buf = await self._base_io(self._stack.enter_context, self.store.base(
+                    tid, self.base.seq, size=self.base.size, digest=self.base.hash
+                ))
             self._patch = _Patch(buf, self.base, self._part, self._max_size)
         return self._patch
 

@@ -17,6 +17,7 @@ from deltabkp.errors import ErrorCode, RequestRefused
 
 __all__ = [
     "Target",
+    "ServerRecord",
     "ArchiveRecord",
     "ExecutionRecord",
     "ExecutionResult",
@@ -24,10 +25,13 @@ __all__ = [
     "iso",
     "OUTCOMES",
     "STATES",
+    "QUEUED",
 ]
 
 OUTCOMES = ("stored", "unchanged", "failed", "skipped")
 STATES = ("ok", "retrying")
+#: What may wait in ``Target.queued``; "manual" outranks "announce" (never overwritten by it).
+QUEUED = ("manual", "announce")
 
 _EVERY = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _UNIT = {"": 60, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -65,7 +69,12 @@ def iso(t: float | None) -> str | None:
 
 @attrs.frozen
 class Target:
-    """One registered (node, path): the unit of scheduling."""
+    """One registered (node, path): the unit of scheduling.
+
+    ``queued`` is a trigger waiting to run at once ("manual" | "announce", else None);
+    ``lease_owner``/``lease_until`` name the server that holds the target and until when
+    (POSIX seconds); a lease is live while ``lease_until`` is not past.
+    """
 
     id: int
     node: str
@@ -77,6 +86,9 @@ class Target:
     last_error: str | None
     active: bool
     created: float
+    queued: str | None = None
+    lease_owner: str | None = None
+    lease_until: float | None = None
 
     @property
     def name(self) -> str:
@@ -166,6 +178,8 @@ class ExecutionRecord:
     skipped: tuple[tuple[str, ...], ...]
     error: str | None
     note: str | None
+    #: When the run was due (None for runs logged before schema v2): ``started - due`` is lag.
+    due: float | None = None
 
     @property
     def transferred(self) -> int:
@@ -177,6 +191,7 @@ class ExecutionRecord:
             "node": self.node,
             "path": self.path,
             "trigger": self.trigger,
+            "due": iso(self.due),
             "started": iso(self.started),
             "ended": iso(self.ended),
             "outcome": self.outcome,
@@ -191,6 +206,26 @@ class ExecutionRecord:
             "skipped": [list(s) for s in self.skipped],
             "error": self.error,
             "note": self.note,
+        }
+
+
+@attrs.frozen
+class ServerRecord:
+    """One server sharing the catalog, as its last heartbeat left it."""
+
+    id: str
+    address: str
+    started: float
+    heartbeat: float
+    running: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "address": self.address,
+            "started": iso(self.started),
+            "heartbeat": iso(self.heartbeat),
+            "running": self.running,
         }
 
 

@@ -1,25 +1,29 @@
-"""The scheduler: when each target's next execution runs, and how many run at once.
+"""The scheduler: which due targets this server runs, claimed from the shared catalog with leases.
 
-Job: run every active target every ``every_s`` seconds; after a failure put it in
-*retrying*: probe its node with ``Ping`` under capped exponential backoff plus jitter (never
-longer than the target's own period) and run the backup as soon as the node answers; an
-``Announce`` from the node, or ``backup-now``, runs it at once.
+Job: run every active target every ``every_s`` seconds, on whichever server claims it first.
+After a failure the target is *retrying*: the server that claims it probes the node with
+``Ping`` under capped exponential backoff plus jitter (never longer than the target's own
+period) and runs the backup as soon as the node answers; ``backup-now`` and an agent's
+``announce`` (to any server) queue a run in the catalog, which the next claim picks first.
 Invariants:
-- at most one execution per target at a time; at most ``max_concurrent`` overall and
-  ``max_per_node`` per node (``trio.CapacityLimiter``s, always taken global-then-node so
-  they cannot deadlock);
-- the loop sleeps until the earliest due time or until ``wake()`` (register, unregister,
-  backup-now, announce, an execution ending) — no polling;
-- schedule state (state, next due, last outcome/error) is written to the catalog after each
-  execution or probe, so a restart resumes where it stopped;
-- every task lives in the scheduler's nursery (structured concurrency): cancelling the
-  scheduler cancels probes and executions, which log themselves as failed.
+- the catalog is the queue: a target runs only under a lease this server holds
+  (``Catalog.claim_due``; ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, one writer on SQLite), so
+  no target ever runs on two servers at once; leases are renewed while the execution runs, and
+  an execution whose lease could not be renewed before it expired is cancelled rather than
+  overlap with the server that may take it over; a server killed with -9 loses its leases
+  within ``lease_ttl``;
+- at most ``max_concurrent`` executions here (claims never exceed the free slots) and
+  ``max_per_node`` per node (limiters taken global-then-node, so they cannot deadlock);
+- schedule state (state, next due, last outcome/error) is written back with the release of
+  the lease, so any server resumes where another stopped;
+- the loop sleeps until ``poll`` seconds pass or ``wake()`` (register, backup-now, announce,
+  an execution ending); every task lives in the scheduler's nursery, so cancelling it cancels
+  probes and executions, which log themselves as failed.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
@@ -27,20 +31,24 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from deltabkp.errors import DeltabkpError, ErrorCode, RequestRefused
+from deltabkp.errors import DeltabkpError
 from deltabkp.net import Address
 from deltabkp_server.agents import ping
 from deltabkp_server.catalog import AsyncCatalog
 from deltabkp_server.execution import Executor
 from deltabkp_server.model import ExecutionRecord, Target
 
-__all__ = ["Scheduler", "Waiter", "backoff_delay"]
+__all__ = ["Scheduler", "backoff_delay", "next_schedule", "LEASE_TTL_S"]
 
 log = logging.getLogger("deltabkp_server")
 
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 60.0
 PROBE_TIMEOUT_S = 5.0
+#: A lease not renewed for this long is free for another server (kill -9 → takeover).
+LEASE_TTL_S = 30.0
+#: How often an idle scheduler looks at the catalog for due work (other servers' registers).
+POLL_S = 1.0
 
 
 def backoff_delay(attempt: int, every_s: float, rng: random.Random) -> float:
@@ -51,38 +59,42 @@ def backoff_delay(attempt: int, every_s: float, rng: random.Random) -> float:
     return float(raw * (0.5 + 0.5 * rng.random()))
 
 
-class Waiter:
-    """Filled with the record of the first execution of a target that starts after it."""
+@attrs.frozen
+class Schedule:
+    """What a target's row says after an execution or a probe."""
 
-    def __init__(self) -> None:
-        self._event = trio.Event()
-        self.record: ExecutionRecord | None = None
-        self.error: DeltabkpError | None = None
+    state: str
+    next_due: float
+    last_outcome: str | None
+    last_error: str | None
 
-    def set(self, record: ExecutionRecord | None, error: DeltabkpError | None = None) -> None:
-        self.record, self.error = record, error
-        self._event.set()
 
-    async def wait(self) -> ExecutionRecord:
-        await self._event.wait()
-        if self.error is not None:
-            raise self.error
-        assert self.record is not None
-        return self.record
+def next_schedule(
+    target: Target, record: ExecutionRecord, retry: bool, attempt: int, now: float,
+    rng: random.Random,
+) -> Schedule:
+    """The schedule after ``record`` (``attempt``: failures in a row, for the backoff)."""
+    every = target.every_s
+    if record.outcome in ("stored", "unchanged") or not retry:
+        due = target.next_due
+        if target.state == "retrying" or record.trigger == "schedule":
+            # Keep the cadence; if we fell behind, start a fresh period from now.
+            due = due + every if due + every > now else now + every
+        # A manual or announced run leaves the cadence alone.
+        error = record.error if record.outcome == "failed" else None
+        return Schedule("ok", due, record.outcome, error)
+    return Schedule(
+        "retrying", now + backoff_delay(attempt, every, rng), record.outcome, record.error
+    )
 
 
 @attrs.define
-class _Slot:
-    """In-memory schedule of one target (mirrored to the catalog)."""
+class _Held:
+    """A target this server holds a lease on."""
 
     target: Target
-    next_due: float
-    state: str = "ok"
-    attempt: int = 0
-    running: bool = False
-    probing: bool = False
-    queued: str | None = None  # trigger of a run requested for now ("manual", "announce", "retry")
-    waiters: list[Waiter] = attrs.Factory(list)
+    until: float
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
 
 
 class Scheduler:
@@ -92,118 +104,105 @@ class Scheduler:
         executor: Executor,
         catalog: AsyncCatalog,
         key: bytes,
+        server_id: str,
         max_concurrent: int = 8,
         max_per_node: int = 2,
+        lease_ttl: float = LEASE_TTL_S,
+        poll: float = POLL_S,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
         self.executor = executor
         self.catalog = catalog
         self.key = key
+        self.server_id = server_id
+        self.max_concurrent = max_concurrent
+        self.lease_ttl = lease_ttl
+        self.poll = poll
         self.clock = clock
         self.rng = rng or random.Random()
         self.global_limiter = trio.CapacityLimiter(max_concurrent)
         self.max_per_node = max_per_node
         self._node_limiters: dict[str, trio.CapacityLimiter] = {}
-        self._slots: dict[int, _Slot] = {}
-        # Targets with an execution in flight, also across unregister + register again (the
-        # new slot must not start a second execution of the same target meanwhile).
-        self._busy: set[int] = set()
+        self._held: dict[int, _Held] = {}
+        #: Failed attempts in a row per target (for the backoff), as seen by this server.
+        self._attempts: dict[int, int] = {}
         self._wake = trio.Event()
-        self._nursery: trio.Nursery | None = None
 
     # -- API for the control plane -----------------------------------------------------------
 
-    def add(self, target: Target) -> None:
-        """Schedule a (newly registered or loaded) target from its catalog state."""
-        slot = _Slot(target=target, next_due=target.next_due, state=target.state)
-        if target.state == "retrying":
-            slot.attempt = 1
-        self._slots[target.id] = slot
+    def wake(self) -> None:
+        self._wake.set()
+
+    def is_running(self, target_id: int) -> bool:
+        return target_id in self._held
+
+    @property
+    def running(self) -> int:
+        return len(self._held)
+
+    async def request_now(self, target_id: int, trigger: str = "manual") -> None:
+        await self.catalog.call(lambda c: c.request_now(target_id, trigger))
         self.wake()
 
-    def remove(self, target_id: int) -> None:
-        """Stop scheduling (a running execution finishes, nothing new starts)."""
-        slot = self._slots.pop(target_id, None)
-        if slot is not None:
-            for w in slot.waiters:
-                w.set(None, RequestRefused(
-                    ErrorCode.NOT_FOUND, "was unregistered before it ran",
-                    node=slot.target.node, path=slot.target.path,
-                ))
-            slot.waiters.clear()
-        self.wake()
-
-    def request_now(self, target_id: int) -> Waiter:
-        slot = self._slots.get(target_id)
-        if slot is None:
-            raise RequestRefused(ErrorCode.NOT_FOUND, f"target {target_id} is not scheduled")
-        waiter = Waiter()
-        slot.waiters.append(waiter)
-        slot.queued = "manual"
-        self.wake()
-        return waiter
-
-    def announce(self, host: str, port: int, peer_host: str) -> list[Target]:
-        """An agent came up: run the pending retries of its node now; returns those targets."""
+    async def announce(self, host: str, port: int, peer_host: str) -> list[Target]:
+        """An agent came up: its node's pending retries run now, on whichever server."""
         # A wildcard listener is reached at the address the announcement came from.
         if host in ("", "0.0.0.0", "::"):
             host = peer_host
         names = {str(Address(host.lower(), port))}
-        hit = []
-        for slot in self._slots.values():
-            if slot.target.node in names and slot.state == "retrying":
-                slot.queued = slot.queued or "announce"
-                hit.append(slot.target)
+        hit = await self.catalog.call(lambda c: c.announce(names))
         if hit:
             self.wake()
         return hit
-
-    def is_running(self, target_id: int) -> bool:
-        return target_id in self._busy
-
-    @property
-    def running(self) -> int:
-        return len(self._busy)
-
-    def wake(self) -> None:
-        self._wake.set()
 
     # -- the loop ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+            nursery.start_soon(self._keep_leases)
             task_status.started()
             while True:
-                # A fresh event before scanning: a wake() during the scan is not lost.
+                # A fresh event before looking: a wake() meanwhile is not lost.
                 self._wake = trio.Event()
-                wake_at = self._launch_due(nursery)
-                delay = wake_at - self.clock()
-                if delay > 0:
-                    with trio.move_on_after(delay if math.isfinite(delay) else math.inf):
-                        await self._wake.wait()
+                try:
+                    await self._claim(nursery)
+                except DeltabkpError as exc:  # the catalog is down: keep trying, stay alive
+                    log.error("scheduler: cannot claim due targets: %s", exc)
+                with trio.move_on_after(self.poll):
+                    await self._wake.wait()
 
-    def _launch_due(self, nursery: trio.Nursery) -> float:
+    async def _claim(self, nursery: trio.Nursery) -> None:
+        free = self.max_concurrent - len(self._held)
+        if free <= 0:
+            return
         now = self.clock()
-        wake_at = math.inf
-        for slot in list(self._slots.values()):
-            if slot.running or slot.probing or slot.target.id in self._busy:
-                continue
-            if slot.queued is not None:
-                trigger, slot.queued = slot.queued, None
-                slot.running = True
-                nursery.start_soon(self._execute, slot, trigger)
-            elif slot.next_due <= now:
-                if slot.state == "retrying":
-                    slot.probing = True
-                    nursery.start_soon(self._probe, slot)
-                else:
-                    slot.running = True
-                    nursery.start_soon(self._execute, slot, "schedule")
+        sid, until = self.server_id, now + self.lease_ttl
+        claimed = await self.catalog.call(lambda c: c.claim_due(sid, now, until, free))
+        for target, trigger in claimed:
+            held = self._held[target.id] = _Held(target, until)
+            nursery.start_soon(self._run_claimed, held, trigger)
+
+    async def _keep_leases(self) -> None:
+        """Renew our leases well before they expire; cancel what we could not keep."""
+        while True:
+            await trio.sleep(self.lease_ttl / 3)
+            now = self.clock()
+            ids, sid, until = list(self._held), self.server_id, now + self.lease_ttl
+            try:
+                kept = await self.catalog.call(lambda c: c.renew(sid, ids, until))
+            except DeltabkpError as exc:
+                log.error("scheduler: cannot renew leases: %s", exc)
+                kept = set()
             else:
-                wake_at = min(wake_at, slot.next_due)
-        return wake_at
+                for tid in kept:
+                    if tid in self._held:
+                        self._held[tid].until = until
+            for tid, held in list(self._held.items()):
+                # Past its lease another server may start the same target: stop first.
+                if tid not in kept and held.until - self.lease_ttl / 3 <= self.clock():
+                    log.error("%s: lease lost; stopping this server's execution", held.target.name)
+                    held.scope.cancel()
 
     def _limiter(self, node: str) -> trio.CapacityLimiter:
         lim = self._node_limiters.get(node)
@@ -211,73 +210,47 @@ class Scheduler:
             lim = self._node_limiters[node] = trio.CapacityLimiter(self.max_per_node)
         return lim
 
-    async def _execute(self, slot: _Slot, trigger: str) -> None:
-        waiters, slot.waiters = slot.waiters, []
-        target = slot.target
-        self._busy.add(target.id)
+    async def _run_claimed(self, held: _Held, trigger: str) -> None:
+        target = held.target
         try:
-            async with self.global_limiter, self._limiter(target.node):
-                ran = await self.executor.run(target, trigger)
-            record = ran.record
-            await self._after(slot, record, ran.retry)
-            for w in waiters:
-                w.set(record)
+            with held.scope:
+                if trigger == "retry" and not await self._probe(target):
+                    return
+                async with self.global_limiter, self._limiter(target.node):
+                    ran = await self.executor.run(target, trigger, due=target.next_due)
+                failed = ran.record.outcome == "failed"
+                attempt = self._attempts.pop(target.id, 0) + 1 if failed else 0
+                sched = next_schedule(target, ran.record, ran.retry, max(attempt, 1),
+                                      self.clock(), self.rng)
+                if sched.state == "retrying":
+                    self._attempts[target.id] = attempt
+                if sched.state == "retrying":
+                    log.info("%s: retrying; next probe in %.1f s", target.name,
+                             sched.next_due - self.clock())
+                await self._release(target, sched)
         except DeltabkpError as exc:
-            # The catalog itself failed: report to waiters, keep the daemon alive, retry later.
-            log.error("%s %s: execution could not be recorded: %s", target.node, target.path, exc)
-            for w in waiters:
-                w.set(None, exc)
-            slot.state = "retrying"
-            slot.attempt += 1
-            slot.next_due = self.clock() + backoff_delay(slot.attempt, target.every_s, self.rng)
+            # The catalog itself failed: the lease runs out and the target is claimed again.
+            log.error("%s: execution could not be recorded: %s", target.name, exc)
         finally:
-            slot.running = False
-            self._busy.discard(target.id)
+            self._held.pop(target.id, None)
             self.wake()
 
-    async def _after(self, slot: _Slot, record: ExecutionRecord, retry: bool) -> None:
-        now = self.clock()
-        every = slot.target.every_s
-        error = record.error
-        if record.outcome in ("stored", "unchanged") or not retry:
-            if slot.state == "retrying" or record.trigger == "schedule":
-                # Keep the cadence; if we fell behind, start a fresh period from now.
-                nxt = slot.next_due + every
-                slot.next_due = nxt if nxt > now else now + every
-            slot.state, slot.attempt = "ok", 0
-            if record.outcome != "failed":
-                error = None
-        else:
-            slot.state = "retrying"
-            slot.attempt += 1
-            slot.next_due = now + backoff_delay(slot.attempt, every, self.rng)
-            log.info(
-                "%s %s: retrying; next probe in %.1f s",
-                slot.target.node, slot.target.path, slot.next_due - now,
-            )
-        if slot.target.id not in self._slots:
-            return  # unregistered meanwhile: the catalog row is inactive, leave it be
-        tid, state, due, outcome = slot.target.id, slot.state, slot.next_due, record.outcome
-        await self.catalog.call(lambda c: c.set_schedule(
-            tid, state=state, next_due=due, last_outcome=outcome, last_error=error
+    async def _probe(self, target: Target) -> bool:
+        """A retrying target: run it now if its node answers, else back off again."""
+        pinged = await ping(target.node, self.key, timeout=PROBE_TIMEOUT_S)
+        if pinged.answered:
+            log.info("%s answers again: retrying %s now", target.node, target.path)
+            return True
+        attempt = self._attempts[target.id] = self._attempts.get(target.id, 1) + 1
+        due = self.clock() + backoff_delay(attempt, target.every_s, self.rng)
+        await self._release(target, Schedule("retrying", due, target.last_outcome,
+                                             target.last_error))
+        return False
+
+    async def _release(self, target: Target, s: Schedule) -> None:
+        sid, tid = self.server_id, target.id
+        await self.catalog.call(lambda c: c.release(
+            sid, tid, state=s.state, next_due=s.next_due, last_outcome=s.last_outcome,
+            last_error=s.last_error,
         ))
 
-    async def _probe(self, slot: _Slot) -> None:
-        target = slot.target
-        try:
-            pinged = await ping(target.node, self.key, timeout=PROBE_TIMEOUT_S)
-            if pinged.answered:
-                # The node is back: back it up at once instead of waiting for the period.
-                log.info("%s answers again: retrying %s now", target.node, target.path)
-                slot.queued = slot.queued or "retry"
-            else:
-                slot.attempt += 1
-                slot.next_due = self.clock() + backoff_delay(slot.attempt, target.every_s, self.rng)
-                if target.id in self._slots:
-                    tid, due = target.id, slot.next_due
-                    await self.catalog.call(
-                        lambda c: c.set_schedule(tid, state="retrying", next_due=due)
-                    )
-        finally:
-            slot.probing = False
-            self.wake()

@@ -14,7 +14,11 @@ Invariants:
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,14 +26,14 @@ from pathlib import Path
 import trio
 
 from deltabkp import net
-from deltabkp.errors import DeltabkpError, StoreError
+from deltabkp.errors import CatalogError, DeltabkpError, StoreError
 from deltabkp_server.agents import SERVER_INFO, serve_announcements
-from deltabkp_server.catalog import AsyncCatalog, Catalog, SqliteCatalog
+from deltabkp_server.catalog import AsyncCatalog, Catalog, SqliteCatalog, open_catalog
 from deltabkp_server.config import ExecutionSettings, ServerConfig
 from deltabkp_server.control import ControlAPI
 from deltabkp_server.execution import Executor
-from deltabkp_server.scheduler import Scheduler
-from deltabkp_server.store import LocalStore
+from deltabkp_server.scheduler import LEASE_TTL_S, Scheduler
+from deltabkp_server.store import Store, open_store
 
 __all__ = ["Server", "configure_logging"]
 
@@ -49,50 +53,87 @@ class Server:
         max_concurrent: int = 8,
         max_per_node: int = 2,
         settings: ExecutionSettings = ExecutionSettings(),
+        catalog_url: str = "",
+        store_url: str = "",
+        s3_endpoint: str | None = None,
+        lease_ttl: float = LEASE_TTL_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = ServerConfig(
             data_dir=Path(data_dir), key=key, host=host, port=port,
             max_concurrent=max_concurrent, max_per_node=max_per_node, settings=settings,
+            catalog_url=catalog_url, store_url=store_url, s3_endpoint=s3_endpoint,
+            lease_ttl=lease_ttl,
         )
         self.clock = clock
         self.started = clock()
+        #: Unique among the servers sharing a catalog (host name and process, plus a nonce).
+        self.server_id = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(2)}"
         self.address = ""
         self.files_limiter = trio.CapacityLimiter(max(2, max_concurrent))
         self.catalog: AsyncCatalog
-        self.store: LocalStore
+        self.store: Store
         self.scheduler: Scheduler
         self.control: ControlAPI
+        self._lock: DataDirLock | None = None
 
     @property
     def data_dir(self) -> Path:
         return self.config.data_dir
 
     async def _open(self) -> None:
-        def open_all() -> tuple[SqliteCatalog, LocalStore]:
+        cfg = self.config
+
+        def open_all() -> tuple[Catalog, Store]:
+            if not (cfg.catalog_url and cfg.store_url):
+                try:
+                    self.data_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StoreError(
+                        f"cannot create data dir {self.data_dir}: {exc.strerror}"
+                    ) from None
+            cat = open_catalog(cfg.catalog_url, default_dir=self.data_dir)
             try:
-                self.data_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(f"cannot create data dir {self.data_dir}: {exc.strerror}") from None
-            return SqliteCatalog(self.data_dir / "catalog.sqlite3"), LocalStore(self.data_dir)
+                if isinstance(cat, SqliteCatalog):
+                    # One server per SQLite catalog: the kernel drops the lock with the process.
+                    self._lock = DataDirLock.take(cat.path.with_name(cat.path.name + ".lock"))
+                store = open_store(
+                    cfg.store_url, default_dir=self.data_dir, s3_endpoint=cfg.s3_endpoint
+                )
+            except BaseException:
+                cat.close()
+                raise
+            return cat, store
 
         cat, self.store = await trio.to_thread.run_sync(open_all)
         self.catalog = AsyncCatalog(cat)
         await self.reconcile()
-        cfg = self.config
         executor = Executor(
             key=cfg.key, catalog=self.catalog, store=self.store,
             files_limiter=self.files_limiter, settings=cfg.settings, clock=self.clock,
         )
         self.scheduler = Scheduler(
-            executor=executor, catalog=self.catalog, key=cfg.key,
-            max_concurrent=cfg.max_concurrent, max_per_node=cfg.max_per_node, clock=self.clock,
+            executor=executor, catalog=self.catalog, key=cfg.key, server_id=self.server_id,
+            max_concurrent=cfg.max_concurrent, max_per_node=cfg.max_per_node,
+            lease_ttl=cfg.lease_ttl, clock=self.clock,
         )
-        for t in await self.catalog.call(lambda c: c.targets()):
-            self.scheduler.add(t)
 
     async def reconcile(self) -> None:
-        now = self.clock()
+        """Close what a crash left open and clean the store — unless other servers are alive
+        on this catalog: then their executions are open and their parts in flight, and each
+        claim closes the dead rows of its own target instead."""
+        now, ttl = self.clock(), self.config.lease_ttl
+        others = [s for s in await self.catalog.call(lambda c: c.servers(now, ttl))
+                  if s.id != self.server_id]
+        if isinstance(self.catalog.sync, SqliteCatalog):
+            # One server per SQLite catalog (we hold its lock): any other row is a dead one,
+            # whose leases would only keep its targets waiting for the TTL.
+            dead = [o.id for o in others]
+            await self.catalog.call(lambda c: [c.drop_leases(sid) for sid in dead])
+        elif others:
+            log.info("start-up: %d other server(s) alive on this catalog; store left as is",
+                     len(others))
+            return
         n = await self.catalog.call(
             lambda c: c.fail_unfinished(now, "the server stopped during this execution (crash or kill)")
         )
@@ -109,28 +150,48 @@ class Server:
         for p in report.removed_orphans:
             log.warning("start-up: removed %s (no committed catalog row)", p)
         for tid, seq in report.missing:
-            log.error("start-up: archive %d of target %d is in the catalog but not on disk; marked missing", seq, tid)
+            log.error("start-up: archive %d of target %d is in the catalog but not in the "
+                      "store; marked missing", seq, tid)
         if n:
             log.warning("start-up: %d execution(s) left open by a previous run marked failed", n)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        await self._open()
         cfg = self.config
-        listeners, bound = await net.listen(net.Address(cfg.host, cfg.port))
-        self.address = str(bound)
-        self.control = ControlAPI(
-            config=cfg, catalog=self.catalog, scheduler=self.scheduler, store=self.store,
-            files_limiter=self.files_limiter, address=self.address, started=self.started,
-            clock=self.clock,
-        )
         try:
+            await self._open()
+            listeners, bound = await net.listen(net.Address(cfg.host, cfg.port))
+            self.address = str(bound)
+            self.control = ControlAPI(
+                config=cfg, catalog=self.catalog, scheduler=self.scheduler, store=self.store,
+                files_limiter=self.files_limiter, address=self.address, started=self.started,
+                clock=self.clock,
+            )
             async with trio.open_nursery() as nursery:
+                await nursery.start(self._heartbeat)
                 await nursery.start(self.scheduler.run)
                 await nursery.start(trio.serve_listeners, self._handle, listeners)
+                log.info("server %s on catalog %s, store %s", self.server_id,
+                         cfg.catalog_url or "sqlite (data dir)", cfg.store_url or "data dir")
                 task_status.started(self.address)
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.catalog.sync.close)
+                if hasattr(self, "catalog"):
+                    await trio.to_thread.run_sync(self.catalog.sync.close)
+                if self._lock is not None:
+                    self._lock.release()
+
+    async def _heartbeat(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Tell the catalog this server is alive (``ctl status`` lists the live ones)."""
+        sid = self.server_id
+        while True:
+            now, addr, running = self.clock(), self.address, self.scheduler.running
+            try:
+                await self.catalog.call(lambda c: c.heartbeat(sid, addr, now, running))
+            except DeltabkpError as exc:
+                log.error("heartbeat: %s", exc)
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
+            await trio.sleep(self.config.lease_ttl / 3)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
@@ -146,13 +207,37 @@ class Server:
                 if chan.peer_role == "ctl":
                     await self.control.serve(chan)
                 else:
-                    await serve_announcements(
-                        chan, lambda h, p, ph: len(self.scheduler.announce(h, p, ph))
-                    )
+                    await serve_announcements(chan, self.scheduler.announce)
         except DeltabkpError as exc:
             log.warning("connection ended: %s", exc)
         except Exception:  # a bug: log it, never let one connection take the daemon down
             log.exception("internal error while serving a connection")
+
+
+class DataDirLock:
+    """An exclusive OS lock on a file, held for the process's life (one server per SQLite)."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd, self.path = fd, path
+
+    @classmethod
+    def take(cls, path: Path) -> DataDirLock:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise CatalogError(f"cannot open lock file {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise CatalogError(
+                f"another deltabkp-server already uses the SQLite catalog next to {path} "
+                "(one server per data dir; for several servers use --catalog postgresql://…)"
+            ) from None
+        return cls(fd, path)
+
+    def release(self) -> None:
+        os.close(self._fd)  # closing drops the lock
 
 
 def configure_logging(level: int = logging.INFO) -> None:

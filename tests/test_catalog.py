@@ -1,8 +1,9 @@
-"""Contract suite for ``Catalog`` backends (parametrised over every backend; SQLite today).
+"""Contract suite for ``Catalog`` backends, run on every engine for real: SQLite and PostgreSQL.
 
-A new backend (PostgreSQL) joins by adding a factory to ``BACKENDS``; every test here must
-pass unchanged.  Plus SQLite-specific checks: WAL, schema version, durability across a
-reopen, and a crash of a writer process (kill -9) in the middle of transactions.
+Every contract test runs once per engine (the ``cat``/``backend`` fixtures); PostgreSQL is a
+throwaway server for the session (``tests/conftest.py``) with a fresh database per test.  Then
+the lease API under contention, engine specifics (SQLite: WAL, migration from v1, kill -9 of a
+writer; PostgreSQL: outage and recovery, lock timeouts, concurrent migration) and URLs.
 """
 
 from __future__ import annotations
@@ -13,28 +14,81 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import attrs
+import psycopg
 import pytest
 import trio
 
 from deltabkp.errors import CatalogError, RequestRefused
-from deltabkp_server.catalog import AsyncCatalog, Catalog, SqliteCatalog
-from deltabkp_server.model import ExecutionResult, parse_every
+from deltabkp.testing import PostgresServer
+from deltabkp_server.catalog import (
+    SCHEMA_VERSION,
+    AsyncCatalog,
+    Catalog,
+    PostgresCatalog,
+    SqliteCatalog,
+    open_catalog,
+    redact,
+)
+from deltabkp_server.catalog._schema import steps_after
+from deltabkp_server.model import ExecutionResult, iso, parse_every
 
-BACKENDS: dict[str, Callable[[Path], Catalog]] = {
-    "sqlite": lambda d: SqliteCatalog(d / "catalog.sqlite3"),
-}
-
+ENGINES = ("sqlite", "postgresql")
 NODE, PATH = "127.0.0.1:7471", "/srv/app"
 
 
-@pytest.fixture(params=sorted(BACKENDS))
-def cat(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Catalog]:
-    c = BACKENDS[request.param](tmp_path)
-    yield c
-    c.close()
+@attrs.define
+class Backend:
+    """One engine's database for one test: open as many catalogs on it as the test needs."""
+
+    name: str
+    open_one: Callable[[], Catalog]
+    sql: Callable[[str], None]
+    opened: list[Catalog] = attrs.field(factory=list)
+
+    def open(self) -> Catalog:
+        c = self.open_one()
+        self.opened.append(c)
+        return c
+
+
+def _sqlite_sql(path: Path) -> Callable[[str], None]:
+    def run(stmt: str) -> None:
+        db = sqlite3.connect(path)
+        db.execute(stmt)
+        db.commit()
+        db.close()
+    return run
+
+
+def _postgres_sql(url: str) -> Callable[[str], None]:
+    def run(stmt: str) -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(stmt.encode())
+    return run
+
+
+@pytest.fixture(params=ENGINES)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        path = tmp_path / "catalog.sqlite3"
+        b = Backend("sqlite", lambda: SqliteCatalog(path), _sqlite_sql(path))
+    else:
+        url: str = request.getfixturevalue("postgres_url")
+        b = Backend("postgresql", lambda: PostgresCatalog(url), _postgres_sql(url))
+    yield b
+    for c in b.opened:
+        c.close()
+
+
+@pytest.fixture
+def cat(backend: Backend) -> Catalog:
+    return backend.open()
 
 
 def _stored(seq: int, *, t: float = 100.0, size: int = 1000, sent: int = 10, received: int = 90) -> ExecutionResult:
@@ -191,6 +245,249 @@ async def test_async_wrapper_runs_in_threads(cat: Catalog) -> None:
     assert (await acat.call(lambda c: c.get_target(t.id))).node == NODE
 
 
+def test_async_wrapper_takes_its_thread_count_from_the_backend(cat: Catalog) -> None:
+    assert AsyncCatalog(cat).limiter.total_tokens == cat.max_threads >= 1
+
+
+def test_unknown_schema_version_is_refused_untouched(backend: Backend) -> None:
+    backend.open().close()
+    backend.sql("UPDATE meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(CatalogError, match="schema version 99"):
+        backend.open()
+
+
+# -- leases, the queue, servers --------------------------------------------------------------
+
+
+def _due(cat: Catalog, n: int, now: float = 0.0, node: str = "10.0.0.1:1") -> list[int]:
+    return [cat.register(node, f"/p{i:04d}", 60, now + i).id for i in range(n)]
+
+
+def test_claim_takes_due_targets_once_in_order_with_their_trigger(cat: Catalog) -> None:
+    t1, t2, t3, t4, t5 = _due(cat, 5, now=10.0)  # due at 10, 11, 12, 13, 14
+    cat.set_schedule(t2, state="retrying", next_due=11.0)
+    cat.set_schedule(t5, state="ok", next_due=1000.0)  # not due
+    cat.request_now(t4, "announce")
+    cat.request_now(t5, "manual")
+    got = cat.claim_due("s1", 100.0, 130.0, 3)
+    # Queued first (by next_due: t4 at 13, t5 at 1000), then the due ones by next_due.
+    assert [(t.id, trig) for t, trig in got] == [(t4, "announce"), (t5, "manual"), (t1, "schedule")]
+    assert all((t.lease_owner, t.lease_until, t.queued) == ("s1", 130.0, None) for t, _ in got)
+    assert [(t.id, trig) for t, trig in cat.claim_due("s2", 100.0, 130.0, 10)] == [
+        (t2, "retry"), (t3, "schedule"),
+    ]
+    assert cat.claim_due("s3", 100.0, 130.0, 10) == []
+    stored = cat.get_target(t4)
+    assert (stored.lease_owner, stored.lease_until, stored.queued) == ("s1", 130.0, None)
+    assert cat.claim_due("s1", 100.0, 130.0, 0) == []
+
+
+def test_claim_skips_inactive_and_not_yet_due(cat: Catalog) -> None:
+    t = cat.register(NODE, PATH, 60, 50.0)
+    assert cat.claim_due("s1", 49.9, 80.0, 5) == []
+    cat.unregister(NODE, PATH)
+    assert cat.claim_due("s1", 60.0, 90.0, 5) == []
+    cat.request_now(t.id, "manual")  # queued, but inactive: never claimed
+    assert cat.claim_due("s1", 60.0, 90.0, 5) == []
+
+
+def test_an_expired_lease_is_claimable_by_another_server(cat: Catalog) -> None:
+    t = cat.register(NODE, PATH, 60, 0.0)
+    [(mine, trigger)] = cat.claim_due("a", 10.0, 40.0, 5)
+    eid = cat.start_execution(t.id, 10.0, trigger, due=mine.next_due)
+    assert cat.claim_due("b", 39.0, 69.0, 5) == []  # a's lease is live
+    assert cat.claim_due("b", 40.0, 70.0, 5) == []  # ... up to and including its end
+    [(theirs, trigger)] = cat.claim_due("b", 41.0, 71.0, 5)
+    assert (theirs.lease_owner, theirs.lease_until, trigger) == ("b", 71.0, "schedule")
+    # Nobody runs a's execution any more: the claim closed it.
+    rec = cat.execution(eid)
+    assert (rec.outcome, rec.ended) == ("failed", 41.0) and rec.error and "lease" in rec.error
+    # a finds out: it can neither renew nor release what b holds now.
+    assert cat.renew("a", [t.id], 100.0) == set()
+    assert cat.release("a", t.id, state="ok", next_due=999.0, last_outcome="stored") is False
+    now = cat.get_target(t.id)
+    assert (now.lease_owner, now.lease_until, now.next_due, now.last_outcome) == ("b", 71.0, 0.0, None)
+
+
+def test_renew_and_release_only_for_the_holder(cat: Catalog) -> None:
+    a, b, free = _due(cat, 3)
+    cat.claim_due("s1", 100.0, 130.0, 1)  # a
+    cat.claim_due("s2", 100.0, 130.0, 1)  # b
+    assert cat.renew("s1", [a, b, free, 424242], 160.0) == {a}
+    assert cat.renew("s1", [], 160.0) == set()
+    assert (cat.get_target(a).lease_until, cat.get_target(b).lease_until) == (160.0, 130.0)
+    assert cat.release("s2", a, state="ok", next_due=500.0) is False
+    assert cat.release("s1", a, state="retrying", next_due=105.0, last_outcome="failed",
+                       last_error="boom") is True
+    got = cat.get_target(a)
+    assert (got.state, got.next_due, got.last_outcome, got.last_error) == ("retrying", 105.0, "failed", "boom")
+    assert (got.lease_owner, got.lease_until) == (None, None)
+    assert cat.release("s1", a, state="ok", next_due=1.0) is False  # released once
+    assert cat.release("s2", b, state="ok", next_due=200.0) is True
+    assert cat.get_target(b).last_outcome is None  # untouched when not given
+    assert [t.id for t, _ in cat.claim_due("s3", 106.0, 136.0, 5)] == [free, a]
+
+
+def test_release_keeps_a_target_unregistered_during_its_run_inactive(cat: Catalog) -> None:
+    t = cat.register(NODE, PATH, 60, 0.0)
+    cat.claim_due("s1", 1.0, 31.0, 1)
+    cat.unregister(NODE, PATH)
+    assert cat.release("s1", t.id, state="ok", next_due=61.0, last_outcome="stored")
+    got = cat.get_target(t.id)
+    assert not got.active and got.lease_owner is None and got.last_outcome == "stored"
+    assert cat.find_target(NODE, PATH) is None
+
+
+def test_drop_leases_hands_targets_over_at_once(cat: Catalog) -> None:
+    ids = _due(cat, 3)
+    cat.claim_due("s1", 100.0, 130.0, 2)
+    cat.claim_due("s2", 100.0, 130.0, 1)
+    assert cat.drop_leases("s1") == 2
+    assert sorted(t.id for t, _ in cat.claim_due("s3", 101.0, 131.0, 5)) == ids[:2]
+
+
+def test_request_now_queues_and_manual_outranks_announce(cat: Catalog) -> None:
+    a, b = _due(cat, 2, now=500.0)
+    cat.request_now(a, "manual")
+    cat.request_now(a, "announce")
+    assert cat.get_target(a).queued == "manual"
+    cat.request_now(b, "announce")
+    cat.request_now(b, "manual")
+    assert cat.get_target(b).queued == "manual"
+    with pytest.raises(CatalogError):
+        cat.request_now(424242, "manual")
+    with pytest.raises(ValueError):
+        cat.request_now(a, "schedule")
+    assert {(t.id, trig) for t, trig in cat.claim_due("s1", 1.0, 31.0, 5)} == {(a, "manual"), (b, "manual")}
+
+
+def test_a_request_during_a_run_waits_for_its_release(cat: Catalog) -> None:
+    t = cat.register(NODE, PATH, 60, 0.0)
+    cat.claim_due("s1", 1.0, 31.0, 1)
+    cat.request_now(t.id, "manual")
+    assert cat.claim_due("s2", 2.0, 32.0, 5) == []  # still leased by s1
+    assert cat.release("s1", t.id, state="ok", next_due=61.0)
+    assert cat.get_target(t.id).queued == "manual"  # the release did not eat the request
+    [(got, trigger)] = cat.claim_due("s2", 3.0, 33.0, 5)
+    assert (got.id, trigger, got.lease_owner) == (t.id, "manual", "s2")
+
+
+def test_announce_queues_the_retrying_targets_of_those_nodes(cat: Catalog) -> None:
+    r1 = cat.register("n1:1", "/a", 60, 0.0).id
+    ok = cat.register("n1:1", "/b", 60, 0.0).id
+    other = cat.register("n2:1", "/a", 60, 0.0).id
+    gone = cat.register("n1:1", "/c", 60, 0.0).id
+    r2 = cat.register("n3:1", "/a", 60, 0.0).id
+    for tid in (r1, other, gone, r2):
+        cat.set_schedule(tid, state="retrying", next_due=1e9)
+    cat.set_schedule(ok, state="ok", next_due=1e9)
+    cat.unregister("n1:1", "/c")
+    cat.request_now(r2, "manual")
+    hit = cat.announce({"n1:1", "n3:1", "nobody:1"})
+    assert [(t.id, t.queued) for t in hit] == [(r1, "announce"), (r2, "manual")]
+    assert cat.announce([]) == []
+    assert cat.get_target(other).queued is None and cat.get_target(ok).queued is None
+    got = {t.id: trig for t, trig in cat.claim_due("s1", 100.0, 130.0, 10)}
+    assert got == {r1: "announce", r2: "manual"}
+
+
+def test_heartbeats_tell_which_servers_are_alive(cat: Catalog) -> None:
+    assert cat.servers(100.0, 30.0) == []
+    cat.heartbeat("s1", "10.0.0.1:7470", 100.0, 0)
+    cat.heartbeat("s2", "10.0.0.2:7470", 105.0, 2)
+    assert [s.id for s in cat.servers(110.0, 30.0)] == ["s1", "s2"]
+    cat.heartbeat("s1", "10.0.0.9:7470", 120.0, 3)
+    [s1] = cat.servers(136.0, 30.0)  # s2's last heartbeat is 31 s old
+    assert (s1.id, s1.address, s1.started, s1.heartbeat, s1.running) == ("s1", "10.0.0.9:7470", 100.0, 120.0, 3)
+    assert s1.to_wire()["started"] == iso(100.0) and s1.to_wire()["running"] == 3
+
+
+def test_executions_since_a_mark_and_the_due_time(cat: Catalog) -> None:
+    t = cat.register(NODE, PATH, 60, 0.0)
+    u = cat.register(NODE, "/other", 60, 0.0)
+    assert cat.last_execution_id() == 0
+    e1 = cat.start_execution(t.id, 10.0, "schedule", due=9.5)
+    mark = cat.last_execution_id()
+    assert mark == e1
+    e2 = cat.start_execution(t.id, 11.0, "manual")
+    cat.start_execution(u.id, 12.0, "schedule")
+    assert [e.id for e in cat.executions_since(t.id, mark)] == [e2]
+    assert [e.id for e in cat.executions_since(t.id, 0)] == [e1, e2]
+    rec = cat.execution(e1)
+    assert rec.due == 9.5 and rec.to_wire()["due"] == iso(9.5)
+    assert cat.execution(e2).due is None and cat.execution(e2).to_wire()["due"] is None
+
+
+def test_fail_unfinished_of_one_target(cat: Catalog) -> None:
+    t = cat.register(NODE, PATH, 60, 0.0)
+    u = cat.register(NODE, "/other", 60, 0.0)
+    et = cat.start_execution(t.id, 1.0, "schedule")
+    eu = cat.start_execution(u.id, 1.0, "schedule")
+    assert cat.fail_unfinished(2.0, "gone", target_id=t.id) == 1
+    assert cat.execution(et).outcome == "failed" and cat.execution(eu).outcome is None
+
+
+def _claim_all(cats: list[Catalog], now: float, until: float) -> dict[str, list[int]]:
+    """Every catalog claims from its own thread, all at once, until nothing is left."""
+    claims: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(cats))
+
+    def worker(sid: str, c: Catalog) -> None:
+        got: list[int] = []
+        try:
+            start.wait(timeout=30)
+            while batch := c.claim_due(sid, now, until, 7):
+                got += [t.id for t, _ in batch]
+        except BaseException as exc:
+            errors.append(exc)
+        claims[sid] = got
+
+    threads = [threading.Thread(target=worker, args=(f"s{i}", c)) for i, c in enumerate(cats)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors, errors
+    assert not any(th.is_alive() for th in threads)
+    return claims
+
+
+def test_one_register_wins_when_servers_race(backend: Backend) -> None:
+    cats = [backend.open() for _ in range(4)]
+    results: list[object] = []
+    start = threading.Barrier(len(cats))
+
+    def register(c: Catalog) -> None:
+        start.wait(timeout=30)
+        try:
+            results.append(c.register(NODE, PATH, 60, 1.0))
+        except (RequestRefused, CatalogError) as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=register, args=(c,)) for c in cats]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    refused = [r for r in results if isinstance(r, RequestRefused)]
+    assert len(results) == 4 and len(refused) == 3, results
+    assert all(r.code == "exists" for r in refused)
+
+
+def test_leases_are_exclusive_under_contention(backend: Backend) -> None:
+    first = backend.open()
+    ids = _due(first, 300)
+    cats = [first, *(backend.open() for _ in range(3))]
+    for now, until in ((1000.0, 1030.0), (1031.0, 1061.0)):  # then again, once all expired
+        claims = _claim_all(cats, now, until)
+        taken = [tid for got in claims.values() for tid in got]
+        assert len(taken) == len(set(taken)), "a target was claimed twice"
+        assert sorted(taken) == ids, "a due target was missed"
+        owners = {t.id: t.lease_owner for t in first.targets()}
+        assert all(owners[tid] == sid for sid, got in claims.items() for tid in got)
+
+
 # -- frequency parsing (the catalog stores seconds) ------------------------------------------
 
 
@@ -220,7 +517,7 @@ def test_sqlite_is_wal_and_versioned_and_durable(tmp_path: Path) -> None:
     c.close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     db.close()
     c2 = SqliteCatalog(path)
     assert c2.find_target(NODE, PATH) is not None and len(c2.archives(t.id)) == 1
@@ -281,3 +578,146 @@ def test_sqlite_survives_kill_9_of_a_writer(tmp_path: Path) -> None:
     c.fail_unfinished(0.0, "crash")
     assert all(e.outcome is not None for e in c.executions(t.id))
     c.close()
+
+
+def test_sqlite_migrates_a_v1_catalog_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite3"
+    db = sqlite3.connect(path)
+    [(_v1, v1_statements)] = steps_after("sqlite", 0, "test")[:1]
+    for stmt in v1_statements:  # the v1 schema exactly as released (steps are never edited)
+        db.execute(stmt)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db.execute("INSERT INTO targets (node, path, every_s, state, next_due, active, created)"
+               " VALUES ('127.0.0.1:1', '/p', 60, 'retrying', 5.0, 1, 1.0)")
+    db.execute("INSERT INTO executions (target_id, trigger, started, ended, outcome)"
+               " VALUES (1, 'schedule', 2.0, 3.0, 'failed')")
+    db.commit()
+    db.close()
+    c = SqliteCatalog(path)
+    t = c.get_target(1)
+    assert (t.node, t.state, t.next_due, t.queued, t.lease_owner, t.lease_until) == (
+        "127.0.0.1:1", "retrying", 5.0, None, None, None)
+    assert [(e.outcome, e.due) for e in c.executions(1)] == [("failed", None)]
+    assert [(x.id, trig) for x, trig in c.claim_due("s1", 10.0, 40.0, 5)] == [(1, "retry")]
+    c.heartbeat("s1", "a:1", 10.0, 1)
+    assert [s.id for s in c.servers(10.0, 30.0)] == ["s1"]
+    c.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    db.close()
+    SqliteCatalog(path).close()  # a second open finds nothing to do
+
+
+# -- PostgreSQL specifics --------------------------------------------------------------------
+
+
+def test_postgres_migrates_once_when_servers_start_together(postgres_url: str) -> None:
+    opened: list[Catalog] = []
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            opened.append(PostgresCatalog(postgres_url))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    try:
+        assert not errors, errors
+        assert len(opened) == 4
+        opened[0].register(NODE, PATH, 60, 1.0)
+        assert all(c.find_target(NODE, PATH) is not None for c in opened)
+    finally:
+        for c in opened:
+            c.close()
+
+
+def test_postgres_lock_wait_is_bounded(postgres_url: str) -> None:
+    c = PostgresCatalog(postgres_url, lock_timeout=1.0)
+    try:
+        t = c.register(NODE, PATH, 60, 0.0)
+        c.claim_due("s1", 1.0, 31.0, 1)
+        with psycopg.connect(postgres_url) as other:  # holds the row lock, never commits
+            other.execute("SELECT * FROM targets FOR UPDATE")
+            t0 = time.monotonic()
+            with pytest.raises(CatalogError, match="lock timeout"):
+                c.release("s1", t.id, state="ok", next_due=61.0)
+            assert time.monotonic() - t0 < 10
+            # claim_due skips a locked row instead of waiting for it.
+            assert c.claim_due("s2", 100.0, 130.0, 5) == []
+            other.rollback()
+        assert c.release("s1", t.id, state="ok", next_due=61.0)
+    finally:
+        c.close()
+
+
+def test_postgres_outage_is_a_catalog_error_and_the_catalog_recovers() -> None:
+    with PostgresServer() as pg:
+        url = pg.create_database("outage")
+        c = PostgresCatalog(url, call_timeout=2.0, connect_timeout=2.0)
+        try:
+            t = c.register(NODE, PATH, 60, 0.0)
+            pg.stop()
+            for call in (lambda: c.get_target(t.id), lambda: c.claim_due("s1", 1.0, 31.0, 5),
+                         lambda: c.heartbeat("s1", "a:1", 1.0, 0)):
+                t0 = time.monotonic()
+                with pytest.raises(CatalogError) as ei:
+                    call()
+                assert time.monotonic() - t0 < 2.0 + 5.0, "a call hung on a dead database"
+                assert f"127.0.0.1:{pg.port}/outage" in str(ei.value)
+            pg.start()
+            t0 = time.monotonic()
+            deadline = t0 + 20.0
+            while True:
+                try:
+                    got = c.get_target(t.id)
+                    break
+                except CatalogError:
+                    assert time.monotonic() < deadline, "the catalog did not come back"
+                    time.sleep(0.2)
+            assert got.id == t.id
+            [(claimed, _)] = c.claim_due("s1", 1.0, 31.0, 5)
+            assert claimed.lease_owner == "s1"
+        finally:
+            c.close()
+
+
+# -- URLs ------------------------------------------------------------------------------------
+
+
+def test_open_catalog_by_url(tmp_path: Path, postgres_url: str) -> None:
+    cases = {
+        "": tmp_path / "catalog.sqlite3",
+        "sqlite:": tmp_path / "catalog.sqlite3",
+        f"sqlite://{tmp_path}/abs.db": tmp_path / "abs.db",
+        f"sqlite:///{tmp_path}/abs.db": tmp_path / "abs.db",  # SQLAlchemy's four slashes
+        "sqlite:rel.db": tmp_path / "rel.db",
+        "sqlite:sub%20dir.db": tmp_path / "sub dir.db",
+    }
+    for url, path in cases.items():
+        c = open_catalog(url, default_dir=tmp_path)
+        assert isinstance(c, SqliteCatalog) and c.path == path, url
+        c.close()
+    pc = open_catalog(postgres_url, default_dir=tmp_path)
+    assert isinstance(pc, PostgresCatalog) and pc.max_threads > 1
+    pc.close()
+    for bad in ("sqlite://host/x.db", "mysql://u@h/db", "sqlite:///", "/just/a/path"):
+        with pytest.raises(CatalogError, match="catalog URL"):
+            open_catalog(bad, default_dir=tmp_path)
+
+
+def test_postgres_errors_name_the_url_without_its_password(tmp_path: Path) -> None:
+    url = "postgresql://bob:s3cret@127.0.0.1:1/db"
+    t0 = time.monotonic()
+    with pytest.raises(CatalogError) as ei:
+        open_catalog(url, default_dir=tmp_path)
+    assert time.monotonic() - t0 < 15
+    assert "s3cret" not in str(ei.value)
+    assert "postgresql://bob:***@127.0.0.1:1/db" in str(ei.value)
+    assert redact("host=h password=s3cret dbname=d") == "host=h password=*** dbname=d"
+    assert redact("postgresql://h/d?password=s3cret&x=1") == "postgresql://h/d?password=***&x=1"
+    assert redact("postgresql://bob@h/d") == "postgresql://bob@h/d"

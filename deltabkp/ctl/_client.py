@@ -17,7 +17,7 @@ from typing import Any
 from deltabkp import net, protocol
 from deltabkp.errors import AuthError, DeltabkpError, PeerUnavailable
 
-__all__ = ["Client", "default_server", "ENV_SERVER"]
+__all__ = ["Client", "default_server", "parse_servers", "ENV_SERVER"]
 
 ENV_SERVER = "DELTABKP_SERVER"
 
@@ -43,13 +43,31 @@ def _about(args: Mapping[str, Any]) -> dict[str, str | None]:
     }
 
 
-class Client:
-    """Connect, authenticate as ``ctl``, ask, close: one connection per command."""
+def parse_servers(text: str) -> list[net.Address]:
+    """``--server a:7470,b:7470``: every server sharing one catalog answers every command."""
+    return [net.Address.parse(part, net.DEFAULT_SERVER_PORT) for part in text.split(",") if part.strip()]
 
-    def __init__(self, server: net.Address, key: bytes, timeout: float) -> None:
-        self.server = server
+
+class Client:
+    """Connect, authenticate as ``ctl``, ask, close: one connection per command.
+
+    With several servers, the next one is tried when one cannot be reached (before anything
+    is sent, so no request is ever made twice).
+    """
+
+    def __init__(self, servers: net.Address | list[net.Address], key: bytes, timeout: float) -> None:
+        self.servers = servers if isinstance(servers, list) else [servers]
         self.timeout = timeout
         self._key = key
+
+    async def _connect(self) -> net.Channel:
+        for i, server in enumerate(self.servers):
+            try:
+                return await net.connect(server, key=self._key, role="ctl", timeout=self.timeout)
+            except PeerUnavailable:
+                if i == len(self.servers) - 1:
+                    raise
+        raise AssertionError("no server to connect to")  # parse_servers never gives none
 
     @asynccontextmanager
     async def session(self, args: Mapping[str, Any]) -> AsyncIterator[net.Channel]:
@@ -57,7 +75,7 @@ class Client:
         about = _about(args)
         try:
             try:
-                chan = await net.connect(self.server, key=self._key, role="ctl", timeout=self.timeout)
+                chan = await self._connect()
             except PeerUnavailable as exc:
                 raise exc.with_context(hint=UNREACHABLE_HINT)
             except AuthError as exc:

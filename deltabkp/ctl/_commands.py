@@ -22,7 +22,7 @@ import trio
 
 from deltabkp import net
 from deltabkp.ctl import _render
-from deltabkp.ctl._client import Client, default_server
+from deltabkp.ctl._client import Client, default_server, parse_servers
 from deltabkp.ctl._restore import restore
 from deltabkp.errors import UsageError
 
@@ -52,7 +52,7 @@ examples:
   deltabkp ctl --json list 10.0.0.5:7471 /srv/shop | jq '.[0].size'
   deltabkp ctl unregister 10.0.0.5:7471 /srv/shop
 
-server address: --server HOST:PORT, else $DELTABKP_SERVER, else 127.0.0.1:7470.
+server address: --server HOST:PORT[,HOST:PORT…], else $DELTABKP_SERVER, else 127.0.0.1:7470.
 cluster key: --key-file F, else $DELTABKP_KEY_FILE, else ~/.config/deltabkp/cluster.key.
 frequency: integer minutes ('15'), or a number with s, m, h or d ('90s', '5m', '2h', '1d').
 
@@ -274,8 +274,9 @@ def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
     # Accepted before and after the subcommand: a subcommand's copy only overrides the
     # top-level value when it is given (SUPPRESS keeps the namespace untouched otherwise).
     default: Any = None if top else argparse.SUPPRESS
-    p.add_argument("--server", metavar="HOST:PORT", default=default,
-                   help="server address (default: $DELTABKP_SERVER, else 127.0.0.1:7470)")
+    p.add_argument("--server", metavar="HOST:PORT[,…]", default=default,
+                   help="server address; several, comma-separated, are tried in turn when one "
+                   "is down (default: $DELTABKP_SERVER, else 127.0.0.1:7470)")
     p.add_argument("--key-file", metavar="F", default=default,
                    help="cluster key file (default: $DELTABKP_KEY_FILE, else "
                    "~/.config/deltabkp/cluster.key)")
@@ -319,12 +320,14 @@ def _run(args: argparse.Namespace) -> int:
     """Check everything the command line says, then run the command against the server."""
     cmd: Command = args._ctl_cmd
     try:
-        server = net.Address.parse(args.server or default_server(), net.DEFAULT_SERVER_PORT)
+        servers = parse_servers(args.server or default_server())
+        if not servers:
+            raise UsageError("--server names no server")
     except UsageError as exc:
         raise exc.with_context(hint="check --server / $DELTABKP_SERVER")
     if not _positive(args.timeout):
         raise UsageError("--timeout must be a positive number of seconds")
     request = {**_target(args, cmd), **cmd.build(args)}
     key = net.load_key(args.key_file)
-    client = Client(server, key, float(args.timeout))
+    client = Client(servers, key, float(args.timeout))
     return cmd.run(args, Call(cmd.name, request, client, bool(args.json)))

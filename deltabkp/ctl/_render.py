@@ -171,7 +171,16 @@ def log(data: Any, req: Mapping[str, Any]) -> str:
 def status(d: Any, req: Mapping[str, Any]) -> str:
     if not isinstance(d, Mapping):
         return str(d)
-    return "\n".join(f"{k}: {v}" for k, v in d.items())
+    lines = [f"{k}: {v}" for k, v in d.items() if k != "servers"]
+    servers = d.get("servers")
+    if isinstance(servers, list) and all(isinstance(s, Mapping) for s in servers):
+        lines.append(f"live servers on this catalog: {len(servers)}")
+        lines.append(table(
+            ["SERVER", "ADDRESS", "STARTED", "LAST HEARTBEAT", "RUNNING"],
+            [[s.get("id"), s.get("address"), when(s.get("started")),
+              when(s.get("heartbeat")), s.get("running")] for s in servers],
+        ))
+    return "\n".join(lines)
 
 
 def backup_now(d: Any, req: Mapping[str, Any]) -> str:

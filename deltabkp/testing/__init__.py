@@ -10,6 +10,8 @@ users' tests, scripts and demos; no test framework is imported here.
   ``NAME listening on HOST:PORT``), waits for that line under a deadline, stops it;
   ``DaemonStartError`` when it does not come up; ``console_script`` finds the installed
   commands.
+- ``PostgresServer``: a throwaway PostgreSQL (initdb + pg_ctl on a free port in a temp dir) for
+  tests of a catalog shared by several servers.
 
 Importing this package imports Trio and ``deltabkp.net``; ``import deltabkp`` never imports it.
 """
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 from deltabkp.testing._daemons import READY_LINE, Daemon, DaemonStartError, console_script
 from deltabkp.testing._peers import BackupResult, ScriptedAgent, backup_exchange
+from deltabkp.testing._services import PostgresServer
+from deltabkp.testing._services import SeaweedFS
 
 __all__ = [
     "ScriptedAgent",
@@ -27,4 +31,6 @@ __all__ = [
     "DaemonStartError",
     "READY_LINE",
     "console_script",
+    "PostgresServer",
+    "SeaweedFS",
 ]

@@ -1,16 +1,14 @@
-"""The archive store: where archive bytes and their signatures live, behind one small protocol.
+"""``LocalStore``: the archive store on a local directory (the embedded default).
 
-Job: hold ``(target id, seq) → archive + signature`` with atomic writes.
+Job: hold ``(target id, seq) → archive + signature`` as files with atomic writes.
 Invariants:
 - a new archive is written to ``.part`` files, fsynced, renamed into place and the
   directory fsynced, all before the catalog row is committed; the catalog commit is the
   point of truth, so a crash at any instant leaves either a committed archive or garbage
-  that ``reconcile`` removes at the next start;
+  that ``reconcile`` removes at the next start (one server owns the directory, so every
+  ``.part`` file found then is garbage);
 - the signature is stored beside its archive and is never recomputed;
 - every method is blocking: the server calls them from worker threads, never on the loop.
-
-Today's backend is a local directory (``LocalStore``); S3-compatible storage can plug in
-behind the same ``Store`` protocol and must pass ``tests/test_store.py``.
 
 Layout: ``DIR/archives/<target-id>/<seq>.tgz`` and ``<seq>.sig`` (see docs/formats.md, store).
 """
@@ -22,51 +20,16 @@ import mmap
 import os
 import re
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
-
-import attrs
 
 from deltabkp._atomic import fsync_dir
 from deltabkp.errors import StoreError
+from deltabkp_server.store._protocol import ReconcileReport
 
-__all__ = ["Store", "PartWriter", "LocalStore", "ReconcileReport"]
+__all__ = ["LocalStore"]
 
 _NAME = re.compile(r"^(\d+)\.(tgz|sig)(\.part)?$")
-
-
-@attrs.frozen
-class ReconcileReport:
-    """What start-up reconciliation found and did."""
-
-    removed_parts: tuple[str, ...] = ()
-    removed_orphans: tuple[str, ...] = ()
-    missing: tuple[tuple[int, int], ...] = ()
-
-
-class PartWriter(Protocol):
-    """An archive being written; invisible until ``commit``; ``abort`` leaves nothing behind."""
-
-    @property
-    def size(self) -> int: ...
-    def write(self, data: bytes | memoryview) -> None: ...
-    def read_back(self, chunk_size: int) -> Iterator[bytes]: ...
-    def commit(self, signature: bytes) -> None: ...
-    def abort(self) -> None: ...
-
-
-class Store(Protocol):
-    """What the server needs from an archive store backend (blocking calls)."""
-
-    def begin(self, target_id: int, seq: int) -> PartWriter: ...
-    def base(self, target_id: int, seq: int) -> AbstractContextManager[memoryview | bytes]: ...
-    def read_signature(self, target_id: int, seq: int) -> bytes: ...
-    def read_chunks(self, target_id: int, seq: int, chunk_size: int) -> Iterator[bytes]: ...
-    def exists(self, target_id: int, seq: int) -> bool: ...
-    def delete(self, target_id: int, seq: int) -> None: ...
-    def keys(self) -> set[tuple[int, int]]: ...
-    def reconcile(self, committed: set[tuple[int, int]]) -> ReconcileReport: ...
 
 
 class _LocalPart:
@@ -180,15 +143,26 @@ class LocalStore:
         return _LocalPart(d, seq)
 
     @contextmanager
-    def base(self, target_id: int, seq: int) -> Iterator[memoryview | bytes]:
-        """The archive as a read-only buffer (an mmap: the patcher copies blocks from it)."""
+    def base(
+        self, target_id: int, seq: int, *, size: int | None = None, digest: bytes | None = None
+    ) -> Iterator[memoryview | bytes]:
+        """The archive as a read-only buffer (an mmap: the patcher copies blocks from it).
+
+        A ``size`` given is checked (a truncated file is caught before patching); ``digest``
+        is not: the file is the store itself, and the patched result's blake3 is checked
+        against the agent's anyway, so hashing the base too would only cost a read.
+        """
+        del digest
         p = self.tgz_path(target_id, seq)
         try:
             f = open(p, "rb")
         except OSError as exc:
             raise StoreError(f"cannot open base archive {p}: {exc.strerror}") from None
         with f:
-            if os.fstat(f.fileno()).st_size == 0:
+            actual = os.fstat(f.fileno()).st_size
+            if size is not None and actual != size:
+                raise StoreError(f"base archive {p} has {actual} bytes, the catalog says {size}")
+            if actual == 0:
                 yield b""  # mmap refuses empty files
                 return
             m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

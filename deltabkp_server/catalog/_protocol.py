@@ -1,0 +1,197 @@
+"""What the server needs from a catalog backend, and the bridge that runs it off the event loop.
+
+Job: the ``Catalog`` protocol every backend implements (SQLite, PostgreSQL) and
+``AsyncCatalog``, which calls a backend from Trio in worker threads.
+Invariants:
+- every ``Catalog`` method is blocking, is safe to call from several threads at once, and
+  raises ``CatalogError`` for any failure of the database (never a driver's own exception);
+  ``RequestRefused`` only where a method says so;
+- leases: a target runs only on the server named by its ``lease_owner`` while ``lease_until``
+  has not passed; ``claim_due`` is the only way to take a lease, ``renew``/``release`` act
+  only for the server that holds it, so two servers never hold one target at once;
+- ``AsyncCatalog`` never runs more threads than the backend's ``max_threads``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, Protocol, TypeVar
+
+import trio
+
+from deltabkp_server.model import (
+    ArchiveRecord,
+    ExecutionRecord,
+    ExecutionResult,
+    ServerRecord,
+    Target,
+)
+
+__all__ = ["Catalog", "AsyncCatalog", "UNSET"]
+
+T = TypeVar("T")
+
+#: "Leave this column as it is" for the optional arguments of ``set_schedule``/``release``.
+UNSET: Any = object()
+
+
+class Catalog(Protocol):
+    """A catalog backend (blocking calls; see ``AsyncCatalog``).  Times are POSIX seconds."""
+
+    #: How many threads may call this catalog at once (1 for SQLite: one connection).
+    max_threads: int
+
+    def close(self) -> None: ...
+
+    # -- targets -----------------------------------------------------------------------------
+    def register(self, node: str, path: str, every_s: int, now: float) -> Target:
+        """New target due at ``now``, or reactivate an unregistered one (same id, history
+        continues).  ``RequestRefused(EXISTS)`` if it is active."""
+        ...
+
+    def unregister(self, node: str, path: str) -> Target:
+        """Deactivate (the row and its history stay).  ``RequestRefused(NOT_FOUND)`` if none."""
+        ...
+
+    def find_target(self, node: str, path: str, *, active_only: bool = True) -> Target | None: ...
+    def get_target(self, target_id: int) -> Target:
+        """The target, active or not; ``CatalogError`` if the id is unknown."""
+        ...
+
+    def targets(self, *, active_only: bool = True) -> list[Target]:
+        """All targets ordered by node, path."""
+        ...
+
+    def set_schedule(
+        self, target_id: int, *, state: str, next_due: float,
+        last_outcome: str | None = ..., last_error: str | None = ...,
+    ) -> None:
+        """Write the schedule regardless of leases (one-server use and tests); the omitted
+        optional columns keep their values."""
+        ...
+
+    # -- leases and the queue ----------------------------------------------------------------
+    def claim_due(
+        self, server_id: str, now: float, until: float, limit: int
+    ) -> list[tuple[Target, str]]:
+        """Atomically lease up to ``limit`` runnable targets to ``server_id`` until ``until``.
+
+        Candidates: active, with no live lease (``lease_until`` NULL or < ``now``), and
+        runnable now (``queued`` set, or ``next_due <= now``); queued ones first, then by
+        ``next_due`` (then id).  Each claimed target gets ``lease_owner=server_id``,
+        ``lease_until=until`` and ``queued`` cleared, and is returned as it is after the
+        claim, with its trigger: the queued value if there was one, else "retry" if its state
+        is "retrying", else "schedule".  Executions of a claimed target still open (a server
+        that lost the lease died or stalled) are closed as failed: nobody else can be running
+        it.  Concurrent callers never get the same target.
+        """
+        ...
+
+    def renew(self, server_id: str, target_ids: Sequence[int], until: float) -> set[int]:
+        """Set ``lease_until=until`` on those of ``target_ids`` that ``server_id`` still
+        holds (even if its lease ran out, so long as nobody claimed the target since); return
+        their ids.  An id missing from the answer is no longer ours: stop running it."""
+        ...
+
+    def release(
+        self, server_id: str, target_id: int, *, state: str, next_due: float,
+        last_outcome: str | None = ..., last_error: str | None = ...,
+    ) -> bool:
+        """Write the schedule (like ``set_schedule``) and drop the lease, only if
+        ``server_id`` still holds it; return whether it did.  ``active`` is never touched (a
+        target unregistered during its run stays inactive) and neither is ``queued`` (a
+        request that came during the run gets a run after it)."""
+        ...
+
+    def drop_leases(self, server_id: str) -> int:
+        """Drop every lease ``server_id`` holds, schedule untouched (a clean shutdown hands
+        its targets over at once); return how many."""
+        ...
+
+    def request_now(self, target_id: int, trigger: str) -> None:
+        """Queue ``trigger`` ("manual" | "announce") on the target: the next ``claim_due``
+        after its lease (if any) is released takes it first.  "announce" never replaces
+        "manual".  ``CatalogError`` for an unknown id; ``ValueError`` for another trigger."""
+        ...
+
+    def announce(self, nodes: Collection[str]) -> list[Target]:
+        """Agents on ``nodes`` (``HOST:PORT`` names) came up: queue "announce" on their
+        active targets in state "retrying" (a "manual" already queued stays), whichever
+        server will run them; return those targets as they are now."""
+        ...
+
+    # -- servers -----------------------------------------------------------------------------
+    def heartbeat(self, server_id: str, address: str, now: float, running: int) -> None:
+        """Upsert the server's row (``started`` is set by the first heartbeat only)."""
+        ...
+
+    def servers(self, now: float, ttl: float) -> list[ServerRecord]:
+        """Servers whose last heartbeat is within ``ttl`` of ``now``, by id."""
+        ...
+
+    # -- executions --------------------------------------------------------------------------
+    def start_execution(
+        self, target_id: int, started: float, trigger: str, due: float | None = None
+    ) -> int:
+        """Open an execution row (``due``: when the run was due); return its id."""
+        ...
+
+    def finish_execution(self, execution_id: int, result: ExecutionResult) -> ExecutionRecord:
+        """Close an open execution; ``CatalogError`` if unknown or already finished."""
+        ...
+
+    def commit_archive(
+        self, execution_id: int, target_id: int, seq: int, result: ExecutionResult
+    ) -> tuple[ArchiveRecord, ExecutionRecord]:
+        """The archive row and the finished execution, in one transaction (all or nothing)."""
+        ...
+
+    def execution(self, execution_id: int) -> ExecutionRecord: ...
+    def executions(
+        self, target_id: int | None = None, *, limit: int | None = None
+    ) -> list[ExecutionRecord]:
+        """Newest first."""
+        ...
+
+    def executions_since(self, target_id: int, after_id: int) -> list[ExecutionRecord]:
+        """The target's executions with id > ``after_id``, oldest first."""
+        ...
+
+    def last_execution_id(self) -> int:
+        """The highest execution id so far (0 if none): a mark for ``executions_since``."""
+        ...
+
+    def fail_unfinished(self, now: float, reason: str, *, target_id: int | None = None) -> int:
+        """Close open executions (of one target, or all) as failed with ``reason``; return
+        how many.  Only safe where no live server may be running them."""
+        ...
+
+    # -- archives ----------------------------------------------------------------------------
+    def archives(self, target_id: int) -> list[ArchiveRecord]: ...
+    def newest_retained(self, target_id: int) -> ArchiveRecord | None: ...
+    def next_seq(self, target_id: int) -> int: ...
+    def retire(self, target_id: int, keep: int, now: float) -> list[ArchiveRecord]: ...
+    def retained_keys(self) -> set[tuple[int, int]]: ...
+    def mark_missing(self, target_id: int, seq: int) -> None: ...
+    def count_retained(self, target_id: int) -> int: ...
+
+    # -- health ------------------------------------------------------------------------------
+    def integrity_check(self) -> str:
+        """"ok", or what the engine found wrong."""
+        ...
+
+
+class AsyncCatalog:
+    """Runs a blocking ``Catalog`` in worker threads behind a capacity limiter.
+
+    Usage: ``await acat.call(lambda c: c.targets())``.  The limiter's size defaults to the
+    backend's ``max_threads`` (SQLite: 1, its one connection; PostgreSQL: its pool size).  A
+    cancelled Trio task does not stop its thread; the backends bound every call instead.
+    """
+
+    def __init__(self, catalog: Catalog, limiter: trio.CapacityLimiter | None = None) -> None:
+        self.sync = catalog
+        self.limiter = limiter or trio.CapacityLimiter(max(1, catalog.max_threads))
+
+    async def call(self, fn: Callable[[Catalog], T]) -> T:
+        return await trio.to_thread.run_sync(fn, self.sync, limiter=self.limiter)

@@ -1,0 +1,64 @@
+"""The ``Store`` protocol: what the server needs from an archive store backend, and nothing more.
+
+Job: name the contract that ``LocalStore`` and ``S3Store`` both honour and that
+``tests/test_store.py`` checks on each of them.
+Invariants every backend keeps:
+- a new archive is invisible (``exists``/``keys``) until ``PartWriter.commit`` returns, and
+  becomes visible with its signature, whole; a crash at any instant leaves either a committed
+  archive or garbage that ``reconcile`` removes (the catalog commit, made after ``commit``, is
+  the point of truth);
+- a committed ``(target, seq)`` is never overwritten: ``begin`` on it raises ``StoreError``;
+- ``abort`` leaves nothing behind and is harmless after ``commit``;
+- every failure is a ``deltabkp.errors.StoreError`` naming the file or object;
+- every method blocks: the server calls them from worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+import attrs
+
+__all__ = ["Store", "PartWriter", "ReconcileReport"]
+
+
+@attrs.frozen
+class ReconcileReport:
+    """What reconciliation found and did: in-flight writes and orphans removed (paths or URLs),
+    and committed keys whose archive or signature is missing."""
+
+    removed_parts: tuple[str, ...] = ()
+    removed_orphans: tuple[str, ...] = ()
+    missing: tuple[tuple[int, int], ...] = ()
+
+
+class PartWriter(Protocol):
+    """An archive being written; invisible until ``commit``; ``abort`` leaves nothing behind."""
+
+    @property
+    def size(self) -> int: ...
+    def write(self, data: bytes | memoryview) -> None: ...
+    def read_back(self, chunk_size: int) -> Iterator[bytes]: ...
+    def commit(self, signature: bytes) -> None: ...
+    def abort(self) -> None: ...
+
+
+class Store(Protocol):
+    """What the server needs from an archive store backend (blocking calls).
+
+    ``base`` may be told the archive's catalog ``size`` and blake3 ``digest``: a backend that
+    serves the base from a copy (the S3 cache) checks the copy against them.
+    """
+
+    def begin(self, target_id: int, seq: int) -> PartWriter: ...
+    def base(
+        self, target_id: int, seq: int, *, size: int | None = None, digest: bytes | None = None
+    ) -> AbstractContextManager[memoryview | bytes]: ...
+    def read_signature(self, target_id: int, seq: int) -> bytes: ...
+    def read_chunks(self, target_id: int, seq: int, chunk_size: int) -> Iterator[bytes]: ...
+    def exists(self, target_id: int, seq: int) -> bool: ...
+    def delete(self, target_id: int, seq: int) -> None: ...
+    def keys(self) -> set[tuple[int, int]]: ...
+    def reconcile(self, committed: set[tuple[int, int]]) -> ReconcileReport: ...

@@ -1,0 +1,138 @@
+"""Several servers: one per SQLite data dir; many over one PostgreSQL catalog and one S3 store.
+
+Real processes only: the servers, the agents, PostgreSQL and SeaweedFS all run here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fixtures_s3 import BUCKET, s3_env, seaweedfs  # noqa: F401  (fixtures)
+from helpers_proc import Cluster, Daemon, cluster, exe, tree_equal, wait_for  # noqa: F401
+
+from deltabkp.testing import SeaweedFS
+
+
+def test_a_second_server_on_one_sqlite_data_dir_refuses_to_start(cluster: Cluster) -> None:
+    first = cluster.start_server()
+    res = subprocess.run(
+        [exe("deltabkp-server"), "--listen", "127.0.0.1:0", "--data-dir", str(cluster.data_dir),
+         "--key-file", str(cluster.key_file)],
+        capture_output=True, text=True, env=cluster.env, timeout=60,
+    )
+    assert res.returncode != 0
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "another deltabkp-server" in err[0], res.stderr
+    assert "Traceback" not in res.stderr
+    # The first one is untouched and still answers.
+    assert first.alive() and cluster.ctl("status")["targets"] == 0
+
+
+# -- three servers over one PostgreSQL catalog and one S3 store ------------------------------
+
+LEASE_TTL = 4.0
+EVERY_S = 5
+
+
+def _tree(root: Path, seed: int) -> Path:
+    rnd = random.Random(seed)
+    (root / "sub").mkdir(parents=True)
+    for i in range(20):
+        (root / "sub" / f"f{i}.txt").write_text(
+            "".join(f"{seed} {i} {rnd.random()}\n" for _ in range(200)))
+    (root / "blob.bin").write_bytes(rnd.randbytes(300_000))
+    return root
+
+
+def _executions(c: Cluster, server: str) -> list[dict[str, Any]]:
+    res = c.ctl_run("--json", "log", server=server)
+    assert res.returncode == 0, res.stderr
+    return list(json.loads(res.stdout))
+
+
+def _started(e: dict[str, Any]) -> float:
+    return datetime.fromisoformat(e["started"]).timestamp()
+
+
+def test_three_servers_share_targets_and_take_over_from_a_killed_one(
+    cluster: Cluster, postgres_url: str, s3_env: SeaweedFS, tmp_path: Path
+) -> None:
+    env = {**cluster.env, **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")}}
+    store = f"s3://{BUCKET}/many-{uuid.uuid4().hex[:8]}"
+    servers = [
+        Daemon("deltabkp-server", [
+            exe("deltabkp-server"), "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / f"srv{i}"),
+            "--key-file", str(cluster.key_file), "--catalog", postgres_url, "--store", store,
+            "--lease-ttl", str(LEASE_TTL),
+        ], tmp_path / f"server{i}.log", env)
+        for i in range(3)
+    ]
+    try:
+        addresses = ",".join(s.address for s in servers)
+        apps = [_tree(tmp_path / f"app{i}", i) for i in range(6)]
+        agents = [cluster.start_agent(*apps[i::2], announce=False) for i in range(2)]
+        targets = [(agents[i % 2].address, str(app)) for i, app in enumerate(apps)]
+        for k, (node, path) in enumerate(targets):
+            res = cluster.ctl_run("--json", "register", node, path, "--every", f"{EVERY_S}s",
+                                  server=servers[k % 3].address)
+            assert res.returncode == 0, res.stderr
+        # Every server sees every target, whichever registered it.
+        for s in servers:
+            res = cluster.ctl_run("--json", "targets", server=s.address)
+            assert len(json.loads(res.stdout)) == len(targets)
+
+        def all_backed_up(after: float) -> bool:
+            done = [e for e in _executions(cluster, servers[0].address)
+                    if e["outcome"] in ("stored", "unchanged") and _started(e) > after]
+            return {(e["node"], e["path"]) for e in done} >= set(targets)
+
+        wait_for(lambda: all_backed_up(0), timeout=120, what="a first backup of every target")
+        status = json.loads(cluster.ctl_run("--json", "status", server=servers[0].address).stdout)
+        assert len(status["servers"]) == 3
+
+        victim = servers[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.proc.wait(10)
+        killed_at = time.time()
+        survivors = [servers[0], servers[2]]
+        # Within a lease TTL plus a period every target is backed up again, by the others.
+        wait_for(lambda: all_backed_up(killed_at + LEASE_TTL), timeout=LEASE_TTL + 2 * EVERY_S + 60,
+                 what="every target backed up after the kill")
+        # ctl with a dead server first in its list goes on to the next one.
+        res = cluster.ctl_run("--json", "status", server=f"{victim.address},{servers[0].address}")
+        assert res.returncode == 0, res.stderr
+        assert len(json.loads(res.stdout)["servers"]) == 2
+
+        # Stop the schedule, let what runs finish, then compare what every survivor says.
+        for node, path in targets:
+            assert cluster.ctl_run("unregister", node, path, server=survivors[0].address).returncode == 0
+        wait_for(lambda: all(e["outcome"] is not None for e in _executions(cluster, survivors[1].address)),
+                 timeout=60, what="running executions to end")
+        logs = [_executions(cluster, s.address) for s in survivors]
+        assert logs[0] == logs[1]
+        for node, path in targets:
+            lists = [cluster.ctl_run("--json", "list", node, path, server=s.address).stdout for s in survivors]
+            assert lists[0] == lists[1]
+            runs = sorted((e for e in logs[0] if (e["node"], e["path"]) == (node, path)), key=_started)
+            # No two executions of one target overlap in time, across all three servers.
+            for a, b in zip(runs, runs[1:]):
+                assert a["ended"] is not None and datetime.fromisoformat(a["ended"]) <= datetime.fromisoformat(b["started"]), (a, b)
+        # A restore through another server than the one that stored it is the source.
+        node, path = targets[0]
+        dest = tmp_path / "restored"
+        res = cluster.ctl_run("restore", node, path, str(dest), server=survivors[1].address)
+        assert res.returncode == 0, res.stderr
+        assert tree_equal(Path(path), dest) == []
+    finally:
+        for s in servers:
+            s.stop()
+        print("\n".join(f"--- server {i} ---\n{s.log_text()[-3000:]}" for i, s in enumerate(servers)))
