@@ -19,7 +19,7 @@ from typing import Any
 from fixtures_s3 import BUCKET, s3_env, seaweedfs  # noqa: F401  (fixtures)
 from helpers_proc import Cluster, Daemon, cluster, exe, tree_equal, wait_for  # noqa: F401
 
-from deltabkp.testing import SeaweedFS
+from deltabkp.testing import PostgresServer, SeaweedFS
 
 
 def test_a_second_server_on_one_sqlite_data_dir_refuses_to_start(cluster: Cluster) -> None:
@@ -136,3 +136,37 @@ def test_three_servers_share_targets_and_take_over_from_a_killed_one(
         for s in servers:
             s.stop()
         print("\n".join(f"--- server {i} ---\n{s.log_text()[-3000:]}" for i, s in enumerate(servers)))
+
+
+def test_a_catalog_outage_fails_executions_cleanly_and_they_resume(
+    cluster: Cluster, postgres_server: PostgresServer, postgres_url: str, tmp_path: Path
+) -> None:
+    server = Daemon("deltabkp-server", [
+        exe("deltabkp-server"), "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "srv"),
+        "--key-file", str(cluster.key_file), "--catalog", postgres_url, "--lease-ttl", "4",
+    ], tmp_path / "server.log", cluster.env)
+    try:
+        app = _tree(tmp_path / "app", 7)
+        agent = cluster.start_agent(app, announce=False)
+        res = cluster.ctl_run("register", agent.address, str(app), "--every", "3s", server=server.address)
+        assert res.returncode == 0, res.stderr
+
+        def backed_up_after(t: float) -> bool:
+            return any(e["outcome"] in ("stored", "unchanged") and _started(e) > t
+                       for e in _executions(cluster, server.address))
+
+        wait_for(lambda: backed_up_after(0), timeout=60, what="a first backup")
+        postgres_server.stop()
+        try:
+            time.sleep(8)  # two lease TTLs without a catalog
+            assert server.alive(), server.log_text()[-3000:]
+            res = cluster.ctl_run("status", server=server.address, timeout=120)
+            assert res.returncode != 0 and "Traceback" not in res.stderr
+        finally:
+            postgres_server.start()
+        restarted = time.time()
+        wait_for(lambda: backed_up_after(restarted), timeout=90, what="backups after the outage")
+        assert server.alive()
+        assert "Traceback" not in server.log_text()
+    finally:
+        server.stop()
