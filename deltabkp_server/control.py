@@ -20,11 +20,11 @@ import trio
 from deltabkp import __version__, net, protocol
 from deltabkp.errors import DeltabkpError, ErrorCode, RequestRefused, UsageError
 from deltabkp_server.agents import ping
-from deltabkp_server.catalog import AsyncCatalog
+from deltabkp_server.catalog import AsyncCatalog, SqliteCatalog
 from deltabkp_server.config import ServerConfig
 from deltabkp_server.model import Target, iso, parse_every
 from deltabkp_server.scheduler import Scheduler
-from deltabkp_server.store import Store
+from deltabkp_server.store import LocalStore, S3Store, Store
 
 __all__ = ["ControlAPI", "target_args"]
 
@@ -210,10 +210,14 @@ class ControlAPI:
             "targets": len(targets),
             "retrying": sum(1 for t in targets if t.state == "retrying"),
             "running": self.scheduler.running,
-            "servers": [s.to_wire() for s in servers],
+            "servers": [
+                {**s.to_wire(), "targets": [t.name for t in targets
+                                            if t.lease_owner == s.id and _leased(t, now)]}
+                for s in servers
+            ],
             "data_dir": str(self.config.data_dir),
-            "catalog": self.config.catalog_url,
-            "store": self.config.store_url,
+            "catalog": _describe_catalog(self.catalog.sync),
+            "store": _describe_store(self.store),
             "max_concurrent": self.config.max_concurrent,
             "max_per_node": self.config.max_per_node,
         }
@@ -253,3 +257,18 @@ class ControlAPI:
 def _leased(t: Target, now: float) -> bool:
     """Some server holds a live lease on ``t``: it is running (or probing) right now."""
     return t.lease_until is not None and t.lease_until > now
+
+
+def _describe_catalog(cat: object) -> str:
+    """Where the catalog is, as a URL (a password never shown)."""
+    if isinstance(cat, SqliteCatalog):
+        return f"sqlite:///{cat.path.absolute()}"
+    return str(getattr(cat, "where", type(cat).__name__))
+
+
+def _describe_store(store: object) -> str:
+    if isinstance(store, LocalStore):
+        return f"file://{store.root.absolute()}"
+    if isinstance(store, S3Store):
+        return store.url
+    return type(store).__name__

@@ -176,9 +176,10 @@ def status(d: Any, req: Mapping[str, Any]) -> str:
     if isinstance(servers, list) and all(isinstance(s, Mapping) for s in servers):
         lines.append(f"live servers on this catalog: {len(servers)}")
         lines.append(table(
-            ["SERVER", "ADDRESS", "STARTED", "LAST HEARTBEAT", "RUNNING"],
+            ["SERVER", "ADDRESS", "STARTED", "LAST HEARTBEAT", "RUNNING", "TARGETS HELD"],
             [[s.get("id"), s.get("address"), when(s.get("started")),
-              when(s.get("heartbeat")), s.get("running")] for s in servers],
+              when(s.get("heartbeat")), s.get("running"),
+              ", ".join(str(t) for t in s.get("targets") or []) or "-"] for s in servers],
         ))
     return "\n".join(lines)
 
