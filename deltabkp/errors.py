@@ -33,6 +33,8 @@ __all__ = [
     "ArchiveError",
     "UnsafeArchiveError",
     "StoreError",
+    "MissingObject",
+    "StoreUnavailable",
     "CatalogError",
 ]
 
@@ -205,6 +207,15 @@ class UnsafeArchiveError(ArchiveError):
 
 class StoreError(DeltabkpError):
     """The archive store failed (disk full, permissions, missing object)."""
+
+
+class MissingObject(StoreError):
+    """The store answered, and the object is not there (unlike an unreachable store)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store could not be asked (unreachable, refused our credentials, a broken stream):
+    nothing is known about the object."""
 
 
 class CatalogError(DeltabkpError):

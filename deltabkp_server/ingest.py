@@ -23,7 +23,7 @@ import trio
 
 import deltabkp
 from deltabkp import protocol
-from deltabkp.errors import IntegrityError, StoreError
+from deltabkp.errors import IntegrityError, StoreError, StoreUnavailable
 from deltabkp_server.catalog import AsyncCatalog
 from deltabkp_server.model import ArchiveRecord, ExecutionRecord, ExecutionResult, Target
 from deltabkp_server.store import PartWriter, Store
@@ -101,12 +101,16 @@ class Ingest:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     async def _base_io(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Read the base archive or its signature; if it is gone or unreadable, stop offering
-        it (marked missing) and fall back to a full transfer, like any integrity failure."""
+        """Read the base archive or its signature; if it is gone or damaged, stop offering
+        it (marked missing) and fall back to a full transfer, like any integrity failure.  A
+        store that cannot be reached just fails this execution (retried later): the base
+        may well be fine."""
         base = self.base
         assert base is not None
         try:
             return await self._thread(fn, *args)
+        except StoreUnavailable:
+            raise
         except StoreError as exc:
             tid, seq = self.target.id, base.seq
             await self.catalog.call(lambda c: c.mark_missing(tid, seq))
@@ -175,3 +179,4 @@ class Ingest:
         if self._part is not None and not self.committed:
             with trio.CancelScope(shield=True):
                 await self._thread(self._part.abort)
+

@@ -15,8 +15,6 @@ Layout: ``DIR/archives/<target-id>/<seq>.tgz`` and ``<seq>.sig`` (see docs/forma
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 import os
 import re
 from collections.abc import Iterator
@@ -24,7 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from deltabkp._atomic import fsync_dir
-from deltabkp.errors import StoreError
+from deltabkp.errors import MissingObject, StoreError
+from deltabkp_server.store._cache import BaseCache
 from deltabkp_server.store._protocol import ReconcileReport
 
 __all__ = ["LocalStore"]
@@ -156,30 +155,23 @@ class LocalStore:
         p = self.tgz_path(target_id, seq)
         try:
             f = open(p, "rb")
+        except FileNotFoundError:
+            raise MissingObject(f"cannot open base archive {p}: no such file") from None
         except OSError as exc:
             raise StoreError(f"cannot open base archive {p}: {exc.strerror}") from None
-        with f:
-            actual = os.fstat(f.fileno()).st_size
-            if size is not None and actual != size:
-                raise StoreError(f"base archive {p} has {actual} bytes, the catalog says {size}")
-            if actual == 0:
-                yield b""  # mmap refuses empty files
-                return
-            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            view = memoryview(m)
-            try:
-                yield view
-            finally:
-                # Views still alive (e.g. held by a traceback) keep the map open; it is then
-                # unmapped when the last one goes, so a BufferError here is not an error.
-                with contextlib.suppress(BufferError):
-                    view.release()
-                    m.close()
+        actual = os.fstat(f.fileno()).st_size
+        if size is not None and actual != size:
+            f.close()
+            raise StoreError(f"base archive {p} has {actual} bytes, the catalog says {size}")
+        with BaseCache.mapped(f) as buf:
+            yield buf
 
     def read_signature(self, target_id: int, seq: int) -> bytes:
         p = self.sig_path(target_id, seq)
         try:
             return p.read_bytes()
+        except FileNotFoundError:
+            raise MissingObject(f"cannot read signature {p}: no such file") from None
         except OSError as exc:
             raise StoreError(f"cannot read signature {p}: {exc.strerror}") from None
 

@@ -32,7 +32,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped, unused-ignore]
     PartialCredentialsError,
 )
 
-from deltabkp.errors import StoreError
+from deltabkp.errors import MissingObject, StoreError, StoreUnavailable
 
 __all__ = ["Bucket", "make_client", "translate", "error_code", "is_not_found", "etag_of",
            "server_now"]
@@ -111,22 +111,21 @@ def translate(what: str, url: str, endpoint: str) -> Iterator[None]:
         code = error_code(exc)
         message = str(exc.response.get("Error", {}).get("Message", "") or exc)
         if code in _DENIED:
-            reason = f"access denied by {endpoint} ({code}): {_CREDENTIALS_HINT}"
-        elif code in _NOT_FOUND:
-            reason = "no such object"
-        elif code == "NoSuchBucket":
-            reason = "no such bucket"
-        else:
-            reason = f"{code or 'error'}: {message}"
+            raise StoreUnavailable(
+                f"{what} {url}: access denied by {endpoint} ({code}): {_CREDENTIALS_HINT}"
+            ) from None
+        if code in _NOT_FOUND:
+            raise MissingObject(f"{what} {url}: no such object") from None
+        reason = "no such bucket" if code == "NoSuchBucket" else f"{code or 'error'}: {message}"
         raise StoreError(f"{what} {url}: {reason}") from None
     except (NoCredentialsError, PartialCredentialsError) as exc:
-        raise StoreError(f"{what} {url}: no usable AWS credentials ({exc}); "
-                         f"{_CREDENTIALS_HINT}") from None
+        raise StoreUnavailable(f"{what} {url}: no usable AWS credentials ({exc}); "
+                               f"{_CREDENTIALS_HINT}") from None
     except EndpointConnectionError:
-        raise StoreError(f"{what} {url}: cannot reach the S3 endpoint {endpoint}") from None
+        raise StoreUnavailable(f"{what} {url}: cannot reach the S3 endpoint {endpoint}") from None
     except _STREAM_ERRORS as exc:
-        raise StoreError(f"{what} {url}: {type(exc).__name__}: {exc} "
-                         f"(endpoint {endpoint})") from None
+        raise StoreUnavailable(f"{what} {url}: {type(exc).__name__}: {exc} "
+                               f"(endpoint {endpoint})") from None
 
 
 class Bucket:
@@ -154,7 +153,7 @@ class Bucket:
     def size_and_etag(self, key: str, what: str) -> tuple[int, str]:
         head = self.head(key)
         if head is None:
-            raise StoreError(f"{what} {self.url(key)}: no such object")
+            raise MissingObject(f"{what} {self.url(key)}: no such object")
         return int(head["ContentLength"]), etag_of(head)
 
     def delete(self, key: str) -> None:
