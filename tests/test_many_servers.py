@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fixtures_s3 import BUCKET, s3_env, seaweedfs  # noqa: F401  (fixtures)
+from fixtures_s3 import BUCKET, new_s3_store, s3_env, seaweedfs  # noqa: F401  (fixtures)
 from helpers_proc import Cluster, Daemon, cluster, exe, tree_equal, wait_for  # noqa: F401
 
 from deltabkp.testing import PostgresServer, SeaweedFS
@@ -170,3 +170,77 @@ def test_a_catalog_outage_fails_executions_cleanly_and_they_resume(
         assert "Traceback" not in server.log_text()
     finally:
         server.stop()
+
+
+def test_a_server_killed_mid_execution_leaves_nothing_half_stored(
+    cluster: Cluster, postgres_url: str, s3_env: SeaweedFS, tmp_path: Path
+) -> None:
+    env = {**cluster.env, **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")}}
+    prefix = f"kill-{uuid.uuid4().hex[:8]}"
+    servers = [
+        Daemon("deltabkp-server", [
+            exe("deltabkp-server"), "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / f"srv{i}"),
+            "--key-file", str(cluster.key_file), "--catalog", postgres_url,
+            "--store", f"s3://{BUCKET}/{prefix}", "--lease-ttl", str(LEASE_TTL),
+        ], tmp_path / f"server{i}.log", env)
+        for i in range(2)
+    ]
+    try:
+        app = tmp_path / "big"
+        app.mkdir()
+        for i in range(4):  # incompressible: every backup moves ~40 MB through the store
+            (app / f"blob{i}.bin").write_bytes(os.urandom(10 << 20))
+        agent = cluster.start_agent(app, announce=False)
+        name = f"{agent.address} {app}"
+        res = cluster.ctl_run("register", agent.address, str(app), "--every", "1h",
+                              server=servers[0].address)
+        assert res.returncode == 0, res.stderr
+
+        def holder() -> Daemon | None:
+            st = json.loads(cluster.ctl_run("--json", "status", server=servers[0].address).stdout)
+            ids = [s["address"] for s in st["servers"] if name in s["targets"]]
+            return next((d for d in servers if d.address in ids), None)
+
+        victim = wait_for(holder, timeout=60, interval=0.02, what="a server running the backup")
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.proc.wait(10)
+        killed_at = time.time()
+        survivor = next(s for s in servers if s is not victim)
+
+        def stored_after_kill() -> bool:
+            return any(e["outcome"] == "stored" and _started(e) > killed_at
+                       for e in _executions(cluster, survivor.address))
+
+        # The other server claims it once the lease runs out (first backup: due at once).
+        res = cluster.ctl_run("backup-now", agent.address, str(app), server=survivor.address)
+        assert res.returncode == 0, res.stderr
+        wait_for(stored_after_kill, timeout=LEASE_TTL + 90, what="the backup done by the other server")
+        log = _executions(cluster, survivor.address)
+        interrupted = [e for e in log if _started(e) < killed_at]
+        assert interrupted and all(e["outcome"] in ("failed", "stored") for e in interrupted), log
+        assert all(e["outcome"] is not None for e in log)
+        restored = tmp_path / "restored"
+        res = cluster.ctl_run("restore", agent.address, str(app), str(restored), server=survivor.address)
+        assert res.returncode == 0, res.stderr
+        assert tree_equal(app, restored) == []
+    finally:
+        for s in servers:
+            s.stop()
+    # Nothing half-stored: every object pairs with a committed row, and what the killed
+    # server left (an incomplete upload, at most) goes with reconciliation.
+    from deltabkp_server.catalog import open_catalog
+
+    cat = open_catalog(postgres_url, default_dir=tmp_path)
+    try:
+        committed = cat.retained_keys()
+    finally:
+        cat.close()
+    store = new_s3_store(tmp_path, prefix)
+    assert store.keys() == committed
+    store.reconcile(committed, grace_s=0)
+    assert store.keys() == committed
+    client = store.bucket.client
+    objects = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/").get("Contents", [])
+    assert len(objects) == 2 * len(committed), objects
+    uploads = client.list_multipart_uploads(Bucket=BUCKET, Prefix=f"{prefix}/").get("Uploads", [])
+    assert uploads == [], uploads
