@@ -1,19 +1,26 @@
 # deltabkp: the original system's make targets (same names, same variables) over docker compose,
 # and the same cluster as local processes for machines without Docker. See docs/cluster.md.
 #
-#   make docker-compose-up [BKP_MANAGERS=1] [ECHO_SERVERS=2] [EVERY=1]
+#   make docker-compose-up [BKP_MANAGERS=1] [ECHO_SERVERS=2] [EVERY=1] [BKP_LEASE_TTL=30]
 #   make docker-compose-logs | docker-compose-down
 #   make docker-add-echosv [NEW_ECHOSVS=1]          # added and registered, nothing restarted
 #   make docker-manager-shell [MANAGER=1] | docker-echosv-shell [ECHOSV=1]
 #
-#   make local-up [ECHO_SERVERS=2] [EVERY=1] [RUN_DIR=run/local]
+#   make local-up [MANAGERS=1] [ECHO_SERVERS=2] [EVERY=1] [LEASE_TTL=30] [RUN_DIR=run/local]
 #   make local-logs [FOLLOW=1] | local-status | local-down
 #   make local-add-echosv [NEW_ECHOSVS=1]
 #
 # EVERY is the backup frequency given to `deltabkp ctl register --every`: integer minutes (the
-# original's unit, default 1) or 90s / 5m / 2h.
+# original's unit, default 1) or 90s / 5m / 2h. Several managers (BKP_MANAGERS / MANAGERS > 1)
+# share one PostgreSQL catalog and one S3 store (SeaweedFS) and split the work with leases;
+# every echo app is registered once. LEASE_TTL (local) / BKP_LEASE_TTL (docker): seconds before
+# a dead manager's targets move to the others (default 30). MANAGERS=1, the local default, is one
+# server on SQLite + a local directory, as ever; the docker cluster always has postgres and s3.
 
 BKP_MANAGERS ?= 1
+# The local cluster's server count (BKP_MANAGERS works for it too).
+MANAGERS ?= $(BKP_MANAGERS)
+LEASE_TTL ?=
 ECHO_SERVERS ?= 2
 NEW_ECHOSVS ?= 1
 MANAGER ?= 1
@@ -29,10 +36,12 @@ DOCKER_COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo docker 
 	2>/dev/null || echo docker compose)
 # The generated compose file (docker/compose_scale.py): managerN / echosvN extend docker-compose.yml.
 COMPOSE_FILE_GEN ?= $(CURDIR)/run/docker/compose.yml
-COMPOSE := BKP_EVERY=$(EVERY) $(DOCKER_COMPOSE) --project-directory $(CURDIR) -f $(COMPOSE_FILE_GEN)
+COMPOSE := BKP_EVERY=$(EVERY) $(if $(BKP_LEASE_TTL),BKP_LEASE_TTL=$(BKP_LEASE_TTL) )$(DOCKER_COMPOSE) --project-directory $(CURDIR) -f $(COMPOSE_FILE_GEN)
 SCALE := $(PYTHON) $(CURDIR)/docker/compose_scale.py --out $(COMPOSE_FILE_GEN)
 
-# Spelled out here (not only inside the generator) so that `make -n` shows every service.
+# Spelled out here (not only inside the generator) so that `make -n` shows every service. One
+# key generator, one PostgreSQL catalog and one S3 store (SeaweedFS), shared by every manager.
+SHARED_SERVICES = cluster-key postgres s3
 MANAGER_SERVICES = $(foreach i,$(shell seq 1 $(BKP_MANAGERS)),manager$(i))
 ECHO_SERVICES = $(foreach i,$(shell seq 1 $(ECHO_SERVERS)),echosv$(i))
 
@@ -50,7 +59,7 @@ help:
 
 docker-compose-up:
 	$(SCALE) set --managers $(BKP_MANAGERS) --echo-servers $(ECHO_SERVERS)
-	$(COMPOSE) up -d --build --remove-orphans cluster-key $(MANAGER_SERVICES) $(ECHO_SERVICES)
+	$(COMPOSE) up -d --build --remove-orphans $(SHARED_SERVICES) $(MANAGER_SERVICES) $(ECHO_SERVICES)
 
 docker-compose-logs:
 	$(SCALE) ensure >/dev/null
@@ -82,7 +91,7 @@ docker-config:
 # -- the same cluster as local processes ----------------------------------------------------------
 
 local-up:
-	$(LOCAL) up --echo-servers $(ECHO_SERVERS) --every $(EVERY)
+	$(LOCAL) up --echo-servers $(ECHO_SERVERS) --every $(EVERY) --managers $(MANAGERS)$(if $(LEASE_TTL), --lease-ttl $(LEASE_TTL))
 
 local-add-echosv:
 	$(LOCAL) add-echosv --new $(NEW_ECHOSVS) $(if $(filter command line environment,$(origin EVERY)),--every $(EVERY))

@@ -1,10 +1,14 @@
 """Writes the compose file for BKP_MANAGERS managers and ECHO_SERVERS echo nodes (make targets).
 
-Job: ``docker-compose.yml`` defines the default cluster (manager1, echosv1, echosv2); this
-script writes ``run/docker/compose.yml``, in which every service ``extends`` one of those, so
-the make targets can run any number of each with stable names (managerN, echosvN), one
-persistent volume per manager and per node, and one published port per manager
-(127.0.0.1:7470 + N - 1). Each echo node registers with, and announces itself to, every manager.
+Job: ``docker-compose.yml`` defines the default cluster (manager1, echosv1, echosv2, and the
+``postgres`` catalog and ``s3`` store the managers share); this script writes
+``run/docker/compose.yml``, in which every service ``extends`` one of those, so the make
+targets can run any number of managers and nodes with stable names (managerN, echosvN): one
+postgres and one s3 whatever the counts, stateless managers with one published port each
+(127.0.0.1:7470 + N - 1), one persistent volume per node. Every manager starts once postgres and
+s3 are healthy; every echo node once every manager is. A node registers its app ONCE, through
+whichever manager answers (``deltabkp ctl --server manager1:7470,manager2:7470,…``: the catalog
+is shared), and announces itself to every manager.
 
 Invariants: the generated file is a pure function of (managers, echo nodes) — regenerating it
 never changes an existing service, so ``docker compose up --no-recreate`` of new services
@@ -34,10 +38,12 @@ MANAGER_PORT = 7470  # inside each manager; published as MANAGER_PORT + n - 1 on
 AGENT_PORT = 7471    # inside each echo node
 DEFAULT_MANAGERS = 1
 DEFAULT_ECHO_SERVERS = 2
+# One of each whatever the counts: the key generator, the catalog and the store.
+SHARED = ("cluster-key", "postgres", "s3")
 
 
-def managers_env(managers: int) -> str:
-    return " ".join(f"manager{i}:{MANAGER_PORT}" for i in range(1, managers + 1))
+def managers_env(managers: int, sep: str = " ") -> str:
+    return sep.join(f"manager{i}:{MANAGER_PORT}" for i in range(1, managers + 1))
 
 
 def render(managers: int, echo_servers: int, base: str) -> str:
@@ -49,16 +55,15 @@ def render(managers: int, echo_servers: int, base: str) -> str:
         "name: deltabkp",
         "",
         "services:",
-        "  cluster-key:",
-        f"    extends: {{file: {base}, service: cluster-key}}",
     ]
+    for shared in SHARED:
+        lines += [f"  {shared}:", f"    extends: {{file: {base}, service: {shared}}}"]
     for i in range(1, managers + 1):
         lines += [
             f"  manager{i}:",
             f"    extends: {{file: {base}, service: manager1}}",
             f"    hostname: manager{i}",
             f'    ports: !override ["127.0.0.1:{MANAGER_PORT + i - 1}:{MANAGER_PORT}"]',
-            f'    volumes: !override ["manager{i}-data:/var/lib/deltabkp", "cluster-key:/etc/deltabkp:ro"]',
         ]
     depends = ", ".join(f"manager{i}: {{condition: service_healthy}}" for i in range(1, managers + 1))
     for i in range(1, echo_servers + 1):
@@ -69,16 +74,17 @@ def render(managers: int, echo_servers: int, base: str) -> str:
             "    environment:",
             f'      ECHO_NODE: "echosv{i}:{AGENT_PORT}"',
             f'      BKP_SERVERS: "{managers_env(managers)}"',
+            f'      DELTABKP_SERVER: "{managers_env(managers, ",")}"',
             f'    volumes: !override ["echosv{i}-data:/data/echo", "cluster-key:/etc/deltabkp:ro"]',
             f"    depends_on: !override {{{depends}}}",
         ]
-    lines += ["", "volumes:", "  cluster-key:"]
-    lines += [f"  manager{i}-data:" for i in range(1, managers + 1)]
+    lines += ["", "volumes:", "  cluster-key:", "  postgres-data:", "  s3-data:"]
     lines += [f"  echosv{i}-data:" for i in range(1, echo_servers + 1)]
     return "\n".join(lines) + "\n"
 
 
 def services(managers: int, echo_servers: int) -> list[str]:
+    """The managers and echo nodes (``SHARED`` come with them through depends_on)."""
     return [f"manager{i}" for i in range(1, managers + 1)] + [
         f"echosv{i}" for i in range(1, echo_servers + 1)]
 

@@ -3,18 +3,23 @@
 #
 #   keygen              create the shared cluster key $DELTABKP_KEY_FILE once (it lives in the
 #                       cluster-key volume that every container mounts); never replace one
-#   manager             deltabkp-server on 0.0.0.0:7470, catalog + archives in /var/lib/deltabkp
+#   manager             deltabkp-server on 0.0.0.0:7470 over the catalog $BKP_CATALOG and the
+#                       store $BKP_STORE (compose: the shared postgres and s3 services, S3
+#                       endpoint and keys in the AWS_* variables, PGPASSWORD; lease TTL
+#                       $BKP_LEASE_TTL); without them, SQLite + archives in /var/lib/deltabkp
 #   echosv              an echo node: the echo app (port 7000, files in $ECHO_DATA_DIR), its
 #                       deltabkp-agent (on $ECHO_NODE, default `hostname`:7471, the name the
 #                       managers reach it by; allowed on $ECHO_DATA_DIR only, announcing
 #                       itself to every manager in $BKP_SERVERS) and a load generator; then
-#                       registers the app with every manager via `deltabkp ctl register`
+#                       registers the app ONCE, through whichever manager of $BKP_SERVERS
+#                       answers (`deltabkp ctl --server m1,m2,… register`): they share a catalog
 #   healthcheck-echosv  exit 0 iff the echo app echoes and the agent accepts connections
 #   anything else       run as given (e.g. `bash`)
 #
 # Invariants: an echo node runs while both its app and its agent run (if one dies the container
-# exits and compose restarts it); registration retries until each manager answers, and a target
-# that is already registered (a restarted node) counts as done; SIGTERM stops every child.
+# exits and compose restarts it); registration retries until a manager accepts it, and a target
+# that is already registered (a restarted node, or an answer lost on the way) counts as done;
+# SIGTERM stops every child.
 set -euo pipefail
 
 KEY_FILE=${DELTABKP_KEY_FILE:-/etc/deltabkp/cluster.key}
@@ -53,23 +58,31 @@ keygen() {
 
 manager() {
     wait_for_key
+    local shared=()
+    # The catalog and store every manager shares (compose sets both); unset: SQLite + local files.
+    [ -n "${BKP_CATALOG:-}" ] && shared+=(--catalog "$BKP_CATALOG")
+    [ -n "${BKP_STORE:-}" ] && shared+=(--store "$BKP_STORE")
+    [ -n "${BKP_S3_ENDPOINT:-}" ] && shared+=(--s3-endpoint "$BKP_S3_ENDPOINT")
+    [ -n "${BKP_LEASE_TTL:-}" ] && shared+=(--lease-ttl "$BKP_LEASE_TTL")
     exec deltabkp-server --listen "$LISTEN_HOST:${MANAGER_PORT:-7470}" \
-        --data-dir "${MANAGER_DATA_DIR:-/var/lib/deltabkp}" --key-file "$KEY_FILE"
+        --data-dir "${MANAGER_DATA_DIR:-/var/lib/deltabkp}" --key-file "$KEY_FILE" "${shared[@]}"
 }
 
-register_with() {
-    local server=$1 node=$2 out
-    until out=$(deltabkp ctl --server "$server" register "$node" "$ECHO_DATA_DIR" \
+register_once() {
+    # One registration for the whole cluster: the managers share one catalog, so whichever
+    # answers first (ctl tries the comma-separated list in turn) registers it for all of them.
+    local servers=$1 node=$2 out
+    until out=$(deltabkp ctl --server "$servers" register "$node" "$ECHO_DATA_DIR" \
                     --every "${BKP_EVERY:-1}" 2>&1); do
         case $out in
             *"already registered"*)
-                log "$node $ECHO_DATA_DIR was already registered with $server"
+                log "$node $ECHO_DATA_DIR was already registered (managers $servers)"
                 return 0 ;;
         esac
-        log "registering $node $ECHO_DATA_DIR with $server failed: $out; retrying in 5 s"
+        log "registering $node $ECHO_DATA_DIR through $servers failed: $out; retrying in 5 s"
         sleep 5
     done
-    log "registered with $server: $out"
+    log "registered once, through $servers: $out"
 }
 
 echosv() {
@@ -92,11 +105,13 @@ echosv() {
     python "$ECHO_APP_DIR"/echo_load.py "127.0.0.1:$ECHO_PORT" --client "$(hostname)" \
         --rate "${ECHO_LOAD_RATE:-5}" --duration "${ECHO_LOAD_DURATION:-86400}" -q &
     local load=$!
-    local registrars=()
-    for s in ${BKP_SERVERS:-}; do
-        register_with "$s" "$node" &
+    local registrars=() list
+    # shellcheck disable=SC2086  # word-split on purpose: one comma between names
+    list=$(echo ${BKP_SERVERS:-} | tr ' ' ',')
+    if [ -n "$list" ]; then
+        register_once "$list" "$node" &
         registrars+=($!)
-    done
+    fi
 
     # shellcheck disable=SC2064  # expand the pids now
     trap "kill -TERM $app $agent $load ${registrars[*]} 2>/dev/null; wait; exit 0" TERM INT

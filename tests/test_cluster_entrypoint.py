@@ -6,7 +6,10 @@ them): ``keygen`` creates the shared key once and never replaces it; ``manager``
 ``echosv`` node starts its echo app, agent and load, registers itself with the manager through
 ``deltabkp ctl`` and gets backed up; ``healthcheck-echosv`` passes while the node runs and
 fails once it is stopped; SIGTERM stops every process of the node; a restarted node finds its
-target already registered and carries on.
+target already registered and carries on. As compose runs them: two ``manager``s over one real
+PostgreSQL catalog and one real S3 store (SeaweedFS), the first address of ``BKP_SERVERS`` down
+— the node registers its app ONCE, every manager sees that one target, it is backed up into
+S3, and the node announces itself to every manager.
 
 Invariants: deadlines on every wait, no timing assertion; every process session started here is
 killed at the end, pass or fail.
@@ -24,11 +27,15 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures_s3 import BUCKET, s3_env, seaweedfs  # noqa: F401  (fixtures)
+
+from deltabkp.testing import SeaweedFS
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
@@ -90,9 +97,9 @@ class Roles:
         return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-3000:]}"
                          for p in sorted(self.root.glob("*.log")))
 
-    def ctl(self, *args: str) -> Any:
+    def ctl(self, *args: str, server: str | None = None) -> Any:
         res = subprocess.run(
-            [sys.executable, "-m", "deltabkp", "ctl", "--server", f"127.0.0.1:{self.manager_port}",
+            [sys.executable, "-m", "deltabkp", "ctl", "--server", server or f"127.0.0.1:{self.manager_port}",
              "--json", *args], capture_output=True, text=True, env=self.env, timeout=60)
         assert res.returncode == 0, f"ctl {args}: {res.stderr}\n{self.logs()}"
         return json.loads(res.stdout) if res.stdout.strip() else None
@@ -159,4 +166,73 @@ def test_entrypoint_roles_keygen_manager_echosv(roles: Roles, tmp_path: Path) ->
              "the restarted node to see its registration", r.logs)
     wait_for(lambda: len(archives()) > before, "a backup after the restart", r.logs)
     assert r.run("healthcheck-echosv", **node_env).returncode == 0
-    assert re.search(r"registered with 127\.0\.0\.1:\d+", (tmp_path / "echosv.log").read_text())
+    assert re.search(r"registered once, through 127\.0\.0\.1:\d+: ", (tmp_path / "echosv.log").read_text())
+
+
+def test_echosv_registers_once_with_managers_sharing_postgres_and_s3(
+    s3_env: SeaweedFS, postgres_url: str, roles: Roles, tmp_path: Path  # noqa: F811
+) -> None:
+    r = roles
+    assert r.run("keygen").returncode == 0
+    # What compose gives every manager: the same catalog and store (S3 keys and endpoint in the
+    # standard AWS variables), a short lease TTL.
+    shared = {"BKP_CATALOG": postgres_url, "BKP_STORE": f"s3://{BUCKET}/entry-{uuid.uuid4().hex[:8]}",
+              "BKP_LEASE_TTL": "5", **s3_env.env()}
+    managers = []
+    for i in (1, 2):
+        port = free_port()
+        r.start("manager", f"manager{i}", MANAGER_PORT=str(port), MANAGER_DATA_DIR=str(tmp_path / f"m{i}"),
+                **shared)
+        log = tmp_path / f"manager{i}.log"
+        wait_for(lambda log=log: "listening on" in log.read_text(), f"manager{i}", r.logs)  # type: ignore[misc]
+        assert f"on catalog {postgres_url}" in log.read_text()
+        managers.append(f"127.0.0.1:{port}")
+    down = f"127.0.0.1:{free_port()}"  # a manager that is down, first in the list
+
+    data = tmp_path / "echo-data"
+    echo_port, agent_port = free_port(), free_port()
+    node = f"127.0.0.1:{agent_port}"
+    node_env = {
+        "ECHO_PORT": str(echo_port), "AGENT_PORT": str(agent_port), "ECHO_DATA_DIR": str(data),
+        "ECHO_APP_DIR": str(REPO / "examples" / "echo"), "AGENT_CACHE_DIR": str(tmp_path / "cache"),
+        "BKP_SERVERS": " ".join([down, *managers]), "ECHO_NODE": node, "BKP_EVERY": "2s",
+    }
+    echosv = r.start("echosv", "echosv", **node_env)
+
+    def archives(server: str) -> list[dict[str, Any]]:
+        targets = {(t["node"], t["path"]) for t in r.ctl("targets", server=server)}
+        return r.ctl("list", node, str(data), server=server) if (node, str(data)) in targets else []
+
+    wait_for(lambda: archives(managers[1]), "the node to register itself and its first backup", r.logs)
+    # ONE registration, through the list (the dead address skipped), and one target for all.
+    text = (tmp_path / "echosv.log").read_text()
+    assert text.count("registered once, through ") == 1, text
+    assert f"through {','.join([down, *managers])}: " in text
+    for m in managers:
+        assert [(t["node"], t["path"]) for t in r.ctl("targets", server=m)] == [(node, str(data))]
+    # Both managers list the same archives (backups go on meanwhile: compare what both had),
+    # which are in S3, not in either manager's data directory.
+    first = {a["seq"]: a["hash"] for a in archives(managers[0])}
+    later = {a["seq"]: a["hash"] for a in archives(managers[1])}
+    assert first and all(later.get(seq, h) == h for seq, h in first.items()), (first, later)
+    assert min(first) in later
+    for i in (1, 2):
+        local = [p for p in (tmp_path / f"m{i}").rglob("*.tgz") if "s3-cache" not in p.parts]
+        assert local == []
+    # The agent announced itself to every manager (the dead one is retried in the background).
+    for i in (1, 2):
+        wait_for(lambda i=i: f"agent {node} announced itself" in (tmp_path / f"manager{i}.log").read_text(),  # type: ignore[misc]
+                 f"the announcement to manager{i}", r.logs)
+
+    # A restarted node finds its app registered (by whichever manager) and registers nothing new.
+    ticks = lc.start_ticks(echosv.pid)
+    echosv.send_signal(signal.SIGTERM)
+    assert echosv.wait(timeout=60) == 0
+    wait_for(lambda: lc.session_members(echosv.pid, ticks) == [], "the node's processes to stop", r.logs)
+    before = len(archives(managers[0]))
+    r.start("echosv", "echosv-restarted", **node_env)
+    wait_for(lambda: "already registered" in (tmp_path / "echosv-restarted.log").read_text(),
+             "the restarted node to see its registration", r.logs)
+    wait_for(lambda: len(archives(managers[0])) > before, "a backup after the restart", r.logs)
+    for m in managers:
+        assert len(r.ctl("targets", server=m)) == 1

@@ -6,6 +6,10 @@ restarted → the live, changing data yields further archives → every stored a
 with ``tar xzf`` and holds the app's own messages, ``deltabkp ctl restore`` too → ``make
 local-status`` / ``local-logs`` show the cluster → ``make local-down`` leaves none of the
 recorded processes (nor any process of their sessions) running, and nothing else is touched.
+With ``MANAGERS=3``: a real PostgreSQL and a real SeaweedFS start in the run directory, three
+servers share them, every app is registered once and seen alike by every server, archives land
+in S3, a server killed with -9 is dropped from the live servers and its work goes on elsewhere
+within the lease TTL, and ``make local-down`` stops PostgreSQL and SeaweedFS too.
 
 Invariants: every wait has a deadline (no timing assertion); whatever happens, the fixture
 runs ``make local-down`` and then kills any recorded process that is still ours, so a failing
@@ -18,12 +22,15 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -83,9 +90,12 @@ class LocalRun:
         assert rec is not None, f"no {lc.RECORD} in {self.run}"
         return rec
 
-    def ctl(self, *args: str) -> Any:
+    def ctl(self, *args: str, server: str | None = None) -> Any:
+        """``deltabkp ctl --json ARGS`` through ``server`` (default: every recorded server, as
+        RUN_DIR/env lists them: the next one is tried when one is down)."""
         rec = self.record()
-        cmd = [sys.executable, "-m", "deltabkp", "ctl", "--server", rec["server"]["address"],
+        server = server or ",".join(s["address"] for s in lc.servers_of(rec))
+        cmd = [sys.executable, "-m", "deltabkp", "ctl", "--server", server,
                "--key-file", str(self.run / "cluster.key"), "--json", *args]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, f"{' '.join(args)}: {res.stderr}\n{logs(self.run)}"
@@ -95,22 +105,43 @@ class LocalRun:
         return {(t["node"], t["path"]): t for t in self.ctl("targets")}
 
 
+def tear_down(r: LocalRun) -> None:
+    r.make("local-down")
+    rec = lc.read_record(r.run)
+    if rec is not None:
+        # Belt and braces: whatever local-down missed is killed here (and the test failed).
+        for e in lc.all_entries(rec):
+            if lc.is_ours_and_alive(e["pid"], e["ticks"]):
+                for pid in [e["pid"], *lc.session_members(e["pid"], e["ticks"])]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+    print(logs(r.run))  # shown by pytest for a failing test only
+
+
 @pytest.fixture
 def local_run(tmp_path: Path) -> Iterator[LocalRun]:
     r = LocalRun(tmp_path / "run")
     try:
         yield r
     finally:
-        r.make("local-down")
-        rec = lc.read_record(r.run)
-        if rec is not None:
-            # Belt and braces: whatever local-down missed is killed here (and the test failed).
-            for e in lc.all_entries(rec):
-                if lc.is_ours_and_alive(e["pid"], e["ticks"]):
-                    for pid in [e["pid"], *lc.session_members(e["pid"], e["ticks"])]:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
-        print(logs(r.run))  # shown by pytest for a failing test only
+        tear_down(r)
+
+
+@pytest.fixture
+def shared_run() -> Iterator[LocalRun]:
+    """A run directory PostgreSQL can use: as root it runs as the ``postgres`` user, which
+    cannot enter pytest's tmp_path (its parent is private), so a directory of the system temp
+    dir, open for traversal, removed afterwards."""
+    top = Path(tempfile.mkdtemp(prefix="deltabkp-local-"))
+    top.chmod(0o755)
+    r = LocalRun(top / "run")
+    try:
+        yield r
+    finally:
+        try:
+            tear_down(r)
+        finally:
+            shutil.rmtree(top, ignore_errors=True)
 
 
 def node_key(node: dict[str, Any]) -> tuple[str, str]:
@@ -154,7 +185,10 @@ def test_local_cluster_up_add_backups_down(local_run: LocalRun, tmp_path: Path) 
 
     rec = r.record()
     assert [n["name"] for n in rec["nodes"]] == ["echosv1", "echosv2"]
-    addresses = [rec["server"]["address"]] + [n[k]["address"] for n in rec["nodes"] for k in ("app", "agent")]
+    assert [s["name"] for s in lc.servers_of(rec)] == ["server"] and rec["services"] == []
+    server = lc.servers_of(rec)[0]
+    assert "--catalog" not in server["argv"] and "--store" not in server["argv"]
+    addresses = [server["address"]] + [n[k]["address"] for n in rec["nodes"] for k in ("app", "agent")]
     assert all(a.startswith("127.0.0.1:") for a in addresses)
     assert len(set(addresses)) == len(addresses), "ports chosen at start must differ"
     assert all(lc.is_ours_and_alive(e["pid"], e["ticks"]) for e in lc.all_entries(rec))
@@ -184,7 +218,8 @@ def test_local_cluster_up_add_backups_down(local_run: LocalRun, tmp_path: Path) 
         assert len({a["hash"] for a in got}) == len(got), "a stored archive must differ from the last"
 
     status = r.make_ok("local-status")
-    assert status.count("running") >= 10 and rec["server"]["address"] in status
+    assert status.count("running") >= 10 and server["address"] in status
+    assert "live servers on this catalog: 1" in status
     assert all(n["data_dir"] in status for n in rec["nodes"])
     shown = r.make_ok("local-logs", "FOLLOW=0")
     assert "server " in shown and "echosv3-agent " in shown and "listening on" in shown
@@ -228,7 +263,7 @@ def test_local_cluster_up_add_backups_down(local_run: LocalRun, tmp_path: Path) 
     for n in rec["nodes"]:
         dest = tmp_path / "restored" / n["name"]
         res = subprocess.run(
-            [sys.executable, "-m", "deltabkp", "ctl", "--server", rec["server"]["address"],
+            [sys.executable, "-m", "deltabkp", "ctl", "--server", server["address"],
              "--key-file", str(r.run / "cluster.key"), "restore", *node_key(n), str(dest)],
             capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
@@ -243,7 +278,7 @@ def test_local_cluster_up_add_backups_down(local_run: LocalRun, tmp_path: Path) 
         for e in lc.all_entries(r.record()):
             assert not lc.is_ours_and_alive(e["pid"], e["ticks"]), f"{e['name']} still runs"
             assert lc.session_members(e["pid"], e["ticks"]) == [], f"{e['name']}'s session lives on"
-        host, _, port = rec["server"]["address"].rpartition(":")
+        host, _, port = server["address"].rpartition(":")
         with pytest.raises(OSError):
             socket.create_connection((host, int(port)), timeout=2).close()
         assert bystander.poll() is None, "local-down stopped a process it had not started"
@@ -295,3 +330,135 @@ def test_local_down_never_signals_a_reused_pid(tmp_path: Path) -> None:
         if sleeper.poll() is None:
             sleeper.kill()
             sleeper.wait()
+
+
+# -- three managers over one PostgreSQL catalog and one S3 store ------------------------------
+
+SHARED_EVERY_S = 3
+LEASE_TTL_S = 4
+
+
+def port_closed(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError:
+        return True
+    return False
+
+
+def s3_keys(r: LocalRun, rec: dict[str, Any]) -> list[str]:
+    """Every object key under the cluster's store, read with the cluster's own credentials."""
+    import boto3
+    import botocore.config
+
+    creds = lc.read_env_file(r.run / "services.env")
+    bucket, _, prefix = rec["store"].removeprefix("s3://").partition("/")
+    client = boto3.session.Session(
+        aws_access_key_id=creds["AWS_ACCESS_KEY_ID"], aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
+        region_name=creds["AWS_REGION"],
+    ).client("s3", endpoint_url=rec["s3_endpoint"],
+             config=botocore.config.Config(s3={"addressing_style": "path"}))
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def test_local_cluster_three_managers_share_one_catalog_and_store(shared_run: LocalRun) -> None:
+    r = shared_run
+    out = r.make_ok("local-up", "MANAGERS=3", "ECHO_SERVERS=2", f"EVERY={SHARED_EVERY_S}s",
+                    f"LEASE_TTL={LEASE_TTL_S}")
+    assert "3 servers" in out and "2 echo node(s)" in out
+    rec = r.record()
+    servers = lc.servers_of(rec)
+    assert [s["name"] for s in servers] == ["server1", "server2", "server3"]
+    assert [e["name"] for e in rec["services"]] == ["postgres", "seaweedfs"]
+    assert all(lc.is_ours_and_alive(e["pid"], e["ticks"]) for e in lc.all_entries(rec))
+    # PostgreSQL and SeaweedFS live in the run directory and log into RUN_DIR/logs.
+    assert (r.run / "postgres" / "data" / "PG_VERSION").exists() and (r.run / "seaweedfs" / "data").is_dir()
+    assert "ready to accept connections" in (r.run / "logs" / "postgres.log").read_text()
+    assert (r.run / "logs" / "seaweedfs.log").stat().st_size > 0
+    assert rec["catalog"].startswith("postgresql://") and rec["store"].startswith("s3://")
+    for s in servers:
+        argv = s["argv"]
+        assert argv[argv.index("--catalog") + 1] == rec["catalog"]
+        assert argv[argv.index("--store") + 1] == rec["store"]
+        assert argv[argv.index("--lease-ttl") + 1] == str(LEASE_TTL_S)
+    # The credentials are the cluster's own and private to its user.
+    assert (r.run / "services.env").stat().st_mode & 0o077 == 0
+    assert "PGPASSWORD" in lc.read_env_file(r.run / "services.env")
+    env = lc.read_env_file(r.run / "env")
+    assert env["DELTABKP_SERVER"].split(",") == [s["address"] for s in servers]
+    # The agents announce to every server.
+    for n in rec["nodes"]:
+        announced = [a for i, a in enumerate(n["agent"]["argv"]) if n["agent"]["argv"][i - 1] == "--server"]
+        assert announced == [s["address"] for s in servers]
+
+    # Every app registered once, and every server sees the same targets from the shared catalog.
+    expected = sorted(node_key(n) for n in rec["nodes"])
+    for s in servers:
+        seen = sorted((t["node"], t["path"]) for t in r.ctl("targets", server=s["address"]))
+        assert seen == expected, f"{s['name']} sees {seen}"
+    status = r.ctl("status")
+    assert sorted(x["address"] for x in status["servers"]) == sorted(s["address"] for s in servers)
+    assert status["catalog"] == rec["catalog"] and status["store"] == rec["store"]
+
+    # Backups are stored — in S3, not in the servers' data directories.
+    for n in rec["nodes"]:
+        wait_for(partial(stored, r, n), f"first backup of {n['name']}", run=r.run)
+    keys = s3_keys(r, rec)
+    assert sum(k.endswith(".tgz") for k in keys) >= len(rec["nodes"]), keys
+    for s in servers:
+        local = [p for p in (r.run / s["name"]).rglob("*.tgz") if "s3-cache" not in p.parts]
+        assert local == [], f"{s['name']} stored archives locally: {local}"
+
+    # Failover: server1 dies without a word; ctl (server1 first in its list) goes on to the next,
+    # the live servers drop to two within the TTL, and every target is backed up again.
+    victim = servers[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    killed = time.time()
+    wait_for(lambda: not lc.is_ours_and_alive(victim["pid"], victim["ticks"]), "server1 to die", run=r.run)
+    wait_for(lambda: len(r.ctl("status")["servers"]) == 2, "server1 to leave the live servers",
+             timeout=LEASE_TTL_S + 30, run=r.run)
+
+    def backed_up_after(t: float) -> bool:
+        done = {(e["node"], e["path"]) for e in r.ctl("log")
+                if e["outcome"] in ("stored", "unchanged")
+                and datetime.fromisoformat(e["started"]).timestamp() > t}
+        return done >= set(expected)
+
+    wait_for(lambda: backed_up_after(killed + LEASE_TTL_S), "every app backed up after the kill",
+             timeout=LEASE_TTL_S + 4 * SHARED_EVERY_S + 30, run=r.run)
+    status_text = r.make_ok("local-status")
+    assert "live servers on this catalog: 2" in status_text
+    assert re.search(r"^postgres\s+\d+\s+running", status_text, re.MULTILINE), status_text
+    assert re.search(r"^seaweedfs\s+\d+\s+running", status_text, re.MULTILINE), status_text
+    assert re.search(r"^server1\s+\d+\s+stopped", status_text, re.MULTILINE), status_text
+
+    # local-down stops everything, PostgreSQL (and its backends) and SeaweedFS included.
+    down = r.make_ok("local-down")
+    assert f"server1: pid {victim['pid']} already gone" in down
+    assert "postgres: pid" in down and "seaweedfs: pid" in down
+    for e in lc.all_entries(r.record()):
+        assert not lc.is_ours_and_alive(e["pid"], e["ticks"]), f"{e['name']} still runs"
+        assert lc.session_members(e["pid"], e["ticks"]) == [], f"{e['name']}'s session lives on"
+    for e in [*servers, *rec["services"]]:
+        assert port_closed(e["address"]), f"{e['name']} still listens on {e['address']}"
+    weed = rec["services"][1]
+    assert [p for port in weed["ports"] for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")] == []
+
+
+def test_failed_local_up_with_two_managers_stops_postgres_and_seaweedfs(shared_run: LocalRun) -> None:
+    # The refused registration comes last: PostgreSQL, SeaweedFS, both servers and the node run
+    # by then, and every one of them must be stopped (PostgreSQL's backends included).
+    res = shared_run.make("local-up", "MANAGERS=2", "ECHO_SERVERS=1", "EVERY=0")
+    assert res.returncode != 0
+    assert "register" in res.stderr and "stopping what was started" in res.stderr
+    rec = shared_run.record()
+    entries = lc.all_entries(rec)
+    assert {e["name"] for e in entries} == {"postgres", "seaweedfs", "server1", "server2",
+                                            "echosv1-app", "echosv1-agent", "echosv1-load"}
+    for e in entries:
+        assert not lc.is_ours_and_alive(e["pid"], e["ticks"]), f"{e['name']} still runs"
+        assert lc.session_members(e["pid"], e["ticks"]) == [], f"{e['name']}'s session lives on"
+    assert all(port_closed(e["address"]) for e in rec["services"])
+    assert rec["stopped"] == "aborted"

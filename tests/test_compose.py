@@ -94,13 +94,50 @@ def test_a_broken_compose_file_is_rejected(compose_cmd: list[str], tmp_path: Pat
     assert "hostnmae" in res.stderr
 
 
+SHARED = {"cluster-key", "postgres", "s3"}
+
+
+def check_shared_backends(services: dict[str, Any], managers: list[str]) -> None:
+    """One postgres and one s3 for everyone; every manager on them, started once they are healthy."""
+    pg, s3 = services["postgres"], services["s3"]
+    assert pg["image"].startswith("postgres:")
+    assert pg["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    assert any(v["target"] == "/var/lib/postgresql/data" and v["source"] == "postgres-data" for v in pg["volumes"])
+    assert s3["image"].startswith("chrislusf/seaweedfs:") and s3["command"][0] == "mini"
+    assert "-ip.bind=0.0.0.0" in s3["command"] and "-master.telemetry=false" in s3["command"]
+    assert "http://127.0.0.1:8333/healthz" in s3["healthcheck"]["test"]
+    assert any(v["target"] == "/data" and v["source"] == "s3-data" for v in s3["volumes"])
+    pg_env, s3_env = pg["environment"], s3["environment"]
+    for name in managers:
+        m = services[name]
+        env = m["environment"]
+        # The catalog URL names the postgres service, its user and database; the password the
+        # same as the one postgres was given.
+        assert env["BKP_CATALOG"] == (f"postgresql://{pg_env['POSTGRES_USER']}@postgres:5432/"
+                                      f"{pg_env['POSTGRES_DB']}")
+        assert env["PGPASSWORD"] == pg_env["POSTGRES_PASSWORD"]
+        assert env["BKP_STORE"].startswith("s3://")
+        assert env["AWS_ENDPOINT_URL"] == "http://s3:8333"
+        assert env["AWS_ACCESS_KEY_ID"] == s3_env["AWS_ACCESS_KEY_ID"]
+        assert env["AWS_SECRET_ACCESS_KEY"] == s3_env["AWS_SECRET_ACCESS_KEY"]
+        assert int(env["BKP_LEASE_TTL"]) > 0
+        for backend in ("postgres", "s3"):
+            assert m["depends_on"][backend]["condition"] == "service_healthy", (name, backend)
+        assert m["depends_on"]["cluster-key"]["condition"] == "service_completed_successfully"
+        # Stateless: nothing of its own to keep (the data dir holds a cache only).
+        assert {v["source"] for v in m["volumes"]} == {"cluster-key"}
+    # All on the very same catalog and store: that is what lets an app register once.
+    for key in ("BKP_CATALOG", "BKP_STORE", "AWS_ENDPOINT_URL"):
+        assert len({services[n]["environment"][key] for n in managers}) == 1, key
+
+
 def test_default_cluster_is_one_manager_two_echo_nodes(compose_cmd: list[str]) -> None:
     cfg = config_json(compose_cmd, BASE)
     services = cfg["services"]
-    assert set(services) == {"cluster-key", "manager1", "echosv1", "echosv2"}
+    assert set(services) == SHARED | {"manager1", "echosv1", "echosv2"}
     m = services["manager1"]
     assert m["healthcheck"]["test"][:3] == ["CMD", "deltabkp", "ctl"]
-    assert any(v["target"] == "/var/lib/deltabkp" and v["type"] == "volume" for v in m["volumes"])
+    check_shared_backends(services, ["manager1"])
     for name in ("echosv1", "echosv2"):
         s = services[name]
         env = s["environment"]
@@ -112,32 +149,64 @@ def test_default_cluster_is_one_manager_two_echo_nodes(compose_cmd: list[str]) -
     # One key for everyone, from the one-shot generator.
     for name in ("manager1", "echosv1", "echosv2"):
         assert any(v["source"] == "cluster-key" for v in services[name]["volumes"])
-    assert services["manager1"]["depends_on"]["cluster-key"]["condition"] == "service_completed_successfully"
     # Per-node data volumes differ (echosv2 extends echosv1 and overrides its volume).
     data = {n: [v["source"] for v in services[n]["volumes"] if v["target"] == "/data/echo"]
             for n in ("echosv1", "echosv2")}
     assert data == {"echosv1": ["echosv1-data"], "echosv2": ["echosv2-data"]}
+    assert set(cfg["volumes"]) == {"cluster-key", "postgres-data", "s3-data", "echosv1-data", "echosv2-data"}
 
 
-def test_scaled_file_two_managers_three_echo_nodes(compose_cmd: list[str], tmp_path: Path) -> None:
+def test_secrets_come_from_the_environment(compose_cmd: list[str]) -> None:
+    # One variable sets a secret on both sides (the backend and every manager).
+    res = run([*compose_cmd, "-f", str(BASE), "config", "--format", "json"],
+              BKP_PG_PASSWORD="pg-pw", BKP_S3_ACCESS_KEY="ak", BKP_S3_SECRET_KEY="sk", BKP_LEASE_TTL="7")
+    assert res.returncode == 0, res.stderr
+    services = json.loads(res.stdout)["services"]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == "pg-pw"
+    assert services["s3"]["environment"]["AWS_SECRET_ACCESS_KEY"] == "sk"
+    env = services["manager1"]["environment"]
+    assert (env["PGPASSWORD"], env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == ("pg-pw", "ak", "sk")
+    assert env["BKP_LEASE_TTL"] == "7"
+
+
+def test_scaled_file_three_managers_four_echo_nodes(compose_cmd: list[str], tmp_path: Path) -> None:
     out = tmp_path / "compose.yml"
-    printed = generate(out, "set", "--managers", "2", "--echo-servers", "3")
-    assert printed == ["manager1", "manager2", "echosv1", "echosv2", "echosv3"]
+    printed = generate(out, "set", "--managers", "3", "--echo-servers", "4")
+    managers = ["manager1", "manager2", "manager3"]
+    echo = ["echosv1", "echosv2", "echosv3", "echosv4"]
+    assert printed == managers + echo
     res = run([*compose_cmd, "-f", str(out), "config", "-q"])
     assert res.returncode == 0, res.stderr
-    services = config_json(compose_cmd, out)["services"]
-    assert set(services) == {"cluster-key", "manager1", "manager2", "echosv1", "echosv2", "echosv3"}
-    ports = {n: [(p["host_ip"], p["published"]) for p in services[n]["ports"]] for n in ("manager1", "manager2")}
-    assert ports == {"manager1": [("127.0.0.1", "7470")], "manager2": [("127.0.0.1", "7471")]}
-    data = {n: {v["source"] for v in services[n]["volumes"]} for n in ("manager1", "manager2")}
-    assert data == {"manager1": {"manager1-data", "cluster-key"}, "manager2": {"manager2-data", "cluster-key"}}
-    for i in (1, 2, 3):
+    cfg = config_json(compose_cmd, out)
+    services = cfg["services"]
+    # Three managers, ONE postgres and ONE s3.
+    assert set(services) == SHARED | set(managers) | set(echo)
+    check_shared_backends(services, managers)
+    ports = {n: [(p["host_ip"], p["published"]) for p in services[n]["ports"]] for n in managers}
+    assert ports == {"manager1": [("127.0.0.1", "7470")], "manager2": [("127.0.0.1", "7471")],
+                     "manager3": [("127.0.0.1", "7472")]}
+    assert {services[n]["hostname"] for n in managers} == set(managers)
+    for i in range(1, 5):
         s = services[f"echosv{i}"]
         assert s["hostname"] == f"echosv{i}"
         assert s["environment"]["ECHO_NODE"] == f"echosv{i}:7471"
-        assert s["environment"]["BKP_SERVERS"].split() == ["manager1:7470", "manager2:7470"]
-        assert set(s["depends_on"]) == {"manager1", "manager2"}
+        # Announces to every manager; registers once through the first that answers.
+        assert s["environment"]["BKP_SERVERS"].split() == [f"{m}:7470" for m in managers]
+        assert s["environment"]["DELTABKP_SERVER"] == ",".join(f"{m}:7470" for m in managers)
+        assert set(s["depends_on"]) == set(managers)
+        assert all(d["condition"] == "service_healthy" for d in s["depends_on"].values())
         assert {v["source"] for v in s["volumes"]} == {f"echosv{i}-data", "cluster-key"}
+    assert set(cfg["volumes"]) == {"cluster-key", "postgres-data", "s3-data"} | {f"{e}-data" for e in echo}
+
+
+def test_the_entrypoint_registers_each_app_once() -> None:
+    # Statically what tests/test_cluster_entrypoint.py runs for real: the echosv role makes ONE
+    # registration, through the comma-separated list of every manager, not one per manager.
+    entrypoint = (REPO / "docker" / "entrypoint.sh").read_text()
+    echosv = entrypoint[entrypoint.index("\nechosv() {"):entrypoint.index("\nhealthcheck_echosv() {")]
+    assert echosv.count("register_once ") == 1
+    assert "for s in ${BKP_SERVERS:-}; do servers+=(--server" in echosv  # announce: to all
+    assert 'deltabkp ctl --server "$servers" register' in entrypoint
 
 
 def test_add_echosv_changes_no_existing_service(compose_cmd: list[str], tmp_path: Path) -> None:
@@ -160,18 +229,21 @@ def make_n(*args: str) -> str:
     return res.stdout
 
 
-def test_make_n_docker_compose_up_shows_two_servers_three_app_nodes() -> None:
-    out = make_n("docker-compose-up", "BKP_MANAGERS=2", "ECHO_SERVERS=3")
+def test_make_n_docker_compose_up_shows_three_servers_four_app_nodes() -> None:
+    out = make_n("docker-compose-up", "BKP_MANAGERS=3", "ECHO_SERVERS=4")
     up = [line for line in out.splitlines() if " up " in line]
     assert len(up) == 1, out
     words = up[0].split()
-    assert [w for w in words if w.startswith("manager")] == ["manager1", "manager2"]
-    assert [w for w in words if w.startswith("echosv")] == ["echosv1", "echosv2", "echosv3"]
-    assert "--managers 2 --echo-servers 3" in out
+    assert [w for w in words if w.startswith("manager")] == ["manager1", "manager2", "manager3"]
+    assert [w for w in words if w.startswith("echosv")] == ["echosv1", "echosv2", "echosv3", "echosv4"]
+    assert {"cluster-key", "postgres", "s3"} <= set(words)
+    assert "--managers 3 --echo-servers 4" in out
     default = make_n("docker-compose-up")
     up = next(line for line in default.splitlines() if " up " in line).split()
     assert [w for w in up if w.startswith(("manager", "echosv"))] == ["manager1", "echosv1", "echosv2"]
+    assert {"cluster-key", "postgres", "s3"} <= set(up)
     assert "BKP_EVERY=1 " in default
+    assert "BKP_LEASE_TTL=9 " in make_n("docker-compose-up", "BKP_LEASE_TTL=9")
 
 
 @pytest.mark.parametrize(
@@ -185,8 +257,11 @@ def test_make_n_docker_compose_up_shows_two_servers_three_app_nodes() -> None:
         ("docker-manager-shell", ["MANAGER=2"], "exec manager2 "),
         ("docker-echosv-shell", [], "exec echosv1 "),
         ("docker-echosv-shell", ["ECHOSV=3"], "exec echosv3 "),
-        ("local-up", [], "up --echo-servers 2 --every 1"),
+        ("local-up", [], "up --echo-servers 2 --every 1 --managers 1"),
         ("local-up", ["ECHO_SERVERS=4", "EVERY=5m"], "up --echo-servers 4 --every 5m"),
+        ("local-up", ["MANAGERS=3"], "--managers 3"),
+        ("local-up", ["BKP_MANAGERS=2"], "--managers 2"),
+        ("local-up", ["MANAGERS=3", "LEASE_TTL=5"], "--managers 3 --lease-ttl 5"),
         ("local-add-echosv", ["NEW_ECHOSVS=2"], "add-echosv --new 2"),
         ("local-status", [], " status"),
         ("local-logs", [], "logs --follow 1"),
@@ -229,6 +304,8 @@ def test_image_and_compose_agree(compose_cmd: list[str]) -> None:
     assert "ECHO_APP_DIR=${ECHO_APP_DIR:-/opt/deltabkp/echo}" in entrypoint
     roles = set()
     for svc in config_json(compose_cmd, BASE)["services"].values():
+        if svc["image"] != "deltabkp:local":  # postgres, s3: images of their own
+            continue
         roles.add(svc["command"][0])
         test = svc.get("healthcheck", {}).get("test", [])
         if "/opt/deltabkp/entrypoint.sh" in test:
