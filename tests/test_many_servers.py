@@ -53,6 +53,19 @@ def _tree(root: Path, seed: int) -> Path:
     return root
 
 
+def _servers(c: Cluster, tmp_path: Path, n: int, catalog: str, store: str) -> list[Daemon]:
+    """``n`` servers on one catalog and one store (the S3 settings come from ``s3_env``)."""
+    env = {**c.env, **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")}}
+    return [
+        Daemon("deltabkp-server", [
+            exe("deltabkp-server"), "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / f"srv{i}"),
+            "--key-file", str(c.key_file), "--catalog", catalog, "--store", store,
+            "--lease-ttl", str(LEASE_TTL),
+        ], tmp_path / f"server{i}.log", env)
+        for i in range(n)
+    ]
+
+
 def _executions(c: Cluster, server: str) -> list[dict[str, Any]]:
     res = c.ctl_run("--json", "log", server=server)
     assert res.returncode == 0, res.stderr
@@ -66,16 +79,8 @@ def _started(e: dict[str, Any]) -> float:
 def test_three_servers_share_targets_and_take_over_from_a_killed_one(
     cluster: Cluster, postgres_url: str, s3_env: SeaweedFS, tmp_path: Path
 ) -> None:
-    env = {**cluster.env, **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")}}
     store = f"s3://{BUCKET}/many-{uuid.uuid4().hex[:8]}"
-    servers = [
-        Daemon("deltabkp-server", [
-            exe("deltabkp-server"), "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / f"srv{i}"),
-            "--key-file", str(cluster.key_file), "--catalog", postgres_url, "--store", store,
-            "--lease-ttl", str(LEASE_TTL),
-        ], tmp_path / f"server{i}.log", env)
-        for i in range(3)
-    ]
+    servers = _servers(cluster, tmp_path, 3, postgres_url, store)
     try:
         addresses = ",".join(s.address for s in servers)
         apps = [_tree(tmp_path / f"app{i}", i) for i in range(6)]
@@ -175,16 +180,8 @@ def test_a_catalog_outage_fails_executions_cleanly_and_they_resume(
 def test_a_server_killed_mid_execution_leaves_nothing_half_stored(
     cluster: Cluster, postgres_url: str, s3_env: SeaweedFS, tmp_path: Path
 ) -> None:
-    env = {**cluster.env, **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")}}
     prefix = f"kill-{uuid.uuid4().hex[:8]}"
-    servers = [
-        Daemon("deltabkp-server", [
-            exe("deltabkp-server"), "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / f"srv{i}"),
-            "--key-file", str(cluster.key_file), "--catalog", postgres_url,
-            "--store", f"s3://{BUCKET}/{prefix}", "--lease-ttl", str(LEASE_TTL),
-        ], tmp_path / f"server{i}.log", env)
-        for i in range(2)
-    ]
+    servers = _servers(cluster, tmp_path, 2, postgres_url, f"s3://{BUCKET}/{prefix}")
     try:
         app = tmp_path / "big"
         app.mkdir()
