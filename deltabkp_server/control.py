@@ -18,7 +18,13 @@ import attrs
 import trio
 
 from deltabkp import __version__, net, protocol
-from deltabkp.errors import DeltabkpError, ErrorCode, RequestRefused, UsageError
+from deltabkp.errors import (
+    DeltabkpError,
+    ErrorCode,
+    LocalProtocolError,
+    RequestRefused,
+    UsageError,
+)
 from deltabkp_server.agents import ping
 from deltabkp_server.catalog import AsyncCatalog, SqliteCatalog
 from deltabkp_server.config import ServerConfig
@@ -106,7 +112,14 @@ class ControlAPI:
                 log.error("ctl %s %s failed: %s", chan.peer, req.op, exc)
                 await chan.send(protocol.Error(str(ErrorCode.INTERNAL), f"{req.op} failed: {exc}"))
                 continue
-            await chan.send(protocol.Response(data))
+            try:
+                await chan.send(protocol.Response(data))
+            except LocalProtocolError as exc:  # an answer larger than one frame
+                log.warning("ctl %s %s: %s", chan.peer, req.op, exc)
+                await chan.send(protocol.Error(str(ErrorCode.REFUSED), (
+                    f"the answer to {req.op} is too large for one message ({exc.reason}); "
+                    "ask for less (e.g. log --limit N)"
+                )))
 
     async def _target(self, args: dict[str, Any], *, active_only: bool = True) -> Target:
         node, path = target_args(args)

@@ -24,6 +24,7 @@ from deltabkp import net, protocol
 from deltabkp.errors import AuthError, RequestRefused
 from deltabkp.testing import ScriptedAgent
 from deltabkp_server.execution import ExecutionSettings
+from deltabkp_server.model import ExecutionResult
 from deltabkp_server.scheduler import RETRY_CAP_S, backoff_delay
 from deltabkp_server.server import Server, configure_logging
 
@@ -445,3 +446,23 @@ async def test_an_archive_over_the_size_limit_is_refused_and_not_stored(
     assert await ctl(srv.address, "list", node=agent.address, path="/srv/app") == []
     assert _files(srv) == []
     scope.cancel()
+
+
+async def test_an_answer_too_large_for_one_frame_is_a_clear_refusal(
+    server: Server, agent: ScriptedAgent
+) -> None:
+    agent.content["/srv/app"] = b"x" * 100
+    await _register(server, agent)
+    [target] = await server.catalog.call(lambda c: c.targets())
+
+    def fill(c: Any) -> None:  # a long history: 300 failures with long errors (> 1 MiB)
+        for i in range(300):
+            eid = c.start_execution(target.id, 10.0 + i, "manual")
+            c.finish_execution(eid, ExecutionResult(outcome="failed", ended=11.0 + i, error="e" * 4000))
+
+    await server.catalog.call(fill)
+    with pytest.raises(RequestRefused) as ei:
+        await ctl(server.address, "log")
+    assert ei.value.code == "refused" and "too large" in ei.value.reason and "--limit" in ei.value.reason
+    # Nothing else is broken: a smaller answer comes, and the server keeps serving.
+    assert len(await ctl(server.address, "log", limit=5)) == 5

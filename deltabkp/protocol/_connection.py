@@ -165,8 +165,9 @@ class Connection:
         """Queue ``msg`` after checking that the conversation allows it now."""
         if self.conversation is None:
             raise LocalProtocolError(f"{self.our_role} tried to send {msg.TYPE} before the handshake")
+        frame = encode(msg)  # first: a message too big to send must not move the state
         self.conversation.send(msg)
-        self._out += encode(msg)
+        self._out += frame
 
     def send_error(self, code: ErrorCode, reason: str) -> None:
         """Queue an ``error`` frame outside the conversation's rules: we are about to hang up."""
