@@ -134,9 +134,6 @@ class Scheduler:
     def wake(self) -> None:
         self._wake.set()
 
-    def is_running(self, target_id: int) -> bool:
-        return target_id in self._held
-
     @property
     def running(self) -> int:
         return len(self._held)
