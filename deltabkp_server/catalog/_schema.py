@@ -152,13 +152,22 @@ _V2_POSTGRES = (
     "CREATE INDEX executions_open ON executions(target_id) WHERE outcome IS NULL",
 )
 
+# v3: storage and a log that scales.  Two groups of statements, one per concern, run as one
+# step (unreleased until this comment says otherwise: may still be edited).
+# - storage: how each retained version is held (whole / reverse delta) and its verification;
+_V3_STORAGE_SQLITE: tuple[str, ...] = ()
+_V3_STORAGE_POSTGRES: tuple[str, ...] = ()
+# - log: folded runs of `unchanged` executions and paging indexes.
+_V3_LOG_SQLITE: tuple[str, ...] = ()
+_V3_LOG_POSTGRES: tuple[str, ...] = ()
+
 #: engine → the statements of version 1, 2, … (index 0 is version 1).
 _STEPS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "sqlite": (_V1_SQLITE, _V2_SQLITE),
-    "postgresql": (_V1_POSTGRES, _V2_POSTGRES),
+    "sqlite": (_V1_SQLITE, _V2_SQLITE, _V3_STORAGE_SQLITE + _V3_LOG_SQLITE),
+    "postgresql": (_V1_POSTGRES, _V2_POSTGRES, _V3_STORAGE_POSTGRES + _V3_LOG_POSTGRES),
 }
 ENGINES = tuple(_STEPS)
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 assert all(len(s) == SCHEMA_VERSION for s in _STEPS.values())
 
 
