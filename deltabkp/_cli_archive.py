@@ -3,7 +3,10 @@
 ``archive`` writes OUT atomically (``deltabkp._atomic.atomic_write``: a temp file beside OUT,
 renamed at the end) or to stdout for ``-``; an OUT inside SRC_DIR is not archived, nor is its
 temp file; files that changed while read or were skipped are listed but do not fail the command
-(a hot backup expects them).  ``extract`` refuses unsafe archives with exit code 5.
+(a hot backup expects them).  ``extract`` is all or nothing (``extract_archive``: into a temp
+directory beside DEST_DIR, renamed onto it at the end): DEST_DIR must be missing or empty
+(exit code 2 otherwise) and is left as it was when the archive is unsafe (exit code 5, naming
+the entry) or corrupt.
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ import sys
 from typing import Any
 
 from deltabkp._atomic import atomic_write
-from deltabkp.archive import ArchiveReport, ExtractReport, build_archive, extract_archive
+from deltabkp.archive import (
+    ArchiveReport,
+    ExtractReport,
+    build_archive,
+    check_destination,
+    extract_archive,
+)
 from deltabkp.errors import ArchiveError
 
 
@@ -43,8 +52,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "extract",
         help="safely extract a tgz into a directory",
         description=(
-            "Extract ARCHIVE into DEST_DIR (created if missing), refusing absolute paths, '..' "
-            "and links that would escape DEST_DIR."
+            "Extract ARCHIVE into DEST_DIR, which must be missing or empty: all or nothing "
+            "(extracted beside it, renamed into place at the end; on any error DEST_DIR is left "
+            "as it was). Restores contents, modes, mtimes to the nanosecond, symlinks whatever "
+            "they point to, hard links, FIFOs, and owners when run as root. Refuses absolute "
+            "names, '..', writing through a symlink and devices."
         ),
     )
     e.add_argument("archive", metavar="ARCHIVE", help="tgz file, or - for stdin")
@@ -82,6 +94,7 @@ def _own_output(src: str, out: str) -> list[str]:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    check_destination(args.dest)  # before reading stdin or the archive: a usage error
     if args.archive == "-":
         report = extract_archive(sys.stdin.buffer, args.dest)
     elif not os.path.isfile(args.archive):
@@ -99,7 +112,8 @@ def _print(args: argparse.Namespace, data: dict[str, Any], text: str, stream: An
 def _archive_json(r: ArchiveReport) -> dict[str, Any]:
     return {
         "files": r.files, "dirs": r.dirs, "symlinks": r.symlinks, "hardlinks": r.hardlinks,
-        "bytes_in": r.bytes_in, "bytes_out": r.bytes_out, "content_bytes": r.content_bytes,
+        "fifos": r.fifos, "bytes_in": r.bytes_in, "bytes_out": r.bytes_out,
+        "content_bytes": r.content_bytes,
         "changed": [{"path": i.path, "what": i.what} for i in r.changed],
         "skipped": [{"path": i.path, "what": i.what} for i in r.skipped],
     }
@@ -108,7 +122,8 @@ def _archive_json(r: ArchiveReport) -> dict[str, Any]:
 def _archive_text(r: ArchiveReport) -> str:
     ratio = f" ({r.bytes_out / r.bytes_in:.1%})" if r.bytes_in else ""
     lines = [
-        f"files: {r.files} (+ {r.dirs} dirs, {r.symlinks} symlinks, {r.hardlinks} hard links)",
+        (f"files: {r.files} (+ {r.dirs} dirs, {r.symlinks} symlinks, {r.hardlinks} hard links, "
+         f"{r.fifos} FIFOs)"),
         f"bytes in: {r.bytes_in}",
         f"bytes out: {r.bytes_out}{ratio}",
         f"changed while read: {len(r.changed)}",
@@ -121,11 +136,11 @@ def _archive_text(r: ArchiveReport) -> str:
 
 def _extract_json(r: ExtractReport) -> dict[str, Any]:
     return {"files": r.files, "dirs": r.dirs, "symlinks": r.symlinks,
-            "hardlinks": r.hardlinks, "bytes": r.bytes}
+            "hardlinks": r.hardlinks, "fifos": r.fifos, "bytes": r.bytes}
 
 
 def _extract_text(r: ExtractReport, dest: str) -> str:
     return (
         f"extracted into {dest}: {r.files} files ({r.bytes} bytes), {r.dirs} dirs, "
-        f"{r.symlinks} symlinks, {r.hardlinks} hard links"
+        f"{r.symlinks} symlinks, {r.hardlinks} hard links, {r.fifos} FIFOs"
     )

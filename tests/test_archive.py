@@ -148,20 +148,26 @@ def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
     return out
 
 
-def test_special_files_are_skipped_and_reported_never_opened(tmp_path: Path) -> None:
+def test_fifos_are_stored_and_sockets_skipped_neither_opened(tmp_path: Path) -> None:
+    """Format 2: a FIFO is a type-6 entry from its lstat (opening it for reading would block
+    the build forever: this test would hang); a socket is skipped and reported."""
     tree = make_tree(tmp_path / "t")
-    os.mkfifo(tree / "fifo")  # opening it for reading would block the build forever
+    os.mkfifo(tree / "fifo", 0o640)
+    os.utime(tree / "fifo", ns=(T0 * 10**9 + 5, T0 * 10**9 + 5))
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(tree / "sock"))
     try:
         data, report = build_bytes(tree)
     finally:
         sock.close()
-    assert {(i.path, i.what) for i in report.skipped} == {
-        ("fifo", "FIFO not archived"), ("sock", "socket not archived")
-    }
-    names = tarfile.open(fileobj=io.BytesIO(data)).getnames()
-    assert "fifo" not in names and "sock" not in names
+    assert {(i.path, i.what) for i in report.skipped} == {("sock", "socket not archived")}
+    assert report.fifos == 1
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        members = {m.name: m for m in tf}
+    assert "sock" not in members
+    fifo = members["fifo"]
+    assert fifo.type == tarfile.FIFOTYPE and fifo.size == 0 and fifo.mode == 0o640
+    assert fifo.pax_headers == {"mtime": "1700000000.000000005"}
 
 
 def test_exclude_patterns(tmp_path: Path) -> None:
@@ -421,6 +427,52 @@ def test_golden_tree_archive(tmp_path: Path) -> None:
     if os.environ.get("DELTABKP_REGEN_GOLDEN"):
         golden.write_bytes(data)
     same_zlib(data, golden.read_bytes())
+    # Format 2 only adds PAX records (for fractions of a second) and FIFO entries: a tree
+    # with neither still gives the format-1 golden's exact bytes.
+
+
+def test_fingerprint_covers_the_archive_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent upgraded across a format change must rebuild once: same tree, other format
+    version, other fingerprint (the cached one no longer answers "unchanged")."""
+    from deltabkp.archive import _walk, tree_fingerprint
+
+    tree = make_tree(tmp_path / "t")
+    now = tree_fingerprint(tree)
+    monkeypatch.setattr(_walk, "ARCHIVE_VERSION", _walk.ARCHIVE_VERSION - 1)
+    assert tree_fingerprint(tree).digest != now.digest
+
+
+def test_golden_tree_archive_v2(tmp_path: Path) -> None:
+    """Format 2's exact bytes: the golden tree plus a FIFO, absolute and escaping symlinks,
+    an entry of another owner, and sub-second mtimes (PAX records) on files, directories,
+    links and the FIFO (root only: owners)."""
+    if os.geteuid() != 0:
+        pytest.skip("the golden tree needs chosen owners, which only root can set")
+    tree = make_tree(tmp_path / "t")
+    os.mkfifo(tree / "sub" / "fifo")
+    os.chmod(tree / "sub" / "fifo", 0o620)  # not through mkfifo: the umask would apply
+    os.symlink("/srv/releases/42", tree / "current")
+    os.symlink("../../include/x", tree / "sub" / "llvm")
+    for dirpath, dirs, files in os.walk(tree):
+        for n in files + dirs:
+            os.chown(os.path.join(dirpath, n), 0, 0, follow_symlinks=False)
+    os.chown(tree / "sub" / "code.py", 4242, 4343)
+    os.chown(tree / "current", 4242, 4343, follow_symlinks=False)
+    for i, p in enumerate(sorted(tree.rglob("*"))):
+        # Every other entry with a fraction (so both header forms appear), one of them < 0.
+        ns = T0 * 10**9 + (i * 123_456_789 if i % 2 else 0)
+        os.utime(p, ns=(ns, ns), follow_symlinks=False)
+    os.utime(tree / "empty", ns=(-1_500_000_000, -1_500_000_000))
+    data, report = build_bytes(tree)
+    assert report.fifos == 1 and report.skipped == ()
+    golden = GOLDEN / "tree-v2.tgz"
+    if os.environ.get("DELTABKP_REGEN_GOLDEN"):
+        golden.write_bytes(data)
+    same_zlib(data, golden.read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(golden.read_bytes())) as tf:
+        pax = [m.name for m in tf if m.pax_headers]
+    assert "sub/fifo" in pax or "current" in pax
+    assert len(pax) >= 8
 
 
 @given(
@@ -430,20 +482,35 @@ def test_golden_tree_archive(tmp_path: Path) -> None:
     ids=st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)),
     size=st.integers(0, 2**40),
     mtime=st.integers(-(2**33), 2**40),
-    type_=st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE]),
+    frac=st.sampled_from([0, 0, 1, 7, 500_000_000, 999_999_999]) | st.integers(0, 10**9 - 1),
+    type_=st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
+                           tarfile.FIFOTYPE]),
 )
 def test_fast_tar_header_equals_tarfile(
-    name: bytes, link: bytes, mode: int, ids: tuple[int, int], size: int, mtime: int, type_: bytes
+    name: bytes, link: bytes, mode: int, ids: tuple[int, int], size: int, mtime: int, frac: int,
+    type_: bytes,
 ) -> None:
     from types import SimpleNamespace
 
-    from deltabkp.archive._build import _header, _slow_header
+    from deltabkp.archive._build import _header, _pax_mtime, _slow_header
 
     n, lk = os.fsdecode(name), os.fsdecode(link)
-    fake = SimpleNamespace(st_mode=stat.S_IFREG | mode, st_mtime_ns=mtime * 10**9 + 7,
+    ns = mtime * 10**9 + frac
+    fake = SimpleNamespace(st_mode=stat.S_IFREG | mode, st_mtime_ns=ns,
                            st_uid=ids[0], st_gid=ids[1])
     fast = _header(n, fake, type_, size, lk)  # type: ignore[arg-type]
-    assert fast == _slow_header(n, mode, mtime, ids[0], ids[1], type_, size, lk)
+    pax = _pax_mtime(ns) if frac else b""
+    assert fast == pax + _slow_header(n, mode, mtime, ids[0], ids[1], type_, size, lk)
     with tarfile.open(fileobj=io.BytesIO(fast + bytes(size % 512 and 0) + bytes(1024)), mode="r:") as tf:
         ti = tf.next()
-        assert ti is not None and ti.mode == mode and ti.mtime == mtime
+        assert ti is not None and ti.mode == mode
+    if not frac:
+        assert ti.mtime == mtime and ti.pax_headers == {}
+        return
+    # Format 2: the exact mtime in a PAX record, written as GNU tar does and byte for byte
+    # what tarfile writes for that record (tarfile's own float mtime is not exact).
+    sec, f = divmod(abs(ns), 10**9)
+    text = ("-" if ns < 0 else "") + f"{sec}." + f"{f:09d}".rstrip("0")
+    assert ti.pax_headers == {"mtime": text}
+    assert pax == tarfile.TarInfo._create_pax_generic_header(  # type: ignore[attr-defined]
+        {"mtime": text}, tarfile.XHDTYPE, "utf-8")

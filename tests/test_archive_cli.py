@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -22,7 +22,8 @@ def tree(root: Path) -> Path:
     (root / "a.txt").write_text("alpha\n" * 100)
     (root / "sub" / "b.log").write_text("log\n")
     (root / "sub" / "c.py").write_text("print('c')\n")
-    os.mkfifo(root / "pipe")
+    with socket.socket(socket.AF_UNIX) as s:  # a socket file: skipped (FIFOs are stored)
+        s.bind(str(root / "pipe"))
     return root
 
 
@@ -34,7 +35,7 @@ def test_archive_summary_and_extract(tmp_path: Path) -> None:
     text = r.stdout.decode()
     assert "files: 2 " in text
     assert "changed while read: 0" in text
-    assert "pipe: FIFO not archived" in text
+    assert "pipe: socket not archived" in text
     size = out.stat().st_size
     assert f"bytes out: {size} " in text
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]  # no temp left
@@ -52,10 +53,10 @@ def test_json_output(tmp_path: Path) -> None:
     r = run("archive", "--json", str(src), str(out))
     report = json.loads(r.stdout)
     assert report["files"] == 3 and report["bytes_out"] == out.stat().st_size
-    assert report["skipped"] == [{"path": "pipe", "what": "FIFO not archived"}]
+    assert report["skipped"] == [{"path": "pipe", "what": "socket not archived"}]
     r = run("extract", "--json", str(out), str(tmp_path / "x"))
     assert json.loads(r.stdout) == {"files": 3, "dirs": 1, "symlinks": 0, "hardlinks": 0,
-                                    "bytes": 600 + 4 + 11}
+                                    "fifos": 0, "bytes": 600 + 4 + 11}
 
 
 def test_stdout_and_stdin(tmp_path: Path) -> None:
@@ -86,6 +87,11 @@ def test_errors_have_exit_codes(tmp_path: Path) -> None:
     r = run("extract", str(bad), str(tmp_path / "x"))
     assert r.returncode == 5 and b"'../escape'" in r.stderr
     assert not (tmp_path / "escape").exists()
+    assert not (tmp_path / "x").exists()  # all or nothing
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "mine").write_text("kept")
+    r = run("extract", str(bad), str(tmp_path / "x"))
+    assert r.returncode == 2 and b"not empty" in r.stderr
     r = run("archive")
     assert r.returncode == 2
 

@@ -2,13 +2,13 @@
 
 ``TgzBuilder`` / ``build_archive`` write the tgz (docs/formats.md "Archive"),
 ``tree_fingerprint`` answers "unchanged?" from metadata alone, ``extract_archive`` restores
-safely.  Invariants are stated in each private module.
+faithfully, safely and all or nothing.  Invariants are stated in each private module.
 """
 
 from __future__ import annotations
 
 from deltabkp.archive._build import ArchiveReport, FileIssue, TgzBuilder, build_archive
-from deltabkp.archive._extract import ExtractReport, extract_archive
+from deltabkp.archive._extract import ExtractReport, check_destination, extract_archive
 from deltabkp.archive._walk import Fingerprint, tree_fingerprint
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "Fingerprint",
     "TgzBuilder",
     "build_archive",
+    "check_destination",
     "extract_archive",
     "tree_fingerprint",
 ]

@@ -2,8 +2,9 @@
 
 Invariants:
 - same tree content and metadata => byte-identical output (sorted walk, GNU tar headers with
-  numeric owners and empty owner names, mtimes in whole seconds, fixed gzip header, cut
-  points and compression depending on the stream alone: docs/formats.md "Archive");
+  numeric owners and empty owner names, mtimes in whole seconds plus a PAX ``mtime`` record
+  with the nanoseconds when they are not zero, fixed gzip header, cut points and compression
+  depending on the stream alone: docs/formats.md "Archive", version ``ARCHIVE_VERSION``);
 - every tar header's size equals the data bytes that follow it, whatever the application
   does to the file meanwhile: a file is read completely (into memory up to ``mem_limit``,
   else into an unlinked spool file up to ``spool_limit``; re-read on change, a bounded
@@ -11,7 +12,9 @@ Invariants:
   exactly the size announced (cut or zero padded).  Every inconsistency lands in the report;
 - memory is bounded whatever the tree: one file up to ``mem_limit``, plus a few compression
   jobs of ~``JOB_SIZE`` bytes in flight;
-- no lock is ever taken on an application file; FIFOs, sockets and devices are never opened;
+- no lock is ever taken on an application file; FIFOs, sockets and devices are never opened
+  (a FIFO is stored as a metadata-only entry from its ``lstat``; sockets and devices are
+  skipped and reported);
 - nothing outside the tree is ever read: entries are opened relative to their directory's fd
   (``_walk.walk``) without following a symlink, so one swapped in mid-build is reported,
   never followed.
@@ -40,10 +43,10 @@ import attrs
 import blake3
 
 from deltabkp.archive._gzip import RsyncableGzip
-from deltabkp.archive._walk import Excluder, open_root, walk
+from deltabkp.archive._walk import ARCHIVE_VERSION, Excluder, open_root, walk
 from deltabkp.errors import ArchiveError
 
-__all__ = ["ArchiveReport", "FileIssue", "TgzBuilder", "build_archive"]
+__all__ = ["ARCHIVE_VERSION", "ArchiveReport", "FileIssue", "TgzBuilder", "build_archive"]
 
 #: Files up to this size are read whole into memory (and re-read on change); bigger ones
 #: are streamed in ``_READ`` pieces with the size fixed by the header.
@@ -62,7 +65,6 @@ _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 _SPECIAL = {
-    stat.S_IFIFO: "FIFO",
     stat.S_IFSOCK: "socket",
     stat.S_IFCHR: "character device",
     stat.S_IFBLK: "block device",
@@ -85,7 +87,8 @@ class ArchiveReport:
     ``hardlinks``); ``bytes_in`` is the uncompressed tar stream, ``bytes_out`` the tgz;
     ``content_bytes`` the file data in it.  ``changed`` lists files whose stored copy may
     not be a consistent snapshot (they kept changing while read); ``skipped`` entries that
-    are not in the archive at all (special files, vanished, unreadable).
+    are not in the archive at all (sockets, devices, vanished, unreadable).  ``fifos``
+    counts FIFOs stored (as entries without data).
     """
 
     files: int
@@ -97,6 +100,7 @@ class ArchiveReport:
     content_bytes: int
     changed: tuple[FileIssue, ...]
     skipped: tuple[FileIssue, ...]
+    fifos: int = 0
 
 
 @attrs.define
@@ -105,6 +109,7 @@ class _Counts:
     dirs: int = 0
     symlinks: int = 0
     hardlinks: int = 0
+    fifos: int = 0
     content: int = 0
     changed: list[FileIssue] = attrs.Factory(list)
     skipped: list[FileIssue] = attrs.Factory(list)
@@ -123,14 +128,16 @@ def _octal(n: int, width: int) -> bytes:
 def _header(
     name: str, st: os.stat_result, type_: bytes, size: int = 0, linkname: str = ""
 ) -> bytes:
-    """One GNU tar header (with a GNU longname/longlink entry before it when needed).
+    """One GNU tar header (with a GNU longname/longlink entry before it when needed), after
+    a PAX extended header carrying the exact mtime when it has a fraction of a second.
 
     The common case is packed here directly (~8x faster than ``tarfile``, which matters for
     trees of small files); anything unusual goes through ``tarfile`` itself.  Both give the
     same bytes (tests/test_archive.py checks it).
     """
     mode = stat.S_IMODE(st.st_mode)
-    mtime = st.st_mtime_ns // 1_000_000_000
+    mtime, frac = divmod(st.st_mtime_ns, 1_000_000_000)
+    pax = _pax_mtime(st.st_mtime_ns) if frac else b""
     uid, gid = st.st_uid, st.st_gid
     if type_ == tarfile.DIRTYPE and not name.endswith("/"):
         name += "/"
@@ -145,8 +152,33 @@ def _header(
             _octal(mtime, 12), b"        ", type_, link, tarfile.GNU_MAGIC, b"", b"", b"", b"",
         )
         chksum = b"%06o\0" % sum(buf)
-        return buf[:148] + chksum + buf[155:]
-    return _slow_header(name, mode, mtime, uid, gid, type_, size, linkname)
+        return pax + buf[:148] + chksum + buf[155:]
+    return pax + _slow_header(name, mode, mtime, uid, gid, type_, size, linkname)
+
+
+def _pax_mtime(ns: int) -> bytes:
+    """A PAX extended header (type ``x``) whose one record is ``mtime`` to the nanosecond.
+
+    Exactly what ``tarfile`` writes for the same record (tests/test_archive.py checks it):
+    name ``././@PaxHeader``, ustar magic, every other field zero.  The value is written like
+    GNU tar does: seconds, a dot, the fraction without trailing zeros (``-`` first for a time
+    before 1970); the plain header keeps the floor in whole seconds for readers that ignore
+    PAX records.
+    """
+    sec, frac = divmod(abs(ns), 1_000_000_000)
+    value = b"%s%d.%s" % (b"-" if ns < 0 else b"", sec, (b"%09d" % frac).rstrip(b"0"))
+    body = b" mtime=" + value + b"\n"
+    # The record's length counts its own decimal digits.
+    n = len(body) + 1
+    while len(body) + len(str(n)) != n:
+        n = len(body) + len(str(n))
+    record = str(n).encode() + body
+    buf = _HEAD.pack(
+        b"././@PaxHeader", _octal(0, 8), _octal(0, 8), _octal(0, 8), _octal(len(record), 12),
+        _octal(0, 12), b"        ", tarfile.XHDTYPE, b"", tarfile.POSIX_MAGIC, b"", b"", b"", b"",
+    )
+    chksum = b"%06o\0" % sum(buf)
+    return buf[:148] + chksum + buf[155:] + record + _pad(len(record))
 
 
 def _slow_header(
@@ -258,6 +290,7 @@ class TgzBuilder:
             content_bytes=counts.content,
             changed=tuple(counts.changed),
             skipped=tuple(counts.skipped),
+            fifos=counts.fifos,
         )
 
     # -- the tar stream -------------------------------------------------------------------------
@@ -302,6 +335,13 @@ class TgzBuilder:
                 for piece in self._file(rel, dir_fd, name, st, counts, links):
                     total += len(piece)
                     yield piece
+            elif kind == stat.S_IFIFO:
+                # Metadata only, from the listing's lstat: a FIFO is never opened (a read
+                # would block, and its "data" is another process's stream anyway).
+                counts.fifos += 1
+                hdr = _header(rel, st, tarfile.FIFOTYPE)
+                total += len(hdr)
+                yield hdr
             else:
                 skip(rel, f"{_SPECIAL.get(kind, 'special file')} not archived")
         end = b"\0" * (2 * _BLOCK)

@@ -28,15 +28,22 @@ import blake3
 from deltabkp.errors import ArchiveError, FormatError, UnsupportedVersion
 
 __all__ = [
-    "Excluder",
+    "ARCHIVE_VERSION",
     "FINGERPRINT_MAGIC",
-    "Fingerprint",
     "RACY_NS",
+    "Excluder",
+    "Fingerprint",
     "open_dir",
     "open_root",
     "tree_fingerprint",
     "walk",
 ]
+
+#: The archive format version (docs/formats.md "Archive"): 2 added PAX nanosecond mtimes and
+#: FIFO entries.  Here rather than in ``_build`` because the fingerprint folds it in: equal
+#: fingerprints must mean an identical archive, so an agent upgraded across a format change
+#: rebuilds once instead of answering "unchanged" with an archive of the old format.
+ARCHIVE_VERSION = 2
 
 OnSkip = Callable[[str, str], None]
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
@@ -296,6 +303,7 @@ def tree_fingerprint(
     excluder = Excluder(exclude)
     h = blake3.blake3()
     h.update(FINGERPRINT_MAGIC + bytes((_FP_VERSION,)))
+    h.update(b"A%d\0" % ARCHIVE_VERSION)
     for p in excluder.patterns:
         h.update(b"X" + os.fsencode(p) + b"\0")
     start = time.time_ns()

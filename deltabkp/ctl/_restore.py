@@ -4,9 +4,11 @@ Invariants: DEST is checked (a directory, empty, or missing with an existing par
 temp file created before anything is asked of the server, so a place we cannot write to fails
 first; nothing is extracted until the download is complete and ``protocol.ControlSession``
 has checked its size and blake3 against what the server announced (it raises
-``IntegrityError`` otherwise); extraction refuses entries that would escape DEST; the temp
-file is removed whatever happens.  Exit codes: 1 the temp file cannot be written
-(``RestoreWriteError``), 2 a bad DEST, 3/4 refused / unreachable, 5/6 malformed / corrupt.
+``IntegrityError`` otherwise); extraction is all or nothing (``extract_archive``: beside
+DEST, renamed onto it at the end), so a failed restore leaves DEST exactly as it was and the
+next restore can run; the temp file is removed whatever happens.  Exit codes: 1 the temp file
+cannot be written (``RestoreWriteError``), 2 a bad DEST, 3/4 refused / unreachable, 5/6
+malformed (or unsafe) / corrupt.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, BinaryIO
 import trio
 
 from deltabkp import protocol
-from deltabkp.archive import extract_archive
+from deltabkp.archive import check_destination, extract_archive
 from deltabkp.ctl._client import Client
 from deltabkp.errors import (
     ArchiveError,
@@ -42,16 +44,10 @@ class RestoreWriteError(DeltabkpError):
 
 def prepare_dest(dest: Path, about: Mapping[str, str]) -> Path:
     """``dest`` if a restore may extract into it (UsageError naming the target otherwise)."""
-    reason = None
-    if dest.exists():
-        if not dest.is_dir():
-            reason = f"restore destination {dest} exists and is not a directory"
-        elif any(dest.iterdir()):
-            reason = f"restore destination {dest} is not empty"
-    elif not dest.absolute().parent.is_dir():
-        reason = f"the parent of the restore destination, {dest.absolute().parent}, does not exist"
-    if reason is not None:
-        raise UsageError(reason, **about)
+    try:
+        check_destination(dest)  # the one rule, also applied by extract_archive itself
+    except UsageError as exc:
+        raise exc.with_context(**about)
     return dest
 
 
@@ -83,7 +79,8 @@ def restore(client: Client, args: Mapping[str, Any], dest: Path) -> dict[str, An
         except IntegrityError as exc:
             raise exc.with_context(**about, hint=f"nothing was extracted into {dest}")
         try:
-            report = extract_archive(tmp, dest)  # refuses entries escaping dest
+            # All or nothing: on any error dest is left exactly as it was.
+            report = extract_archive(tmp, dest)
         except ArchiveError as exc:
             raise exc.with_context(**about)
     finally:
@@ -92,7 +89,7 @@ def restore(client: Client, args: Mapping[str, Any], dest: Path) -> dict[str, An
     meta["dest"] = str(dest)
     meta["extracted"] = {
         "files": report.files, "dirs": report.dirs, "symlinks": report.symlinks,
-        "hardlinks": report.hardlinks, "bytes": report.bytes,
+        "hardlinks": report.hardlinks, "fifos": report.fifos, "bytes": report.bytes,
     }
     return meta
 
