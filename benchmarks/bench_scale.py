@@ -259,7 +259,7 @@ async def _logs_per_target(server: str, targets: list[tuple[str, str]], key: byt
 def read_log(b: Bench, server: Daemon, targets: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], str]:
     """The whole execution log: ``ctl --json log``, else (see the note) per target."""
     try:
-        return b.ctl(server.address, "log", timeout=600), ""
+        return b.ctl(server.address, "log", "--limit", "0", timeout=600), ""  # every row, streamed
     except RuntimeError as exc:
         said = [line.split(" WARNING ", 1)[-1] for line in server.log_text().splitlines()
                 if "frame limit" in line]

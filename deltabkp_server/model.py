@@ -23,6 +23,8 @@ __all__ = [
     "ExecutionResult",
     "parse_every",
     "iso",
+    "from_iso",
+    "DETAIL_MAX",
     "OUTCOMES",
     "STATES",
     "QUEUED",
@@ -35,6 +37,8 @@ QUEUED = ("manual", "announce")
 
 _EVERY = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _UNIT = {"": 60, "s": 1, "m": 60, "h": 3600, "d": 86400}
+#: Entries of an execution's changed / skipped lists shown on the wire (the counts are whole).
+DETAIL_MAX = 20
 # A year caps nothing real but keeps next_due arithmetic far from overflow.
 MAX_EVERY_S = 366 * 86400
 
@@ -65,6 +69,22 @@ def iso(t: float | None) -> str | None:
     if t is None:
         return None
     return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def from_iso(text: object, what: str = "time") -> float:
+    """ISO 8601 (as ``iso`` writes it; no offset means UTC) → POSIX seconds; "invalid" else."""
+    refused = RequestRefused(
+        ErrorCode.INVALID, f"{what} must be an ISO 8601 date/time, got {text!r}"
+    )
+    if not isinstance(text, str):
+        raise refused
+    try:
+        t = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise refused from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.UTC)
+    return t.timestamp()
 
 
 @attrs.frozen
@@ -121,6 +141,20 @@ class ArchiveRecord:
     retained: bool
     deleted_at: float | None
     missing: bool
+    #: How the store holds it: "whole" (tgz + signature) or "delta" (a reverse delta that
+    #: rebuilds it from version ``base_seq``, a newer one); ``stored_size``: bytes in the store.
+    form: str = "whole"
+    base_seq: int | None = None
+    stored_size: int | None = None
+    #: When its bytes last matched ``hash`` (None: only at ingest, ``created``).
+    verified_at: float | None = None
+    #: Why a verification found it unrestorable (None: sound, as far as anyone checked).
+    corrupt: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        """Retained, present and not known corrupt: it may be served and rebuilt from."""
+        return self.retained and not self.missing and self.corrupt is None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -132,6 +166,12 @@ class ArchiveRecord:
             "missing": self.missing,
             "deleted_at": iso(self.deleted_at),
             "hash": self.hash.hex(),
+            "storage": self.form,
+            "base_seq": self.base_seq,
+            "stored_size": self.stored_size,
+            "verified": iso(self.verified_at if self.verified_at is not None else self.created),
+            "corrupt": self.corrupt is not None,
+            "corrupt_reason": self.corrupt,
         }
 
 
@@ -180,19 +220,26 @@ class ExecutionRecord:
     note: str | None
     #: When the run was due (None for runs logged before schema v2): ``started - due`` is lag.
     due: float | None = None
+    #: Schema v3 folding: the row stands for ``count`` executions — itself (the newest) and
+    #: the consecutive identical ``unchanged`` ones before it, the first of which started at
+    #: ``first``; ``earlier_bytes`` is what those earlier ones moved on the wire.
+    count: int = 1
+    first: float | None = None
+    earlier_bytes: int = 0
 
     @property
     def transferred(self) -> int:
         return self.bytes_sent + self.bytes_received
 
     def to_wire(self) -> dict[str, Any]:
+        started = iso(self.started)  # once: it is also "last" (and "first" of a single row)
         return {
             "id": self.id,
             "node": self.node,
             "path": self.path,
             "trigger": self.trigger,
             "due": iso(self.due),
-            "started": iso(self.started),
+            "started": started,
             "ended": iso(self.ended),
             "outcome": self.outcome,
             "transferred": self.transferred,
@@ -202,10 +249,16 @@ class ExecutionRecord:
             "seq": self.archive_seq,
             "files": self.files,
             "changed": len(self.changed),
-            "changed_detail": [list(c) for c in self.changed],
-            "skipped": [list(s) for s in self.skipped],
+            # The lists are cut (the counts are not) so that one row always fits in a frame.
+            "changed_detail": [list(c) for c in self.changed[:DETAIL_MAX]],
+            "skipped": [list(s) for s in self.skipped[:DETAIL_MAX]],
+            "skipped_count": len(self.skipped),
             "error": self.error,
             "note": self.note,
+            "count": self.count,
+            "first": started if self.first is None else iso(self.first),
+            "last": started,
+            "run_transferred": self.transferred + self.earlier_bytes,
         }
 
 

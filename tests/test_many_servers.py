@@ -67,7 +67,7 @@ def _servers(c: Cluster, tmp_path: Path, n: int, catalog: str, store: str) -> li
 
 
 def _executions(c: Cluster, server: str) -> list[dict[str, Any]]:
-    res = c.ctl_run("--json", "log", server=server)
+    res = c.ctl_run("--json", "log", "--limit", "0", server=server)  # every row, not the newest 50
     assert res.returncode == 0, res.stderr
     return list(json.loads(res.stdout))
 

@@ -57,10 +57,14 @@ SAMPLES: list[p.Message] = [
     p.Response([{"seq": 1, "size": 10}]),
     p.DataChunk(b"tgz"),
     p.DataEnd(),
+    # Added later in v1 (streamed log / list): appended, so the earlier frames keep their bytes.
+    p.Rows([{"id": 7, "outcome": "unchanged", "count": 3}]),
+    p.RowsEnd({"rows": 1}),
 ]
 BASE, TGZ = b"\x05" * 32, b"tgz"  # the first backup sample's base; the data-chunk sample's bytes
 WITH_BASE, NO_BASE = SAMPLES[7], SAMPLES[8]
 FETCH = p.Request("fetch", {"node": "127.0.0.1:7471", "path": "/srv/app", "seq": 1})
+LOG = p.Request("log", {"limit": 2})
 
 
 def head(data: bytes = TGZ, *, size: int | None = None, digest: bytes | None = None) -> p.Response:
@@ -70,7 +74,8 @@ def head(data: bytes = TGZ, *, size: int | None = None, digest: bytes | None = N
 
 
 # The samples plus what lets a conversation go further: a matching unchanged, a fetch and its head.
-CONV_SAMPLES = [*SAMPLES, p.Unchanged(BASE, "hash"), p.Ping("/srv/app"), FETCH, head()]
+CONV_SAMPLES = [*SAMPLES, p.Unchanged(BASE, "hash"), p.Ping("/srv/app"), FETCH, head(), LOG,
+                p.RowsEnd({"rows": 0}), p.Rows([{"id": 6}, {"id": 5}])]
 
 
 def _decode_all(data: bytes, step: int | None = None) -> list[p.Message]:
@@ -117,7 +122,8 @@ _pairs = st.lists(st.tuples(_text, _text), max_size=3).map(tuple)
 _BY_TYPE = {"bytes": _bin, "str": _text, "int": st.integers(0, 2**64 - 1), "bytes | None": st.none() | _bin,
             "str | None": st.none() | _text, "dict[str, Any]": st.dictionaries(_text, _plain, max_size=4),
             "Any": _plain, "tuple[str, ...]": st.lists(_text, max_size=3).map(tuple),
-            "tuple[tuple[str, ...], ...]": _pairs}
+            "tuple[tuple[str, ...], ...]": _pairs,
+            "list[Any]": st.lists(st.dictionaries(_text, _plain, max_size=3), max_size=3)}
 _BY_NAME = {"role": st.sampled_from(p.ROLES), "port": st.integers(0, 65535)}
 # Every registered message type, from its attrs fields: a new type is covered without edits here.
 MESSAGES = st.one_of(*(st.builds(cls, **{f.name: _BY_NAME.get(f.name, _BY_TYPE[str(f.type)])
@@ -493,6 +499,75 @@ def test_a_malformed_fetch_header_is_the_servers_fault(meta: object) -> None:
         ctl.next_event()
 
 
+def test_control_log_and_list_stream_rows_then_end() -> None:
+    ctl, srv = connected(p.ControlSession)
+    assert say(ctl, srv, p.Request("log", {"limit": 0})) == "streaming rows"
+    rows = [{"id": i} for i in range(5, 0, -1)]
+    assert say(srv, ctl, p.Rows(rows[:2]), p.Rows(rows[2:])) == "streaming rows"
+    assert say(srv, ctl, p.RowsEnd({"rows": 5})) == "idle"
+    assert say(ctl, srv, p.Request("list", {"node": "n:1", "path": "/srv/app"})) == "streaming rows"
+    assert say(srv, ctl, p.RowsEnd({"rows": 0})) == "idle"  # an empty answer: no rows at all
+    # A stream ended by an error (refused up front, or failing part-way) is an answer too.
+    say(ctl, srv, LOG), say(srv, ctl, p.Rows([{"id": 9}]))
+    err = p.Error("internal", "log failed: the catalog went away")
+    assert say(srv, ctl, err) == "idle"
+    assert (ctl.refusal(err).node, say(ctl, srv, p.Request("targets"))) == (None, "answering")
+
+
+def test_ops_answered_otherwise_are_one_table_entry() -> None:
+    assert p.ControlSession.ANSWERS == {
+        "fetch": "fetch head", "log": "streaming rows", "list": "streaming rows",
+    }
+    for op, state in p.ControlSession.ANSWERS.items():
+        assert any(s == state for s, _, _ in p.ControlSession.TABLE), op
+
+
+@pytest.mark.parametrize("prefix, bad, blame", [
+    ([p.Rows([{"id": 3}, {"id": 2}])], p.Rows([{"id": 1}]), "sent 3 log rows, more than the 2 asked for"),
+    ([p.Rows([{"id": 3}])], p.RowsEnd({"rows": 2}), "ended log saying 2 rows, but 1 were sent"),
+    ([], p.RowsEnd({}), "ended log saying None rows, but 0 were sent"),
+    ([], p.RowsEnd({"rows": True}), "saying True rows"),
+    ([], p.Rows([{"id": 1}, 2]), "sent log rows that are not maps"),
+], ids=["over-limit", "miscounted", "uncounted", "bool-count", "not-maps"])
+def test_row_streams_are_counted_by_both_machines(
+    prefix: list[p.Message], bad: p.Message, blame: str
+) -> None:
+    ctl, srv = connected(p.ControlSession)
+    say(ctl, srv, LOG)
+    if prefix:
+        say(srv, ctl, *prefix)
+    with pytest.raises(LocalProtocolError, match=blame):  # the server's own machine stops it
+        srv.send(bad)
+    assert not srv.data_to_send()
+    ctl.receive_data(p.encode(bad))
+    with pytest.raises(RemoteProtocolError, match=blame):  # and the ctl's blames the server
+        ctl.next_event()
+
+
+def test_the_row_count_restarts_with_each_request() -> None:
+    ctl, srv = connected(p.ControlSession)
+    for _ in range(3):  # a limit of 2 per request, not per connection
+        say(ctl, srv, LOG)
+        assert say(srv, ctl, p.Rows([{"id": 2}, {"id": 1}]), p.RowsEnd({"rows": 2})) == "idle"
+
+
+@given(st.lists(st.dictionaries(st.text(max_size=5), st.text(max_size=300), max_size=4), max_size=60),
+       st.integers(64, 4096))
+def test_row_packer_keeps_every_row_in_order_within_the_budget(rows: list[dict[str, str]], budget: int) -> None:
+    packer, batches = p.RowPacker(budget), []
+    for r in rows:
+        if (b := packer.add(r)) is not None:
+            batches.append(b)
+    if (b := packer.flush()) is not None:
+        batches.append(b)
+    assert [r for b in batches for r in b.rows] == rows
+    for b in batches:
+        assert b.rows  # never an empty batch
+        size = sum(len(msgpack.packb(r, use_bin_type=True)) for r in b.rows)
+        assert size <= budget or len(b.rows) == 1  # a row above the budget travels alone
+    assert packer.flush() is None
+
+
 A, N, C, I, R = p.AgentSession, p.AnnounceSession, p.ControlSession, "ini", "resp"
 OUT_OF_ORDER = [
     # (conversation, valid prefix as (side, message), side breaking the rules, its message, blame)
@@ -516,6 +591,12 @@ OUT_OF_ORDER = [
     (C, [(I, SAMPLES[18])], R, p.DataChunk(b"x"), "sent data-chunk while answering"),
     (C, [(I, FETCH)], R, p.DataEnd(), "sent data-end while fetch head"),
     (C, [(I, FETCH), (R, head())], I, p.DataChunk(b"x"), "sent data-chunk while downloading"),
+    (C, [(I, SAMPLES[18])], R, p.Rows([]), "sent rows while answering"),
+    (C, [], R, p.RowsEnd({"rows": 0}), "sent rows-end while idle"),
+    (C, [(I, LOG)], R, p.Response([]), "sent response while streaming rows"),
+    (C, [(I, LOG)], R, p.DataChunk(b"x"), "sent data-chunk while streaming rows"),
+    (C, [(I, LOG), (R, p.Rows([{"id": 1}]))], I, p.Request("log"), "sent request while streaming rows"),
+    (C, [(I, FETCH)], R, p.Rows([]), "sent rows while fetch head"),
 ]
 
 

@@ -2,7 +2,8 @@
 
 ``net`` moves the bytes and ``protocol.ControlSession`` checks the conversation (including a
 ``fetch`` download's size and blake3); this module only adds what the user needs to act on a
-failure.  Invariants: every error leaving here is a ``DeltabkpError`` that names the node and
+failure, and hands a streamed answer (``log``, ``list``) to the caller batch by batch, so
+memory stays flat however long it is.  Invariants: every error leaving here is a ``DeltabkpError`` that names the node and
 path the command was about as fields (``with_context``; ``net`` and ``protocol`` name the
 server as the peer) — the text of an error is never edited; every wait has a deadline.
 """
@@ -10,12 +11,17 @@ server as the peer) — the text of an error is never edited; every wait has a d
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from deltabkp import net, protocol
-from deltabkp.errors import AuthError, DeltabkpError, PeerUnavailable
+from deltabkp.errors import (
+    AuthError,
+    DeltabkpError,
+    PeerUnavailable,
+    RemoteProtocolError,
+)
 
 __all__ = ["Client", "default_server", "parse_servers", "ENV_SERVER"]
 
@@ -98,3 +104,21 @@ class Client:
             await chan.send(protocol.Request(op, dict(args)))
             answer = await chan.receive_a(protocol.Response, timeout or self.timeout)
             return answer.data
+
+    async def stream(
+        self, op: str, args: Mapping[str, Any], on_rows: Callable[[list[Any]], None]
+    ) -> dict[str, Any]:
+        """Send ``Request(op, args)`` for a streamed answer; call ``on_rows`` with each batch
+        as it arrives (nothing is kept here); return the ``rows-end`` info.  The deadline
+        applies to each batch, not to the whole answer."""
+        async with self.session(args) as chan:
+            await chan.send(protocol.Request(op, dict(args)))
+            while True:
+                msg = await chan.receive(self.timeout)
+                if isinstance(msg, protocol.RowsEnd):
+                    return msg.info
+                if not isinstance(msg, protocol.Rows):  # the conversation allows no other
+                    raise RemoteProtocolError(
+                        f"expected rows, got {msg.TYPE}", peer=chan.peer, peer_role=chan.peer_role
+                    )
+                on_rows(msg.rows)

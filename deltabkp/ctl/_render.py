@@ -2,15 +2,18 @@
 
 Invariants: every renderer takes the answer as the server sent it (plain JSON-like data) and
 never fails on a missing or odd field — it prints ``-`` instead, because a newer server may
-send less or more.  ``format_size`` is the one size formatter of the project.
+send less or more.  ``format_size`` is the one size formatter of the project.  A streamed
+answer (``log``, ``list``) is printed batch by batch as it arrives (``RowPrinter``): never
+held whole; its ``--json`` is one JSON list with one row per line.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 __all__ = [
     "format_size",
@@ -21,12 +24,21 @@ __all__ = [
     "ratio",
     "register",
     "unregister",
-    "backups",
     "targets",
-    "log",
     "status",
     "backup_now",
     "restore",
+    "RowPrinter",
+    "skipped",
+    "LOG_HEADERS",
+    "log_cells",
+    "log_footer",
+    "BACKUP_HEADERS",
+    "backup_cells",
+    "backups_footer",
+    "stored_cell",
+    "verify",
+    "fetch",
 ]
 
 
@@ -77,6 +89,50 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
+class RowPrinter:
+    """Prints a streamed answer batch by batch: as a table (column widths from the first
+    batch, widened — never narrowed — by later ones) or as a JSON list, a row per line.
+
+    Call it with each batch of rows; ``close()`` at the end.  ``n`` counts the rows printed
+    and ``marked`` those for which ``mark(row)`` holds (e.g. retained archives).
+    """
+
+    def __init__(
+        self, headers: Sequence[str], cells: Callable[[Mapping[str, Any]], Sequence[Any]], *,
+        as_json: bool, mark: Callable[[Mapping[str, Any]], bool] = lambda r: False,
+        out: TextIO | None = None,
+    ) -> None:
+        self.headers, self.cells, self.as_json, self.mark = list(headers), cells, as_json, mark
+        self.out = out or sys.stdout
+        self.n = self.marked = 0
+        self._widths: list[int] = []
+
+    def __call__(self, batch: list[Any]) -> None:
+        if self.as_json:
+            # One row per line (compact: the C encoder; ``indent`` would be ten times slower
+            # on a 100,000-row log), every row as it is: --json hides nothing.
+            for row in batch:
+                self.out.write(("[\n" if self.n == 0 else ",\n") + json.dumps(row, sort_keys=True))
+                self.n += 1
+        else:
+            rows = _rows(batch)
+            cells = [["-" if c is None else str(c) for c in self.cells(r)] for r in rows]
+            lines = [self.headers] if self.n == 0 and cells else []
+            widths = [max(len(r[i]) for r in [*lines, *cells] or [self.headers])
+                      for i in range(len(self.headers))]
+            self._widths = [max(a, b) for a, b in zip(widths, self._widths or widths)]
+            for r in [*lines, *cells]:
+                self.out.write("  ".join(c.ljust(w) for c, w in zip(r, self._widths)).rstrip() + "\n")
+            self.n += len(rows)
+            self.marked += sum(1 for r in rows if self.mark(r))
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.as_json:
+            self.out.write("\n]\n" if self.n else "[]\n")
+            self.out.flush()
+
+
 def _rows(data: Any) -> list[Mapping[str, Any]]:
     # A list answer whose items are not objects is a server bug: show nothing rather than crash.
     return [r for r in data if isinstance(r, Mapping)] if isinstance(data, list) else []
@@ -110,25 +166,109 @@ def unregister(d: Any, req: Mapping[str, Any]) -> str:
     )
 
 
-def backups(data: Any, req: Mapping[str, Any]) -> str:
-    """``list``: every backup of one target."""
-    rows = _rows(data)
-    if not rows:
-        return f"{_what(req)}: no backups yet"
-    kept = sum(1 for r in rows if r.get("retained"))
-    body = table(
-        ["SEQ", "CREATED", "SIZE", "TRANSFERRED", "RATIO", "RETAINED", "HASH"],
-        [
-            [
-                r.get("seq"), when(r.get("created")), format_size(r.get("size")),
-                format_size(r.get("transferred")), ratio(r.get("transferred"), r.get("size")),
-                "yes" if r.get("retained") else ("missing" if r.get("missing") else "no"),
-                str(r.get("hash", ""))[:16],
-            ]
-            for r in rows
-        ],
+def skipped(count: Any, entries: Any, *, first: int = 3) -> str:
+    """'2 skipped: run/app.sock (socket), db/lock (permission denied)', the first few named;
+    ``""`` when nothing was skipped."""
+    if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+        return ""
+    named = [
+        f"{e[0]} ({e[1]})" if len(e) > 1 else str(e[0])
+        for e in (entries if isinstance(entries, list) else [])[:first]
+        if isinstance(e, list) and e
+    ]
+    more = count - len(named)
+    return f"{count} skipped: " + ", ".join(named + ([f"+{more} more"] if more > 0 else []))
+
+
+BACKUP_HEADERS = ("SEQ", "CREATED", "SIZE", "TRANSFERRED", "RATIO", "RETAINED", "STORED",
+                  "HASH")
+
+
+def backup_cells(r: Mapping[str, Any]) -> list[Any]:
+    """One row of ``list``."""
+    return [
+        r.get("seq"), when(r.get("created")), format_size(r.get("size")),
+        format_size(r.get("transferred")), ratio(r.get("transferred"), r.get("size")),
+        "CORRUPT" if r.get("corrupt") and r.get("retained")
+        else "yes" if r.get("retained") else ("missing" if r.get("missing") else "no"),
+        stored_cell(r), str(r.get("hash", ""))[:16],
+    ]
+
+
+def stored_cell(r: Mapping[str, Any]) -> str:
+    """How the store holds a retained version: 'whole', or 'delta>12 15.2 KiB' (a reverse
+    delta rebuilt from version 12, and the bytes it takes)."""
+    if not r.get("retained"):
+        return "-"
+    if r.get("storage") == "delta":
+        return f"delta>{r.get('base_seq')} {format_size(r.get('stored_size'))}"
+    return str(r.get("storage") or "whole")
+
+
+def verify(data: Any, req: Mapping[str, Any]) -> str:
+    """``verify``: one line per version checked, one summary per target."""
+    out = []
+    for t in _rows(data):
+        versions = [v for v in t.get("versions") or [] if isinstance(v, Mapping)]
+        bad = [v for v in versions if not v.get("ok")]
+        out.append(f"{t.get('node')} {t.get('path')}: {len(versions)} version(s) checked, "
+                   + (f"{len(bad)} CORRUPT" if bad else "all sound")
+                   + (f" (execution {t.get('execution')})" if t.get("execution") else ""))
+        for v in versions:
+            verdict = "ok" if v.get("ok") else f"CORRUPT: {v.get('error')}"
+            out.append(f"  version {v.get('seq')} ({v.get('storage')}, "
+                       f"{format_size(v.get('size'))}): {verdict}")
+    return "\n".join(out) if out else "nothing to verify (no stored archives)"
+
+
+def fetch(meta: Mapping[str, Any], out: str) -> str:
+    return (
+        f"fetched {meta.get('node')} {meta.get('path')} archive {meta.get('seq')} "
+        f"(created {when(meta.get('created'))}, {format_size(meta.get('size'))}, blake3 "
+        f"{str(meta.get('hash', ''))[:16]}… verified) into {out}"
     )
-    return f"{_what(req)}: {len(rows)} backup(s), {kept} retained\n{body}"
+
+
+def backups_footer(n: int, retained: int, req: Mapping[str, Any]) -> str:
+    """The line after a streamed ``list`` table (the counts are known only at the end)."""
+    if not n:
+        return f"{_what(req)}: no backups yet"
+    return f"{_what(req)}: {n} backup(s), {retained} retained"
+
+
+LOG_HEADERS = ("ID", "STARTED", "NODE", "PATH", "OUTCOME", "TRIGGER", "TRANSFERRED", "SIZE",
+               "CHANGED", "ERROR / NOTE")
+
+
+def log_cells(r: Mapping[str, Any]) -> list[Any]:
+    """One row of ``log``; a folded run of ``unchanged`` checks reads 'unchanged x1440' with
+    its first time and its bytes in all in the note."""
+    outcome = r.get("outcome") or "running"
+    notes = [str(r.get("error") or r.get("note") or "")]
+    count = r.get("count")
+    if isinstance(count, int) and not isinstance(count, bool) and count > 1:
+        outcome += f" x{count}"
+        notes.insert(0, f"{count} checks since {when(r.get('first'))}, "
+                        f"{format_size(r.get('run_transferred'))} on the wire in all")
+    notes.append(skipped(r.get("skipped_count"), r.get("skipped")))
+    return [
+        r.get("id"), when(r.get("started")), r.get("node"), r.get("path"), outcome,
+        r.get("trigger"), format_size(r.get("transferred")), format_size(r.get("archive_size")),
+        r.get("changed"), "; ".join(n for n in notes if n),
+    ]
+
+
+def log_footer(n: int, req: Mapping[str, Any]) -> str:
+    """The line after a streamed ``log`` table ("" when there is nothing to add)."""
+    if not n:
+        target = f" of {_what(req)}" if "node" in req else ""
+        if "since" in req or "outcome" in req:
+            return f"no executions{target} match (--since / --outcome)"
+        return f"no executions{target} yet"
+    limit = req.get("limit")
+    if isinstance(limit, int) and limit > 0 and n >= limit:
+        return f"(the newest {n} rows; --limit 0 shows all, --since / --outcome narrow them)"
+    return ""
 
 
 def targets(data: Any, req: Mapping[str, Any]) -> str:
@@ -136,32 +276,15 @@ def targets(data: Any, req: Mapping[str, Any]) -> str:
     if not rows:
         return "no targets registered (deltabkp ctl register NODE:PORT PATH --every FREQ)"
     return table(
-        ["NODE", "PATH", "EVERY", "STATE", "NEXT DUE", "LAST", "ARCHIVES", "LAST ERROR"],
+        ["NODE", "PATH", "EVERY", "STATE", "NEXT DUE", "LAST", "ARCHIVES", "LAST ERROR / SKIPPED"],
         [
             [
                 r.get("node"), r.get("path"), every(r.get("every_seconds")), r.get("state"),
                 when(r.get("next_due")), r.get("last_outcome"), r.get("archives"),
-                r.get("last_error") or "",
-            ]
-            for r in rows
-        ],
-    )
-
-
-def log(data: Any, req: Mapping[str, Any]) -> str:
-    rows = _rows(data)
-    if not rows:
-        target = f" of {_what(req)}" if "node" in req else ""
-        return f"no executions{target} yet"
-    return table(
-        ["ID", "STARTED", "NODE", "PATH", "OUTCOME", "TRIGGER", "TRANSFERRED", "SIZE", "CHANGED",
-         "ERROR / NOTE"],
-        [
-            [
-                r.get("id"), when(r.get("started")), r.get("node"), r.get("path"),
-                r.get("outcome") or "running", r.get("trigger"), format_size(r.get("transferred")),
-                format_size(r.get("archive_size")), r.get("changed"),
-                r.get("error") or r.get("note") or "",
+                "; ".join(x for x in (
+                    r.get("last_error") or "",
+                    skipped(r.get("skipped_count"), r.get("skipped"), first=2),
+                ) if x),
             ]
             for r in rows
         ],
@@ -201,6 +324,8 @@ def backup_now(d: Any, req: Mapping[str, Any]) -> str:
         line += f" ({why}), {format_size(d.get('transferred'))} on the wire"
     if d.get("changed"):
         line += f"; {d['changed']} file(s) changed while read"
+    if skipped(d.get("skipped_count"), d.get("skipped")):
+        line += f"; {skipped(d.get('skipped_count'), d.get('skipped'))}"
     if d.get("error"):
         line += f"\nerror: {d['error']}"
     return line

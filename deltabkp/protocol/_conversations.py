@@ -13,7 +13,8 @@ The conversations (docs/formats.md, "Messages after the handshake"):
   the agent may answer ``error`` at any point of a request; the server may ``cancel``.
 - ``AnnounceSession``, agent → server: ``announce → ack``, ``ping → pong``.
 - ``ControlSession``, ctl → server: ``request → response | error``; ``request(fetch) →
-  response(meta), data-chunk*, data-end``.
+  response(meta), data-chunk*, data-end``; ``request(log | list) → rows*, rows-end``
+  (``ControlSession.ANSWERS`` says which ops are answered how: a new op is one entry).
 
 No I/O, no clock, no threads: events in, verdicts out.
 """
@@ -41,6 +42,8 @@ from deltabkp.protocol._messages import (
     Pong,
     Request,
     Response,
+    Rows,
+    RowsEnd,
     SignatureChunk,
     SignatureEnd,
     Unchanged,
@@ -182,11 +185,19 @@ class AnnounceSession(Conversation):
 
 
 class ControlSession(Conversation):
-    """ctl → server: requests and their answers; ``fetch`` streams one archive, checked here."""
+    """ctl → server: requests and their answers; ``fetch`` streams one archive, checked here;
+    ``log`` and ``list`` stream rows (never one giant frame), counted here."""
 
     NAME = "control"
     INITIATOR = "ctl"
     RESPONDER = "server"
+    #: How a request is answered, by op: the state its ``request`` leads to.  Any other op is
+    #: answered by one ``response`` (state "answering").
+    ANSWERS: ClassVar[dict[str, str]] = {
+        "fetch": "fetch head",
+        "log": "streaming rows",
+        "list": "streaming rows",
+    }
     TABLE: ClassVar[dict[_Key, str]] = {
         ("idle", "ctl", Request): "answering",
         ("answering", "server", Response): "idle",
@@ -196,6 +207,10 @@ class ControlSession(Conversation):
         ("downloading", "server", DataChunk): "downloading",
         ("downloading", "server", DataEnd): "idle",
         ("downloading", "server", Error): "idle",
+        # A stream may fail part-way (the catalog went away): the error ends the answer.
+        ("streaming rows", "server", Rows): "streaming rows",
+        ("streaming rows", "server", RowsEnd): "idle",
+        ("streaming rows", "server", Error): "idle",
         ("idle", "server", Error): CLOSED,
     }
 
@@ -208,6 +223,9 @@ class ControlSession(Conversation):
         self.expected_hash = b""
         self.got = 0
         self._hasher: Any = None
+        #: Rows streamed so far in answer to the request, and the most it asked for (0: all).
+        self.rows = 0
+        self.row_limit = 0
 
     def _check(self, sender: str, msg: Message, nxt: str) -> str:
         if isinstance(msg, Request):
@@ -215,7 +233,12 @@ class ControlSession(Conversation):
             node, path = msg.args.get("node"), msg.args.get("path")
             self.node = node if isinstance(node, str) else None
             self.path = path if isinstance(path, str) else None
-            return "fetch head" if msg.op == "fetch" else nxt
+            limit = msg.args.get("limit")
+            self.rows = 0
+            self.row_limit = 0
+            if isinstance(limit, int) and not isinstance(limit, bool):
+                self.row_limit = max(limit, 0)
+            return self.ANSWERS.get(msg.op, nxt)
         if self.state == "fetch head" and isinstance(msg, Response):
             self._start_download(sender, msg)
         elif isinstance(msg, DataChunk):
@@ -227,6 +250,19 @@ class ControlSession(Conversation):
                 self._hasher.update(msg.data)
         elif isinstance(msg, DataEnd):
             self._end_download(sender)
+        elif isinstance(msg, Rows):
+            if not all(isinstance(r, dict) for r in msg.rows):
+                self._fault(sender, f"sent {self.op} rows that are not maps")
+            rows = self.rows + len(msg.rows)
+            if self.row_limit and rows > self.row_limit:
+                self._fault(sender, f"sent {rows} {self.op} rows, more than the "
+                            f"{self.row_limit} asked for")
+            self.rows = rows  # only once the batch is accepted: a refused one moved nothing
+        elif isinstance(msg, RowsEnd):
+            said = msg.info.get("rows")
+            if said != self.rows or isinstance(said, bool):
+                self._fault(sender, f"ended {self.op} saying {said!r} rows, but {self.rows} "
+                            "were sent")
         return nxt
 
     def _start_download(self, sender: str, msg: Response) -> None:

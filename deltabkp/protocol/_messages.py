@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import attrs
+import msgpack
 
 __all__ = [
     "PROTOCOL_MAGIC",
@@ -41,6 +42,10 @@ __all__ = [
     "Response",
     "DataChunk",
     "DataEnd",
+    "Rows",
+    "RowsEnd",
+    "ROWS_BUDGET",
+    "RowPacker",
 ]
 
 PROTOCOL_MAGIC = "DELTABKP"
@@ -50,6 +55,9 @@ MAX_FRAME = 1 << 20
 #: Largest data chunk a sender puts in one *Chunk message (leaves room for the envelope).
 MAX_CHUNK = 256 * 1024
 ROLES = ("server", "ctl", "agent")
+#: Byte budget a sender aims at for one ``rows`` message (rows are packed until it is reached;
+#: far under ``MAX_FRAME``, so one long row — a long error text — still fits beside others).
+ROWS_BUDGET = 128 * 1024
 
 REGISTRY: dict[str, type[Message]] = {}
 
@@ -98,24 +106,29 @@ def _port(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
 #: Free-form values (request args, responses, info maps) may nest this deep, no deeper.
 MAX_DEPTH = 32
 _PLAIN = (str, bytes, int, float, bool, type(None))
+_EXACT = frozenset(_PLAIN)  # the fast path of ``_check_plain`` (subclasses: ``isinstance``)
 
 
 def _check_plain(value: object) -> None:
     """Free-form data must be JSON-like (no msgpack ext types) and shallow, so that no
     consumer (``json.dumps`` in ``ctl --json``) can be made to fail or recurse without end."""
+    if isinstance(value, _PLAIN):
+        return
+    # Only containers go on the stack: a streamed answer is ~100,000 maps of scalars.
     stack: list[tuple[object, int]] = [(value, 0)]
     while stack:
         v, depth = stack.pop()
-        if isinstance(v, _PLAIN):
-            continue
         if depth >= MAX_DEPTH:
             raise ValueError(f"data nested deeper than {MAX_DEPTH} levels")
         if type(v) is dict:
-            stack.extend((x, depth + 1) for x in v.values())
+            items: Any = v.values()
         elif type(v) is list or type(v) is tuple:  # exact: msgpack's ExtType is a tuple
-            stack.extend((x, depth + 1) for x in v)
+            items = v
         else:
             raise ValueError(f"unsupported value of type {type(v).__name__}")
+        for x in items:
+            if type(x) not in _EXACT and not isinstance(x, _PLAIN):
+                stack.append((x, depth + 1))
 
 
 def _plain(_inst: object, _attr: attrs.Attribute[Any], value: Any) -> None:
@@ -311,3 +324,48 @@ class DataChunk(Message):
 @attrs.frozen
 class DataEnd(Message):
     pass
+
+
+@_message("rows")
+@attrs.frozen
+class Rows(Message):
+    """One batch of a streamed answer (``log``, ``list``): JSON-like maps, newest first."""
+
+    rows: list[Any] = attrs.field(factory=list, validator=[attrs.validators.instance_of(list), _plain])
+
+
+@_message("rows-end")
+@attrs.frozen
+class RowsEnd(Message):
+    """End of a streamed answer: ``info["rows"]`` is how many rows were sent (checked by the
+    receiver), and the server may add more (``more``: rows remain beyond the limit)."""
+
+    info: dict[str, Any] = attrs.field(factory=dict, validator=[_dict, _plain])
+
+
+class RowPacker:
+    """Packs rows into ``Rows`` batches of about ``budget`` encoded bytes (sans-I/O).
+
+    ``add(row)`` returns a full batch when ``row`` does not fit in the current one (``row``
+    then starts the next); ``flush()`` returns what is left.  Memory: one batch.
+    """
+
+    def __init__(self, budget: int = ROWS_BUDGET) -> None:
+        self.budget = budget
+        self._rows: list[Any] = []
+        self._size = 0
+
+    def add(self, row: Any) -> Rows | None:
+        size = len(msgpack.packb(row, use_bin_type=True))
+        out = None
+        if self._rows and self._size + size > self.budget:
+            out = self.flush()
+        self._rows.append(row)
+        self._size += size
+        return out
+
+    def flush(self) -> Rows | None:
+        if not self._rows:
+            return None
+        out, self._rows, self._size = Rows(self._rows), [], 0
+        return out
