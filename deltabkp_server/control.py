@@ -11,7 +11,8 @@ never the server object.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 import attrs
@@ -26,10 +27,21 @@ from deltabkp.errors import (
     UsageError,
 )
 from deltabkp_server.agents import ping
-from deltabkp_server.catalog import AsyncCatalog, SqliteCatalog
+from deltabkp_server.catalog import AsyncCatalog, Catalog, SqliteCatalog
 from deltabkp_server.config import ServerConfig
-from deltabkp_server.model import Target, iso, parse_every
+from deltabkp_server.model import (
+    DETAIL_MAX,
+    OUTCOMES,
+    ExecutionRecord,
+    Target,
+    from_iso,
+    iso,
+    parse_every,
+)
+from deltabkp_server import versions
+from deltabkp_server.model import ArchiveRecord
 from deltabkp_server.scheduler import Scheduler
+from deltabkp_server.scrub import VERIFY_TRIGGER, VERIFY_WAIT_S, Verifier
 from deltabkp_server.store import LocalStore, S3Store, Store
 
 __all__ = ["ControlAPI", "target_args"]
@@ -39,6 +51,12 @@ log = logging.getLogger("deltabkp_server")
 #: How long a ctl connection may stay silent between requests.
 CTL_IDLE_S = 600.0
 REGISTER_PING_S = 3.0
+#: ``log`` without ``limit``: the newest this many rows (``limit`` 0: all of them, streamed).
+LOG_DEFAULT_LIMIT = 50
+#: Rows read from the catalog per keyset page of a streamed answer (memory: one page).
+PAGE_ROWS = 500
+#: Tries of a fetch whose version moved meanwhile (converted or rotated by a backup).
+FETCH_ATTEMPTS = 3
 #: How often ``backup-now --wait`` looks for the execution it asked for.
 WAIT_POLL_S = 0.2
 
@@ -78,17 +96,21 @@ class ControlAPI:
     started: float
     clock: Callable[[], float]
     _ops: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = attrs.field(init=False)
+    _streams: dict[
+        str, Callable[[dict[str, Any]], AsyncGenerator[list[dict[str, Any]], None]]
+    ] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._ops = {
             "register": self.register,
             "unregister": self.unregister,
-            "list": self.list_archives,
             "targets": self.targets,
-            "log": self.log,
             "backup-now": self.backup_now,
+            "verify": self.verify,
             "status": self.status,
         }
+        # Ops answered by a stream of rows (protocol.ControlSession.ANSWERS says which).
+        self._streams = {"log": self.log_pages, "list": self.list_pages}
 
     async def serve(self, chan: net.Channel) -> None:
         while (req := await chan.next_request(CTL_IDLE_S)) is not None:
@@ -97,9 +119,13 @@ class ControlAPI:
                 if req.op == "fetch":
                     await self.fetch(chan, req.args)
                     continue
+                pages = self._streams.get(req.op)
+                if pages is not None:
+                    await self._stream(chan, req.op, pages(req.args))
+                    continue
                 op = self._ops.get(req.op)
                 if op is None:
-                    known = ", ".join(sorted([*self._ops, "fetch"]))
+                    known = ", ".join(sorted([*self._ops, *self._streams, "fetch"]))
                     raise RequestRefused(
                         ErrorCode.INVALID, f"unknown operation {req.op!r} (known: {known})"
                     )
@@ -117,9 +143,36 @@ class ControlAPI:
             except LocalProtocolError as exc:  # an answer larger than one frame
                 log.warning("ctl %s %s: %s", chan.peer, req.op, exc)
                 await chan.send(protocol.Error(str(ErrorCode.REFUSED), (
-                    f"the answer to {req.op} is too large for one message ({exc.reason}); "
-                    "ask for less (e.g. log --limit N)"
+                    f"the answer to {req.op} is too large for one message ({exc.reason})"
                 )))
+
+    async def _stream(
+        self, chan: net.Channel, op: str, pages: AsyncGenerator[list[dict[str, Any]], None]
+    ) -> None:
+        """Send an answer as ``rows`` batches of about ``ROWS_BUDGET`` bytes, then
+        ``rows-end``; a page is read only when the previous one is sent (memory: one page and
+        one batch, however long the answer).  A refusal raised before the first row, or a
+        failure part-way, goes out as the ``error`` that ends the stream."""
+        packer, n = protocol.RowPacker(), 0
+        async with aclosing(pages):
+            async for page in pages:
+                for row in page:
+                    batch = packer.add(row)
+                    if batch is not None:
+                        await self._send_rows(chan, op, batch)
+                    n += 1
+        last = packer.flush()
+        if last is not None:
+            await self._send_rows(chan, op, last)
+        await chan.send(protocol.RowsEnd({"rows": n}))
+
+    async def _send_rows(self, chan: net.Channel, op: str, batch: protocol.Rows) -> None:
+        try:
+            await chan.send(batch)
+        except LocalProtocolError as exc:  # one row larger than a frame: say so, keep serving
+            raise RequestRefused(ErrorCode.REFUSED, (
+                f"a row of the {op} answer is too large to send ({exc.reason})"
+            )) from None
 
     async def _target(self, args: dict[str, Any], *, active_only: bool = True) -> Target:
         node, path = target_args(args)
@@ -170,27 +223,57 @@ class ControlAPI:
         log.info("unregistered %s", target.name)
         return {"node": node, "path": path}
 
-    async def list_archives(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        target = await self._target(args, active_only=False)
-        rows = await self.catalog.call(lambda c: c.archives(target.id))
-        return [a.to_wire() for a in rows]
+    async def list_pages(self, args: dict[str, Any]) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """``list``, streamed: every archive of one target, newest first, in keyset pages."""
+        tid = (await self._target(args, active_only=False)).id
+        before: int | None = None
+        while True:
+            page = await self.catalog.call(_archive_page(tid, PAGE_ROWS, before))
+            if not page:
+                return
+            yield [a.to_wire() for a in page]
+            before = page[-1].seq
 
     async def targets(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         rows = await self.catalog.call(lambda c: [
-            (t, c.count_retained(t.id)) for t in c.targets()
+            (t, c.count_retained(t.id), c.newest_skipped(t.id)) for t in c.targets()
         ])
         now = self.clock()
-        return [t.to_wire(n, _leased(t, now)) for t, n in rows]
+        # What the newest archive lacks (sockets, unreadable files): a count and the first few.
+        return [
+            {**t.to_wire(n, _leased(t, now)), "skipped_count": len(skipped),
+             "skipped": [list(s) for s in skipped[:DETAIL_MAX]]}
+            for t, n, skipped in rows
+        ]
 
-    async def log(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+    async def log_pages(self, args: dict[str, Any]) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """``log``, streamed: the newest ``limit`` rows (default 50; 0: all), optionally of
+        one target, since a time, with one outcome — read in keyset pages, newest first."""
         limit = _arg(args, "limit", int, required=False)
-        if limit is not None and limit < 1:
-            raise RequestRefused(ErrorCode.INVALID, f"limit must be at least 1, got {limit}")
+        limit = LOG_DEFAULT_LIMIT if limit is None else limit
+        if limit < 0:
+            raise RequestRefused(ErrorCode.INVALID, f"limit must be 0 (all) or more, got {limit}")
+        since = args.get("since")
+        since_t = None if since is None else from_iso(since, "since")
+        outcome = _arg(args, "outcome", str, required=False)
+        if outcome is not None and outcome not in OUTCOMES:
+            raise RequestRefused(
+                ErrorCode.INVALID, f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}"
+            )
         tid = None
         if args.get("node") is not None or args.get("path") is not None:
             tid = (await self._target(args, active_only=False)).id
-        rows = await self.catalog.call(lambda c: c.executions(tid, limit=limit))
-        return [r.to_wire() for r in rows]
+        before: int | None = None
+        left = limit or None
+        while left is None or left > 0:
+            n = PAGE_ROWS if left is None else min(PAGE_ROWS, left)
+            page = await self.catalog.call(_log_page(n, before, tid, since_t, outcome))
+            if not page:
+                return
+            yield [r.to_wire() for r in page]
+            before = page[-1].id
+            if left is not None:
+                left -= len(page)
 
     async def backup_now(self, args: dict[str, Any]) -> dict[str, Any]:
         target = await self._target(args)
@@ -202,8 +285,9 @@ class ControlAPI:
             return {"node": target.node, "path": target.path, "queued": True}
         # Whichever server claims it, its execution row lands in the shared catalog.
         while True:
+            # A verification (trigger "verify") of the target may end first: not ours.
             done = [e for e in await self.catalog.call(lambda c: c.executions_since(tid, after))
-                    if e.outcome is not None]
+                    if e.outcome is not None and e.trigger != VERIFY_TRIGGER]
             if done:
                 return done[0].to_wire()
             now_target = await self.catalog.call(lambda c: c.get_target(tid))
@@ -239,8 +323,43 @@ class ControlAPI:
         """Stream one retained archive: Response(meta), DataChunk*, DataEnd."""
         target = await self._target(args, active_only=False)
         seq = _arg(args, "seq", int, required=False)
-        archives = await self.catalog.call(lambda c: c.archives(target.id))
+        tid = target.id
+        archives = await self.catalog.call(lambda c: c.archives(tid))
+        for attempt in range(FETCH_ATTEMPTS):
+            chosen = self._choose(archives, seq)
+            # Rebuilt (a reverse delta) or re-read, its blake3 checked, before the first byte.
+            try:
+                async with versions.opened(
+                    self.store, tid, archives, chosen, limiter=self.files
+                ) as buf:
+                    await chan.send(protocol.Response({
+                        "seq": chosen.seq, "size": chosen.size, "hash": chosen.hash.hex(),
+                        "created": iso(chosen.created), "node": target.node,
+                        "path": target.path,
+                    }))
+                    for at in range(0, len(buf), protocol.MAX_CHUNK):
+                        await chan.send(protocol.DataChunk(bytes(buf[at:at + protocol.MAX_CHUNK])))
+                await chan.send(protocol.DataEnd())
+                return
+            except versions.Corrupt as exc:
+                # A fetch takes no lease: a conversion or a rotation of this very version may
+                # have moved its bytes meanwhile.  Only if the catalog still says what we
+                # read is the version corrupt.
+                fresh = await self.catalog.call(lambda c: c.archives(tid))
+                now_row = next((a for a in fresh if a.seq == chosen.seq), None)
+                if now_row != chosen and attempt + 1 < FETCH_ATTEMPTS:
+                    archives = fresh
+                    continue
+                seq_, reason, now = chosen.seq, exc.reason, self.clock()
+                await self.catalog.call(lambda c: c.record_verify(tid, [(seq_, reason)], now))
+                log.error("%s: fetch found version %d corrupt: %s", target.name, seq_, reason)
+                raise RequestRefused(ErrorCode.REFUSED, _corrupt_refusal(
+                    attrs.evolve(chosen, corrupt=reason))) from None
+
+    def _choose(self, archives: list[ArchiveRecord], seq: int | None) -> ArchiveRecord:
+        """The version a fetch asks for, if it may be served (else a clear refusal)."""
         if seq is None:
+            # The newest retained: if it is corrupt, say so (never serve an older one silently).
             chosen = next((a for a in archives if a.retained and not a.missing), None)
             if chosen is None:
                 raise RequestRefused(ErrorCode.NOT_FOUND, "has no stored archive")
@@ -254,17 +373,54 @@ class ControlAPI:
                     f"archive {seq} was rotated out (keep newest {self.config.settings.keep}) "
                     "or is missing",
                 )
-        await chan.send(protocol.Response({
-            "seq": chosen.seq, "size": chosen.size, "hash": chosen.hash.hex(),
-            "created": iso(chosen.created), "node": target.node, "path": target.path,
-        }))
-        it = self.store.read_chunks(target.id, chosen.seq, protocol.MAX_CHUNK)
-        while True:
-            block = await trio.to_thread.run_sync(next, it, None, limiter=self.files)
-            if block is None:
-                break
-            await chan.send(protocol.DataChunk(block))
-        await chan.send(protocol.DataEnd())
+        if chosen.corrupt is not None:
+            raise RequestRefused(ErrorCode.REFUSED, _corrupt_refusal(chosen))
+        return chosen
+
+    async def verify(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        """Rebuild or re-read every retained version of one target (or of all, ``all``) and
+        check its blake3; each target's verification is logged as an execution."""
+        if _arg(args, "all", bool, required=False):
+            counted = await self.catalog.call(lambda c: [
+                (t, c.count_retained(t.id)) for t in c.targets(active_only=False)
+            ])
+            targets = [t for t, n in counted if n]
+        else:
+            targets = [await self._target(args, active_only=False)]
+        wait = _arg(args, "wait", (int, float), required=False)  # type: ignore[arg-type]
+        verifier = Verifier(
+            catalog=self.catalog, store=self.store, server_id=self.scheduler.server_id,
+            lease_ttl=self.scheduler.lease_ttl, limiter=self.files, clock=self.clock,
+        )
+        out = []
+        for t in targets:
+            done = await verifier.verify(t, wait=float(wait) if wait else VERIFY_WAIT_S)
+            if done is None:
+                raise RequestRefused(ErrorCode.BUSY, (
+                    f"{t.name}: still busy (a backup or a verification holds it) after "
+                    f"{float(wait) if wait else VERIFY_WAIT_S:g} s; try again later"))
+            out.append(done.to_wire())
+        return out
+
+
+def _corrupt_refusal(a: ArchiveRecord) -> str:
+    return (f"archive {a.seq} is corrupt ({a.corrupt}); it cannot be restored — "
+            "'list' shows the sound versions, 'restore --version N' picks one")
+
+
+def _log_page(
+    limit: int, before: int | None, tid: int | None, since: float | None, outcome: str | None
+) -> Callable[[Catalog], list[ExecutionRecord]]:
+    # A function of its arguments, not of the caller's loop variables (bound now).
+    return lambda c: c.execution_page(
+        limit=limit, before_id=before, target_id=tid, since=since, outcome=outcome
+    )
+
+
+def _archive_page(
+    tid: int, limit: int, before: int | None
+) -> Callable[[Catalog], list[ArchiveRecord]]:
+    return lambda c: c.archive_page(tid, limit=limit, before_seq=before)
 
 
 def _leased(t: Target, now: float) -> bool:

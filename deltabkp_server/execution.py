@@ -80,6 +80,8 @@ class _Same:
 
     base: ArchiveRecord
     note: str
+    #: What the agent's build skipped (only known when it built the archive again).
+    skipped: tuple[tuple[str, ...], ...] = ()
 
 
 @attrs.define(kw_only=True)
@@ -118,6 +120,7 @@ class Executor:
                     outcome="unchanged", ended=self.clock(), bytes_sent=meter.sent,
                     bytes_received=meter.received, archive_size=got.base.size,
                     archive_seq=got.base.seq, archive_hash=got.base.hash, note=note or got.note,
+                    skipped=got.skipped,
                 ))
             else:
                 record = got
@@ -173,7 +176,7 @@ class Executor:
             done = pulled.done
             if not await ingest.finish(done):
                 assert base is not None
-                return _Same(base, "unchanged (hash)")
+                return _Same(base, "unchanged (hash)", done.skipped)
 
             def result(seq: int) -> ExecutionResult:
                 return ExecutionResult(

@@ -418,6 +418,89 @@ def test_executions_since_a_mark_and_the_due_time(cat: Catalog) -> None:
     assert cat.execution(e2).due is None and cat.execution(e2).to_wire()["due"] is None
 
 
+def _check(cat: Catalog, tid: int, t: float, outcome: str = "unchanged", trigger: str = "schedule",
+           *, note: str | None = "unchanged (fingerprint)", sent: int = 40) -> int:
+    eid = cat.start_execution(tid, t, trigger)
+    cat.finish_execution(eid, ExecutionResult(
+        outcome=outcome, ended=t + 0.5, bytes_sent=sent, bytes_received=60, archive_seq=1,
+        archive_size=1000, note=note, error="down" if outcome == "failed" else None,
+    ))
+    return eid
+
+
+def test_consecutive_unchanged_checks_fold_into_the_newest_row(cat: Catalog) -> None:
+    t = cat.register(NODE, PATH, 60, 0.0)
+    u = cat.register(NODE, "/other", 60, 0.0)
+    _store_one(cat, t.id, 1.0)
+    mark = cat.last_execution_id()
+    ids = [_check(cat, t.id, 10.0 + i, sent=40 + i) for i in range(5)]
+    _check(cat, u.id, 12.5)  # another target's checks in between do not break t's run
+    [run] = cat.executions_since(t.id, mark)  # the newest id stays: backup-now --wait sees it
+    assert (run.id, run.count, run.first, run.started, run.outcome) == (ids[-1], 5, 10.0, 14.0, "unchanged")
+    assert run.transferred == 44 + 60 and run.earlier_bytes == sum(40 + i + 60 for i in range(4))
+    wire = run.to_wire()
+    assert (wire["count"], wire["first"], wire["last"]) == (5, iso(10.0), iso(14.0))
+    assert wire["run_transferred"] == sum(40 + i + 60 for i in range(5))
+    for gone in ids[:-1]:
+        with pytest.raises(CatalogError):
+            cat.execution(gone)
+    # What breaks a run: another trigger, a failure, another verdict; each starts a new row.
+    _check(cat, t.id, 20.0, trigger="manual")
+    _check(cat, t.id, 21.0, "failed", note=None)
+    _check(cat, t.id, 22.0)
+    _check(cat, t.id, 23.0, note="unchanged (hash)")
+    _check(cat, t.id, 24.0, note="unchanged (hash)")
+    rows = cat.executions(t.id)
+    assert [(e.outcome, e.trigger, e.count) for e in rows] == [
+        ("unchanged", "schedule", 2), ("unchanged", "schedule", 1), ("failed", "schedule", 1),
+        ("unchanged", "manual", 1), ("unchanged", "schedule", 5), ("stored", "schedule", 1),
+    ]
+    assert sum(e.count for e in rows) == 11  # every execution is in the record
+    assert rows[-1].to_wire()["count"] == 1 and rows[-1].to_wire()["first"] == iso(1.0)
+
+
+def test_the_log_is_read_in_keyset_pages_with_filters(cat: Catalog) -> None:
+    t = cat.register(NODE, PATH, 60, 0.0)
+    u = cat.register(NODE, "/other", 60, 0.0)
+    for i in range(6):
+        _store_one(cat, t.id, 10.0 * i)
+        _check(cat, u.id, 10.0 * i + 1, "failed", note=None)
+    every = cat.executions()
+    assert len(every) == 12
+
+    def pages(limit: int, **kw: object) -> list[list[int]]:
+        out: list[list[int]] = []
+        before = None
+        while page := cat.execution_page(limit=limit, before_id=before, **kw):  # type: ignore[arg-type]
+            out.append([e.id for e in page])
+            before = page[-1].id
+        return out
+
+    assert pages(5) == [[e.id for e in every[i:i + 5]] for i in (0, 5, 10)]
+    assert [i for p in pages(4, target_id=u.id) for i in p] == [e.id for e in every if e.target_id == u.id]
+    assert [i for p in pages(2, outcome="stored") for i in p] == [e.id for e in every if e.outcome == "stored"]
+    assert [i for p in pages(3, since=30.0) for i in p] == [e.id for e in every if e.started >= 30.0]
+    assert pages(3, since=30.0, outcome="failed", target_id=t.id) == []
+
+
+def test_list_is_read_in_keyset_pages_and_targets_show_what_was_skipped(cat: Catalog) -> None:
+    t = cat.register(NODE, PATH, 60, 0.0)
+    for i in range(7):
+        _store_one(cat, t.id, 10.0 * i)
+    seqs, before = [], None
+    while page := cat.archive_page(t.id, limit=3, before_seq=before):
+        seqs.append([a.seq for a in page])
+        before = page[-1].seq
+    assert seqs == [[7, 6, 5], [4, 3, 2], [1]]
+    assert cat.newest_skipped(t.id) == () and cat.newest_skipped(999) == ()
+    eid = cat.start_execution(t.id, 100.0, "schedule")
+    skipped = (("run/app.sock", "socket"), ("db/lock", "permission denied"))
+    cat.commit_archive(eid, t.id, 8, attrs.evolve(_stored(8, t=101.0), skipped=skipped))
+    assert cat.newest_skipped(t.id) == skipped
+    wire = cat.execution(eid).to_wire()
+    assert (wire["skipped_count"], wire["skipped"]) == (2, [list(s) for s in skipped])
+
+
 def test_fail_unfinished_of_one_target(cat: Catalog) -> None:
     t = cat.register(NODE, PATH, 60, 0.0)
     u = cat.register(NODE, "/other", 60, 0.0)
@@ -721,3 +804,67 @@ def test_postgres_errors_name_the_url_without_its_password(tmp_path: Path) -> No
     assert redact("host=h password=s3cret dbname=d") == "host=h password=*** dbname=d"
     assert redact("postgresql://h/d?password=s3cret&x=1") == "postgresql://h/d?password=***&x=1"
     assert redact("postgresql://bob@h/d") == "postgresql://bob@h/d"
+
+
+# -- version storage and verification (schema v3: storage) ----------------------------------------
+
+
+def test_versions_turn_into_reverse_deltas_only_while_whole_and_sound(cat: Catalog) -> None:
+    t = cat.register(NODE, PATH, 300, 10.0)
+    for i in range(3):
+        _store_one(cat, t.id, 20.0 + i)
+    assert all(a.form == "whole" and a.corrupt is None and a.verified_at is None
+               for a in cat.archives(t.id))
+    assert cat.set_delta(t.id, 1, 2, 123, 50.0)
+    assert not cat.set_delta(t.id, 1, 2, 123, 51.0)  # already a delta: nothing changes
+    [a3, a2, a1] = cat.archives(t.id)
+    assert (a1.form, a1.base_seq, a1.stored_size, a1.verified_at) == ("delta", 2, 123, 50.0)
+    assert a1.to_wire()["storage"] == "delta" and a1.to_wire()["base_seq"] == 2
+    assert a2.form == "whole" and a3.form == "whole"
+    assert cat.delta_keys() == {(t.id, 1)}
+    assert cat.retained_keys() == {(t.id, 1), (t.id, 2), (t.id, 3)}
+    # A corrupt version is never converted, never a base, and says why.
+    cat.record_verify(t.id, [(3, "version 3: blake3 differs"), (2, None)], 60.0)
+    assert not cat.set_delta(t.id, 3, 4, 1, 61.0)
+    [a3, a2, _a1] = cat.archives(t.id)
+    assert a3.corrupt == "version 3: blake3 differs" and a3.verified_at == 60.0
+    assert a3.to_wire()["corrupt"] is True and a2.to_wire()["corrupt"] is False
+    base = cat.newest_retained(t.id)
+    assert base is not None and base.seq == 2  # whole and sound
+    cat.set_delta(t.id, 2, 3, 5, 62.0)
+    assert cat.newest_retained(t.id) is None  # nothing whole and sound: a full transfer
+    cat.record_verify(t.id, [(3, None)], 70.0)  # found sound again
+    assert cat.newest_retained(t.id) is not None and cat.archives(t.id)[0].corrupt is None
+    # Retired versions are never converted.
+    cat.retire(t.id, 1, 80.0)
+    assert cat.delta_keys() == set()
+
+
+def test_scrub_due_picks_the_least_recently_checked(cat: Catalog) -> None:
+    a = cat.register(NODE, PATH, 300, 10.0)
+    b = cat.register(NODE, "/srv/other", 300, 10.0)
+    _store_one(cat, a.id, 100.0)  # created 101
+    _store_one(cat, b.id, 200.0)  # created 201
+    assert cat.scrub_due(50.0) == []
+    assert cat.scrub_due(150.0) == [a.id]
+    assert cat.scrub_due(300.0) == [a.id, b.id]
+    cat.record_verify(a.id, [(1, None)], 400.0)
+    assert cat.scrub_due(300.0) == [b.id]
+    cat.record_verify(b.id, [(1, "version 1: corrupt")], 500.0)  # checked, even if bad
+    assert cat.scrub_due(300.0) == []
+
+
+def test_a_verification_lease_excludes_backups_and_keeps_the_schedule(cat: Catalog) -> None:
+    t = cat.register(NODE, PATH, 300, 10.0)
+    cat.request_now(t.id, "manual")
+    assert cat.lease_target("s1", t.id, 20.0, 50.0)
+    assert not cat.lease_target("s2", t.id, 21.0, 51.0)
+    assert not cat.lease_target("s1", t.id, 21.0, 51.0)  # not even its own server's again
+    assert cat.claim_due("s2", 22.0, 52.0, 10) == []  # a backup waits for it
+    held = cat.get_target(t.id)
+    assert (held.lease_owner, held.queued, held.next_due) == ("s1", "manual", 10.0)
+    assert not cat.drop_lease("s2", t.id)
+    assert cat.drop_lease("s1", t.id)
+    [(claimed, trigger)] = cat.claim_due("s2", 23.0, 53.0, 10)
+    assert claimed.id == t.id and trigger == "manual"
+    assert cat.lease_target("s3", t.id, 60.0, 90.0)  # a lease that ran out is free

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from helpers_proc import Cluster, cluster, exe, tree_equal  # noqa: F401
+from deltabkp.ctl._commands import parse_since
+from helpers_proc import Cluster, cluster, exe, tree_equal, wait_for  # noqa: F401
 
 
 def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -53,7 +56,9 @@ def make_app(root: Path) -> Path:
         (["register", "10.0.0.5", "/srv/app", "--every", "5"], "HOST:PORT"),
         (["list", "10.0.0.5:notaport", "/srv/app"], "port"),
         (["log", "10.0.0.5:7471"], "both"),
-        (["log", "--limit", "0"], "--limit"),
+        (["log", "--limit", "-1"], "--limit"),
+        (["log", "--since", "yesterday"], "--since"),
+        (["log", "--outcome", "exploded"], "--outcome"),
         (["--server", "127.0.0.1:99999", "targets"], "port out of range"),
         (["--timeout", "0", "targets"], "--timeout"),
         (["--timeout", "nan", "targets"], "--timeout"),
@@ -63,6 +68,9 @@ def make_app(root: Path) -> Path:
         (["--key-file", "/nonexistent/key", "targets"], "does not exist"),
         (["frobnicate"], "invalid choice"),
         (["restore", "10.0.0.5:7471", "/srv/app"], "DEST"),
+        (["fetch", "10.0.0.5:7471", "/srv/app"], "OUT.tgz"),
+        (["verify"], "--all"),
+        (["verify", "--all", "10.0.0.5:7471", "/srv/app"], "--all"),
     ],
 )
 def test_usage_errors_exit_2(args: list[str], needle: str, env: dict[str, str]) -> None:
@@ -79,6 +87,25 @@ def test_help_teaches_with_examples(env: dict[str, str]) -> None:
         assert word in res.stdout
     res = run("restore", "--help", env=env)
     assert res.returncode == 0 and "--version" in res.stdout and "examples:" in res.stdout
+    res = run("fetch", "--help", env=env)
+    assert res.returncode == 0 and "--version" in res.stdout and "standard output" in res.stdout
+    res = run("verify", "--help", env=env)
+    assert res.returncode == 0 and "--all" in res.stdout and "--scrub-every" in res.stdout
+    res = run("log", "--help", env=env)
+    assert res.returncode == 0
+    for word in ("--limit 0", "--since 2h", "--outcome failed", "unchanged xN", "count"):
+        assert word in res.stdout, word
+
+
+@pytest.mark.parametrize("text, iso", [
+    ("2h", "2026-11-29T10:00:00+00:00"), ("90s", "2026-11-29T11:58:30+00:00"),
+    ("7d", "2026-11-22T12:00:00+00:00"), (" 30m ", "2026-11-29T11:30:00+00:00"),
+    ("2026-11-28", "2026-11-28T00:00:00+00:00"), ("2026-11-28 09:30", "2026-11-28T09:30:00+00:00"),
+    ("2026-11-28T09:30+02:00", "2026-11-28T07:30:00+00:00"),
+])
+def test_since_is_a_duration_back_from_now_or_a_utc_time(text: str, iso: str) -> None:
+    now = datetime(2026, 11, 29, 12, tzinfo=UTC).timestamp()
+    assert parse_since(text, now) == iso
 
 
 def test_restore_into_an_unwritable_place_is_one_line_naming_dest(env: dict[str, str]) -> None:
@@ -210,6 +237,45 @@ def test_register_backup_list_restore(cluster: Cluster, tmp_path: Path) -> None:
     assert human.returncode == 0 and "OUTCOME" in human.stdout and "stored" in human.stdout
 
 
+def test_skipped_entries_and_folded_checks_show_in_text_output(cluster: Cluster, tmp_path: Path) -> None:
+    """A socket cannot go into a tgz: backup-now, log and targets say so without --json; a
+    run of unchanged checks is one 'unchanged xN' row whose count covers every check."""
+    cluster.start_server()
+    app = make_app(tmp_path)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(app / "shop.sock"))  # the socket file stays after close
+    agent = cluster.start_agent(app)
+    node = agent.address
+    cluster.ctl("register", node, str(app), "--every", "60")
+    wait_for(lambda: [e["outcome"] for e in cluster.ctl("log", node, str(app))] == ["stored"],
+             what="the first backup")
+    (app / "data.txt").write_text("changed\n")
+    res = cluster.ctl_run("backup-now", node, str(app), "--wait")
+    assert res.returncode == 0 and "stored" in res.stdout, res
+    assert "1 skipped: shop.sock (socket" in res.stdout, res.stdout
+    for _ in range(3):  # nothing changes: three checks, one row
+        assert cluster.ctl_run("backup-now", node, str(app), "--wait").returncode == 0
+    log = cluster.ctl("log", node, str(app), "--limit", "0")
+    # The first check after a new archive may compare hashes, the next ones fingerprints: a
+    # different verdict starts a new row; the count still covers every check.
+    unchanged = [e for e in log if e["outcome"] == "unchanged"]
+    assert sum(e["count"] for e in unchanged) == 3 and log[0]["count"] >= 2, log
+    assert [e["outcome"] for e in log[len(unchanged):]] == ["stored", "stored"]
+    assert log[0]["first"] < log[0]["last"] == log[0]["started"]
+    human = cluster.ctl_run("log", node, str(app)).stdout
+    n = log[0]["count"]
+    assert f"unchanged x{n}" in human and f"{n} checks since" in human, human
+    assert "1 skipped: shop.sock (socket" in human
+    human = cluster.ctl_run("log", "--outcome", "stored", "--limit", "1").stdout
+    assert human.count("stored") == 1 and "--limit 0 shows all" in human, human
+    assert cluster.ctl("log", "--since", "1h", "--outcome", "failed") == []
+    assert "no executions match" in cluster.ctl_run("log", "--outcome", "failed").stdout
+    targets = cluster.ctl_run("targets").stdout
+    assert "1 skipped: shop.sock (socket" in targets, targets
+    [t] = cluster.ctl("targets")
+    assert t["skipped_count"] == 1 and t["skipped"][0][0] == "shop.sock"
+
+
 def test_backup_now_wait_exits_1_when_the_execution_fails(cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_server()
     app = make_app(tmp_path)
@@ -228,7 +294,9 @@ def test_backup_now_wait_exits_1_when_the_execution_fails(cluster: Cluster, tmp_
 
 
 def test_restore_refuses_an_archive_that_fails_its_hash(cluster: Cluster, tmp_path: Path) -> None:
-    """A stored archive corrupted on the server's disk is caught by ctl before extraction."""
+    """A stored archive corrupted on the server's disk is caught before extraction: the
+    server checks every version's blake3 before serving it and refuses a corrupt one (exit
+    3), marking it corrupt; ctl's own check of what arrives (exit 6) stays behind it."""
     cluster.start_server()
     app = make_app(tmp_path)
     agent = cluster.start_agent(app)
@@ -242,7 +310,9 @@ def test_restore_refuses_an_archive_that_fails_its_hash(cluster: Cluster, tmp_pa
 
     dest = tmp_path / "restored"
     res = cluster.ctl_run("restore", node, str(app), str(dest))
-    assert res.returncode == 6, res
+    assert res.returncode == 3, res
     assert "blake3" in res.stderr and node in res.stderr and str(app) in res.stderr
+    assert "archive 1 is corrupt" in res.stderr
     assert not dest.exists() or not any(dest.iterdir())  # nothing extracted
+    assert cluster.ctl("list", node, str(app))[0]["corrupt"] is True
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]  # temp file removed

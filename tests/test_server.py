@@ -39,6 +39,12 @@ async def ctl(address: str, op: str, key: bytes = KEY, **args: Any) -> Any:
         chan = await net.connect(net.Address.parse(address), key=key, role="ctl")
         async with chan:
             await chan.send(protocol.Request(op, args))
+            if protocol.ControlSession.ANSWERS.get(op) == "streaming rows":  # log, list
+                rows: list[Any] = []
+                while not isinstance(msg := await chan.receive(60), protocol.RowsEnd):
+                    assert isinstance(msg, protocol.Rows)
+                    rows += msg.rows
+                return rows
             return (await chan.receive_a(protocol.Response, timeout=60)).data
 
 
@@ -75,6 +81,15 @@ async def server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Server]
 
 def _files(srv: Server) -> list[str]:
     return sorted(str(p.relative_to(srv.data_dir / "archives")) for p in (srv.data_dir / "archives").rglob("*") if p.is_file())
+
+
+async def _files_become(srv: Server, want: list[str]) -> list[str]:
+    """``_files`` once older versions are reverse deltas (``backup-now --wait`` answers at the
+    commit; the conversion follows it in the same execution)."""
+    with trio.move_on_after(30):
+        while _files(srv) != want:
+            await trio.sleep(0.05)
+    return _files(srv)
 
 
 async def _register(srv: Server, agent: ScriptedAgent, path: str = "/srv/app", every: str = "1h") -> dict[str, Any]:
@@ -134,7 +149,8 @@ async def test_integrity_failure_falls_back_to_a_full_transfer(server: Server, a
     assert [r.base_hash is None for r in agent.requests[-2:]] == [False, True]
     assert (server.data_dir / "archives/1/2.tgz").read_bytes() == new
     assert rec["transferred"] > len(new)  # both attempts are counted
-    assert _files(server) == ["1/1.sig", "1/1.tgz", "1/2.sig", "1/2.tgz"]
+    want = ["1/1.rdelta", "1/2.sig", "1/2.tgz"]  # 1 is now a reverse delta against 2
+    assert await _files_become(server, want) == want
 
 
 async def test_integrity_failure_twice_is_failed_and_stores_nothing(server: Server, agent: ScriptedAgent) -> None:
@@ -185,7 +201,8 @@ async def test_retention_keeps_newest_and_lists_all(server: Server, agent: Scrip
     listed = await ctl(server.address, "list", node=agent.address, path="/srv/app")
     assert [a["seq"] for a in listed] == [5, 4, 3, 2, 1]
     assert [a["retained"] for a in listed] == [True, True, True, False, False]  # keep=3 here
-    assert _files(server) == [f"1/{s}.{k}" for s in (3, 4, 5) for k in ("sig", "tgz")]
+    want = ["1/3.rdelta", "1/4.rdelta", "1/5.sig", "1/5.tgz"]  # older ones: reverse deltas
+    assert await _files_become(server, want) == want
     # A rotated-out version cannot be fetched; a retained one can, byte for byte.
     with pytest.raises(RequestRefused) as ei:
         await ctl(server.address, "fetch", node=agent.address, path="/srv/app", seq=1)
@@ -215,7 +232,11 @@ async def test_bad_requests_are_refused_and_change_nothing(server: Server, agent
         ("unregister", {"node": agent.address, "path": "/srv/nope"}, "not-found"),
         ("list", {"node": agent.address, "path": "/srv/nope"}, "not-found"),
         ("backup-now", {"node": agent.address, "path": "/srv/nope"}, "not-found"),
-        ("log", {"limit": 0}, "invalid"),
+        ("log", {"limit": -1}, "invalid"),
+        ("log", {"limit": "5"}, "invalid"),
+        ("log", {"outcome": "exploded"}, "invalid"),
+        ("log", {"since": "yesterday"}, "invalid"),
+        ("log", {"node": agent.address, "path": "/srv/nope"}, "not-found"),
         ("frobnicate", {}, "invalid"),
     ]
     for op, args, code in cases:
@@ -246,9 +267,10 @@ async def test_unregister_stops_backups(server: Server, agent: ScriptedAgent) ->
     await _register(server, agent, every="1s")
     out = await ctl(server.address, "unregister", node=agent.address, path="/srv/app")
     assert out == {"node": agent.address, "path": "/srv/app"}
-    n = len(await ctl(server.address, "log"))
+    # Executions, not rows: unchanged checks fold into one row whose count grows.
+    n = sum(e["count"] for e in await ctl(server.address, "log", limit=0))
     await trio.sleep(2.5)  # more than two periods: nothing more may run
-    assert len(await ctl(server.address, "log")) == n
+    assert sum(e["count"] for e in await ctl(server.address, "log", limit=0)) == n
     assert await ctl(server.address, "targets") == []
     # History stays queryable after unregister.
     assert len(await ctl(server.address, "list", node=agent.address, path="/srv/app")) == 1
@@ -301,7 +323,10 @@ async def test_announce_runs_a_pending_retry_at_once(server: Server, nursery: tr
         while (log := await ctl(server.address, "log"))[0]["outcome"] != "stored":
             await trio.sleep(0.02)
     assert log[0]["trigger"] in ("announce", "retry")
-    [t] = await ctl(server.address, "targets")
+    # The execution is recorded before its lease is released: "running" until then.
+    with trio.fail_after(20):
+        while (t := (await ctl(server.address, "targets"))[0])["state"] == "running":
+            await trio.sleep(0.02)
     assert t["state"] == "ok" and t["last_error"] is None
     second.cancel_scope.cancel()
 
@@ -448,7 +473,7 @@ async def test_an_archive_over_the_size_limit_is_refused_and_not_stored(
     scope.cancel()
 
 
-async def test_an_answer_too_large_for_one_frame_is_a_clear_refusal(
+async def test_a_log_larger_than_a_frame_streams_and_a_row_too_large_is_a_clear_refusal(
     server: Server, agent: ScriptedAgent
 ) -> None:
     agent.content["/srv/app"] = b"x" * 100
@@ -461,8 +486,23 @@ async def test_an_answer_too_large_for_one_frame_is_a_clear_refusal(
             c.finish_execution(eid, ExecutionResult(outcome="failed", ended=11.0 + i, error="e" * 4000))
 
     await server.catalog.call(fill)
+    everything = await ctl(server.address, "log", limit=0)  # > 1 MiB: many rows messages
+    assert len(everything) == 301 and everything[-1]["outcome"] == "stored"
+    assert [e["id"] for e in everything] == sorted((e["id"] for e in everything), reverse=True)
+    assert len(await ctl(server.address, "log")) == 50  # the default: the newest 50
+    assert await ctl(server.address, "log", limit=7, outcome="stored") == everything[-1:]
+
+    def huge(c: Any) -> None:  # one row that no frame can carry
+        eid = c.start_execution(target.id, 400.0, "manual")
+        c.finish_execution(eid, ExecutionResult(outcome="failed", ended=401.0, error="e" * (1 << 21)))
+
+    await server.catalog.call(huge)
     with pytest.raises(RequestRefused) as ei:
-        await ctl(server.address, "log")
-    assert ei.value.code == "refused" and "too large" in ei.value.reason and "--limit" in ei.value.reason
-    # Nothing else is broken: a smaller answer comes, and the server keeps serving.
-    assert len(await ctl(server.address, "log", limit=5)) == 5
+        await ctl(server.address, "log", limit=3)
+    assert ei.value.code == "refused" and "too large to send" in ei.value.reason
+    # Nothing else is broken: rows around it still come, and the server keeps serving.
+    since = "1970-01-01T00:05:00+00:00"  # 300 s: the last ten of the fill, and the big one
+    with pytest.raises(RequestRefused, match="too large to send"):
+        await ctl(server.address, "log", limit=0, since=since)
+    assert await ctl(server.address, "log", limit=7, outcome="stored") == everything[-1:]
+    assert (await ctl(server.address, "status"))["targets"] == 1

@@ -438,3 +438,56 @@ def test_open_store_s3(s3_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     again = open_store(f"s3://{BUCKET}/by/url", default_dir=tmp_path)
     assert isinstance(again, S3Store) and again.endpoint.rstrip("/") == s3_env.endpoint
     assert again.keys() == {(1, 1)}
+
+
+# -- reverse deltas (the ``.rdelta`` object), on every backend ------------------------------------
+
+
+def _put_delta(store: Store, tid: int, seq: int, data: bytes) -> None:
+    w = store.begin_delta(tid, seq)
+    for i in range(0, len(data), 1000):
+        w.write(data[i:i + 1000])
+    assert w.size == len(data) and b"".join(w.read_back(333)) == data
+    assert not store.delta_exists(tid, seq)  # invisible until committed
+    w.commit()
+    w.abort()  # harmless after commit
+
+
+def test_delta_objects_write_read_and_replace_the_whole_copy(store: Store) -> None:
+    data = os.urandom(5000)
+    _put(store, 1, 1, b"the whole archive of version 1")
+    _put_delta(store, 1, 1, data)
+    assert store.delta_exists(1, 1) and b"".join(store.read_delta_chunks(1, 1, 700)) == data
+    store.delete_whole(1, 1)
+    assert not store.exists(1, 1) and store.delta_exists(1, 1)
+    assert store.keys() == {(1, 1)}  # present, as a delta
+    assert store.stored_size(1, 1) == len(data)
+    w = store.begin_delta(1, 2)
+    w.write(b"never committed")
+    w.abort()
+    assert not store.delta_exists(1, 2) and store.keys() == {(1, 1)}
+    store.delete(1, 1)  # every form
+    assert not store.delta_exists(1, 1) and store.keys() == set()
+    with pytest.raises(StoreError):
+        list(store.read_delta_chunks(1, 1, 100))
+
+
+def test_reconcile_keeps_the_form_the_catalog_names(store: Store) -> None:
+    # 1: converted (delta recorded) but its whole copy not yet deleted: the copy goes.
+    _put(store, 1, 1, b"old whole copy")
+    _put_delta(store, 1, 1, b"delta of 1")
+    # 2: the delta was written but never recorded: the delta goes, the whole copy stays.
+    _put(store, 1, 2, b"whole 2")
+    _put_delta(store, 1, 2, b"unrecorded delta of 2")
+    # 3: the newest, whole; 4: a delta the catalog names but the store lost.
+    _put(store, 1, 3, b"whole 3")
+    w = store.begin_delta(1, 5)
+    w.write(b"in flight")  # a crash mid-write
+    report = store.reconcile({(1, 1), (1, 2), (1, 3), (1, 4)}, {(1, 1), (1, 4)})
+    assert len(report.removed_orphans) == 3  # 1.tgz, 1.sig, 2.rdelta
+    assert report.missing == ((1, 4),)
+    assert store.delta_exists(1, 1) and not store.exists(1, 1)
+    assert store.exists(1, 2) and not store.delta_exists(1, 2)
+    assert store.exists(1, 3) and not store.delta_exists(1, 5)
+    again = store.reconcile({(1, 1), (1, 2), (1, 3)}, {(1, 1)})
+    assert again.removed_orphans == () and again.missing == ()

@@ -6,14 +6,19 @@ Invariants: every argument is checked before anything is sent (a usage error nev
 the network, exit 2); the node and path are sent in their canonical form (``net.Address``,
 ``net.normalise_path``), so errors and tables name them as the server stores them; every
 network wait has a deadline (``--timeout``; ``backup-now --wait`` waits ``--wait-timeout``).
+Longer than ~450 lines on purpose: each command's arguments, checks, help and examples stay
+next to its entry in the one ``COMMANDS`` table (split, a command would live in two places).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import math
+import re
 import sys
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +28,9 @@ import trio
 from deltabkp import net
 from deltabkp.ctl import _render
 from deltabkp.ctl._client import Client, default_server, parse_servers
-from deltabkp.ctl._restore import restore
+from deltabkp._atomic import atomic_write
+from deltabkp.ctl._restore import RestoreWriteError, restore
+from deltabkp.ctl._restore import _download as download_archive
 from deltabkp.errors import UsageError
 
 __all__ = ["register", "EXIT_FAILED", "COMMANDS", "Command"]
@@ -48,6 +55,7 @@ examples:
   deltabkp ctl backup-now 10.0.0.5:7471 /srv/shop --wait
   deltabkp ctl list 10.0.0.5:7471 /srv/shop                    # every backup ever made
   deltabkp ctl log 10.0.0.5:7471 /srv/shop --limit 20          # execution history
+  deltabkp ctl log --since 1d --outcome failed                 # what failed today
   deltabkp ctl restore 10.0.0.5:7471 /srv/shop ./shop-restored --version 7
   deltabkp ctl --json list 10.0.0.5:7471 /srv/shop | jq '.[0].size'
   deltabkp ctl unregister 10.0.0.5:7471 /srv/shop
@@ -122,16 +130,72 @@ def _register_arguments(p: argparse.ArgumentParser) -> None:
                    help="backup frequency: integer minutes ('15') or '90s', '5m', '2h', '1d'")
 
 
+#: An execution's outcomes as the log names them (docs/formats.md, "log"; the server checks).
+OUTCOMES = ("stored", "unchanged", "failed", "skipped")
+#: ``log`` without ``--limit`` shows this many rows (the newest).
+LOG_LIMIT = 50
+_SINCE = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+_SINCE_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
 def _log_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N executions")
+    p.add_argument("--limit", type=int, default=LOG_LIMIT, metavar="N",
+                   help=f"the newest N rows (default {LOG_LIMIT}); 0 shows every row, streamed")
+    p.add_argument("--since", metavar="WHEN",
+                   help="only executions started since WHEN: a duration back from now ('90s', "
+                   "'30m', '2h', '7d') or a UTC date/time ('2026-11-28', '2026-11-28T09:30')")
+    p.add_argument("--outcome", choices=OUTCOMES, metavar="OUTCOME",
+                   help=f"only executions with this outcome ({', '.join(OUTCOMES)})")
+
+
+def parse_since(text: str, now: float) -> str:
+    """``--since``: '2h' (back from ``now``) or an ISO date/time (UTC unless it says
+    otherwise) → the ISO 8601 UTC string the server compares start times with."""
+    m = _SINCE.match(text)
+    if m:
+        t = now - int(m.group(1)) * _SINCE_UNIT[m.group(2)]
+        return _dt.datetime.fromtimestamp(t, _dt.UTC).isoformat()
+    try:
+        when = _dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(
+            f"--since {text!r}: give a duration ('90s', '30m', '2h', '7d') or a date/time "
+            "('2026-11-28', '2026-11-28T09:30')"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.UTC)
+    return when.astimezone(_dt.UTC).isoformat()
 
 
 def _log_request(args: argparse.Namespace) -> dict[str, Any]:
-    if args.limit is None:
-        return {}
-    if args.limit < 1:
-        raise UsageError("--limit must be at least 1")
-    return {"limit": args.limit}
+    if args.limit < 0:
+        raise UsageError("--limit must be 0 (every row) or more")
+    out: dict[str, Any] = {"limit": args.limit}
+    if args.since is not None:
+        out["since"] = parse_since(args.since, time.time())
+    if args.outcome is not None:
+        out["outcome"] = args.outcome
+    return out
+
+
+def _streamed(
+    headers: Sequence[str], cells: Callable[[Mapping[str, Any]], Sequence[Any]],
+    footer: Callable[[_render.RowPrinter, Mapping[str, Any]], str],
+    mark: Callable[[Mapping[str, Any]], bool] = lambda r: False,
+) -> Callable[[argparse.Namespace, Call], int]:
+    """``log`` and ``list``: rows are printed as the server streams them (memory stays flat
+    however long the answer), then a footer line (human output only)."""
+
+    def run(args: argparse.Namespace, call: Call) -> int:
+        printer = _render.RowPrinter(headers, cells, as_json=call.as_json, mark=mark)
+        trio.run(call.client.stream, call.op, call.request, printer)
+        printer.close()
+        text = "" if call.as_json else footer(printer, call.request)
+        if text:
+            print(text)
+        return 0
+
+    return run
 
 
 def _backup_now_arguments(p: argparse.ArgumentParser) -> None:
@@ -170,6 +234,55 @@ def _restore(args: argparse.Namespace, call: Call) -> int:
     return 0
 
 
+def _fetch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", metavar="OUT.tgz", help="file to write ('-': standard output)")
+    p.add_argument("--version", type=int, default=None, metavar="N", dest="seq",
+                   help="archive number (SEQ column of 'list'; default: the newest retained)")
+
+
+def _fetch(args: argparse.Namespace, call: Call) -> int:
+    """The exact archive, checked (size, blake3) by the conversation as it arrives; a file
+    appears only whole (``atomic_write``: a failed download leaves nothing behind)."""
+    about = {k: str(call.request[k]) for k in ("node", "path")}
+    out = str(args.out)
+    if out == "-":
+        stdout = sys.stdout.buffer
+        meta = trio.run(download_archive, call.client, call.request, stdout)
+        # stdout carries the archive: the confirmation goes to stderr.
+        print(_render.fetch(meta, "standard output"), file=sys.stderr)
+        return 0
+    try:
+        with atomic_write(out) as f:
+            meta = trio.run(download_archive, call.client, call.request, f)
+    except OSError as exc:
+        raise RestoreWriteError(f"cannot write the archive to {out}: {exc.strerror or exc}",
+                                **about) from None
+    meta["out"] = out
+    call.show(meta, _render.fetch(meta, out))
+    return 0
+
+
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true", help="every target with stored archives")
+    p.add_argument("--wait-timeout", type=float, default=3600.0, metavar="S",
+                   help="longest wait for the verification, seconds (default 3600)")
+
+
+def _verify_request(args: argparse.Namespace) -> dict[str, Any]:
+    if args.all == (args.node is not None):
+        raise UsageError("verify: give NODE:PORT PATH, or --all (not both)")
+    if not _positive(args.wait_timeout):
+        raise UsageError("--wait-timeout must be a positive number of seconds")
+    return {"all": True} if args.all else {}
+
+
+def _verify(args: argparse.Namespace, call: Call) -> int:
+    data = call.ask(float(args.wait_timeout))
+    call.show(data, _render.verify(data, call.request))
+    rows = data if isinstance(data, list) else []
+    return 0 if all(isinstance(r, Mapping) and r.get("ok") for r in rows) else EXIT_FAILED
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "register", "start backing up NODE:PORT PATH every FREQ",
@@ -191,25 +304,42 @@ COMMANDS: tuple[Command, ...] = (
         "list", "every backup made of NODE:PORT PATH (date, size, transferred, retained)",
         "List every backup ever made of a target, newest first: creation date, archive "
         "size, bytes that crossed the network for it, and whether it is still retained "
-        "(the server keeps the newest 10).",
+        "(the server keeps the newest 10). The list is streamed: rows print as they arrive, "
+        "however long the history.",
         "  deltabkp ctl list 10.0.0.5:7471 /srv/shop\n"
-        "  deltabkp ctl list 10.0.0.5:7471 /srv/shop --json\n",
-        _answer(_render.backups), target="required",
+        "  deltabkp ctl list 10.0.0.5:7471 /srv/shop | head -5          # the newest few\n"
+        "  deltabkp ctl list 10.0.0.5:7471 /srv/shop --json | jq -r '.[0].hash'\n",
+        _streamed(_render.BACKUP_HEADERS, _render.backup_cells,
+                  lambda p, req: _render.backups_footer(p.n, p.marked, req),
+                  mark=lambda r: bool(r.get("retained"))),
+        target="required",
     ),
     Command(
         "targets", "all registered targets and their state",
         "Show every registered target: frequency, state (ok, retrying, running), next due "
-        "time, last outcome and error, archives kept.",
+        "time, last outcome and error, archives kept, and what the newest archive had to "
+        "skip (sockets, FIFOs, unreadable files: a count and the first names).",
         "  deltabkp ctl targets\n",
         _answer(_render.targets),
     ),
     Command(
         "log", "execution history (all targets, or one)",
         "Show the execution log, newest first: every backup attempt with its outcome "
-        "(stored, unchanged, failed), bytes on the wire, archive size, files that changed "
-        "while being read, and the error if any.",
-        "  deltabkp ctl log\n  deltabkp ctl log 10.0.0.5:7471 /srv/shop --limit 5\n",
-        _answer(_render.log), target="optional", arguments=_log_arguments, build=_log_request,
+        "(stored, unchanged, failed, skipped), bytes on the wire, archive size, files that "
+        "changed while being read, entries the archive had to skip (sockets, unreadable "
+        "files: a count and the first names), and the error if any.\n\n"
+        f"The newest {LOG_LIMIT} rows by default; --limit 0 streams the whole log (rows print "
+        "as they arrive). Consecutive identical 'unchanged' checks of a target are one row, "
+        "'unchanged xN': N checks from FIRST to the row's start time; --json gives count, "
+        "first and last for every row, so no execution is missing from the record.",
+        "  deltabkp ctl log                                       # the newest 50, all targets\n"
+        "  deltabkp ctl log 10.0.0.5:7471 /srv/shop --limit 5\n"
+        "  deltabkp ctl log --since 2h --outcome failed           # what failed lately\n"
+        "  deltabkp ctl log --since 2026-11-28 --limit 0          # everything since that day\n"
+        "  deltabkp ctl log --limit 0 --json | jq '[.[].count] | add'   # executions in all\n",
+        _streamed(_render.LOG_HEADERS, _render.log_cells,
+                  lambda p, req: _render.log_footer(p.n, req)),
+        target="optional", arguments=_log_arguments, build=_log_request,
     ),
     Command(
         "status", "the server's state (version, uptime, targets, running)",
@@ -219,7 +349,8 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "backup-now", "run a backup of NODE:PORT PATH now",
         "Queue a backup of a target now. With --wait, block until that execution ends, "
-        "print its outcome, and exit 1 if it failed.",
+        "print its outcome (with the entries the archive had to skip, if any), and exit 1 if "
+        "it failed.",
         "  deltabkp ctl backup-now 10.0.0.5:7471 /srv/shop --wait\n",
         _backup_now, target="required", arguments=_backup_now_arguments,
         build=_backup_now_request,
@@ -227,11 +358,37 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "restore", "download a backup of NODE:PORT PATH and extract it into DEST",
         "Download an archive of a target (the newest by default), verify its blake3 hash, "
-        "and extract it into DEST (created if missing; must be empty). Entries that would "
-        "escape DEST (absolute paths, '..', links pointing outside) are refused.",
+        "and extract it into DEST (created if missing; must be empty), all or nothing: it is "
+        "extracted beside DEST and renamed into place at the end, so a failed restore leaves "
+        "DEST as it was. Faithful: symlinks as they were (whatever they point to), hard "
+        "links, FIFOs, modes, mtimes to the nanosecond, and owners when run as root. Unsafe "
+        "entries (absolute paths, '..', writing through a symlink, devices) are refused.",
         "  deltabkp ctl restore 10.0.0.5:7471 /srv/shop ./shop\n"
         "  deltabkp ctl restore 10.0.0.5:7471 /srv/shop ./shop-v7 --version 7\n",
         _restore, target="required", arguments=_restore_arguments, build=_restore_request,
+    ),
+    Command(
+        "fetch", "download the exact archive (tgz) of NODE:PORT PATH into OUT.tgz",
+        "Download one archive of a target as it was stored (the newest by default): its "
+        "blake3 equals the 'hash' of 'list --json'. Older versions are rebuilt by the server "
+        "from reverse deltas and checked before they are sent; a version found corrupt is "
+        "refused. OUT.tgz appears only once complete and verified; '-' writes to standard "
+        "output.",
+        "  deltabkp ctl fetch 10.0.0.5:7471 /srv/shop shop.tgz\n"
+        "  deltabkp ctl fetch 10.0.0.5:7471 /srv/shop shop-v7.tgz --version 7\n"
+        "  deltabkp ctl fetch 10.0.0.5:7471 /srv/shop - | tar tzf -\n",
+        _fetch, target="required", arguments=_fetch_arguments, build=_restore_request,
+    ),
+    Command(
+        "verify", "check every stored version of NODE:PORT PATH (or --all) against its hash",
+        "Rebuild or re-read every retained version of a target (or of every target, --all) "
+        "on the server and check its blake3 against the catalog. Prints each version "
+        "checked; corrupt ones are marked (list shows CORRUPT, restore and fetch refuse "
+        "them) and each verification is logged (trigger 'verify'). Exits 1 if anything is "
+        "corrupt. The server also does this on its own (deltabkp-server --scrub-every).",
+        "  deltabkp ctl verify 10.0.0.5:7471 /srv/shop\n"
+        "  deltabkp ctl verify --all --json\n",
+        _verify, target="optional", arguments=_verify_arguments, build=_verify_request,
     ),
 )
 
@@ -280,6 +437,7 @@ def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
     p.add_argument("--key-file", metavar="F", default=default,
                    help="cluster key file (default: $DELTABKP_KEY_FILE, else "
                    "~/.config/deltabkp/cluster.key)")
+    net.add_tls_arguments(p, None if top else argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", default=False if top else argparse.SUPPRESS,
                    help="print the server's answer as JSON")
     p.add_argument("--timeout", type=float, metavar="S",
@@ -329,5 +487,10 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--timeout must be a positive number of seconds")
     request = {**_target(args, cmd), **cmd.build(args)}
     key = net.load_key(args.key_file)
+    tls = net.tls_from_args(args)
+    if tls.plaintext:
+        for server in servers:
+            net.check_plaintext_address(server.host, "--server")
+    net.install_tls(tls)
     client = Client(servers, key, float(args.timeout))
     return cmd.run(args, Call(cmd.name, request, client, bool(args.json)))

@@ -153,6 +153,16 @@ class Catalog(Protocol):
         """Newest first."""
         ...
 
+    def execution_page(
+        self, *, limit: int, before_id: int | None = None, target_id: int | None = None,
+        since: float | None = None, outcome: str | None = None,
+    ) -> list[ExecutionRecord]:
+        """Up to ``limit`` log rows with id < ``before_id``, newest first, optionally of one
+        target / started at or after ``since`` / with one outcome (a keyset page).  A row
+        may stand for several executions (``count``): a finished ``unchanged`` execution
+        absorbs the identical ``unchanged`` one right before it (``finish_execution``)."""
+        ...
+
     def executions_since(self, target_id: int, after_id: int) -> list[ExecutionRecord]:
         """The target's executions with id > ``after_id``, oldest first."""
         ...
@@ -168,12 +178,53 @@ class Catalog(Protocol):
 
     # -- archives ----------------------------------------------------------------------------
     def archives(self, target_id: int) -> list[ArchiveRecord]: ...
+    def archive_page(
+        self, target_id: int, *, limit: int, before_seq: int | None = None
+    ) -> list[ArchiveRecord]:
+        """Up to ``limit`` archives with seq < ``before_seq``, newest first (a keyset page)."""
+        ...
+
+    def newest_skipped(self, target_id: int) -> tuple[tuple[str, ...], ...]:
+        """The entries the build of the target's newest archive skipped (() if none)."""
+        ...
+
     def newest_retained(self, target_id: int) -> ArchiveRecord | None: ...
     def next_seq(self, target_id: int) -> int: ...
     def retire(self, target_id: int, keep: int, now: float) -> list[ArchiveRecord]: ...
     def retained_keys(self) -> set[tuple[int, int]]: ...
     def mark_missing(self, target_id: int, seq: int) -> None: ...
     def count_retained(self, target_id: int) -> int: ...
+
+    # -- version storage and verification ----------------------------------------------------
+    def delta_keys(self) -> set[tuple[int, int]]:
+        """Retained, present versions held as reverse deltas (the rest of ``retained_keys``
+        are whole)."""
+        ...
+
+    def set_delta(
+        self, target_id: int, seq: int, base_seq: int, stored_size: int, now: float
+    ) -> bool:
+        """Version ``seq`` is now a reverse delta against ``base_seq``; False (no change)
+        unless it was retained, whole and not corrupt."""
+        ...
+
+    def record_verify(
+        self, target_id: int, checks: Sequence[tuple[int, str | None]], now: float
+    ) -> None:
+        """Per (seq, reason): checked at ``now``, sound (None) or corrupt (why)."""
+        ...
+
+    def scrub_due(self, cutoff: float) -> list[int]:
+        """Ids of targets with a retained version last checked before ``cutoff``."""
+        ...
+
+    def lease_target(self, server_id: str, target_id: int, now: float, until: float) -> bool:
+        """Lease one target if no live lease exists; schedule and queue untouched."""
+        ...
+
+    def drop_lease(self, server_id: str, target_id: int) -> bool:
+        """Drop ``server_id``'s lease on one target (schedule untouched)."""
+        ...
 
     # -- health ------------------------------------------------------------------------------
     def integrity_check(self) -> str:

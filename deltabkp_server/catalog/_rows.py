@@ -56,6 +56,9 @@ def to_archive(r: Row) -> ArchiveRecord:
         hash=bytes(r["hash"]), transferred=r["transferred"],
         execution_id=r["execution_id"], retained=bool(r["retained"]),
         deleted_at=r["deleted_at"], missing=bool(r["missing"]),
+        form=r.get("form") or "whole", base_seq=r.get("base_seq"),
+        stored_size=r.get("stored_size"), verified_at=r.get("verified_at"),
+        corrupt=(r.get("corrupt_reason") or "corrupt") if r.get("corrupt") else None,
     )
 
 
@@ -68,6 +71,7 @@ def to_execution(r: Row) -> ExecutionRecord:
         archive_seq=r["archive_seq"], files=r["files"],
         changed=pairs_from_json(r["changed_json"]), skipped=pairs_from_json(r["skipped_json"]),
         error=r["error"], note=r["note"], due=r["due"],
+        count=r["fold_count"], first=r["fold_first"], earlier_bytes=r["fold_bytes"],
     )
 
 

@@ -155,11 +155,45 @@ _V2_POSTGRES = (
 # v3: storage and a log that scales.  Two groups of statements, one per concern, run as one
 # step (unreleased until this comment says otherwise: may still be edited).
 # - storage: how each retained version is held (whole / reverse delta) and its verification;
-_V3_STORAGE_SQLITE: tuple[str, ...] = ()
-_V3_STORAGE_POSTGRES: tuple[str, ...] = ()
+#   ``form`` 'whole' (``<seq>.tgz`` + ``.sig``) or 'delta' (``<seq>.rdelta``: an engine delta
+#   that rebuilds this version from version ``base_seq``, a newer one); ``stored_size`` the
+#   bytes it takes in the store; ``verified_at`` when its bytes last matched ``hash`` (NULL:
+#   at ingest, i.e. ``created``); ``corrupt`` set (with its reason) by a failed verification.
+_V3_STORAGE_SQLITE: tuple[str, ...] = (
+    "ALTER TABLE archives ADD COLUMN form TEXT NOT NULL DEFAULT 'whole'"
+    " CHECK (form IN ('whole', 'delta'))",
+    "ALTER TABLE archives ADD COLUMN base_seq INTEGER",
+    "ALTER TABLE archives ADD COLUMN stored_size INTEGER",
+    "ALTER TABLE archives ADD COLUMN verified_at REAL",
+    "ALTER TABLE archives ADD COLUMN corrupt INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE archives ADD COLUMN corrupt_reason TEXT",
+)
+_V3_STORAGE_POSTGRES: tuple[str, ...] = (
+    "ALTER TABLE archives ADD COLUMN form TEXT NOT NULL DEFAULT 'whole'"
+    " CHECK (form IN ('whole', 'delta'))",
+    "ALTER TABLE archives ADD COLUMN base_seq BIGINT",
+    "ALTER TABLE archives ADD COLUMN stored_size BIGINT",
+    "ALTER TABLE archives ADD COLUMN verified_at DOUBLE PRECISION",
+    "ALTER TABLE archives ADD COLUMN corrupt INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE archives ADD COLUMN corrupt_reason TEXT",
+)
 # - log: folded runs of `unchanged` executions and paging indexes.
-_V3_LOG_SQLITE: tuple[str, ...] = ()
-_V3_LOG_POSTGRES: tuple[str, ...] = ()
+#   A row stands for ``fold_count`` executions: itself (the newest) and the earlier
+#   `unchanged` ones it absorbed — ``fold_first`` is when the first of them started (NULL for
+#   a row of one), ``fold_bytes`` the bytes those earlier ones moved.  ``executions_outcome``
+#   serves ``log --outcome`` in keyset pages (``WHERE outcome=? AND id<? ORDER BY id DESC``).
+_V3_LOG_SQLITE: tuple[str, ...] = (
+    "ALTER TABLE executions ADD COLUMN fold_count INTEGER NOT NULL DEFAULT 1 CHECK (fold_count >= 1)",
+    "ALTER TABLE executions ADD COLUMN fold_first REAL",
+    "ALTER TABLE executions ADD COLUMN fold_bytes INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX executions_outcome ON executions(outcome, id)",
+)
+_V3_LOG_POSTGRES: tuple[str, ...] = (
+    "ALTER TABLE executions ADD COLUMN fold_count BIGINT NOT NULL DEFAULT 1 CHECK (fold_count >= 1)",
+    "ALTER TABLE executions ADD COLUMN fold_first DOUBLE PRECISION",
+    "ALTER TABLE executions ADD COLUMN fold_bytes BIGINT NOT NULL DEFAULT 0",
+    "CREATE INDEX executions_outcome ON executions(outcome, id)",
+)
 
 #: engine → the statements of version 1, 2, … (index 0 is version 1).
 _STEPS: dict[str, tuple[tuple[str, ...], ...]] = {

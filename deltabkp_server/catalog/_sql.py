@@ -5,7 +5,8 @@ read — so SQLite and PostgreSQL run the very same statements and pass the same
 Invariants:
 - an archive exists when, and only when, its row is committed; the store follows the catalog;
 - the execution log and the archive rows are never trimmed (retention only flips ``retained``
-  and sets ``deleted_at``), so ``list`` shows every backup ever made;
+  and sets ``deleted_at``), so ``list`` shows every backup ever made; a run of identical
+  ``unchanged`` executions is folded into its newest row (``fold_count``), never dropped;
 - one (node, path) has one target row for ever; unregister deactivates it and a later
   register reactivates it, so the history and the sequence numbers continue;
 - every read-modify-write runs in one transaction that excludes other writers of the rows it
@@ -13,6 +14,8 @@ Invariants:
   locks the rows (``_for_update``; ``claim_due`` skips rows other claimers hold instead of
   waiting for them), so a lease is never given twice;
 - statements use ``?`` placeholders; an engine translates them if it must.
+Longer than ~450 lines on purpose: every statement of both engines lives in this one class,
+so the engines cannot drift apart.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from deltabkp_server.model import (
     ExecutionResult,
     ServerRecord,
     Target,
+    pairs_from_json,
     pairs_to_json,
 )
 
@@ -314,6 +318,38 @@ class SqlCatalog:
             raise CatalogError(
                 f"catalog {self.where}: execution {execution_id} is unknown or already finished"
             )
+        if r.outcome == "unchanged":
+            self._fold(tx, execution_id)
+
+    def _fold(self, tx: Tx, execution_id: int) -> None:
+        """Fold a just-finished ``unchanged`` execution into the run of identical ones right
+        before it: this (newest) row absorbs the previous one — count, first start, bytes —
+        and the previous row goes, in the same transaction.  So a year of minute checks is
+        one row, no execution is lost from the record (the count), and the newest execution
+        keeps the newest id (``backup-now --wait`` and keyset pages see it)."""
+        cur = tx.one("SELECT * FROM executions WHERE id=?", (execution_id,))
+        assert cur is not None
+        prev = tx.one(
+            "SELECT * FROM executions WHERE target_id=? AND id<? ORDER BY id DESC LIMIT 1"
+            + self._for_update,
+            (cur["target_id"], execution_id),
+        )
+        # Only a run of the same check: same base, trigger, verdict and note, nothing skipped
+        # differently (a manual check or a retry between scheduled ones stays its own row).
+        if prev is None or prev["outcome"] != "unchanged" or any(
+            prev[k] != cur[k] for k in ("archive_seq", "trigger", "note", "error", "skipped_json")
+        ):
+            return
+        tx.run(
+            "UPDATE executions SET fold_count=?, fold_first=?, fold_bytes=? WHERE id=?",
+            (
+                prev["fold_count"] + 1,
+                prev["fold_first"] if prev["fold_first"] is not None else prev["started"],
+                prev["fold_bytes"] + prev["bytes_sent"] + prev["bytes_received"],
+                execution_id,
+            ),
+        )
+        tx.run("DELETE FROM executions WHERE id=?", (prev["id"],))
 
     def finish_execution(self, execution_id: int, result: ExecutionResult) -> ExecutionRecord:
         with self._tx() as tx:
@@ -360,6 +396,24 @@ class SqlCatalog:
             args.append(limit)
         return [to_execution(r) for r in self._q(sql, args)]
 
+    def execution_page(
+        self, *, limit: int, before_id: int | None = None, target_id: int | None = None,
+        since: float | None = None, outcome: str | None = None,
+    ) -> list[ExecutionRecord]:
+        """One keyset page of the log, newest first: up to ``limit`` rows with id <
+        ``before_id`` (the last id of the previous page), of one target / started at or after
+        ``since`` / with one outcome.  Indexed: never the whole table in memory."""
+        conds: list[str] = []
+        args: list[Any] = []
+        for cond, value in (("e.id<?", before_id), ("e.target_id=?", target_id),
+                            ("e.started>=?", since), ("e.outcome=?", outcome)):
+            if value is not None:
+                conds.append(cond)
+                args.append(value)
+        where = (" WHERE " + " AND ".join(conds)) if conds else ""
+        rows = self._q(f"{EXEC_SELECT}{where} ORDER BY e.id DESC LIMIT ?", (*args, limit))
+        return [to_execution(r) for r in rows]
+
     def executions_since(self, target_id: int, after_id: int) -> list[ExecutionRecord]:
         rows = self._q(
             EXEC_SELECT + " WHERE e.target_id=? AND e.id>? ORDER BY e.id", (target_id, after_id)
@@ -386,10 +440,33 @@ class SqlCatalog:
         rows = self._q("SELECT * FROM archives WHERE target_id=? ORDER BY seq DESC", (target_id,))
         return [to_archive(r) for r in rows]
 
+    def archive_page(
+        self, target_id: int, *, limit: int, before_seq: int | None = None
+    ) -> list[ArchiveRecord]:
+        """One keyset page of ``list``, newest first: up to ``limit`` archives with seq <
+        ``before_seq`` (primary-key order: never the whole history in memory)."""
+        sql, args = "SELECT * FROM archives WHERE target_id=?", [target_id]
+        if before_seq is not None:
+            sql += " AND seq<?"
+            args.append(before_seq)
+        rows = self._q(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit))
+        return [to_archive(r) for r in rows]
+
+    def newest_skipped(self, target_id: int) -> tuple[tuple[str, ...], ...]:
+        """What the build of the target's newest archive skipped (sockets, unreadable files…)."""
+        rows = self._q(
+            "SELECT e.skipped_json AS s FROM archives a JOIN executions e ON e.id = a.execution_id"
+            " WHERE a.target_id=? ORDER BY a.seq DESC LIMIT 1",
+            (target_id,),
+        )
+        return pairs_from_json(rows[0]["s"]) if rows else ()
+
     def newest_retained(self, target_id: int) -> ArchiveRecord | None:
         rows = self._q(
+            # Only a whole, sound copy can be patched against (the newest is always whole;
+            # a corrupt newest makes the next backup a full transfer).
             "SELECT * FROM archives WHERE target_id=? AND retained=1 AND missing=0"
-            " ORDER BY seq DESC LIMIT 1",
+            " AND corrupt=0 AND form='whole' ORDER BY seq DESC LIMIT 1",
             (target_id,),
         )
         return to_archive(rows[0]) if rows else None
@@ -434,6 +511,74 @@ class SqlCatalog:
             (target_id,),
         )
         return int(rows[0]["n"])
+
+    # -- version storage and verification (reverse deltas, scrub) ------------------------------
+
+    def delta_keys(self) -> set[tuple[int, int]]:
+        return {
+            (r["target_id"], r["seq"])
+            for r in self._q(
+                "SELECT target_id, seq FROM archives WHERE retained=1 AND missing=0"
+                " AND form='delta'"
+            )
+        }
+
+    def set_delta(
+        self, target_id: int, seq: int, base_seq: int, stored_size: int, now: float
+    ) -> bool:
+        """Record that version ``seq`` is now held as a reverse delta against ``base_seq``
+        (checked ``now``); False (nothing changed) unless it was retained, whole and sound."""
+        with self._tx() as tx:
+            n = tx.run(
+                "UPDATE archives SET form='delta', base_seq=?, stored_size=?, verified_at=?"
+                " WHERE target_id=? AND seq=? AND retained=1 AND form='whole' AND corrupt=0",
+                (base_seq, stored_size, now, target_id, seq),
+            )
+        return n == 1
+
+    def record_verify(
+        self, target_id: int, checks: Sequence[tuple[int, str | None]], now: float
+    ) -> None:
+        """Each (seq, None) checked sound at ``now``; each (seq, reason) found corrupt."""
+        with self._tx() as tx:
+            for seq, reason in checks:
+                tx.run(
+                    "UPDATE archives SET verified_at=?, corrupt=?, corrupt_reason=?"
+                    " WHERE target_id=? AND seq=?",
+                    (now, 0 if reason is None else 1, reason, target_id, seq),
+                )
+
+    def scrub_due(self, cutoff: float) -> list[int]:
+        """Targets with a retained version not checked since ``cutoff``, least recent first."""
+        rows = self._q(
+            "SELECT target_id, MIN(COALESCE(verified_at, created)) AS v FROM archives"
+            " WHERE retained=1 AND missing=0 GROUP BY target_id"
+            " HAVING MIN(COALESCE(verified_at, created)) < ? ORDER BY v, target_id",
+            (cutoff,),
+        )
+        return [int(r["target_id"]) for r in rows]
+
+    def lease_target(self, server_id: str, target_id: int, now: float, until: float) -> bool:
+        """Take the lease of one target if nobody (this server included) holds it, leaving
+        its schedule and queue alone (a verification keeps backups of it waiting)."""
+        with self._tx() as tx:
+            # One guarded UPDATE: atomic on both engines, as ``release`` is.
+            n = tx.run(
+                "UPDATE targets SET lease_owner=?, lease_until=?"
+                " WHERE id=? AND (lease_until IS NULL OR lease_until < ?)",
+                (server_id, until, target_id, now),
+            )
+        return n == 1
+
+    def drop_lease(self, server_id: str, target_id: int) -> bool:
+        """Give back a lease taken by ``lease_target`` (schedule untouched)."""
+        with self._tx() as tx:
+            n = tx.run(
+                "UPDATE targets SET lease_owner=NULL, lease_until=NULL"
+                " WHERE id=? AND lease_owner=?",
+                (target_id, server_id),
+            )
+        return n == 1
 
     def integrity_check(self) -> str:
         with self._read() as tx:

@@ -1,11 +1,13 @@
 """The archive store: where archive bytes and their signatures live, behind one protocol.
 
-Job: hold ``(target id, seq) → archive + signature`` with atomic writes, on a local directory
+Job: hold ``(target id, seq) → archive + signature`` (a whole version) or ``→ reverse delta``
+(an older version, ``deltabkp_server.versions``) with atomic writes, on a local directory
 (``LocalStore``, the embedded default) or on S3-compatible object storage (``S3Store``, for
 several servers sharing one catalog); ``open_store`` picks one by URL.
 Invariants (``_protocol``; each backend's module says how it keeps them):
 - the catalog commit is the point of truth: a crash at any instant leaves either a committed
-  archive or garbage that ``reconcile`` removes;
+  archive or garbage that ``reconcile`` removes; the catalog also says which form of a
+  version is real (``reconcile(committed, deltas)``);
 - the signature is stored beside its archive and is never recomputed;
 - every failure is a ``StoreError`` naming the file or object; every method blocks (the
   server calls them from worker threads).
@@ -20,10 +22,12 @@ from urllib.parse import unquote, urlsplit
 
 from deltabkp.errors import StoreError
 from deltabkp_server.store._local import LocalStore
-from deltabkp_server.store._protocol import PartWriter, ReconcileReport, Store
+from deltabkp_server.store._protocol import DeltaWriter, PartWriter, ReconcileReport, Store
 from deltabkp_server.store._s3 import S3Store
 
-__all__ = ["Store", "PartWriter", "LocalStore", "S3Store", "ReconcileReport", "open_store"]
+__all__ = [
+    "Store", "PartWriter", "DeltaWriter", "LocalStore", "S3Store", "ReconcileReport", "open_store",
+]
 
 _USAGE = "expected file:///ABSOLUTE/DIR or s3://BUCKET[/PREFIX]"
 

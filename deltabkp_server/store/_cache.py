@@ -30,7 +30,7 @@ from typing import BinaryIO
 
 from deltabkp.errors import StoreError
 
-__all__ = ["BaseCache"]
+__all__ = ["BaseCache", "Scratch"]
 
 _ENTRY = re.compile(r"^(\d+)-(\d+)-([0-9A-Za-z_-]*)\.tgz$")
 _TMP = re.compile(r"^(\d+)-[0-9a-f]+\.part$")
@@ -52,6 +52,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class Scratch:
+    """A directory of temp files named by the writing process's pid: creating it removes
+    those of processes that are gone (a kill -9 leaves them), never a live server's."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for f in self.dir.iterdir():
+                m = _TMP.match(f.name)
+                if m and not _pid_alive(int(m.group(1))):
+                    f.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot prepare the temp dir {self.dir}: {exc.strerror}") from None
+
+    def new_temp(self) -> tuple[Path, BinaryIO]:
+        """A fresh file (``O_EXCL``), open for reading and writing; the caller removes it."""
+        path = self.dir / f"{os.getpid()}-{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot create {path}: {exc.strerror}") from None
+        return path, os.fdopen(fd, "w+b", buffering=1 << 20)
+
+
 class BaseCache:
     """``directory/bases/<target>-<seq>-<etag>.tgz`` and ``directory/tmp/`` (being written)."""
 
@@ -61,13 +86,9 @@ class BaseCache:
         self.tmp = self.dir / "tmp"
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self.scratch = Scratch(self.tmp)
         try:
             self.bases.mkdir(parents=True, exist_ok=True)
-            self.tmp.mkdir(parents=True, exist_ok=True)
-            for f in self.tmp.iterdir():
-                m = _TMP.match(f.name)
-                if m and not _pid_alive(int(m.group(1))):
-                    f.unlink(missing_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot prepare the base cache {self.dir}: {exc.strerror}") from None
 
@@ -75,12 +96,7 @@ class BaseCache:
 
     def new_temp(self) -> tuple[Path, BinaryIO]:
         """A fresh file under ``tmp/`` (``O_EXCL``), open for writing."""
-        path = self.tmp / f"{os.getpid()}-{uuid.uuid4().hex}.part"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as exc:
-            raise StoreError(f"cannot create {path}: {exc.strerror}") from None
-        return path, os.fdopen(fd, "wb", buffering=1 << 20)
+        return self.scratch.new_temp()
 
     def install(self, temp: Path, target_id: int, seq: int, etag: str) -> Path:
         """Rename ``temp`` into place as the entry of ``(target, seq, etag)``; then bound the

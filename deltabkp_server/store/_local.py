@@ -10,7 +10,9 @@ Invariants:
 - the signature is stored beside its archive and is never recomputed;
 - every method is blocking: the server calls them from worker threads, never on the loop.
 
-Layout: ``DIR/archives/<target-id>/<seq>.tgz`` and ``<seq>.sig`` (see docs/formats.md, store).
+Layout: ``DIR/archives/<target-id>/<seq>.tgz`` and ``<seq>.sig`` for a whole version,
+``<seq>.rdelta`` for one held as a reverse delta (see docs/formats.md, store); ``DIR/tmp/``
+holds rebuilt versions while they are served or checked (removed at start-up).
 """
 
 from __future__ import annotations
@@ -18,17 +20,21 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from deltabkp._atomic import fsync_dir
 from deltabkp.errors import MissingObject, StoreError
-from deltabkp_server.store._cache import BaseCache
+from deltabkp_server.store._cache import BaseCache, Scratch
 from deltabkp_server.store._protocol import ReconcileReport
 
 __all__ = ["LocalStore"]
 
-_NAME = re.compile(r"^(\d+)\.(tgz|sig)(\.part)?$")
+_NAME = re.compile(r"^(\d+)\.(tgz|sig|rdelta)(\.part)?$")
+_WHOLE = frozenset({"tgz", "sig"})
+_DELTA = frozenset({"rdelta"})
 
 
 class _LocalPart:
@@ -107,8 +113,75 @@ class _LocalPart:
                 raise StoreError(f"cannot remove {p}: {exc.strerror}") from None
 
 
+class _LocalDeltaPart:
+    """``DeltaWriter`` for ``LocalStore``: ``<seq>.rdelta.part``, then fsync and rename."""
+
+    def __init__(self, directory: Path, seq: int) -> None:
+        self._dir = directory
+        self.path = directory / f"{seq}.rdelta"
+        self.part = directory / f"{seq}.rdelta.part"
+        self._size = 0
+        self._done = False
+        try:
+            # Truncate: a part left by an attempt that failed is ours to overwrite (one
+            # converter per target, under its lease).
+            fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot create {self.part}: {exc.strerror}") from None
+        self._f = os.fdopen(fd, "wb", buffering=1 << 20)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            self._f.write(data)
+        except OSError as exc:
+            raise StoreError(f"cannot write {self.part}: {exc.strerror}") from None
+        self._size += len(data)
+
+    def read_back(self, chunk_size: int) -> Iterator[bytes]:
+        try:
+            self._f.flush()
+            with open(self.part, "rb") as f:
+                while block := f.read(chunk_size):
+                    yield block
+        except OSError as exc:
+            raise StoreError(f"cannot read back {self.part}: {exc.strerror}") from None
+
+    def commit(self) -> None:
+        if self._done:
+            raise StoreError(f"{self.part}: already committed or aborted")
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            # Replaces an orphan a crash left before its catalog commit.
+            os.rename(self.part, self.path)
+            fsync_dir(self._dir)
+        except OSError as exc:
+            self.abort()
+            raise StoreError(f"cannot commit {self.path}: {exc.strerror}") from None
+        self._done = True
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._f.close()
+        except OSError:
+            pass
+        try:
+            self.part.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot remove {self.part}: {exc.strerror}") from None
+
+
 class LocalStore:
-    """``Store`` on a local directory tree: ``<root>/archives/<target-id>/<seq>.{tgz,sig}``."""
+    """``Store`` on a local directory tree: ``<root>/archives/<target-id>/<seq>.{tgz,sig}``
+    (whole) or ``<seq>.rdelta`` (reverse delta)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -117,6 +190,7 @@ class LocalStore:
             self.archives.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create {self.archives}: {exc.strerror}") from None
+        self._scratch = Scratch(self.root / "tmp")
 
     def _dir(self, target_id: int) -> Path:
         return self.archives / str(int(target_id))
@@ -127,7 +201,10 @@ class LocalStore:
     def sig_path(self, target_id: int, seq: int) -> Path:
         return self._dir(target_id) / f"{int(seq)}.sig"
 
-    def begin(self, target_id: int, seq: int) -> _LocalPart:
+    def delta_path(self, target_id: int, seq: int) -> Path:
+        return self._dir(target_id) / f"{int(seq)}.rdelta"
+
+    def _mkdir(self, target_id: int) -> Path:
         d = self._dir(target_id)
         try:
             if not d.exists():
@@ -137,6 +214,10 @@ class LocalStore:
             pass
         except OSError as exc:
             raise StoreError(f"cannot create {d}: {exc.strerror}") from None
+        return d
+
+    def begin(self, target_id: int, seq: int) -> _LocalPart:
+        d = self._mkdir(target_id)
         if self.tgz_path(target_id, seq).exists():
             raise StoreError(f"{self.tgz_path(target_id, seq)} already exists")
         return _LocalPart(d, seq)
@@ -191,14 +272,64 @@ class LocalStore:
     def exists(self, target_id: int, seq: int) -> bool:
         return self.tgz_path(target_id, seq).is_file() and self.sig_path(target_id, seq).is_file()
 
-    def delete(self, target_id: int, seq: int) -> None:
-        for p in (self.tgz_path(target_id, seq), self.sig_path(target_id, seq)):
+    def begin_delta(self, target_id: int, seq: int) -> _LocalDeltaPart:
+        return _LocalDeltaPart(self._mkdir(target_id), seq)
+
+    def read_delta_chunks(self, target_id: int, seq: int, chunk_size: int) -> Iterator[bytes]:
+        p = self.delta_path(target_id, seq)
+        try:
+            f = open(p, "rb")
+        except FileNotFoundError:
+            raise MissingObject(f"cannot open reverse delta {p}: no such file") from None
+        except OSError as exc:
+            raise StoreError(f"cannot open reverse delta {p}: {exc.strerror}") from None
+        with f:
+            while True:
+                try:
+                    block = f.read(chunk_size)
+                except OSError as exc:
+                    raise StoreError(f"cannot read {p}: {exc.strerror}") from None
+                if not block:
+                    return
+                yield block
+
+    def delta_exists(self, target_id: int, seq: int) -> bool:
+        return self.delta_path(target_id, seq).is_file()
+
+    def stored_size(self, target_id: int, seq: int) -> int:
+        """Bytes the version takes in the store, whatever its form (0 if none)."""
+        total = 0
+        for p in (self.tgz_path(target_id, seq), self.sig_path(target_id, seq),
+                  self.delta_path(target_id, seq)):
+            try:
+                total += p.stat().st_size
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise StoreError(f"cannot stat {p}: {exc.strerror}") from None
+        return total
+
+    def scratch(self) -> tuple[Path, BinaryIO]:
+        """A temp file for a rebuilt version (open for writing and reading; caller removes)."""
+        return self._scratch.new_temp()
+
+    def _unlink(self, *paths: Path) -> None:
+        for p in paths:
             try:
                 p.unlink()
             except FileNotFoundError:
                 pass
             except OSError as exc:
                 raise StoreError(f"cannot delete {p}: {exc.strerror}") from None
+
+    def delete_whole(self, target_id: int, seq: int) -> None:
+        """Remove the whole copy of a version now held as a reverse delta."""
+        self._unlink(self.tgz_path(target_id, seq), self.sig_path(target_id, seq))
+
+    def delete(self, target_id: int, seq: int) -> None:
+        """Remove the version in every form (idempotent)."""
+        self._unlink(self.tgz_path(target_id, seq), self.sig_path(target_id, seq),
+                     self.delta_path(target_id, seq))
 
     def _walk(self) -> Iterator[tuple[int, Path, re.Match[str]]]:
         for d in sorted(self.archives.iterdir()):
@@ -209,24 +340,33 @@ class LocalStore:
                 if m:
                     yield int(d.name), f, m
 
-    def keys(self) -> set[tuple[int, int]]:
-        """Archives whose .tgz and .sig are both in place (``.part`` files excluded)."""
+    def _kinds(self) -> dict[tuple[int, int], set[str]]:
         seen: dict[tuple[int, int], set[str]] = {}
         for tid, _f, m in self._walk():
             if not m.group(3):
                 seen.setdefault((tid, int(m.group(1))), set()).add(m.group(2))
-        return {k for k, kinds in seen.items() if kinds == {"tgz", "sig"}}
+        return seen
 
-    def reconcile(self, committed: set[tuple[int, int]]) -> ReconcileReport:
-        """Delete ``.part`` files and files with no committed row; report rows with no file."""
+    def keys(self) -> set[tuple[int, int]]:
+        """Versions in place in some form: .tgz and .sig both, or .rdelta (no ``.part``)."""
+        return {k for k, kinds in self._kinds().items() if _WHOLE <= kinds or _DELTA <= kinds}
+
+    def reconcile(
+        self, committed: AbstractSet[tuple[int, int]],
+        deltas: AbstractSet[tuple[int, int]] = frozenset(),
+    ) -> ReconcileReport:
+        """Delete ``.part`` files and files the catalog does not expect — a version of
+        ``committed`` is whole (.tgz + .sig) unless it is in ``deltas`` (.rdelta) — and
+        report committed versions whose files are not all there."""
         parts: list[str] = []
         orphans: list[str] = []
         try:
             for tid, f, m in list(self._walk()):
+                k = (tid, int(m.group(1)))
                 if m.group(3):
                     f.unlink()
                     parts.append(str(f))
-                elif (tid, int(m.group(1))) not in committed:
+                elif m.group(2) not in _expected(k, committed, deltas):
                     f.unlink()
                     orphans.append(str(f))
             touched = {Path(p).parent for p in parts + orphans}
@@ -234,6 +374,18 @@ class LocalStore:
                 fsync_dir(d)
         except OSError as exc:
             raise StoreError(f"reconciling {self.archives}: {exc.strerror}") from None
-        present = self.keys()
-        missing = tuple(sorted(k for k in committed if k not in present))
+        kinds = self._kinds()
+        missing = tuple(sorted(
+            k for k in committed if not _expected(k, committed, deltas) <= kinds.get(k, set())
+        ))
         return ReconcileReport(tuple(parts), tuple(orphans), missing)
+
+
+def _expected(
+    k: tuple[int, int], committed: AbstractSet[tuple[int, int]],
+    deltas: AbstractSet[tuple[int, int]],
+) -> frozenset[str]:
+    """The files the catalog says version ``k`` has."""
+    if k not in committed:
+        return frozenset()
+    return _DELTA if k in deltas else _WHOLE

@@ -8,6 +8,10 @@ Invariants every backend keeps:
   archive or garbage that ``reconcile`` removes (the catalog commit, made after ``commit``, is
   the point of truth);
 - a committed ``(target, seq)`` is never overwritten: ``begin`` on it raises ``StoreError``;
+- a version is held whole (archive + signature) or as a reverse delta (``begin_delta``),
+  which appears whole at ``DeltaWriter.commit`` or not at all; which form is the truth is
+  the catalog's to say (``reconcile(committed, deltas)``), so a crash between writing one
+  form, recording it and deleting the other leaves only garbage that ``reconcile`` removes;
 - ``abort`` leaves nothing behind and is harmless after ``commit``;
 - every failure is a ``deltabkp.errors.StoreError`` naming the file or object;
 - every method blocks: the server calls them from worker threads, never on the event loop.
@@ -16,12 +20,14 @@ Invariants every backend keeps:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import AbstractContextManager
-from typing import Protocol
+from pathlib import Path
+from typing import BinaryIO, Protocol
 
 import attrs
 
-__all__ = ["Store", "PartWriter", "ReconcileReport"]
+__all__ = ["Store", "PartWriter", "DeltaWriter", "ReconcileReport"]
 
 
 @attrs.frozen
@@ -45,6 +51,18 @@ class PartWriter(Protocol):
     def abort(self) -> None: ...
 
 
+class DeltaWriter(Protocol):
+    """A reverse delta being written; invisible until ``commit``; ``abort`` leaves nothing
+    (and is harmless after ``commit``)."""
+
+    @property
+    def size(self) -> int: ...
+    def write(self, data: bytes | memoryview) -> None: ...
+    def read_back(self, chunk_size: int) -> Iterator[bytes]: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 class Store(Protocol):
     """What the server needs from an archive store backend (blocking calls).
 
@@ -59,6 +77,27 @@ class Store(Protocol):
     def read_signature(self, target_id: int, seq: int) -> bytes: ...
     def read_chunks(self, target_id: int, seq: int, chunk_size: int) -> Iterator[bytes]: ...
     def exists(self, target_id: int, seq: int) -> bool: ...
-    def delete(self, target_id: int, seq: int) -> None: ...
-    def keys(self) -> set[tuple[int, int]]: ...
-    def reconcile(self, committed: set[tuple[int, int]]) -> ReconcileReport: ...
+    def delete(self, target_id: int, seq: int) -> None:
+        """Remove the version in every form (idempotent)."""
+        ...
+
+    def begin_delta(self, target_id: int, seq: int) -> DeltaWriter: ...
+    def read_delta_chunks(self, target_id: int, seq: int, chunk_size: int) -> Iterator[bytes]: ...
+    def delta_exists(self, target_id: int, seq: int) -> bool: ...
+    def delete_whole(self, target_id: int, seq: int) -> None:
+        """Remove the archive and signature of a version now held as a reverse delta."""
+        ...
+
+    def stored_size(self, target_id: int, seq: int) -> int: ...
+    def scratch(self) -> tuple[Path, BinaryIO]:
+        """A new temp file (read/write) for a rebuilt version; start-up removes leftovers."""
+        ...
+
+    def keys(self) -> set[tuple[int, int]]:
+        """Versions present in some form (archive + signature, or reverse delta)."""
+        ...
+
+    def reconcile(
+        self, committed: AbstractSet[tuple[int, int]],
+        deltas: AbstractSet[tuple[int, int]] = ...,
+    ) -> ReconcileReport: ...

@@ -4,7 +4,9 @@ Job: hold ``(target id, seq) → archive + signature`` as objects, for servers t
 catalog and one bucket (AWS S3, SeaweedFS, MinIO…).  boto3 is synchronous: the server calls
 every method from worker threads, never on the event loop.
 
-Layout: ``s3://BUCKET/PREFIX/archives/<target-id>/<seq>.tgz`` and ``<seq>.sig``.  An archive
+Layout: ``s3://BUCKET/PREFIX/archives/<target-id>/<seq>.tgz`` and ``<seq>.sig`` (a whole
+version), ``<seq>.rdelta`` (one held as a reverse delta: spooled locally, then one PUT, so it
+appears whole or not at all; a PUT over a crash's orphan is harmless).  An archive
 being written is a multipart upload on its final ``.tgz`` key (``_s3part``): not an object
 until completed, so no listing sees it — S3 keeps incomplete uploads in a key space of
 their own, and completion is the atomic "rename" that S3 otherwise lacks.  A key exists
@@ -37,6 +39,7 @@ import contextlib
 import mmap
 import re
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -52,7 +55,9 @@ from deltabkp_server.store._s3part import S3Part
 __all__ = ["S3Store", "PART_SIZE"]
 
 PART_SIZE = 8 << 20  # S3 wants >= 5 MiB for every part but the last
-_NAME = re.compile(r"^(\d+)/(\d+)\.(tgz|sig)$")
+_NAME = re.compile(r"^(\d+)/(\d+)\.(tgz|sig|rdelta)$")
+_WHOLE = frozenset({"tgz", "sig"})
+_DELTA = frozenset({"rdelta"})
 
 
 class S3Store:
@@ -190,9 +195,40 @@ class S3Store:
         return all(self.bucket.head(self.key(target_id, seq, k)) is not None
                    for k in ("tgz", "sig"))
 
-    def delete(self, target_id: int, seq: int) -> None:
+    def begin_delta(self, target_id: int, seq: int) -> _S3DeltaPart:
+        return _S3DeltaPart(self.bucket, self.cache, self.key(target_id, seq, "rdelta"))
+
+    def read_delta_chunks(self, target_id: int, seq: int, chunk_size: int) -> Iterator[bytes]:
+        key = self.key(target_id, seq, "rdelta")
+        size, etag = self.bucket.size_and_etag(key, "cannot open reverse delta")
+        yield from self.bucket.stream(key, size=size, etag=etag, chunk_size=chunk_size)
+
+    def delta_exists(self, target_id: int, seq: int) -> bool:
+        return self.bucket.head(self.key(target_id, seq, "rdelta")) is not None
+
+    def stored_size(self, target_id: int, seq: int) -> int:
+        """Bytes the version takes in the store, whatever its form (0 if none)."""
+        total = 0
+        for kind in ("tgz", "sig", "rdelta"):
+            head = self.bucket.head(self.key(target_id, seq, kind))
+            total += int(head["ContentLength"]) if head is not None else 0
+        return total
+
+    def scratch(self) -> tuple[Path, BinaryIO]:
+        """A temp file for a rebuilt version (open for writing and reading; caller removes)."""
+        return self.cache.scratch.new_temp()
+
+    def delete_whole(self, target_id: int, seq: int) -> None:
+        """Remove the whole copy of a version now held as a reverse delta."""
         self.cache.drop(target_id, seq)
-        for kind in ("tgz", "sig"):  # the .tgz first: a lone .sig is an orphan, never a key
+        for kind in ("tgz", "sig"):
+            self.bucket.delete(self.key(target_id, seq, kind))
+
+    def delete(self, target_id: int, seq: int) -> None:
+        """Remove the version in every form (idempotent)."""
+        self.cache.drop(target_id, seq)
+        # The .tgz first: a lone .sig is an orphan, never a key.
+        for kind in ("tgz", "sig", "rdelta"):
             self.bucket.delete(self.key(target_id, seq, kind))
 
     def _list(self) -> tuple[dict[tuple[int, int], dict[str, datetime]], datetime]:
@@ -213,31 +249,43 @@ class S3Store:
         return found, now or datetime.now().astimezone()
 
     def keys(self) -> set[tuple[int, int]]:
-        """Archives whose .tgz and .sig are both in place (uploads in flight are not objects)."""
-        return {k for k, kinds in self._list()[0].items() if kinds.keys() == {"tgz", "sig"}}
+        """Versions in place in some form: .tgz and .sig both, or .rdelta (uploads in
+        flight are not objects)."""
+        return {k for k, kinds in self._list()[0].items()
+                if _WHOLE <= kinds.keys() or _DELTA <= kinds.keys()}
 
     def reconcile(
-        self, committed: set[tuple[int, int]], *, grace_s: float | None = None
+        self, committed: AbstractSet[tuple[int, int]],
+        deltas: AbstractSet[tuple[int, int]] = frozenset(), *, grace_s: float | None = None,
     ) -> ReconcileReport:
-        """Abort stale uploads, delete stale orphans (only what is older than ``grace_s``:
-        see the module docstring), report committed keys with no archive."""
+        """Abort stale uploads, delete stale objects the catalog does not expect (a version
+        of ``committed`` is whole, .tgz + .sig, unless it is in ``deltas``, .rdelta; only
+        what is older than ``grace_s``: see the module docstring), report committed
+        versions whose objects are not all there."""
         grace = self.grace_s if grace_s is None else grace_s
         parts = self._abort_stale_uploads(grace)
         found, now = self._list()
         orphans: list[str] = []
         for k, kinds in sorted(found.items()):
-            if k in committed or (now - max(kinds.values())).total_seconds() < grace:
+            expected = (_DELTA if k in deltas else _WHOLE) if k in committed else frozenset()
+            extra = {kind: t for kind, t in kinds.items() if kind not in expected}
+            if not extra or (now - max(extra.values())).total_seconds() < grace:
                 continue
-            keys = [self.key(*k, kind) for kind in sorted(kinds, reverse=True)]  # tgz, sig
+            # tgz before sig (a lone .sig is an orphan, never a key), rdelta last.
+            order = [kind for kind in ("tgz", "sig", "rdelta") if kind in extra]
+            keys = [self.key(*k, kind) for kind in order]
             if not all(self._stale(key, now, grace) for key in keys):
                 continue  # written again since the listing: someone's fresh commit
-            self.cache.drop(*k)
-            for key in keys:
+            if "tgz" in extra:
+                self.cache.drop(*k)
+            for kind, key in zip(order, keys, strict=True):
                 self.bucket.delete(key)
                 orphans.append(self.bucket.url(key))
-            del found[k]
-        present = {k for k, kinds in found.items() if kinds.keys() == {"tgz", "sig"}}
-        missing = tuple(sorted(k for k in committed if k not in present))
+                del kinds[kind]
+        missing = tuple(sorted(
+            k for k in committed
+            if not (_DELTA if k in deltas else _WHOLE) <= found.get(k, {}).keys()
+        ))
         return ReconcileReport(tuple(parts), tuple(orphans), missing)
 
     def _stale(self, key: str, now: datetime, grace: float) -> bool:
@@ -281,6 +329,58 @@ class S3Store:
             if not is_not_found(exc):
                 raise
         return last
+
+
+class _S3DeltaPart:
+    """``DeltaWriter`` for ``S3Store``: a local spool, then one PUT of the ``.rdelta`` key."""
+
+    def __init__(self, bucket: Bucket, cache: BaseCache, key: str) -> None:
+        self._b, self.key = bucket, key
+        self.url = bucket.url(key)
+        self._path, self._f = cache.new_temp()
+        self._size = 0
+        self._done = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            self._f.write(data)
+        except OSError as exc:
+            raise StoreError(f"cannot write the spool {self._path}: {exc.strerror}") from None
+        self._size += len(data)
+
+    def read_back(self, chunk_size: int) -> Iterator[bytes]:
+        try:
+            self._f.flush()
+            with open(self._path, "rb") as f:
+                while block := f.read(chunk_size):
+                    yield block
+        except OSError as exc:
+            raise StoreError(f"cannot read back {self._path}: {exc.strerror}") from None
+
+    def commit(self) -> None:
+        if self._done:
+            raise StoreError(f"{self.url}: already committed or aborted")
+        b = self._b
+        try:
+            self._f.flush()
+            self._f.seek(0)
+            with b.translate("cannot put the reverse delta", self.url):
+                # Unconditional: a .rdelta the catalog does not name is a crash's orphan.
+                b.client.put_object(Bucket=b.name, Key=self.key, Body=self._f)
+        except OSError as exc:
+            raise StoreError(f"cannot read the spool {self._path}: {exc.strerror}") from None
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        self._done = True
+        with contextlib.suppress(OSError):
+            self._f.close()
+        self._path.unlink(missing_ok=True)
 
 
 def _blake3_of(f: BinaryIO) -> bytes:
