@@ -69,7 +69,10 @@ def _outage(c: Cluster, tmp_path: Path, *, announce: bool) -> None:
     [failed] = [e for e in c.ctl("log", node, str(app)) if e["outcome"] == "failed"]
     assert node in failed["error"] and str(app) in failed["error"]
     assert "connect" in failed["error"].lower(), failed["error"]
-    [t] = c.ctl("targets")
+    # The execution is logged before its lease is released (and a retry probe may hold one):
+    # "running" in between.
+    t = wait_for(lambda: next((x for x in c.ctl("targets") if x["state"] != "running"), None),
+                 timeout=30, what="the failed target to settle")
     assert t["state"] == "retrying" and t["last_error"]
     # Back on the same port: no backup-now, and the period (1 h) is far away.
     c.start_agent(tmp_path, port=port, announce=announce)
@@ -78,7 +81,9 @@ def _outage(c: Cluster, tmp_path: Path, *, announce: bool) -> None:
         timeout=60, what="the retry after the agent came back",
     )
     assert stored[0]["trigger"] in (("announce", "retry") if announce else ("retry",)), stored[0]
-    assert c.ctl("targets")[0]["state"] == "ok"
+    t = wait_for(lambda: next((x for x in c.ctl("targets") if x["state"] != "running"), None),
+                 timeout=30, what="the target to settle")
+    assert t["state"] == "ok"
     assert len(c.ctl("list", node, str(app))) == 2
 
 
