@@ -33,9 +33,11 @@ then, from anywhere with the same key:
   deltabkp ctl register NODE_HOST:7471 /srv/app1 --every 5
 
 The agent only serves directories whose real path (symlinks and '..' resolved) lies under an
---allow root; anything else is refused with 'path-not-allowed'. Every connection must prove
-the cluster key (--key-file, else $DELTABKP_KEY_FILE, else ~/.config/deltabkp/cluster.key)
-before a byte of its request is read.
+--allow root; anything else is refused with 'path-not-allowed'. Every connection is TLS 1.3
+with a certificate on both sides from the CA derived from the cluster key (--key-file, else
+$DELTABKP_KEY_FILE, else ~/.config/deltabkp/cluster.key), or from your own PKI (--tls-cert,
+--tls-key, --tls-ca), and must also prove the cluster key before a byte of its request is
+read. See docs/security.md.
 """
 
 
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="archive builds running at once (default 2; each uses about one core)")
     p.add_argument("--max-signature-mb", type=int, default=128, metavar="MB",
                    help="largest signature accepted from a server, MiB (default 128)")
+    p.add_argument("--no-archive-cache", action="store_true",
+                   help="do not keep the last archive built per path in the cache dir (it "
+                   "makes the next build incremental; costs about one archive of disk per path)")
     p.add_argument("--keep", type=int, default=3, metavar="N",
                    help="cache entries (archive signatures) kept per path (default 3)")
     return p
@@ -86,6 +91,9 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     listen = net.Address.parse(args.listen)
     net.at_least_one(args, "max_builds", "max_signature_mb", "keep")
     servers = tuple(net.Address.parse(s, net.DEFAULT_SERVER_PORT) for s in args.server)
+    if args.insecure_plaintext:
+        for server in servers:
+            net.check_plaintext_address(server.host, "--server")
     return AgentConfig(
         key=net.load_key(args.key_file),
         allow=Allowlist.from_args(args.allow),
@@ -97,6 +105,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         max_builds=args.max_builds,
         max_signature=args.max_signature_mb * 1024 * 1024,
         keep=args.keep,
+        keep_archives=not args.no_archive_cache,
+        max_handshakes=args.max_handshakes,
     )
 
 

@@ -4,8 +4,10 @@ Job: accept connections from deltabkp servers on one TCP port, authenticate each
 reading its request, answer ``ping`` and serve ``backup`` requests for allow-listed paths,
 and announce itself to the servers it was told about so that their pending retries run now.
 Invariants:
-- nothing but the handshake is read from a peer that has not proved the cluster key; such
-  a peer gets one ``error`` frame and the connection is closed (``net.accept``);
+- every connection is TLS 1.3 with a certificate from the cluster CA on both sides, then the
+  protocol handshake inside it; nothing but the handshakes is read from a peer that has not
+  passed both: such a peer gets a TLS alert or one ``error`` frame and the connection is
+  closed (``net.accept``);
 - a path is served only through ``Allowlist.resolve`` (real path under an allowed root);
 - one backup at a time per real path (a per-path lock, waited on under a deadline, then
   ``busy``; entries are dropped when unused), any number of paths at once, at most
@@ -13,9 +15,10 @@ Invariants:
   CPU-heavy or blocking work (path checks run in threads too), so ``ping`` is answered
   while backups run;
 - unauthenticated handshakes and authenticated sessions have separate budgets: at most
-  ``max_handshakes`` handshakes pending (a new one evicts the oldest, so silent sockets
-  cannot lock a real server out) each under a short deadline, and at most
-  ``max_connections`` sessions;
+  ``max_handshakes`` handshakes pending (``net.HandshakeGate``: a new one evicts the oldest,
+  so silent sockets cannot lock a real server out) each under a short deadline, and at most
+  ``max_connections`` sessions; running out of descriptors is backed off, not a traceback,
+  and refusals are logged rate-limited per address (``net.serve``);
 - no connection handler can bring the daemon down: errors are logged and the connection
   closed; every network wait has a deadline (idle connections are dropped).
 """
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from pathlib import Path
 
 import attrs
@@ -39,7 +41,12 @@ from deltabkp.errors import (
     RequestRefused,
 )
 from deltabkp_agent.allowlist import Allowlist
-from deltabkp_agent.backup import BackupContext, ServerStopped, describe_failure, serve_backup
+from deltabkp_agent.backup import (
+    BackupContext,
+    ServerStopped,
+    describe_failure,
+    serve_backup,
+)
 from deltabkp_agent.cache import AgentCache, default_cache_dir
 
 __all__ = ["Agent", "AgentConfig", "configure_logging"]
@@ -48,13 +55,8 @@ log = logging.getLogger("deltabkp_agent")
 
 #: How long an authenticated connection may stay silent between requests.
 IDLE_TIMEOUT = 60.0
-#: How long a new connection has to prove the cluster key: a real server needs a few round
-#: trips; a silent peer holds a handshake slot this long at most.
-HANDSHAKE_TIMEOUT = 3.0
 #: How long a backup request waits for a running backup of the same path (then ``busy``).
 PATH_LOCK_TIMEOUT = 30.0
-#: Failed handshakes are news at most once per this many seconds (INFO); the rest is DEBUG.
-REFUSED_LOG_EVERY_S = 60.0
 #: Announce retry backoff: first delay and cap, seconds.
 ANNOUNCE_FIRST_S = 0.5
 ANNOUNCE_CAP_S = 30.0
@@ -74,11 +76,14 @@ class AgentConfig:
     max_builds: int = 2
     max_signature: int = 128 * 1024 * 1024
     keep: int = 3
-    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    #: Keep the last archive built per path (and its index) so the next build is
+    #: incremental; False: every build is a full one, no archive on disk.
+    keep_archives: bool = True
+    handshake_timeout: float = net.HANDSHAKE_TIMEOUT
     #: Authenticated sessions served at once; more are told ``busy`` and closed.
     max_connections: int = 256
     #: Handshakes pending at once; a new connection beyond this evicts the oldest pending one.
-    max_handshakes: int = 64
+    max_handshakes: int = net.MAX_PENDING_HANDSHAKES
     path_lock_timeout: float = PATH_LOCK_TIMEOUT
     #: A server that reads nothing for this long is gone (its build slot and path lock freed).
     send_timeout: float = net.DEFAULT_SEND_TIMEOUT
@@ -88,27 +93,6 @@ class AgentConfig:
 class _PathLock:
     lock: trio.Lock = attrs.Factory(trio.Lock)
     users: int = 0  # tasks holding or waiting for ``lock``; the entry goes at 0
-
-
-class _RateLimitedLog:
-    """INFO at most once per ``every`` seconds (with a count of what was held back), else DEBUG."""
-
-    def __init__(self, every: float) -> None:
-        self.every = every
-        self._next = 0.0
-        self._held = 0
-
-    def __call__(self, fmt: str, *args: object) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._held += 1
-            log.debug(fmt, *args)
-            return
-        if self._held:
-            fmt += " (and %d more like it since the last report)"
-            args = (*args, self._held)
-        log.info(fmt, *args)
-        self._next, self._held = now + self.every, 0
 
 
 class Agent:
@@ -123,23 +107,26 @@ class Agent:
         self.served = 0
         self._locks: dict[str, _PathLock] = {}
         self.sessions = 0
-        #: Pending handshakes, oldest first (dicts keep insertion order).
-        self._handshakes: dict[object, trio.CancelScope] = {}
-        self._log_refused = _RateLimitedLog(REFUSED_LOG_EVERY_S)
+        self.gate = net.HandshakeGate(
+            log, max_pending=config.max_handshakes, timeout=config.handshake_timeout
+        )
         self.announced: set[str] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
+        net.prepare_tls(cfg.key, "agent")  # mint our certificate now, not at the first peer
         listeners, bound = await net.listen(net.Address(cfg.host, cfg.port))
         port = bound.port
         self.address = str(bound)
         cache_dir = cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir(port)
-        self.cache = await trio.to_thread.run_sync(lambda: AgentCache(cache_dir, keep=cfg.keep))
+        self.cache = await trio.to_thread.run_sync(
+            lambda: AgentCache(cache_dir, keep=cfg.keep, keep_archives=cfg.keep_archives)
+        )
         log.info(
             "serving %s on %s; cache %s", ", ".join(cfg.allow.roots), self.address, cache_dir
         )
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            await nursery.start(net.serve, self._handle, listeners, self.gate)
             for server in cfg.servers:
                 nursery.start_soon(self._announce, server)
             task_status.started(self.address)
@@ -220,34 +207,13 @@ class Agent:
 
     async def _handshake(self, stream: trio.SocketStream) -> net.Channel | None:
         """The authenticated channel, or None (refused, timed out or evicted; logged)."""
-        if len(self._handshakes) >= self.config.max_handshakes:
-            # Evict the oldest pending handshake rather than refuse this one: a real server
-            # finishes its handshake in a few round trips, a flood of silent sockets cannot
-            # keep it out.
-            oldest = next(iter(self._handshakes))
-            self._handshakes.pop(oldest).cancel()
-        token = object()
-        scope = self._handshakes[token] = trio.CancelScope()
-        try:
-            with scope:
-                chan = await net.accept(
-                    stream, key=self.config.key, role="agent", roles=("server",),
-                    timeout=self.config.handshake_timeout,
-                    info={"name": "deltabkp-agent", "version": __version__, "node": self.address},
-                )
-                chan.send_timeout = self.config.send_timeout
-                return chan
-        except DeltabkpError as exc:
-            self._log_refused("refused connection: %s", exc)
-            return None
-        finally:
-            self._handshakes.pop(token, None)
-            if scope.cancelled_caught:
-                self._log_refused(
-                    "more than %d handshakes pending: dropped the oldest",
-                    self.config.max_handshakes,
-                )
-        return None  # evicted: the cancel scope swallowed the cancellation
+        chan = await self.gate.admit(
+            stream, key=self.config.key, role="agent", roles=("server",),
+            info={"name": "deltabkp-agent", "version": __version__, "node": self.address},
+        )
+        if chan is not None:
+            chan.send_timeout = self.config.send_timeout
+        return chan
 
     async def _serve(self, chan: net.Channel) -> None:
         while True:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 
 from deltabkp import net
-from deltabkp.errors import UsageError
+from deltabkp.errors import RequestRefused, UsageError
 from deltabkp_server.config import ExecutionSettings
+from deltabkp_server.model import parse_every
 from deltabkp_server.server import Server
 
 
@@ -76,9 +77,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="archives kept per target (default 10)")
     p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
                    help="longest silence of an agent during a backup, seconds (default 300)")
+    p.add_argument("--scrub-every", default="1d", metavar="FREQ",
+                   help="re-check every stored version's blake3 (rebuilding reverse deltas) "
+                   "this often per target: minutes or 90s/5m/2h/1d, 0 or 'off' to disable "
+                   "(default 1d); corrupt versions are marked, listed and logged")
+    p.add_argument("--scrub-rate", type=float, default=16.0, metavar="MB",
+                   help="bytes the scrub may read per second, in MiB (default 16)")
     p.add_argument("--max-archive-mb", type=int, default=64 * 1024, metavar="MB",
                    help="largest archive accepted from an agent, MiB (default 65536 = 64 GiB)")
     return p
+
+
+def _scrub_every(text: str) -> float:
+    if text.strip().lower() in ("0", "off", "never"):
+        return 0.0
+    try:
+        return float(parse_every(text))
+    except RequestRefused as exc:
+        raise UsageError(f"--scrub-every: {exc.reason}") from None
+
+
+def _scrub_rate(mib: float) -> float:
+    if not mib > 0:
+        raise UsageError("--scrub-rate must be a positive number of MiB per second")
+    return mib * (1 << 20)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             key=net.load_key(args.key_file), host=listen.host, port=listen.port,
             max_concurrent=args.max_concurrent, max_per_node=args.max_per_node,
             catalog_url=args.catalog, store_url=args.store, s3_endpoint=args.s3_endpoint,
-            lease_ttl=args.lease_ttl,
+            lease_ttl=args.lease_ttl, max_handshakes=args.max_handshakes,
+            scrub_every=_scrub_every(args.scrub_every), scrub_rate=_scrub_rate(args.scrub_rate),
             settings=ExecutionSettings(
                 keep=args.keep, idle_timeout=args.idle_timeout,
                 max_archive_size=args.max_archive_mb << 20,

@@ -6,9 +6,14 @@ from pathlib import Path
 
 import attrs
 
-from deltabkp.net import DEFAULT_SERVER_PORT
+from deltabkp.net import DEFAULT_SERVER_PORT, MAX_PENDING_HANDSHAKES
 
 __all__ = ["ServerConfig", "ExecutionSettings"]
+
+
+#: Defaults of the scrub (``--scrub-every``, ``--scrub-rate``): daily, 16 MiB/s.
+SCRUB_EVERY_S = 86400.0
+SCRUB_RATE = float(16 << 20)
 
 
 @attrs.frozen
@@ -39,3 +44,9 @@ class ServerConfig:
     s3_endpoint: str | None = None
     #: Seconds a lease (and a heartbeat) stays valid without renewal.
     lease_ttl: float = 30.0
+    #: The scrub: re-check each target's stored versions every this many seconds (0: never),
+    #: reading at most ``scrub_rate`` bytes/s.
+    scrub_every: float = SCRUB_EVERY_S
+    scrub_rate: float = SCRUB_RATE
+    #: Connections in their TLS/key handshake at once (the oldest is evicted beyond this).
+    max_handshakes: int = MAX_PENDING_HANDSHAKES

@@ -6,15 +6,23 @@ in the handshake decides the service.
 Invariants:
 - start-up reconciliation runs before anything is served: executions a crash left open are
   closed as failed, ``.part`` files and files with no committed catalog row are deleted,
-  committed rows whose files are gone are marked missing (never offered as a base);
+  committed rows whose files are gone are marked missing (never offered as a base); the
+  store learns from the catalog which versions are reverse deltas (``delta_keys``);
+- the scrub (``--scrub-every``) re-checks stored versions in the background, one target at
+  a time under its lease, within ``--scrub-rate`` (``scrub``);
 - a connection that fails authentication gets one error frame and is closed, nothing else;
   no connection handler can bring the daemon down (their errors are logged);
+- every connection is TLS 1.3, mutually authenticated, before the key handshake; pending
+  handshakes are bounded (``net.HandshakeGate``, oldest evicted, short deadline), running
+  out of descriptors is backed off without a traceback and refusals are logged rate-limited
+  per address (``net.serve``);
 - cancelling ``run`` (SIGTERM/SIGINT) cancels executions, whose ``.part`` files are removed.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import secrets
@@ -29,10 +37,11 @@ from deltabkp import net
 from deltabkp.errors import CatalogError, DeltabkpError, StoreError
 from deltabkp_server.agents import SERVER_INFO, serve_announcements
 from deltabkp_server.catalog import AsyncCatalog, Catalog, SqliteCatalog, open_catalog
-from deltabkp_server.config import ExecutionSettings, ServerConfig
+from deltabkp_server.config import SCRUB_EVERY_S, SCRUB_RATE, ExecutionSettings, ServerConfig
 from deltabkp_server.control import ControlAPI
 from deltabkp_server.execution import Executor
 from deltabkp_server.scheduler import LEASE_TTL_S, Scheduler
+from deltabkp_server.scrub import Verifier, run_scrub
 from deltabkp_server.store import Store, open_store
 
 __all__ = ["Server", "configure_logging"]
@@ -57,13 +66,17 @@ class Server:
         store_url: str = "",
         s3_endpoint: str | None = None,
         lease_ttl: float = LEASE_TTL_S,
+        scrub_every: float = SCRUB_EVERY_S,
+        scrub_rate: float = SCRUB_RATE,
+        max_handshakes: int = net.MAX_PENDING_HANDSHAKES,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = ServerConfig(
             data_dir=Path(data_dir), key=key, host=host, port=port,
             max_concurrent=max_concurrent, max_per_node=max_per_node, settings=settings,
             catalog_url=catalog_url, store_url=store_url, s3_endpoint=s3_endpoint,
-            lease_ttl=lease_ttl,
+            lease_ttl=lease_ttl, max_handshakes=max_handshakes,
+            scrub_every=scrub_every, scrub_rate=scrub_rate,
         )
         self.clock = clock
         self.started = clock()
@@ -76,6 +89,8 @@ class Server:
         self.scheduler: Scheduler
         self.control: ControlAPI
         self._lock: DataDirLock | None = None
+        #: Pre-authentication budget: pending handshakes bounded, the oldest evicted.
+        self.gate = net.HandshakeGate(log, max_pending=max_handshakes)
 
     @property
     def data_dir(self) -> Path:
@@ -138,7 +153,8 @@ class Server:
             lambda c: c.fail_unfinished(now, "the server stopped during this execution (crash or kill)")
         )
         committed = await self.catalog.call(lambda c: c.retained_keys())
-        report = await trio.to_thread.run_sync(self.store.reconcile, committed)
+        deltas = await self.catalog.call(lambda c: c.delta_keys())
+        report = await trio.to_thread.run_sync(self.store.reconcile, committed, deltas)
         if report.missing:
             def mark(c: Catalog) -> None:
                 for t, s in report.missing:
@@ -159,6 +175,7 @@ class Server:
         cfg = self.config
         try:
             await self._open()
+            net.prepare_tls(cfg.key, "server")  # mint our certificate now, not per connection
             listeners, bound = await net.listen(net.Address(cfg.host, cfg.port))
             self.address = str(bound)
             self.control = ControlAPI(
@@ -169,7 +186,16 @@ class Server:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._heartbeat)
                 await nursery.start(self.scheduler.run)
-                await nursery.start(trio.serve_listeners, self._handle, listeners)
+                if cfg.scrub_every > 0:
+                    # Its own limiter: a throttled scrub never holds the backups' file slots.
+                    verifier = Verifier(
+                        catalog=self.catalog, store=self.store, server_id=self.server_id,
+                        lease_ttl=cfg.lease_ttl, limiter=trio.CapacityLimiter(1),
+                        clock=self.clock,
+                    )
+                    await nursery.start(functools.partial(
+                        run_scrub, verifier, every=cfg.scrub_every, rate=cfg.scrub_rate))
+                await nursery.start(net.serve, self._handle, listeners, self.gate)
                 log.info("server %s on catalog %s, store %s", self.server_id,
                          cfg.catalog_url or "sqlite (data dir)", cfg.store_url or "data dir")
                 task_status.started(self.address)
@@ -196,13 +222,13 @@ class Server:
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
             async with stream:
-                try:
-                    chan = await net.accept(
-                        stream, key=self.config.key, role="server", roles=("ctl", "agent"),
-                        info=SERVER_INFO,
-                    )
-                except DeltabkpError as exc:
-                    log.warning("refused connection: %s", exc)
+                # TLS + key handshake under the gate's budget and deadline (refusals logged
+                # there, rate-limited per address).
+                chan = await self.gate.admit(
+                    stream, key=self.config.key, role="server", roles=("ctl", "agent"),
+                    info=SERVER_INFO,
+                )
+                if chan is None:
                     return
                 if chan.peer_role == "ctl":
                     await self.control.serve(chan)

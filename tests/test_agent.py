@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -191,15 +192,16 @@ async def test_symlink_that_stays_inside_the_root_is_served(env: Env) -> None:
 
 
 def _raw_exchange(address: str, payload: bytes, then: bytes = b"") -> list[protocol.Message]:
-    """Send raw bytes, read until the agent hangs up; return every frame it sent."""
+    """Send raw bytes inside TLS, read until the agent hangs up; return every frame it sent."""
     endpoint = net.Address.parse(address)
-    with socket.create_connection((endpoint.host, endpoint.port), timeout=10) as s:
+    tls = net.tls_contexts(net.installed_tls(), KEY, "server").client
+    with tls.wrap_socket(socket.create_connection((endpoint.host, endpoint.port), timeout=10)) as s:
         s.sendall(payload)
         got = bytearray()
         while True:
             try:
                 data = s.recv(65536)
-            except ConnectionResetError:
+            except (ConnectionResetError, ssl.SSLError):
                 break
             if not data:
                 break
@@ -547,8 +549,11 @@ async def connect_small_window(env: Env) -> net.Channel:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     await sock.connect((env.endpoint.host, env.endpoint.port))
     conn = protocol.Connection(key=KEY, our_role="server", initiator=True, peer=env.agent.address)
-    chan = net.Channel(trio.SocketStream(sock), conn)
+    ctx = net.tls_contexts(net.installed_tls(), KEY, "server").client
+    tls = trio.SSLStream(trio.SocketStream(sock), ctx, https_compatible=True)
+    chan = net.Channel(tls, conn)
     with trio.fail_after(10):
+        await tls.do_handshake()
         await chan.handshake()
     return chan
 
@@ -625,7 +630,7 @@ async def test_silent_sockets_cannot_lock_a_real_server_out(
                 s = trio.socket.socket()
                 await s.connect((env.endpoint.host, env.endpoint.port))
                 silent.append(s)
-            while len(env.agent._handshakes) < 4:
+            while env.agent.gate.pending < 4:
                 await trio.sleep(0.02)
             # A real server still gets in (it evicts the oldest silent socket) ...
             async with await connect(env) as chan:
@@ -633,7 +638,7 @@ async def test_silent_sockets_cannot_lock_a_real_server_out(
                 await chan.receive_a(protocol.Pong)
             # ... and the evicted silent sockets were closed without a byte.
             assert await silent[0].recv(100) == b""
-            assert len(env.agent._handshakes) <= 4
+            assert env.agent.gate.pending <= 4
     finally:
         for s in silent:
             s.close()

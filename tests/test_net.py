@@ -1,9 +1,11 @@
 """deltabkp.net, the Trio edge: real TCP on 127.0.0.1 (port 0) under deadlines, key files and
-addresses."""
+addresses.  Raw-frame tests speak inside TLS (``net.open_secure_stream``), as any client must;
+TLS itself is tests/test_tls.py's."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
 import struct
@@ -42,13 +44,17 @@ async def _serve(nursery: trio.Nursery, handler: Handler) -> Address:
     return Address(LOCAL, listeners[0].socket.getsockname()[1])
 
 
-async def _echo_server(nursery: trio.Nursery, key: bytes = KEY) -> Address:
+async def _echo_server(
+    nursery: trio.Nursery, key: bytes = KEY, tls: net.TlsSettings | None = None
+) -> Address:
     """A server-role responder: pong, ack, and ``echo`` requests answered; anything else is
     refused with ``invalid``."""
 
     async def handler(stream: trio.SocketStream) -> None:
         try:
-            chan = await net.accept(stream, key=key, role="server", timeout=5, info={"name": "echo"})
+            chan = await net.accept(
+                stream, key=key, role="server", timeout=5, info={"name": "echo"}, tls=tls
+            )
         except DeltabkpError:
             await stream.aclose()
             return
@@ -71,14 +77,14 @@ async def _echo_server(nursery: trio.Nursery, key: bytes = KEY) -> Address:
 
 
 async def _raw_answer(addr: Address, opening: bytes) -> list[p.Message]:
-    """Send ``opening`` on a raw TCP stream; every frame the responder sends until it hangs up."""
-    stream = await trio.open_tcp_stream(addr.host, addr.port)
+    """Send ``opening`` inside TLS; every frame the responder sends until it hangs up."""
+    stream = await net.open_secure_stream(addr, key=KEY, role="ctl", timeout=5)
     async with stream:
         await stream.send_all(opening)
         return await _frames_until_eof(stream)
 
 
-async def _frames_until_eof(stream: trio.SocketStream, dec: p.FrameDecoder | None = None) -> list[p.Message]:
+async def _frames_until_eof(stream: trio.abc.Stream, dec: p.FrameDecoder | None = None) -> list[p.Message]:
     dec = dec or p.FrameDecoder()
     with trio.fail_after(5):
         while chunk := await stream.receive_some(65536):
@@ -92,10 +98,13 @@ def _hello(version: int = p.PROTOCOL_VERSION, role: str = "ctl", nonce: bytes = 
     return p.encode(p.Hello(p.PROTOCOL_MAGIC, version, role, nonce))
 
 
+PLAIN = net.TlsSettings(plaintext=True)
+
+
 async def test_authenticated_round_trip_counts_bytes() -> None:
     async with trio.open_nursery() as nursery:
-        addr = await _echo_server(nursery)
-        chan = await net.connect(addr, key=KEY, role="ctl", timeout=5)
+        addr = await _echo_server(nursery, tls=PLAIN)  # plaintext: the frames are the bytes
+        chan = await net.connect(addr, key=KEY, role="ctl", timeout=5, tls=PLAIN)
         async with chan:
             assert chan.peer == str(addr) and chan.peer_role == "server"
             assert chan.peer_info == {"name": "echo"}
@@ -131,17 +140,23 @@ async def test_announce_conversation_over_tcp() -> None:
 async def test_wrong_key_is_detected_by_the_initiator() -> None:
     async with trio.open_nursery() as nursery:
         addr = await _echo_server(nursery)
-        # The initiator notices the responder's proof does not match its own key.
-        with pytest.raises(AuthError) as ei:
+        # TLS first: the responder's certificate is not from our key's CA.
+        with pytest.raises(AuthError, match="from another cluster") as ei:
             await net.connect(addr, key=b"x" * 32, role="ctl", timeout=5)
         assert f"server {addr}" in str(ei.value)
+        # The key handshake inside TLS checks the key too (here alone, in plaintext): the
+        # initiator notices the responder's proof does not match its own key.
+        plain = await _echo_server(nursery, tls=PLAIN)
+        with pytest.raises(AuthError, match="does not hold our cluster key") as ei:
+            await net.connect(plain, key=b"x" * 32, role="ctl", timeout=5, tls=PLAIN)
+        assert f"server {plain}" in str(ei.value)
         nursery.cancel_scope.cancel()
 
 
 async def test_responder_refuses_a_bad_initiator_proof() -> None:
     async with trio.open_nursery() as nursery:
         addr = await _echo_server(nursery)
-        stream = await trio.open_tcp_stream(addr.host, addr.port)
+        stream = await net.open_secure_stream(addr, key=KEY, role="ctl", timeout=5)
         async with stream:
             await stream.send_all(_hello())
             dec = p.FrameDecoder()
@@ -212,9 +227,16 @@ async def test_a_silent_peer_is_dropped_at_the_handshake_deadline() -> None:
                 outcome.append(exc)
             await stream.aclose()
 
-        [err] = await _raw_answer(await _serve(nursery, handler), b"")
+        addr = await _serve(nursery, handler)
+        # Silent inside TLS: told why in one error frame.
+        [err] = await _raw_answer(addr, b"")
         assert err.code == "protocol" and "not completed" in err.message  # type: ignore[attr-defined]
-        assert len(outcome) == 1 and isinstance(outcome[0], PeerUnavailable)
+        # Silent before TLS (no ClientHello): the same deadline, then a bare hang-up.
+        with trio.fail_after(5):
+            async with await trio.open_tcp_stream(addr.host, addr.port) as raw:
+                assert await raw.receive_some(100) == b""
+        assert len(outcome) == 2 and all(isinstance(o, PeerUnavailable) for o in outcome)
+        assert "TLS handshake not completed" in str(outcome[1])
         nursery.cancel_scope.cancel()
 
 
@@ -272,6 +294,29 @@ async def test_connect_to_closed_port_is_peer_unavailable() -> None:
         port = s.getsockname()[1]
     with pytest.raises(PeerUnavailable, match=f"{LOCAL}:{port}"):
         await net.connect(Address(LOCAL, port), key=KEY, role="ctl", timeout=5)
+
+
+# --- refusal logs ---------------------------------------------------------------------------
+
+
+def test_refusal_logs_are_one_line_per_key_and_period_plus_a_summary(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    log = net.RateLimitedLog(logging.getLogger("test.refusals"), every=60, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, "test.refusals"):
+        for i in range(1000):  # a flood from one address, and one other peer
+            log("10.0.0.1 wrong key", "refused %d", i)
+        log("10.0.0.2 wrong key", "refused other")
+        log.summary()
+        now[0] = 61.0
+        log("10.0.0.1 wrong key", "refused again")
+        log.summary()  # nothing held back since the last one: no line
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused 0", "refused other",
+        "suppressed 999 more refused connection(s) from 1 address(es) in the last 60 s",
+        "refused again",
+    ]
 
 
 # --- keys -----------------------------------------------------------------------------------

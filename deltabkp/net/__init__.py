@@ -1,4 +1,5 @@
-"""The Trio edge: channels over TCP, connect/accept, addresses, key files, daemon life cycle.
+"""The Trio edge: channels over TLS 1.3, connect/accept, serving a port, addresses, key files,
+TLS certificates, daemon life cycle.
 
 Everything here moves bytes for ``deltabkp.protocol`` and applies deadlines; no conversation
 rule lives here.  ``import deltabkp`` never imports this package (the library stays free of
@@ -16,6 +17,7 @@ from deltabkp.net._channel import (
     accept,
     connect,
     listen,
+    open_secure_stream,
 )
 from deltabkp.net._daemon import (
     Starter,
@@ -26,6 +28,25 @@ from deltabkp.net._daemon import (
     run_daemon,
 )
 from deltabkp.net._keys import default_key_path, load_key
+from deltabkp.net._serve import (
+    HANDSHAKE_TIMEOUT,
+    MAX_PENDING_HANDSHAKES,
+    HandshakeGate,
+    RateLimitedLog,
+    serve,
+)
+from deltabkp.net._tls import (
+    PLAINTEXT_FLAG,
+    TlsSettings,
+    add_tls_arguments,
+    check_plaintext_address,
+    cluster_ca_pem,
+    install_tls,
+    installed_tls,
+    prepare_tls,
+    tls_contexts,
+    tls_from_args,
+)
 
 __all__ = [
     "Address",
@@ -45,4 +66,20 @@ __all__ = [
     "run_daemon",
     "default_key_path",
     "load_key",
+    "open_secure_stream",
+    "HANDSHAKE_TIMEOUT",
+    "MAX_PENDING_HANDSHAKES",
+    "HandshakeGate",
+    "RateLimitedLog",
+    "serve",
+    "PLAINTEXT_FLAG",
+    "TlsSettings",
+    "cluster_ca_pem",
+    "install_tls",
+    "installed_tls",
+    "prepare_tls",
+    "tls_contexts",
+    "add_tls_arguments",
+    "check_plaintext_address",
+    "tls_from_args",
 ]

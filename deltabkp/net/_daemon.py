@@ -18,6 +18,9 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from deltabkp.errors import DeltabkpError, UsageError
+from deltabkp.net import _tls
+from deltabkp.net._address import Address
+from deltabkp.net._serve import MAX_PENDING_HANDSHAKES
 
 __all__ = [
     "Starter",
@@ -47,9 +50,14 @@ def configure_logging(name: str, level: int = logging.INFO) -> None:
 
 
 def add_daemon_arguments(p: argparse.ArgumentParser, *, listen: str, listen_help: str) -> None:
-    """The flags every daemon has: ``--listen``, ``--key-file``, ``-q``."""
+    """The flags every daemon has: ``--listen``, ``--key-file``, the TLS flags, ``-q``."""
     p.add_argument("--listen", default=listen, metavar="HOST:PORT", help=listen_help)
     p.add_argument("--key-file", metavar="F", default=None, help=KEY_FILE_HELP)
+    _tls.add_tls_arguments(p)
+    p.add_argument("--max-handshakes", type=int, default=MAX_PENDING_HANDSHAKES, metavar="N",
+                   help="connections still in their TLS/key handshake at once; beyond this the "
+                   f"oldest is dropped, so idle sockets cannot lock peers out (default "
+                   f"{MAX_PENDING_HANDSHAKES})")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
 
 
@@ -68,12 +76,27 @@ def daemon_main(
     """Log, ``build`` the daemon from its checked flags (a bad flag is one line and its exit
     code), then ``run_daemon`` it."""
     configure_logging(name, logging.WARNING if args.quiet else logging.INFO)
+    log = logging.getLogger(name.replace("-", "_"))
     try:
+        at_least_one(args, "max_handshakes")
+        tls = _tls.tls_from_args(args)
+        if tls.plaintext:  # refused off loopback now, before anything starts
+            _tls.check_plaintext_address(Address.parse(args.listen).host, "--listen")
+        _tls.install_tls(tls)
+        if tls.plaintext:
+            log.warning("%s: INSECURE, every byte of every connection travels in clear "
+                        "(debugging only; loopback addresses only)", _tls.PLAINTEXT_FLAG)
         start, on_ready = build()
     except DeltabkpError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    return run_daemon(name, start, on_ready)
+
+    def ready(address: str) -> None:
+        log.info("connections: %s", tls.mode)  # once up: a failed start stays one line
+        if on_ready is not None:
+            on_ready(address)
+
+    return run_daemon(name, start, ready)
 
 
 def _expected(exc: BaseException) -> DeltabkpError | KeyboardInterrupt | None:

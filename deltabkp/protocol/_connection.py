@@ -14,7 +14,9 @@ The handshake (docs/formats.md, "Handshake")::
 Invariants: before both proofs check out, no message but the handshake's is accepted and a
 frame may be at most ``HANDSHAKE_MAX_FRAME`` bytes; proofs are compared in constant time; a
 responder whose handshake fails queues exactly one ``error`` frame (code ``auth``,
-``version`` or ``protocol``) and nothing else.
+``version`` or ``protocol``) and nothing else.  During a key rotation a side may also accept
+``other_keys``: it proves with its own ``key`` (a responder) or with the key the responder
+proved (an initiator), and accepts a proof under any of its keys.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class Connection:
         serve_roles: tuple[str, ...] = ROLES,
         info: Mapping[str, Any] | None = None,
         nonce: bytes | None = None,
+        other_keys: tuple[bytes, ...] = (),
     ) -> None:
         if our_role not in ROLES:
             raise LocalProtocolError(f"unknown role {our_role!r}")
@@ -108,6 +111,7 @@ class Connection:
         self.initiator = initiator
         self.peer = peer
         self._key = key
+        self._keys = (key, *(k for k in other_keys if k != key))
         self._serve_roles = serve_roles
         self._info = dict(info or {})
         self._nonce = nonce if nonce is not None else new_nonce()
@@ -232,13 +236,18 @@ class Connection:
             raise self._peer_error(f"refused the connection: {msg.message}")
         if self.handshake_state == "await challenge" and isinstance(msg, Challenge):
             self._check_nonce(msg.nonce)
-            expected = handshake_proof(self._key, "responder", self._nonce, msg.nonce)
-            if not proof_matches(expected, msg.proof):
+            # Every key is tried (no early exit): the time taken says nothing about which.
+            matched = [
+                k for k in self._keys
+                if proof_matches(handshake_proof(k, "responder", self._nonce, msg.nonce), msg.proof)
+            ]
+            if not matched:
                 raise AuthError(
                     "does not hold our cluster key (wrong key file?)",
                     peer=self.peer, peer_role=self.peer_role,
                 )
-            self._out += encode(Auth(handshake_proof(self._key, "initiator", self._nonce, msg.nonce)))
+            proof = handshake_proof(matched[0], "initiator", self._nonce, msg.nonce)
+            self._out += encode(Auth(proof))
             self.handshake_state = "await welcome"
         elif self.handshake_state == "await welcome" and isinstance(msg, Welcome):
             self.peer_info = dict(msg.info)
@@ -269,8 +278,11 @@ class Connection:
             return
         if not isinstance(msg, Auth):
             raise AuthError(f"expected auth, got {msg.TYPE}", peer=self.peer)
-        expected = handshake_proof(self._key, "initiator", self._peer_nonce, self._nonce)
-        if not proof_matches(expected, msg.proof):
+        # A list, not a generator: every key is tried, so the time says nothing about which.
+        if not any([  # noqa: C419
+            proof_matches(handshake_proof(k, "initiator", self._peer_nonce, self._nonce), msg.proof)
+            for k in self._keys
+        ]):
             raise AuthError("failed authentication (wrong cluster key)", peer=self.peer)
         assert self.peer_role is not None
         self._authenticated(self.peer_role)

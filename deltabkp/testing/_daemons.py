@@ -4,7 +4,8 @@ A deltabkp daemon (``deltabkp-server``, ``deltabkp-agent``, or anything that fol
 convention, such as the echo app of ``examples/``) prints exactly one line on stdout once its
 port is bound: ``NAME listening on HOST:PORT``.  ``Daemon`` starts the command with its stdout
 and stderr going to one log file, waits for that line under a deadline and knows the address,
-so port 0 can be used everywhere.
+so port 0 can be used everywhere.  The daemons speak TLS 1.3 by default (docs/security.md):
+started here as an operator starts them, with no extra flag, they are secured the same way.
 
 Invariants:
 - Every wait has a deadline; a daemon that exits or stays silent past it is stopped (nothing

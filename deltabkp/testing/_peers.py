@@ -1,8 +1,9 @@
 """Scripted protocol peers: a fake agent for testing a server, a fake server for testing an agent.
 
 ``ScriptedAgent`` answers a server exactly as an agent would (protocol v1 through
-``deltabkp.net``), but serves plain byte strings as its "archives" and misbehaves on request:
-a delta that rebuilds other bytes than the hash it announces, a hang-up mid-stream, refusals,
+``deltabkp.net``, so inside TLS 1.3 under the cluster key's CA like the real daemons), but
+serves plain byte strings as its "archives" and misbehaves on request: a delta that
+rebuilds other bytes than the hash it announces, a hang-up mid-stream, refusals,
 a gate that holds every backup, and counters of what it saw.  ``backup_exchange`` is the
 server's side of one backup, made against a real agent, with every answer returned as a value.
 

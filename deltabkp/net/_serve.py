@@ -1,0 +1,205 @@
+"""Serving a listening port safely: the pre-authentication budget, the accept loop, and
+refusal logs that a flood cannot turn into a flood of log lines.  Both daemons use these.
+
+Invariants:
+- at most ``max_pending`` handshakes (TLS + protocol) are pending at once, each under a short
+  deadline; a new connection beyond that evicts the *oldest* pending one, so silent sockets
+  cannot lock a real peer out (a real peer finishes in a few round trips);
+- running out of file descriptors (``EMFILE``/``ENFILE``, or kernel memory) on accept is not a
+  bug: the loop sheds the oldest pending handshake, backs off briefly and logs one warning per
+  ``LOG_EVERY_S`` (never a traceback);
+- a refused connection is logged at most once per peer address and reason per
+  ``LOG_EVERY_S``; what was held back is summed up once per period ("suppressed K …"); the
+  table of addresses is bounded.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from deltabkp.errors import DeltabkpError
+from deltabkp.net import _tls
+from deltabkp.net._address import Address
+from deltabkp.net._channel import Channel, accept
+
+__all__ = [
+    "HandshakeGate", "RateLimitedLog", "serve", "HANDSHAKE_TIMEOUT", "MAX_PENDING_HANDSHAKES",
+]
+
+#: How long a new connection has to finish TLS and prove the cluster key: a real peer needs a
+#: few round trips; a silent one holds a handshake slot this long at most.
+HANDSHAKE_TIMEOUT = 5.0
+MAX_PENDING_HANDSHAKES = 64
+#: Refusals (per peer address) and accept failures are news at most once per this long.
+LOG_EVERY_S = 60.0
+_MAX_TRACKED = 4096  # peer addresses remembered for rate limiting
+_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_BACKOFF_FIRST_S = 0.05
+_BACKOFF_CAP_S = 1.0
+
+
+class RateLimitedLog:
+    """Warnings keyed (by peer address): the first of each key per ``every`` seconds is logged,
+    the rest counted (and logged at DEBUG); ``summary`` reports the count once per period."""
+
+    def __init__(self, log: logging.Logger, every: float = LOG_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.log = log
+        self.every = every
+        self.clock = clock
+        self._next: dict[str, float] = {}
+        self.suppressed = 0
+        self._suppressed_keys: set[str] = set()
+
+    def __call__(self, key: str, fmt: str, *args: object) -> None:
+        now = self.clock()
+        if now < self._next.get(key, 0.0):
+            self.suppressed += 1
+            if len(self._suppressed_keys) < _MAX_TRACKED:
+                self._suppressed_keys.add(key)
+            self.log.debug(fmt, *args)
+            return
+        if len(self._next) >= _MAX_TRACKED:
+            # Forget the expired entries; a table still full of live ones starts afresh
+            # (at worst one more line per address).
+            self._next = {k: t for k, t in self._next.items() if t > now}
+            if len(self._next) >= _MAX_TRACKED:
+                self._next.clear()
+        self._next[key] = now + self.every
+        self.log.warning(fmt, *args)
+
+    def summary(self) -> None:
+        """Log what was held back since the last summary, if anything."""
+        if self.suppressed:
+            self.log.warning(
+                "suppressed %d more refused connection(s) from %d address(es) in the last %g s",
+                self.suppressed, len(self._suppressed_keys), self.every,
+            )
+        self.suppressed = 0
+        self._suppressed_keys.clear()
+
+
+def _host(peer: str) -> str:
+    try:
+        return Address.parse(peer).host
+    except DeltabkpError:
+        return peer
+
+
+class HandshakeGate:
+    """The pre-authentication side of a listener: a bounded, evicting budget of pending
+    handshakes, each under ``timeout``; refusals logged through ``refused``."""
+
+    def __init__(
+        self, log: logging.Logger, *, max_pending: int = MAX_PENDING_HANDSHAKES,
+        timeout: float = HANDSHAKE_TIMEOUT, log_every: float = LOG_EVERY_S,
+    ) -> None:
+        self.log = log
+        self.max_pending = max_pending
+        self.timeout = timeout
+        self.refused = RateLimitedLog(log, log_every)
+        #: Pending handshakes, oldest first (dicts keep insertion order).
+        self._pending: dict[object, trio.CancelScope] = {}
+        self.evicted = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def evict_oldest(self) -> bool:
+        """Drop the oldest pending handshake (its socket is closed); False if none."""
+        if not self._pending:
+            return False
+        oldest = next(iter(self._pending))
+        self._pending.pop(oldest).cancel()
+        self.evicted += 1
+        return True
+
+    async def admit(
+        self, stream: trio.SocketStream, *, key: bytes, role: str, roles: tuple[str, ...],
+        info: dict[str, object] | None = None, tls: _tls.TlsSettings | None = None,
+    ) -> Channel | None:
+        """The authenticated channel, or None (refused, timed out or evicted; logged)."""
+        if len(self._pending) >= self.max_pending:
+            self.evict_oldest()
+            self.refused("budget", "more than %d handshakes pending: dropped the oldest",
+                         self.max_pending)
+        token = object()
+        scope = self._pending[token] = trio.CancelScope()
+        try:
+            with scope:
+                return await accept(
+                    stream, key=key, role=role, roles=roles, timeout=self.timeout, info=info,
+                    tls=tls,
+                )
+        except DeltabkpError as exc:
+            peer = exc.peer or "peer"
+            # Keyed by address *and* reason: a flood is one line a minute, while a wrong key
+            # still shows beside the idle sockets of the same address.
+            self.refused(f"{_host(peer)} {exc.reason}", "refused connection from %s: %s", peer,
+                         exc.reason if exc.peer else exc)
+            return None
+        finally:
+            self._pending.pop(token, None)
+        return None  # evicted: the cancel scope swallowed the cancellation
+
+
+def _is_capacity_error(exc: OSError) -> bool:
+    return exc.errno in _CAPACITY_ERRNOS
+
+
+async def _accept_loop(
+    listener: trio.SocketListener, nursery: trio.Nursery,
+    handler: Callable[[trio.SocketStream], Awaitable[object]], gate: HandshakeGate,
+    warn: RateLimitedLog,
+) -> None:
+    backoff = _BACKOFF_FIRST_S
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if not _is_capacity_error(exc):
+                    raise
+                # Out of descriptors: free one (the oldest pending handshake, likely a silent
+                # socket), then let the handlers run before the next try.
+                gate.evict_oldest()
+                warn("accept", "cannot accept connections: %s (%s); backing off, dropping the "
+                     "oldest of %d pending handshakes", errno.errorcode.get(exc.errno or 0, "?"),
+                     os.strerror(exc.errno or 0), gate.pending)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_CAP_S)
+                continue
+            backoff = _BACKOFF_FIRST_S
+            nursery.start_soon(handler, stream)
+
+
+async def _summaries(gate: HandshakeGate, warn: RateLimitedLog) -> None:
+    while True:
+        await trio.sleep(gate.refused.every)
+        gate.refused.summary()
+        warn.suppressed = 0  # the accept warning is its own summary ("… N in all")
+
+
+async def serve(
+    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    listeners: list[trio.SocketListener],
+    gate: HandshakeGate,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``trio.serve_listeners`` with capacity errors handled (see the module's invariants)
+    and the gate's refusal summaries; ``handler`` owns each accepted stream."""
+    warn = RateLimitedLog(gate.log, gate.refused.every)
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, nursery, handler, gate, warn)
+        nursery.start_soon(_summaries, gate, warn)
+        task_status.started()
+
