@@ -35,6 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -229,31 +230,35 @@ def test_local_cluster_up_add_backups_down(local_run: LocalRun, tmp_path: Path) 
     for n in rec["nodes"]:
         r.ctl("unregister", *node_key(n))
 
-    # Every stored archive extracts with plain tar and holds its own app's messages
-    # (the store keeps one directory per target: archives/<target>/<seq>.tgz).
+    # Every retained version, fetched through the server (older ones are rebuilt from reverse
+    # deltas), extracts with plain tar and holds its own app's messages.
     archive_root = r.run / "server" / "archives"
 
     def settled() -> int | None:
-        # An execution that was running at unregister time may still commit: wait until the
-        # files on disk and the catalog agree.
-        retained = sum(len([a for a in stored(r, n) if a["retained"]]) for n in rec["nodes"])
-        return retained if retained == len(list(archive_root.rglob("*.tgz"))) else None
+        # An execution that was running at unregister time may still commit, and its reverse
+        # delta conversion follows: wait until the objects on disk and the catalog agree.
+        versions = [a for n in rec["nodes"] for a in stored(r, n) if a["retained"]]
+        on_disk = [p for p in archive_root.rglob("*") if p.suffix in (".tgz", ".rdelta")]
+        return len(versions) if len(on_disk) == len(versions) else None
 
     retained = wait_for(settled, "the store and the catalog to agree", run=r.run)
-    archive_dirs = sorted(d for d in archive_root.iterdir() if d.is_dir())
-    assert len(archive_dirs) == 3 and retained >= 6
+    assert len([d for d in archive_root.iterdir() if d.is_dir()]) == 3 and retained >= 6
     seen: set[str] = set()
     names: set[str] = set()
     n_tgz = 0
-    for d in archive_dirs:
+    for n in rec["nodes"]:
         clients: set[str] = set()
         newest: set[str] = set()
-        for tgz in sorted(d.glob("*.tgz"), key=lambda p: int(p.stem)):
-            newest, files = extract_and_check(tgz, tmp_path / "extracted" / d.name / tgz.stem)
+        for a in sorted((a for a in stored(r, n) if a["retained"]), key=lambda a: a["seq"]):
+            tgz = tmp_path / "fetched" / n["name"] / f"{a['seq']}.tgz"
+            tgz.parent.mkdir(parents=True, exist_ok=True)
+            r.ctl("fetch", *node_key(n), str(tgz), "--version", str(a["seq"]))
+            assert blake3.blake3(tgz.read_bytes()).hexdigest() == a["hash"]
+            newest, files = extract_and_check(tgz, tmp_path / "extracted" / n["name"] / str(a["seq"]))
             clients |= newest
             names |= files
             n_tgz += 1
-        assert len(clients) == 1 and newest == clients, f"{d}: archives of {clients}, newest {newest}"
+        assert len(clients) == 1 and newest == clients, f"{n['name']}: archives of {clients}, newest {newest}"
         seen |= clients
     assert seen == {n["name"] for n in rec["nodes"]}
     assert n_tgz == retained
