@@ -21,7 +21,6 @@ import time
 import zlib
 from pathlib import Path
 
-import pytest
 
 from deltabkp.archive import TgzBuilder
 

@@ -82,7 +82,6 @@ def test_three_servers_share_targets_and_take_over_from_a_killed_one(
     store = f"s3://{BUCKET}/many-{uuid.uuid4().hex[:8]}"
     servers = _servers(cluster, tmp_path, 3, postgres_url, store)
     try:
-        addresses = ",".join(s.address for s in servers)
         apps = [_tree(tmp_path / f"app{i}", i) for i in range(6)]
         agents = [cluster.start_agent(*apps[i::2], announce=False) for i in range(2)]
         targets = [(agents[i % 2].address, str(app)) for i, app in enumerate(apps)]

@@ -302,7 +302,7 @@ def test_s3_reconcile_spares_another_servers_fresh_writes(s3_env: Any, tmp_path:
 
 def test_s3_an_old_upload_that_still_adds_parts_is_alive(s3_env: Any, tmp_path: Path) -> None:
     st = new_s3_store(tmp_path)
-    busy, idle = st.begin(1, 1), st.begin(1, 2)
+    busy, _idle = st.begin(1, 1), st.begin(1, 2)
     time.sleep(3.2)  # both started more than 3 s ago (the store's clock counts seconds)
     busy.write(os.urandom(PART))  # ...but this one just shipped a part
     report = st.reconcile(set(), grace_s=3)
