@@ -29,6 +29,7 @@ from deltabkp._atomic import fsync_dir
 from deltabkp.errors import MissingObject, StoreError
 from deltabkp_server.store._cache import BaseCache, Scratch
 from deltabkp_server.store._protocol import ReconcileReport
+from deltabkp_server.store._spool import Spool
 
 __all__ = ["LocalStore"]
 
@@ -37,7 +38,7 @@ _WHOLE = frozenset({"tgz", "sig"})
 _DELTA = frozenset({"rdelta"})
 
 
-class _LocalPart:
+class _LocalPart(Spool):
     """``PartWriter`` for ``LocalStore``: ``<seq>.tgz.part`` then rename."""
 
     def __init__(self, directory: Path, seq: int) -> None:
@@ -46,7 +47,6 @@ class _LocalPart:
         self.sig = directory / f"{seq}.sig"
         self.part = directory / f"{seq}.tgz.part"
         self.sig_part = directory / f"{seq}.sig.part"
-        self._size = 0
         self._done = False
         try:
             # O_EXCL: two writers of one seq would be a server bug; fail loudly instead.
@@ -54,27 +54,7 @@ class _LocalPart:
         except OSError as exc:
             raise StoreError(f"cannot create {self.part}: {exc.strerror}") from None
         self._f = os.fdopen(fd, "wb", buffering=1 << 20)
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def write(self, data: bytes | memoryview) -> None:
-        try:
-            self._f.write(data)
-        except OSError as exc:
-            raise StoreError(f"cannot write {self.part}: {exc.strerror}") from None
-        self._size += len(data)
-
-    def read_back(self, chunk_size: int) -> Iterator[bytes]:
-        """What was written so far (used to sign a first archive of unknown size)."""
-        try:
-            self._f.flush()
-            with open(self.part, "rb") as f:
-                while block := f.read(chunk_size):
-                    yield block
-        except OSError as exc:
-            raise StoreError(f"cannot read back {self.part}: {exc.strerror}") from None
+        super().__init__(self.part, self._f)
 
     def commit(self, signature: bytes) -> None:
         if self._done:
@@ -113,14 +93,13 @@ class _LocalPart:
                 raise StoreError(f"cannot remove {p}: {exc.strerror}") from None
 
 
-class _LocalDeltaPart:
+class _LocalDeltaPart(Spool):
     """``DeltaWriter`` for ``LocalStore``: ``<seq>.rdelta.part``, then fsync and rename."""
 
     def __init__(self, directory: Path, seq: int) -> None:
         self._dir = directory
         self.path = directory / f"{seq}.rdelta"
         self.part = directory / f"{seq}.rdelta.part"
-        self._size = 0
         self._done = False
         try:
             # Truncate: a part left by an attempt that failed is ours to overwrite (one
@@ -129,26 +108,7 @@ class _LocalDeltaPart:
         except OSError as exc:
             raise StoreError(f"cannot create {self.part}: {exc.strerror}") from None
         self._f = os.fdopen(fd, "wb", buffering=1 << 20)
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def write(self, data: bytes | memoryview) -> None:
-        try:
-            self._f.write(data)
-        except OSError as exc:
-            raise StoreError(f"cannot write {self.part}: {exc.strerror}") from None
-        self._size += len(data)
-
-    def read_back(self, chunk_size: int) -> Iterator[bytes]:
-        try:
-            self._f.flush()
-            with open(self.part, "rb") as f:
-                while block := f.read(chunk_size):
-                    yield block
-        except OSError as exc:
-            raise StoreError(f"cannot read back {self.part}: {exc.strerror}") from None
+        super().__init__(self.part, self._f)
 
     def commit(self) -> None:
         if self._done:

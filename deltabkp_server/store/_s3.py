@@ -51,6 +51,7 @@ from deltabkp_server.store._cache import BaseCache
 from deltabkp_server.store._protocol import ReconcileReport
 from deltabkp_server.store._s3io import Bucket, error_code, is_not_found, make_client, server_now
 from deltabkp_server.store._s3part import S3Part
+from deltabkp_server.store._spool import Spool
 
 __all__ = ["S3Store", "PART_SIZE"]
 
@@ -331,35 +332,15 @@ class S3Store:
         return last
 
 
-class _S3DeltaPart:
+class _S3DeltaPart(Spool):
     """``DeltaWriter`` for ``S3Store``: a local spool, then one PUT of the ``.rdelta`` key."""
 
     def __init__(self, bucket: Bucket, cache: BaseCache, key: str) -> None:
         self._b, self.key = bucket, key
         self.url = bucket.url(key)
         self._path, self._f = cache.new_temp()
-        self._size = 0
+        super().__init__(self._path, self._f)
         self._done = False
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def write(self, data: bytes | memoryview) -> None:
-        try:
-            self._f.write(data)
-        except OSError as exc:
-            raise StoreError(f"cannot write the spool {self._path}: {exc.strerror}") from None
-        self._size += len(data)
-
-    def read_back(self, chunk_size: int) -> Iterator[bytes]:
-        try:
-            self._f.flush()
-            with open(self._path, "rb") as f:
-                while block := f.read(chunk_size):
-                    yield block
-        except OSError as exc:
-            raise StoreError(f"cannot read back {self._path}: {exc.strerror}") from None
 
     def commit(self) -> None:
         if self._done:

@@ -25,6 +25,7 @@ from typing import Any
 from deltabkp.errors import StoreError
 from deltabkp_server.store._cache import BaseCache
 from deltabkp_server.store._s3io import Bucket, error_code, etag_of, is_not_found
+from deltabkp_server.store._spool import Spool
 
 __all__ = ["S3Part"]
 
@@ -43,10 +44,10 @@ class S3Part:
         self._part_size = part_size
         self._buf = bytearray()
         self._parts: list[dict[str, Any]] = []
-        self._size = 0
         self._state = "open"  # open → committing → committed | aborted
         self._completed = False  # the .tgz exists and is ours
         self._spool_path, self._spool = cache.new_temp()
+        self._spooled = Spool(self._spool_path, self._spool)
         try:
             with bucket.translate("cannot start the upload of", self.url):
                 self.upload_id = str(bucket.client.create_multipart_upload(
@@ -58,16 +59,12 @@ class S3Part:
 
     @property
     def size(self) -> int:
-        return self._size
+        return self._spooled.size
 
     def write(self, data: bytes | memoryview) -> None:
         if self._state != "open":
             raise StoreError(f"{self.url}: write after commit or abort")
-        try:
-            self._spool.write(data)
-        except OSError as exc:
-            raise StoreError(f"cannot write the spool {self._spool_path}: {exc.strerror}") from None
-        self._size += len(data)
+        self._spooled.write(data)
         view = memoryview(data).cast("B")
         # Fill the buffer up to one part, ship it, go on: memory stays at one part whatever
         # the size of ``data``.
@@ -90,13 +87,7 @@ class S3Part:
 
     def read_back(self, chunk_size: int) -> Iterator[bytes]:
         """What was written so far, from the local spool (used to sign a first archive)."""
-        try:
-            self._spool.flush()
-            with open(self._spool_path, "rb") as f:
-                while block := f.read(chunk_size):
-                    yield block
-        except OSError as exc:
-            raise StoreError(f"cannot read back {self._spool_path}: {exc.strerror}") from None
+        return self._spooled.read_back(chunk_size)
 
     def commit(self, signature: bytes) -> None:
         if self._state != "open":
