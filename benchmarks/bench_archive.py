@@ -1,6 +1,8 @@
 """The archive side by side with tar | gzip --rsyncable and pigz --rsyncable, in the same run.
 
     python benchmarks/bench_archive.py [--repeat N] [--skip-build]
+    python benchmarks/bench_archive.py --incremental [--repeat N]
+    python benchmarks/bench_archive.py --racy
 
 Trees (``benchmarks/archive_data.py``, built once under ``benchmarks/_work/archive/``): a real
 ~107 MB source tree, a copy with a ~1% change set, and a 24,000-file tree.  Prints
@@ -12,6 +14,13 @@ Trees (``benchmarks/archive_data.py``, built once under ``benchmarks/_work/archi
    project's engine and with ``rdiff``, as a fraction of the new archive (and the same for
    gzip --rsyncable and plain gzip -6 archives, for reference);
 3. the quick check (``tree_fingerprint``) against a full build of the 24,000-file tree.
+
+``--incremental`` instead: a copy of the ~107 MB tree is built once (``IncrementalBuilder``,
+index kept), then changed in place by the same ~1% change set; the next build from the
+previous one's index and archive is timed against a fresh ``TgzBuilder`` of the same state
+(byte-identity checked), as is a rebuild of the unchanged tree.  ``--racy``: five
+incremental builds in a row of a copy of that tree with a file appended every 100 ms,
+against a full build, each checked against a fresh build of what it captured.
 
 Wall times, best of ``--repeat``; files in the page cache; asserts nothing.
 """
@@ -78,10 +87,181 @@ def engine_delta(base: Path, new: Path) -> int:
     return len(d)
 
 
+def timed(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """Best wall time and best CPU time (all threads) of ``repeat`` runs: on a shared
+    machine the CPU time is the steadier of the two."""
+    walls, cpus = [], []
+    for _ in range(repeat):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return min(walls), min(cpus)
+
+
+def incremental(repeat: int) -> None:
+    import random
+    import shutil
+
+    from deltabkp.archive import ArchiveIndex, IncrementalBuilder
+    from deltabkp.archive._walk import RACY_NS
+
+    base = archive_data.trees()["base"]
+    OUT.mkdir(parents=True, exist_ok=True)
+    tree, prev = OUT / "inc-tree", OUT / "inc-prev.tgz"
+    if tree.exists():
+        shutil.rmtree(tree)
+    shutil.copytree(base, tree, symlinks=True)
+    time.sleep(RACY_NS / 1e9 + 0.1)  # the copy's ctimes are racy until then
+    print(f"tree: copy of {base} | cores: {os.cpu_count()}  load: {os.getloadavg()[0]:.2f}")
+
+    def build(index: ArchiveIndex | None, out: Path) -> IncrementalBuilder:
+        b = IncrementalBuilder(tree, previous=index, previous_archive=prev if index else None)
+        with open(out, "wb") as f:
+            f.writelines(b)
+        return b
+
+    def show(name: str, t: tuple[float, float], ref: tuple[float, float]) -> None:
+        print(f"   {name:34} wall {t[0]:6.2f} s ({ref[0] / t[0]:5.1f}x, ratio {t[0] / ref[0]:.3f})"
+              f"   cpu {t[1]:6.2f} s ({ref[1] / t[1]:5.1f}x, ratio {t[1] / ref[1]:.3f})")
+
+    first: list[IncrementalBuilder] = []
+    t_first = timed(lambda: first.append(build(None, prev)), 1)
+    index = first[-1].index
+    t_fresh0 = timed(ours(tree, OUT / "inc-fresh0.tgz"), repeat)
+    same0 = prev.read_bytes() == (OUT / "inc-fresh0.tgz").read_bytes()
+    tar = first[-1].report.bytes_in
+    print(f"\nfull builds ({tar / 1e6:.1f} MB of tar, {first[-1].report.files} files, "
+          f"archive {prev.stat().st_size:,} bytes, index {len(index.encode()):,} bytes)")
+    show("TgzBuilder", t_fresh0, t_fresh0)
+    show("IncrementalBuilder, no previous", t_first, t_fresh0)
+    print(f"   identical: {same0}")
+
+    nothing: list[IncrementalBuilder] = []
+    t_same = timed(lambda: nothing.append(build(index, OUT / "inc-same.tgz")), repeat)
+    same1 = prev.read_bytes() == (OUT / "inc-same.tgz").read_bytes()
+    print("\nunchanged tree (e.g. after a racy quick check):")
+    show("IncrementalBuilder from previous", t_same, t_fresh0)
+    print(f"   identical: {same1}   {nothing[-1].stats}")
+
+    # Not settled afterwards: resetting every mtime would change every ctime (a full build).
+    counts = archive_data.change_set(tree, random.Random(archive_data.SEED))
+    time.sleep(RACY_NS / 1e9 + 0.1)
+    changed: list[IncrementalBuilder] = []
+    t_inc = timed(lambda: changed.append(build(index, OUT / "inc-new.tgz")), repeat)
+    t_fresh = timed(ours(tree, OUT / "inc-fresh.tgz"), repeat)
+    same2 = (OUT / "inc-new.tgz").read_bytes() == (OUT / "inc-fresh.tgz").read_bytes()
+    s = changed[-1].stats
+    print(f"\nafter the ~1% change set {counts}:")
+    show("TgzBuilder", t_fresh, t_fresh)
+    show("IncrementalBuilder from previous", t_inc, t_fresh)
+    print(f"   identical: {same2}")
+    print(f"   files opened {s.files_opened} (+{s.files_peeked} run tails read again) of "
+          f"{changed[-1].report.files}, entries reused {s.entries_reused}, tar compressed "
+          f"{s.bytes_compressed / 1e6:.2f} MB, deflate copied {s.bytes_copied / 1e6:.2f} MB, "
+          f"tar inflated {s.bytes_inflated / 1e6:.2f} MB")
+    shutil.rmtree(tree)
+
+
+def racy(rounds: int = 5) -> None:
+    """A file appended every 100 ms while the tree is backed up ``rounds`` times in a row:
+    each incremental build against one full build; each archive checked against a fresh
+    build of what it captured (the appender paused, the log put back to its captured
+    length and mtime)."""
+    import io
+    import random
+    import shutil
+    import tarfile
+    import threading
+
+    from deltabkp.archive import ArchiveIndex, IncrementalBuilder
+    from deltabkp.archive._walk import RACY_NS
+
+    base = archive_data.trees()["base"]
+    OUT.mkdir(parents=True, exist_ok=True)
+    tree, prev = OUT / "racy-tree", OUT / "racy-prev.tgz"
+    if tree.exists():
+        shutil.rmtree(tree)
+    shutil.copytree(base, tree, symlinks=True)
+    log_file = tree / "app.log"
+    log_file.write_bytes(b"")
+    time.sleep(RACY_NS / 1e9 + 0.1)
+    print(f"tree: copy of {base}, {log_file.name} appended every 100 ms | cores: "
+          f"{os.cpu_count()}  load: {os.getloadavg()[0]:.2f}")
+    first = IncrementalBuilder(tree)
+    prev.write_bytes(b"".join(first))
+    index = first.index
+    t_full = timed(ours(tree, OUT / "racy-fresh.tgz"), 1)
+    print(f"   full build (TgzBuilder): wall {t_full[0]:.2f} s  cpu {t_full[1]:.2f} s")
+
+    running = threading.Event()
+    stop = threading.Event()
+    lines = [0]
+    rng = random.Random(1)
+
+    def append() -> None:
+        while not stop.is_set():
+            if running.is_set():
+                with open(log_file, "ab") as f:
+                    f.write(b"%d %s\n" % (lines[0], b"x" * rng.randrange(200)))
+                lines[0] += 1
+            time.sleep(0.1)
+
+    appender = threading.Thread(target=append, daemon=True)
+    appender.start()
+    try:
+        for n in range(rounds):
+            running.set()
+            time.sleep(1.0)
+            box: list[IncrementalBuilder] = []
+
+            def inc(index: ArchiveIndex = index, box: list[IncrementalBuilder] = box) -> None:
+                b = IncrementalBuilder(tree, previous=index, previous_archive=prev)
+                box.append(b)
+                (OUT / "racy-new.tgz").write_bytes(b"".join(b))
+
+            t = timed(inc, 1)
+            running.clear()
+            time.sleep(0.3)  # the appender is idle now
+            b = box[-1]
+            data = (OUT / "racy-new.tgz").read_bytes()
+            # Put the log back as this build captured it, and compare with a fresh build.
+            with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+                m = tf.getmember("app.log")
+                captured = tf.extractfile(m).read()  # type: ignore[union-attr]
+            full = log_file.read_bytes()
+            log_file.write_bytes(captured)
+            entry = next(e for e in b.index.entries if e.path == "app.log")
+            os.utime(log_file, ns=(entry.mtime_ns, entry.mtime_ns))
+            same = b"".join(deltabkp.TgzBuilder(tree)) == data
+            log_file.write_bytes(full)
+            os.replace(OUT / "racy-new.tgz", prev)
+            index = b.index
+            s = b.stats
+            print(f"   backup {n + 1}: wall {t[0]:.2f} s (ratio {t[0] / t_full[0]:.3f})  cpu {t[1]:.2f} s"
+                  f" (ratio {t[1] / t_full[1]:.3f})  files read {s.files_opened}, entries reused "
+                  f"{s.entries_reused}/{len(b.index.entries)}, log {len(captured):,} bytes; "
+                  f"identical to a fresh build of what it captured: {same}")
+    finally:
+        stop.set()
+        appender.join()
+        shutil.rmtree(tree)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--incremental", action="store_true",
+                    help="time an incremental build after the ~1%% change set instead")
+    ap.add_argument("--racy", action="store_true",
+                    help="time 5 incremental builds of a tree with a file appended every 100 ms")
     args = ap.parse_args()
+    if args.incremental:
+        incremental(args.repeat)
+        return
+    if args.racy:
+        racy()
+        return
     trees = archive_data.trees()
     OUT.mkdir(parents=True, exist_ok=True)
     base, new, many = trees["base"], trees["new"], trees["many"]

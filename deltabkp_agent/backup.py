@@ -4,6 +4,7 @@ The conversation (docs/formats.md, "Messages after the handshake"), agent side::
 
     ← backup(path, base_hash)
     → unchanged(base_hash, "fingerprint")          tree metadata is what it was for base_hash
+                                                   (racy files: read again, same bytes)
     | → need-sig  ← sig-chunk* sig-end             no cached signature of base_hash
       → delta-chunk* backup-done(...)              the new archive against that signature
       | → unchanged(base_hash, "hash")             rebuilt, byte-identical to the base
@@ -11,6 +12,11 @@ The conversation (docs/formats.md, "Messages after the handshake"), agent side::
 Invariants:
 - the tree fingerprint is taken *before* the archive build starts, so a change during the
   build makes the next quick check miss; it is recorded only if it was not racy;
+- the archive is built incrementally (``archive.IncrementalBuilder``) from the last build
+  of the path that the cache kept: byte-identical to a full build, it reads and compresses
+  only what changed, so a racy tree (never answered from its fingerprint) costs its racy
+  files plus a metadata walk; the new archive is kept for the next build only if the build
+  ran to its end;
 - archive building, delta encoding and the new archive's signature all run in one worker
   thread (behind the agent's build limiter); it hands delta bytes to the event loop through
   a bounded memory channel, so a slow server slows the build and memory stays bounded
@@ -21,7 +27,13 @@ Invariants:
   during the stream stops the build at its next chunk (the thread checks for
   cancellation), and nothing is cached; a server's own ``cancel``/``error`` ends the backup
   quietly (``ServerStopped``: nothing is sent back);
-- the cache is written only after ``backup-done`` (or ``unchanged``) was sent.
+- the cache's signatures and fingerprints are written only after ``backup-done`` (or
+  ``unchanged``) was sent; the kept build (archive and index) as soon as the build ran to
+  its end, whatever the server does next: it is only a base for the next build, which is
+  byte-identical to a full one whatever base it had.
+
+A long module on purpose: the request's steps (quick checks, signature, build and stream)
+share one set of invariants about what is sent and cached when, which read best together.
 """
 
 from __future__ import annotations
@@ -133,6 +145,16 @@ async def serve_backup(
             await chan.send(protocol.Unchanged(req.base_hash, "fingerprint"))
             return BackupOutcome("unchanged", "fingerprint", req.base_hash)
     fingerprint = None if fp.racy else bytes(fp.digest)
+    # Racy (or no fingerprint recorded): the tree against the kept build's index, from
+    # metadata too, except the files that were racy when it was built, read again one by one.
+    if req.base_hash is not None and await thread(
+        _unchanged_since_kept, ctx.cache, root, exclude, req.base_hash
+    ):
+        await chan.send(protocol.Unchanged(req.base_hash, "fingerprint"))
+        if fingerprint is not None:  # the next check needs no index
+            await thread(_cache_quietly, ctx.cache.record, root, req.base_hash,
+                         {"fingerprint": fingerprint, "exclude": exclude, "signature": None})
+        return BackupOutcome("unchanged", "fingerprint", req.base_hash)
 
     # 2. The signature of the base: cached, or asked from the server, or empty (first backup).
     sig_from = "none"
@@ -186,6 +208,18 @@ def _fingerprint(root: str, exclude: tuple[str, ...]) -> Any:
 
     # ``root`` is the checked realpath: no component may have become a symlink since.
     return tree_fingerprint(root, exclude=exclude, no_links=True)
+
+
+def _unchanged_since_kept(
+    cache: AgentCache, root: str, exclude: tuple[str, ...], base_hash: bytes
+) -> bool:
+    """Would a build now give ``base_hash``, the archive whose build the cache kept?"""
+    from deltabkp.archive import IncrementalBuilder
+
+    index = cache.kept_index(root)
+    if index is None or index.archive_hash != base_hash:
+        return False
+    return IncrementalBuilder(root, exclude=exclude, no_links=True).unchanged(index)
 
 
 def _estimate_archive_size(root: str) -> int:
@@ -250,9 +284,13 @@ def _build(
     estimate: int,
     hold: bool,
     send: trio.MemorySendChannel[bytes],
+    cache: AgentCache,
 ) -> _Built | None:
-    """Worker thread: tgz → (delta encoder, new signature) → channel. None if stopped."""
-    from deltabkp.archive import TgzBuilder
+    """Worker thread: tgz → (delta encoder, new signature) → channel. None if stopped.
+
+    The tgz is built incrementally from the last build of ``root`` the cache kept (the
+    same bytes as a full build, reading only what changed), and kept for the next one."""
+    from deltabkp.archive import IncrementalBuilder
 
     last_push = time.monotonic()
 
@@ -273,27 +311,34 @@ def _build(
     pending = bytearray()
     delta_bytes = 0
     try:
-        builder = TgzBuilder(root, exclude=exclude, no_links=True)
-        for chunk in builder:
-            try:
-                trio.from_thread.check_cancelled()
-            except trio.Cancelled:
-                raise _Stopped from None
-            new_sig.feed(chunk)
-            pending += encoder.feed(chunk)
-            if hold and len(pending) > HOLD_LIMIT:
-                hold = False
-            if not hold and len(pending) >= FLUSH_AT:
-                cut = len(pending) - len(pending) % FLUSH_AT
-                out = bytes(pending[:cut])
-                del pending[:cut]
-                delta_bytes += len(out)
-                push(out)
-            elif time.monotonic() - last_push > KEEPALIVE_S:
-                hold = False
-                out, pending = bytes(pending), bytearray()
-                delta_bytes += len(out)
-                push(out)
+        # A stopped build leaves the block by _Stopped: the kept archive stays the old one.
+        with cache.kept_build(root) as kept:
+            builder = IncrementalBuilder(
+                root, exclude=exclude, no_links=True, previous=kept.index,
+                previous_archive=kept.archive,
+            )
+            for chunk in builder:
+                try:
+                    trio.from_thread.check_cancelled()
+                except trio.Cancelled:
+                    raise _Stopped from None
+                kept.write(chunk)
+                new_sig.feed(chunk)
+                pending += encoder.feed(chunk)
+                if hold and len(pending) > HOLD_LIMIT:
+                    hold = False
+                if not hold and len(pending) >= FLUSH_AT:
+                    cut = len(pending) - len(pending) % FLUSH_AT
+                    out = bytes(pending[:cut])
+                    del pending[:cut]
+                    delta_bytes += len(out)
+                    push(out)
+                elif time.monotonic() - last_push > KEEPALIVE_S:
+                    hold = False
+                    out, pending = bytes(pending), bytearray()
+                    delta_bytes += len(out)
+                    push(out)
+            kept.done(builder.index)
         pending += encoder.finish()
         held = hold
         if not (held and encoder.new_hash == base_sig.base_hash):
@@ -304,6 +349,12 @@ def _build(
     except _Stopped:
         return None
     report = builder.report
+    stats = builder.stats
+    log.info(
+        "archive of %s: %d of %d entries reused, %d files read (%s)", root,
+        stats.entries_reused, len(builder.index.entries), stats.files_opened,
+        "incremental" if not stats.previous else f"full build; previous build: {stats.previous}",
+    )
     return _Built(
         archive_hash=encoder.new_hash,
         archive_size=encoder.new_size,
@@ -370,7 +421,8 @@ async def _stream_delta(
         async with send:
             try:
                 box.built = await trio.to_thread.run_sync(
-                    _build, root, exclude, base_sig, estimate, hold, send, limiter=ctx.limiter
+                    _build, root, exclude, base_sig, estimate, hold, send, ctx.cache,
+                    limiter=ctx.limiter,
                 )
             except Exception as exc:  # reported to the server below; a bug is logged there
                 box.error = exc

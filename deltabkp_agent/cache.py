@@ -1,9 +1,12 @@
-"""The agent's on-disk cache: signatures by archive hash, tree fingerprints by (path, hash).
+"""The agent's on-disk cache: signatures by archive hash, tree fingerprints by (path, hash),
+and the last archive built per path with its index.
 
 Job: let the agent answer a backup request without the server sending a signature (it keeps
-the signature of every archive it produced, keyed by the archive's blake3), and without
+the signature of every archive it produced, keyed by the archive's blake3), without
 reading a single file when nothing changed (it keeps, for each path, the tree fingerprint
-taken just before it built each archive).
+taken just before it built each archive), and build the next archive incrementally,
+reading and compressing only what changed (it keeps the last archive it built for each path
+and its ``ArchiveIndex``: the compressed bytes to reuse must come from somewhere).
 
 Layout (version 1) under the cache dir::
 
@@ -11,6 +14,11 @@ Layout (version 1) under the cache dir::
     paths/<blake3(path)[:16] hex>.json
         {"version": 1, "path": P, "entries": [{"hash": hex, "fingerprint": hex | null,
           "exclude": [..], "at": unix time}, ...]}   newest first, at most ``keep``
+    builds/<blake3(path)[:16] hex>.tgz / .idx
+        the last archive built for the path and its index (docs/formats.md "Archive
+        index"); disk cost: one archive per path served (a third of the tree for source
+        trees; two while a build of that path runs) plus ~100 bytes per entry; ``keep_archives=False`` (``--no-archive-cache``)
+        keeps none, and every build is a full one
 
 Invariants:
 - it is only a cache: whatever is missing, torn or corrupt reads as a miss (never an
@@ -20,26 +28,33 @@ Invariants:
 - writes go to a temp file and are renamed into place, so a reader sees old or new;
 - each path keeps its ``keep`` newest entries; a signature file no entry refers to is
   deleted when the entries change.
-- every method blocks (file I/O): call them from a worker thread.
+- every method blocks (file I/O): call them from a worker thread;
+- a kept archive is replaced only by a build that ran to its end: the new archive is
+  renamed into place, then its index; a crash between the two leaves an index that names
+  another archive, which the incremental builder detects (blake3) and ignores.  A build
+  is never failed by this cache (a full disk drops the kept archive with a warning).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import attrs
 import blake3
 
 from deltabkp import Signature
-from deltabkp._atomic import write_bytes_atomic
+from deltabkp._atomic import atomic_write, write_bytes_atomic
+from deltabkp.archive import ArchiveIndex
 from deltabkp.errors import FormatError, UsageError
 
-__all__ = ["AgentCache", "CacheEntry", "default_cache_dir"]
+__all__ = ["AgentCache", "CacheEntry", "KeptBuild", "default_cache_dir"]
 
 log = logging.getLogger("deltabkp_agent")
 CACHE_VERSION = 1
@@ -84,21 +99,121 @@ class CacheEntry:
         )
 
 
+@attrs.define
+class KeptBuild:
+    """The previous build of a path to build from (``index``/``archive``, None if there is
+    none), and where this build's archive goes: ``write`` every chunk, then ``done`` with
+    its index."""
+
+    index: ArchiveIndex | None
+    archive: Path | None
+    _out: IO[bytes] | None = None
+    _failed: str = ""
+    _done: ArchiveIndex | None = None
+
+    def write(self, chunk: bytes) -> None:
+        if self._out is None or self._failed:
+            return
+        try:
+            self._out.write(chunk)
+        except OSError as exc:  # only a cache: the build goes on without it
+            self._failed = exc.strerror or str(exc)
+
+    def done(self, index: ArchiveIndex) -> None:
+        self._done = index
+
+
+class _NotKept(Exception):
+    """The build did not finish (or its copy failed): drop the half-written archive."""
+
+
 class AgentCache:
     """The cache directory; thread-safe only per path (the agent serialises each path)."""
 
-    def __init__(self, root: str | os.PathLike[str], *, keep: int = 3) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, keep: int = 3, keep_archives: bool = True
+    ) -> None:
         if keep < 1:
             raise UsageError("the agent cache must keep at least one entry per path")
         self.root = Path(root)
         self.keep = keep
+        self.keep_archives = keep_archives
         self._sigs = self.root / "sigs"
         self._paths = self.root / "paths"
+        self._builds = self.root / "builds"
         try:
             self._sigs.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._paths.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._builds.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise UsageError(f"cannot create cache dir {self.root}: {exc.strerror}") from None
+        if not keep_archives:
+            # Turned off: what an earlier run kept is only disk space now.
+            for f in self._builds.iterdir():
+                f.unlink(missing_ok=True)
+        else:
+            # Temp files of builds cut short by a crash (this agent owns its cache dir).
+            for f in self._builds.glob(".*.part"):
+                f.unlink(missing_ok=True)
+
+    # -- the last build per path ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def kept_build(self, path: str) -> Iterator[KeptBuild]:
+        """The previous build of ``path`` and a sink for this one (see ``KeptBuild``).
+
+        This build's archive replaces the kept one only if the block ends normally after
+        ``done``; an exception (a stopped build) or a failed write leaves the kept one."""
+        if not self.keep_archives:
+            yield KeptBuild(None, None)
+            return
+        tgz, idx = self._build_files(path)
+        index = self._read_index(idx)
+        kept = KeptBuild(index, tgz if index is not None else None)
+        entered = finished = False
+        try:
+            with atomic_write(tgz, durable=False, mode=0o600) as f:
+                entered = True
+                kept._out = f
+                yield kept
+                finished = True
+                if kept._failed or kept._done is None:
+                    raise _NotKept(kept._failed)
+            write_bytes_atomic(idx, kept._done.encode(), durable=False, mode=0o600)
+        except _NotKept as exc:
+            if str(exc):
+                log.warning("cache: could not keep the archive of %s: %s", path, exc)
+        except OSError as exc:
+            if entered and not finished:
+                raise  # the build's own error, not the cache's
+            log.warning("cache: could not keep the archive of %s: %s", path, exc)
+        if not entered:  # no temp file: build without keeping this one
+            yield kept
+
+    def kept_index(self, path: str) -> ArchiveIndex | None:
+        """The index of the last build kept for ``path`` (None if none, or turned off)."""
+        if not self.keep_archives:
+            return None
+        return self._read_index(self._build_files(path)[1])
+
+    def _read_index(self, idx: Path) -> ArchiveIndex | None:
+        try:
+            data = idx.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("cache: cannot read %s: %s", idx, exc)
+            return None
+        try:
+            return ArchiveIndex.parse(data)
+        except FormatError as exc:
+            log.warning("cache: dropping unreadable archive index %s: %s", idx, exc)
+            idx.unlink(missing_ok=True)
+            return None
+
+    def _build_files(self, path: str) -> tuple[Path, Path]:
+        stem = self._builds / self._path_file(path).stem
+        return stem.with_suffix(".tgz"), stem.with_suffix(".idx")
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -1,18 +1,30 @@
-"""The agent's on-disk cache: signatures by archive hash, fingerprints by (path, hash, excludes).
+"""The agent's on-disk cache: signatures by archive hash, fingerprints by (path, hash, excludes),
+the last archive built per path (what makes the next build incremental).
 
 Real files in a temp dir; the cache must never give a wrong answer, whatever is on disk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
 import pytest
+import trio
 
 import deltabkp
-from deltabkp_agent.cache import AgentCache
+from deltabkp import net
+from deltabkp.archive import IncrementalBuilder, TgzBuilder
+from deltabkp.archive._walk import RACY_NS as RACY_NS_AGENT
+from deltabkp.testing import backup_exchange
+from deltabkp_agent import Agent, AgentConfig, Allowlist
+from deltabkp_agent.cache import AgentCache, KeptBuild
 
 
 def archive(n: int) -> tuple[bytes, bytes]:
@@ -96,3 +108,189 @@ def test_damaged_entry_files_read_as_empty(tmp_path: Path, content: bytes) -> No
     # And recording again repairs it.
     c.record("/srv/a", h, fingerprint=b"G" * 32, exclude=(), signature=sig)
     assert c.fingerprint("/srv/a", h, ()) == b"G" * 32
+
+
+# -- the last build kept per path (incremental builds) ----------------------------------------
+
+
+def make_tree(root: Path, n: int = 30) -> Path:
+    root.mkdir()
+    for i in range(n):
+        (root / f"f{i:02d}").write_bytes(b"".join(b"line %d of file %d\n" % (j, i) for j in range(1500)))
+    os.utime(root / "f00", ns=(0, 1_600_000_000 * 10**9))
+    time.sleep(0.05)  # past RACY_NS below: the files may be reused by the next build
+    return root
+
+
+def build_kept(c: AgentCache, root: Path, *, stop: bool = False) -> tuple[bytes, IncrementalBuilder]:
+    """What the agent's build does with the cache: build from the kept one, keep this one."""
+    out = bytearray()
+    with c.kept_build(str(root)) as kept:
+        b = IncrementalBuilder(root, previous=kept.index, previous_archive=kept.archive,
+                               racy_ns=RACY_NS)
+        for chunk in b:
+            kept.write(chunk)
+            out += chunk
+            if stop:
+                raise RuntimeError("stopped mid-build")
+        kept.done(b.index)
+    return bytes(out), b
+
+
+RACY_NS = 20_000_000
+
+
+def test_kept_build_makes_the_next_build_incremental(tmp_path: Path) -> None:
+    c = AgentCache(tmp_path / "c")
+    root = make_tree(tmp_path / "t")
+    _, b1 = build_kept(c, root)
+    assert b1.stats.previous == "none"
+    with open(root / "f15", "ab") as f:
+        f.write(b"appended\n")
+    time.sleep(0.05)
+    second, b2 = build_kept(c, root)
+    assert b2.stats.previous == "" and b2.stats.entries_reused > 20
+    assert second == b"".join(TgzBuilder(root))
+    # The kept copy is now the second archive, and a restarted agent finds it.
+    c2 = AgentCache(tmp_path / "c")
+    with c2.kept_build(str(root)) as kept:
+        assert kept.archive is not None and kept.archive.read_bytes() == second
+        assert kept.index is not None and kept.index.archive_hash == blake3.blake3(second).digest()
+    # (that block did not call done: what was kept stays)
+    with c2.kept_build(str(root)) as kept:
+        assert kept.archive is not None and kept.archive.read_bytes() == second
+    assert not list((tmp_path / "c" / "builds").glob(".*"))
+
+
+def test_a_stopped_or_failed_build_keeps_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = AgentCache(tmp_path / "c")
+    root = make_tree(tmp_path / "t")
+    first, _ = build_kept(c, root)
+    (root / "f03").write_bytes(b"new content\n")
+    with pytest.raises(RuntimeError, match="stopped"):
+        build_kept(c, root, stop=True)
+    with c.kept_build(str(root)) as kept:
+        assert kept.archive is not None and kept.archive.read_bytes() == first
+    assert not list((tmp_path / "c" / "builds").glob(".*"))
+    # A full disk while keeping the copy: the build goes on, the old copy stays.
+    real = KeptBuild.write
+
+    def full_disk(self: KeptBuild, chunk: bytes) -> None:
+        if self._out is not None:
+            monkeypatch.setattr(self._out, "write", _raise_enospc)
+        real(self, chunk)
+
+    monkeypatch.setattr(KeptBuild, "write", full_disk)
+    with agent_log() as messages:
+        data, _ = build_kept(c, root)
+    assert data == b"".join(TgzBuilder(root))
+    assert any("could not keep the archive" in m and "No space left" in m for m in messages)
+    monkeypatch.undo()
+    with c.kept_build(str(root)) as kept:
+        assert kept.archive is not None and kept.archive.read_bytes() == first
+    assert not list((tmp_path / "c" / "builds").glob(".*"))
+
+
+def _raise_enospc(_data: bytes) -> int:
+    raise OSError(28, "No space left on device")
+
+
+def test_damaged_kept_build_means_a_full_build(tmp_path: Path) -> None:
+    c = AgentCache(tmp_path / "c")
+    root = make_tree(tmp_path / "t")
+    build_kept(c, root)
+    tgz, idx = sorted((tmp_path / "c" / "builds").iterdir())[::-1]
+    assert tgz.suffix == ".tgz" and idx.suffix == ".idx"
+    # A damaged archive: the builder sees its blake3 differ from the index's.
+    data = bytearray(tgz.read_bytes())
+    data[100] ^= 1
+    tgz.write_bytes(bytes(data))
+    again, b = build_kept(c, root)
+    assert "not the one its index describes" in b.stats.previous
+    assert again == b"".join(TgzBuilder(root))
+    # A damaged index reads as none (and is dropped).
+    idx.write_bytes(idx.read_bytes()[:-1])
+    _, b = build_kept(c, root)
+    assert b.stats.previous == "none"
+
+
+def test_archive_cache_turned_off(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "t")
+    build_kept(AgentCache(tmp_path / "c"), root)
+    assert list((tmp_path / "c" / "builds").iterdir())
+    c = AgentCache(tmp_path / "c", keep_archives=False)
+    assert not list((tmp_path / "c" / "builds").iterdir())  # what was kept is dropped
+    for _ in range(2):
+        data, b = build_kept(c, root)
+        assert b.stats.previous == "none"
+        assert data == b"".join(TgzBuilder(root))
+    assert not list((tmp_path / "c" / "builds").iterdir())
+
+
+async def test_agent_backs_up_a_racy_tree_incrementally(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A real agent, a file appended before every backup (so the tree is always racy and
+    never answered from its fingerprint): each backup is an incremental build that reads
+    the appended file and a few neighbours, and its archive is a fresh build's; once the
+    appends stop, the next check is a quick one at once (the racy file read again)."""
+    app = tmp_path / "app"
+    make_tree(app, 40)
+    await trio.sleep(RACY_NS_AGENT / 1e9 + 0.1)  # the agent's racy window: files reusable
+    key = b"k" * 32
+    cfg = AgentConfig(key=key, allow=Allowlist.from_args([str(tmp_path)]), host="127.0.0.1",
+                      port=0, cache_dir=tmp_path / "cache")
+    agent = Agent(cfg)
+    await nursery.start(agent.run)
+    base: bytes | None = None
+    for n in range(4):
+        await trio.to_thread.run_sync(_append, app / "f20", b"log line %d\n" % n)
+        with agent_log() as messages:
+            r = await backup_exchange(net.Address.parse(agent.address), key, str(app), base)
+        assert r.kind == "delta" and r.done is not None
+        base = bytes(deltabkp.patch(base or b"", r.delta))
+        assert base == b"".join(TgzBuilder(app))
+        built = [m for m in messages if m.startswith("archive of")]
+        assert len(built) == 1
+        if n == 0:
+            assert "full build" in built[0]
+        else:
+            m = re.search(r"(\d+) of (\d+) entries reused, (\d+) files read \(incremental\)", built[0])
+            assert m is not None, built[0]
+            assert int(m[1]) >= 30 and int(m[3]) <= 12, built[0]
+    # Right after a build that found f20 racy, the unchanged tree is still a quick check:
+    # the kept index vouches for every file but f20, which is read again and compared.
+    with agent_log() as messages:
+        r = await backup_exchange(net.Address.parse(agent.address), key, str(app), base)
+    assert (r.kind, r.reason) == ("unchanged", "fingerprint")
+    assert not [m for m in messages if m.startswith("archive of")]
+    await trio.to_thread.run_sync(_append, app / "f20", b"one more\n")
+    r = await backup_exchange(net.Address.parse(agent.address), key, str(app), base)
+    assert r.kind == "delta"
+
+
+
+@contextlib.contextmanager
+def agent_log() -> Iterator[list[str]]:
+    """The agent's log messages meanwhile (its logger may not propagate to caplog: the
+    daemon's logging setup owns it)."""
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("deltabkp_agent")
+    handler, level = Keep(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _append(p: Path, data: bytes) -> None:
+    with open(p, "ab") as f:
+        f.write(data)

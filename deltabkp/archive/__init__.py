@@ -2,20 +2,30 @@
 
 ``TgzBuilder`` / ``build_archive`` write the tgz (docs/formats.md "Archive"),
 ``tree_fingerprint`` answers "unchanged?" from metadata alone, ``extract_archive`` restores
-faithfully, safely and all or nothing.  Invariants are stated in each private module.
+faithfully, safely and all or nothing.  ``IncrementalBuilder`` makes the same bytes as
+``TgzBuilder`` from the previous build's ``ArchiveIndex`` and archive, reading only what
+changed.  Invariants are stated in each private module.
 """
 
 from __future__ import annotations
 
 from deltabkp.archive._build import ArchiveReport, FileIssue, TgzBuilder, build_archive
 from deltabkp.archive._extract import ExtractReport, check_destination, extract_archive
+from deltabkp.archive._incremental import (
+    ArchiveIndex,
+    IncrementalBuilder,
+    IncrementalStats,
+)
 from deltabkp.archive._walk import Fingerprint, tree_fingerprint
 
 __all__ = [
+    "ArchiveIndex",
     "ArchiveReport",
     "ExtractReport",
     "FileIssue",
     "Fingerprint",
+    "IncrementalBuilder",
+    "IncrementalStats",
     "TgzBuilder",
     "build_archive",
     "check_destination",

@@ -113,6 +113,26 @@ class _Counts:
     content: int = 0
     changed: list[FileIssue] = attrs.Factory(list)
     skipped: list[FileIssue] = attrs.Factory(list)
+    #: The stat whose fields the last regular file's header was written from (the
+    #: incremental build records it as that entry's identity).
+    stored: os.stat_result | None = None
+
+    def skip(self, rel: str, what: str) -> None:
+        self.skipped.append(FileIssue(rel, what))
+
+    def report(self, bytes_in: int, bytes_out: int) -> ArchiveReport:
+        return ArchiveReport(
+            files=self.files,
+            dirs=self.dirs,
+            symlinks=self.symlinks,
+            hardlinks=self.hardlinks,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            content_bytes=self.content,
+            changed=tuple(self.changed),
+            skipped=tuple(self.skipped),
+            fifos=self.fifos,
+        )
 
 
 # GNU header layout after the name field: mode, uid, gid, size, mtime, chksum placeholder,
@@ -200,6 +220,13 @@ def _pad(n: int) -> bytes:
     return b"\0" * (-n % _BLOCK)
 
 
+def _end_of_archive(total: int) -> bytes:
+    """What follows the last entry of a tar stream of ``total`` bytes: like GNU tar, two
+    zero blocks, then zeros up to a whole 10 KiB record."""
+    end = 2 * _BLOCK
+    return b"\0" * (end + (-(total + end) % _RECORD))
+
+
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
     return (
         a.st_size == b.st_size
@@ -280,74 +307,57 @@ class TgzBuilder:
             yield from stream.compress(self._tar(top, top_fd, counts))
         finally:
             os.close(top_fd)
-        self._report = ArchiveReport(
-            files=counts.files,
-            dirs=counts.dirs,
-            symlinks=counts.symlinks,
-            hardlinks=counts.hardlinks,
-            bytes_in=stream.bytes_in,
-            bytes_out=stream.bytes_out,
-            content_bytes=counts.content,
-            changed=tuple(counts.changed),
-            skipped=tuple(counts.skipped),
-            fifos=counts.fifos,
-        )
+        self._report = counts.report(stream.bytes_in, stream.bytes_out)
 
     # -- the tar stream -------------------------------------------------------------------------
 
     def _tar(self, top: bytes, top_fd: int, counts: _Counts) -> Iterator[bytes]:
-        def skip(rel: str, what: str) -> None:
-            counts.skipped.append(FileIssue(rel, what))
-
         links: dict[tuple[int, int], str] = {}
         total = 0
-        for rel, dir_fd, name, st in walk(top, top_fd, self.exclude, skip):
-            kind = stat.S_IFMT(st.st_mode)
-            if kind == stat.S_IFDIR:
-                counts.dirs += 1
-                hdr = _header(rel + "/", st, tarfile.DIRTYPE)
-                total += len(hdr)
-                yield hdr
-            elif kind == stat.S_IFLNK:
-                try:
-                    target = os.readlink(name, dir_fd=dir_fd)
-                except FileNotFoundError:
-                    skip(rel, "vanished before it was read")
-                    continue
-                except OSError as exc:
-                    if exc.errno == errno.EINVAL:  # no longer a symlink
-                        skip(rel, "replaced while read (no longer a symlink)")
-                    else:
-                        skip(rel, f"cannot read symlink: {exc.strerror}")
-                    continue
-                counts.symlinks += 1
-                hdr = _header(rel, st, tarfile.SYMTYPE, linkname=target)
-                total += len(hdr)
-                yield hdr
-            elif kind == stat.S_IFREG:
-                key = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1 and key in links:
-                    counts.hardlinks += 1
-                    hdr = _header(rel, st, tarfile.LNKTYPE, linkname=links[key])
-                    total += len(hdr)
-                    yield hdr
-                    continue
-                for piece in self._file(rel, dir_fd, name, st, counts, links):
-                    total += len(piece)
-                    yield piece
-            elif kind == stat.S_IFIFO:
-                # Metadata only, from the listing's lstat: a FIFO is never opened (a read
-                # would block, and its "data" is another process's stream anyway).
-                counts.fifos += 1
-                hdr = _header(rel, st, tarfile.FIFOTYPE)
-                total += len(hdr)
-                yield hdr
-            else:
-                skip(rel, f"{_SPECIAL.get(kind, 'special file')} not archived")
-        end = b"\0" * (2 * _BLOCK)
-        total += len(end)
-        # Like GNU tar: end-of-archive blocks, then pad to a whole 10 KiB record.
-        yield end + b"\0" * (-total % _RECORD)
+        for rel, dir_fd, name, st in walk(top, top_fd, self.exclude, counts.skip):
+            for piece in self._entry(rel, dir_fd, name, st, counts, links):
+                total += len(piece)
+                yield piece
+        yield _end_of_archive(total)
+
+    def _entry(
+        self, rel: str, dir_fd: int, name: str, st: os.stat_result, counts: _Counts,
+        links: dict[tuple[int, int], str],
+    ) -> Iterator[bytes]:
+        """The tar bytes of one walked entry (nothing if it is skipped, then reported)."""
+        skip = counts.skip
+        kind = stat.S_IFMT(st.st_mode)
+        if kind == stat.S_IFDIR:
+            counts.dirs += 1
+            yield _header(rel + "/", st, tarfile.DIRTYPE)
+        elif kind == stat.S_IFLNK:
+            try:
+                target = os.readlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                skip(rel, "vanished before it was read")
+                return
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:  # no longer a symlink
+                    skip(rel, "replaced while read (no longer a symlink)")
+                else:
+                    skip(rel, f"cannot read symlink: {exc.strerror}")
+                return
+            counts.symlinks += 1
+            yield _header(rel, st, tarfile.SYMTYPE, linkname=target)
+        elif kind == stat.S_IFREG:
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in links:
+                counts.hardlinks += 1
+                yield _header(rel, st, tarfile.LNKTYPE, linkname=links[key])
+                return
+            yield from self._file(rel, dir_fd, name, st, counts, links)
+        elif kind == stat.S_IFIFO:
+            # Metadata only, from the listing's lstat: a FIFO is never opened (a read
+            # would block, and its "data" is another process's stream anyway).
+            counts.fifos += 1
+            yield _header(rel, st, tarfile.FIFOTYPE)
+        else:
+            skip(rel, f"{_SPECIAL.get(kind, 'special file')} not archived")
 
     def _file(
         self, rel: str, dir_fd: int, name: str, seen: os.stat_result, counts: _Counts,
@@ -466,6 +476,7 @@ class TgzBuilder:
             counts.content += got
             if st.st_nlink > 1:
                 links[(st.st_dev, st.st_ino)] = rel
+            counts.stored = st
             yield _header(rel, st, tarfile.REGTYPE, size=got)
             if data is not None:
                 yield data
@@ -492,6 +503,7 @@ class TgzBuilder:
     ) -> Iterator[bytes]:
         """A large file, streamed: exactly ``before.st_size`` bytes follow the header."""
         size = before.st_size
+        counts.stored = before
         yield _header(rel, before, tarfile.REGTYPE, size=size)
         got = 0
         error = ""

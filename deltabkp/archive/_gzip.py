@@ -82,6 +82,17 @@ class CutFinder:
         self._pos = 0  # absolute offset of the end of what was fed
         self._last = 0  # absolute offset of the last cut
 
+    @classmethod
+    def at_cut(cls, pos: int, before: bytes) -> CutFinder:
+        """The finder's state right after a cut at ``pos``, ``before`` ending there (at least
+        its last ``WINDOW - 1`` bytes, or all of the stream if shorter): what it would be
+        had it been fed the whole stream up to ``pos`` (the incremental build resumes here
+        after copying compressed segments it did not scan)."""
+        f = cls()
+        f._tail = np.frombuffer(before[-(WINDOW - 1) :], dtype=np.uint8).copy()
+        f._pos = f._last = pos
+        return f
+
     def feed(self, buf: bytes | bytearray | memoryview) -> list[int]:
         new = np.frombuffer(buf, dtype=np.uint8)
         if not len(new):
@@ -120,13 +131,15 @@ DICT_SIZE = 32 * 1024
 
 
 def compress_segments(
-    data: bytes, cuts: Sequence[int], level: int, final: bool, zdict: bytes = b""
+    data: bytes, cuts: Sequence[int], level: int, final: bool, zdict: bytes = b"",
+    ends: list[int] | None = None,
 ) -> bytes:
     """Raw deflate of ``data`` with a sync flush at each relative offset in ``cuts``.
 
     ``zdict`` is the (up to 32 KiB of) stream just before ``data``.  The last cut of a
     non-final job must be ``len(data)``; the final job ends with ``Z_FINISH`` instead (its
-    last block is the only one with BFINAL set).
+    last block is the only one with BFINAL set).  ``ends``, if given, receives the offset in
+    the output where each cut's segment ends (the incremental build's index).
     """
     if zdict:
         comp = zlib.compressobj(level, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, zdict)
@@ -135,10 +148,14 @@ def compress_segments(
     view = memoryview(data)
     out: list[bytes] = []
     prev = 0
+    size = 0
     for cut in cuts:
         out.append(comp.compress(view[prev:cut]))
         out.append(comp.flush(zlib.Z_SYNC_FLUSH))
         prev = cut
+        if ends is not None:
+            size += len(out[-2]) + len(out[-1])
+            ends.append(size)
     if final:
         out.append(comp.compress(view[prev:]))
         out.append(comp.flush(zlib.Z_FINISH))
