@@ -22,6 +22,7 @@ from deltabkp.testing._daemons import READY_LINE, Daemon, DaemonStartError, cons
 from deltabkp.testing._peers import BackupResult, ScriptedAgent, backup_exchange
 from deltabkp.testing._services import PostgresServer
 from deltabkp.testing._services import SeaweedFS
+from deltabkp.testing._netns import NetLab, NetLabError, NetNode
 
 __all__ = [
     "ScriptedAgent",
@@ -33,4 +34,7 @@ __all__ = [
     "console_script",
     "PostgresServer",
     "SeaweedFS",
+    "NetLab",
+    "NetLabError",
+    "NetNode",
 ]
