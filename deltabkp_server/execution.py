@@ -160,6 +160,9 @@ class Executor:
             net.Address.parse(target.node), key=self.key, role="server",
             timeout=self.settings.connect_timeout,
         )
+        # Silence is bounded by --idle-timeout both ways: an agent that stops reading (its
+        # acknowledgements lost on a partition) is as gone as one that stops writing.
+        chan.send_timeout = self.settings.idle_timeout
         meter.current = chan
         ingest = Ingest(
             catalog=self.catalog, store=self.store, target=target, base=base,

@@ -414,3 +414,46 @@ def test_normalise_path() -> None:
     for bad in ["", "  ", "srv/app", "/a\x00b", None, 5]:
         with pytest.raises(UsageError):
             net.normalise_path(bad)
+
+
+async def _idle_from(source: str, addr: Address) -> trio.SocketStream:
+    sock = trio.socket.socket()
+    await sock.bind((source, 0))
+    await sock.connect((addr.host, addr.port))
+    return trio.SocketStream(sock)
+
+
+async def _hung_up(stream: trio.SocketStream) -> bool:
+    with trio.move_on_after(0.2):
+        try:
+            return await stream.receive_some(1) == b""
+        except trio.BrokenResourceError:
+            return True
+    return False  # still open: its handshake is still pending
+
+
+async def test_a_full_handshake_budget_evicts_from_the_host_holding_the_most() -> None:
+    # A flood from one host must not push out the pending handshake of a peer on another,
+    # however many sockets it opens after it (oldest-first alone would evict that peer first).
+    gate = net.HandshakeGate(logging.getLogger("test"), max_pending=4, timeout=30)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            await gate.admit(stream, key=KEY, role="server", roles=("ctl",), tls=net.TlsSettings(plaintext=True))
+
+    async with trio.open_nursery() as nursery:
+        addr = await _serve(nursery, handler)
+        peer = await _idle_from("127.0.0.3", addr)
+        with trio.fail_after(5):
+            while gate.pending < 1:
+                await trio.sleep(0.01)
+        flood = [await _idle_from("127.0.0.2", addr) for _ in range(8)]
+        with trio.fail_after(5):
+            while gate.evicted < 5:
+                await trio.sleep(0.01)
+        assert gate.pending == 4
+        assert not await _hung_up(peer)
+        assert [await _hung_up(s) for s in flood] == [True] * 5 + [False] * 3
+        for s in [peer, *flood]:
+            await s.aclose()
+        nursery.cancel_scope.cancel()

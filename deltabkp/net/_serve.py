@@ -3,8 +3,10 @@ refusal logs that a flood cannot turn into a flood of log lines.  Both daemons u
 
 Invariants:
 - at most ``max_pending`` handshakes (TLS + protocol) are pending at once, each under a short
-  deadline; a new connection beyond that evicts the *oldest* pending one, so silent sockets
-  cannot lock a real peer out (a real peer finishes in a few round trips);
+  deadline; a new connection beyond that evicts the oldest pending one *of the address that
+  holds the most*, so neither silent sockets nor a flood of reconnecting ones from a few
+  hosts can lock a real peer on another host out (a real peer finishes in a few round trips,
+  but under a flood of hundreds of connections a second "oldest first" alone would evict it);
 - running out of file descriptors (``EMFILE``/``ENFILE``, or kernel memory) on accept is not a
   bug: the loop sheds the oldest pending handshake, backs off briefly and logs one warning per
   ``LOG_EVERY_S`` (never a traceback);
@@ -15,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -85,6 +88,13 @@ class RateLimitedLog:
         self._suppressed_keys.clear()
 
 
+def _peer_host(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return "?"
+
+
 def _host(peer: str) -> str:
     try:
         return Address.parse(peer).host
@@ -104,8 +114,8 @@ class HandshakeGate:
         self.max_pending = max_pending
         self.timeout = timeout
         self.refused = RateLimitedLog(log, log_every)
-        #: Pending handshakes, oldest first (dicts keep insertion order).
-        self._pending: dict[object, trio.CancelScope] = {}
+        #: Pending handshakes, oldest first (dicts keep insertion order): peer host, scope.
+        self._pending: dict[object, tuple[str, trio.CancelScope]] = {}
         self.evicted = 0
 
     @property
@@ -113,11 +123,14 @@ class HandshakeGate:
         return len(self._pending)
 
     def evict_oldest(self) -> bool:
-        """Drop the oldest pending handshake (its socket is closed); False if none."""
+        """Drop the oldest pending handshake of the host holding the most (its socket is
+        closed); False if none is pending."""
         if not self._pending:
             return False
-        oldest = next(iter(self._pending))
-        self._pending.pop(oldest).cancel()
+        held = collections.Counter(host for host, _ in self._pending.values())
+        greedy = max(held, key=held.__getitem__)  # the first such host in age order on ties
+        victim = next(t for t, (host, _) in self._pending.items() if host == greedy)
+        self._pending.pop(victim)[1].cancel()
         self.evicted += 1
         return True
 
@@ -131,7 +144,8 @@ class HandshakeGate:
             self.refused("budget", "more than %d handshakes pending: dropped the oldest",
                          self.max_pending)
         token = object()
-        scope = self._pending[token] = trio.CancelScope()
+        scope = trio.CancelScope()
+        self._pending[token] = (_peer_host(stream), scope)
         try:
             with scope:
                 return await accept(
