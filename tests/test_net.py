@@ -432,28 +432,49 @@ async def _hung_up(stream: trio.SocketStream) -> bool:
     return False  # still open: its handshake is still pending
 
 
-async def test_a_full_handshake_budget_evicts_from_the_host_holding_the_most() -> None:
+async def test_a_full_handshake_budget_favours_hosts_holding_less_of_it() -> None:
     # A flood from one host must not push out the pending handshake of a peer on another,
-    # however many sockets it opens after it (oldest-first alone would evict that peer first).
-    gate = net.HandshakeGate(logging.getLogger("test"), max_pending=4, timeout=30)
+    # nor make it wait: the flood's own new connections are closed unserved at accept.
+    # A frozen clock: every arrival falls in the same second, however slow the machine.
+    gate = net.HandshakeGate(logging.getLogger("test"), max_pending=4, timeout=30, clock=lambda: 0.0)
 
     async def handler(stream: trio.SocketStream) -> None:
         async with stream:
             await gate.admit(stream, key=KEY, role="server", roles=("ctl",), tls=net.TlsSettings(plaintext=True))
 
+    async def pending(n: int) -> None:
+        with trio.fail_after(5):
+            while gate.pending < n:
+                await trio.sleep(0.01)
+
     async with trio.open_nursery() as nursery:
-        addr = await _serve(nursery, handler)
-        peer = await _idle_from("127.0.0.3", addr)
+        listeners = await trio.open_tcp_listeners(0, host=LOCAL)
+        await nursery.start(net.serve, handler, listeners, gate)
+        addr = Address(LOCAL, listeners[0].socket.getsockname()[1])
+        flood = []
+        for _ in range(4):
+            flood.append(await _idle_from("127.0.0.2", addr))
+            await pending(len(flood))
+        # Beyond the budget, up to FLOOD_FACTOR x the budget in a second is a burst: each new
+        # one evicts the oldest ...
+        burst = net.FLOOD_FACTOR * 4
+        flood += [await _idle_from("127.0.0.2", addr) for _ in range(burst - 4)]
         with trio.fail_after(5):
-            while gate.pending < 1:
+            while gate.evicted < burst - 4:
                 await trio.sleep(0.01)
-        flood = [await _idle_from("127.0.0.2", addr) for _ in range(8)]
+        # ... beyond that it is a flood: closed unserved, the pending ones stay.
+        flood += [await _idle_from("127.0.0.2", addr) for _ in range(4)]
         with trio.fail_after(5):
-            while gate.evicted < 5:
+            while gate.shed < 4:
                 await trio.sleep(0.01)
-        assert gate.pending == 4
+        peer = await _idle_from("127.0.0.3", addr)  # another host: admitted, evicting one
+        with trio.fail_after(5):
+            while gate.evicted < burst - 3:
+                await trio.sleep(0.01)
+        assert gate.pending == 4 and gate.shed == 4
         assert not await _hung_up(peer)
-        assert [await _hung_up(s) for s in flood] == [True] * 5 + [False] * 3
+        hung_up = [await _hung_up(s) for s in flood]
+        assert hung_up == [True] * (burst - 3) + [False] * 3 + [True] * 4, hung_up
         for s in [peer, *flood]:
             await s.aclose()
         nursery.cancel_scope.cancel()

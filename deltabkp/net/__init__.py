@@ -29,6 +29,7 @@ from deltabkp.net._daemon import (
 )
 from deltabkp.net._keys import default_key_path, load_key
 from deltabkp.net._serve import (
+    FLOOD_FACTOR,
     HANDSHAKE_TIMEOUT,
     MAX_PENDING_HANDSHAKES,
     HandshakeGate,
@@ -67,6 +68,7 @@ __all__ = [
     "default_key_path",
     "load_key",
     "open_secure_stream",
+    "FLOOD_FACTOR",
     "HANDSHAKE_TIMEOUT",
     "MAX_PENDING_HANDSHAKES",
     "HandshakeGate",

@@ -3,10 +3,13 @@ refusal logs that a flood cannot turn into a flood of log lines.  Both daemons u
 
 Invariants:
 - at most ``max_pending`` handshakes (TLS + protocol) are pending at once, each under a short
-  deadline; a new connection beyond that evicts the oldest pending one *of the address that
-  holds the most*, so neither silent sockets nor a flood of reconnecting ones from a few
-  hosts can lock a real peer on another host out (a real peer finishes in a few round trips,
-  but under a flood of hundreds of connections a second "oldest first" alone would evict it);
+  deadline.  A new connection beyond that evicts the oldest pending handshake of the address
+  holding the most — except from that very address while it is flooding (more than
+  ``FLOOD_FACTOR`` × the budget new connections within a second): those are closed at once,
+  in the accept loop (no task, no TLS), so the kernel's accept queue drains at the speed of
+  ``accept`` + ``close`` and a real peer's connection does not wait behind thousands of
+  them.  So neither silent nor reconnecting sockets from a few hosts can lock a real peer on
+  another host out, and a peer on the same host as a few silent sockets still gets in;
 - running out of file descriptors (``EMFILE``/``ENFILE``, or kernel memory) on accept is not a
   bug: the loop sheds the oldest pending handshake, backs off briefly and logs one warning per
   ``LOG_EVERY_S`` (never a traceback);
@@ -32,13 +35,17 @@ from deltabkp.net._address import Address
 from deltabkp.net._channel import Channel, accept
 
 __all__ = [
-    "HandshakeGate", "RateLimitedLog", "serve", "HANDSHAKE_TIMEOUT", "MAX_PENDING_HANDSHAKES",
+    "FLOOD_FACTOR", "HandshakeGate", "RateLimitedLog", "serve", "HANDSHAKE_TIMEOUT",
+    "MAX_PENDING_HANDSHAKES",
 ]
 
 #: How long a new connection has to finish TLS and prove the cluster key: a real peer needs a
 #: few round trips; a silent one holds a handshake slot this long at most.
 HANDSHAKE_TIMEOUT = 5.0
 MAX_PENDING_HANDSHAKES = 64
+#: A host opening more than this many times the budget of new connections in a second is
+#: flooding (a real peer opens a handful).
+FLOOD_FACTOR = 4
 #: Refusals (per peer address) and accept failures are news at most once per this long.
 LOG_EVERY_S = 60.0
 _MAX_TRACKED = 4096  # peer addresses remembered for rate limiting
@@ -109,6 +116,7 @@ class HandshakeGate:
     def __init__(
         self, log: logging.Logger, *, max_pending: int = MAX_PENDING_HANDSHAKES,
         timeout: float = HANDSHAKE_TIMEOUT, log_every: float = LOG_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.log = log
         self.max_pending = max_pending
@@ -117,17 +125,39 @@ class HandshakeGate:
         #: Pending handshakes, oldest first (dicts keep insertion order): peer host, scope.
         self._pending: dict[object, tuple[str, trio.CancelScope]] = {}
         self.evicted = 0
+        #: Connections closed unserved by the accept loop (see ``sheds``).
+        self.shed = 0
+        self._clock = clock
+        self._arrivals: dict[str, tuple[int, float]] = {}  # host → (new connections, since)
 
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def _holders(self) -> collections.Counter[str]:
+        return collections.Counter(host for host, _ in self._pending.values())
+
+    def sheds(self, host: str) -> bool:
+        """Note a new connection from ``host``; whether it is to be closed unserved: the
+        budget is full, ``host`` is flooding and already holds the most of it."""
+        now = self._clock()
+        n, since = self._arrivals.get(host, (0, now))
+        if now - since >= 1.0:
+            n, since = 0, now
+        if host not in self._arrivals and len(self._arrivals) >= _MAX_TRACKED:
+            self._arrivals.clear()
+        self._arrivals[host] = (n + 1, since)
+        if len(self._pending) < self.max_pending or n + 1 <= FLOOD_FACTOR * self.max_pending:
+            return False
+        held = self._holders()
+        return held[host] >= max(held.values())
 
     def evict_oldest(self) -> bool:
         """Drop the oldest pending handshake of the host holding the most (its socket is
         closed); False if none is pending."""
         if not self._pending:
             return False
-        held = collections.Counter(host for host, _ in self._pending.values())
+        held = self._holders()
         greedy = max(held, key=held.__getitem__)  # the first such host in age order on ties
         victim = next(t for t, (host, _) in self._pending.items() if host == greedy)
         self._pending.pop(victim)[1].cancel()
@@ -191,6 +221,13 @@ async def _accept_loop(
                 backoff = min(backoff * 2, _BACKOFF_CAP_S)
                 continue
             backoff = _BACKOFF_FIRST_S
+            host = _peer_host(stream)
+            if gate.sheds(host):
+                gate.shed += 1
+                stream.socket.close()
+                gate.refused(f"{host} budget", "more than %d handshakes pending, most of them "
+                             "from %s: closing its new connections", gate.max_pending, host)
+                continue
             nursery.start_soon(handler, stream)
 
 
