@@ -49,6 +49,7 @@ from typing import Any, Literal, Self
 
 import attrs
 
+from deltabkp._process import pid_alive as _pid_alive
 from deltabkp.errors import DeltabkpError
 
 __all__ = ["DEFAULT_PREFIX", "NetLab", "NetLabError", "NetNode", "have_root", "sweep"]
@@ -87,16 +88,6 @@ class NetNode:
     def exec_argv(self, argv: Sequence[str]) -> list[str]:
         """``argv`` run inside this namespace (``ip netns exec`` execs it: same pid)."""
         return ["ip", "netns", "exec", self.netns, *[str(a) for a in argv]]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 #: Labs open in this process (so a sweep never takes a sibling lab for a crashed run's).

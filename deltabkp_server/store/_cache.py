@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from deltabkp._process import pid_alive as _pid_alive
 from deltabkp.errors import StoreError
 
 __all__ = ["BaseCache", "Scratch"]
@@ -40,16 +41,6 @@ _TAG_UNSAFE = re.compile(r"[^0-9A-Za-z_-]")
 def _tag(etag: str) -> str:
     """An ETag as a file-name component (quotes and anything unusual dropped)."""
     return _TAG_UNSAFE.sub("", etag)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Scratch:
