@@ -197,12 +197,7 @@ class AgentCache:
         return self._read_index(self._build_files(path)[1])
 
     def _read_index(self, idx: Path) -> ArchiveIndex | None:
-        try:
-            data = idx.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            log.warning("cache: cannot read %s: %s", idx, exc)
+        if (data := _read_quietly(idx)) is None:
             return None
         try:
             return ArchiveIndex.parse(data)
@@ -244,12 +239,7 @@ class AgentCache:
     def signature(self, archive_hash: bytes) -> bytes | None:
         """The cached signature of the archive ``archive_hash``, verified, or None."""
         p = self._sig_file(archive_hash)
-        try:
-            data = p.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            log.warning("cache: cannot read %s: %s", p, exc)
+        if (data := _read_quietly(p)) is None:
             return None
         try:
             sig = Signature.parse(data)
@@ -316,3 +306,14 @@ class AgentCache:
 
     def _path_file(self, path: str) -> Path:
         return self._paths / f"{blake3.blake3(path.encode('utf-8', 'surrogateescape')).hexdigest()[:32]}.json"
+
+
+def _read_quietly(p: Path) -> bytes | None:
+    """A cache file's bytes; None when it is missing or unreadable (the cache only saves work)."""
+    try:
+        return p.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cache: cannot read %s: %s", p, exc)
+        return None

@@ -65,6 +65,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from deltabkp._process import pid_alive
 from deltabkp.testing import Daemon, DaemonStartError, console_script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,13 +116,7 @@ def start_ticks(pid: int) -> int:
 def is_ours_and_alive(pid: int, ticks: int) -> bool:
     """True while ``pid`` is the very process we started (same start time) and not a zombie."""
     if not Path("/proc/self/stat").exists():  # no procfs (not Linux): best effort
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_alive(pid)
     st = proc_stat(pid)
     return st is not None and st[0] != "Z" and st[2] == ticks
 

@@ -38,6 +38,15 @@ _WHOLE = frozenset({"tgz", "sig"})
 _DELTA = frozenset({"rdelta"})
 
 
+def _open_part(part: Path, mode_flag: int) -> BinaryIO:
+    """A new ``.part`` file for writing (mode 0600, 1 MiB buffer); ``mode_flag``: O_EXCL or O_TRUNC."""
+    try:
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | mode_flag, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot create {part}: {exc.strerror}") from None
+    return os.fdopen(fd, "wb", buffering=1 << 20)
+
+
 class _LocalPart(Spool):
     """``PartWriter`` for ``LocalStore``: ``<seq>.tgz.part`` then rename."""
 
@@ -48,12 +57,8 @@ class _LocalPart(Spool):
         self.part = directory / f"{seq}.tgz.part"
         self.sig_part = directory / f"{seq}.sig.part"
         self._done = False
-        try:
-            # O_EXCL: two writers of one seq would be a server bug; fail loudly instead.
-            fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as exc:
-            raise StoreError(f"cannot create {self.part}: {exc.strerror}") from None
-        self._f = os.fdopen(fd, "wb", buffering=1 << 20)
+        # O_EXCL: two writers of one seq would be a server bug; fail loudly instead.
+        self._f = _open_part(self.part, os.O_EXCL)
         super().__init__(self.part, self._f)
 
     def commit(self, signature: bytes) -> None:
@@ -101,13 +106,9 @@ class _LocalDeltaPart(Spool):
         self.path = directory / f"{seq}.rdelta"
         self.part = directory / f"{seq}.rdelta.part"
         self._done = False
-        try:
-            # Truncate: a part left by an attempt that failed is ours to overwrite (one
-            # converter per target, under its lease).
-            fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        except OSError as exc:
-            raise StoreError(f"cannot create {self.part}: {exc.strerror}") from None
-        self._f = os.fdopen(fd, "wb", buffering=1 << 20)
+        # Truncate: a part left by an attempt that failed is ours to overwrite (one
+        # converter per target, under its lease).
+        self._f = _open_part(self.part, os.O_TRUNC)
         super().__init__(self.part, self._f)
 
     def commit(self) -> None:
