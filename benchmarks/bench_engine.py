@@ -9,6 +9,11 @@ page cache), ``deltabkp`` in-process with inputs in memory.  Prints throughput (
 base for signature, of the new file for delta and patch), the ratio to rdiff, and the sizes
 of signatures and deltas.  ``--sweep`` also tabulates sizes per block size (the measurement
 behind ``default_block_size``).  Best of ``--repeat`` runs; asserts nothing about time.
+
+The rdiff-format rows run ``deltabkp.rdiff`` (librsync's formats, rdiff's defaults:
+RabinKarp + BLAKE2b, whole 32-byte strong sums) on the same files: our signature (checked
+byte-identical to rdiff's), our delta from rdiff's signature (checked with ``rdiff patch``),
+and our patch of rdiff's delta, each against the rdiff command doing the same step.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import resource
 import shutil
 import struct
 import subprocess
@@ -65,6 +71,14 @@ def stream_patch(base: bytes, dlt: bytes, out_path: Path, chunk: int = 256 * 102
         patcher.finish()
 
 
+def stream_rdiff_delta(sig: bytes, new: bytes, chunk: int = 1 << 20) -> bytes:
+    enc = deltabkp.rdiff.DeltaEncoder(sig)
+    mv = memoryview(new)
+    parts = [enc.feed(mv[i : i + chunk]) for i in range(0, len(mv), chunk)]
+    parts.append(enc.finish())
+    return b"".join(parts)
+
+
 def stream_signature(base: bytes, chunk: int = 1 << 20) -> bytes:
     b = deltabkp.SignatureBuilder(base_size=len(base))
     mv = memoryview(base)
@@ -81,6 +95,13 @@ t0 = time.perf_counter()
 out = deltabkp.patch(base, dlt)
 print(time.perf_counter() - t0)
 """
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads) plus that of its finished children."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def row(step: str, n: int, t_rdiff: float | None, t_ours: float) -> str:
@@ -122,6 +143,10 @@ def main() -> int:
         dlt = deltabkp.delta(sig, new)
         usig = deltabkp.signature(ubase)
         (tmp / "cold.delta").write_bytes(dlt)
+        # rdiff's own signatures and delta, as the rdiff-format rows' inputs.
+        subprocess.run(["rdiff", "signature", b, str(rs_sig)], check=True)
+        subprocess.run(["rdiff", "delta", str(rs_sig), n, str(rs_delta)], check=True)
+        rsig, ursig, rdlt = rs_sig.read_bytes(), ru_sig.read_bytes(), rs_delta.read_bytes()
         reuse = bytearray(len(new))
 
         def run_rdiff(*cmd: str) -> Callable[[], None]:
@@ -149,15 +174,26 @@ def main() -> int:
             "spatch": lambda: stream_patch(base, dlt, tmp / "o"),
             "r.udelta": run_rdiff("delta", str(ru_sig), un, str(ru_delta)),
             "udelta": lambda: deltabkp.delta(usig, unew),
+            # librsync's formats: the same rdiff commands above are the reference.
+            "rd.sig": lambda: deltabkp.rdiff.signature(base),
+            "rd.delta": lambda: deltabkp.rdiff.delta(rsig, new),
+            "rd.sdelta": lambda: stream_rdiff_delta(rsig, new),
+            "rd.patch": lambda: deltabkp.rdiff.patch(base, rdlt),
+            "rd.udelta": lambda: deltabkp.rdiff.delta(ursig, unew),
         }
         # Rounds interleave every step, so a burst of load elsewhere hits both tools alike.
         times: dict[str, list[float]] = {k: [] for k in jobs}
+        # CPU seconds of all threads (ours) or of the child process (rdiff): on a loaded
+        # machine they say more about the work done than wall time does.
+        cpu: dict[str, list[float]] = {k: [] for k in jobs}
         for _ in range(rep):
             for key, fn in jobs.items():
                 gc.collect()
+                c0 = cpu_seconds()
                 t0 = time.perf_counter()
                 got = fn()
                 elapsed = time.perf_counter() - t0
+                cpu[key].append(cpu_seconds() - c0)
                 times[key].append(got if key == "cold" else elapsed)
                 del got
         t = {k: min(v) for k, v in times.items()}
@@ -166,6 +202,18 @@ def main() -> int:
         t_rpatch, t_patch, t_cold = t["r.patch"], t["patch"], t["cold"]
         t_rpatch_buf, t_spatch = t["patch.out"], t["spatch"]
         t_rudelta, t_udelta = t["r.udelta"], t["udelta"]
+        # rdiff format: same bytes as rdiff, and rdiff itself applies our delta.
+        assert deltabkp.rdiff.signature(base) == rs_sig.read_bytes()
+        assert deltabkp.rdiff.signature(ubase) == ursig
+        rd_delta = deltabkp.rdiff.delta(rsig, new)
+        assert stream_rdiff_delta(rsig, new) == rd_delta
+        (tmp / "rd.delta").write_bytes(rd_delta)
+        subprocess.run(["rdiff", "-f", "patch", b, str(tmp / "rd.delta"), str(tmp / "rd.out")],
+                       check=True)
+        assert (tmp / "rd.out").read_bytes() == new
+        assert deltabkp.rdiff.patch(base, rs_delta.read_bytes()) == new
+        rd_udelta = deltabkp.rdiff.delta(ursig, unew)
+        assert deltabkp.rdiff.patch(ubase, rd_udelta) == unew
         # The outputs are right (the timed runs above discard them).
         assert stream_signature(base) == sig and stream_delta(sig, new) == dlt
         assert bytes(deltabkp.patch(base, dlt)) == new
@@ -191,6 +239,26 @@ def main() -> int:
         print(row("  patch into a reused buffer (out=)", len(new), t_rpatch, t_rpatch_buf))
         print(row("  patch, 256 KiB feeds -> file", len(new), t_rpatch, t_spatch))
         print(row("delta (unrelated data)", len(unew), t_rudelta, t_udelta))
+        print(f"| {'rdiff format (deltabkp.rdiff)':<34} | {'':>24} | {'':>26} |        |")
+        print(row("  signature (archive)", len(base), t_rsig, t["rd.sig"]))
+        print(row("  delta (archive, rdiff's sig)", len(new), t_rdelta, t["rd.delta"]))
+        print(row("    delta, 1 MiB feeds", len(new), t_rdelta, t["rd.sdelta"]))
+        print(row("  patch of rdiff's delta, in memory", len(new), t_rpatch, t["rd.patch"]))
+        print(row("  delta (unrelated data)", len(unew), t_rudelta, t["rd.udelta"]))
+        print()
+        c = {k: min(v) * 1e3 for k, v in cpu.items()}
+        print("| CPU time, all threads (ms)         | rdiff | deltabkp | ratio |")
+        print("|------------------------------------|------:|---------:|------:|")
+        for label, theirs_key, ours_key in (
+            ("signature (archive)", "r.sig", "sig"),
+            ("delta (archive)", "r.delta", "delta"),
+            ("rdiff format: signature (archive)", "r.sig", "rd.sig"),
+            ("rdiff format: delta (archive)", "r.delta", "rd.delta"),
+            ("rdiff format: delta, 1 MiB feeds", "r.delta", "rd.sdelta"),
+            ("rdiff format: delta (unrelated)", "r.udelta", "rd.udelta"),
+        ):
+            print(f"| {label:<34} | {c[theirs_key]:5.0f} | {c[ours_key]:8.0f} | "
+                  f"{c[theirs_key] / c[ours_key]:4.2f}x |")
         print()
         print("| sizes (archive pair)          |      rdiff |   deltabkp | ratio |")
         print("|-------------------------------|-----------:|-----------:|------:|")
@@ -199,6 +267,8 @@ def main() -> int:
             ("delta", r_delta_size, len(dlt)),
             ("signature + delta", r_sig_size + r_delta_size, len(sig) + len(dlt)),
             ("delta (unrelated)", ru_delta.stat().st_size, len(udlt)),
+            ("rdiff-format delta", r_delta_size, len(rd_delta)),
+            ("rdiff-fmt delta (unrelated)", ru_delta.stat().st_size, len(rd_udelta)),
         ):
             print(f"| {what:<29} | {theirs:>10,} | {ours:>10,} | {ours / theirs:5.2f} |")
         print()

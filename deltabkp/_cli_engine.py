@@ -7,14 +7,20 @@ read from stdin is held in memory (patching needs random access, and an unknown 
 ``deltabkp._atomic.atomic_write`` (a temp file beside PATH, renamed only once complete and,
 for ``patch``, verified), so a failed run never leaves a plausible-looking output behind.
 Every error names the file it concerns (as its ``path`` field).
+
+librsync's formats (``deltabkp.rdiff``) ride on the same commands: ``signature --format
+rdiff`` writes an rdiff signature, and ``delta`` / ``patch`` recognise an rdiff signature or
+delta by its magic, so files made by ``rdiff`` work as they are.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import mmap
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from typing import IO, BinaryIO
@@ -22,6 +28,15 @@ from typing import IO, BinaryIO
 from deltabkp._atomic import atomic_write
 from deltabkp.engine._delta import DeltaEncoder
 from deltabkp.engine._patch import Patcher
+from deltabkp.engine._rdiff_delta import RdiffDeltaEncoder
+from deltabkp.engine._rdiff_patch import RdiffPatcher
+from deltabkp.engine._rdiff_sig import (
+    RdiffSignature,
+    RdiffSignatureBuilder,
+    SignatureKind,
+    is_delta,
+    is_signature,
+)
 from deltabkp.engine._signature import DEFAULT_STRONG_LEN, Signature, SignatureBuilder
 from deltabkp.errors import DeltabkpError, UsageError
 
@@ -37,9 +52,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("-b", "--block-size", type=int, default=None, metavar="N",
                    help="block size in bytes (default: derived from BASE's size)")
-    p.add_argument("-S", "--strong-len", type=int, default=DEFAULT_STRONG_LEN, metavar="N",
-                   help=f"bytes of strong sum kept per block, 4..16 (default "
-                   f"{DEFAULT_STRONG_LEN})")
+    p.add_argument("-S", "--strong-len", type=int, default=None, metavar="N",
+                   help=f"bytes of strong sum kept per block: 4..16 (default "
+                   f"{DEFAULT_STRONG_LEN}); rdiff format 1..32 for BLAKE2, 1..16 for MD4 "
+                   f"(default: all of it, as rdiff)")
+    p.add_argument("--format", choices=("deltabkp", "rdiff"), default="deltabkp",
+                   help="signature format: deltabkp's own (default) or librsync's, which "
+                   "rdiff delta reads")
+    p.add_argument("-H", "--hash", choices=("blake2", "md4"), default=None,
+                   help="rdiff format: strong sum (default blake2, as rdiff)")
+    p.add_argument("-R", "--rollsum", choices=("rabinkarp", "rollsum"), default=None,
+                   help="rdiff format: weak sum (default rabinkarp, as rdiff)")
     p.add_argument("base", metavar="BASE")
     p.add_argument("sig", metavar="SIG")
     p.set_defaults(func=_cmd_signature)
@@ -47,7 +70,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "delta",
         help="write the delta turning SIG's base into NEW to DELTA (like rdiff delta)",
-        description="Write the delta from the base described by SIG to NEW ('-' for stdin/stdout).",
+        description="Write the delta from the base described by SIG to NEW ('-' for stdin/stdout). "
+        "An rdiff signature (recognised by its magic) gives an rdiff delta.",
     )
     p.add_argument("sig", metavar="SIG")
     p.add_argument("new", metavar="NEW")
@@ -57,7 +81,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "patch",
         help="apply DELTA to BASE and write the verified result to OUT (like rdiff patch)",
-        description="Apply DELTA to BASE, verify length and blake3, write OUT ('-' for stdin/stdout).",
+        description="Apply DELTA to BASE, verify length and blake3, write OUT ('-' for stdin/stdout). "
+        "An rdiff delta (recognised by its magic) is applied as rdiff patch does (it carries "
+        "no checksum to verify).",
     )
     p.add_argument("base", metavar="BASE")
     p.add_argument("delta", metavar="DELTA")
@@ -130,19 +156,37 @@ def _write_all(out: BinaryIO, name: str, pieces: list[bytes | memoryview]) -> No
         _write(out, name, piece)
 
 
+def _signature_builder(
+    args: argparse.Namespace, block_size: int | None, size: int | None
+) -> SignatureBuilder | RdiffSignatureBuilder:
+    if args.format == "rdiff":
+        rk = (args.rollsum or "rabinkarp") == "rabinkarp"
+        md4 = args.hash == "md4"
+        kind = SignatureKind[("RK_" if rk else "") + ("MD4" if md4 else "BLAKE2")]
+        return RdiffSignatureBuilder(
+            block_size, base_size=size, strong_len=args.strong_len, kind=kind
+        )
+    if args.hash is not None or args.rollsum is not None:
+        raise UsageError("--hash and --rollsum choose rdiff sums: use them with --format rdiff")
+    strong_len = DEFAULT_STRONG_LEN if args.strong_len is None else args.strong_len
+    return SignatureBuilder(block_size, base_size=size, strong_len=strong_len)
+
+
 def _cmd_signature(args: argparse.Namespace) -> int:
     block_size: int | None = args.block_size
     with _open_in(args.base) as f:
         size: int | None = None
-        if args.base != "-":
-            with _blame(args.base):
-                size = os.fstat(f.fileno()).st_size
+        with _blame(args.base):
+            st = os.fstat(f.fileno())
+            # stdin redirected from a file has a size too (rdiff uses it the same way).
+            if stat.S_ISREG(st.st_mode):
+                size = st.st_size - os.lseek(f.fileno(), 0, os.SEEK_CUR)
         chunks = _chunks(f, args.base)
         pending: list[bytes] = []
-        if block_size is None and size is None:
+        if block_size is None and size is None and args.format == "deltabkp":
             pending = list(chunks)  # stdin of unknown size: hold it to size the blocks
             size = sum(len(c) for c in pending)
-        builder = SignatureBuilder(block_size, base_size=size, strong_len=args.strong_len)
+        builder = _signature_builder(args, block_size, size)
         for data in pending:
             builder.feed(data)
         pending = []
@@ -171,10 +215,13 @@ def _cmd_delta(args: argparse.Namespace) -> int:
     from deltabkp.engine._signature import MAX_SIGNATURE_SIZE
 
     raw = _read_all(args.sig, MAX_SIGNATURE_SIZE)
+    encoder: DeltaEncoder | RdiffDeltaEncoder
     with _blame(args.sig):
-        sig = Signature.parse(raw)
+        if is_signature(raw):
+            encoder = RdiffDeltaEncoder(RdiffSignature.parse(raw))
+        else:
+            encoder = DeltaEncoder(Signature.parse(raw))
     del raw
-    encoder = DeltaEncoder(sig)
     with _open_in(args.new) as f, _open_out(args.delta) as out:
         for data in _chunks(f, args.new):
             _write(out, args.delta, encoder.feed(data))
@@ -204,9 +251,11 @@ def _map_base(name: str) -> Iterator[bytes | mmap.mmap]:
 def _cmd_patch(args: argparse.Namespace) -> int:
     _check_stdin_once(args.base, args.delta)
     with _map_base(args.base) as base, _open_in(args.delta) as f:
-        patcher = Patcher(base)
+        chunks = _chunks(f, args.delta)
+        first = next(chunks, b"")
+        patcher = RdiffPatcher(base) if is_delta(first) else Patcher(base)
         with _open_out(args.out) as out:
-            for data in _chunks(f, args.delta):
+            for data in itertools.chain((first,), chunks):
                 with _blame(args.delta):
                     _write_all(out, args.out, patcher.feed(data))
             with _blame(args.delta):

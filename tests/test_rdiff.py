@@ -1,0 +1,221 @@
+"""deltabkp.rdiff on its own: golden files, streaming == one-shot, and malformed input.
+
+The golden files in tests/golden/rdiff/ pin the librsync formats: signatures of all four
+kinds and a delta written by deltabkp, and a delta written by ``rdiff`` 2.3.2 that must keep
+patching.  Malformed signatures and deltas may only raise the library's typed errors.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deltabkp import FormatError, LimitExceeded, UsageError, rdiff
+from deltabkp.rdiff import SignatureKind
+
+GOLDEN = Path(__file__).parent / "golden" / "rdiff"
+
+
+def _inputs() -> tuple[bytes, bytes]:
+    rng = random.Random(2026)
+    base = rng.randbytes(1000)  # 15 whole blocks of 64 and a 40-byte tail
+    new = base[:200] + b"golden insert" + base[300:900] + rng.randbytes(70) + base[960:]
+    return base, new
+
+
+def _golden(name: str, data: bytes) -> bytes:
+    path = GOLDEN / name
+    if os.environ.get("DELTABKP_REGEN_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("kind", list(SignatureKind))
+def test_signature_golden(kind: SignatureKind) -> None:
+    base, _new = _inputs()
+    sig = rdiff.signature(base, 64, strong_len=8, kind=kind)
+    assert sig == _golden(f"{kind.name.lower()}.sig", sig)
+    assert int.from_bytes(sig[:4], "big") == kind
+    parsed = rdiff.Signature.parse(sig)
+    assert (parsed.kind, parsed.block_size, parsed.strong_len) == (kind, 64, 8)
+    assert parsed.block_count == 16
+    assert parsed.to_bytes() == sig
+    assert len(sig) == 12 + 16 * (4 + 8)
+
+
+def test_delta_golden() -> None:
+    base, new = _inputs()
+    sig = rdiff.signature(base, 64, strong_len=8)
+    delta = rdiff.delta(sig, new)
+    assert delta == _golden("delta.bin", delta)
+    assert delta[:4] == b"rs\x026" and delta[-1] == 0
+    assert rdiff.patch(base, delta) == new
+
+
+def test_delta_by_rdiff_golden() -> None:
+    """A delta ``rdiff delta`` 2.3.2 wrote for the same pair (rabinkarp + BLAKE2, -b 64)."""
+    base, new = _inputs()
+    assert rdiff.patch(base, (GOLDEN / "rdiff-2.3.2.delta").read_bytes()) == new
+
+
+def test_defaults_are_rdiffs() -> None:
+    assert rdiff.default_block_size(0) == 256
+    assert rdiff.default_block_size(256 * 256) == 256
+    assert rdiff.default_block_size(30_000_000) == 5376  # isqrt, down to a multiple of 128
+    assert rdiff.default_block_size(None) == 2048
+    sig = rdiff.Signature.parse(rdiff.signature(b"x" * 100_000))
+    assert (sig.kind, sig.block_size, sig.strong_len) == (SignatureKind.RK_BLAKE2, 256, 32)
+
+
+def test_op_widths() -> None:
+    """Literal lengths and copy arguments take rdiff's narrowest encodings."""
+    base = random.Random(1).randbytes(70_000)
+    sig = rdiff.signature(base, 256)
+    new = base[256 * 3 : 256 * 4] + bytes(65) + base[256 * 260 :]
+    d = rdiff.delta(sig, new)
+    # COPY_N2_N2 (0x4a) of 768/256, LITERAL_N1 (0x41) of 65, COPY_N4_N2 (0x4e)
+    assert d[4:9] == bytes((0x4A, 0x03, 0x00, 0x01, 0x00))
+    assert d[9:11] == bytes((0x41, 65))
+    assert d[76] == 0x4E and d[-1] == 0
+    assert rdiff.patch(base, d) == new
+
+
+@settings(max_examples=25)
+@given(
+    base=st.binary(max_size=3000),
+    new=st.binary(max_size=3000),
+    block=st.integers(1, 300),
+    kind=st.sampled_from(list(SignatureKind)),
+    cut=st.integers(1, 700),
+)
+def test_streaming_equals_one_shot(
+    base: bytes, new: bytes, block: int, kind: SignatureKind, cut: int
+) -> None:
+    new = base[: len(base) // 2] + new + base[len(base) // 3 :]
+    sig = rdiff.signature(base, block, kind=kind)
+    builder = rdiff.SignatureBuilder(block, kind=kind)
+    for at in range(0, len(base), cut):
+        builder.feed(base[at : at + cut])
+    assert builder.finish() == sig
+    delta = rdiff.delta(sig, new)
+    enc = rdiff.DeltaEncoder(sig)
+    parts = [enc.feed(new[at : at + cut]) for at in range(0, len(new), cut)]
+    streamed = b"".join([*parts, enc.finish()])
+    assert rdiff.patch(base, streamed) == new
+    assert rdiff.patch(base, delta) == new
+    patcher = rdiff.Patcher(base)
+    out = [bytes(p) for at in range(len(delta)) for p in patcher.feed(delta[at : at + 1])]
+    patcher.finish()
+    assert b"".join(out) == new
+
+
+def test_big_streaming_delta_finds_runs() -> None:
+    rng = random.Random(7)
+    base = rng.randbytes(3 << 20)
+    new = base[:1_000_000] + b"x" * 100 + base[1_000_000:]
+    sig = rdiff.signature(base)
+    enc = rdiff.DeltaEncoder(sig)
+    chunk = 1 << 20
+    d = b"".join([*(enc.feed(new[i : i + chunk]) for i in range(0, len(new), chunk)),
+                  enc.finish()])
+    assert len(d) < 2000  # a few COPYs and one literal, not megabytes of literal
+    assert rdiff.patch(base, d) == new
+    assert rdiff.is_delta(d) and not rdiff.is_signature(d) and rdiff.is_signature(sig)
+
+
+# --- malformed input --------------------------------------------------------------------
+
+_SIG = rdiff.signature(b"0123456789" * 50, 64, strong_len=8)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "truncated"),
+        (b"rs\x01", "truncated"),
+        (b"DBKS\x01" + bytes(60), "not an rdiff signature"),
+        (b"rs\x01\x99" + bytes(8), "not an rdiff signature"),
+        (_SIG[:4] + (0).to_bytes(4, "big") + _SIG[8:], "block length 0"),
+        (_SIG[:8] + (0).to_bytes(4, "big") + _SIG[12:], "strong sum length 0"),
+        (_SIG[:8] + (33).to_bytes(4, "big") + _SIG[12:], "strong sum length 33"),
+        (b"rs\x01\x46" + _SIG[4:8] + (17).to_bytes(4, "big"), "strong sum length 17"),
+        (_SIG[:-1], "not the header plus whole blocks"),
+        (_SIG + b"x", "not the header plus whole blocks"),
+    ],
+)
+def test_malformed_signature(data: bytes, message: str) -> None:
+    with pytest.raises(FormatError, match=message):
+        rdiff.Signature.parse(data)
+
+
+def test_signature_size_limit() -> None:
+    with pytest.raises(LimitExceeded):
+        rdiff.Signature.parse(_SIG, max_size=len(_SIG) - 1)
+
+
+_BASE = bytes(range(256)) * 4
+_MAGIC = b"rs\x026"
+
+
+@pytest.mark.parametrize(
+    ("delta", "message"),
+    [
+        (b"", "no magic"),
+        (b"rs\x02", "no magic"),
+        (b"DBKD" + bytes(10), "not an rdiff delta"),
+        (_MAGIC, "no END"),
+        (_MAGIC + b"\x05abc", "2 literal bytes missing"),
+        (_MAGIC + b"\x41", "no END"),
+        (_MAGIC + b"\x41\x00\x00", "empty LITERAL"),
+        (_MAGIC + b"\x55", "reserved op byte 0x55"),
+        (_MAGIC + b"\xff", "reserved op byte 0xff"),
+        (_MAGIC + b"\x45\x00\x00\x00", "is empty"),
+        (_MAGIC + b"\x4a\x03\xff\x00\x02\x00", "outside the base's 1024 bytes"),
+        (_MAGIC + b"\x54" + (2**63).to_bytes(8, "big") * 2, "outside the base"),
+        (_MAGIC + b"\x00\x00", "trailing data after END"),
+    ],
+)
+def test_malformed_delta(delta: bytes, message: str) -> None:
+    with pytest.raises(FormatError, match=message):
+        rdiff.patch(_BASE, delta)
+
+
+def test_patch_size_limit() -> None:
+    delta = _MAGIC + b"\x4a\x00\x00\x04\x00" * 10 + b"\x00"  # ten copies of the whole base
+    assert len(rdiff.patch(_BASE, delta)) == 10 * len(_BASE)
+    with pytest.raises(LimitExceeded):
+        rdiff.patch(_BASE, delta, max_size=5000)
+
+
+@settings(max_examples=60)
+@given(data=st.binary(max_size=200), at=st.integers(0, 400), junk=st.binary(min_size=1, max_size=8))
+def test_fuzzed_inputs_raise_only_format_errors(data: bytes, at: int, junk: bytes) -> None:
+    good_delta = rdiff.delta(_SIG, b"0123456789" * 20 + data)
+    for blob in (data, _MAGIC + data, good_delta[:at] + junk + good_delta[at + len(junk) :]):
+        try:
+            rdiff.patch(b"0123456789" * 50, blob, max_size=1 << 20)
+        except FormatError:
+            pass
+    for blob in (data, _SIG[:at] + junk + _SIG[at + len(junk) :]):
+        try:
+            sig = rdiff.Signature.parse(blob)
+        except FormatError:
+            continue
+        rdiff.delta(sig, data)
+
+
+def test_usage_errors() -> None:
+    with pytest.raises(UsageError):
+        rdiff.signature(b"abc", 0)
+    with pytest.raises(UsageError):
+        rdiff.signature(b"abc", 16, strong_len=17, kind=SignatureKind.MD4)
+    enc = rdiff.DeltaEncoder(_SIG)
+    enc.finish()
+    with pytest.raises(UsageError):
+        enc.feed(b"x")
