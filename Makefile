@@ -10,6 +10,9 @@
 #   make local-logs [FOLLOW=1] | local-status | local-down
 #   make local-add-echosv [NEW_ECHOSVS=1]
 #
+#   make docs                                        # API reference + guides: docs/_build/html
+#   make dist                                        # sdist + wheel in dist/, twine-checked
+#
 # EVERY is the backup frequency given to `deltabkp ctl register --every`: integer minutes (the
 # original's unit, default 1) or 90s / 5m / 2h. Several managers (BKP_MANAGERS / MANAGERS > 1)
 # share one PostgreSQL catalog and one S3 store (SeaweedFS) and split the work with leases;
@@ -50,7 +53,7 @@ LOCAL := $(PYTHON) $(CURDIR)/scripts/local_cluster.py --run-dir $(RUN_DIR) --pyt
 
 .PHONY: help docker-compose-up docker-compose-logs docker-compose-down docker-add-echosv \
 	docker-manager-shell docker-echosv-shell docker-config \
-	local-up local-logs local-add-echosv local-status local-down
+	local-up local-logs local-add-echosv local-status local-down docs dist
 
 help:
 	@sed -n '1,/^$$/p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
@@ -104,3 +107,18 @@ local-logs:
 
 local-down:
 	$(LOCAL) down
+
+# -- the documentation and the package ----------------------------------------------------------
+
+# Sphinx (autodoc + napoleon for the API, MyST for the Markdown guides); any warning fails the
+# build. Needs the docs extra: python -m pip install -e '.[docs]'. tests/test_docs.py runs the
+# same build.
+docs:
+	$(PYTHON) -m sphinx -W --keep-going -b html $(CURDIR)/docs $(CURDIR)/docs/_build/html
+
+# Needs build and twine (both in the test extra). tests/test_wheel.py builds, checks and
+# installs the same way, offline.
+dist:
+	rm -rf $(CURDIR)/dist
+	$(PYTHON) -m build --outdir $(CURDIR)/dist $(CURDIR)
+	$(PYTHON) -m twine check --strict $(CURDIR)/dist/*

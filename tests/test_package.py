@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import deltabkp
@@ -56,7 +58,9 @@ def test_cli_help_runs() -> None:
 
 
 def test_cli_without_command_is_usage_error() -> None:
-    out = subprocess.run([sys.executable, "-m", "deltabkp"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "deltabkp"], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 2
 
 
@@ -66,6 +70,7 @@ def test_library_is_mypy_strict_clean() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
+        check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -77,5 +82,28 @@ def test_daemons_are_mypy_strict_clean() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
+        check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_one_version_source() -> None:
+    # pyproject.toml reads the version from deltabkp.__version__; nothing else spells it.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"]
+    assert "version" in project["project"]["dynamic"]
+    dynamic = project["tool"]["setuptools"]["dynamic"]["version"]
+    assert dynamic == {"attr": "deltabkp.__version__"}
+    out = subprocess.run(
+        [sys.executable, "-m", "deltabkp", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == f"deltabkp {deltabkp.__version__}"
+
+
+def test_changelog_keeps_a_changelog() -> None:
+    text = (ROOT / "CHANGELOG.md").read_text()
+    heads = re.findall(r"^## (.+)$", text, re.MULTILINE)
+    # Newest first, unreleased work on top; every entry sorted under Added/Changed/... .
+    assert heads and heads[0] == "[Unreleased]"
+    kinds = set(re.findall(r"^### (.+)$", text, re.MULTILINE))
+    assert kinds and kinds <= {"Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"}

@@ -1,0 +1,103 @@
+"""The package as a user gets it: sdist and wheel built, checked, installed into a fresh venv.
+
+One test, offline: a copy of the source tree is built with ``python -m build
+--no-isolation`` (an sdist, then the wheel from that sdist, so a file missing from the sdist
+breaks the wheel), ``twine check --strict`` reads both, their contents are checked (the
+sdist carries docs, tests and golden files; the wheel only the packages and ``py.typed``),
+and the wheel is installed with ``pip --no-deps --no-index`` into a venv that sees this
+interpreter's packages for the dependencies.  From outside the source tree, the installed
+``deltabkp`` imports from the venv, and the three console scripts answer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import deltabkp
+
+ROOT = Path(__file__).resolve().parent.parent
+VERSION = deltabkp.__version__
+SCRIPTS = ("deltabkp", "deltabkp-server", "deltabkp-agent")
+PACKAGES = {"deltabkp", "deltabkp_server", "deltabkp_agent"}
+#: Not part of the source: caches, build outputs, the benchmarks' generated data.
+_NOT_SOURCE = shutil.ignore_patterns(
+    ".git", "__pycache__", "*.pyc", "*.egg-info", ".mypy_cache", ".ruff_cache",
+    ".hypothesis", ".pytest_cache", "_work", "_build", "run", "build", "dist", ".venv",
+)
+
+
+def run(*cmd: str | Path, cwd: Path, env: dict[str, str] | None = None) -> str:
+    out = subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=240,
+        check=False,
+    )
+    assert out.returncode == 0, f"{' '.join(map(str, cmd))}:\n{out.stdout}{out.stderr}"
+    return out.stdout
+
+
+def test_sdist_and_wheel_build_check_and_install(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=_NOT_SOURCE, symlinks=True)
+    dist = tmp_path / "dist"
+    run(sys.executable, "-m", "build", "--no-isolation", "--outdir", dist, src, cwd=tmp_path)
+    sdist = dist / f"deltabkp-{VERSION}.tar.gz"
+    wheel = dist / f"deltabkp-{VERSION}-py3-none-any.whl"
+    assert sorted(p.name for p in dist.iterdir()) == sorted([sdist.name, wheel.name])
+    run(sys.executable, "-m", "twine", "check", "--strict", sdist, wheel, cwd=tmp_path)
+
+    # The sdist: the source to build, test and read from.
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for wanted in ("pyproject.toml", "README.md", "CHANGELOG.md", "docs/conf.py",
+                   "docs/library.md", "docs/formats.md", "tests/test_wheel.py",
+                   "deltabkp/py.typed", "examples/engine_demo.py"):
+        assert wanted in names, wanted
+    assert any(n.startswith("tests/golden/engine/") for n in names)
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    assert not [n for n in names if n.startswith(("docs/_build", "benchmarks/_work"))]
+
+    # The wheel: the three packages, their typing marker and metadata, nothing else.
+    with zipfile.ZipFile(wheel) as zf:
+        files = zf.namelist()
+        meta = zf.read(f"deltabkp-{VERSION}.dist-info/METADATA").decode()
+        entry_points = zf.read(f"deltabkp-{VERSION}.dist-info/entry_points.txt").decode()
+    tops = {f.split("/", 1)[0] for f in files}
+    assert tops == PACKAGES | {f"deltabkp-{VERSION}.dist-info"}, tops
+    assert "deltabkp/py.typed" in files
+    assert "deltabkp/engine/_delta.py" in files and "deltabkp_server/catalog/__init__.py" in files
+    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
+    assert f"\nVersion: {VERSION}\n" in meta
+    for script in SCRIPTS:
+        assert f"\n{script} = " in entry_points, script
+
+    # Installed into a fresh venv (dependencies from this interpreter's site-packages), used
+    # from outside the source tree.
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv,
+        cwd=tmp_path)
+    vpy = venv / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    run(vpy, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", wheel,
+        cwd=tmp_path, env=env)
+    probe = (
+        "import deltabkp; "
+        "old = bytes(range(256)) * 64; new = old[:999] + b'edit' + old[999:]; "
+        "d = deltabkp.delta(deltabkp.signature(old), new); "
+        "assert bytes(deltabkp.patch(old, d)) == new; "
+        "print(deltabkp.__file__); print(deltabkp.__version__)"
+    )
+    where, version = run(vpy, "-c", probe, cwd=tmp_path, env=env).split()
+    assert Path(where).is_relative_to(venv), where
+    assert version == VERSION
+    assert run(venv / "bin" / "deltabkp", "--version", cwd=tmp_path, env=env).strip() == (
+        f"deltabkp {VERSION}"
+    )
+    for script in SCRIPTS:
+        assert "usage:" in run(venv / "bin" / script, "--help", cwd=tmp_path, env=env)
