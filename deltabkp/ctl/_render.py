@@ -9,6 +9,8 @@ held whole; its ``--json`` is one JSON list with one row per line.
 
 from __future__ import annotations
 
+import contextvars
+import datetime as _dt
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +22,8 @@ __all__ = [
     "emit",
     "table",
     "when",
+    "duration",
+    "DISPLAY_UTC",
     "every",
     "ratio",
     "register",
@@ -59,12 +63,40 @@ def emit(data: Any, human: str, *, as_json: bool) -> None:
     print(json.dumps(data, indent=2, sort_keys=True) if as_json else human)
 
 
+#: Tables show times in UTC (``--utc``) rather than local time; JSON is always ISO 8601 UTC.
+DISPLAY_UTC: contextvars.ContextVar[bool] = contextvars.ContextVar("DISPLAY_UTC", default=False)
+
+
 def when(iso: Any) -> str:
-    """'2026-11-26T18:40:12.345+00:00' → '2026-11-26 18:40:12Z' (tables stay narrow)."""
+    """'2026-11-26T18:40:12.345+00:00' → '2026-11-26 19:40:12' in local time (here UTC+1), or
+    '2026-11-26 18:40:12Z' with ``--utc`` (tables stay narrow)."""
     if not isinstance(iso, str) or "T" not in iso:
         return "-"
-    day, _, rest = iso.partition("T")
-    return f"{day} {rest[:8]}Z"
+    try:
+        t = _dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return "-"
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.UTC)
+    if DISPLAY_UTC.get():
+        return t.astimezone(_dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def duration(seconds: Any) -> str:
+    """A duration for people, in its two largest units: 41 → '41 s', 7500 → '2 h 5 min'."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+        return "-"
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    units = (("d", 86400), ("h", 3600), ("min", 60), ("s", 1))
+    for i, (name, n) in enumerate(units[:-1]):
+        if s >= n:
+            small_name, small_n = units[i + 1]
+            small = (s % n) // small_n
+            return f"{s // n} {name}" + (f" {small} {small_name}" if small else "")
+    return f"{s} s"  # pragma: no cover - s >= 60 always matches a unit above
 
 
 def every(seconds: Any) -> str:
@@ -154,6 +186,8 @@ def register(d: Any, req: Mapping[str, Any]) -> str:
         f"registered {_get(d, 'node')} {_get(d, 'path')}: backed up every "
         f"{every(_get(d, 'every_seconds'))}, first backup due {when(_get(d, 'next_due'))}"
     )
+    if isinstance(_get(d, "bwlimit"), int):
+        out += f"; the agent sends at most {format_size(_get(d, 'bwlimit'))}/s for it"
     if _get(d, "warning"):
         out += f"\nwarning: {_get(d, 'warning')}"
     return out
@@ -279,8 +313,12 @@ def targets(data: Any, req: Mapping[str, Any]) -> str:
         ["NODE", "PATH", "EVERY", "STATE", "NEXT DUE", "LAST", "ARCHIVES", "LAST ERROR / SKIPPED"],
         [
             [
-                r.get("node"), r.get("path"), every(r.get("every_seconds")), r.get("state"),
-                when(r.get("next_due")), r.get("last_outcome"), r.get("archives"),
+                # A target's own bandwidth cap beside its frequency: "1d ≤2.0 MiB/s".
+                r.get("node"), r.get("path"), every(r.get("every_seconds")) + (
+                    f" ≤{format_size(r['bwlimit'])}/s" if isinstance(r.get("bwlimit"), int)
+                    else ""), r.get("state"),
+                "-" if r.get("state") == "unregistered" else when(r.get("next_due")),
+                r.get("last_outcome"), r.get("archives"),
                 "; ".join(x for x in (
                     r.get("last_error") or "",
                     skipped(r.get("skipped_count"), r.get("skipped"), first=2),
@@ -294,7 +332,20 @@ def targets(data: Any, req: Mapping[str, Any]) -> str:
 def status(d: Any, req: Mapping[str, Any]) -> str:
     if not isinstance(d, Mapping):
         return str(d)
-    lines = [f"{k}: {v}" for k, v in d.items() if k != "servers"]
+    # "uptime_s": 41 reads "uptime: 41 s": seconds fields as durations for people.
+    lines = [f"{k.removesuffix('_s')}: {duration(v)}" if k.endswith("_s") else f"{k}: {v}"
+             for k, v in d.items() if k not in ("servers", "executions")]
+    running = d.get("executions")
+    if isinstance(running, list) and all(isinstance(e, Mapping) for e in running) and running:
+        # Bytes so far (written by the running server about once a second); a backup's
+        # total is known only at its end, so EXPECTED is mostly "-".
+        lines.append(f"running executions: {len(running)}")
+        lines.append(table(
+            ["EXEC", "NODE", "PATH", "TRIGGER", "STARTED", "SERVER", "TRANSFERRED", "EXPECTED"],
+            [[e.get("execution"), e.get("node"), e.get("path"), e.get("trigger"),
+              when(e.get("started")), e.get("server"), format_size(e.get("transferred")),
+              format_size(e.get("expected"))] for e in running],
+        ))
     servers = d.get("servers")
     if isinstance(servers, list) and all(isinstance(s, Mapping) for s in servers):
         lines.append(f"live servers on this catalog: {len(servers)}")
@@ -309,6 +360,9 @@ def status(d: Any, req: Mapping[str, Any]) -> str:
 
 def backup_now(d: Any, req: Mapping[str, Any]) -> str:
     what = _what(req)
+    if isinstance(d, Mapping) and d.get("timed_out"):
+        return (f"{what}: still queued or running after --wait-timeout {d.get('waited')} s; "
+                f"it goes on (see: deltabkp ctl log {what})")
     if not isinstance(d, Mapping) or d.get("queued"):
         return f"queued a backup of {what} (see: deltabkp ctl log {what})"
     outcome = d.get("outcome")

@@ -4,6 +4,12 @@ Every place that reads a node, a listen address or a server address from a user 
 goes through ``Address.parse``; every place that prints one uses ``str(address)``, so the two
 always agree (IPv6 literals bracketed).  ``normalise_path`` is the one check of a target path.
 Errors are ``UsageError`` with the text as given; a server turns them into ``invalid``.
+
+The one rule for an address without a port: it means the default port of what it names —
+a server 7470 (``net.DEFAULT_SERVER_PORT``), a node's agent 7471 (``DEFAULT_AGENT_PORT``), a
+daemon's ``--listen`` its own default — so ``--server backup``, ``register 10.0.0.5 /srv``
+and ``--listen 0.0.0.0`` all work, and print with their port.  An IPv6 literal with a port is
+bracketed (``[::1]:7471``); without brackets it is a host alone.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ import attrs
 
 from deltabkp.errors import UsageError
 
-__all__ = ["Address", "normalise_path"]
+__all__ = ["Address", "normalise_path", "DEFAULT_AGENT_PORT"]
+
+#: Where a node's agent listens unless told otherwise (a NODE without :PORT means this port).
+DEFAULT_AGENT_PORT = 7471
 
 
 @attrs.frozen
@@ -33,6 +42,8 @@ class Address:
             port_s = rest[1:] if rest.startswith(":") else ""
             if not sep or (rest and not rest.startswith(":")):
                 raise UsageError(f"bad address {text!r}: expected HOST:PORT")
+            if rest == ":":
+                raise UsageError(f"bad address {text!r}: missing port after ':'")
         elif s.count(":") > 1:
             # An IPv6 literal without brackets has no port that could be told apart from it.
             if default_port is None:
@@ -42,6 +53,8 @@ class Address:
             host, sep, port_s = s.rpartition(":")
             if not sep:
                 host, port_s = s, ""
+            elif not port_s:  # "host:" asks for a port and gives none: a typo, not a default
+                raise UsageError(f"bad address {text!r}: missing port after ':'")
         if not port_s:
             if default_port is None:
                 raise UsageError(f"bad address {text!r}: expected HOST:PORT")
@@ -56,11 +69,13 @@ class Address:
         return cls(host, port)
 
     @classmethod
-    def parse_node(cls, text: object) -> Address:
-        """A node's agent address: a real port (1-65535), host in canonical (lower) case."""
+    def parse_node(cls, text: object, default_port: int | None = DEFAULT_AGENT_PORT) -> Address:
+        """A node's agent address: a real port (1-65535, ``default_port`` if none is given),
+        host in canonical (lower) case.  A request on the wire names the node canonically,
+        port included: the server parses it with ``default_port=None``."""
         if not isinstance(text, str):
             raise UsageError(f"node must be a string HOST:PORT, got {text!r}")
-        addr = cls.parse(text)
+        addr = cls.parse(text, default_port)
         if not 1 <= addr.port <= 65535:
             raise UsageError(f"bad node {text!r}: port must be 1-65535")
         return cls(addr.host.lower(), addr.port)
