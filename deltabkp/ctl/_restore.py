@@ -6,9 +6,10 @@ first; nothing is extracted until the download is complete and ``protocol.Contro
 has checked its size and blake3 against what the server announced (it raises
 ``IntegrityError`` otherwise); extraction is all or nothing (``extract_archive``: beside
 DEST, renamed onto it at the end), so a failed restore leaves DEST exactly as it was and the
-next restore can run; the temp file is removed whatever happens.  Exit codes: 1 the temp file
-cannot be written (``RestoreWriteError``), 2 a bad DEST, 3/4 refused / unreachable, 5/6
-malformed (or unsafe) / corrupt.
+next restore can run; the temp file is removed whatever happens; the download's progress
+is drawn on stderr only when asked (a terminal, no ``--json``: ``_progress``).  Exit codes:
+1 the temp file cannot be written (``RestoreWriteError``), 2 a bad DEST, 3/4 refused /
+unreachable, 5/6 malformed (or unsafe) / corrupt.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import trio
 from deltabkp import protocol
 from deltabkp.archive import check_destination, extract_archive
 from deltabkp.ctl._client import Client
+from deltabkp.ctl._progress import Progress
 from deltabkp.errors import (
     ArchiveError,
     DeltabkpError,
@@ -51,9 +53,12 @@ def prepare_dest(dest: Path, about: Mapping[str, str]) -> Path:
     return dest
 
 
-def restore(client: Client, args: Mapping[str, Any], dest: Path) -> dict[str, Any]:
+def restore(
+    client: Client, args: Mapping[str, Any], dest: Path, *, show_progress: bool = False
+) -> dict[str, Any]:
     """Check ``dest``, fetch the archive ``args`` names and extract it into ``dest``; returns
-    the archive's header from the server, plus ``dest`` and what was ``extracted``."""
+    the archive's header from the server, plus ``dest`` and what was ``extracted``.
+    ``show_progress``: draw the download's progress on stderr (``_progress.wanted``)."""
     about = {k: str(args[k]) for k in ("node", "path")}
     prepare_dest(dest, about)
     # The temp file first: a destination we cannot write to fails before anything is asked.
@@ -69,8 +74,10 @@ def restore(client: Client, args: Mapping[str, Any], dest: Path) -> dict[str, An
     tmp = Path(tmp_name)
     try:
         try:
-            with os.fdopen(fd, "wb") as f:
-                meta = trio.run(_download, client, args, f)
+            with os.fdopen(fd, "wb") as f, Progress(
+                "restore", enabled=show_progress
+            ) as bar:
+                meta = trio.run(_download, client, args, f, bar)
         except OSError as exc:  # the network's own are PeerUnavailable already: these are ours
             raise RestoreWriteError(
                 f"cannot write the archive to {tmp} (restore destination {dest}): "
@@ -94,8 +101,11 @@ def restore(client: Client, args: Mapping[str, Any], dest: Path) -> dict[str, An
     return meta
 
 
-async def _download(client: Client, args: Mapping[str, Any], f: BinaryIO) -> dict[str, Any]:
+async def _download(
+    client: Client, args: Mapping[str, Any], f: BinaryIO, progress: Progress | None = None
+) -> dict[str, Any]:
     """Stream the archive into ``f``; the server's header (seq, size, hash, created, ...).
+    ``progress`` counts the bytes against the size the header announces.
 
     The conversation checks the header, the byte count and the blake3 as chunks arrive and
     raises on ``DataEnd`` if they do not match: reaching the return means a verified archive.
@@ -104,6 +114,8 @@ async def _download(client: Client, args: Mapping[str, Any], f: BinaryIO) -> dic
         await chan.send(protocol.Request("fetch", dict(args)))
         head = await chan.receive_a(protocol.Response, client.timeout)
         meta: dict[str, Any] = dict(head.data)  # a dict: the conversation checked the header
+        bar = progress if progress is not None else Progress("", enabled=False)
+        bar.set_total(meta.get("size") if isinstance(meta.get("size"), int) else None)
         while True:
             msg = await chan.receive(client.timeout)
             if isinstance(msg, protocol.DataEnd):
@@ -114,5 +126,6 @@ async def _download(client: Client, args: Mapping[str, Any], f: BinaryIO) -> dic
                 )
             # Disk writes block: off the event loop, so deadlines keep running.
             await trio.to_thread.run_sync(f.write, msg.data)
+            bar.update(len(msg.data))
         await trio.to_thread.run_sync(f.flush)
     return meta
