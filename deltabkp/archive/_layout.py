@@ -1,0 +1,592 @@
+"""The layout delta (DBKPLD v1): a new archive described against the previous one *by its
+layout*, for a sender that knows both archives' indexes (``ArchiveIndex``).
+
+Why.  The rolling-checksum delta sees the compressed bytes only: after an edit, deflate
+output differs until the next sync cut at least 32 KiB on (a changed window changes every
+match), so each edited spot costs ~10-15 KB of literal.  The agent knows more: the index of
+the archive the server holds (its kept build, checked by blake3) and of the new one.  So:
+
+- a new segment whose compressed bytes equal an old segment's (found by tar length,
+  deflate length and CRC-32, then compared) is a ``COPY`` of old archive bytes at a known
+  offset: no rolling search;
+- the segments compressed anew (a *fresh run*) are sent as their *tar* bytes: mostly
+  references to old tar bytes (the unchanged files around the edit, the 32 KiB window
+  that primes the compressor), the rest literal, compressed for the wire by one zlib stream;
+  the receiver rebuilds the tar stretch and compresses it exactly as the builder did
+  (``_gzip.compress_segments``: same cuts, same level, primed with the same window), so
+  the wire carries about the compressed size of what changed;
+- old tar bytes are inflated from the old archive's start, forward only, keeping the last
+  ``KEEP`` bytes (``TarStream``): a reference behind that is sent as literal instead (the
+  sender runs the same stream and reads at least as far as the receiver, so what it still
+  has the receiver has too).  Inflating is ~1/15 of compressing, and stops at the last
+  reference.  (Inflating from a sync cut instead would need the 32 KiB before it: with a
+  guessed window, measured on the stdlib tree, most bytes referenced stay undetermined
+  even 4 MiB on — runs of zeros copy from zeros.)
+
+Invariants:
+- pure (bytes and buffers in, bytes out; no I/O), deterministic.  The sender checks what it
+  sends: a COPY is of equal bytes, a RUN compresses back to the new archive's bytes, an old
+  reference equals the bytes it stands for (read by the same ``TarStream`` the receiver
+  runs); the sender reads the new archive only around fresh runs (inflated with their
+  window, which is old tar bytes: a run whose window is not joins the run before).  The
+  receiver checks size and blake3 of the result against the header: a wrong archive is
+  never produced silently (``IntegrityError``);
+- zlib's output at a level depends on its version: the capability string names it
+  (``LAYOUT_CAPABILITY``), and a peer with another zlib never receives this form;
+- limits: a record ≤ ``MAX_RECORD`` bytes, a fresh run ≤ ``MAX_RUN_TAR`` tar bytes, old
+  tar kept ≤ ``KEEP`` bytes, output ≤ the receiver's ``max_size``.
+Format: docs/formats.md "Layout delta".
+
+A long module on purpose: the encoder and the decoder are two halves of one format and of
+one argument (why the receiver's stretch compresses to the sender's bytes), best read
+side by side.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import struct
+import zlib
+from collections.abc import Generator, Iterator, Sequence
+from typing import Any
+
+import blake3
+import numpy as np
+
+from deltabkp.archive._gzip import DICT_SIZE, GZIP_HEADER, compress_segments
+from deltabkp.archive._incremental import DATA, ArchiveIndex, IndexEntry
+from deltabkp.errors import (
+    FormatError,
+    IntegrityError,
+    LimitExceeded,
+    UnsupportedVersion,
+)
+
+__all__ = [
+    "LAYOUT_CAPABILITY",
+    "LAYOUT_MAGIC",
+    "LAYOUT_VERSION",
+    "LayoutPatcher",
+    "encode_layout",
+]
+
+LAYOUT_MAGIC = b"DBKPLD"
+LAYOUT_VERSION = 1
+#: What an agent advertises and a server accepts: this format with this zlib's deflate.
+LAYOUT_CAPABILITY = f"layout-{LAYOUT_VERSION}/zlib-{zlib.ZLIB_RUNTIME_VERSION}"
+#: Largest record body (a fresh run's parts and literals).
+MAX_RECORD = 4 << 20
+#: A fresh run is cut into records of about this many tar bytes (window excluded).
+MAX_RUN_TAR = 1 << 20
+#: Most tar bytes one RUN record may rebuild: a run, the segment that took it past
+#: ``MAX_RUN_TAR`` or the final segment (≤ 64 KiB + the end-of-archive blocks), the window.
+_RUN_LIMIT = MAX_RUN_TAR + DICT_SIZE + (128 << 10)
+#: COPY output is handed out in views of this size (a COPY may span the whole base).
+_PIECE = 1 << 20
+#: Old tar bytes kept behind the furthest one inflated (a reference further back is literal).
+KEEP = 8 << 20
+_STEP = 64 * 1024
+
+_HEAD = struct.Struct("<6sBB32sQ32sBB")
+_REC = struct.Struct("<BI")  # type, body length
+_COPY = struct.Struct("<QQ")  # old archive offset, length
+_RUN = struct.Struct("<BIIII")  # flags, window, n_cuts, n_parts, literal bytes (uncompressed)
+_CUT = struct.Struct("<I")
+_OLD = struct.Struct("<BQI")  # 0, old tar offset, length
+_LIT = struct.Struct("<BI")  # 1, length (taken from the record's literal stream)
+T_COPY, T_RAW, T_RUN, T_END = 1, 2, 3, 0xFF
+F_FINAL, F_CONTINUE = 1, 2
+_HDR = len(GZIP_HEADER)
+
+
+# -- old tar bytes from a compressed archive ------------------------------------------------
+
+
+class TarStream:
+    """The tar bytes of a gzip archive, inflated forward from its start (exact: no window
+    to guess), keeping the last ``KEEP`` bytes inflated.  What is kept depends only on how
+    far reads have gone, so a reader that read at least as far (the sender) can tell
+    whether a range is still there for one that read less (the receiver)."""
+
+    def __init__(self, archive: Any) -> None:
+        self.buf = memoryview(archive)
+        self._d = zlib.decompressobj(-15)
+        self._in = _HDR
+        self._out = bytearray()
+        self._base = 0  # tar offset of _out[0]
+
+    def read(self, lo: int, hi: int) -> bytes | None:
+        """Tar ``[lo, hi)``; None if ``lo`` was dropped already or the stream ends first."""
+        if lo < self._base or hi < lo:
+            return None
+        try:
+            while self._base + len(self._out) < hi and not self._d.eof and self._in < len(self.buf):
+                chunk = self.buf[self._in : self._in + _STEP]
+                self._in += len(chunk)
+                self._out += self._d.decompress(chunk)
+                if len(self._out) > 2 * KEEP:  # drop in big steps: few memmoves
+                    drop = len(self._out) - KEEP
+                    del self._out[:drop]
+                    self._base += drop
+        except zlib.error:
+            return None
+        if lo < self._base or self._base + len(self._out) < hi:
+            return None
+        return bytes(self._out[lo - self._base : hi - self._base])
+
+
+# -- encoding (the sender, who holds both archives and both indexes) -------------------------
+
+
+def _pad(n: int) -> int:
+    return -n % 512 + n
+
+
+class _Encoder:
+    def __init__(self, old_index: ArchiveIndex, old: Any, new_index: ArchiveIndex, new: Any):
+        self.oi, self.ni = old_index, new_index
+        self.old, self.new = memoryview(old), memoryview(new)
+        self.old_tar = TarStream(old)
+        # Starts (tar, deflate) of each segment, old and new.
+        self.ot = [0, *(x[0] for x in old_index.segments)]
+        self.od = [0, *(x[1] for x in old_index.segments)]
+        self.nt = [0, *(x[0] for x in new_index.segments)]
+        self.nd = [0, *(x[1] for x in new_index.segments)]
+        self.old_by_path = {e.path: e for e in old_index.entries}
+        self.new_starts = [e.tar_start for e in new_index.entries]
+        self.lit = zlib.compressobj(9, zlib.DEFLATED, -15)
+
+    def copies(self) -> list[int | None]:
+        """Per new segment: the index of an old segment with equal compressed bytes, or None."""
+        by_key: dict[tuple[int, int, int], list[int]] = {}
+        for j, (t, c, crc) in enumerate(self.oi.segments):
+            by_key.setdefault((t - self.ot[j], c - self.od[j], crc), []).append(j)
+        out: list[int | None] = []
+        expect = -1
+        for i, (t, c, crc) in enumerate(self.ni.segments):
+            found = None
+            a, n = _HDR + self.nd[i], c - self.nd[i]
+            for j in sorted(by_key.get((t - self.nt[i], n, crc), []), key=lambda j: j != expect):
+                b = _HDR + self.od[j]
+                if bytes(self.old[b : b + n]) == bytes(self.new[a : a + n]):
+                    found, expect = j, j + 1
+                    break
+            out.append(found)
+        return out
+
+    def _window_ok(self, i0: int, copies: list[int | None]) -> bool:
+        """Is the 32 KiB window before new segment ``i0`` one stretch of copied old
+        segments (so its tar bytes are old tar bytes the sender can read)?"""
+        need, k, prev = min(DICT_SIZE, self.nt[i0]), i0 - 1, None
+        while need > 0:
+            j = copies[k] if k >= 0 else None
+            if j is None or (prev is not None and j != prev - 1):
+                return False
+            need -= self.ni.segments[k][0] - self.nt[k]
+            prev, k = j, k - 1
+        return True
+
+    def records(self) -> Generator[bytes, None, None]:
+        ni, n = self.ni, len(self.ni.segments)
+        yield _HEAD.pack(LAYOUT_MAGIC, LAYOUT_VERSION, 0, self.oi.archive_hash, ni.archive_size,
+                         ni.archive_hash, ni.level, len(ni.zlib_version)) + ni.zlib_version.encode()
+        copies = self.copies()
+        # Fresh runs [i0, i1) of new segments; index n is the final (Z_FINISH) segment,
+        # always compressed anew.  A run whose window is not copied old bytes joins the one
+        # before it (the copied segments between are then rebuilt too).
+        runs: list[list[int]] = []
+        i = 0
+        while i < n:
+            if copies[i] is None:
+                j = i
+                while j < n and copies[j] is None:
+                    j += 1
+                runs.append([i, j])
+                i = j
+            else:
+                i += 1
+        if runs and runs[-1][1] == n:
+            runs[-1][1] = n + 1
+        else:
+            runs.append([n, n + 1])
+        merged: list[list[int]] = []
+        for r in runs:
+            if merged and not self._window_ok(r[0], copies):
+                merged[-1][1] = r[1]
+            else:
+                merged.append(r)
+        pos = 0
+        copy = [0, _HDR]  # pending COPY: old offset, length (the gzip header first)
+        for i0, i1 in merged:
+            for k in range(pos, i0):
+                old_j = copies[k]
+                assert old_j is not None
+                at, length = _HDR + self.od[old_j], self.ni.segments[k][1] - self.nd[k]
+                if copy[1] and copy[0] + copy[1] == at:
+                    copy[1] += length
+                else:
+                    if copy[1]:
+                        yield _record(T_COPY, _COPY.pack(*copy))
+                    copy = [at, length]
+            if copy[1]:
+                yield _record(T_COPY, _COPY.pack(*copy))
+            copy = [0, 0]
+            yield from self._run(i0, i1, copies)
+            pos = i1
+        yield _record(T_RAW, bytes(self.new[ni.archive_size - 8 : ni.archive_size]))
+        yield _record(T_END, b"")
+
+    def _run(self, i0: int, i1: int, copies: list[int | None]) -> Iterator[bytes]:
+        """RUN records rebuilding new segments ``[i0, i1)`` (``n``: the final one).  Their tar
+        bytes are inflated from the new archive with the window they were compressed with
+        (old tar bytes, ``_window_ok``); each record is checked to compress back to the new
+        archive's bytes, so the receiver's output is the new archive whatever else holds."""
+        ni, n = self.ni, len(self.ni.segments)
+        c = self.nt[i0]
+        w = min(DICT_SIZE, c)
+        window = b""
+        if w:
+            j = copies[i0 - 1]
+            assert j is not None
+            end = self.oi.segments[j][0]
+            got = self.old_tar.read(end - w, end)
+            if got is None:
+                raise IntegrityError("layout delta: the old window is behind the old tar kept")
+            window = got
+        inflate = zlib.decompressobj(-15, zdict=window) if window else zlib.decompressobj(-15)
+        cont = False
+        chunk: list[int] = []
+        for k in range(i0, i1):
+            chunk.append(k)
+            tar_end = ni.segments[k][0] if k < n else ni.tar_size
+            if tar_end - self.nt[chunk[0]] < MAX_RUN_TAR and k != i1 - 1:
+                continue
+            final = k == n
+            ds = self.nd[chunk[0]]
+            de = ni.segments[k][1] if not final else ni.archive_size - 8 - _HDR
+            comp = bytes(self.new[_HDR + ds : _HDR + de])
+            tar = inflate.decompress(comp) + (inflate.flush() if final else b"")
+            if len(tar) != tar_end - self.nt[chunk[0]]:
+                raise IntegrityError("layout delta: a new segment does not inflate to its length")
+            cuts = [ni.segments[x][0] - self.nt[x] for x in chunk if x < n]
+            ends = list(itertools.accumulate(cuts))
+            if compress_segments(tar, ends, ni.level, final, window) != comp:
+                raise IntegrityError("layout delta: a run does not compress back to the archive")
+            start = self.nt[chunk[0]]
+            parts = self._parts(tar, start) if cont else self._parts(window + tar, start - w)
+            lits = b"".join(p for p in parts if isinstance(p, bytes))
+            blob = self.lit.compress(lits) + self.lit.flush(zlib.Z_SYNC_FLUSH)
+            body = [_RUN.pack((F_FINAL if final else 0) | (F_CONTINUE if cont else 0),
+                              0 if cont else w, len(cuts), len(parts), len(lits))]
+            body += [_CUT.pack(x) for x in cuts]
+            for p in parts:
+                body.append(_LIT.pack(1, len(p)) if isinstance(p, bytes) else _OLD.pack(0, *p))
+            body.append(blob)
+            yield _record(T_RUN, b"".join(body))
+            window = (window + tar)[-DICT_SIZE:]
+            cont, chunk = True, []
+
+    def _parts(self, tar: bytes, at: int) -> list[bytes | tuple[int, int]]:
+        """``tar`` (new tar bytes from offset ``at``) as old references and literals."""
+        pieces: list[tuple[int, int, int | None]] = []  # new lo, new hi, old lo (None: literal)
+        lo, hi = at, at + len(tar)
+        entries = self.ni.entries
+        i = max(0, bisect.bisect_right(self.new_starts, lo) - 1)
+        pos = lo
+        while pos < hi:
+            e = entries[i] if i < len(entries) else None
+            if e is None or pos >= e.tar_end:
+                if e is None:
+                    pieces.append((pos, hi, None))  # end-of-archive zeros
+                    break
+                i += 1
+                continue
+            end = min(hi, e.tar_end)
+            pieces += self._entry_pieces(e, pos, end, tar, at)
+            pos = end
+            i += 1
+        # Merge; an old reference is kept only if the old stream still has it (and it is equal).
+        out: list[bytes | tuple[int, int]] = []
+        for s, t, o in pieces:
+            if s == t:
+                continue
+            ref = None
+            if o is not None:
+                got = self.old_tar.read(o, o + t - s)
+                if got is not None and got == tar[s - at : t - at]:
+                    ref = (o, t - s)
+            prev = out[-1] if out else None
+            if ref is None:
+                data = tar[s - at : t - at]
+                if isinstance(prev, bytes):
+                    out[-1] = prev + data
+                else:
+                    out.append(data)
+            elif isinstance(prev, tuple) and prev[0] + prev[1] == ref[0]:
+                out[-1] = (prev[0], prev[1] + ref[1])
+            else:
+                out.append(ref)
+        return out
+
+    def _entry_pieces(
+        self, e: IndexEntry, lo: int, hi: int, tar: bytes, at: int
+    ) -> list[tuple[int, int, int | None]]:
+        o = self.old_by_path.get(e.path)
+        if o is None:
+            return [(lo, hi, None)]
+        n_len, o_len = e.tar_end - e.tar_start, o.tar_end - o.tar_start
+        if e.kind != DATA or o.kind != DATA:
+            return [(lo, hi, o.tar_start + lo - e.tar_start if n_len == o_len else None)]
+        nh, oh = n_len - _pad(e.size), o_len - _pad(o.size)
+        out: list[tuple[int, int, int | None]] = []
+        # header | data | padding, each clipped to [lo, hi)
+        hs, he = e.tar_start, e.tar_start + nh
+        if lo < he:
+            out.append((lo, min(hi, he), o.tar_start + lo - hs if nh == oh else None))
+        ds, de = he, he + e.size
+        s, t = max(lo, ds), min(hi, de)
+        if s < t:
+            out += self._data_pieces(e, o, oh, s, t, tar, at)
+        if hi > de:
+            out.append((max(lo, de), hi, None))
+        return out
+
+    def _data_pieces(
+        self, e: IndexEntry, o: IndexEntry, oh: int, s: int, t: int, tar: bytes, at: int
+    ) -> list[tuple[int, int, int | None]]:
+        """New data ``[s, t)`` (tar offsets) against the old file: the longest run equal to
+        the old data at the same offset from the start, then from the end; literal between."""
+        ds = e.tar_start + (e.tar_end - e.tar_start - _pad(e.size))
+        p, q = s - ds, t - ds  # offsets in the new file's data
+        ods = o.tar_start + oh
+        new = np.frombuffer(tar, dtype=np.uint8, count=t - s, offset=s - at)
+        # from the start: old data [p, min(q, o.size))
+        n1 = max(0, min(q, o.size) - p)
+        pre = 0
+        if n1:
+            got = self.old_tar.read(ods + p, ods + p + n1)
+            if got is not None:
+                diff = np.flatnonzero(new[:n1] != np.frombuffer(got, dtype=np.uint8))
+                pre = int(diff[0]) if len(diff) else n1
+        if pre == t - s:
+            return [(s, t, ods + p)]
+        # from the end: old data aligned on the file's end
+        shift = o.size - e.size
+        a = max(p + pre, -shift, 0)
+        suf = 0
+        if a < q:
+            got = self.old_tar.read(ods + a + shift, ods + q + shift)
+            if got is not None:
+                mine = new[a - p :]
+                diff = np.flatnonzero(mine != np.frombuffer(got, dtype=np.uint8))
+                suf = len(mine) - (int(diff[-1]) + 1) if len(diff) else len(mine)
+        out: list[tuple[int, int, int | None]] = []
+        if pre:
+            out.append((s, s + pre, ods + p))
+        out.append((s + pre, t - suf, None))
+        if suf:
+            out.append((t - suf, t, ods + q - suf + shift))
+        return out
+
+
+def _record(kind: int, body: bytes) -> bytes:
+    if len(body) > MAX_RECORD:
+        raise LimitExceeded(f"layout delta record of {len(body)} bytes exceeds {MAX_RECORD}")
+    return _REC.pack(kind, len(body)) + body
+
+
+def encode_layout(
+    old_index: ArchiveIndex, old_archive: Any, new_index: ArchiveIndex, new_archive: Any
+) -> Generator[bytes, None, None]:
+    """The layout delta turning ``old_archive`` into ``new_archive`` (buffers of the whole
+    archives, e.g. mmaps), given the index of each; yields it record by record."""
+    if old_index.archive_size != len(memoryview(old_archive)) or \
+            new_index.archive_size != len(memoryview(new_archive)):
+        raise IntegrityError("layout delta: an archive is not the size its index says")
+    return _Encoder(old_index, old_archive, new_index, new_archive).records()
+
+
+# -- decoding (the receiver, who holds the old archive) --------------------------------------
+
+
+class LayoutPatcher:
+    """Sans-I/O: the old archive (a buffer) + a layout delta fed in pieces → the new
+    archive's bytes.  Same interface as ``engine.Patcher``: ``feed`` returns output pieces,
+    ``finish`` checks size and blake3 against the header (``IntegrityError``); then
+    ``new_size`` and ``new_hash`` hold the verified values."""
+
+    def __init__(
+        self, base: Any, *, base_hash: bytes | None = None, max_size: int | None = None
+    ) -> None:
+        self._base = memoryview(base)
+        self._want_base_hash = base_hash
+        self._max_size = max_size
+        self._buf = bytearray()
+        self._head: tuple[int, bytes, int] | None = None  # new size, new hash, level
+        self._old_tar = TarStream(base)
+        self._lit = zlib.decompressobj(-15)
+        self._tail = b""  # the last 32 KiB of tar of the previous run record
+        self._tail_ok = False
+        self._hash = blake3.blake3()
+        self._size = 0
+        self._ended = False
+        self.new_size = 0
+        self.new_hash = b""
+
+    def feed(self, data: Any) -> list[bytes | memoryview]:
+        """Output pieces for the records completed by ``data`` (COPY output is views of
+        the base: use them before the base closes)."""
+        self._buf += data
+        out: list[bytes | memoryview] = []
+        if self._head is None and not self._parse_header():
+            return out
+        while len(self._buf) >= _REC.size:
+            kind, n = _REC.unpack_from(self._buf)
+            if n > MAX_RECORD:
+                raise LimitExceeded(f"layout delta record of {n} bytes exceeds {MAX_RECORD}")
+            if len(self._buf) < _REC.size + n:
+                break
+            body = bytes(self._buf[_REC.size : _REC.size + n])
+            del self._buf[: _REC.size + n]
+            if self._ended:
+                raise FormatError("layout delta has bytes after its END record")
+            for piece in self._record(kind, body):
+                self._size += len(piece)
+                if self._max_size is not None and self._size > self._max_size:
+                    raise LimitExceeded(f"layout delta output exceeds {self._max_size} bytes")
+                self._hash.update(piece)
+                out.append(piece)
+        return out
+
+    def _parse_header(self) -> bool:
+        b = self._buf
+        if len(b) >= len(LAYOUT_MAGIC) and b[: len(LAYOUT_MAGIC)] != LAYOUT_MAGIC:
+            raise FormatError("not a layout delta (bad magic)")
+        if len(b) > len(LAYOUT_MAGIC) and b[len(LAYOUT_MAGIC)] != LAYOUT_VERSION:
+            raise UnsupportedVersion(f"layout delta version {b[len(LAYOUT_MAGIC)]} is not supported")
+        if len(b) < _HEAD.size:
+            return False
+        _m, _v, flags, base_hash, new_size, new_hash, level, zlen = _HEAD.unpack_from(b)
+        if len(b) < _HEAD.size + zlen:
+            return False
+        zv = bytes(b[_HEAD.size : _HEAD.size + zlen]).decode("ascii", "replace")
+        del b[: _HEAD.size + zlen]
+        if flags:
+            raise FormatError(f"layout delta has unknown flags {flags:#x}")
+        if self._want_base_hash is not None and base_hash != self._want_base_hash:
+            raise IntegrityError("layout delta was made against another base archive")
+        if zv != zlib.ZLIB_RUNTIME_VERSION:
+            raise IntegrityError(f"layout delta needs zlib {zv}, this is {zlib.ZLIB_RUNTIME_VERSION}")
+        if not 1 <= level <= 9:
+            raise FormatError(f"layout delta has deflate level {level}")
+        if self._max_size is not None and new_size > self._max_size:
+            raise LimitExceeded(f"layout delta announces {new_size} bytes, over {self._max_size}")
+        self._head = (new_size, new_hash, level)
+        return True
+
+    def _record(self, kind: int, body: bytes) -> Sequence[bytes | memoryview]:
+        if kind == T_COPY:
+            if len(body) != _COPY.size:
+                raise FormatError("layout delta COPY record has the wrong size")
+            off, n = _COPY.unpack(body)
+            if off + n > len(self._base):
+                raise FormatError(f"layout delta COPY [{off}, {off + n}) is outside the base")
+            self._tail_ok = False
+            return [self._base[a : min(a + _PIECE, off + n)] for a in range(off, off + n, _PIECE)]
+        if kind == T_RAW:
+            self._tail_ok = False
+            return [body]
+        if kind == T_RUN:
+            return [self._run(body)]
+        if kind == T_END:
+            if body:
+                raise FormatError("layout delta END record has a body")
+            self._ended = True
+            return []
+        raise FormatError(f"layout delta has an unknown record type {kind}")
+
+    def _run(self, body: bytes) -> bytes:
+        assert self._head is not None
+        if len(body) < _RUN.size:
+            raise FormatError("layout delta RUN record is truncated")
+        flags, w, n_cuts, n_parts, n_lit = _RUN.unpack_from(body)
+        if flags & ~(F_FINAL | F_CONTINUE) or w > DICT_SIZE or n_lit > _RUN_LIMIT:
+            raise FormatError("layout delta RUN record has bad flags, window or sizes")
+        at = _RUN.size
+        if at + n_cuts * _CUT.size > len(body):
+            raise FormatError("layout delta RUN record is truncated in its cuts")
+        cuts = [c for (c,) in _CUT.iter_unpack(body[at : at + n_cuts * _CUT.size])]
+        at += n_cuts * _CUT.size
+        parts: list[tuple[int, ...]] = []
+        for _ in range(n_parts):
+            if at >= len(body):
+                raise FormatError("layout delta RUN record is truncated in its parts")
+            if body[at] == 0:
+                if at + _OLD.size > len(body):
+                    raise FormatError("layout delta RUN record is truncated in a part")
+                parts.append(_OLD.unpack_from(body, at))
+                at += _OLD.size
+            elif body[at] == 1:
+                if at + _LIT.size > len(body):
+                    raise FormatError("layout delta RUN record is truncated in a part")
+                parts.append(_LIT.unpack_from(body, at))
+                at += _LIT.size
+            else:
+                raise FormatError(f"layout delta RUN part of unknown kind {body[at]}")
+        try:
+            lits = self._lit.decompress(body[at:], n_lit + 1)
+        except zlib.error as exc:
+            raise FormatError(f"layout delta literals are corrupt: {exc}") from None
+        if len(lits) != n_lit or self._lit.unconsumed_tail:
+            raise FormatError("layout delta literals are not the length the record says")
+        tar = bytearray()
+        lp = 0
+        for p in parts:
+            if p[0] == 1:
+                tar += lits[lp : lp + p[1]]
+                lp += p[1]
+            else:
+                _k, lo, n = p
+                got = self._old_tar.read(lo, lo + n)
+                if got is None:
+                    raise IntegrityError(
+                        f"layout delta: old tar [{lo}, {lo + n}) is not in the base (or dropped)"
+                    )
+                tar += got
+            if len(tar) > _RUN_LIMIT:
+                raise LimitExceeded("layout delta RUN record rebuilds too many tar bytes")
+        if lp != n_lit:
+            raise FormatError("layout delta RUN parts do not use all literal bytes")
+        if flags & F_CONTINUE:
+            if w or not self._tail_ok:
+                raise FormatError("layout delta RUN continues no previous run")
+            zdict, data = self._tail, bytes(tar)
+        else:
+            if w > len(tar):
+                raise FormatError("layout delta RUN window is longer than its tar bytes")
+            zdict, data = bytes(tar[:w]), bytes(tar[w:])
+        final = bool(flags & F_FINAL)
+        ends, prev = [], 0
+        for c in cuts:
+            prev += c
+            ends.append(prev)
+        if prev > len(data) or (not final and prev != len(data)) or any(c <= 0 for c in cuts):
+            raise FormatError("layout delta RUN cuts do not fit its tar bytes")
+        self._tail = (zdict + data)[-DICT_SIZE:]
+        self._tail_ok = True
+        return compress_segments(data, ends, self._head[2], final, zdict)
+
+    def finish(self) -> None:
+        if self._head is None or not self._ended:
+            raise FormatError("layout delta is truncated (no END record)")
+        if self._buf:
+            raise FormatError("layout delta has bytes after its END record")
+        new_size, new_hash, _level = self._head
+        if self._size != new_size:
+            raise IntegrityError(f"layout delta rebuilt {self._size} bytes, its header says {new_size}")
+        if self._hash.digest() != new_hash:
+            raise IntegrityError(
+                f"layout delta rebuilt an archive whose blake3 is not {new_hash.hex()[:16]}"
+            )
+        self.new_size, self.new_hash = new_size, new_hash
