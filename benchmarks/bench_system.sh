@@ -2,19 +2,20 @@
 # The whole system on a real tree: server + agent processes, a first backup, then a ~1% change
 # set (bench_archive.py's trees: a real ~106 MB source tree and a changed copy); prints bytes on
 # the wire against the archive size, the original design (whole archive on change) and
-# `rsync --no-whole-file --stats` of the same archive pair. Run by hand; asserts nothing.
+# `rsync --no-whole-file --stats` of the same archive pair, of the raw trees and of `gzip
+# --rsyncable` tgzs of them, and the backup's time against a full build. Run by hand; asserts nothing.
 #   bash benchmarks/bench_system.sh
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 python "$HERE/archive_data.py" >/dev/null   # builds the trees once under _work/archive/
-TREES="$HERE/_work/archive"
+TREES="$HERE/_work/archive"; export TREES
 W=$(mktemp -d)
 export DELTABKP_KEY_FILE=$W/key; head -c 32 /dev/urandom | xxd -p > $W/key
 cp -a "$TREES/base" $W/app
 deltabkp-server --listen 127.0.0.1:0 --data-dir $W/data > $W/server.log 2>&1 & SP=$!
 deltabkp-agent --listen 127.0.0.1:0 --allow $W/app --cache-dir $W/cache > $W/agent.log 2>&1 & AP=$!
 trap 'kill $SP $AP 2>/dev/null; rm -rf "$W"' EXIT
-for i in $(seq 100); do grep -q "listening on" $W/server.log $W/agent.log 2>/dev/null && [ $(grep -h "listening on" $W/server.log $W/agent.log | wc -l) = 2 ] && break; sleep 0.1; done
+for i in $(seq 600); do grep -q "listening on" $W/server.log $W/agent.log 2>/dev/null && [ $(grep -h "listening on" $W/server.log $W/agent.log | wc -l) = 2 ] && break; sleep 0.1; done
 S=$(grep -ho "listening on [0-9.:]*" $W/server.log | awk '{print $3}')
 A=$(grep -ho "listening on [0-9.:]*" $W/agent.log | awk '{print $3}')
 deltabkp ctl --server $S register $A $W/app --every 60 >/dev/null
@@ -27,10 +28,13 @@ import json, sys, subprocess, glob, os
 w = sys.argv[1]
 ex = json.load(open(f"{w}/ex.json"))
 print("execution:", {k: ex.get(k) for k in ("outcome", "archive_size", "transferred", "changed")})
-tgz = sorted(glob.glob(f"{w}/data/archives/*/*.tgz"))
-old, new = tgz[0], tgz[1]
+# The server keeps only the newest whole (older ones become reverse deltas): the old
+# archive is rebuilt from the base tree (deterministic: the same bytes as archive 1).
+from deltabkp.archive import TgzBuilder
+new = max(glob.glob(f"{w}/data/archives/*/*.tgz"), key=lambda p: int(os.path.basename(p)[:-4]))
 os.makedirs(f"{w}/rs", exist_ok=True)
-subprocess.run(["cp", old, f"{w}/rs/a.tgz"], check=True)
+with open(f"{w}/rs/a.tgz", "wb") as f:
+    f.writelines(TgzBuilder(os.path.join(os.environ["TREES"], "base")))
 out = subprocess.run(["rsync", "--no-whole-file", "--stats", new, f"{w}/rs/a.tgz"], capture_output=True, text=True).stdout
 sent = [l for l in out.splitlines() if "Total bytes sent" in l or "Total bytes received" in l]
 print("rsync:", sent)
@@ -38,4 +42,35 @@ tot = sum(int(l.split(":")[1].strip().replace(",", "")) for l in sent)
 size = ex["archive_size"]
 print(f"archive {size} B; deltabkp on the wire {ex['transferred']} B = {100*ex['transferred']/size:.2f}%; "
       f"whole archive (original design) {size} B = {size/ex['transferred']:.1f}x more; rsync --stats total {tot} B = {100*tot/size:.2f}%")
+
+# Side by side (same run; the machine may be shared: ratios, not absolute times):
+# wire bytes both directions as % of our archive, against rsync of the raw tree and of an
+# rsyncable tgz (tar | gzip --rsyncable) of the same two trees; and the backup's wall time
+# against a full build of the new tree.
+import re, shutil, time, datetime
+from pathlib import Path
+trees = Path(os.environ["TREES"])
+def rsync_total(args):
+    out = subprocess.run(["rsync", "--no-whole-file", "--stats", *args], capture_output=True, text=True, check=True).stdout
+    got = [int(re.sub(r"[,.]", "", m)) for m in re.findall(r"Total bytes (?:sent|received): ([\d,.]+)", out)]
+    return sum(got)
+shutil.copytree(trees / "base", f"{w}/rs/raw", symlinks=True)
+raw = rsync_total(["-a", "--delete", f"{trees}/new/", f"{w}/rs/raw/"])
+for name in ("base", "new"):
+    subprocess.run(f"tar -C {trees / name} --sort=name -cf - . | gzip --rsyncable -6 > {w}/rs/{name}.rs.tgz", shell=True, check=True)
+rsz = os.path.getsize(f"{w}/rs/new.rs.tgz")
+rtgz = rsync_total([f"{w}/rs/new.rs.tgz", f"{w}/rs/base.rs.tgz"])
+wire = ex["transferred"]
+print(f"wire, both directions, % of the archive: deltabkp {100*wire/size:.2f}% ({wire} B) | "
+      f"rsync raw tree {100*raw/size:.2f}% ({raw} B) | rsync of gzip --rsyncable tgz {100*rtgz/size:.2f}% "
+      f"({rtgz} B; {100*rtgz/rsz:.2f}% of that tgz)")
+def when(v):
+    return datetime.datetime.fromisoformat(v).timestamp() if isinstance(v, str) else float(v)
+took = when(ex["ended"]) - when(ex["started"])
+t = time.monotonic()
+for _ in TgzBuilder(trees / "new"):
+    pass
+full = time.monotonic() - t
+print(f"backup after the change {took:.2f} s (execution, server side) vs a full build of the new tree "
+      f"{full:.2f} s: {took/full:.3f} of a full build")
 PY

@@ -42,22 +42,22 @@ __all__ = [
 class ErrorCode(enum.StrEnum):
     """The code of a wire ``Error``: what kind of "no" it is (docs/formats.md, errors)."""
 
-    INVALID = "invalid"  # malformed request (bad node, path, frequency, argument)
-    EXISTS = "exists"  # already registered
-    NOT_FOUND = "not-found"  # no such target, archive or directory
-    REFUSED = "refused"  # understood, and declined (limits, the agent's verdict relayed)
-    PATH_NOT_ALLOWED = "path-not-allowed"  # outside the agent's allowed roots
-    BUSY = "busy"  # try again later (a backup of the path runs, too many sessions)
-    FAILED = "failed"  # the agent tried and the backup failed (archive error, ...)
-    INTERNAL = "internal"  # a bug or a failing catalog/store on the answering side
-    PROTOCOL = "protocol"  # the conversation broke its rules
-    AUTH = "auth"  # the cluster keys differ
-    VERSION = "version"  # another protocol version
+    INVALID = "invalid"  #: malformed request (bad node, path, frequency, argument)
+    EXISTS = "exists"  #: already registered
+    NOT_FOUND = "not-found"  #: no such target, archive or directory
+    REFUSED = "refused"  #: understood, and declined (limits, the agent's verdict relayed)
+    PATH_NOT_ALLOWED = "path-not-allowed"  #: outside the agent's allowed roots
+    BUSY = "busy"  #: try again later (a backup of the path runs, too many sessions)
+    FAILED = "failed"  #: the agent tried and the backup failed (archive error, ...)
+    INTERNAL = "internal"  #: a bug or a failing catalog/store on the answering side
+    PROTOCOL = "protocol"  #: the conversation broke its rules
+    AUTH = "auth"  #: the cluster keys differ
+    VERSION = "version"  #: another protocol version
 
     @property
     def permanent(self) -> bool:
-        """An agent answering this will answer it again for the same path: retrying before
-        the next period is pointless."""
+        """Whether an agent answering this will answer it again for the same path (then
+        retrying before the next period is pointless)."""
         return self in _PERMANENT
 
     @classmethod
@@ -84,6 +84,8 @@ class DeltabkpError(Exception):
     """
 
     exit_code = 1
+    #: A stable machine name of the error's family (``ctl --json`` prints it as ``code``).
+    kind: str = "error"
 
     def __init__(
         self, reason: str = "", *, node: str | None = None, path: str | None = None,
@@ -108,6 +110,7 @@ class DeltabkpError(Exception):
 
     @property
     def context(self) -> str:
+        """``NODE PATH`` as known so far (either may be missing), or ``""``."""
         return " ".join(x for x in (self.node, self.path) if x)
 
     #: Appended to the rendered sentence (before the hint).
@@ -135,12 +138,14 @@ class UsageError(DeltabkpError):
     """The caller asked for something malformed (bad flag, bad frequency, bad address)."""
 
     exit_code = 2
+    kind = "usage"
 
 
 class FormatError(DeltabkpError):
     """Bytes that claim to be a deltabkp format are corrupt, truncated or foreign."""
 
     exit_code = 5
+    kind = "format"
 
 
 class LimitExceeded(FormatError):
@@ -155,12 +160,14 @@ class IntegrityError(DeltabkpError):
     """Data decoded fine but its hash does not match (wrong base, corruption, collision)."""
 
     exit_code = 6
+    kind = "integrity"
 
 
 class ProtocolError(DeltabkpError):
     """The wire conversation broke its rules."""
 
     exit_code = 4
+    kind = "protocol"
 
 
 class LocalProtocolError(ProtocolError):
@@ -174,11 +181,14 @@ class RemoteProtocolError(ProtocolError):
 class AuthError(ProtocolError):
     """The peer could not prove it holds the cluster key, or we could not."""
 
+    kind = "auth"
+
 
 class PeerUnavailable(DeltabkpError):
     """Could not reach the peer (refused, timed out, reset)."""
 
     exit_code = 4
+    kind = "unavailable"
 
 
 class RequestRefused(DeltabkpError):
@@ -189,6 +199,7 @@ class RequestRefused(DeltabkpError):
     def __init__(self, code: ErrorCode | str, reason: str, **context: str | None) -> None:
         super().__init__(reason, **context)
         self.code = ErrorCode.parse(str(code))
+        self.kind = str(self.code)  # the wire code: "exists", "not-found", ...
 
     @property
     def _suffix(self) -> str:  # type: ignore[override]
@@ -199,6 +210,7 @@ class ArchiveError(DeltabkpError):
     """Building or reading a tgz archive failed."""
 
     exit_code = 5
+    kind = "archive"
 
 
 class UnsafeArchiveError(ArchiveError):
@@ -207,6 +219,8 @@ class UnsafeArchiveError(ArchiveError):
 
 class StoreError(DeltabkpError):
     """The archive store failed (disk full, permissions, missing object)."""
+
+    kind = "store"
 
 
 class MissingObject(StoreError):
@@ -220,3 +234,5 @@ class StoreUnavailable(StoreError):
 
 class CatalogError(DeltabkpError):
     """The catalog database failed or is inconsistent."""
+
+    kind = "catalog"

@@ -13,12 +13,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-
-from deltabkp import net
+from deltabkp import _config, net
+from deltabkp.net import _http as net_http
 from deltabkp_agent.agent import Agent, AgentConfig
 from deltabkp_agent.allowlist import Allowlist
 
-DEFAULT_LISTEN = "127.0.0.1:7471"
+DEFAULT_LISTEN = f"127.0.0.1:{net.DEFAULT_AGENT_PORT}"
 
 EPILOG = """\
 examples:
@@ -84,11 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "makes the next build incremental; costs about one archive of disk per path)")
     p.add_argument("--keep", type=int, default=3, metavar="N",
                    help="cache entries (archive signatures) kept per path (default 3)")
+    net_http.add_metrics_arguments(p)
+    p.add_argument("--bwlimit", metavar="RATE", default=None,
+                   help="cap on the bytes per second this agent sends, all backups together "
+                   "(e.g. '1M' = 1 MiB/s, '500K'; KB/MB are powers of 10; default: no cap); a "
+                   "target registered with its own --bwlimit gets the lower of the two")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
-    listen = net.Address.parse(args.listen)
+    listen = net.Address.parse(args.listen, net.DEFAULT_AGENT_PORT)
     net.at_least_one(args, "max_builds", "max_signature_mb", "keep")
     servers = tuple(net.Address.parse(s, net.DEFAULT_SERVER_PORT) for s in args.server)
     if args.insecure_plaintext:
@@ -107,11 +112,14 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         keep=args.keep,
         keep_archives=not args.no_archive_cache,
         max_handshakes=args.max_handshakes,
+        metrics_listen=net_http.metrics_address(args),
+        bwlimit=net.parse_rate(args.bwlimit) if args.bwlimit else None,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Flags, then $DELTABKP_*, then the [agent] table of --config, then defaults.
+    args = _config.parse_args(build_parser(), argv, "agent")
 
     def build() -> tuple[net.Starter, None]:
         return Agent(config_from_args(args)).run, None

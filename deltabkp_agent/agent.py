@@ -33,13 +33,16 @@ import attrs
 import trio
 
 from deltabkp import __version__, net, protocol
+from deltabkp.archive import LAYOUT_CAPABILITY
 from deltabkp.errors import (
+    AuthError,
     DeltabkpError,
     ErrorCode,
     PeerUnavailable,
     ProtocolError,
     RequestRefused,
 )
+from deltabkp.net import _http as net_http
 from deltabkp_agent.allowlist import Allowlist
 from deltabkp_agent.backup import (
     BackupContext,
@@ -48,6 +51,7 @@ from deltabkp_agent.backup import (
     serve_backup,
 )
 from deltabkp_agent.cache import AgentCache, default_cache_dir
+from deltabkp_agent.metrics import AgentMetrics
 
 __all__ = ["Agent", "AgentConfig", "configure_logging"]
 
@@ -87,6 +91,10 @@ class AgentConfig:
     path_lock_timeout: float = PATH_LOCK_TIMEOUT
     #: A server that reads nothing for this long is gone (its build slot and path lock freed).
     send_timeout: float = net.DEFAULT_SEND_TIMEOUT
+    #: Where ``/metrics`` is served (``--metrics-listen``); None: off.
+    metrics_listen: net.Address | None = None
+    #: Bytes per second all sessions together may send (``--bwlimit``); None: no cap.
+    bwlimit: int | None = None
 
 
 @attrs.define
@@ -111,6 +119,12 @@ class Agent:
             log, max_pending=config.max_handshakes, timeout=config.handshake_timeout
         )
         self.announced: set[str] = set()
+        self._auth_log = net.RateLimitedLog(log)
+        self.metrics = AgentMetrics(running=lambda: self.active)
+        #: Where ``/metrics`` is served (port 0 resolved), or "".
+        self.metrics_address = ""
+        #: One bucket for the whole agent: the cap is on what this node puts on the network.
+        self.bandwidth = net.TokenBucket(config.bwlimit) if config.bwlimit else None
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
@@ -125,8 +139,15 @@ class Agent:
         log.info(
             "serving %s on %s; cache %s", ", ".join(cfg.allow.roots), self.address, cache_dir
         )
+        if cfg.bwlimit:
+            log.info("bandwidth cap: %d bytes/s sent, all backups together (--bwlimit)",
+                     cfg.bwlimit)
         async with trio.open_nursery() as nursery:
             await nursery.start(net.serve, self._handle, listeners, self.gate)
+            if cfg.metrics_listen is not None:
+                bound = await nursery.start(
+                    net_http.serve_http, self.metrics.routes(), cfg.metrics_listen, log)
+                self.metrics_address = str(bound)
             for server in cfg.servers:
                 nursery.start_soon(self._announce, server)
             task_status.started(self.address)
@@ -145,11 +166,18 @@ class Agent:
                 async with chan:
                     await chan.send(protocol.Announce(me.host, me.port))
                     await chan.receive_a(protocol.Ack)
+            except AuthError as exc:
+                # Not a passing outage: one of the two holds another cluster's key.  Loud,
+                # but at most once a minute.
+                self._auth_log(name, "announce to server %s: authentication failed (%s); "
+                               "retrying in the background", name, exc,
+                               extra=net.log_context(peer=name, event="auth-failed"))
             except DeltabkpError as exc:
                 failures += 1
                 # Loud once, then quiet: a server that is down is normal, not news.
                 (log.warning if failures == 1 else log.debug)(
-                    "announce to server %s failed (%s); retrying in the background", name, exc
+                    "announce to server %s failed (%s); retrying in the background", name, exc,
+                    extra=net.log_context(peer=name, event="server-unreachable"),
                 )
             else:
                 log.info("announced %s to server %s", self.address, name)
@@ -196,10 +224,12 @@ class Agent:
                     await chan.send_error(ErrorCode.BUSY, "too many connections, try again later")
                     return
                 self.sessions += 1
+                live = self.metrics.wire.add(lambda: (chan.bytes_sent, chan.bytes_received))
                 try:
                     await self._serve(chan)
                 finally:
                     self.sessions -= 1
+                    self.metrics.wire.done(live)
         except DeltabkpError as exc:
             log.warning("connection ended: %s", exc)
         except Exception:  # a bug: log it, never let one connection take the daemon down
@@ -209,10 +239,13 @@ class Agent:
         """The authenticated channel, or None (refused, timed out or evicted; logged)."""
         chan = await self.gate.admit(
             stream, key=self.config.key, role="agent", roles=("server",),
-            info={"name": "deltabkp-agent", "version": __version__, "node": self.address},
+            info={"name": "deltabkp-agent", "version": __version__, "node": self.address,
+                  "deltas": [LAYOUT_CAPABILITY]},
         )
         if chan is not None:
             chan.send_timeout = self.config.send_timeout
+            if self.bandwidth is not None:
+                chan.limits = (self.bandwidth,)
         return chan
 
     async def _serve(self, chan: net.Channel) -> None:
@@ -225,6 +258,7 @@ class Agent:
                 if msg.path is not None:
                     info["path_check"] = await self._path_check(msg.path)
                 await chan.send(protocol.Pong(info))
+                self.metrics.request("ping", "ok")
             elif isinstance(msg, protocol.BackupRequest):
                 if not await self._backup(chan, msg):
                     return
@@ -234,11 +268,14 @@ class Agent:
     async def _backup(self, chan: net.Channel, req: protocol.BackupRequest) -> bool:
         """Serve one request; False when the connection is unusable afterwards."""
         node, path = self.address, req.path
+        about = net.log_context(node=node, path=path)
         assert self.cache is not None
         try:
             root = await self._resolve(path)
         except RequestRefused as exc:
-            log.warning("refused backup of %s: %s", path, exc)
+            log.warning("refused backup of %s: %s", path, exc,
+                        extra={**about, "event": "backup-refused"})
+            self.metrics.request("backup", "refused")
             await chan.send(protocol.Error(str(exc.code), exc.reason))
             return True
         exclude = tuple(dict.fromkeys((*self.config.exclude, *req.exclude)))
@@ -251,7 +288,9 @@ class Agent:
                 await entry.lock.acquire()
                 acquired = True
             if not acquired:
-                log.warning("refused backup of %s: another backup of it is still running", path)
+                log.warning("refused backup of %s: another backup of it is still running", path,
+                            extra={**about, "event": "backup-busy"})
+                self.metrics.request("backup", "busy")
                 await chan.send(
                     protocol.Error(str(ErrorCode.BUSY), "a backup of this path is already running")
                 )
@@ -261,7 +300,8 @@ class Agent:
             finally:
                 entry.lock.release()
         except PeerUnavailable as exc:  # sending "busy" failed
-            log.warning("backup of %s abandoned: %s", path, exc)
+            log.warning("backup of %s abandoned: %s", path, exc,
+                        extra={**about, "event": "backup-abandoned"})
             return False
         finally:
             entry.users -= 1
@@ -277,37 +317,54 @@ class Agent:
         exclude: tuple[str, ...],
     ) -> bool:
         path = req.path
+        about = net.log_context(node=ctx.node, path=path)
         self.active += 1
+        began = trio.current_time()
+        agent_limits = chan.limits
+        if req.bwlimit is not None:
+            # The target's own cap, on top of the agent's: the lower of the two wins.
+            chan.limits = (*agent_limits, net.TokenBucket(req.bwlimit))
+            log.info("backup of %s: at most %d bytes/s (the target's --bwlimit)", path,
+                     req.bwlimit, extra=about)
         try:
             out = await serve_backup(ctx, chan, req, root, exclude)
         except ServerStopped as exc:
-            log.info("backup of %s stopped: %s", path, exc)
+            log.info("backup of %s stopped: %s", path, exc, extra=about)
+            self.metrics.failed("stopped", trio.current_time() - began)
             return False
         except (PeerUnavailable, ProtocolError) as exc:
-            log.warning("backup of %s abandoned: %s", path, exc)
+            log.warning("backup of %s abandoned: %s", path, exc,
+                        extra={**about, "event": "backup-abandoned"})
+            self.metrics.failed("abandoned", trio.current_time() - began)
             if isinstance(exc, ProtocolError):
                 await chan.send_error(ErrorCode.PROTOCOL, exc.reason)
             return False
         except Exception as exc:
             code, message = describe_failure(exc)
             if code == ErrorCode.INTERNAL:
-                log.exception("backup of %s failed", path)
+                log.exception("backup of %s failed", path,
+                              extra={**about, "event": "backup-failed"})
             else:
-                log.warning("backup of %s failed: %s", path, message)
+                log.warning("backup of %s failed: %s", path, message,
+                            extra={**about, "event": "backup-failed"})
+            self.metrics.failed("failed", trio.current_time() - began)
             await chan.send_error(code, message)
             return False  # the conversation may be mid-way: start afresh on a new connection
         finally:
             self.active -= 1
+            chan.limits = agent_limits
         self.served += 1
+        self.metrics.backup(out, trio.current_time() - began)
         if out.outcome == "unchanged":
-            log.info("backup of %s: unchanged (%s), base %s", path, out.reason, out.archive_hash.hex()[:16])
+            log.info("backup of %s: unchanged (%s), base %s", path, out.reason,
+                     out.archive_hash.hex()[:16], extra={**about, "event": "backup-served"})
         else:
             log.info(
                 "backup of %s: archive %s, %d bytes, %d files, delta %d bytes (%.1f%%), "
                 "signature from %s, %d changed while read",
                 path, out.archive_hash.hex()[:16], out.archive_size, out.files, out.delta_bytes,
                 100.0 * out.delta_bytes / out.archive_size if out.archive_size else 0.0,
-                out.signature_from, out.changed,
+                out.signature_from, out.changed, extra={**about, "event": "backup-served"},
             )
         return True
 

@@ -8,6 +8,8 @@ The conversation (docs/formats.md, "Messages after the handshake"), agent side::
     | → need-sig  ← sig-chunk* sig-end             no cached signature of base_hash
       → delta-chunk* backup-done(...)              the new archive against that signature
       | → unchanged(base_hash, "hash")             rebuilt, byte-identical to the base
+    | → delta-chunk* backup-done(...)              a layout delta: the server offered it
+                                                   (``accepts``) and the kept build is the base
 
 Invariants:
 - the tree fingerprint is taken *before* the archive build starts, so a change during the
@@ -21,6 +23,12 @@ Invariants:
   thread (behind the agent's build limiter); it hands delta bytes to the event loop through
   a bounded memory channel, so a slow server slows the build and memory stays bounded
   (channel slots + at most ``HOLD_LIMIT`` held back + the encoder's own buffer);
+- the layout delta (``archive.encode_layout``, docs/formats.md) needs no signature and no
+  rolling search: used when the server offers it and the kept build's index names the base;
+  it is made once the build ran to its end, from both archives, checked as it is made (equal
+  COPY bytes, RUNs that compress back to the new archive) and streamed (the server decodes
+  while the agent encodes); if it cannot be made before its first byte the rolling delta
+  follows, as if it had not been offered (only empty keep-alive chunks were sent);
 - delta output is held back (up to ``HOLD_LIMIT``) while a base exists, so an archive that
   turns out byte-identical to the base is answered ``unchanged (hash)`` with no delta sent;
 - a server that hangs up, stops reading (the transport's send deadline) or sends anything
@@ -39,6 +47,7 @@ share one set of invariants about what is sent and cached when, which read best 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -49,6 +58,7 @@ import trio
 
 import deltabkp
 from deltabkp import Signature, net, protocol
+from deltabkp.archive import LAYOUT_CAPABILITY, ArchiveIndex
 from deltabkp.errors import (
     ArchiveError,
     DeltabkpError,
@@ -58,9 +68,9 @@ from deltabkp.errors import (
     RemoteProtocolError,
     RequestRefused,
 )
-from deltabkp_agent.cache import AgentCache
+from deltabkp_agent.cache import AgentCache, KeptBuild
 
-__all__ = ["BackupContext", "BackupOutcome", "ServerStopped", "serve_backup", "HOLD_LIMIT"]
+__all__ = ["HOLD_LIMIT", "BackupContext", "BackupOutcome", "ServerStopped", "serve_backup"]
 
 log = logging.getLogger("deltabkp_agent")
 
@@ -99,7 +109,7 @@ class BackupOutcome:
     delta_bytes: int = 0
     files: int = 0
     changed: int = 0
-    signature_from: str = ""  # "cache" | "server" | "none"
+    signature_from: str = ""  # "cache" | "server" | "none" | "layout" (no signature needed)
 
 
 @attrs.frozen
@@ -117,6 +127,12 @@ class _Built:
 
 class _Stopped(Exception):
     """The event loop side went away (cancelled or hung up): stop building."""
+
+
+class _NoLayout(Exception):
+    """The layout delta cannot be made (archive not kept, kept build not the base, failed
+    its own check before its first byte): nothing but keep-alives was sent, so the rolling
+    delta takes over."""
 
 
 class ServerStopped(PeerUnavailable):
@@ -156,7 +172,21 @@ async def serve_backup(
                          {"fingerprint": fingerprint, "exclude": exclude, "signature": None})
         return BackupOutcome("unchanged", "fingerprint", req.base_hash)
 
-    # 2. The signature of the base: cached, or asked from the server, or empty (first backup).
+    # 2. The layout delta, when the server takes it and the kept build is its base: no
+    # signature, no rolling search (docs/formats.md "Layout delta").
+    if req.base_hash is not None and LAYOUT_CAPABILITY in req.accepts:
+        index = await thread(ctx.cache.kept_index, root)
+        if index is not None and index.archive_hash == req.base_hash:
+            try:
+                built = await _stream_delta(
+                    ctx, chan, path, root, exclude, None, index.archive_size, True, layout=index
+                )
+            except _NoLayout as exc:
+                log.info("backup of %s: layout delta given up (%s); rolling delta", path, exc)
+            else:
+                return await _finish(ctx, chan, req, root, exclude, fingerprint, built, "layout")
+
+    # 3. The signature of the base: cached, or asked from the server, or empty (first backup).
     sig_from = "none"
     if req.base_hash is None:
         base_sig = Signature.parse(deltabkp.SignatureBuilder(base_size=0).finish())
@@ -174,7 +204,7 @@ async def serve_backup(
             await thread(_cache_quietly, ctx.cache.record, root, req.base_hash,
                          {"fingerprint": None, "exclude": exclude, "signature": raw})
 
-    # 3. Build archive → delta in a worker thread; stream it.
+    # 4. Build archive → delta in a worker thread; stream it.
     if req.base_hash is not None:
         estimate = base_sig.base_size
     else:
@@ -182,6 +212,17 @@ async def serve_backup(
     built = await _stream_delta(
         ctx, chan, path, root, exclude, base_sig, estimate, req.base_hash is not None
     )
+    return await _finish(ctx, chan, req, root, exclude, fingerprint, built, sig_from)
+
+
+async def _finish(
+    ctx: BackupContext, chan: net.Channel, req: protocol.BackupRequest, root: str,
+    exclude: tuple[str, ...], fingerprint: bytes | None, built: _Built, sig_from: str,
+) -> BackupOutcome:
+    """``unchanged (hash)`` or ``backup-done``, then the cache."""
+
+    async def thread(fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=ctx.limiter)
 
     if req.base_hash is not None and built.held and built.archive_hash == req.base_hash:
         await chan.send(protocol.Unchanged(req.base_hash, "hash"))
@@ -280,16 +321,20 @@ def _cache_quietly(fn: Callable[..., None], root: str, h: bytes, kw: dict[str, A
 def _build(
     root: str,
     exclude: tuple[str, ...],
-    base_sig: Signature,
+    base_sig: Signature | None,
     estimate: int,
     hold: bool,
     send: trio.MemorySendChannel[bytes],
     cache: AgentCache,
+    layout: ArchiveIndex | None = None,
 ) -> _Built | None:
     """Worker thread: tgz → (delta encoder, new signature) → channel. None if stopped.
 
     The tgz is built incrementally from the last build of ``root`` the cache kept (the
-    same bytes as a full build, reading only what changed), and kept for the next one."""
+    same bytes as a full build, reading only what changed), and kept for the next one.
+    With ``layout`` (the kept build's index, which is the server's base) there is no
+    rolling encoder: once built, the layout delta is made from both archives, checked by
+    decoding it, and sent whole (``_NoLayout`` when it cannot be)."""
     from deltabkp.archive import IncrementalBuilder
 
     last_push = time.monotonic()
@@ -306,7 +351,7 @@ def _build(
                 raise _Stopped from None
         last_push = time.monotonic()
 
-    encoder = deltabkp.DeltaEncoder(base_sig)
+    encoder = deltabkp.DeltaEncoder(base_sig) if base_sig is not None else None
     new_sig = deltabkp.SignatureBuilder(agent_block_size(max(estimate, 0)))
     pending = bytearray()
     delta_bytes = 0
@@ -324,6 +369,11 @@ def _build(
                     raise _Stopped from None
                 kept.write(chunk)
                 new_sig.feed(chunk)
+                if encoder is None:
+                    if time.monotonic() - last_push > KEEPALIVE_S:
+                        hold = False
+                        push(b"")
+                    continue
                 pending += encoder.feed(chunk)
                 if hold and len(pending) > HOLD_LIMIT:
                     hold = False
@@ -339,6 +389,24 @@ def _build(
                     delta_bytes += len(out)
                     push(out)
             kept.done(builder.index)
+            if layout is not None:
+                # The kept archive must be the base: its index names it, and the builder
+                # checked the file's blake3 against that index before using it ("" = used).
+                if (kept.index is None or kept.index.archive_hash != layout.archive_hash
+                        or builder.stats.previous != ""):
+                    raise _NoLayout(f"the kept build is not the base ({builder.stats.previous})")
+                new = builder.index
+                held = hold and new.archive_hash == layout.archive_hash
+                if not held:
+                    delta_bytes += _stream_layout(kept, kept.index, new, push, cache, root)
+                return _Built(
+                    archive_hash=new.archive_hash, archive_size=new.archive_size,
+                    files=int(builder.report.files),
+                    changed=tuple((str(i.path), str(i.what)) for i in builder.report.changed),
+                    skipped=tuple((str(i.path), str(i.what)) for i in builder.report.skipped),
+                    signature=new_sig.finish(), held=held, delta_bytes=delta_bytes,
+                )
+        assert encoder is not None and base_sig is not None
         pending += encoder.finish()
         held = hold
         if not (held and encoder.new_hash == base_sig.base_hash):
@@ -365,6 +433,53 @@ def _build(
         held=held,
         delta_bytes=delta_bytes,
     )
+
+
+def _stream_layout(
+    kept: KeptBuild, old: ArchiveIndex, new: ArchiveIndex, push: Callable[[bytes], None],
+    cache: AgentCache, root: str,
+) -> int:
+    """Send the layout delta from the kept archive (the server's base) to the one just
+    built, as it is made, so the server decodes while the agent encodes; the bytes sent.
+
+    The encoder checks what it makes (every COPY is of equal bytes, every RUN compresses
+    back to the new archive's bytes).  A failure before the first byte is ``_NoLayout``
+    (the rolling delta follows); after it, the backup fails and the kept build is dropped,
+    so the next backup does not make the same delta (it is a rolling one, from a full build).
+    """
+    from deltabkp.archive import encode_layout
+
+    if kept.archive is None or (new_file := kept.reopen()) is None:
+        raise _NoLayout("this build's archive is not being kept")
+    sent = 0
+    pending: list[bytes] = []
+    size = 0
+    try:
+        with open(kept.archive, "rb") as old_file, new_file, \
+                mmap.mmap(old_file.fileno(), 0, access=mmap.ACCESS_READ) as old_buf, \
+                mmap.mmap(new_file.fileno(), 0, access=mmap.ACCESS_READ) as new_buf:
+            records = encode_layout(old, old_buf, new, new_buf)
+            try:
+                for record in records:
+                    pending.append(record)
+                    size += len(record)
+                    if size >= FLUSH_AT:
+                        out = b"".join(pending)
+                        pending, size = [], 0
+                        sent += len(out)
+                        push(out)
+            finally:
+                records.close()  # it holds views of the mmaps, which must go first
+                del records
+        out = b"".join(pending)
+        sent += len(out)
+        push(out)
+    except (OSError, ValueError, DeltabkpError) as exc:
+        if not sent:
+            raise _NoLayout(str(exc)) from None
+        cache.drop_kept(root)
+        raise ArchiveError(f"the layout delta failed after {sent} bytes: {exc}") from None
+    return sent
 
 
 # -- event loop side --------------------------------------------------------------------------
@@ -410,9 +525,11 @@ async def _stream_delta(
     path: str,
     root: str,
     exclude: tuple[str, ...],
-    base_sig: Signature,
+    base_sig: Signature | None,
     estimate: int,
     hold: bool,
+    *,
+    layout: ArchiveIndex | None = None,
 ) -> _Built:
     send, receive = trio.open_memory_channel[bytes](CHANNEL_SLOTS)
     box = _Box()
@@ -421,7 +538,7 @@ async def _stream_delta(
         async with send:
             try:
                 box.built = await trio.to_thread.run_sync(
-                    _build, root, exclude, base_sig, estimate, hold, send, ctx.cache,
+                    _build, root, exclude, base_sig, estimate, hold, send, ctx.cache, layout,
                     limiter=ctx.limiter,
                 )
             except Exception as exc:  # reported to the server below; a bug is logged there

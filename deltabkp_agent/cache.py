@@ -122,6 +122,19 @@ class KeptBuild:
     def done(self, index: ArchiveIndex) -> None:
         self._done = index
 
+    def reopen(self) -> IO[bytes] | None:
+        """This build's archive as written so far, opened for reading (the layout delta
+        reads it beside the kept one before it replaces it); None if it is not being kept."""
+        if self._out is None or self._failed:
+            return None
+        try:
+            self._out.flush()
+            # The temp file is open write-only; Linux reopens it by its descriptor.
+            return open(f"/proc/self/fd/{self._out.fileno()}", "rb")
+        except OSError as exc:
+            self._failed = exc.strerror or str(exc)
+            return None
+
 
 class _NotKept(Exception):
     """The build did not finish (or its copy failed): drop the half-written archive."""
@@ -195,6 +208,11 @@ class AgentCache:
         if not self.keep_archives:
             return None
         return self._read_index(self._build_files(path)[1])
+
+    def drop_kept(self, path: str) -> None:
+        """Forget the kept build of ``path`` (its index goes: the next build is a full one
+        and the next delta a rolling one), e.g. after a layout delta failed midway."""
+        self._build_files(path)[1].unlink(missing_ok=True)
 
     def _read_index(self, idx: Path) -> ArchiveIndex | None:
         if (data := _read_quietly(idx)) is None:

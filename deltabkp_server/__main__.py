@@ -11,16 +11,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-
-from deltabkp import net
-from deltabkp.errors import RequestRefused, UsageError
+from deltabkp import _config, net
+from deltabkp.errors import CatalogError, RequestRefused, UsageError
+from deltabkp.net import _http as net_http
 from deltabkp_server.config import ExecutionSettings
 from deltabkp_server.model import parse_every
-from deltabkp_server.server import Server
+from deltabkp_server.server import DataDirLock, Server
 
 
 def default_data_dir() -> Path:
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes the scrub may read per second, in MiB (default 16)")
     p.add_argument("--max-archive-mb", type=int, default=64 * 1024, metavar="MB",
                    help="largest archive accepted from an agent, MiB (default 65536 = 64 GiB)")
+    net_http.add_metrics_arguments(p)
     return p
 
 
@@ -103,11 +105,47 @@ def _scrub_rate(mib: float) -> float:
     return mib * (1 << 20)
 
 
+def _make_data_dir(data_dir: Path) -> Path | None:
+    """Create ``data_dir`` if missing; the topmost directory this call created (None if it
+    existed).  ``os.mkdir`` is atomic: of two starts racing, only one owns what it made."""
+    top = data_dir.absolute()
+    while not top.parent.exists():
+        top = top.parent
+    if top.exists():
+        return None
+    try:
+        top.mkdir()
+    except FileExistsError:
+        return None
+    except OSError:
+        return None  # the server reports it, with the path, when it tries
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return top
+
+
+def _remove_fresh(top: Path, data_dir: Path) -> None:
+    """A failed start removes the directory it created — unless a server holds its catalog
+    (one that started on the same new directory at the same moment)."""
+    try:
+        lock = DataDirLock.take(data_dir / "catalog.sqlite3.lock")
+    except CatalogError:
+        return
+    try:
+        shutil.rmtree(top, ignore_errors=True)
+    finally:
+        lock.release()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Flags, then $DELTABKP_*, then the [server] table of --config, then defaults.
+    args = _config.parse_args(build_parser(), argv, "server")
+    #: The directory this start created (removed again if the start fails), and whether the
+    #: server came up.
+    fresh: list[tuple[Path, Path]] = []
+    up: list[bool] = []
 
     def build() -> tuple[net.Starter, Callable[[str], None]]:
-        listen = net.Address.parse(args.listen)
+        listen = net.Address.parse(args.listen, net.DEFAULT_SERVER_PORT)
         net.at_least_one(args, "max_concurrent", "max_per_node", "keep", "max_archive_mb")
         if not args.lease_ttl >= 3:
             raise UsageError("--lease-ttl must be at least 3 seconds")
@@ -118,13 +156,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             catalog_url=args.catalog, store_url=args.store, s3_endpoint=args.s3_endpoint,
             lease_ttl=args.lease_ttl, max_handshakes=args.max_handshakes,
             scrub_every=_scrub_every(args.scrub_every), scrub_rate=_scrub_rate(args.scrub_rate),
+            metrics_listen=net_http.metrics_address(args),
             settings=ExecutionSettings(
                 keep=args.keep, idle_timeout=args.idle_timeout,
                 max_archive_size=args.max_archive_mb << 20,
             ),
         )
+        if not (args.catalog and args.store):  # the data dir holds the catalog or the store
+            top = _make_data_dir(server.data_dir)
+            if top is not None:
+                fresh.append((top, server.data_dir))
 
         def ready(_address: str) -> None:
+            up.append(True)
             logging.getLogger("deltabkp_server").info(
                 "server %s, data dir %s, max %d executions (%d per node)", server.server_id,
                 server.data_dir, server.config.max_concurrent, server.config.max_per_node,
@@ -132,7 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return server.run, ready
 
-    return net.daemon_main("deltabkp-server", args, build)
+    code = net.daemon_main("deltabkp-server", args, build)
+    if code != 0 and not up and fresh:  # e.g. the port is taken: leave no new empty data dir
+        _remove_fresh(*fresh[0])
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import attrs
 
-from deltabkp.net import DEFAULT_SERVER_PORT, MAX_PENDING_HANDSHAKES
+from deltabkp.net import DEFAULT_SERVER_PORT, MAX_PENDING_HANDSHAKES, Address
 
 __all__ = ["ServerConfig", "ExecutionSettings"]
 
@@ -50,3 +50,5 @@ class ServerConfig:
     scrub_rate: float = SCRUB_RATE
     #: Connections in their TLS/key handshake at once (the oldest is evicted beyond this).
     max_handshakes: int = MAX_PENDING_HANDSHAKES
+    #: Where ``/metrics`` and the status page are served (``--metrics-listen``); None: off.
+    metrics_listen: Address | None = None

@@ -5,7 +5,8 @@ value (ops and shapes in docs/formats.md, "Conversations … control operations"
 Invariants: a refused request changes nothing; every error carries an ``ErrorCode``; its
 reason travels on the wire bare, and the client knows (and renders) the node and path it
 asked about.  The API sees only its collaborators (catalog, scheduler, store, configuration),
-never the server object.
+never the server object.  Longer than ~450 lines on purpose: one op per method, each beside
+the checks of its arguments (split by op, the shared checks would live in two places).
 """
 
 from __future__ import annotations
@@ -61,15 +62,19 @@ FETCH_ATTEMPTS = 3
 WAIT_POLL_S = 0.2
 
 
-def _arg(args: dict[str, Any], name: str, kind: type, *, required: bool = True) -> Any:
+def _arg(
+    args: dict[str, Any], name: str, kind: type | tuple[type, ...], *, required: bool = True
+) -> Any:
     if name not in args or args[name] is None:
         if required:
             raise RequestRefused(ErrorCode.INVALID, f"missing argument {name!r}")
         return None
     value = args[name]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+        names = " or ".join(k.__name__ for k in kinds)
         raise RequestRefused(
-            ErrorCode.INVALID, f"argument {name!r} must be a {kind.__name__}, got {value!r}"
+            ErrorCode.INVALID, f"argument {name!r} must be a {names}, got {value!r}"
         )
     return value
 
@@ -77,7 +82,7 @@ def _arg(args: dict[str, Any], name: str, kind: type, *, required: bool = True) 
 def target_args(args: dict[str, Any]) -> tuple[str, str]:
     """The canonical (node, path) a request names; ``invalid`` if either is malformed."""
     try:
-        node = str(net.Address.parse_node(args.get("node")))
+        node = str(net.Address.parse_node(args.get("node"), default_port=None))  # canonical
         return node, net.normalise_path(args.get("path"))
     except UsageError as exc:
         raise RequestRefused(ErrorCode.INVALID, exc.reason) from None
@@ -108,6 +113,7 @@ class ControlAPI:
             "backup-now": self.backup_now,
             "verify": self.verify,
             "status": self.status,
+            "progress": self.progress,
         }
         # Ops answered by a stream of rows (protocol.ControlSession.ANSWERS says which).
         self._streams = {"log": self.log_pages, "list": self.list_pages}
@@ -185,11 +191,17 @@ class ControlAPI:
 
     async def register(self, args: dict[str, Any]) -> dict[str, Any]:
         node, path = target_args(args)
-        every_s = parse_every(_arg(args, "every", (str, int)))  # type: ignore[arg-type]
+        every_s = parse_every(_arg(args, "every", (str, int)))
+        bwlimit = _arg(args, "bwlimit", int, required=False)
+        if bwlimit is not None and not 0 < bwlimit <= net.MAX_RATE:
+            raise RequestRefused(ErrorCode.INVALID, f"bwlimit must be a number of bytes per "
+                                 f"second from 1 to {net.MAX_RATE}, got {bwlimit}")
         warning = await self._check_agent(node, path)
         now = self.clock()
         # The catalog is the one place that refuses a target registered twice (``exists``).
-        target = await self.catalog.call(lambda c: c.register(node, path, every_s, now))
+        target = await self.catalog.call(
+            lambda c: c.register(node, path, every_s, now, bwlimit=bwlimit)
+        )
         if _leased(target, now):
             # Registered again while an execution of its previous life runs: that run's end
             # rewrites the schedule, so queue the first backup of this one explicitly.
@@ -198,6 +210,7 @@ class ControlAPI:
         log.info("registered %s every %d s", target.name, every_s)
         out: dict[str, Any] = {
             "node": node, "path": path, "every_seconds": every_s, "next_due": iso(target.next_due),
+            "bwlimit": bwlimit,
         }
         if warning:
             out["warning"] = warning
@@ -235,15 +248,20 @@ class ControlAPI:
             before = page[-1].seq
 
     async def targets(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        """Registered targets; with ``all``, also unregistered ones that still have retained
+        archives (state "unregistered": list, fetch and restore still work on them)."""
+        every = bool(_arg(args, "all", bool, required=False))
         rows = await self.catalog.call(lambda c: [
-            (t, c.count_retained(t.id), c.newest_skipped(t.id)) for t in c.targets()
+            (t, c.count_retained(t.id), c.newest_skipped(t.id))
+            for t in c.targets(active_only=not every)
         ])
         now = self.clock()
         # What the newest archive lacks (sockets, unreadable files): a count and the first few.
         return [
-            {**t.to_wire(n, _leased(t, now)), "skipped_count": len(skipped),
-             "skipped": [list(s) for s in skipped[:DETAIL_MAX]]}
+            {**t.to_wire(n), "state": t.shown_state(now),
+             "skipped_count": len(skipped), "skipped": [list(s) for s in skipped[:DETAIL_MAX]]}
             for t, n, skipped in rows
+            if t.active or n
         ]
 
     async def log_pages(self, args: dict[str, Any]) -> AsyncGenerator[list[dict[str, Any]], None]:
@@ -278,11 +296,24 @@ class ControlAPI:
     async def backup_now(self, args: dict[str, Any]) -> dict[str, Any]:
         target = await self._target(args)
         wait = _arg(args, "wait", bool, required=False) or False
+        wait_timeout = _arg(args, "wait_timeout", (int, float), required=False)
+        if wait_timeout is not None and not 0 < wait_timeout < float("inf"):
+            raise RequestRefused(ErrorCode.INVALID, "wait_timeout must be a positive number")
         tid = target.id
         after = await self.catalog.call(lambda c: c.last_execution_id())
         await self.scheduler.request_now(tid)
+        queued = {"node": target.node, "path": target.path, "queued": True}
         if not wait:
-            return {"node": target.node, "path": target.path, "queued": True}
+            return queued
+        if wait_timeout is None:  # an older client: it keeps its own deadline
+            return await self._wait_for(tid, after)
+        with trio.move_on_after(float(wait_timeout)):
+            return await self._wait_for(tid, after)
+        # The backup goes on (queued or running): the client says so with its own exit code.
+        return {**queued, "timed_out": True, "waited": float(wait_timeout)}
+
+    async def _wait_for(self, tid: int, after: int) -> dict[str, Any]:
+        """The wire row of the first execution of ``tid`` after ``after`` to finish."""
         # Whichever server claims it, its execution row lands in the shared catalog.
         while True:
             # A verification (trigger "verify") of the target may end first: not ours.
@@ -299,6 +330,8 @@ class ControlAPI:
         now, ttl = self.clock(), self.scheduler.lease_ttl
         targets = await self.catalog.call(lambda c: c.targets())
         servers = await self.catalog.call(lambda c: c.servers(now, ttl))
+        running = await self.catalog.call(lambda c: c.running_executions())
+        owners = {(t.node, t.path): t.lease_owner for t in targets}
         return {
             "version": __version__,
             "server_id": self.scheduler.server_id,
@@ -306,6 +339,7 @@ class ControlAPI:
             "listen": self.address,
             "targets": len(targets),
             "retrying": sum(1 for t in targets if t.state == "retrying"),
+            "failing": sum(1 for t in targets if t.shown_state(now) == "failing"),
             "running": self.scheduler.running,
             "servers": [
                 {**s.to_wire(), "targets": [t.name for t in targets
@@ -317,7 +351,21 @@ class ControlAPI:
             "store": _describe_store(self.store),
             "max_concurrent": self.config.max_concurrent,
             "max_per_node": self.config.max_per_node,
+            # Every server's running executions with their bytes so far (from the catalog,
+            # at most ``scheduler.PROGRESS_S`` old).
+            "executions": [_running(e, owners.get((e.node, e.path))) for e in running],
         }
+
+    async def progress(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``progress {node, path}``: the target's running execution, if any, with its bytes
+        on the wire so far (``backup-now --wait`` polls it to draw its progress bar)."""
+        target = await self._target(args, active_only=False)
+        tid = target.id
+        running = await self.catalog.call(lambda c: c.running_executions(tid))
+        out: dict[str, Any] = {"node": target.node, "path": target.path, "running": bool(running)}
+        if running:
+            out.update(_running(running[-1], target.lease_owner))
+        return out
 
     async def fetch(self, chan: net.Channel, args: dict[str, Any]) -> None:
         """Stream one retained archive: Response(meta), DataChunk*, DataEnd."""
@@ -387,7 +435,7 @@ class ControlAPI:
             targets = [t for t, n in counted if n]
         else:
             targets = [await self._target(args, active_only=False)]
-        wait = _arg(args, "wait", (int, float), required=False)  # type: ignore[arg-type]
+        wait = _arg(args, "wait", (int, float), required=False)
         verifier = Verifier(
             catalog=self.catalog, store=self.store, server_id=self.scheduler.server_id,
             lease_ttl=self.scheduler.lease_ttl, limiter=self.files, clock=self.clock,
@@ -401,6 +449,16 @@ class ControlAPI:
                     f"{float(wait) if wait else VERIFY_WAIT_S:g} s; try again later"))
             out.append(done.to_wire())
         return out
+
+
+def _running(e: ExecutionRecord, server: str | None) -> dict[str, Any]:
+    """A running execution on the wire: a backup's size is known only at its end (the agent
+    streams the archive as it builds it), so ``expected`` is None for now."""
+    return {
+        "execution": e.id, "node": e.node, "path": e.path, "trigger": e.trigger,
+        "started": iso(e.started), "server": server, "bytes_sent": e.bytes_sent,
+        "bytes_received": e.bytes_received, "transferred": e.transferred, "expected": None,
+    }
 
 
 def _corrupt_refusal(a: ArchiveRecord) -> str:

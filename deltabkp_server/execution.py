@@ -30,10 +30,18 @@ import attrs
 import trio
 
 from deltabkp import net, protocol
-from deltabkp.errors import DeltabkpError, ErrorCode, IntegrityError, RequestRefused
+from deltabkp.errors import (
+    AuthError,
+    DeltabkpError,
+    ErrorCode,
+    IntegrityError,
+    PeerUnavailable,
+    RequestRefused,
+)
 from deltabkp_server.catalog import AsyncCatalog
 from deltabkp_server.config import ExecutionSettings
 from deltabkp_server.ingest import Ingest
+from deltabkp_server.metrics import ServerMetrics
 from deltabkp_server.model import ArchiveRecord, ExecutionRecord, ExecutionResult, Target
 from deltabkp_server.pull import Unchanged, pull
 from deltabkp_server.retention import rotate
@@ -75,6 +83,15 @@ class _Meter:
 
 
 @attrs.frozen
+class _Live:
+    """A running execution: what it is about and its bytes on the wire so far."""
+
+    target: Target
+    started: float
+    meter: _Meter
+
+
+@attrs.frozen
 class _Same:
     """An attempt's verdict: the agent's archive is the base archive."""
 
@@ -95,6 +112,11 @@ class Executor:
     files: trio.CapacityLimiter = attrs.field(alias="files_limiter")
     settings: ExecutionSettings = ExecutionSettings()
     clock: Callable[[], float] = time.time
+    #: The executions running here, by id: their bytes so far (``Scheduler`` writes them to
+    #: the catalog every ``PROGRESS_S``; ``ctl status`` and ``backup-now --wait`` read them).
+    live: dict[int, _Live] = attrs.Factory(dict)
+    #: This server's counters (``Server`` shares one with the status page).
+    metrics: ServerMetrics = attrs.Factory(ServerMetrics)
 
     async def run(self, target: Target, trigger: str, *, due: float | None = None) -> Ran:
         """One execution of ``target`` (``due``: when it was due, for the log's lag): its
@@ -104,8 +126,12 @@ class Executor:
         eid = await self.catalog.call(
             lambda c: c.start_execution(target.id, started, trigger, due=due)
         )
-        log.info("execution %d of %s started (%s)", eid, target.name, trigger)
+        about = net.log_context(node=target.node, path=target.path, execution=eid)
+        log.info("execution %d of %s started (%s)", eid, target.name, trigger,
+                 extra={**about, "event": "execution-started"})
+        failure = "execution-failed"
         meter = _Meter()
+        self.live[eid] = _Live(target, started, meter)
         note: str | None = None
         retry = False
         try:
@@ -113,7 +139,8 @@ class Executor:
                 got = await self._attempt(target, eid, meter, full=False, note=None)
             except IntegrityError as exc:
                 note = f"delta result failed verification ({exc.reason}); retried as a full transfer"
-                log.warning("execution %d of %s: %s", eid, target.name, note)
+                log.warning("execution %d of %s: %s", eid, target.name, note,
+                            extra={**about, "event": "integrity-fallback"})
                 got = await self._attempt(target, eid, meter, full=True, note=note)
             if isinstance(got, _Same):
                 record = await self._finish(eid, ExecutionResult(
@@ -132,6 +159,11 @@ class Executor:
             # Anything else (unreachable, broken transfer, bad data) retries when it answers.
             retry = not (isinstance(exc, RequestRefused) and isinstance(exc.code, ErrorCode)
                          and exc.code.permanent)
+            # What an operator greps for: the agent is down, or holds another cluster's key.
+            if isinstance(exc, AuthError):
+                failure = "auth-failed"
+            elif isinstance(exc, PeerUnavailable):
+                failure = "agent-unreachable"
             record = await self._finish(eid, ExecutionResult(
                 outcome="failed", ended=self.clock(), bytes_sent=meter.sent,
                 bytes_received=meter.received, error=str(exc), note=note,
@@ -143,8 +175,11 @@ class Executor:
                     bytes_received=meter.received,
                     error=f"{target.name}: cancelled (server shutting down)",
                 ))
+            self.live.pop(eid, None)
             raise
-        _log_record(record)
+        self.live.pop(eid, None)
+        _log_record(record, failure)
+        self.metrics.executed(record)
         return Ran(record, retry)
 
     async def _finish(self, eid: int, result: ExecutionResult) -> ExecutionRecord:
@@ -156,10 +191,15 @@ class Executor:
         """Pull (protocol) → ingest (patch, verify, commit) over one connection."""
         tid = target.id
         base = None if full else await self.catalog.call(lambda c: c.newest_retained(tid))
-        chan = await net.connect(
-            net.Address.parse(target.node), key=self.key, role="server",
-            timeout=self.settings.connect_timeout,
-        )
+        try:
+            chan = await net.connect(
+                net.Address.parse(target.node), key=self.key, role="server",
+                timeout=self.settings.connect_timeout,
+            )
+        except PeerUnavailable:
+            self.metrics.contact(target.node, False)
+            raise
+        self.metrics.contact(target.node, True)
         # Silence is bounded by --idle-timeout both ways: an agent that stops reading (its
         # acknowledgements lost on a partition) is as gone as one that stops writing.
         chan.send_timeout = self.settings.idle_timeout
@@ -168,10 +208,12 @@ class Executor:
             catalog=self.catalog, store=self.store, target=target, base=base,
             limiter=self.files, max_size=self.settings.max_archive_size,
         )
+        # Counted as they move: a scrape during a long backup sees the bytes grow.
+        counted = self.metrics.wire.add(lambda: (chan.bytes_sent, chan.bytes_received))
         try:
             pulled = await pull(
                 chan, target.path, base.hash if base else None, idle=self.settings.idle_timeout,
-                read_signature=ingest.read_signature, sink=ingest,
+                read_signature=ingest.read_signature, sink=ingest, bwlimit=target.bwlimit,
             )
             if isinstance(pulled, Unchanged):
                 assert base is not None  # the conversation refuses "unchanged" without a base
@@ -197,12 +239,15 @@ class Executor:
                     await chan.send(protocol.Cancel())
             raise
         finally:
+            self.metrics.wire.done(counted)
             await ingest.aclose()
             meter.close(chan)
             await chan.aclose()
 
 
-def _log_record(r: ExecutionRecord) -> None:
+def _log_record(r: ExecutionRecord, failure: str = "execution-failed") -> None:
+    """One line per finished execution: INFO, or WARNING when it failed (``failure`` is the
+    JSON ``event``: ``execution-failed``, ``agent-unreachable`` or ``auth-failed``)."""
     what = f"execution {r.id} of {r.node} {r.path}: {r.outcome}"
     if r.outcome == "stored":
         ratio = 100.0 * r.transferred / r.archive_size if r.archive_size else 0.0
@@ -216,4 +261,8 @@ def _log_record(r: ExecutionRecord) -> None:
         what += f" — {r.error}"
     if r.note:
         what += f" [{r.note}]"
-    log.info("%s", what)
+    about = net.log_context(node=r.node, path=r.path, execution=r.id)
+    if r.outcome == "failed":
+        log.warning("%s", what, extra={**about, "event": failure})
+    else:
+        log.info("%s", what, extra={**about, "event": "execution-ended"})

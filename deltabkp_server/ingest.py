@@ -8,6 +8,9 @@ Invariants:
 - a new archive becomes visible only through ``Catalog.commit_archive``, after the patched
   file matched the delta's END and the agent's ``backup-done`` (size and blake3) and was
   fsynced into place; on any failure or cancellation ``aclose`` leaves no file behind;
+- the delta is the rolling one (``engine.Patcher``) or, when the agent took the offer, the
+  layout delta (``archive.LayoutPatcher``), told apart by its magic; both end verified the
+  same way;
 - a base that cannot be read is marked missing (never offered again) and reported as an
   ``IntegrityError``, which the executor retries as a full transfer.
 """
@@ -23,9 +26,15 @@ import trio
 
 import deltabkp
 from deltabkp import protocol
+from deltabkp.archive import LAYOUT_MAGIC, LayoutPatcher
 from deltabkp.errors import IntegrityError, StoreError, StoreUnavailable
 from deltabkp_server.catalog import AsyncCatalog
-from deltabkp_server.model import ArchiveRecord, ExecutionRecord, ExecutionResult, Target
+from deltabkp_server.model import (
+    ArchiveRecord,
+    ExecutionRecord,
+    ExecutionResult,
+    Target,
+)
 from deltabkp_server.store import PartWriter, Store
 
 __all__ = ["Ingest"]
@@ -39,23 +48,46 @@ class _Patch:
     def __init__(
         self, base_buf: Any, base: ArchiveRecord | None, part: PartWriter, max_size: int
     ) -> None:
-        # With base_hash the patcher refuses, from the header on, a delta made for another base.
-        self.patcher = deltabkp.Patcher(
-            base_buf, base_hash=base.hash if base else None, max_size=max_size
-        )
+        self._base_buf, self._base, self._max_size = base_buf, base, max_size
+        # Chosen by the delta's magic once its first bytes are in (keep-alives are empty).
+        self.patcher: Any = None
+        self._head = bytearray()
         # The signature of the new archive is built while it is written, with blocks sized
         # for the base (the new archive is usually about as big).  With no base the size is
         # unknown until the end, so that first signature is built from the written file.
         self.sig = deltabkp.SignatureBuilder(base_size=base.size) if base is not None else None
         self.part = part
 
+    def _choose(self) -> Any:
+        base = self._base
+        # A layout delta is accepted only against a base (pull offers it only then); with
+        # base_hash either patcher refuses, from the header on, a delta made for another.
+        kind: Any = deltabkp.Patcher
+        if base is not None and self._head.startswith(LAYOUT_MAGIC):
+            kind = LayoutPatcher
+        self.patcher = kind(
+            self._base_buf, base_hash=base.hash if base else None, max_size=self._max_size
+        )
+        return self.patcher
+
     def feed(self, data: bytes) -> None:
+        if self.patcher is None:
+            self._head += data
+            if len(self._head) < len(LAYOUT_MAGIC):
+                return
+            self._choose()
+            data, self._head = bytes(self._head), bytearray()
         for piece in self.patcher.feed(data):
             self.part.write(piece)
             if self.sig is not None:
                 self.sig.feed(piece)
 
     def finish(self, done: protocol.BackupDone) -> bytes:
+        if self.patcher is None:
+            for piece in self._choose().feed(bytes(self._head)):
+                self.part.write(piece)
+                if self.sig is not None:
+                    self.sig.feed(piece)
         self.patcher.finish()  # raises IntegrityError on a length or blake3 mismatch
         if self.patcher.new_hash != done.archive_hash or self.patcher.new_size != done.archive_size:
             raise IntegrityError(

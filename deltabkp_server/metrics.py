@@ -26,7 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from deltabkp.errors import DeltabkpError
 from deltabkp.net._http import LiveBytes
 from deltabkp_server.catalog import AsyncCatalog
-from deltabkp_server.model import OUTCOMES, STATES, ExecutionRecord
+from deltabkp_server.model import OUTCOMES, SHOWN_STATES, ExecutionRecord
 
 __all__ = ["CACHE_S", "ServerMetrics"]
 
@@ -106,8 +106,9 @@ class ServerMetrics:
         except DeltabkpError as exc:
             log.error("metrics: cannot read targets from the catalog: %s", exc)
             return
-        counts = collections.Counter(t.state for t in targets)
-        self._targets = {s: counts.get(s, 0) for s in (*STATES, *counts)}
+        wall = time.time()
+        counts = collections.Counter(t.shown_state(wall) for t in targets)
+        self._targets = {s: counts.get(s, 0) for s in (*SHOWN_STATES, *counts)}
         self._last_failed = sum(t.last_outcome == "failed" for t in targets)
         # Nodes no longer registered are forgotten (the dict stays bounded).
         nodes = {t.node for t in targets}
@@ -123,7 +124,7 @@ class _Gauges:
     def collect(self) -> list[Metric]:
         m = self._m
         targets = GaugeMetricFamily(
-            "deltabkp_server_targets", "Active targets in the catalog, by schedule state",
+            "deltabkp_server_targets", "Active targets in the catalog, by the state ctl shows (ok, running, retrying, failing)",
             labels=["state"])
         for state, n in sorted(m._targets.items()):
             targets.add_metric([state], n)

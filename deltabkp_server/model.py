@@ -27,11 +27,14 @@ __all__ = [
     "DETAIL_MAX",
     "OUTCOMES",
     "STATES",
+    "SHOWN_STATES",
     "QUEUED",
 ]
 
 OUTCOMES = ("stored", "unchanged", "failed", "skipped")
 STATES = ("ok", "retrying")
+#: What ``Target.shown_state`` can say of an active target (ctl, metrics, the status page).
+SHOWN_STATES = ("ok", "running", "retrying", "failing")
 #: What may wait in ``Target.queued``; "manual" outranks "announce" (never overwritten by it).
 QUEUED = ("manual", "announce")
 
@@ -109,10 +112,27 @@ class Target:
     queued: str | None = None
     lease_owner: str | None = None
     lease_until: float | None = None
+    #: Bytes per second the agent may send for this target (sent in each backup request);
+    #: None: no cap of its own.
+    bwlimit: int | None = None
 
     @property
     def name(self) -> str:
         return f"{self.node} {self.path}"
+
+    def shown_state(self, now: float) -> str:
+        """The state users see (ctl ``targets``/``status``), the first that holds:
+        "unregistered" (inactive; its archives stay), "running" (a live lease: a server runs or
+        probes it now), "retrying" (the last execution failed, a retry is pending), "failing"
+        (the last finished execution failed and no retry is pending: the next try is the next
+        period), else "ok"."""
+        if not self.active:
+            return "unregistered"
+        if self.lease_until is not None and self.lease_until > now:
+            return "running"
+        if self.state == "retrying":
+            return "retrying"
+        return "failing" if self.last_outcome == "failed" else "ok"
 
     def to_wire(self, archives: int = 0, running: bool = False) -> dict[str, Any]:
         return {
@@ -124,6 +144,7 @@ class Target:
             "last_outcome": self.last_outcome,
             "last_error": self.last_error,
             "archives": archives,
+            "bwlimit": self.bwlimit,
         }
 
 

@@ -5,8 +5,9 @@ signature if it asks, and pass every delta chunk to a sink; the answer is a valu
 ``Unchanged(reason)`` or ``Delta(done)`` — never an exception.  The order of the messages is
 checked by ``protocol.AgentSession`` (an ``unchanged`` for a base we did not offer, a
 signature request with no base, a chunk out of turn are the agent's protocol errors); this
-module only moves them, each wait under the idle deadline.  Patching and storing are the
-sink's business (``ingest``).
+module only moves them, each wait under the idle deadline.  It offers the layout delta
+(``accepts``) only to an agent whose ``welcome`` advertised the same form and zlib.
+Patching and storing are the sink's business (``ingest``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Protocol
 import attrs
 
 from deltabkp import net, protocol
+from deltabkp.archive import LAYOUT_CAPABILITY
 from deltabkp.errors import RemoteProtocolError
 
-__all__ = ["Unchanged", "Delta", "Pulled", "DeltaSink", "pull"]
+__all__ = ["Delta", "DeltaSink", "Pulled", "Unchanged", "pull"]
 
 
 @attrs.frozen
@@ -51,9 +53,14 @@ async def pull(
     idle: float,
     read_signature: Callable[[], Awaitable[bytes]],
     sink: DeltaSink,
+    bwlimit: int | None = None,
 ) -> Pulled:
-    """One backup request on ``chan``; delta chunks go to ``sink`` as they arrive."""
-    await chan.send(protocol.BackupRequest(path, base_hash, ()))
+    """One backup request on ``chan``; delta chunks go to ``sink`` as they arrive
+    (``bwlimit``: the target's cap on what the agent sends, bytes/s)."""
+    # The layout delta (docs/formats.md) only to an agent that advertised the same form
+    # (and zlib): an agent that predates it never sees the field.
+    accepts = (LAYOUT_CAPABILITY,) if LAYOUT_CAPABILITY in _deltas(chan) else ()
+    await chan.send(protocol.BackupRequest(path, base_hash, (), bwlimit, accepts))
     msg = await chan.receive(timeout=idle)
     if isinstance(msg, protocol.NeedSignature):
         sig = await read_signature()
@@ -70,3 +77,9 @@ async def pull(
         return Delta(msg)
     # The conversation allows nothing else here; a bug in its table would land here.
     raise RemoteProtocolError(f"unexpected {msg.TYPE} during a backup", peer=chan.peer)
+
+
+def _deltas(chan: net.Channel) -> tuple[str, ...]:
+    """The delta forms the agent advertised in its ``welcome`` (``deltas``)."""
+    got = chan.peer_info.get("deltas")
+    return tuple(d for d in got if isinstance(d, str)) if isinstance(got, list) else ()

@@ -31,8 +31,8 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from deltabkp.errors import DeltabkpError
-from deltabkp.net import Address
+from deltabkp.errors import AuthError, DeltabkpError
+from deltabkp.net import Address, RateLimitedLog, log_context
 from deltabkp_server.agents import ping
 from deltabkp_server.catalog import AsyncCatalog
 from deltabkp_server.execution import Executor
@@ -49,6 +49,9 @@ PROBE_TIMEOUT_S = 5.0
 LEASE_TTL_S = 30.0
 #: How often an idle scheduler looks at the catalog for due work (other servers' registers).
 POLL_S = 1.0
+#: How often the bytes of running executions are written to their catalog rows (one
+#: transaction for all of them: the write rate does not grow with the executions running).
+PROGRESS_S = 1.0
 
 
 def backoff_delay(attempt: int, every_s: float, rng: random.Random) -> float:
@@ -121,6 +124,8 @@ class Scheduler:
         self.poll = poll
         self.clock = clock
         self.rng = rng or random.Random()
+        #: A node that stays down is one warning per node a minute, not one per probe.
+        self._unreachable = RateLimitedLog(log)
         self.global_limiter = trio.CapacityLimiter(max_concurrent)
         self.max_per_node = max_per_node
         self._node_limiters: dict[str, trio.CapacityLimiter] = {}
@@ -148,6 +153,9 @@ class Scheduler:
         if host in ("", "0.0.0.0", "::"):
             host = peer_host
         names = {str(Address(host.lower(), port))}
+        self.executor.metrics.announcements.inc()
+        for name in names:
+            self.executor.metrics.contact(name, True)
         hit = await self.catalog.call(lambda c: c.announce(names))
         if hit:
             self.wake()
@@ -158,6 +166,7 @@ class Scheduler:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_leases)
+            nursery.start_soon(self._report_progress)
             task_status.started()
             while True:
                 # A fresh event before looking: a wake() meanwhile is not lost.
@@ -198,8 +207,25 @@ class Scheduler:
             for tid, held in list(self._held.items()):
                 # Past its lease another server may start the same target: stop first.
                 if tid not in kept and held.until - self.lease_ttl / 3 <= self.clock():
-                    log.error("%s: lease lost; stopping this server's execution", held.target.name)
+                    log.error("%s: lease lost; stopping this server's execution", held.target.name,
+                              extra=log_context(node=held.target.node, path=held.target.path,
+                                                event="lease-lost"))
                     held.scope.cancel()
+
+    async def _report_progress(self) -> None:
+        """Write the bytes of this server's running executions to their open catalog rows,
+        so every server sharing the catalog can show them; best effort (a failed write is
+        retried at the next tick, and the row gets its final count when it closes)."""
+        while True:
+            await trio.sleep(PROGRESS_S)
+            rows = [(eid, r.meter.sent, r.meter.received)
+                    for eid, r in self.executor.live.items()]
+            if not rows:
+                continue
+            try:
+                await self.catalog.call(lambda c: c.record_progress(rows))
+            except DeltabkpError as exc:
+                log.debug("scheduler: cannot record progress: %s", exc)
 
     def _limiter(self, node: str) -> trio.CapacityLimiter:
         lim = self._node_limiters.get(node)
@@ -223,7 +249,9 @@ class Scheduler:
                     self._attempts[target.id] = attempt
                 if sched.state == "retrying":
                     log.info("%s: retrying; next probe in %.1f s", target.name,
-                             sched.next_due - self.clock())
+                             sched.next_due - self.clock(),
+                             extra=log_context(node=target.node, path=target.path,
+                                               execution=ran.record.id, event="retrying"))
                 await self._release(target, sched)
         except DeltabkpError as exc:
             # The catalog itself failed: the lease runs out and the target is claimed again.
@@ -235,11 +263,27 @@ class Scheduler:
     async def _probe(self, target: Target) -> bool:
         """A retrying target: run it now if its node answers, else back off again."""
         pinged = await ping(target.node, self.key, timeout=PROBE_TIMEOUT_S)
+        self.executor.metrics.contact(target.node, pinged.answered)
+        about = log_context(node=target.node, path=target.path)
         if pinged.answered:
-            log.info("%s answers again: retrying %s now", target.node, target.path)
+            log.info("%s answers again: retrying %s now", target.node, target.path,
+                     extra={**about, "event": "agent-back"})
             return True
         attempt = self._attempts[target.id] = self._attempts.get(target.id, 1) + 1
         due = self.clock() + backoff_delay(attempt, target.every_s, self.rng)
+        if isinstance(pinged.error, AuthError):  # it answers, with another cluster's key
+            self._unreachable(
+                f"{target.node} auth", "agent %s: authentication failed (%s); %s retries when "
+                "it holds this cluster's key", target.node, pinged.error.reason, target.path,
+                extra={**about, "event": "auth-failed"},
+            )
+        else:
+            self._unreachable(
+                target.node, "agent %s still unreachable (%s); %s retries when it answers "
+                "(%d failed attempts so far)", target.node,
+                pinged.error.reason if pinged.error is not None else "no answer", target.path,
+                attempt - 1, extra={**about, "event": "agent-unreachable"},
+            )
         await self._release(target, Schedule("retrying", due, target.last_outcome,
                                              target.last_error))
         return False

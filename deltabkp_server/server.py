@@ -35,14 +35,17 @@ import trio
 
 from deltabkp import net
 from deltabkp.errors import CatalogError, DeltabkpError, StoreError
+from deltabkp.net import _http as net_http
 from deltabkp_server.agents import SERVER_INFO, serve_announcements
 from deltabkp_server.catalog import AsyncCatalog, Catalog, SqliteCatalog, open_catalog
 from deltabkp_server.config import SCRUB_EVERY_S, SCRUB_RATE, ExecutionSettings, ServerConfig
 from deltabkp_server.control import ControlAPI
 from deltabkp_server.execution import Executor
+from deltabkp_server.metrics import ServerMetrics
 from deltabkp_server.scheduler import LEASE_TTL_S, Scheduler
 from deltabkp_server.scrub import Verifier, run_scrub
 from deltabkp_server.store import Store, open_store
+from deltabkp_server.web import StatusPage, routes
 
 __all__ = ["Server", "configure_logging"]
 
@@ -70,15 +73,20 @@ class Server:
         scrub_rate: float = SCRUB_RATE,
         max_handshakes: int = net.MAX_PENDING_HANDSHAKES,
         clock: Callable[[], float] = time.time,
+        metrics_listen: net.Address | None = None,
     ) -> None:
         self.config = ServerConfig(
             data_dir=Path(data_dir), key=key, host=host, port=port,
             max_concurrent=max_concurrent, max_per_node=max_per_node, settings=settings,
             catalog_url=catalog_url, store_url=store_url, s3_endpoint=s3_endpoint,
             lease_ttl=lease_ttl, max_handshakes=max_handshakes,
-            scrub_every=scrub_every, scrub_rate=scrub_rate,
+            scrub_every=scrub_every, scrub_rate=scrub_rate, metrics_listen=metrics_listen,
         )
         self.clock = clock
+        #: This process's counters (``/metrics``), fed by the executor and the scheduler.
+        self.metrics = ServerMetrics()
+        #: Where ``/metrics`` and the status page are served (port 0 resolved), or "".
+        self.metrics_address = ""
         self.started = clock()
         #: Unique among the servers sharing a catalog (host name and process, plus a nonce).
         self.server_id = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(2)}"
@@ -126,6 +134,7 @@ class Server:
         executor = Executor(
             key=cfg.key, catalog=self.catalog, store=self.store,
             files_limiter=self.files_limiter, settings=cfg.settings, clock=self.clock,
+            metrics=self.metrics,
         )
         self.scheduler = Scheduler(
             executor=executor, catalog=self.catalog, key=cfg.key, server_id=self.server_id,
@@ -196,6 +205,13 @@ class Server:
                     await nursery.start(functools.partial(
                         run_scrub, verifier, every=cfg.scrub_every, rate=cfg.scrub_rate))
                 await nursery.start(net.serve, self._handle, listeners, self.gate)
+                if cfg.metrics_listen is not None:
+                    page = StatusPage(catalog=self.catalog, server_id=self.server_id,
+                                      address=lambda: self.address, clock=self.clock)
+                    bound = await nursery.start(
+                        net_http.serve_http, routes(self.catalog, self.metrics, page),
+                        cfg.metrics_listen, log)
+                    self.metrics_address = str(bound)
                 log.info("server %s on catalog %s, store %s", self.server_id,
                          cfg.catalog_url or "sqlite (data dir)", cfg.store_url or "data dir")
                 task_status.started(self.address)

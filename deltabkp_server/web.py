@@ -45,26 +45,31 @@ class TargetView:
     """One row of the targets table."""
 
     target: Target
+    #: ``Target.shown_state`` when read: what ctl shows too.
+    state: str
     last_success: float | None
     #: Retained versions, oldest first.
     versions: tuple[ArchiveRecord, ...]
 
     @property
     def failing(self) -> bool:
-        return self.target.last_outcome == "failed" or self.target.state != "ok"
+        return self.target.last_outcome == "failed" or self.state in ("retrying", "failing")
 
 
 def _read_targets(c: Catalog) -> tuple[list[TargetView], int]:
     """The targets to show, failing first, and how many there are in all (one thread call)."""
+    now = time.time()
     targets = c.targets()
+    shown = {t.id: t.shown_state(now) for t in targets}
     # Failures first, then by name: the operator's eye lands on what needs them.
-    targets.sort(key=lambda t: (t.last_outcome != "failed" and t.state == "ok", t.node, t.path))
+    targets.sort(key=lambda t: (
+        t.last_outcome != "failed" and shown[t.id] not in ("retrying", "failing"), t.node, t.path))
     views = []
     for t in targets[:MAX_TARGETS]:
         good = [e.ended for o in ("stored", "unchanged")
                 for e in c.execution_page(limit=1, target_id=t.id, outcome=o) if e.ended]
         arch = [a for a in c.archive_page(t.id, limit=PLOT_POINTS) if a.retained]
-        views.append(TargetView(t, max(good, default=None), tuple(reversed(arch))))
+        views.append(TargetView(t, shown[t.id], max(good, default=None), tuple(reversed(arch))))
     return views, len(targets)
 
 
@@ -182,7 +187,7 @@ class StatusPage:
                 f'<tr class="target{" failing" if v.failing else ""}" data-target="{t.id}" '
                 f'data-versions="{len(v.versions)}">'
                 f'<td>{_e(t.node)}</td><td class="path">{_e(t.path)}</td>'
-                f'<td class="state">{_e(t.state)}</td>'
+                f'<td class="state">{_e(v.state)}</td>'
                 f'<td class="outcome-{_e(t.last_outcome or "none")}">{_e(t.last_outcome or "-")}</td>'
                 f'<td class="t">{_e(_t(v.last_success))}</td><td class="t">{_e(_t(t.next_due))}</td>'
                 f'<td class="plot">{plot_svg(v.versions)}</td>'

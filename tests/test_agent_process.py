@@ -46,7 +46,7 @@ def test_help_and_bad_arguments(tmp_path: Path, key_file: Path) -> None:
     for args, needle in [
         ([], "--allow"),
         (["--allow", str(tmp_path / "missing")], "not an existing directory"),
-        (["--allow", str(tmp_path), "--listen", "nohost"], "HOST:PORT"),
+        (["--allow", str(tmp_path), "--listen", "nohost:"], "missing port"),
         (["--allow", str(tmp_path), "--max-builds", "0"], "--max-builds"),
     ]:
         cmd = [exe("deltabkp-agent"), "--key-file", str(key_file), *args]

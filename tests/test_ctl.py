@@ -53,7 +53,7 @@ def make_app(root: Path) -> Path:
         ([], "SUBCOMMAND"),
         (["register", "10.0.0.5:7471", "/srv/app"], "--every"),
         (["register", "10.0.0.5:7471", "srv/app", "--every", "5"], "absolute"),
-        (["register", "10.0.0.5", "/srv/app", "--every", "5"], "HOST:PORT"),
+        (["register", "10.0.0.5:", "/srv/app", "--every", "5"], "missing port"),
         (["list", "10.0.0.5:notaport", "/srv/app"], "port"),
         (["log", "10.0.0.5:7471"], "both"),
         (["log", "--limit", "-1"], "--limit"),

@@ -381,7 +381,9 @@ def test_address_parsing() -> None:
             parse(bad)
     assert Address.parse_node("Node1.Example:7471") == Address("node1.example", 7471)
     assert Address.parse_node("[FE80::1]:7471") == Address("fe80::1", 7471)
-    for bad_node in ["node1:0", "node1", 7471, None]:
+    # The one rule: a node without a port is its agent's default port (7471).
+    assert Address.parse_node("Node1") == Address("node1", 7471)
+    for bad_node in ["node1:0", "node1:", 7471, None]:
         with pytest.raises(UsageError):
             Address.parse_node(bad_node)
 

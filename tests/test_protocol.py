@@ -120,7 +120,7 @@ def _tree(floats: st.SearchStrategy[float], size: int) -> st.SearchStrategy[obje
 _text, _bin, _plain = st.text(max_size=12), st.binary(max_size=40), _tree(st.floats(allow_nan=False), 12)
 _pairs = st.lists(st.tuples(_text, _text), max_size=3).map(tuple)
 _BY_TYPE = {"bytes": _bin, "str": _text, "int": st.integers(0, 2**64 - 1), "bytes | None": st.none() | _bin,
-            "str | None": st.none() | _text, "dict[str, Any]": st.dictionaries(_text, _plain, max_size=4),
+            "str | None": st.none() | _text, "int | None": st.none() | st.integers(1, 2**64 - 1), "dict[str, Any]": st.dictionaries(_text, _plain, max_size=4),
             "Any": _plain, "tuple[str, ...]": st.lists(_text, max_size=3).map(tuple),
             "tuple[tuple[str, ...], ...]": _pairs,
             "list[Any]": st.lists(st.dictionaries(_text, _plain, max_size=3), max_size=3)}

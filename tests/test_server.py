@@ -186,7 +186,8 @@ async def test_refusal_by_the_agent_is_logged(server: Server, agent: ScriptedAge
     assert e["outcome"] == "failed" and "path-not-allowed" in e["error"] and "/srv/app" in e["error"]
     # A refusal is not an outage: no retry storm, the next try is the next period.
     [t] = await ctl(server.address, "targets")
-    assert t["state"] == "ok" and t["last_outcome"] == "failed" and "path-not-allowed" in t["last_error"]
+    # "failing": the last finished execution failed, and no retry is pending.
+    assert t["state"] == "failing" and t["last_outcome"] == "failed" and "path-not-allowed" in t["last_error"]
     assert t["next_due"] > e["ended"]
     assert len(agent.requests) == 1
 
@@ -424,9 +425,9 @@ def test_server_cli_help_names_the_defaults() -> None:
 def test_server_cli_errors_are_one_clear_line(tmp_path: Path) -> None:
     import socket
 
-    res = _server_cmd("--listen", "nonsense", "--data-dir", str(tmp_path / "d"))
+    res = _server_cmd("--listen", "nonsense:x", "--data-dir", str(tmp_path / "d"))
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-        "deltabkp-server: error: bad address 'nonsense': expected HOST:PORT"
+        "deltabkp-server: error: bad address 'nonsense:x': port 'x' is not a number"
     ]
     key = tmp_path / "k"
     key.write_text("k" * 40)

@@ -4,7 +4,8 @@
 ``tree_fingerprint`` answers "unchanged?" from metadata alone, ``extract_archive`` restores
 faithfully, safely and all or nothing.  ``IncrementalBuilder`` makes the same bytes as
 ``TgzBuilder`` from the previous build's ``ArchiveIndex`` and archive, reading only what
-changed.  Invariants are stated in each private module.
+changed; ``encode_layout`` / ``LayoutPatcher`` describe the next archive by the layout of
+the previous one (the layout delta).  Invariants are stated in each private module.
 """
 
 from __future__ import annotations
@@ -16,9 +17,17 @@ from deltabkp.archive._incremental import (
     IncrementalBuilder,
     IncrementalStats,
 )
+from deltabkp.archive._layout import (
+    LAYOUT_CAPABILITY,
+    LAYOUT_MAGIC,
+    LayoutPatcher,
+    encode_layout,
+)
 from deltabkp.archive._walk import Fingerprint, tree_fingerprint
 
 __all__ = [
+    "LAYOUT_CAPABILITY",
+    "LAYOUT_MAGIC",
     "ArchiveIndex",
     "ArchiveReport",
     "ExtractReport",
@@ -26,9 +35,11 @@ __all__ = [
     "Fingerprint",
     "IncrementalBuilder",
     "IncrementalStats",
+    "LayoutPatcher",
     "TgzBuilder",
     "build_archive",
     "check_destination",
+    "encode_layout",
     "extract_archive",
     "tree_fingerprint",
 ]

@@ -4,7 +4,8 @@ One command line becomes one control request on one connection; the answer is pr
 human table or as JSON (``--json``), and the exit code says what happened: 0 ok,
 1 ``backup-now --wait`` ran and failed (or ``restore`` could not write next to DEST), 2 usage
 error, 3 refused by the server (or by the agent, through the server), 4 server unreachable,
-wrong key or protocol failure, 5/6 a restored archive that is malformed / fails its hash.
+wrong key or protocol failure, 5/6 a restored archive that is malformed / fails its hash,
+7 ``backup-now --wait`` gave up after ``--wait-timeout`` while the backup goes on.
 Every error names the node and path the command was about, and the server when it is at fault.
 
 The modules: ``_commands`` (the command table and argument parsing), ``_client`` (the

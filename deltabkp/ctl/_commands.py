@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import math
+import os
 import re
 import sys
 import time
@@ -25,18 +26,21 @@ from typing import Any, Literal
 import attrs
 import trio
 
-from deltabkp import net
-from deltabkp.ctl import _render
+from deltabkp import _config, net
+from deltabkp.ctl import _progress, _render
 from deltabkp.ctl._client import Client, default_server, parse_servers
 from deltabkp._atomic import atomic_write
 from deltabkp.ctl._restore import RestoreWriteError, restore
 from deltabkp.ctl._restore import _download as download_archive
 from deltabkp.errors import UsageError
 
-__all__ = ["register", "EXIT_FAILED", "COMMANDS", "Command"]
+__all__ = ["register", "EXIT_FAILED", "EXIT_STILL_RUNNING", "COMMANDS", "Command"]
 
 #: ``backup-now --wait``: the execution ran and failed.
 EXIT_FAILED = 1
+#: ``backup-now --wait``: ``--wait-timeout`` passed and the backup is still queued or running
+#: (the server is fine; not 4, which says it could not be asked).
+EXIT_STILL_RUNNING = 7
 
 DESCRIPTION = """\
 Talk to a deltabkp server: register what to back up, see what was backed up, restore it.
@@ -62,12 +66,22 @@ examples:
 
 server address: --server HOST:PORT[,HOST:PORT…], else $DELTABKP_SERVER, else 127.0.0.1:7470.
 cluster key: --key-file F, else $DELTABKP_KEY_FILE, else ~/.config/deltabkp/cluster.key.
+addresses: a HOST without :PORT means the default port of what it names (a server 7470, a
+node's agent 7471); an IPv6 address with a port is written [ADDR]:PORT.
+configuration: every option here also reads $DELTABKP_<OPTION> (--timeout: $DELTABKP_TIMEOUT)
+and the [ctl] table of --config FILE ($DELTABKP_CONFIG); flags > variables > file > defaults;
+--print-config shows the result and where each value came from.
 frequency: integer minutes ('15'), or a number with s, m, h or d ('90s', '5m', '2h', '1d').
+times: local time, or UTC with --utc; --json always gives ISO 8601 UTC times and seconds.
 
 exit codes: 0 ok; 1 'backup-now --wait' ran and failed, or restore could not write next to
 DEST; 2 usage error; 3 refused by the server
 (already registered, unknown target, bad frequency, path not allowed by the agent, ...);
-4 server unreachable, wrong key or protocol failure; 5/6 restored archive malformed / corrupt.
+4 server unreachable, wrong key or protocol failure; 5/6 restored archive malformed / corrupt;
+7 'backup-now --wait' gave up after --wait-timeout while the backup is still queued or running.
+With --json an error is one JSON object on stdout, {"error": {"code": …, "message": …}} (on
+stderr for 'fetch … -', whose stdout is the archive); the exit code is the same. (A command
+line that does not parse at all is still argparse's usage message on stderr, exit 2.)
 """
 
 
@@ -125,9 +139,25 @@ class Command:
 # -- the commands' own arguments and requests ---------------------------------------------------
 
 
+def _targets_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true",
+                   help="also unregistered targets that still have archives")
+
+
 def _register_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--every", required=True, metavar="FREQ",
                    help="backup frequency: integer minutes ('15') or '90s', '5m', '2h', '1d'")
+    p.add_argument("--bwlimit", metavar="RATE", default=None,
+                   help="cap on the bytes per second the agent sends for this target ('1M' = "
+                   "1 MiB/s, '500K'; KB/MB are powers of 10); the agent's own --bwlimit, if "
+                   "lower, still wins")
+
+
+def _register_request(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"every": args.every}
+    if args.bwlimit is not None:
+        out["bwlimit"] = net.parse_rate(args.bwlimit)  # bytes/s on the wire
+    return out
 
 
 #: An execution's outcomes as the log names them (docs/formats.md, "log"; the server checks).
@@ -201,18 +231,29 @@ def _streamed(
 def _backup_now_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the execution to end")
     p.add_argument("--wait-timeout", type=float, default=3600.0, metavar="S",
-                   help="longest wait with --wait, seconds (default 3600)")
+                   help="longest wait with --wait, seconds (default 3600); when it passes the "
+                   f"backup goes on, and the exit code is {EXIT_STILL_RUNNING}")
 
 
 def _backup_now_request(args: argparse.Namespace) -> dict[str, Any]:
     if not _positive(args.wait_timeout):
         raise UsageError("--wait-timeout must be a positive number of seconds")
-    return {"wait": bool(args.wait)}
+    if not args.wait:
+        return {"wait": False}
+    return {"wait": True, "wait_timeout": float(args.wait_timeout)}
 
 
 def _backup_now(args: argparse.Namespace, call: Call) -> int:
-    data = call.ask(float(args.wait_timeout) if args.wait else None)
+    # The server gives up waiting after wait_timeout and says so; our own deadline comes a
+    # --timeout later, so that answer arrives (an older server: a timeout, exit 4).
+    data = _progress.ask_with_progress(
+        call.client, call.op, call.request,
+        float(args.wait_timeout) + call.client.timeout if args.wait else None,
+        enabled=args.wait and _progress.wanted(call.as_json),  # a bar: bytes and rate so far
+    )
     call.show(data, _render.backup_now(data, call.request))
+    if args.wait and isinstance(data, dict) and data.get("timed_out"):
+        return EXIT_STILL_RUNNING
     failed = args.wait and isinstance(data, dict) and data.get("outcome") == "failed"
     return EXIT_FAILED if failed else 0
 
@@ -229,7 +270,8 @@ def _restore_request(args: argparse.Namespace) -> dict[str, Any]:
 
 def _restore(args: argparse.Namespace, call: Call) -> int:
     dest = Path(args.dest)
-    meta = restore(call.client, call.request, dest)
+    meta = restore(call.client, call.request, dest,
+                   show_progress=_progress.wanted(call.as_json))
     call.show(meta, _render.restore(meta, dest))
     return 0
 
@@ -247,13 +289,16 @@ def _fetch(args: argparse.Namespace, call: Call) -> int:
     out = str(args.out)
     if out == "-":
         stdout = sys.stdout.buffer
-        meta = trio.run(download_archive, call.client, call.request, stdout)
+        with _progress.Progress("fetch", enabled=_progress.wanted(call.as_json)) as bar:
+            meta = trio.run(download_archive, call.client, call.request, stdout, bar)
         # stdout carries the archive: the confirmation goes to stderr.
         print(_render.fetch(meta, "standard output"), file=sys.stderr)
         return 0
     try:
-        with atomic_write(out) as f:
-            meta = trio.run(download_archive, call.client, call.request, f)
+        with atomic_write(out) as f, _progress.Progress(
+            "fetch", enabled=_progress.wanted(call.as_json)
+        ) as bar:
+            meta = trio.run(download_archive, call.client, call.request, f, bar)
     except OSError as exc:
         raise RestoreWriteError(f"cannot write the archive to {out}: {exc.strerror or exc}",
                                 **about) from None
@@ -289,9 +334,10 @@ COMMANDS: tuple[Command, ...] = (
         "Register a target. The server checks with the node's agent (if it answers) that "
         "PATH is allowed there; the first backup runs right away, then every FREQ.",
         "  deltabkp ctl register 10.0.0.5:7471 /srv/shop --every 15\n"
-        "  deltabkp ctl register 10.0.0.5:7471 /srv/shop --every 2h\n",
+        "  deltabkp ctl register 10.0.0.5:7471 /srv/shop --every 2h\n"
+        "  deltabkp ctl register 10.0.0.5:7471 /srv/media --every 1d --bwlimit 2M\n",
         _answer(_render.register), target="required", arguments=_register_arguments,
-        build=lambda args: {"every": args.every},
+        build=_register_request,
     ),
     Command(
         "unregister", "stop backing up NODE:PORT PATH",
@@ -316,11 +362,18 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "targets", "all registered targets and their state",
-        "Show every registered target: frequency, state (ok, retrying, running), next due "
-        "time, last outcome and error, archives kept, and what the newest archive had to "
-        "skip (sockets, FIFOs, unreadable files: a count and the first names).",
-        "  deltabkp ctl targets\n",
-        _answer(_render.targets),
+        "Show every registered target: frequency, state, next due time, last outcome and "
+        "error, archives kept, and what the newest archive had to skip (sockets, FIFOs, "
+        "unreadable files: a count and the first names). The state is the first that holds: "
+        "running (a server runs it now), retrying (its last execution failed, a retry is "
+        "pending), failing (its last finished execution failed and no retry is pending: the "
+        "next try is its next period), ok. With --all, unregistered targets that still have "
+        "archives are listed too (state unregistered; list, fetch and restore work on them).",
+        "  deltabkp ctl targets\n"
+        "  deltabkp ctl targets --all\n"
+        "  deltabkp ctl targets --json | jq -r '.[] | select(.state == \"failing\") | .path'\n",
+        _answer(_render.targets), arguments=_targets_arguments,
+        build=lambda args: {"all": True} if args.all else {},
     ),
     Command(
         "log", "execution history (all targets, or one)",
@@ -350,7 +403,8 @@ COMMANDS: tuple[Command, ...] = (
         "backup-now", "run a backup of NODE:PORT PATH now",
         "Queue a backup of a target now. With --wait, block until that execution ends, "
         "print its outcome (with the entries the archive had to skip, if any), and exit 1 if "
-        "it failed.",
+        f"it failed; exit {EXIT_STILL_RUNNING} if --wait-timeout passed first (the backup "
+        "goes on: see 'log').",
         "  deltabkp ctl backup-now 10.0.0.5:7471 /srv/shop --wait\n",
         _backup_now, target="required", arguments=_backup_now_arguments,
         build=_backup_now_request,
@@ -406,7 +460,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(ctl, top=True)
-    ctl.set_defaults(func=_no_subcommand, _ctl_parser=ctl)
+    # The ctl's own options (not a subcommand's) take $DELTABKP_* and the [ctl] table.
+    ctl.set_defaults(func=_no_subcommand, _ctl_parser=ctl,
+                     _ctl_config=_config.adopt(ctl, "ctl", prog="deltabkp ctl"))
     cmds = ctl.add_subparsers(dest="ctl_command", metavar="SUBCOMMAND")
     for cmd in COMMANDS:
         p = cmds.add_parser(
@@ -431,7 +487,8 @@ def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
     # Accepted before and after the subcommand: a subcommand's copy only overrides the
     # top-level value when it is given (SUPPRESS keeps the namespace untouched otherwise).
     default: Any = None if top else argparse.SUPPRESS
-    p.add_argument("--server", metavar="HOST:PORT[,…]", default=default,
+    p.add_argument("--server", metavar="HOST:PORT[,…]",
+                   default=f"127.0.0.1:{net.DEFAULT_SERVER_PORT}" if top else default,
                    help="server address; several, comma-separated, are tried in turn when one "
                    "is down (default: $DELTABKP_SERVER, else 127.0.0.1:7470)")
     p.add_argument("--key-file", metavar="F", default=default,
@@ -443,11 +500,27 @@ def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
     p.add_argument("--timeout", type=float, metavar="S",
                    default=net.DEFAULT_TIMEOUT * 3 if top else argparse.SUPPRESS,
                    help="deadline for connecting and for each answer, seconds (default 30)")
+    p.add_argument("--utc", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="show times in UTC (default: local time; --json is always UTC)")
+    _config.add_config_arguments(p, None if top else argparse.SUPPRESS)
 
 
 def _no_subcommand(args: argparse.Namespace) -> int:
+    if args.print_config:  # 'deltabkp ctl --print-config' needs no subcommand
+        return _print_config(args)
     args._ctl_parser.print_help(sys.stderr)
     return 2
+
+
+def _print_config(args: argparse.Namespace) -> int:
+    """``--print-config``: the ctl options as they resolve, and where each came from."""
+    config: _config.Options = args._ctl_config
+    origins = config.resolve(args, os.environ)
+    if args.json:
+        _render.emit(config.as_json(args, origins), "", as_json=True)
+    else:
+        print(config.render(args, origins))
+    return 0
 
 
 def _positive(seconds: float) -> bool:
@@ -477,6 +550,10 @@ def _target(args: argparse.Namespace, cmd: Command) -> dict[str, Any]:
 def _run(args: argparse.Namespace) -> int:
     """Check everything the command line says, then run the command against the server."""
     cmd: Command = args._ctl_cmd
+    if args.print_config:
+        return _print_config(args)
+    args._ctl_config.resolve(args, os.environ)  # flags > $DELTABKP_* > [ctl] of --config
+    _render.DISPLAY_UTC.set(bool(args.utc))
     try:
         servers = parse_servers(args.server or default_server())
         if not servers:

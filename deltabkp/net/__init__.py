@@ -8,7 +8,7 @@ Trio); the daemons and ``ctl`` do.
 
 from __future__ import annotations
 
-from deltabkp.net._address import Address, normalise_path
+from deltabkp.net._address import DEFAULT_AGENT_PORT, Address, normalise_path
 from deltabkp.net._channel import (
     DEFAULT_SEND_TIMEOUT,
     DEFAULT_SERVER_PORT,
@@ -28,6 +28,8 @@ from deltabkp.net._daemon import (
     run_daemon,
 )
 from deltabkp.net._keys import default_key_path, load_key
+from deltabkp.net._logfmt import LOG_FORMATS, log_context
+from deltabkp.net._ratelimit import MAX_RATE, TokenBucket, parse_rate
 from deltabkp.net._serve import (
     FLOOD_FACTOR,
     HANDSHAKE_TIMEOUT,
@@ -52,6 +54,7 @@ from deltabkp.net._tls import (
 __all__ = [
     "Address",
     "normalise_path",
+    "DEFAULT_AGENT_PORT",
     "Channel",
     "accept",
     "connect",
@@ -67,6 +70,11 @@ __all__ = [
     "run_daemon",
     "default_key_path",
     "load_key",
+    "LOG_FORMATS",
+    "log_context",
+    "MAX_RATE",
+    "TokenBucket",
+    "parse_rate",
     "open_secure_stream",
     "FLOOD_FACTOR",
     "HANDSHAKE_TIMEOUT",

@@ -27,6 +27,7 @@ from deltabkp.errors import (
 )
 from deltabkp.net import _tls
 from deltabkp.net._address import Address
+from deltabkp.net._ratelimit import TokenBucket
 
 __all__ = [
     "Channel",
@@ -89,6 +90,8 @@ class Channel:
         self.conn = conn
         self._send_lock = trio.Lock()
         self.send_timeout = send_timeout
+        #: Bandwidth caps on what this channel sends (``--bwlimit``): every bucket is paid.
+        self.limits: tuple[TokenBucket, ...] = ()
 
     @property
     def bytes_sent(self) -> int:
@@ -125,11 +128,17 @@ class Channel:
             data = self.conn.data_to_send()
             if not data:
                 return
+            # Outside the send deadline: waiting for the cap is not the peer being gone.
+            for bucket in self.limits:
+                await bucket.take(len(data))
+            before = self._wire.sent
             with trio.move_on_after(self.send_timeout) as scope:
                 try:
                     await self._stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     raise self._failed(exc, "connection lost while sending") from None
+            for bucket in self.limits:  # TLS records: the cap is on the wire's bytes
+                bucket.charge(self._wire.sent - before - len(data))
             if scope.cancelled_caught:
                 raise self._lost(f"peer stopped reading (nothing sent for {self.send_timeout:g} s)")
 

@@ -17,8 +17,10 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from deltabkp import __version__
+from deltabkp._heap import bound_heap
 from deltabkp.errors import DeltabkpError, UsageError
-from deltabkp.net import _tls
+from deltabkp.net import _logfmt, _tls
 from deltabkp.net._address import Address
 from deltabkp.net._serve import MAX_PENDING_HANDSHAKES
 
@@ -39,10 +41,11 @@ KEY_FILE_HELP = (
 Starter = Callable[..., Awaitable[object]]
 
 
-def configure_logging(name: str, level: int = logging.INFO) -> None:
-    """Log the daemon's package (``deltabkp-agent`` → logger ``deltabkp_agent``) to stderr."""
+def configure_logging(name: str, level: int = logging.INFO, fmt: str = "text") -> None:
+    """Log the daemon's package (``deltabkp-agent`` → logger ``deltabkp_agent``) to stderr,
+    as text lines or JSON objects (``fmt``, ``--log-format``; see ``_logfmt``)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {name} %(levelname)s %(message)s"))
+    handler.setFormatter(_logfmt.formatter(fmt, name))
     root = logging.getLogger(name.replace("-", "_"))
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -50,7 +53,9 @@ def configure_logging(name: str, level: int = logging.INFO) -> None:
 
 
 def add_daemon_arguments(p: argparse.ArgumentParser, *, listen: str, listen_help: str) -> None:
-    """The flags every daemon has: ``--listen``, ``--key-file``, the TLS flags, ``-q``."""
+    """The flags every daemon has: ``--version``, ``--listen``, ``--key-file``, the TLS flags,
+    ``-q``."""
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--listen", default=listen, metavar="HOST:PORT", help=listen_help)
     p.add_argument("--key-file", metavar="F", default=None, help=KEY_FILE_HELP)
     _tls.add_tls_arguments(p)
@@ -59,6 +64,10 @@ def add_daemon_arguments(p: argparse.ArgumentParser, *, listen: str, listen_help
                    f"oldest is dropped, so idle sockets cannot lock peers out (default "
                    f"{MAX_PENDING_HANDSHAKES})")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    p.add_argument("--log-format", choices=_logfmt.LOG_FORMATS, default="text",
+                   help="log lines on stderr as text (default) or as one JSON object per line "
+                   "(time, level, logger, message, and node, path, execution, peer, event "
+                   "when the record is about one)")
 
 
 def at_least_one(args: argparse.Namespace, *names: str) -> None:
@@ -75,13 +84,14 @@ def daemon_main(
 ) -> int:
     """Log, ``build`` the daemon from its checked flags (a bad flag is one line and its exit
     code), then ``run_daemon`` it."""
-    configure_logging(name, logging.WARNING if args.quiet else logging.INFO)
+    configure_logging(name, logging.WARNING if args.quiet else logging.INFO,
+                      getattr(args, "log_format", "text"))
     log = logging.getLogger(name.replace("-", "_"))
     try:
         at_least_one(args, "max_handshakes")
         tls = _tls.tls_from_args(args)
         if tls.plaintext:  # refused off loopback now, before anything starts
-            _tls.check_plaintext_address(Address.parse(args.listen).host, "--listen")
+            _tls.check_plaintext_address(Address.parse(args.listen, 0).host, "--listen")
         _tls.install_tls(tls)
         if tls.plaintext:
             log.warning("%s: INSECURE, every byte of every connection travels in clear "
@@ -143,6 +153,7 @@ def run_daemon(name: str, start: Starter, on_ready: Callable[[str], None] | None
             if on_ready is not None:
                 on_ready(str(address))
 
+    bound_heap()  # before any thread: freed buffers go back to the kernel (_heap.py)
     try:
         trio.run(main)
     except (DeltabkpError, KeyboardInterrupt, BaseExceptionGroup) as exc:

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from deltabkp.errors import DeltabkpError
+from deltabkp.errors import AuthError, DeltabkpError
 from deltabkp.net import _tls
 from deltabkp.net._address import Address
 from deltabkp.net._channel import Channel, accept
@@ -67,13 +67,16 @@ class RateLimitedLog:
         self.suppressed = 0
         self._suppressed_keys: set[str] = set()
 
-    def __call__(self, key: str, fmt: str, *args: object) -> None:
+    def __call__(
+        self, key: str, fmt: str, *args: object, extra: dict[str, object] | None = None
+    ) -> None:
+        """``extra``: the record's context fields (``log_context``: peer, node, event)."""
         now = self.clock()
         if now < self._next.get(key, 0.0):
             self.suppressed += 1
             if len(self._suppressed_keys) < _MAX_TRACKED:
                 self._suppressed_keys.add(key)
-            self.log.debug(fmt, *args)
+            self.log.debug(fmt, *args, extra=extra)
             return
         if len(self._next) >= _MAX_TRACKED:
             # Forget the expired entries; a table still full of live ones starts afresh
@@ -82,7 +85,7 @@ class RateLimitedLog:
             if len(self._next) >= _MAX_TRACKED:
                 self._next.clear()
         self._next[key] = now + self.every
-        self.log.warning(fmt, *args)
+        self.log.warning(fmt, *args, extra=extra)
 
     def summary(self) -> None:
         """Log what was held back since the last summary, if anything."""
@@ -186,8 +189,15 @@ class HandshakeGate:
             peer = exc.peer or "peer"
             # Keyed by address *and* reason: a flood is one line a minute, while a wrong key
             # still shows beside the idle sockets of the same address.
-            self.refused(f"{_host(peer)} {exc.reason}", "refused connection from %s: %s", peer,
-                         exc.reason if exc.peer else exc)
+            if isinstance(exc, AuthError):  # a member of another cluster, or a stale key file
+                self.refused(f"{_host(peer)} {exc.reason}",
+                             "refused connection from %s: authentication failed: %s", peer,
+                             exc.reason if exc.peer else exc,
+                             extra={"peer": peer, "event": "auth-failed"})
+            else:
+                self.refused(f"{_host(peer)} {exc.reason}", "refused connection from %s: %s",
+                             peer, exc.reason if exc.peer else exc,
+                             extra={"peer": peer, "event": "handshake-refused"})
             return None
         finally:
             self._pending.pop(token, None)

@@ -13,7 +13,7 @@ import attrs
 import msgpack
 
 from deltabkp.errors import LocalProtocolError, RemoteProtocolError
-from deltabkp.protocol._messages import MAX_FRAME, REGISTRY, Hello, Message
+from deltabkp.protocol._messages import MAX_FRAME, OMIT_DEFAULT, REGISTRY, Hello, Message
 
 __all__ = ["encode", "decode_payload", "FrameDecoder", "HEADER_SIZE"]
 
@@ -21,9 +21,26 @@ _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
 
 
+_OMITTABLE: dict[type[Message], tuple[tuple[str, object], ...]] = {}
+
+
+def _omittable(cls: type[Message]) -> tuple[tuple[str, object], ...]:
+    """(name, default) of ``cls``'s fields marked ``OMIT_DEFAULT`` (added after v1)."""
+    found = _OMITTABLE.get(cls)
+    if found is None:
+        found = _OMITTABLE[cls] = tuple(
+            (a.name, a.default) for a in attrs.fields(cls)  # type: ignore[arg-type]
+            if a.metadata.get(OMIT_DEFAULT)
+        )
+    return found
+
+
 def encode(msg: Message) -> bytes:
     """One complete frame for ``msg``."""
     fields = attrs.asdict(msg, recurse=False)  # type: ignore[arg-type]
+    for name, default in _omittable(type(msg)):
+        if fields[name] == default:
+            del fields[name]
     payload: bytes = msgpack.packb({"t": msg.TYPE, **fields}, use_bin_type=True)
     if len(payload) > MAX_FRAME:
         # Our own bug (a chunk too big), not the peer's: blame the local side.

@@ -98,6 +98,16 @@ def _nonneg(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
         raise ValueError(f"{attr.name} must be a non-negative integer")
 
 
+def _positive(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{attr.name} must be a positive integer")
+
+
+#: Field metadata: the codec leaves this field out of the frame while it holds its default
+#: (a field added after v1 shipped: older peers, which refuse unknown fields, still parse it).
+OMIT_DEFAULT = "omit_default"
+
+
 def _port(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
     if isinstance(value, bool) or not 0 <= value <= 65535:
         raise ValueError(f"{attr.name} must be a TCP port (0-65535)")
@@ -223,6 +233,18 @@ class BackupRequest(Message):
     path: str = attrs.field(validator=_str)
     base_hash: bytes | None = attrs.field(default=None, validator=_opt_bytes)
     exclude: tuple[str, ...] = attrs.field(default=(), converter=_to_tuple, validator=_str_tuple)
+    #: The target's bandwidth cap, bytes/s (``ctl register --bwlimit``): the agent sends no
+    #: faster than the lower of this and its own ``--bwlimit``.  Left out of the frame when
+    #: None, so an agent that predates it still parses every uncapped request.
+    bwlimit: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional([_int, _positive]),
+        metadata={OMIT_DEFAULT: True},
+    )
+    #: Delta forms the server takes besides the rolling one (``archive.LAYOUT_CAPABILITY``);
+    #: offered only to an agent that advertised the same string in its ``welcome``.
+    accepts: tuple[str, ...] = attrs.field(
+        default=(), converter=_to_tuple, validator=_str_tuple, metadata={OMIT_DEFAULT: True},
+    )
 
 
 @_message("unchanged")

@@ -44,9 +44,12 @@ class Catalog(Protocol):
     def close(self) -> None: ...
 
     # -- targets -----------------------------------------------------------------------------
-    def register(self, node: str, path: str, every_s: int, now: float) -> Target:
+    def register(
+        self, node: str, path: str, every_s: int, now: float, *, bwlimit: int | None = None
+    ) -> Target:
         """New target due at ``now``, or reactivate an unregistered one (same id, history
-        continues).  ``RequestRefused(EXISTS)`` if it is active."""
+        continues), with its bandwidth cap (bytes/s, None: none).  ``RequestRefused(EXISTS)``
+        if it is active."""
         ...
 
     def unregister(self, node: str, path: str) -> Target:
@@ -134,6 +137,17 @@ class Catalog(Protocol):
         self, target_id: int, started: float, trigger: str, due: float | None = None
     ) -> int:
         """Open an execution row (``due``: when the run was due); return its id."""
+        ...
+
+    def record_progress(self, progress: Sequence[tuple[int, int, int]]) -> None:
+        """(execution id, bytes sent, bytes received so far) of running executions: written
+        to their open rows (a finished row is left alone), so any server sharing the catalog
+        can show them (``ctl status``, ``backup-now --wait``)."""
+        ...
+
+    def running_executions(self, target_id: int | None = None) -> list[ExecutionRecord]:
+        """Open executions (of one target) whose target is leased, oldest first, with the
+        bytes of their last ``record_progress``."""
         ...
 
     def finish_execution(self, execution_id: int, result: ExecutionResult) -> ExecutionRecord:

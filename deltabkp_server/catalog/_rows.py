@@ -47,6 +47,7 @@ def to_target(r: Row) -> Target:
         state=r["state"], next_due=r["next_due"], last_outcome=r["last_outcome"],
         last_error=r["last_error"], active=bool(r["active"]), created=r["created"],
         queued=r["queued"], lease_owner=r["lease_owner"], lease_until=r["lease_until"],
+        bwlimit=r.get("bwlimit"),
     )
 
 

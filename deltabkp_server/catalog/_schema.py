@@ -195,13 +195,24 @@ _V3_LOG_POSTGRES: tuple[str, ...] = (
     "CREATE INDEX executions_outcome ON executions(outcome, id)",
 )
 
+# v4: a per-target bandwidth cap (``ctl register --bwlimit``), bytes per second sent by the
+# agent for this target's backups; NULL: none (the agent's own --bwlimit still applies).
+_V4_SQLITE: tuple[str, ...] = (
+    "ALTER TABLE targets ADD COLUMN bwlimit INTEGER CHECK (bwlimit IS NULL OR bwlimit > 0)",
+)
+_V4_POSTGRES: tuple[str, ...] = (
+    "ALTER TABLE targets ADD COLUMN bwlimit BIGINT CHECK (bwlimit IS NULL OR bwlimit > 0)",
+)
+
 #: engine → the statements of version 1, 2, … (index 0 is version 1).
 _STEPS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "sqlite": (_V1_SQLITE, _V2_SQLITE, _V3_STORAGE_SQLITE + _V3_LOG_SQLITE),
-    "postgresql": (_V1_POSTGRES, _V2_POSTGRES, _V3_STORAGE_POSTGRES + _V3_LOG_POSTGRES),
+    "sqlite": (_V1_SQLITE, _V2_SQLITE, _V3_STORAGE_SQLITE + _V3_LOG_SQLITE, _V4_SQLITE),
+    "postgresql": (
+        _V1_POSTGRES, _V2_POSTGRES, _V3_STORAGE_POSTGRES + _V3_LOG_POSTGRES, _V4_POSTGRES,
+    ),
 }
 ENGINES = tuple(_STEPS)
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 assert all(len(s) == SCHEMA_VERSION for s in _STEPS.values())
 
 

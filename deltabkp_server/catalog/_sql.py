@@ -109,7 +109,9 @@ class SqlCatalog:
 
     # -- targets -----------------------------------------------------------------------------
 
-    def register(self, node: str, path: str, every_s: int, now: float) -> Target:
+    def register(
+        self, node: str, path: str, every_s: int, now: float, *, bwlimit: int | None = None
+    ) -> Target:
         exists = RequestRefused(ErrorCode.EXISTS, "is already registered", node=node, path=path)
         with self._tx() as tx:
             row = tx.one(
@@ -119,9 +121,9 @@ class SqlCatalog:
                 raise exists
             if row is None:
                 tid = tx.insert(
-                    "INSERT INTO targets (node, path, every_s, state, next_due, active, created)"
-                    " VALUES (?, ?, ?, 'ok', ?, 1, ?) ON CONFLICT (node, path) DO NOTHING",
-                    (node, path, every_s, now, now),
+                    "INSERT INTO targets (node, path, every_s, state, next_due, active, created,"
+                    " bwlimit) VALUES (?, ?, ?, 'ok', ?, 1, ?, ?) ON CONFLICT (node, path) DO NOTHING",
+                    (node, path, every_s, now, now, bwlimit),
                 )
                 if tid is None:  # another server registered it since our SELECT
                     raise exists
@@ -129,8 +131,8 @@ class SqlCatalog:
                 tid = row["id"]
                 tx.run(
                     "UPDATE targets SET active=1, every_s=?, state='ok', next_due=?,"
-                    " last_error=NULL WHERE id=?",
-                    (every_s, now, tid),
+                    " last_error=NULL, bwlimit=? WHERE id=?",
+                    (every_s, now, bwlimit, tid),
                 )
             out = tx.one("SELECT * FROM targets WHERE id=?", (tid,))
         assert out is not None
@@ -419,6 +421,22 @@ class SqlCatalog:
             EXEC_SELECT + " WHERE e.target_id=? AND e.id>? ORDER BY e.id", (target_id, after_id)
         )
         return [to_execution(r) for r in rows]
+
+    def record_progress(self, progress: Sequence[tuple[int, int, int]]) -> None:
+        with self._tx() as tx:
+            for eid, sent, received in progress:
+                tx.run(
+                    "UPDATE executions SET bytes_sent=?, bytes_received=?"
+                    " WHERE id=? AND outcome IS NULL", (sent, received, eid),
+                )
+
+    def running_executions(self, target_id: int | None = None) -> list[ExecutionRecord]:
+        where = " WHERE e.outcome IS NULL AND t.lease_owner IS NOT NULL"
+        args: tuple[int, ...] = ()
+        if target_id is not None:
+            where += " AND e.target_id=?"
+            args = (target_id,)
+        return [to_execution(r) for r in self._q(EXEC_SELECT + where + " ORDER BY e.id", args)]
 
     def last_execution_id(self) -> int:
         rows = self._q("SELECT MAX(id) AS m FROM executions")
