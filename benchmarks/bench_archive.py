@@ -3,6 +3,7 @@
     python benchmarks/bench_archive.py [--repeat N] [--skip-build]
     python benchmarks/bench_archive.py --incremental [--repeat N]
     python benchmarks/bench_archive.py --racy
+    python benchmarks/bench_archive.py --deflaters
 
 Trees (``benchmarks/archive_data.py``, built once under ``benchmarks/_work/archive/``): a real
 ~107 MB source tree, a copy with a ~1% change set, and a 24,000-file tree.  Prints
@@ -21,6 +22,11 @@ previous one's index and archive is timed against a fresh ``TgzBuilder`` of the 
 (byte-identity checked), as is a rebuild of the unchanged tree.  ``--racy``: five
 incremental builds in a row of a copy of that tree with a file appended every 100 ms,
 against a full build, each checked against a fresh build of what it captured.
+``--deflaters``: CPU seconds of each step of a full build over the tar of the ~107 MB tree
+(cut finding, deflate with the format's sync flushes, plain deflate) next to ``tar | pigz
+--rsyncable``, and the same deflate with zlib-ng and ISA-L where installed (``pip install
+zlib-ng isal``; not dependencies): their size against pigz's and whether a compressor primed
+with ``zdict`` emits what a continuing one does (the format needs it: docs/formats.md).
 
 Wall times, best of ``--repeat``; files in the page cache; asserts nothing.
 """
@@ -37,9 +43,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import archive_data  # noqa: E402
+import archive_data
 
-import deltabkp  # noqa: E402
+import deltabkp
 
 OUT = archive_data.WORK.parent / "archive-out"
 
@@ -57,8 +63,7 @@ def ours(tree: Path, out: Path, threads: int = 2) -> Callable[[], object]:
     def run() -> object:
         with open(out, "wb") as f:
             b = deltabkp.TgzBuilder(tree, threads=threads)
-            for chunk in b:
-                f.write(chunk)
+            f.writelines(b)
         return b.report
     return run
 
@@ -248,6 +253,73 @@ def racy(rounds: int = 5) -> None:
         shutil.rmtree(tree)
 
 
+def deflaters() -> None:
+    import importlib
+    import random
+    import resource
+    import zlib
+
+    from deltabkp.archive import _gzip
+
+    base = archive_data.trees()["base"]
+    tar = subprocess.run(["tar", "--sort=name", "-cf", "-", "-C", str(base), "."],
+                         capture_output=True, check=True).stdout
+
+    def cpu(fn: Callable[[], object]) -> tuple[float, object]:
+        c = time.process_time()
+        r = fn()
+        return time.process_time() - c, r
+
+    def children_cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    finder = _gzip.CutFinder()
+    step = _gzip.JOB_SIZE
+    t_cut, cuts = cpu(lambda: [c for i in range(0, len(tar), step) for c in finder.feed(tar[i : i + step])])
+    assert isinstance(cuts, list)
+    c0 = children_cpu()
+    pigz = subprocess.run(f"tar --sort=name -cf - -C {base} . | pigz -6 -n --rsyncable | wc -c",
+                          shell=True, capture_output=True, text=True, check=True)
+    t_pigz, pigz_size = children_cpu() - c0, int(pigz.stdout)
+    print(f"tar {len(tar) / 1e6:.1f} MB, {len(cuts)} cuts | cores {os.cpu_count()}, load "
+          f"{os.getloadavg()[0]:.1f} (CPU seconds: steadier than wall time on a shared machine)")
+    print(f"   cut finding (numpy)               cpu {t_cut:6.2f} s")
+    print(f"   tar | pigz -6 --rsyncable (all)   cpu {t_pigz:6.2f} s   size {pigz_size:,}")
+    t_plain, plain = cpu(lambda: zlib.compress(tar, 6))
+    assert isinstance(plain, bytes)
+    print(f"   zlib -6, no flushes               cpu {t_plain:6.2f} s   size {len(plain) / pigz_size:.4f} x pigz")
+    mods: list[tuple[str, object, tuple[int, ...]]] = [("zlib", zlib, (6,))]
+    for name, mod, levels in (("zlib_ng.zlib_ng", "zlib-ng", (6, 7)), ("isal.isal_zlib", "isal", (3,))):
+        try:
+            mods.append((mod, importlib.import_module(name), levels))
+        except ImportError:
+            print(f"   {mod}: not installed")
+    rng = random.Random(1)
+    for label, mod, levels in mods:
+        for level in levels:
+            saved = _gzip.zlib
+            _gzip.zlib = mod  # type: ignore[assignment]  # the same code, another deflater
+            try:
+                t, out = cpu(lambda level=level: _gzip.compress_segments(tar, cuts, level, True))
+                assert isinstance(out, bytes)
+                # Grouping independence: two jobs split at a random cut, the second primed.
+                same = True
+                for _ in range(5):
+                    k = rng.randrange(1, min(400, len(cuts) - 1))
+                    n = min(400, len(cuts) - 1)
+                    whole = _gzip.compress_segments(tar[: cuts[n]], cuts[: n + 1], level, False)
+                    a = _gzip.compress_segments(tar[: cuts[k]], cuts[: k + 1], level, False)
+                    b = _gzip.compress_segments(
+                        tar[cuts[k] : cuts[n]], [c - cuts[k] for c in cuts[k + 1 : n + 1]], level,
+                        False, tar[max(0, cuts[k] - _gzip.DICT_SIZE) : cuts[k]])
+                    same = same and a + b == whole
+            finally:
+                _gzip.zlib = saved
+            print(f"   {label + f' -{level}, sync flushes':33} cpu {t:6.2f} s   size "
+                  f"{(len(out) + 18) / pigz_size:.4f} x pigz   primed == continuing: {same}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=2)
@@ -255,7 +327,12 @@ def main() -> None:
                     help="time an incremental build after the ~1%% change set instead")
     ap.add_argument("--racy", action="store_true",
                     help="time 5 incremental builds of a tree with a file appended every 100 ms")
+    ap.add_argument("--deflaters", action="store_true",
+                    help="CPU cost of each build step and of other deflaters, against pigz")
     args = ap.parse_args()
+    if args.deflaters:
+        deflaters()
+        return
     if args.incremental:
         incremental(args.repeat)
         return

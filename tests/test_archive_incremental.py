@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import struct
 import time
 import zlib
 from collections.abc import Iterator
@@ -19,7 +20,14 @@ from hypothesis import strategies as st
 
 from deltabkp.archive import ArchiveIndex, IncrementalBuilder, TgzBuilder, _build
 from deltabkp.archive._crc import crc32_combine, crc32_concat
-from deltabkp.archive._incremental import DATA, HEADER_ONLY, IndexEntry, _Item
+from deltabkp.archive._incremental import (
+    DATA,
+    HEADER_ONLY,
+    EntryTable,
+    IndexEntry,
+    SegmentTable,
+    _Item,
+)
 from deltabkp.errors import ArchiveError, FormatError, LimitExceeded, UnsupportedVersion
 
 GOLDEN = Path(__file__).parent / "golden" / "archive"
@@ -424,6 +432,30 @@ def test_golden_index() -> None:
     assert ArchiveIndex.parse(golden.read_bytes()) == golden_index()
 
 
+@given(st.lists(st.tuples(st.integers(1, 2**63), st.integers(1, 2**63), st.integers(0, 2**32 - 1)),
+                max_size=40), st.integers(-45, 45), st.integers(-45, 45))
+def test_segment_table_reads_as_a_tuple_of_tuples(
+    rows: list[tuple[int, int, int]], a: int, b: int
+) -> None:
+    table = SegmentTable.of(rows)
+    assert len(table) == len(rows) and list(table) == rows and table == tuple(rows)
+    assert [table[i] for i in range(-len(rows), len(rows))] == rows[-len(rows):] + rows
+    assert list(table[a:b]) == rows[a:b] and table[a:b] == SegmentTable.of(rows[a:b])
+    assert SegmentTable.from_bytes(table.to_bytes()) == table
+    assert table.to_bytes() == b"".join(struct.pack("<QQI", *r) for r in rows)
+    assert table.tar_ends.tolist() == [r[0] for r in rows]
+
+
+def test_entry_table_reads_as_a_tuple_of_entries() -> None:
+    rows = golden_index().entries
+    table = EntryTable.of(list(rows))
+    assert table == rows and list(table) == list(rows) and len(table) == len(rows)
+    assert table[1:3] == tuple(rows)[1:3] and table[-1] == list(rows)[-1]
+    assert [table.path(i) for i in range(len(table))] == [e.path for e in rows]
+    parsed = ArchiveIndex.parse(golden_index().encode()).entries
+    assert parsed == table and list(parsed) == list(table) and hash(parsed) == hash(table)
+
+
 def test_index_parser_rejects_bad_input() -> None:
     good = golden_index().encode()
     with pytest.raises(FormatError, match="magic"):
@@ -516,7 +548,7 @@ def test_unchanged_rereads_only_the_racy_files(tmp_path: Path, monkeypatch: pyte
     # Same metadata, other bytes (a write in the same clock tick as the build's read, which
     # user space cannot stage: the index is made to say so): only the re-read can tell.
     other = attrs.evolve(index, entries=tuple(
-        attrs.evolve(e, digest=bytes(15) + b"x") if e is entry else e for e in index.entries
+        attrs.evolve(e, digest=bytes(15) + b"x") if e.path == entry.path else e for e in index.entries
     ))
     assert not IncrementalBuilder(root, racy_ns=RACY_NS).unchanged(other)
     mtime = log.stat().st_mtime_ns

@@ -247,7 +247,9 @@ def _describe(before: os.stat_result, after: os.stat_result, got: int) -> str:
 class TgzBuilder:
     """Iterate to get the tgz of ``root`` as ``bytes`` chunks; then read ``report``.
 
-    ``exclude``: fnmatch patterns (see ``Excluder``).  ``level``: deflate level (part of the
+    ``exclude``: fnmatch patterns, matched case-sensitively against each relative path and
+    basename (a trailing ``/`` matches directories only, and everything under them is
+    excluded too).  ``level``: deflate level (part of the
     output: keep the default for reproducible bytes).  ``threads``: compression worker
     threads (0 compresses in the iterating thread; the bytes are the same).  ``retries``:
     reads of a file before its last read is stored as "changed while read".  ``mem_limit``
@@ -287,6 +289,7 @@ class TgzBuilder:
 
     @property
     def report(self) -> ArchiveReport:
+        """What the build did; an ``ArchiveError`` until the iteration has ended."""
         if self._report is None:
             raise ArchiveError("the archive report exists only once the archive was iterated to its end")
         return self._report

@@ -57,8 +57,10 @@ Invariants:
   rules and kept in the run only if what was read has the old identity, or in the last
   ≤ 96 KiB of a run (read by path, no symlink followed, identity checked before and after);
 - memory: as ``TgzBuilder`` (a job in flight per thread, one file up to ``mem_limit``), plus
-  the index of the previous and of the new build (~100 bytes per entry, 20 per segment),
-  plus one run's tail (≤ 96 KiB).
+  the index of the previous and of the new build, kept packed in their file layout
+  (``EntryTable``: ~150 bytes per entry, plus a path -> position dict for the previous one;
+  ``SegmentTable``: 20 bytes per segment, ~170,000 for a 1 GB tree — as Python objects the
+  two indexes cost ~100 MB there), plus one run's tail (≤ 96 KiB).
 
 A long module on purpose: the index's fields, the run bookkeeping and the splicing
 compressor are one argument (why a copied segment is the byte a fresh build would write),
@@ -67,7 +69,7 @@ which reads best in one place.
 
 from __future__ import annotations
 
-import bisect
+import array
 import collections
 import os
 import stat
@@ -75,12 +77,14 @@ import struct
 import tarfile
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO
+from typing import BinaryIO, overload
 
 import attrs
 import blake3
+import numpy as np
+import numpy.typing as npt
 
 from deltabkp.archive._build import (
     _O_READ,
@@ -106,9 +110,11 @@ __all__ = [
     "INDEX_MAGIC",
     "INDEX_VERSION",
     "ArchiveIndex",
+    "EntryTable",
     "IncrementalBuilder",
     "IncrementalStats",
     "IndexEntry",
+    "SegmentTable",
 ]
 
 INDEX_MAGIC = b"DBKPIX"
@@ -125,6 +131,17 @@ DATA = 1
 _HEAD = struct.Struct("<6sBBHBB32sQQIIB")
 _ENTRY = struct.Struct("<BBHIIIIQQQqqQQ16s")
 _SEGMENT = struct.Struct("<QQI")
+# Parts of _ENTRY read without unpacking it all: kind, flags, name length; tar start, end.
+_ENTRY_HEAD = struct.Struct("<BBH")
+_NAME_LEN = struct.Struct("<H")
+_ENTRY_TAR_AT = 60
+_ENTRY_TAR = struct.Struct("<QQ")
+#: ``_SEGMENT`` as a numpy record: the table is kept in memory in its on-disk form.
+_SEGMENT_DTYPE = np.dtype({
+    "names": ["tar_end", "deflate_end", "crc"], "formats": ["<u8", "<u8", "<u4"],
+    "offsets": [0, 8, 16], "itemsize": _SEGMENT.size,
+})
+_U64 = npt.NDArray[np.uint64]
 _DIGEST = 32
 _FLAG_REUSABLE = 1
 #: Pieces of a run's first stretch are fed this much at a time, so the sync cut is seen
@@ -178,6 +195,182 @@ class IndexEntry:
         )
 
 
+class SegmentTable(Sequence[tuple[int, int, int]]):
+    """The segments of an index, ``(tar_end, deflate_end, crc32)`` each, packed as in the
+    index file (20 bytes a segment; a tuple of three ints costs ~150, and a 1 GB tree has
+    ~170,000 segments).  Reads as a tuple of tuples (indexing, slicing, iteration,
+    equality with one); the columns come as numpy arrays for vectorised lookups."""
+
+    __slots__ = ("_a",)
+
+    def __init__(self, packed: np.ndarray[tuple[int], np.dtype[np.void]]) -> None:
+        self._a = packed
+
+    @classmethod
+    def of(cls, value: Iterable[tuple[int, int, int]]) -> SegmentTable:
+        """A table from rows (or the table itself)."""
+        if isinstance(value, SegmentTable):
+            return value
+        rows = list(value)
+        if not rows:
+            return cls.from_columns([], [], [])
+        t, c, k = zip(*rows, strict=True)
+        return cls.from_columns(t, c, k)
+
+    @classmethod
+    def from_columns(
+        cls, tar_ends: Sequence[int] | npt.ArrayLike, deflate_ends: Sequence[int] | npt.ArrayLike,
+        crcs: Sequence[int] | npt.ArrayLike,
+    ) -> SegmentTable:
+        t = np.asarray(tar_ends, np.uint64)
+        a = np.zeros(len(t), _SEGMENT_DTYPE)
+        a["tar_end"] = t
+        a["deflate_end"] = np.asarray(deflate_ends, np.uint64)
+        a["crc"] = np.asarray(crcs, np.uint32)
+        return cls(a)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview) -> SegmentTable:
+        """Records in the index file's ``<QQI`` layout (``len(data)`` a multiple of 20)."""
+        return cls(np.frombuffer(data, _SEGMENT_DTYPE).copy())
+
+    def to_bytes(self) -> bytes:
+        return self._a.tobytes()
+
+    @property
+    def tar_ends(self) -> _U64:
+        return np.ascontiguousarray(self._a["tar_end"], np.uint64)
+
+    @property
+    def deflate_ends(self) -> _U64:
+        return np.ascontiguousarray(self._a["deflate_end"], np.uint64)
+
+    @property
+    def crcs(self) -> npt.NDArray[np.uint32]:
+        return np.ascontiguousarray(self._a["crc"], np.uint32)
+
+    def __len__(self) -> int:
+        return len(self._a)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[int, int, int]: ...
+    @overload
+    def __getitem__(self, i: slice) -> SegmentTable: ...
+    def __getitem__(self, i: int | slice) -> tuple[int, int, int] | SegmentTable:
+        if isinstance(i, slice):
+            return SegmentTable(self._a[i])
+        r = self._a[i]
+        return (int(r["tar_end"]), int(r["deflate_end"]), int(r["crc"]))
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        step = 1 << 14  # converted a slice at a time: no full list of ints at once
+        for at in range(0, len(self._a), step):
+            a = self._a[at : at + step]
+            yield from zip(a["tar_end"].tolist(), a["deflate_end"].tolist(), a["crc"].tolist(),
+                           strict=True)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SegmentTable):
+            return len(self) == len(other) and self.to_bytes() == other.to_bytes()
+        if isinstance(other, (tuple, list)):
+            return len(self) == len(other) and all(a == tuple(b) for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.to_bytes())
+
+    def __repr__(self) -> str:
+        return f"SegmentTable({len(self)} segments)"
+
+
+class EntryTable(Sequence[IndexEntry]):
+    """The entries of an index, packed as in the index file (a 92-byte record and the name
+    each: ~150 bytes an entry where an ``IndexEntry`` object costs ~550) plus an offset
+    each.  Reads as a tuple of ``IndexEntry`` (made on access); ``append`` packs one."""
+
+    __slots__ = ("_data", "_offsets")
+
+    def __init__(self, data: bytes | bytearray = b"", offsets: array.array[int] | None = None) -> None:
+        self._data = data
+        self._offsets = offsets if offsets is not None else array.array("Q")
+
+    @classmethod
+    def of(cls, value: Iterable[IndexEntry]) -> EntryTable:
+        """A table from entries (or the table itself)."""
+        if isinstance(value, EntryTable):
+            return value
+        table = cls(bytearray())
+        for e in value:
+            table.append(e)
+        return table
+
+    def append(self, e: IndexEntry) -> None:
+        assert isinstance(self._data, bytearray), "a parsed table is read-only"
+        name = e.path.encode("utf-8", "surrogateescape")
+        self._offsets.append(len(self._data))
+        self._data += _ENTRY.pack(
+            e.kind, _FLAG_REUSABLE if e.reusable else 0, len(name), e.mode, e.uid, e.gid,
+            e.nlink, e.dev, e.ino, e.size, e.mtime_ns, e.ctime_ns, e.tar_start, e.tar_end,
+            e.digest,
+        )
+        self._data += name
+
+    def to_bytes(self) -> bytes:
+        """The records and names, in the index file's layout."""
+        return bytes(self._data)
+
+    def path(self, i: int) -> str:
+        at = self._offsets[i]
+        n = _NAME_LEN.unpack_from(self._data, at + 2)[0]
+        return bytes(self._data[at + _ENTRY.size : at + _ENTRY.size + n]).decode(
+            "utf-8", "surrogateescape"
+        )
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    @overload
+    def __getitem__(self, i: int) -> IndexEntry: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[IndexEntry, ...]: ...
+    def __getitem__(self, i: int | slice) -> IndexEntry | tuple[IndexEntry, ...]:
+        if isinstance(i, slice):
+            return tuple(self[k] for k in range(*i.indices(len(self))))
+        at = self._offsets[i]
+        (kind, eflags, nlen, mode, uid, gid, nlink, dev, ino, size, mtime_ns, ctime_ns,
+         tar_start, tar_end, digest) = _ENTRY.unpack_from(self._data, at)
+        name = bytes(self._data[at + _ENTRY.size : at + _ENTRY.size + nlen])
+        return IndexEntry(
+            name.decode("utf-8", "surrogateescape"), kind, bool(eflags & _FLAG_REUSABLE), mode,
+            uid, gid, nlink, dev, ino, size, mtime_ns, ctime_ns, tar_start, tar_end, digest,
+        )
+
+    def __iter__(self) -> Iterator[IndexEntry]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EntryTable):
+            return self._offsets == other._offsets and self._data == other._data
+        if isinstance(other, (tuple, list)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(bytes(self._data))
+
+    def __repr__(self) -> str:
+        return f"EntryTable({len(self)} entries)"
+
+
+def _segment_table(value: Iterable[tuple[int, int, int]]) -> SegmentTable:
+    return SegmentTable.of(value)
+
+
+def _entry_table(value: Iterable[IndexEntry]) -> EntryTable:
+    return EntryTable.of(value)
+
+
 @attrs.frozen
 class ArchiveIndex:
     """What the next incremental build needs to know about an archive (format: docs/formats.md
@@ -191,8 +384,8 @@ class ArchiveIndex:
     tar_size: int
     level: int
     zlib_version: str
-    entries: tuple[IndexEntry, ...]
-    segments: tuple[tuple[int, int, int], ...]
+    entries: EntryTable = attrs.field(converter=_entry_table)
+    segments: SegmentTable = attrs.field(converter=_segment_table)
     archive_version: int = ARCHIVE_VERSION
 
     def encode(self) -> bytes:
@@ -202,15 +395,8 @@ class ArchiveIndex:
             self.archive_hash, self.archive_size, self.tar_size, len(self.entries),
             len(self.segments), 0,
         ), zv]
-        for e in self.entries:
-            name = e.path.encode("utf-8", "surrogateescape")
-            out.append(_ENTRY.pack(
-                e.kind, _FLAG_REUSABLE if e.reusable else 0, len(name), e.mode, e.uid, e.gid,
-                e.nlink, e.dev, e.ino, e.size, e.mtime_ns, e.ctime_ns, e.tar_start, e.tar_end,
-                e.digest,
-            ))
-            out.append(name)
-        out.extend(_SEGMENT.pack(*s) for s in self.segments)
+        out.append(self.entries.to_bytes())
+        out.append(self.segments.to_bytes())
         body = b"".join(out)
         return body + blake3.blake3(body).digest()
 
@@ -229,7 +415,8 @@ class ArchiveIndex:
             raise LimitExceeded(f"archive index of {len(data)} bytes exceeds the limit of {limit}")
         if len(data) < _HEAD.size + _DIGEST:
             raise FormatError("archive index truncated in its header")
-        body, digest = data[:-_DIGEST], data[-_DIGEST:]
+        # Views, not copies: the index of a 1 GB tree is ~7 MB, parsed on every backup.
+        body, digest = memoryview(data)[:-_DIGEST], data[-_DIGEST:]
         if blake3.blake3(body).digest() != digest:
             raise FormatError("archive index is corrupt (its blake3 does not match)")
         (_m, _v, flags, archive_version, level, zlen, archive_hash, archive_size, tar_size,
@@ -237,43 +424,43 @@ class ArchiveIndex:
         if flags or reserved:
             raise FormatError(f"archive index has unknown flags {flags:#x}/{reserved:#x}")
         at = _HEAD.size
-        zv = body[at : at + zlen]
+        zv = bytes(body[at : at + zlen])
         at += zlen
         # Counts are checked against the bytes present before anything is allocated.
         if n_entries * _ENTRY.size + n_segments * _SEGMENT.size > len(body) - at:
             raise FormatError("archive index truncated (fewer bytes than its counts announce)")
-        entries: list[IndexEntry] = []
-        for _ in range(n_entries):
+        # Checked record by record, kept packed (an EntryTable over these bytes).
+        first = at
+        offsets = array.array("Q")
+        for n in range(n_entries):
             if at + _ENTRY.size > len(body):
                 raise FormatError("archive index truncated in an entry")
-            (kind, eflags, nlen, mode, uid, gid, nlink, dev, ino, size, mtime_ns, ctime_ns,
-             tar_start, tar_end, edigest) = _ENTRY.unpack_from(body, at)
+            kind, eflags, nlen = _ENTRY_HEAD.unpack_from(body, at)
+            tar_start, tar_end = _ENTRY_TAR.unpack_from(body, at + _ENTRY_TAR_AT)
+            offsets.append(at - first)
             at += _ENTRY.size
             if kind not in (HEADER_ONLY, DATA) or eflags & ~_FLAG_REUSABLE:
-                raise FormatError(f"archive index entry {len(entries)} has unknown kind/flags")
+                raise FormatError(f"archive index entry {n} has unknown kind/flags")
             if at + nlen > len(body) or not 0 <= tar_start <= tar_end <= tar_size:
-                raise FormatError(f"archive index entry {len(entries)} is out of bounds")
-            entries.append(IndexEntry(
-                body[at : at + nlen].decode("utf-8", "surrogateescape"), kind,
-                bool(eflags & _FLAG_REUSABLE), mode, uid, gid, nlink, dev, ino, size,
-                mtime_ns, ctime_ns, tar_start, tar_end, edigest,
-            ))
+                raise FormatError(f"archive index entry {n} is out of bounds")
             at += nlen
+        entries = EntryTable(bytes(body[first:at]), offsets)
         if len(body) - at != n_segments * _SEGMENT.size:
             raise FormatError("archive index has the wrong number of segment bytes")
-        segments = tuple(_SEGMENT.iter_unpack(body[at:]))
-        prev_t = prev_c = 0
-        for t, c, _crc in segments:
-            if not (prev_t < t <= tar_size and prev_c < c <= archive_size):
-                raise FormatError("archive index segments are not increasing within the archive")
-            prev_t, prev_c = t, c
+        segments = SegmentTable.from_bytes(memoryview(body)[at:])
+        ts, cs = segments.tar_ends, segments.deflate_ends
+        if len(segments) and not (
+            ts[0] > 0 and cs[0] > 0 and ts[-1] <= tar_size and cs[-1] <= archive_size
+            and bool(np.all(ts[1:] > ts[:-1])) and bool(np.all(cs[1:] > cs[:-1]))
+        ):
+            raise FormatError("archive index segments are not increasing within the archive")
         try:
             zlib_version = zv.decode("ascii")
         except UnicodeDecodeError:
             raise FormatError("archive index has a non-ASCII zlib version") from None
         return cls(
             archive_hash=archive_hash, archive_size=archive_size, tar_size=tar_size,
-            level=level, zlib_version=zlib_version, entries=tuple(entries),
+            level=level, zlib_version=zlib_version, entries=entries,
             segments=segments, archive_version=archive_version,
         )
 
@@ -302,13 +489,27 @@ class _Old:
     def __init__(self, index: ArchiveIndex, f: BinaryIO | None) -> None:
         self.index = index
         self.f = f
-        self.by_path = {e.path: e for e in index.entries}
-        self.cut_ends = [s[0] for s in index.segments]
-        self.cut_at = {s[0]: i for i, s in enumerate(index.segments)}
+        # Path -> position: the entries stay packed, one is made when looked up.
+        self.at_path = {index.entries.path(i): i for i in range(len(index.entries))}
+        self.cut_ends = index.segments.tar_ends  # sorted: searched, never a dict of ints
+        self.deflate_ends = index.segments.deflate_ends
+
+    def entry(self, path: str) -> IndexEntry | None:
+        i = self.at_path.get(path)
+        return None if i is None else self.index.entries[i]
+
+    def cut_index(self, cut: int) -> int:
+        """The segment ending at tar offset ``cut``, or -1 if none does."""
+        i = int(np.searchsorted(self.cut_ends, cut))
+        return i if i < len(self.cut_ends) and int(self.cut_ends[i]) == cut else -1
+
+    def last_cut_upto(self, at: int) -> int:
+        """The last segment ending at or before tar offset ``at`` (-1 if none)."""
+        return int(np.searchsorted(self.cut_ends, at, "right")) - 1
 
     def comp_start(self, i: int) -> int:
         """Deflate offset where segment ``i`` starts."""
-        return self.index.segments[i - 1][1] if i > 0 else 0
+        return int(self.deflate_ends[i - 1]) if i > 0 else 0
 
     def read(self, start: int, length: int) -> bytes:
         """Raw deflate bytes ``[start, start + length)``."""
@@ -436,9 +637,12 @@ class _Splicer:
         # ("job", future, tar offsets of its cuts (+ end if final), final) | ("copy", ...)
         self.queue: collections.deque[tuple[object, ...]] = collections.deque()
         self.comp_pos = 0  # deflate bytes handed out
-        self.segments: list[tuple[int, int, int]] = []
-        self.crc_parts: list[int] = []
-        self.crc_lens: list[int] = []
+        # Packed (8 or 4 bytes a value): ~170,000 segments for a 1 GB tree.  The segments'
+        # CRCs are the first len(seg_tar) of crc_parts (the final segment is not one).
+        self.seg_tar = array.array("Q")
+        self.seg_deflate = array.array("Q")
+        self.crc_parts = array.array("I")
+        self.crc_lens = array.array("Q")
         self.compressed = 0
         self.copied = 0
         self.inflated = 0
@@ -510,14 +714,14 @@ class _Splicer:
         assert old is not None and run.sync is not None
         delta = run.old_start - run.new_start
         c = run.sync + delta
-        first = old.cut_at[c] + 1  # the first segment after the sync cut
-        last = bisect.bisect_right(old.cut_ends, run.old_end) - 1  # the last cut in the run
-        e = old.cut_ends[last]
+        first = old.cut_index(c) + 1  # the first segment after the sync cut
+        last = old.last_cut_upto(run.old_end)  # the last cut in the run
+        e = int(old.cut_ends[last])
         if last >= first:
             start = old.comp_start(first)
-            segs = old.index.segments[first : last + 1]
-            self.queue.append(("copy", start, segs[-1][1] - start, segs, delta))
-            self.copied += segs[-1][1] - start
+            end = int(old.deflate_ends[last])
+            self.queue.append(("copy", start, end - start, (first, last + 1), delta))
+            self.copied += end - start
         want_from = e - DICT_SIZE
         have = bytearray(run.sync_window[max(0, want_from - (c - DICT_SIZE)) :] if want_from < c else b"")
         tail = self._tail_from_files(run, max(want_from, c) - delta, run.old_end - delta)
@@ -559,7 +763,7 @@ class _Splicer:
         assert old is not None
         at = c  # old tar offset reached by the inflater
         d = zlib.decompressobj(-15, zdict=run.sync_window)
-        src = old.comp_start(old.cut_at[c] + 1)
+        src = old.comp_start(old.cut_index(c) + 1)
         while at < run.old_end:
             chunk = old.read(src, min(_COPY, old.index.archive_size - len(GZIP_HEADER) - 8 - src))
             if not chunk:
@@ -593,31 +797,31 @@ class _Splicer:
                     self.crc_parts.append(crcs[i])
                     self.crc_lens.append(end - prev)
                     if i < len(comp_ends):
-                        self.segments.append((end, self.comp_pos + comp_ends[i], crcs[i]))
+                        self.seg_tar.append(end)
+                        self.seg_deflate.append(self.comp_pos + comp_ends[i])
                     prev = end
                 self.comp_pos += len(out)
                 if out:
                     yield out
             else:
-                _, start, length, segs, delta = item
+                _, start, length, span, delta = item
                 assert self.old is not None and isinstance(start, int) and isinstance(length, int)
-                assert isinstance(segs, tuple) and isinstance(delta, int)
-                base = self.comp_pos - start
-                prev_t = self._seg_start(segs[0])
-                for t, cend, crc in segs:
-                    self.segments.append((t - delta, cend + base, crc))
-                    self.crc_parts.append(crc)
-                    self.crc_lens.append(t - prev_t)
-                    prev_t = t
+                assert isinstance(span, tuple) and isinstance(delta, int)
+                first, stop = span
+                # Vectorised: a run may copy tens of thousands of segments.
+                old = self.old
+                ts = old.cut_ends[first:stop].astype(np.int64)
+                prev_t = int(old.cut_ends[first - 1]) if first > 0 else 0
+                self.seg_tar.extend((ts - delta).tolist())
+                self.seg_deflate.extend(
+                    (old.deflate_ends[first:stop].astype(np.int64) + (self.comp_pos - start)).tolist()
+                )
+                self.crc_parts.extend(old.index.segments[first:stop].crcs.tolist())
+                self.crc_lens.extend(np.diff(ts, prepend=prev_t).tolist())
                 for off in range(0, length, _COPY):
                     n = min(_COPY, length - off)
                     yield self.old.read(start + off, n)
                 self.comp_pos += length
-
-    def _seg_start(self, seg: tuple[int, int, int]) -> int:
-        assert self.old is not None
-        i = self.old.cut_at[seg[0]]
-        return self.old.cut_ends[i - 1] if i > 0 else 0
 
     @staticmethod
     def _done(item: tuple[object, ...]) -> bool:
@@ -670,7 +874,8 @@ class IncrementalBuilder(TgzBuilder):
     build's ``index`` and the path of that archive (both may be None: a full build).  After
     iteration, ``index`` is this build's index (keep it with the archive for the next one)
     and ``stats`` what was reused.  ``racy_ns``: a file modified this close to its read is
-    never reused by the next build (see ``_walk.RACY_NS``)."""
+    never reused by the next build (default 2 s, generous for coarse clocks: git's racy-clean
+    rule)."""
 
     def __init__(
         self,
@@ -699,12 +904,14 @@ class IncrementalBuilder(TgzBuilder):
 
     @property
     def index(self) -> ArchiveIndex:
+        """This build's index, for the next build; an ``ArchiveError`` until the end."""
         if self._index is None:
             raise ArchiveError("the archive index exists only once the archive was iterated to its end")
         return self._index
 
     @property
     def stats(self) -> IncrementalStats:
+        """What this build reused; an ``ArchiveError`` until the iteration has ended."""
         if self._stats is None:
             raise ArchiveError("the build stats exist only once the archive was iterated to its end")
         return self._stats
@@ -720,7 +927,7 @@ class IncrementalBuilder(TgzBuilder):
 
         splicer = _Splicer(self.level, self.threads, old, peek)
         counts = _Counts()
-        entries: list[IndexEntry] = []
+        entries = EntryTable(bytearray())
         reused = [0]
         h = blake3.blake3()
         size = 0
@@ -742,8 +949,10 @@ class IncrementalBuilder(TgzBuilder):
         self._report = counts.report(splicer.pos, size)
         self._index = ArchiveIndex(
             archive_hash=h.digest(), archive_size=size, tar_size=splicer.pos,
-            level=self.level, zlib_version=zlib.ZLIB_RUNTIME_VERSION, entries=tuple(entries),
-            segments=tuple(splicer.segments),
+            level=self.level, zlib_version=zlib.ZLIB_RUNTIME_VERSION, entries=entries,
+            segments=SegmentTable.from_columns(
+                splicer.seg_tar, splicer.seg_deflate, splicer.crc_parts[: len(splicer.seg_tar)]
+            ),
         )
         self._stats = IncrementalStats(
             previous=why, entries_reused=reused[0], files_opened=opened[0],
@@ -756,9 +965,8 @@ class IncrementalBuilder(TgzBuilder):
         self, top: bytes, top_fd: int, counts: _Counts, old: _Old | None, opened: list[int]
     ) -> Iterator[_Item]:
         links: dict[tuple[int, int], str] = {}
-        by_path = old.by_path if old is not None else {}
         for rel, dir_fd, name, st in walk(top, top_fd, self.exclude, counts.skip):
-            prev = by_path.get(rel)
+            prev = old.entry(rel) if old is not None else None
             if stat.S_ISREG(st.st_mode) and not (
                 st.st_nlink > 1 and (st.st_dev, st.st_ino) in links
             ):
@@ -846,7 +1054,7 @@ class IncrementalBuilder(TgzBuilder):
 
     def unchanged(self, index: ArchiveIndex) -> bool:
         """Would a build now give exactly the archive ``index`` describes?  Answered from
-        metadata (a walk and ``lstat``s, like ``tree_fingerprint``), except that files that
+        metadata (a walk and an ``lstat`` of each entry, like ``tree_fingerprint``), except that files that
         were racy when that archive was built are read again, one by one, and compared
         with the digest of the bytes it stored.  Nothing is compressed.  False whenever it
         cannot be sure (any entry added, removed, changed, or a racy one unreadable)."""
@@ -859,7 +1067,7 @@ class IncrementalBuilder(TgzBuilder):
                 e = next(want, None)
                 if e is None:
                     return False
-                if item.old is e:  # same identity: same bytes, nothing read
+                if item.old == e:  # same identity: same bytes, nothing read
                     continue
                 if e.kind != DATA or e.digest == bytes(16) or item.rel != e.path:
                     return False
@@ -875,7 +1083,7 @@ class IncrementalBuilder(TgzBuilder):
             os.close(top_fd)
 
     def _splice(
-        self, sp: _Splicer, items: Iterator[_Item], entries: list[IndexEntry], reused: list[int],
+        self, sp: _Splicer, items: Iterator[_Item], entries: EntryTable, reused: list[int],
     ) -> Iterator[bytes]:
         old = sp.old
         run: _Run | None = None
@@ -917,7 +1125,6 @@ class IncrementalBuilder(TgzBuilder):
             start = total
             delta = run.old_start - run.new_start
             checked = False
-            item_cuts = old.cut_at
             for piece in item.pieces:
                 if not checked:
                     checked = True
@@ -936,7 +1143,7 @@ class IncrementalBuilder(TgzBuilder):
                     if run.sync is not None:
                         break
                     for c in sp.feed(view[at : at + _FEED]):
-                        if c - run.new_start >= DICT_SIZE and c + delta in item_cuts:
+                        if c - run.new_start >= DICT_SIZE and old.cut_index(c + delta) >= 0:
                             run.sync = c
                             run.sync_window = sp.flush_to(c)
                             break

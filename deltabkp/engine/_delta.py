@@ -196,6 +196,11 @@ class DeltaEncoder:
         self.new_hash = b""
 
     def feed(self, data: Buffer) -> bytes:
+        """Scan the next bytes of the new file; return the delta bytes decided so far.
+
+        Undecided input (less than one scan span plus one block, and a pending literal under
+        64 KiB) is kept until the next call.  Raises ``UsageError`` after ``finish()``.
+        """
         if self._done:
             raise UsageError("DeltaEncoder.feed() called after finish()")
         mv = as_bytes_view(data)
@@ -213,6 +218,7 @@ class DeltaEncoder:
         return self._take_output()
 
     def finish(self) -> bytes:
+        """End of the new file: return the rest of the delta, END record included."""
         if self._done:
             raise UsageError("DeltaEncoder.finish() called twice")
         self._done = True

@@ -80,6 +80,11 @@ class Patcher:
         self.new_hash = b""
 
     def feed(self, data: Buffer) -> list[bytes | memoryview]:
+        """Decode the next delta bytes; return the output pieces they complete, in order.
+
+        Pieces may be views into ``base`` or into ``data`` (when it is ``bytes``): write or
+        copy them before the base changes.  An incomplete op's bytes wait for the next call.
+        """
         if self._done:
             raise UsageError("Patcher.feed() called after finish()")
         mv = as_bytes_view(data)
@@ -213,6 +218,7 @@ class Patcher:
         return p
 
     def finish(self) -> None:
+        """Check the whole output against the delta's END record (size and blake3)."""
         self._finish(self._hasher.digest)
 
     def _finish(self, digest: Callable[[], bytes]) -> None:

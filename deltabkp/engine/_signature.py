@@ -117,10 +117,12 @@ class Signature:
 
     @property
     def block_count(self) -> int:
+        """Number of blocks, the last one possibly short."""
         return -(-self.base_size // self.block_size)
 
     @property
     def full_blocks(self) -> int:
+        """Number of whole ``block_size`` blocks (the short tail block not counted)."""
         return self.base_size // self.block_size
 
     def weak_array(self) -> np.ndarray[tuple[int], np.dtype[np.uint32]]:
@@ -128,10 +130,12 @@ class Signature:
         return np.frombuffer(self.weak_sums, ">u4").astype(np.uint32)
 
     def strong_of(self, block: int) -> bytes:
+        """The truncated strong sum of block number ``block``."""
         n = self.strong_len
         return self.strong_sums[block * n : (block + 1) * n]
 
     def to_bytes(self) -> bytes:
+        """The signature file (format v1, docs/formats.md "Signature")."""
         header = _HEADER.pack(
             SIGNATURE_MAGIC,
             SIGNATURE_VERSION,
@@ -239,6 +243,10 @@ class SignatureBuilder:
         self._done = False
 
     def feed(self, data: Buffer) -> None:
+        """Add the next bytes of the base (any length, copied only up to one block).
+
+        Raises ``UsageError`` after ``finish()``.
+        """
         if self._done:
             raise UsageError("SignatureBuilder.feed() called after finish()")
         mv = as_bytes_view(data)
@@ -276,6 +284,7 @@ class SignatureBuilder:
         return self.finish_signature().to_bytes()
 
     def finish_signature(self) -> Signature:
+        """Like ``finish()``, as a parsed ``Signature`` (for a ``DeltaEncoder`` in-process)."""
         return self._finish(self._hasher.digest)
 
     def _finish(self, base_hash: Callable[[], bytes]) -> Signature:
