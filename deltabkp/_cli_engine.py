@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import mmap
 import os
 import stat
 import sys
@@ -26,6 +25,7 @@ from collections.abc import Iterator
 from typing import IO, BinaryIO
 
 from deltabkp._atomic import atomic_write
+from deltabkp._mmap import mapped
 from deltabkp.engine._delta import DeltaEncoder
 from deltabkp.engine._patch import Patcher
 from deltabkp.engine._rdiff_delta import RdiffDeltaEncoder
@@ -230,22 +230,14 @@ def _cmd_delta(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _map_base(name: str) -> Iterator[bytes | mmap.mmap]:
+def _map_base(name: str) -> Iterator[bytes | memoryview]:
     if name == "-":
         yield _read_all(name)
         return
-    with _open_in(name) as f:
+    with _open_in(name) as f, contextlib.ExitStack() as stack:
         with _blame(name):
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                yield b""
-                return
-            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            yield m
-        finally:
-            with contextlib.suppress(BufferError):
-                m.close()
+            base = stack.enter_context(mapped(f))
+        yield base
 
 
 def _cmd_patch(args: argparse.Namespace) -> int:

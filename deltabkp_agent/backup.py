@@ -47,7 +47,6 @@ share one set of invariants about what is sent and cached when, which read best 
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import time
 from collections.abc import Callable
@@ -58,6 +57,7 @@ import trio
 
 import deltabkp
 from deltabkp import Signature, net, protocol
+from deltabkp._mmap import mapped
 from deltabkp.archive import LAYOUT_CAPABILITY, ArchiveIndex
 from deltabkp.errors import (
     ArchiveError,
@@ -456,8 +456,7 @@ def _stream_layout(
     size = 0
     try:
         with open(kept.archive, "rb") as old_file, new_file, \
-                mmap.mmap(old_file.fileno(), 0, access=mmap.ACCESS_READ) as old_buf, \
-                mmap.mmap(new_file.fileno(), 0, access=mmap.ACCESS_READ) as new_buf:
+                mapped(old_file) as old_buf, mapped(new_file) as new_buf:
             records = encode_layout(old, old_buf, new, new_buf)
             try:
                 for record in records:

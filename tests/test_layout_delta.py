@@ -261,3 +261,44 @@ def test_accepts_is_left_out_for_older_agents_and_parsed_by_new_ones() -> None:
     frames.feed(protocol.encode(offer))
     assert frames.next_message() == offer
     assert LAYOUT_CAPABILITY.startswith("layout-1/zlib-")
+
+
+def test_content_copied_from_far_behind_the_kept_old_tar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new file repeating an old one further back than the old tar the sender keeps
+    (``KEEP``, made small here so the trees can be): the segments after it still COPY, and the
+    run that follows takes its window from the new archive instead of failing (found on a tree
+    holding five copies of one source, with the real 8 MiB)."""
+    import deltabkp.archive._layout as layout
+
+    monkeypatch.setattr(layout, "KEEP", 128 << 10)  # both sides read the module's value
+    rng = random.Random(3)
+    root = tmp_path / "tree"
+    for sub in ("a", "m", "z"):
+        (root / sub).mkdir(parents=True)
+    big = _text(rng, 100_000)  # ~400 KB: three times KEEP
+    (root / "a" / "big").write_bytes(big)
+    (root / "m" / "big2").write_bytes(_text(rng, 200_000))
+    (root / "z" / "f").write_bytes(b"tail\n")
+    _settle(root)
+    a = _build(root, tmp_path / "a.tgz", None, None)
+    with open(root / "m" / "big2", "ab") as f:
+        f.write(b"appended\n")
+    (root / "n").mkdir()
+    (root / "n" / "copy").write_bytes(big)
+    _settle(root)
+    b = _build(root, tmp_path / "b.tgz", a, tmp_path / "a.tgz")
+    old, new = (tmp_path / "a.tgz").read_bytes(), (tmp_path / "b.tgz").read_bytes()
+    used = []
+    real = layout._Encoder._new_tar
+
+    def spy(self: layout._Encoder) -> layout.TarStream:
+        used.append(1)
+        return real(self)
+
+    monkeypatch.setattr(layout._Encoder, "_new_tar", spy)
+    delta = b"".join(encode_layout(a.index, old, b.index, new))
+    assert used, "the case meant here (a window behind the kept old tar) did not occur"
+    assert _patch(old, delta, a.index.archive_hash) == new
+    assert len(delta) < len(big) // 10  # the repeated file went as COPY, not as literals

@@ -109,8 +109,12 @@ class TarStream:
     far reads have gone, so a reader that read at least as far (the sender) can tell
     whether a range is still there for one that read less (the receiver)."""
 
-    def __init__(self, archive: Any) -> None:
+    def __init__(self, archive: Any, *, pin_reads: bool = False) -> None:
         self.buf = memoryview(archive)
+        # Never drop what the current read asks for (one step can inflate to far more than
+        # KEEP).  Only for a stream one side reads alone: it makes what is kept depend on
+        # the reads, not only on how far they went.
+        self._pin = pin_reads
         self._d = zlib.decompressobj(-15)
         self._in = _HDR
         self._out = bytearray()
@@ -127,6 +131,8 @@ class TarStream:
                 self._out += self._d.decompress(chunk)
                 if len(self._out) > 2 * KEEP:  # drop in big steps: few memmoves
                     drop = len(self._out) - KEEP
+                    if self._pin:
+                        drop = min(drop, lo - self._base)
                     del self._out[:drop]
                     self._base += drop
         except zlib.error:
@@ -156,6 +162,13 @@ class _Encoder:
         self.old_by_path = {e.path: e for e in old_index.entries}
         self.new_starts = [e.tar_start for e in new_index.entries]
         self.lit = zlib.compressobj(9, zlib.DEFLATED, -15)
+        self._new_stream: TarStream | None = None
+
+    def _new_tar(self) -> TarStream:
+        """The new archive's tar, inflated forward only when first needed (rare: see _run)."""
+        if self._new_stream is None:
+            self._new_stream = TarStream(self.new, pin_reads=True)
+        return self._new_stream
 
     def copies(self) -> list[int | None]:
         """Per new segment: the index of an old segment with equal compressed bytes, or None."""
@@ -167,7 +180,10 @@ class _Encoder:
         for i, (t, c, crc) in enumerate(self.ni.segments):
             found = None
             a, n = _HDR + self.nd[i], c - self.nd[i]
-            for j in sorted(by_key.get((t - self.nt[i], n, crc), []), key=lambda j: j != expect):
+            # The continuation first, then the nearest ahead (repeated content, e.g. several
+            # copies of one tree, would otherwise match the first copy, far behind).
+            cands = by_key.get((t - self.nt[i], n, crc), [])
+            for j in sorted(cands, key=lambda j: (j != expect, j < expect, j)):
                 b = _HDR + self.od[j]
                 if bytes(self.old[b : b + n]) == bytes(self.new[a : a + n]):
                     found, expect = j, j + 1
@@ -252,7 +268,12 @@ class _Encoder:
             end = self.oi.segments[j][0]
             got = self.old_tar.read(end - w, end)
             if got is None:
-                raise IntegrityError("layout delta: the old window is behind the old tar kept")
+                # The copied segment before this run lies behind the old tar still kept (the
+                # content moved back): the same bytes are the new tar's there, read forward
+                # (runs come in order, so that stream never goes back).
+                got = self._new_tar().read(self.nt[i0] - w, self.nt[i0])
+            if got is None:
+                raise IntegrityError("layout delta: the window before a run cannot be read")
             window = got
         inflate = zlib.decompressobj(-15, zdict=window) if window else zlib.decompressobj(-15)
         cont = False

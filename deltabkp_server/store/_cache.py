@@ -19,7 +19,6 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import re
 import threading
@@ -28,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from deltabkp import _mmap
 from deltabkp._process import pid_alive as _pid_alive
 from deltabkp.errors import StoreError
 
@@ -152,19 +152,8 @@ class BaseCache:
     @contextlib.contextmanager
     def mapped(f: BinaryIO) -> Iterator[memoryview | bytes]:
         """The open file ``f`` as a read-only buffer (an mmap; ``b""`` when empty); closes it."""
-        with f:
-            if os.fstat(f.fileno()).st_size == 0:
-                yield b""  # mmap refuses empty files
-                return
-            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            view = memoryview(m)
-            try:
-                yield view
-            finally:
-                # A view still alive elsewhere keeps the map; it is unmapped with the last one.
-                with contextlib.suppress(BufferError):
-                    view.release()
-                    m.close()
+        with f, _mmap.mapped(f) as buf:
+            yield buf
 
     # -- internals (under the lock) -----------------------------------------------------------
 
