@@ -228,7 +228,7 @@ def test_bad_requests_get_clear_errors_and_change_nothing(cluster: Cluster, tmp_
         assert res.stderr.strip(), args
         assert node in res.stderr and args[2] in res.stderr, (args, res.stderr)
     usage = [
-        ("register", "no-port-here", str(app), "--every", "5"),
+        ("register", "empty-port-here:", str(app), "--every", "5"),
         ("register", node),
     ]
     for args in usage:

@@ -244,6 +244,7 @@ def test_kill_9_at_random_instants_never_leaves_a_partial_archive(cluster: Clust
     agent.stop()
     server.stop()
     assert check_store_matches_catalog(c) >= 1
+    c.start_server(port=server_port)  # to restore from (the agent stays away)
     dest = tmp_path / "restored"
     assert c.ctl_run("restore", agent.address, str(app), str(dest), timeout=300).returncode == 0
     assert tree_equal(app, dest) == []
