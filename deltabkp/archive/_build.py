@@ -60,7 +60,9 @@ SPOOL_LIMIT = 4 * 1024**3
 RETRIES = 3
 #: A file modified this recently may have been written within the same timestamp tick as
 #: our read, unseen by stat; it must read the same twice in a row to count as consistent.
-HOT_NS = 100_000_000
+#: A whole second, not a tick: a writer descheduled inside one large ``write()`` has set
+#: mtime at its start and leaves size and mtime still while it waits (seen under load ~10).
+HOT_NS = 1_000_000_000
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
