@@ -172,22 +172,37 @@ class _Encoder:
 
     def copies(self) -> list[int | None]:
         """Per new segment: the index of an old segment with equal compressed bytes, or None."""
-        by_key: dict[tuple[int, int, int], list[int]] = {}
-        for j, (t, c, crc) in enumerate(self.oi.segments):
-            by_key.setdefault((t - self.ot[j], c - self.od[j], crc), []).append(j)
+        # Candidates by (tar length, deflate length, CRC), as one sorted array of 64-bit mixes
+        # of the three (a dict of tuples cost ~50 MB on a 1 GB tree); a mix can collide, so
+        # the three are compared again, then the bytes.
+        def keyed(segs: Any) -> tuple[Any, Any, Any, Any]:
+            tl = np.diff(segs.tar_ends, prepend=np.uint64(0))
+            cl = np.diff(segs.deflate_ends, prepend=np.uint64(0))
+            crc = segs.crcs.astype(np.uint64)
+            return tl, cl, crc, (tl << np.uint64(40)) ^ (cl << np.uint64(20)) ^ crc
+
+        otl, ocl, ocrc, okey = keyed(self.oi.segments)
+        order = np.argsort(okey, kind="stable")
+        skey = okey[order]
+        ntl, ncl, ncrc, nkey = keyed(self.ni.segments)
+        los = np.searchsorted(skey, nkey, "left")
+        his = np.searchsorted(skey, nkey, "right")
         out: list[int | None] = []
         expect = -1
-        for i, (t, c, crc) in enumerate(self.ni.segments):
+        for i in range(len(nkey)):
             found = None
-            a, n = _HDR + self.nd[i], c - self.nd[i]
-            # The continuation first, then the nearest ahead (repeated content, e.g. several
-            # copies of one tree, would otherwise match the first copy, far behind).
-            cands = by_key.get((t - self.nt[i], n, crc), [])
-            for j in sorted(cands, key=lambda j: (j != expect, j < expect, j)):
-                b = _HDR + self.od[j]
-                if bytes(self.old[b : b + n]) == bytes(self.new[a : a + n]):
-                    found, expect = j, j + 1
-                    break
+            lo, hi = int(los[i]), int(his[i])
+            if lo < hi:
+                a, n = _HDR + self.nd[i], int(ncl[i])
+                cands = [int(j) for j in order[lo:hi]
+                         if otl[j] == ntl[i] and ocl[j] == ncl[i] and ocrc[j] == ncrc[i]]
+                # The continuation first, then the nearest ahead (repeated content, e.g.
+                # several copies of one tree, would otherwise match the first copy, far behind).
+                for j in sorted(cands, key=lambda j: (j != expect, j < expect, j)):
+                    b = _HDR + self.od[j]
+                    if bytes(self.old[b : b + n]) == bytes(self.new[a : a + n]):
+                        found, expect = j, j + 1
+                        break
             out.append(found)
         return out
 
