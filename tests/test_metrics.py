@@ -26,7 +26,7 @@ from helpers_proc import Cluster, Daemon, cluster, exe, wait_for  # noqa: F401
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deltabkp.net import Address, load_key
+from deltabkp.net import Address, is_loopback, load_key
 from deltabkp.net import _http as net_http
 from deltabkp.testing import ScriptedAgent
 from deltabkp_agent.metrics import AgentMetrics
@@ -313,4 +313,4 @@ def test_live_bytes_move_while_a_transfer_runs() -> None:
 @pytest.mark.parametrize("host, ok", [("127.0.0.1", True), ("::1", True), ("localhost", True),
                                       ("0.0.0.0", False), ("10.1.2.3", False), ("example.org", False)])
 def test_loopback_rule(host: str, ok: bool) -> None:
-    assert net_http.is_loopback(host) is ok
+    assert is_loopback(host) is ok

@@ -8,7 +8,7 @@ Trio); the daemons and ``ctl`` do.
 
 from __future__ import annotations
 
-from deltabkp.net._address import DEFAULT_AGENT_PORT, Address, normalise_path
+from deltabkp.net._address import DEFAULT_AGENT_PORT, Address, is_loopback, normalise_path
 from deltabkp.net._channel import (
     DEFAULT_SEND_TIMEOUT,
     DEFAULT_SERVER_PORT,
@@ -55,6 +55,7 @@ __all__ = [
     "Address",
     "normalise_path",
     "DEFAULT_AGENT_PORT",
+    "is_loopback",
     "Channel",
     "accept",
     "connect",

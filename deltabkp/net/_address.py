@@ -14,13 +14,14 @@ bracketed (``[::1]:7471``); without brackets it is a host alone.
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
 
 import attrs
 
 from deltabkp.errors import UsageError
 
-__all__ = ["Address", "normalise_path", "DEFAULT_AGENT_PORT"]
+__all__ = ["Address", "normalise_path", "DEFAULT_AGENT_PORT", "is_loopback"]
 
 #: Where a node's agent listens unless told otherwise (a NODE without :PORT means this port).
 DEFAULT_AGENT_PORT = 7471
@@ -93,3 +94,12 @@ def normalise_path(text: object) -> str:
     if "\x00" in text:
         raise UsageError(f"path {text!r} contains a NUL byte")
     return posixpath.normpath(text)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or ``localhost``: the addresses plaintext and the unauthenticated
+    metrics port are allowed on without being asked for more."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"

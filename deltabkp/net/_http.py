@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import logging
 import socket
 import urllib.parse
@@ -33,7 +32,7 @@ import attrs
 import trio
 
 from deltabkp.errors import DeltabkpError, UsageError
-from deltabkp.net._address import Address
+from deltabkp.net._address import Address, is_loopback
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -80,14 +79,6 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or ``localhost``."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host.lower() == "localhost"
 
 
 def add_metrics_arguments(p: argparse.ArgumentParser) -> None:

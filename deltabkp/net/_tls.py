@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import ipaddress
 import os
 import ssl
 import tempfile
@@ -43,6 +42,7 @@ from deltabkp.errors import (
     RemoteProtocolError,
     UsageError,
 )
+from deltabkp.net._address import is_loopback
 from deltabkp.net._keys import load_key
 
 __all__ = [
@@ -357,11 +357,7 @@ def _build(settings: TlsSettings, key: bytes, role: str) -> Contexts:
 
 def check_plaintext_address(host: str, what: str) -> None:
     """Plaintext is for debugging on one machine: any other address is refused."""
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host.lower() == "localhost"
-    if not loopback:
+    if not is_loopback(host):
         raise UsageError(
             f"{PLAINTEXT_FLAG} refused for {what} {host}: plaintext is only allowed on loopback "
             "addresses (127.0.0.1, ::1, localhost); drop the flag to use TLS"
