@@ -92,6 +92,19 @@ class Generations:
         return data
 
 
+def sixty_files_built(tmp_path: Path, seed: int) -> tuple[Path, Generations]:
+    """A tree of 60 text files of 20 KB, settled, and its first build."""
+    rng = random.Random(seed)
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(60):
+        (root / f"f{i:02d}").write_bytes(text(rng, 20_000))
+    settle()
+    gen = Generations(root, tmp_path / "prev.tgz")
+    gen.build()
+    return root, gen
+
+
 def text(rng: random.Random, n: int) -> bytes:
     words = [b"alpha", b"beta", b"gamma", b"delta", b"backup", b"tree", b"%d" % rng.randrange(999)]
     out = bytearray()
@@ -246,14 +259,7 @@ def count_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_reused_files_are_not_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One file changed among 60 of ~20 KiB: only it and the files of the ~32-96 KiB after it
     (where the compressor gets back in step) are opened; the rest is copied."""
-    rng = random.Random(3)
-    root = tmp_path / "tree"
-    root.mkdir()
-    for i in range(60):
-        (root / f"f{i:02d}").write_bytes(text(rng, 20_000))
-    settle()
-    gen = Generations(root, tmp_path / "prev.tgz")
-    gen.build()
+    root, gen = sixty_files_built(tmp_path, seed=3)
     with open(root / "f30", "ab") as f:
         f.write(b"appended")
     settle()
@@ -300,14 +306,7 @@ def test_file_changed_after_the_walk(tmp_path: Path, target: str) -> None:
     whose bytes must be read again: found changed, they are inflated from the previous
     archive instead, so the archive again holds it as the walk saw it.  Either way the
     archive is a fresh build of one state of the tree, and the next build sees the change."""
-    rng = random.Random(5)
-    root = tmp_path / "tree"
-    root.mkdir()
-    for i in range(60):
-        (root / f"f{i:02d}").write_bytes(text(rng, 20_000))
-    settle()
-    gen = Generations(root, tmp_path / "prev.tgz")
-    gen.build()
+    root, gen = sixty_files_built(tmp_path, seed=5)
     before = fresh(root)
     ChangeOnWalk.target = target
     data = gen.build(ChangeOnWalk)

@@ -37,7 +37,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import attrs
 import blake3
@@ -246,6 +246,16 @@ def _describe(before: os.stat_result, after: os.stat_result, got: int) -> str:
     return "modified while read"
 
 
+_T = TypeVar("_T")
+
+
+def _once_built(value: _T | None, what: str) -> _T:
+    """``value``, set when a build's iteration ended; before that an ``ArchiveError``."""
+    if value is None:
+        raise ArchiveError(f"{what} only once the archive was iterated to its end")
+    return value
+
+
 class TgzBuilder:
     """Iterate to get the tgz of ``root`` as ``bytes`` chunks; then read ``report``.
 
@@ -292,9 +302,7 @@ class TgzBuilder:
     @property
     def report(self) -> ArchiveReport:
         """What the build did; an ``ArchiveError`` until the iteration has ended."""
-        if self._report is None:
-            raise ArchiveError("the archive report exists only once the archive was iterated to its end")
-        return self._report
+        return _once_built(self._report, "the archive report exists")
 
     def __iter__(self) -> Iterator[bytes]:
         if self._started:

@@ -90,6 +90,7 @@ from deltabkp.archive._build import (
     _O_READ,
     TgzBuilder,
     _Counts,
+    _once_built,
     _end_of_archive,
     _header,
 )
@@ -905,16 +906,12 @@ class IncrementalBuilder(TgzBuilder):
     @property
     def index(self) -> ArchiveIndex:
         """This build's index, for the next build; an ``ArchiveError`` until the end."""
-        if self._index is None:
-            raise ArchiveError("the archive index exists only once the archive was iterated to its end")
-        return self._index
+        return _once_built(self._index, "the archive index exists")
 
     @property
     def stats(self) -> IncrementalStats:
         """What this build reused; an ``ArchiveError`` until the iteration has ended."""
-        if self._stats is None:
-            raise ArchiveError("the build stats exist only once the archive was iterated to its end")
-        return self._stats
+        return _once_built(self._stats, "the build stats exist")
 
     def _generate(self) -> Iterator[bytes]:
         top, top_fd = open_root(self.root, no_links=self.no_links)
