@@ -11,9 +11,14 @@ of signatures and deltas.  ``--sweep`` also tabulates sizes per block size (the 
 behind ``default_block_size``).  Best of ``--repeat`` runs; asserts nothing about time.
 
 The rdiff-format rows run ``deltabkp.rdiff`` (librsync's formats, rdiff's defaults:
-RabinKarp + BLAKE2b, whole 32-byte strong sums) on the same files: our signature (checked
-byte-identical to rdiff's), our delta from rdiff's signature (checked with ``rdiff patch``),
-and our patch of rdiff's delta, each against the rdiff command doing the same step.
+RabinKarp + BLAKE2b, whole 32-byte strong sums, the same block length as rdiff) on the same
+files: our signature (checked byte-identical to rdiff's), our delta from rdiff's signature
+(checked with ``rdiff patch``), and our patch of rdiff's delta, each against the rdiff command
+doing the same step.  The "one thread" rows pass ``threads=0``: the default hashes on the
+calling thread and helpers (one per further core), so the two show what the second core adds
+and what the code alone saves.  The load average is printed before and after: with other
+work on the machine the helpers find no idle core and the wall-time ratios drop toward the
+CPU-time ones.
 """
 
 from __future__ import annotations
@@ -132,6 +137,8 @@ def main() -> int:
         version = subprocess.run(["rdiff", "--version"], capture_output=True, text=True)
         print(f"# {version.stdout.splitlines()[0]} vs deltabkp {deltabkp.__version__}, "
               f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")
+        print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+              f"deltabkp.rdiff helper threads: {deltabkp.rdiff.default_threads()}")
         print(f"# archive pair: base {len(base):,} B, new {len(new):,} B "
               f"(stdlib tree, ~1% change set, gzip --rsyncable); unrelated pair: "
               f"{len(unew):,} B random each; best of {rep} interleaved rounds")
@@ -176,7 +183,9 @@ def main() -> int:
             "udelta": lambda: deltabkp.delta(usig, unew),
             # librsync's formats: the same rdiff commands above are the reference.
             "rd.sig": lambda: deltabkp.rdiff.signature(base),
+            "rd.sig1": lambda: deltabkp.rdiff.signature(base, threads=0),
             "rd.delta": lambda: deltabkp.rdiff.delta(rsig, new),
+            "rd.delta1": lambda: deltabkp.rdiff.delta(rsig, new, threads=0),
             "rd.sdelta": lambda: stream_rdiff_delta(rsig, new),
             "rd.patch": lambda: deltabkp.rdiff.patch(base, rdlt),
             "rd.udelta": lambda: deltabkp.rdiff.delta(ursig, unew),
@@ -204,9 +213,11 @@ def main() -> int:
         t_rudelta, t_udelta = t["r.udelta"], t["udelta"]
         # rdiff format: same bytes as rdiff, and rdiff itself applies our delta.
         assert deltabkp.rdiff.signature(base) == rs_sig.read_bytes()
+        assert deltabkp.rdiff.signature(base, threads=0) == rs_sig.read_bytes()
         assert deltabkp.rdiff.signature(ubase) == ursig
         rd_delta = deltabkp.rdiff.delta(rsig, new)
         assert stream_rdiff_delta(rsig, new) == rd_delta
+        assert deltabkp.rdiff.delta(rsig, new, threads=0) == rd_delta
         (tmp / "rd.delta").write_bytes(rd_delta)
         subprocess.run(["rdiff", "-f", "patch", b, str(tmp / "rd.delta"), str(tmp / "rd.out")],
                        check=True)
@@ -241,7 +252,9 @@ def main() -> int:
         print(row("delta (unrelated data)", len(unew), t_rudelta, t_udelta))
         print(f"| {'rdiff format (deltabkp.rdiff)':<34} | {'':>24} | {'':>26} |        |")
         print(row("  signature (archive)", len(base), t_rsig, t["rd.sig"]))
+        print(row("    signature, one thread", len(base), t_rsig, t["rd.sig1"]))
         print(row("  delta (archive, rdiff's sig)", len(new), t_rdelta, t["rd.delta"]))
+        print(row("    delta, one thread", len(new), t_rdelta, t["rd.delta1"]))
         print(row("    delta, 1 MiB feeds", len(new), t_rdelta, t["rd.sdelta"]))
         print(row("  patch of rdiff's delta, in memory", len(new), t_rpatch, t["rd.patch"]))
         print(row("  delta (unrelated data)", len(unew), t_rudelta, t["rd.udelta"]))
@@ -253,7 +266,9 @@ def main() -> int:
             ("signature (archive)", "r.sig", "sig"),
             ("delta (archive)", "r.delta", "delta"),
             ("rdiff format: signature (archive)", "r.sig", "rd.sig"),
+            ("rdiff format: signature, 1 thread", "r.sig", "rd.sig1"),
             ("rdiff format: delta (archive)", "r.delta", "rd.delta"),
+            ("rdiff format: delta, 1 thread", "r.delta", "rd.delta1"),
             ("rdiff format: delta, 1 MiB feeds", "r.delta", "rd.sdelta"),
             ("rdiff format: delta (unrelated)", "r.udelta", "rd.udelta"),
         ):
@@ -276,6 +291,10 @@ def main() -> int:
               f"strong per block")
         print(f"# deltabkp: block {parsed.block_size} B (default_block_size), weak poly32 4 B, "
               f"strong XXH3-128 truncated to {parsed.strong_len} B, END blake3-256")
+        rd_parsed = deltabkp.rdiff.Signature.parse(deltabkp.rdiff.signature(base))
+        print(f"# deltabkp.rdiff: block {rd_parsed.block_size} B, {rd_parsed.kind.label}, "
+              f"strong {rd_parsed.strong_len} B: the same parameters as rdiff's")
+        print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
         if args.sweep:
             print()

@@ -97,8 +97,9 @@ def test_protocol_and_engine_do_no_io() -> None:
             if pkg == "engine" and path.name == "_rolling.py":
                 bad -= {"threading"}  # a lock around the shared power tables
             if pkg == "engine" and path.name == "_rdiff_sums.py":
-                # a lock around its power tables, and one helper thread hashing half of
-                # the blocks (BLAKE2b/MD4 release the GIL); no clock, nothing opened
+                # a lock around its power tables, and a small pool of helper threads
+                # hashing tasks of blocks (BLAKE2b/MD4 release the GIL); no clock, nothing
+                # opened
                 bad -= {"threading"}
             assert not bad, f"{name} imports {bad}"
             ours = {m for m in graph[name] if not any(m.startswith(a) for a in allowed_ours)}

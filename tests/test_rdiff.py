@@ -7,8 +7,11 @@ patching.  Malformed signatures and deltas may only raise the library's typed er
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deltabkp import FormatError, LimitExceeded, UsageError, rdiff
+from deltabkp.engine import _rdiff_sums
 from deltabkp.rdiff import SignatureKind
 
 GOLDEN = Path(__file__).parent / "golden" / "rdiff"
@@ -129,6 +133,98 @@ def test_big_streaming_delta_finds_runs() -> None:
     assert rdiff.is_delta(d) and not rdiff.is_signature(d) and rdiff.is_signature(sig)
 
 
+def test_run_needs_weak_and_strong_sums() -> None:
+    """A block continues a run only if its weak sum matches too: with 1-byte strong sums a
+    different block with the same strong byte turns up once in 256 tries, and taking it
+    would make a delta that patches to the wrong file."""
+    rng = random.Random(5)
+    base = rng.randbytes(64 * 4)
+    want = hashlib.blake2b(base[64:128], digest_size=32).digest()[:1]
+    while True:
+        impostor = rng.randbytes(64)
+        if hashlib.blake2b(impostor, digest_size=32).digest()[:1] == want:
+            break
+    new = base[:64] + impostor + base[128:]
+    sig = rdiff.signature(base, 64, strong_len=1)
+    assert rdiff.patch(base, rdiff.delta(sig, new)) == new
+
+
+@pytest.mark.parametrize(
+    "kind", [SignatureKind.RK_BLAKE2, SignatureKind.MD4], ids=lambda k: str(k.name)
+)
+def test_threads_change_no_byte(kind: SignatureKind) -> None:
+    """Blocks of 2 KiB and more are hashed in tasks spread over helper threads: the same
+    signature and delta as in one thread, one-shot or streamed."""
+    rng = random.Random(11)
+    base = rng.randbytes(1_500_000)
+    new = base[:300_000] + rng.randbytes(5000) + base[300_000:1_200_000] + base[1_250_000:]
+    assert len(_rdiff_sums._cuts(len(base) // 4096, 4096, 2)) > 2  # really split in tasks
+    one = rdiff.signature(base, 4096, kind=kind, threads=0)
+    assert rdiff.signature(base, 4096, kind=kind, threads=2) == one
+    builder = rdiff.SignatureBuilder(4096, kind=kind, threads=1)
+    for at in range(0, len(base), 300_001):
+        builder.feed(base[at : at + 300_001])
+    assert builder.finish() == one
+    delta = rdiff.delta(one, new, threads=0)
+    assert rdiff.delta(one, new, threads=2) == delta
+    assert len(delta) < 5000 + 4 * 4096 and rdiff.patch(base, delta) == new
+    enc = rdiff.DeltaEncoder(one, threads=1)
+    streamed = b"".join([*(enc.feed(new[i : i + 200_000]) for i in range(0, len(new), 200_000)),
+                         enc.finish()])
+    assert rdiff.patch(base, streamed) == new
+
+
+def test_run_tasks_runs_helpers_beside_the_caller() -> None:
+    both = threading.Barrier(2, timeout=30)  # breaks (a failure) unless two threads meet
+    ran: list[str] = []
+
+    def task(i: int) -> int:
+        if i < 2:
+            both.wait()
+        ran.append(threading.current_thread().name)
+        return i * i
+
+    assert _rdiff_sums.run_tasks([partial(task, i) for i in range(6)], 1) == [
+        i * i for i in range(6)
+    ]
+    assert len(set(ran)) == 2
+
+
+def test_run_tasks_with_a_busy_pool_or_a_failing_helper() -> None:
+    """A helper that cannot start is cancelled, not waited for; a task whose helper raised
+    is redone by the caller."""
+    release = threading.Event()
+    pool = _rdiff_sums._get_pool()
+    blockers = [pool.submit(release.wait, 30) for _ in range(_rdiff_sums.MAX_THREADS)]
+    try:
+        assert _rdiff_sums.run_tasks([partial(int, i) for i in range(5)], 2) == list(range(5))
+        # Queued, cancelled helper jobs must not keep the streaming encoder's buffer
+        # exported (it could not drop what it has emitted: BufferError).
+        base = random.Random(3).randbytes(600_000)
+        enc = rdiff.DeltaEncoder(rdiff.signature(base, 4096, threads=0), threads=2)
+        parts = [enc.feed(base[i : i + 150_000]) for i in range(0, len(base), 150_000)]
+        assert rdiff.patch(base, b"".join([*parts, enc.finish()])) == base
+    finally:
+        release.set()
+        for b in blockers:
+            b.result()
+    caller = threading.current_thread()
+    both = threading.Barrier(2, timeout=30)
+    tried: set[int] = set()
+
+    def flaky(i: int) -> str:
+        if i < 2 and i not in tried:  # the first two tasks meet on two threads, once
+            tried.add(i)
+            both.wait()
+            if threading.current_thread() is not caller:
+                raise RuntimeError("helper failed")
+        return f"r{i}"
+
+    assert _rdiff_sums.run_tasks([partial(flaky, i) for i in range(4)], 1) == [
+        "r0", "r1", "r2", "r3"
+    ]
+
+
 # --- malformed input --------------------------------------------------------------------
 
 _SIG = rdiff.signature(b"0123456789" * 50, 64, strong_len=8)
@@ -213,6 +309,9 @@ def test_fuzzed_inputs_raise_only_format_errors(data: bytes, at: int, junk: byte
 def test_usage_errors() -> None:
     with pytest.raises(UsageError):
         rdiff.signature(b"abc", 0)
+    for bad in (-1, True, 1.5):
+        with pytest.raises(UsageError, match="threads"):
+            rdiff.signature(b"abc", threads=bad)  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         rdiff.signature(b"abc", 16, strong_len=17, kind=SignatureKind.MD4)
     enc = rdiff.DeltaEncoder(_SIG)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from deltabkp import rdiff
 from deltabkp.cli import main
+from deltabkp.engine import _rdiff_sums as rdiff_sums
 from deltabkp.rdiff import SignatureKind
 
 RDIFF = shutil.which("rdiff")
@@ -132,6 +133,18 @@ def test_four_directions_files(
     tmp_path: Path, base: bytes, new: bytes, kind: SignatureKind
 ) -> None:
     _four_directions(tmp_path, base, new, kind, None, None)
+
+
+@pytest.mark.parametrize("block", [2048, 5376])
+@pytest.mark.parametrize(
+    "kind", [SignatureKind.RK_BLAKE2, SignatureKind.BLAKE2], ids=lambda k: str(k.name)
+)
+def test_four_directions_threaded(tmp_path: Path, kind: SignatureKind, block: int) -> None:
+    """Blocks of 2 KiB and more: sums hashed in tasks on helper threads, still rdiff's bytes."""
+    base = _BIG * 3
+    new = base[:200_000] + b"edit" + base[200_000:700_000] + base[720_000:]
+    assert len(rdiff_sums._cuts(len(base) // block, block, 1)) > 2
+    _four_directions(tmp_path, base, new, kind, block, None)
 
 
 def test_cli_matches_rdiff(tmp_path: Path) -> None:

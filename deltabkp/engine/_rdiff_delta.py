@@ -11,11 +11,13 @@ from the right one, except when a COPY reaches past its end.
 
 The encoder works as the engine's (``_delta``): the weak sums of every offset of a stretch
 of input come from one vectorised prefix sum, two bitmaps and a sorted array reject almost
-every offset before any strong sum, and after a match the following blocks are confirmed in
-growing batches of strong sums, split across two threads (``_rdiff_sums``).  Adjacent COPYs
-merge, so a run of matched blocks is one op.  The base's last block may be short and its
-length is not in the signature: it is looked for only at the very end of the new file, among
-the suffixes shorter than a block (as librsync does).
+every offset before any strong sum, and after a match the following blocks are confirmed
+in tasks spread over several threads (``_rdiff_sums.matching_blocks``): weak sums first
+(vectorised), then strong sums of only the blocks up to the first weak mismatch.  A block
+continues a run only if both its sums match, as in librsync.  Adjacent COPYs merge, so a
+run of matched blocks is one op.  The base's last block may be short and its length is not
+in the signature: it is looked for only at the very end of the new file, among the suffixes
+shorter than a block (as librsync does).
 
 Invariants: no I/O; the encoder holds the signature's tables, the unscanned input (at most one
 scan window plus a block) and a pending literal below 64 KiB, and never emits an op that later
@@ -32,8 +34,9 @@ import numpy.typing as npt
 
 from deltabkp.engine._rdiff_sig import DELTA_MAGIC, RdiffSignature
 from deltabkp.engine._rdiff_sums import (
+    check_threads,
+    matching_blocks,
     strong_fn,
-    strong_sums_of_blocks,
     weak_sums_all_offsets,
     weak_sums_of_suffixes,
 )
@@ -64,12 +67,8 @@ SCAN_WAIT = 16 * 1024
 LEVEL1_EXTRA_BITS = 4
 LEVEL1_MAX_BITS = 20
 LEVEL2_BITS = 20
-# Blocks confirmed per batch while a run of matches goes on: doubling, up to ~1 MiB (a
-# mismatch wastes the rest of its batch).
-RUN_MIN = 16
 # Weak-sum groups bigger than this (repeated blocks) get a strong-sum dict.
 _SMALL_GROUP = 8
-RUN_MAX_BYTES = 1 << 20
 
 
 def _width(value: int) -> int:
@@ -101,6 +100,7 @@ class _Index:
         self.weak = weak
         self.sl = sig.strong_len
         self.strongs = sig.strong_sums
+        self.strongs_view = memoryview(sig.strong_sums)
         self.strong = strong_fn(sig.kind)
         bits1 = min(LEVEL1_MAX_BITS, max(16, self.n.bit_length() + LEVEL1_EXTRA_BITS))
         self.shift = 32 - bits1
@@ -163,14 +163,19 @@ class RdiffDeltaEncoder:
     """Streaming rdiff delta of a new file: ``feed()`` chunks, then ``finish()``.
 
     Both return delta bytes ready to write (``feed`` may return b"").  The signature is an
-    ``RdiffSignature`` or its bytes (parsed with the default size limit).
+    ``RdiffSignature`` or its bytes (parsed with the default size limit).  ``threads``:
+    helper threads hashing beside the caller (None: one per further core, at most 3; 0: all
+    in the calling thread); the delta is the same.
     """
 
-    def __init__(self, signature: Buffer | RdiffSignature) -> None:
+    def __init__(
+        self, signature: Buffer | RdiffSignature, *, threads: int | None = None
+    ) -> None:
         sig = signature if isinstance(signature, RdiffSignature) else RdiffSignature.parse(
             signature
         )
         self.signature = sig
+        self.threads = check_threads(threads)
         self._index = _Index(sig)
         self._kind = sig.kind
         self._bs = sig.block_size
@@ -264,7 +269,7 @@ class RdiffDeltaEncoder:
 
     def _scan_view(self, mv: memoryview, final: bool) -> None:
         arr = np.frombuffer(mv, np.uint8)
-        idx, kind, bs = self._index, self._kind, self._bs
+        idx, kind, bs, threads = self._index, self._kind, self._bs, self.threads
         n, sl = idx.n, idx.sl
         end = len(mv)
         last = end - bs  # last offset whose window is whole
@@ -272,24 +277,15 @@ class RdiffDeltaEncoder:
         while n:
             expect = self._expect
             if expect >= 0 and lit == i:
-                # Continue the run: the next blocks at the next offsets, no weak sums, a
-                # growing batch of strong sums per comparison.
-                first, batch = expect, RUN_MIN
-                while expect < n and i + bs <= end:
-                    k = min(batch, n - expect, (end - i) // bs)
-                    got = strong_sums_of_blocks(kind, mv[i : i + k * bs], bs, sl)
-                    want = idx.strongs[expect * sl : (expect + k) * sl]
-                    if got == want:
-                        expect += k
-                        i += k * bs
-                        batch = min(2 * batch, max(RUN_MIN, RUN_MAX_BYTES // bs))
-                        continue
-                    t = 0
-                    while got[t * sl : (t + 1) * sl] == want[t * sl : (t + 1) * sl]:
-                        t += 1
-                    expect += t
-                    i += t * bs
-                    break
+                # Continue the run: the next blocks at the next offsets, as far as the input
+                # goes, weak sums before strong ones, in tasks spread over the threads.
+                first = expect
+                t = matching_blocks(
+                    kind, arr[i:], mv[i:], bs, sl, idx.weak[expect:],
+                    idx.strongs_view[expect * sl :], threads,
+                )
+                expect += t
+                i += t * bs
                 if expect > first:
                     self._copy(first * bs, (expect - first) * bs)
                 lit = i
@@ -356,6 +352,9 @@ class RdiffDeltaEncoder:
         return None
 
 
-def delta(signature: Buffer | RdiffSignature, new: Buffer) -> bytes:
-    """The rdiff delta turning the signature's base into ``new``, all in memory."""
-    return RdiffDeltaEncoder(signature)._encode_whole(as_bytes_view(new))
+def delta(
+    signature: Buffer | RdiffSignature, new: Buffer, *, threads: int | None = None
+) -> bytes:
+    """The rdiff delta turning the signature's base into ``new``, all in memory (``threads``
+    as for ``RdiffDeltaEncoder``)."""
+    return RdiffDeltaEncoder(signature, threads=threads)._encode_whole(as_bytes_view(new))

@@ -24,6 +24,7 @@ import numpy as np
 from deltabkp.engine._rdiff_sums import (
     SignatureKind,
     block_sums,
+    check_threads,
     strong_fn,
     weak_sum,
 )
@@ -176,8 +177,10 @@ class RdiffSignatureBuilder:
     """Streaming rdiff signature of a base: ``feed()`` its bytes in any chunks, ``finish()``.
 
     ``block_size`` None means rdiff's recommendation for ``base_size`` (2048 if that is None
-    too); ``strong_len`` None means the whole strong sum (rdiff's default).  Memory: the sums
-    produced so far plus one partial block.
+    too); ``strong_len`` None means the whole strong sum (rdiff's default).  ``threads``:
+    helper threads hashing beside the caller (None: one per further core, at most 3; 0: all
+    in the calling thread); the result is the same.  Memory: the sums produced so far plus one
+    partial block.
     """
 
     def __init__(
@@ -187,6 +190,7 @@ class RdiffSignatureBuilder:
         base_size: int | None = None,
         strong_len: int | None = None,
         kind: SignatureKind = DEFAULT_KIND,
+        threads: int | None = None,
     ) -> None:
         kind = SignatureKind(kind)
         if block_size is None:
@@ -195,6 +199,7 @@ class RdiffSignatureBuilder:
             strong_len = kind.max_strong_len
         _check_args(kind, block_size, strong_len)
         self.kind, self.block_size, self.strong_len = kind, block_size, strong_len
+        self.threads = check_threads(threads)
         self._pending = bytearray()
         self._weak: list[np.ndarray[tuple[int], np.dtype[np.uint32]]] = []
         self._strong: list[bytes] = []
@@ -221,7 +226,9 @@ class RdiffSignatureBuilder:
 
     def _add_blocks(self, mv: memoryview) -> None:
         data = np.frombuffer(mv, np.uint8)
-        weak, strong = block_sums(self.kind, data, mv, self.block_size, self.strong_len)
+        weak, strong = block_sums(
+            self.kind, data, mv, self.block_size, self.strong_len, self.threads
+        )
         self._weak.append(weak)
         self._strong.append(strong)
 
@@ -250,14 +257,16 @@ def signature(
     *,
     strong_len: int | None = None,
     kind: SignatureKind = DEFAULT_KIND,
+    threads: int | None = None,
 ) -> bytes:
-    """The rdiff signature of a whole base held in memory (rdiff's defaults)."""
+    """The rdiff signature of a whole base held in memory (rdiff's defaults; ``threads`` as
+    for ``RdiffSignatureBuilder``)."""
     mv = as_bytes_view(base)
     builder = RdiffSignatureBuilder(
-        block_size, base_size=len(mv), strong_len=strong_len, kind=kind
+        block_size, base_size=len(mv), strong_len=strong_len, kind=kind, threads=threads
     )
     whole = len(mv) - len(mv) % builder.block_size
     if whole:
-        builder._add_blocks(mv[:whole])  # one pass: the strong sums split across two threads
+        builder._add_blocks(mv[:whole])  # one pass: tasks spread over the threads
     builder.feed(mv[whole:])
     return builder.finish()

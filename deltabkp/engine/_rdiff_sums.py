@@ -1,4 +1,4 @@
-"""librsync's block checksums (rdiff formats), vectorised with numpy.
+"""librsync's block checksums (rdiff formats), vectorised with numpy, hashed on several cores.
 
 Weak sums, as librsync defines them (src/rabinkarp.h, src/rollsum.h):
 
@@ -12,32 +12,46 @@ Weak sums, as librsync defines them (src/rabinkarp.h, src/rollsum.h):
 All arithmetic is uint32 with wrap-around (exact modulo 2**32, hence modulo 2**16).
 
 Strong sums: BLAKE2b with a 32-byte digest (hashlib) or MD4 (pycryptodome: OpenSSL 3 builds
-of hashlib no longer offer MD4), truncated to the signature's ``strong_len``.  Hashing many
-blocks splits the work with one helper thread: both hashes release the GIL, and the strong
-sums are most of the cost of an rdiff signature or delta.
+of hashlib no longer offer MD4), truncated to the signature's ``strong_len``.  They are most
+of the cost of an rdiff signature or delta (hashlib's BLAKE2b is no faster than librsync's),
+so many blocks are cut into tasks of a few hundred KiB that the calling thread and up to
+``threads`` helpers of one shared pool take in turn (``run_tasks``): both hashes release the
+GIL on blocks of 2 KiB and more, and one task per few hundred blocks amortises the hand-off.
 
 Invariants: power tables are indexed from the start of the buffer being hashed, so results
-never depend on chunk boundaries; the helper thread only reads the caller's buffer and is
-joined before returning.
+never depend on chunk boundaries or on how tasks fall to threads; helpers only read the
+caller's buffer, and ``run_tasks`` returns only once no helper is still running one of its
+tasks (a helper that has not started yet is cancelled, never waited for, so a busy or absent
+pool costs speed, never progress).
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
+import itertools
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from deltabkp.engine._rolling import _grow
+from deltabkp.errors import UsageError
 
 __all__ = [
     "SignatureKind",
     "block_sums",
+    "check_threads",
+    "default_threads",
+    "matching_blocks",
+    "run_in_order",
+    "run_tasks",
     "strong_fn",
-    "strong_sums_of_blocks",
     "weak_sum",
     "weak_sums_all_offsets",
     "weak_sums_of_blocks",
@@ -46,6 +60,7 @@ __all__ = [
 
 U32 = npt.NDArray[np.uint32]
 U8 = npt.NDArray[np.uint8]
+T = TypeVar("T")
 
 
 class SignatureKind(enum.IntEnum):
@@ -117,27 +132,30 @@ def weak_sum(kind: SignatureKind, block: bytes | bytearray | memoryview) -> int:
     return ((s2 & 0xFFFF) << 16) | (s1 & 0xFFFF)
 
 
+@functools.lru_cache(maxsize=16)
+def _block_weights(rabinkarp: bool, bs: int) -> U32:
+    # Cached: a delta sums a few hundred KiB of blocks at a time, hundreds of times.
+    q, _p, r = _powers(bs + 1)
+    weights = q[:bs][::-1].copy() if rabinkarp else r[1:][::-1].copy()
+    weights.setflags(write=False)
+    return weights
+
+
 def weak_sums_of_blocks(kind: SignatureKind, data: U8, block_size: int) -> U32:
     """Weak sums of consecutive whole blocks; ``len(data)`` must be a multiple of the size."""
     bs = block_size
     nblocks = len(data) // bs
-    q, _p, r = _powers(bs + 1)
-    weights = q[:bs][::-1].copy() if kind.rabinkarp else r[1:][::-1].copy()
+    blocks = data[: nblocks * bs].reshape(nblocks, bs)
+    q, _p, _r = _powers(bs + 1)
+    weights = _block_weights(kind.rabinkarp, bs)
     out = np.empty(nblocks, np.uint32)
-    s1 = None if kind.rabinkarp else np.empty(nblocks, np.uint32)
-    per = max(1, (256 * 1024) // bs)  # sub-chunks keep the uint32 temporary in cache
-    tmp = np.empty((min(per, nblocks), bs), np.uint32)
-    for first in range(0, nblocks, per):
-        last = min(nblocks, first + per)
-        blocks = data[first * bs : last * bs].reshape(last - first, bs)
-        t = tmp[: last - first]
-        np.multiply(blocks, weights, out=t)
-        np.add.reduce(t, axis=1, dtype=np.uint32, out=out[first:last])
-        if s1 is not None:
-            np.add.reduce(blocks, axis=1, dtype=np.uint32, out=s1[first:last])
-    if s1 is None:
+    # einsum's sum of products casts each byte to uint32 in small buffers and wraps modulo
+    # 2**32: no block-sized uint32 temporary, ~25% less time than multiply + reduce.
+    np.einsum("ij,j->i", blocks, weights, dtype=np.uint32, casting="unsafe", out=out)
+    if kind.rabinkarp:
         out += q[bs]
         return out
+    s1 = np.einsum("ij->i", blocks, dtype=np.uint32, casting="unsafe")
     s1 += _u32(CHAR_OFFSET * bs)
     out += _u32(CHAR_OFFSET * bs * (bs + 1) // 2)
     np.left_shift(out, 16, out=out)
@@ -216,61 +234,196 @@ def strong_fn(kind: SignatureKind) -> Callable[[bytes | bytearray | memoryview],
     return _blake2 if kind.blake2 else _md4
 
 
-#: Below this many bytes a helper thread costs more than it saves.
-PARALLEL_MIN = 512 * 1024
 #: hashlib releases the GIL only while hashing at least 2 KiB at once: smaller blocks would
-#: just take turns on it.
+#: just take turns on it, so they are hashed in the calling thread.
 GIL_FREE_MIN = 2048
+#: Bytes of blocks per task: a hand-off costs ~10-50 us, a task of 256 KiB ~0.4 ms of BLAKE2b,
+#: and a few tasks per thread let a thread that was descheduled fall behind without the
+#: others waiting for it.
+TASK_BYTES = 256 * 1024
+#: Bytes of blocks per task while a delta confirms a run of matching blocks: a run that ends
+#: inside a task wastes the rest of the task's weak sums and whatever the helpers have just
+#: claimed, so these are smaller than a signature's.
+RUN_TASK_BYTES = 96 * 1024
+#: Below this many bytes one thread hashes them all (~0.2 ms of BLAKE2b: a hand-off would
+#: cost a good part of what it saves).
+PARALLEL_MIN = 128 * 1024
+#: Helper threads by default: one per further core, at most this many (BLAKE2b scales to
+#: about as many threads as cores, and the pool's threads are shared by every caller).
+MAX_THREADS = 3
 
 
-def strong_sums_of_blocks(
-    kind: SignatureKind, mv: memoryview, block_size: int, strong_len: int
-) -> bytes:
-    """Truncated strong sums of the whole blocks of ``mv``, concatenated."""
-    return _split_strong(kind, mv, block_size, strong_len, 0.5, None)
+def default_threads() -> int:
+    """Helper threads that hash beside the caller by default: the usable cores less one, at
+    most ``MAX_THREADS``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(MAX_THREADS, (cores or 1) - 1))
+
+
+def check_threads(threads: int | None) -> int:
+    """``threads`` as given (None: ``default_threads()``), checked."""
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise UsageError(f"threads must be an integer >= 0, got {threads!r}")
+    return threads
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _get_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            # Threads start on demand and stay for the next call: a delta confirms its runs
+            # in hundreds of small rounds, and a fresh thread per round costs more than that.
+            _pool = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="deltabkp-rdiff")
+        return _pool
+
+
+def _forget_pool() -> None:
+    # A forked child has none of the parent's threads: the next call starts a fresh pool.
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _drain(
+    fn: Callable[[int], tuple[T, bool]], count: int, results: list[tuple[T, bool] | None],
+    claim: itertools.count[int], stop: list[int],
+) -> None:
+    # Indices are claimed in order (count's next() is atomic under the GIL), so every index
+    # below the first one that says "stop" is claimed before it and never skipped.  ``stop``
+    # only ever holds indices that said so: racing writers may leave a later one there,
+    # which costs a skipped skip, never a missing result.
+    while (i := next(claim)) < count and i <= stop[0]:
+        results[i] = got = fn(i)
+        if got[1] and i < stop[0]:
+            stop[0] = i
+
+
+def _helper(work: list[Callable[[], None]]) -> None:
+    for job in work[:1]:  # empty once the caller is done: nothing left to help with
+        job()
+
+
+def run_in_order(fn: Callable[[int], tuple[T, bool]], count: int, threads: int) -> list[T]:
+    """``fn(0)``, ``fn(1)``, ... in the calling thread and up to ``threads`` pool helpers,
+    up to the first ``i`` whose ``fn(i)`` returns ``(value, True)`` (``(value, False)``:
+    go on); the values of ``0..i`` in order.  ``fn`` must be CPU work that is safe to run
+    concurrently; a few calls past the stopping one may run and are discarded."""
+    helpers = min(threads, MAX_THREADS, count - 1)
+    results: list[tuple[T, bool] | None] = [None] * count
+    claim, stop = itertools.count(), [count]
+    futures: list[Future[None]] = []
+    # The helpers reach fn (and through it the caller's buffers) only through this list,
+    # emptied before returning: a cancelled job stays queued in the pool until a thread pops
+    # it, and must not keep the caller's buffers exported (a bytearray could not resize).
+    work: list[Callable[[], None]] = [functools.partial(_drain, fn, count, results, claim, stop)]
+    if helpers > 0:
+        pool = _get_pool()
+        futures = [pool.submit(_helper, work) for _ in range(helpers)]
+    try:
+        work[0]()
+    finally:
+        for f in futures:
+            if not f.cancel():
+                f.exception()  # running: wait, it may still read the caller's buffer
+        work.clear()
+    out: list[T] = []
+    for i, got in enumerate(results):
+        # A call whose helper raised is redone here, where its error (if it recurs) surfaces.
+        value, last = fn(i) if got is None else got
+        out.append(value)
+        if last:
+            break
+    return out
+
+
+def run_tasks(tasks: Sequence[Callable[[], T]], threads: int) -> list[T]:
+    """Run ``tasks`` in the calling thread and up to ``threads`` pool helpers; their
+    results in order."""
+    return run_in_order(lambda i: (tasks[i](), False), len(tasks), threads)
+
+
+def _strong_run(kind: SignatureKind, mv: memoryview, a: int, b: int, bs: int, sl: int) -> bytes:
+    """Truncated strong sums of the whole blocks in ``mv[a:b]``, concatenated."""
+    if kind.blake2:
+        # hashlib called directly: the per-block Python work is done holding the GIL, so
+        # every step saved there is time the other threads are not kept waiting.
+        b2 = hashlib.blake2b
+        return b"".join([b2(mv[o : o + bs], digest_size=32).digest()[:sl]
+                         for o in range(a, b, bs)])
+    h = strong_fn(kind)
+    return b"".join([h(mv[o : o + bs])[:sl] for o in range(a, b, bs)])
+
+
+def _cuts(nblocks: int, bs: int, threads: int) -> list[tuple[int, int]]:
+    """Block ranges of one task each (one range if helpers would not pay)."""
+    if threads <= 0 or bs < GIL_FREE_MIN or nblocks < 2 or nblocks * bs < PARALLEL_MIN:
+        return [(0, nblocks)]
+    per = max(1, TASK_BYTES // bs)
+    # At least two tasks per thread, so that the threads finish close together.
+    per = max(1, min(per, -(-nblocks // (2 * (threads + 1)))))
+    return [(a, min(nblocks, a + per)) for a in range(0, nblocks, per)]
+
+
+def matching_blocks(
+    kind: SignatureKind, data: U8, mv: memoryview, block_size: int, strong_len: int,
+    weak_want: U32, strong_want: bytes | memoryview, threads: int = 0,
+) -> int:
+    """How many whole blocks of ``mv`` (``data``: the same bytes as a numpy array), counted
+    from its start, have the expected sums ``weak_want[j]`` and
+    ``strong_want[j*strong_len:(j+1)*strong_len]``, up to the first that does not.
+
+    Each task takes the next ``RUN_TASK_BYTES`` of blocks: weak sums first (vectorised,
+    ~5x cheaper than BLAKE2b), then strong sums of only the blocks up to the first weak
+    mismatch.  The tasks past the end of the run cost about one weak step each.
+    """
+    bs, sl = block_size, strong_len
+    nblocks = min(len(mv) // bs, len(weak_want), len(strong_want) // sl)
+    per = max(1, RUN_TASK_BYTES // bs)
+    if bs < GIL_FREE_MIN:
+        threads = 0
+
+    def task(c: int) -> tuple[int, bool]:
+        a, b = c * per, min(nblocks, (c + 1) * per)
+        weak = weak_sums_of_blocks(kind, data[a * bs : b * bs], bs)
+        differ = np.flatnonzero(weak != weak_want[a:b])
+        t = a + int(differ[0]) if differ.size else b
+        if t > a:
+            got = _strong_run(kind, mv, a * bs, t * bs, bs, sl)
+            want = strong_want[a * sl : t * sl]
+            if got != want:  # a weak collision: the run ends at the first one
+                m = 0
+                while got[m * sl : (m + 1) * sl] == want[m * sl : (m + 1) * sl]:
+                    m += 1
+                t = a + m
+        return t - a, t < b
+
+    return sum(run_in_order(task, -(-nblocks // per), threads))
 
 
 def block_sums(
-    kind: SignatureKind, data: U8, mv: memoryview, block_size: int, strong_len: int
+    kind: SignatureKind, data: U8, mv: memoryview, block_size: int, strong_len: int,
+    threads: int = 0,
 ) -> tuple[U32, bytes]:
     """Weak and truncated strong sums of the whole blocks of ``mv`` (``data`` is the same
-    bytes as a numpy array).  The weak sums are computed beside the helper thread's strong
-    sums, so that thread takes the bigger share of the strong ones."""
-    weak: list[U32] = []
-    strong = _split_strong(
-        kind, mv, block_size, strong_len, 0.65,
-        lambda: weak.append(weak_sums_of_blocks(kind, data, block_size)),
-    )
-    if not weak:  # too small to split: nothing ran beside
-        weak.append(weak_sums_of_blocks(kind, data, block_size))
-    return weak[0], strong
+    bytes as a numpy array); each task does both for its blocks, so the threads share the
+    weak sums too."""
+    bs, sl = block_size, strong_len
 
+    def task(a: int, b: int) -> tuple[U32, bytes]:
+        return (weak_sums_of_blocks(kind, data[a * bs : b * bs], bs),
+                _strong_run(kind, mv, a * bs, b * bs, bs, sl))
 
-def _split_strong(
-    kind: SignatureKind, mv: memoryview, block_size: int, strong_len: int,
-    share: float, beside: Callable[[], None] | None,
-) -> bytes:
-    """Strong sums of the whole blocks of ``mv``: a helper thread hashes the first ``share``
-    of them while this one runs ``beside`` (if any), then hashes the rest."""
-    h, bs, sl = strong_fn(kind), block_size, strong_len
-    n = len(mv) // bs
-
-    def run(a: int, b: int) -> bytes:
-        return b"".join([h(mv[o : o + bs])[:sl] for o in range(a * bs, b * bs, bs)])
-
-    if n < 2 or n * bs < PARALLEL_MIN or bs < GIL_FREE_MIN:
-        return run(0, n)
-    cut = max(1, min(n - 1, int(n * share)))
-    result: list[bytes] = []
-    worker = threading.Thread(
-        target=lambda: result.append(run(0, cut)), name="deltabkp-rdiff-strong"
-    )
-    worker.start()
-    try:
-        if beside is not None:
-            beside()
-        second = run(cut, n)
-    finally:
-        worker.join()
-    # An empty result means the worker died: redo its part here rather than guess.
-    return (result[0] if result else run(0, cut)) + second
+    cuts = _cuts(len(mv) // bs, bs, threads)
+    parts = run_tasks([functools.partial(task, a, b) for a, b in cuts], threads)
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([w for w, _s in parts]), b"".join([s for _w, s in parts])
