@@ -38,7 +38,8 @@ agent its rx.  The payload column is what each tool says it moved (deltabkp's ex
 record, the receiver's byte count, rsync's "Total bytes sent/received").  Ratios are wall
 times over ours in the same repeat; the summary gives the median over repeats.  Under each
 table: where deltabkp's wall time went (until the server started the execution — ctl's
-start-up, the request, the claim —, the execution, from its end to the measurement's end),
+start-up and request until the server logs "backup-now … queued", then the claim —, the
+execution, from its end to the measurement's end),
 and the machine's load average, which must be quoted next to any figure.
 
 Invariants: every wait has a deadline; the lab (and with it every process still inside it)
@@ -88,6 +89,9 @@ LINK_CHECK_BYTES = 4 << 20
 SETTLE_S = 3.0  # > the archive's racy window (deltabkp.archive RACY_NS, 2 s)
 #: The agent's log line once a backup is served (its timestamp: local time, milliseconds).
 _SERVED_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ INFO backup of ", re.MULTILINE)
+#: The server's log line once ``backup-now`` is queued (ctl started, connected, asked).
+_QUEUED_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ INFO backup-now of ",
+                          re.MULTILINE)
 _END_LINE = re.compile(r"execution (\d+) of (\S+) (\S+): (stored|unchanged|failed|skipped)")
 
 
@@ -230,7 +234,7 @@ def one_repeat(lab: NetLab, base: Path, new: Path, work: Path) -> list[Row]:
             f = first[0]
             rows.append(Row("deltabkp first (full) backup", m.wall, m.up, m.down,
                             f"{f['transferred']} (archive {f['archive_size']})",
-                            _phases(m, f, agent.log)))
+                            _phases(m, f, agent.log, server.log)))
             base_hash = json.loads(_run(lab, "server", [*ctl, "list", *target], env,
                                         what="ctl list"))
 
@@ -245,7 +249,7 @@ def one_repeat(lab: NetLab, base: Path, new: Path, work: Path) -> list[Row]:
             size = ex["archive_size"]
             rows.append(Row("deltabkp after ~1 % change (ours)", m.wall, m.up, m.down,
                             f"{ex['transferred']} = {100 * ex['transferred'] / size:.2f} %",
-                            _phases(m, ex, agent.log)))
+                            _phases(m, ex, agent.log, server.log)))
             stored = json.loads(_run(lab, "server", [*ctl, "list", *target], env, what="ctl list"))
         finally:
             agent.stop()
@@ -304,23 +308,32 @@ def one_repeat(lab: NetLab, base: Path, new: Path, work: Path) -> list[Row]:
     return rows
 
 
-def _phases(m: Meter, execution: dict[str, Any], agent_log: Path) -> str:
-    """Where the wall time went: until the server started the execution (ctl's start-up,
-    the request, the scheduler's claim), the execution (record's started → ended) split at
+def _phases(m: Meter, execution: dict[str, Any], agent_log: Path, server_log: Path) -> str:
+    """Where the wall time went: until the server started the execution, split at the
+    server's "backup-now of … queued" log line (ctl's start-up, connection and request; then
+    the queue and the scheduler's claim), the execution (record's started → ended) split at
     the agent's "backup of … served" log line (agent: build and stream; server: the rest of
-    ingest, commit, retention), and from its end until the measurement ended (``--wait``'s
-    poll, ctl's exit; or the log line).  Same clock: the daemons run on this machine."""
+    ingest, commit), and from its end until the measurement ended (the commit in the
+    catalog, ``--wait``'s answer, ctl's exit; or the log line).  Same clock: the daemons run
+    on this machine."""
     from datetime import datetime
 
+    def stamps(pattern: re.Pattern[str], log: Path, lo: float, hi: float) -> list[float]:
+        got = [datetime.strptime(x, "%Y-%m-%d %H:%M:%S,%f").astimezone().timestamp()
+               for x in pattern.findall(log.read_text(errors="replace"))]
+        return [t for t in got if lo <= t <= hi]
+
     started, ended = (datetime.fromisoformat(execution[k]).timestamp() for k in ("started", "ended"))
-    split = ""
-    served = [datetime.strptime(x, "%Y-%m-%d %H:%M:%S,%f").astimezone().timestamp()
-              for x in _SERVED_LINE.findall(agent_log.read_text(errors="replace"))]
-    served = [t for t in served if started <= t <= ended + 0.01]
+    before = split = ""
+    queued = stamps(_QUEUED_LINE, server_log, m.start - 0.01, started + 0.01)
+    if queued:
+        before = (f" (ctl until the server queued it {queued[-1] - m.start:.2f} s, queue and "
+                  f"claim {started - queued[-1]:.2f} s)")
+    served = stamps(_SERVED_LINE, agent_log, started, ended + 0.01)
     if served:
         split = (f" (agent until it served the backup {served[-1] - started:.2f} s, server "
                  f"after it {ended - served[-1]:.2f} s)")
-    return (f"until the execution started {started - m.start:.2f} s, execution "
+    return (f"until the execution started {started - m.start:.2f} s{before}, execution "
             f"{ended - started:.2f} s{split}, from its end {m.end - ended:.2f} s")
 
 

@@ -3,7 +3,8 @@
 # set (bench_archive.py's trees: a real ~106 MB source tree and a changed copy); prints bytes on
 # the wire against the archive size, the original design (whole archive on change) and
 # `rsync --no-whole-file --stats` of the same archive pair, of the raw trees and of `gzip
-# --rsyncable` tgzs of them, and the backup's time against a full build. Run by hand; asserts nothing.
+# --rsyncable` tgzs of them, and the backup's time (the execution, and ctl's end to end) against
+# a full build. Run by hand; asserts nothing.
 #   bash benchmarks/bench_system.sh
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -18,10 +19,15 @@ trap 'kill $SP $AP 2>/dev/null; rm -rf "$W"' EXIT
 for i in $(seq 600); do grep -q "listening on" $W/server.log $W/agent.log 2>/dev/null && [ $(grep -h "listening on" $W/server.log $W/agent.log | wc -l) = 2 ] && break; sleep 0.1; done
 S=$(grep -ho "listening on [0-9.:]*" $W/server.log | awk '{print $3}')
 A=$(grep -ho "listening on [0-9.:]*" $W/agent.log | awk '{print $3}')
+export S
 deltabkp ctl --server $S register $A $W/app --every 60 >/dev/null
 for i in $(seq 600); do n=$(deltabkp ctl --server $S --json list $A $W/app | python -c "import json,sys; print(len(json.load(sys.stdin)))"); [ "$n" -ge 1 ] && break; sleep 0.2; done
 rsync -a --delete "$TREES/new/" $W/app/
+# End to end, as an operator sees it: ctl's start-up, the request, the execution, the answer.
+T0=$(date +%s.%N)
 deltabkp ctl --server $S --json backup-now $A $W/app --wait > $W/ex.json
+T1=$(date +%s.%N)
+export E2E_S=$(python -c "print($T1 - $T0)")
 deltabkp ctl --server $S list $A $W/app
 python - $W <<'PY'
 import json, sys, subprocess, glob, os
@@ -73,4 +79,21 @@ for _ in TgzBuilder(trees / "new"):
 full = time.monotonic() - t
 print(f"backup after the change {took:.2f} s (execution, server side) vs a full build of the new tree "
       f"{full:.2f} s: {took/full:.3f} of a full build")
+e2e = float(os.environ["E2E_S"])
+print(f"end to end (ctl backup-now --wait: start-up, request, execution, answer) {e2e:.2f} s: "
+      f"{e2e/full:.3f} of a full build")
+# ctl's own cost (issue 10: < 0.25 s of CPU for a command that talks to a server): user+sys
+# of `ctl status`, median of 5, beside a bare interpreter's start-up.
+import resource, statistics
+def cpu(argv):
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+from deltabkp.testing import console_script  # the installed script, not a version manager's shim
+ctl = statistics.median(cpu([console_script("deltabkp"), "ctl", "--server", os.environ["S"], "status"])
+                        for _ in range(5))
+bare = statistics.median(cpu([sys.executable, "-c", "pass"]) for _ in range(5))
+print(f"ctl status: {ctl:.3f} s of CPU (python -c pass: {bare:.3f} s)")
+print("load average:", " ".join(f"{x:.1f}" for x in os.getloadavg()), "on", os.cpu_count(), "CPUs")
 PY

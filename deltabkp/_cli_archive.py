@@ -16,17 +16,15 @@ import glob
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deltabkp._atomic import atomic_write
-from deltabkp.archive import (
-    ArchiveReport,
-    ExtractReport,
-    build_archive,
-    check_destination,
-    extract_archive,
-)
 from deltabkp.errors import ArchiveError
+
+# The archive library (numpy, zlib workers) is imported by the command that runs, not to
+# build the parser: every ``deltabkp`` command line, ``ctl`` included, builds all of it.
+if TYPE_CHECKING:
+    from deltabkp.archive import ArchiveReport, ExtractReport
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -66,6 +64,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _archive(args: argparse.Namespace) -> int:
+    from deltabkp.archive import build_archive
+
     to_stdout = args.out == "-"
     if to_stdout:
         report = build_archive(args.src, sys.stdout.buffer, exclude=args.exclude)
@@ -94,6 +94,8 @@ def _own_output(src: str, out: str) -> list[str]:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    from deltabkp.archive import check_destination, extract_archive
+
     check_destination(args.dest)  # before reading stdin or the archive: a usage error
     if args.archive == "-":
         report = extract_archive(sys.stdin.buffer, args.dest)

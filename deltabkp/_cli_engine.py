@@ -22,25 +22,24 @@ import os
 import stat
 import sys
 from collections.abc import Iterator
-from typing import IO, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 from deltabkp._atomic import atomic_write
 from deltabkp._mmap import mapped
-from deltabkp.engine._delta import DeltaEncoder
-from deltabkp.engine._patch import Patcher
-from deltabkp.engine._rdiff_delta import RdiffDeltaEncoder
-from deltabkp.engine._rdiff_patch import RdiffPatcher
-from deltabkp.engine._rdiff_sig import (
-    RdiffSignature,
-    RdiffSignatureBuilder,
-    SignatureKind,
-    is_delta,
-    is_signature,
-)
-from deltabkp.engine._signature import DEFAULT_STRONG_LEN, Signature, SignatureBuilder
 from deltabkp.errors import DeltabkpError, UsageError
 
+# The engine (numpy) is imported by the command that runs, not to build the parser: every
+# ``deltabkp`` command line, ``ctl`` included, builds all of it.
+if TYPE_CHECKING:
+    from deltabkp.engine._delta import DeltaEncoder
+    from deltabkp.engine._rdiff_delta import RdiffDeltaEncoder
+    from deltabkp.engine._rdiff_sig import RdiffSignatureBuilder
+    from deltabkp.engine._signature import SignatureBuilder
+
 CHUNK = 1 << 20
+#: ``engine._signature.DEFAULT_STRONG_LEN``, for the help text (tests/test_package.py checks
+#: they agree).
+_DEFAULT_STRONG_LEN = 8
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,7 +53,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="block size in bytes (default: derived from BASE's size)")
     p.add_argument("-S", "--strong-len", type=int, default=None, metavar="N",
                    help=f"bytes of strong sum kept per block: 4..16 (default "
-                   f"{DEFAULT_STRONG_LEN}); rdiff format 1..32 for BLAKE2, 1..16 for MD4 "
+                   f"{_DEFAULT_STRONG_LEN}); rdiff format 1..32 for BLAKE2, 1..16 for MD4 "
                    f"(default: all of it, as rdiff)")
     p.add_argument("--format", choices=("deltabkp", "rdiff"), default="deltabkp",
                    help="signature format: deltabkp's own (default) or librsync's, which "
@@ -159,6 +158,9 @@ def _write_all(out: BinaryIO, name: str, pieces: list[bytes | memoryview]) -> No
 def _signature_builder(
     args: argparse.Namespace, block_size: int | None, size: int | None
 ) -> SignatureBuilder | RdiffSignatureBuilder:
+    from deltabkp.engine._rdiff_sig import RdiffSignatureBuilder, SignatureKind
+    from deltabkp.engine._signature import DEFAULT_STRONG_LEN, SignatureBuilder
+
     if args.format == "rdiff":
         rk = (args.rollsum or "rabinkarp") == "rabinkarp"
         md4 = args.hash == "md4"
@@ -212,7 +214,10 @@ def _read_all(name: str, limit: int | None = None) -> bytes:
 
 def _cmd_delta(args: argparse.Namespace) -> int:
     _check_stdin_once(args.sig, args.new)
-    from deltabkp.engine._signature import MAX_SIGNATURE_SIZE
+    from deltabkp.engine._delta import DeltaEncoder
+    from deltabkp.engine._rdiff_delta import RdiffDeltaEncoder
+    from deltabkp.engine._rdiff_sig import RdiffSignature, is_signature
+    from deltabkp.engine._signature import MAX_SIGNATURE_SIZE, Signature
 
     raw = _read_all(args.sig, MAX_SIGNATURE_SIZE)
     encoder: DeltaEncoder | RdiffDeltaEncoder
@@ -241,6 +246,10 @@ def _map_base(name: str) -> Iterator[bytes | memoryview]:
 
 
 def _cmd_patch(args: argparse.Namespace) -> int:
+    from deltabkp.engine._patch import Patcher
+    from deltabkp.engine._rdiff_patch import RdiffPatcher
+    from deltabkp.engine._rdiff_sig import is_delta
+
     _check_stdin_once(args.base, args.delta)
     with _map_base(args.base) as base, _open_in(args.delta) as f:
         chunks = _chunks(f, args.delta)

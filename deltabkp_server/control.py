@@ -58,7 +58,8 @@ LOG_DEFAULT_LIMIT = 50
 PAGE_ROWS = 500
 #: Tries of a fetch whose version moved meanwhile (converted or rotated by a backup).
 FETCH_ATTEMPTS = 3
-#: How often ``backup-now --wait`` looks for the execution it asked for.
+#: How often ``backup-now --wait`` looks in the catalog for the execution it asked for (one
+#: run on this server wakes it at once: ``Executor.on_close``; this is for other servers').
 WAIT_POLL_S = 0.2
 
 
@@ -302,6 +303,9 @@ class ControlAPI:
         tid = target.id
         after = await self.catalog.call(lambda c: c.last_execution_id())
         await self.scheduler.request_now(tid)
+        # Who asked for a run, and when: also the mark from which a backup's latency counts.
+        log.info("backup-now of %s queued%s", target.name, " (--wait)" if wait else "",
+                 extra=net.log_context(node=target.node, path=target.path, event="backup-now"))
         queued = {"node": target.node, "path": target.path, "queued": True}
         if not wait:
             return queued
@@ -314,8 +318,14 @@ class ControlAPI:
 
     async def _wait_for(self, tid: int, after: int) -> dict[str, Any]:
         """The wire row of the first execution of ``tid`` after ``after`` to finish."""
-        # Whichever server claims it, its execution row lands in the shared catalog.
+        # Whichever server claims it, its execution row lands in the shared catalog; when it
+        # is this server, the executor wakes us as the row closes (no poll on the path).
+        executor = self.scheduler.executor
         while True:
+            closing = executor.on_close()
+            mine = executor.closed.get(tid)
+            if mine is not None and mine.id > after and mine.trigger != VERIFY_TRIGGER:
+                return mine.to_wire()
             # A verification (trigger "verify") of the target may end first: not ours.
             done = [e for e in await self.catalog.call(lambda c: c.executions_since(tid, after))
                     if e.outcome is not None and e.trigger != VERIFY_TRIGGER]
@@ -324,7 +334,8 @@ class ControlAPI:
             now_target = await self.catalog.call(lambda c: c.get_target(tid))
             if not now_target.active and not _leased(now_target, self.clock()):
                 raise RequestRefused(ErrorCode.NOT_FOUND, "was unregistered before it ran")
-            await trio.sleep(WAIT_POLL_S)
+            with trio.move_on_after(WAIT_POLL_S):
+                await closing.wait()
 
     async def status(self, args: dict[str, Any]) -> dict[str, Any]:
         now, ttl = self.clock(), self.scheduler.lease_ttl

@@ -117,6 +117,22 @@ class Executor:
     live: dict[int, _Live] = attrs.Factory(dict)
     #: This server's counters (``Server`` shares one with the status page).
     metrics: ServerMetrics = attrs.Factory(ServerMetrics)
+    #: The newest execution row closed here, per target, and an event set (then replaced) at
+    #: each close: ``backup-now --wait`` answers the moment its row closes on this server
+    #: instead of at its next look at the catalog (it still looks, for other servers' runs).
+    closed: dict[int, ExecutionRecord] = attrs.Factory(dict)
+    _closing: trio.Event = attrs.Factory(trio.Event)
+
+    def on_close(self) -> trio.Event:
+        """Set when the next execution row closes here (take it before looking at ``closed``
+        or the catalog, so a close in between is not missed)."""
+        return self._closing
+
+    def _closed(self, record: ExecutionRecord) -> ExecutionRecord:
+        self.closed[record.target_id] = record
+        self._closing.set()
+        self._closing = trio.Event()
+        return record
 
     async def run(self, target: Target, trigger: str, *, due: float | None = None) -> Ran:
         """One execution of ``target`` (``due``: when it was due, for the log's lag): its
@@ -183,7 +199,7 @@ class Executor:
         return Ran(record, retry)
 
     async def _finish(self, eid: int, result: ExecutionResult) -> ExecutionRecord:
-        return await self.catalog.call(lambda c: c.finish_execution(eid, result))
+        return self._closed(await self.catalog.call(lambda c: c.finish_execution(eid, result)))
 
     async def _attempt(
         self, target: Target, eid: int, meter: _Meter, *, full: bool, note: str | None
@@ -231,7 +247,9 @@ class Executor:
                     changed=done.changed, skipped=done.skipped, note=note,
                 )
 
-            return await ingest.commit(eid, result)
+            # Closed with the archive's commit: retention and the reverse-delta conversion
+            # that follow are no part of the answer "stored" (a crash in them is reconciled).
+            return self._closed(await ingest.commit(eid, result))
         except BaseException:
             # Tell the agent to stop building (best effort) before hanging up.
             with trio.CancelScope(shield=True), trio.move_on_after(1):

@@ -50,6 +50,40 @@ def test_errors_take_context_as_fields() -> None:
     assert str(same) == "n:1 /p: gone"
 
 
+def test_lazy_public_names_are_the_subpackages_all() -> None:
+    # ``deltabkp`` lists the engine's and the archive's names without importing them.
+    from deltabkp import archive, engine, net
+
+    assert deltabkp._ENGINE_NAMES == tuple(engine.__all__)
+    assert deltabkp._ARCHIVE_NAMES == tuple(archive.__all__)
+    assert deltabkp.TgzBuilder is archive.TgzBuilder and deltabkp.Patcher is engine.Patcher
+    assert set(dir(deltabkp)) >= set(deltabkp.__all__)
+    assert sorted(net._LAZY) == sorted(net.__all__)
+    for name in net.__all__:
+        assert getattr(net, name) is getattr(sys.modules[net._LAZY[name]], name), name
+
+
+def test_import_and_ctl_help_do_not_import_numpy_or_the_archive_library() -> None:
+    # Every ctl command starts like this: numpy and the archive builders are for the
+    # commands that use them (``import deltabkp`` is inside ``deltabkp.cli``).
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "deltabkp", "ctl", "--help"],
+        capture_output=True, text=True, check=True,
+    )
+    assert "backup-now" in out.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()}
+    assert "deltabkp.cli" in imported  # the list is real
+    assert not {m for m in imported if m.split(".")[0] == "numpy"
+                or m.startswith(("deltabkp.engine", "deltabkp.archive"))}
+
+
+def test_engine_help_names_the_engine_default() -> None:
+    from deltabkp import _cli_engine
+    from deltabkp.engine._signature import DEFAULT_STRONG_LEN
+
+    assert _cli_engine._DEFAULT_STRONG_LEN == DEFAULT_STRONG_LEN
+
+
 def test_cli_help_runs() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "deltabkp", "--help"], capture_output=True, text=True, check=True

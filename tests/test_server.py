@@ -23,6 +23,7 @@ import deltabkp
 from deltabkp import net, protocol
 from deltabkp.errors import AuthError, RequestRefused
 from deltabkp.testing import ScriptedAgent
+from deltabkp_server import control
 from deltabkp_server.execution import ExecutionSettings
 from deltabkp_server.model import ExecutionResult
 from deltabkp_server.scheduler import RETRY_CAP_S, backoff_delay
@@ -507,3 +508,32 @@ async def test_a_log_larger_than_a_frame_streams_and_a_row_too_large_is_a_clear_
         await ctl(server.address, "log", limit=0, since=since)
     assert await ctl(server.address, "log", limit=7, outcome="stored") == everything[-1:]
     assert (await ctl(server.address, "status"))["targets"] == 1
+
+
+async def test_backup_now_wait_answers_when_the_row_closes_not_at_a_poll(
+    server: Server, agent: ScriptedAgent, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the catalog poll an hour apart, only the executor's wake-up can answer --wait:
+    # for a stored archive (closed at its commit, before retention) and for a failure.
+    monkeypatch.setattr(control, "WAIT_POLL_S", 3600.0)
+    agent.content["/srv/app"] = os.urandom(50_000)
+    await _register(server, agent)
+    for content, refuse, outcome in ((os.urandom(60_000), None, "stored"), (b"", "no", "failed")):
+        agent.content["/srv/app"], agent.refuse = content, refuse
+        agent.gate = trio.Event()
+        got: dict[str, Any] = {}
+
+        async def wait(got: dict[str, Any] = got) -> None:
+            got["rec"] = await ctl(server.address, "backup-now", node=agent.address,
+                                   path="/srv/app", wait=True)
+
+        nursery.start_soon(wait)
+        with trio.fail_after(30):
+            while not agent.active:  # the execution runs, held at the agent: --wait waits
+                await trio.sleep(0.01)
+        await trio.sleep(0.1)  # let --wait look at the catalog first (either order passes)
+        agent.gate.set()
+        with trio.fail_after(30):  # an hour if nothing woke it
+            while "rec" not in got:
+                await trio.sleep(0.01)
+        assert got["rec"]["outcome"] == outcome

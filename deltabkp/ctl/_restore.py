@@ -24,7 +24,6 @@ from typing import Any, BinaryIO
 import trio
 
 from deltabkp import protocol
-from deltabkp.archive import check_destination, extract_archive
 from deltabkp.ctl._client import Client
 from deltabkp.ctl._progress import Progress
 from deltabkp.errors import (
@@ -46,6 +45,9 @@ class RestoreWriteError(DeltabkpError):
 
 def prepare_dest(dest: Path, about: Mapping[str, str]) -> Path:
     """``dest`` if a restore may extract into it (UsageError naming the target otherwise)."""
+    # The archive library (numpy) only for the commands that extract: not for every ctl.
+    from deltabkp.archive import check_destination
+
     try:
         check_destination(dest)  # the one rule, also applied by extract_archive itself
     except UsageError as exc:
@@ -59,6 +61,8 @@ def restore(
     """Check ``dest``, fetch the archive ``args`` names and extract it into ``dest``; returns
     the archive's header from the server, plus ``dest`` and what was ``extracted``.
     ``show_progress``: draw the download's progress on stderr (``_progress.wanted``)."""
+    from deltabkp.archive import extract_archive
+
     about = {k: str(args[k]) for k in ("node", "path")}
     prepare_dest(dest, about)
     # The temp file first: a destination we cannot write to fails before anything is asked.

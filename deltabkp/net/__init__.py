@@ -8,48 +8,92 @@ Trio); the daemons and ``ctl`` do.
 
 from __future__ import annotations
 
-from deltabkp.net._address import DEFAULT_AGENT_PORT, Address, is_loopback, normalise_path
-from deltabkp.net._channel import (
-    DEFAULT_SEND_TIMEOUT,
-    DEFAULT_SERVER_PORT,
-    DEFAULT_TIMEOUT,
-    Channel,
-    accept,
-    connect,
-    listen,
-    open_secure_stream,
-)
-from deltabkp.net._daemon import (
-    Starter,
-    add_daemon_arguments,
-    at_least_one,
-    configure_logging,
-    daemon_main,
-    run_daemon,
-)
-from deltabkp.net._keys import default_key_path, load_key
-from deltabkp.net._logfmt import LOG_FORMATS, log_context
-from deltabkp.net._ratelimit import MAX_RATE, TokenBucket, parse_rate
-from deltabkp.net._serve import (
-    FLOOD_FACTOR,
-    HANDSHAKE_TIMEOUT,
-    MAX_PENDING_HANDSHAKES,
-    HandshakeGate,
-    RateLimitedLog,
-    serve,
-)
-from deltabkp.net._tls import (
-    PLAINTEXT_FLAG,
-    TlsSettings,
-    add_tls_arguments,
-    check_plaintext_address,
-    cluster_ca_pem,
-    install_tls,
-    installed_tls,
-    prepare_tls,
-    tls_contexts,
-    tls_from_args,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Loaded on first use (PEP 562), so that a ctl command does not import the daemon's life
+# cycle, the accept loop or the log formats; type checkers see the imports below.
+if TYPE_CHECKING:
+    from deltabkp.net._address import (
+        DEFAULT_AGENT_PORT,
+        Address,
+        is_loopback,
+        normalise_path,
+    )
+    from deltabkp.net._channel import (
+        DEFAULT_SEND_TIMEOUT,
+        DEFAULT_SERVER_PORT,
+        DEFAULT_TIMEOUT,
+        Channel,
+        accept,
+        connect,
+        listen,
+        open_secure_stream,
+    )
+    from deltabkp.net._daemon import (
+        Starter,
+        add_daemon_arguments,
+        at_least_one,
+        configure_logging,
+        daemon_main,
+        run_daemon,
+    )
+    from deltabkp.net._keys import default_key_path, load_key
+    from deltabkp.net._logfmt import LOG_FORMATS, log_context
+    from deltabkp.net._ratelimit import MAX_RATE, TokenBucket, parse_rate
+    from deltabkp.net._serve import (
+        FLOOD_FACTOR,
+        HANDSHAKE_TIMEOUT,
+        MAX_PENDING_HANDSHAKES,
+        HandshakeGate,
+        RateLimitedLog,
+        serve,
+    )
+    from deltabkp.net._tls import (
+        PLAINTEXT_FLAG,
+        TlsSettings,
+        add_tls_arguments,
+        check_plaintext_address,
+        cluster_ca_pem,
+        install_tls,
+        installed_tls,
+        prepare_tls,
+        tls_contexts,
+        tls_from_args,
+    )
+
+#: Public name → the module that defines it.
+_LAZY: dict[str, str] = {
+    **dict.fromkeys((
+        "DEFAULT_AGENT_PORT", "Address", "is_loopback", "normalise_path",
+    ), "deltabkp.net._address"),
+    **dict.fromkeys((
+        "DEFAULT_SEND_TIMEOUT", "DEFAULT_SERVER_PORT", "DEFAULT_TIMEOUT", "Channel", "accept",
+        "connect", "listen", "open_secure_stream",
+    ), "deltabkp.net._channel"),
+    **dict.fromkeys((
+        "Starter", "add_daemon_arguments", "at_least_one", "configure_logging", "daemon_main",
+        "run_daemon",
+    ), "deltabkp.net._daemon"),
+    **dict.fromkeys((
+        "default_key_path", "load_key",
+    ), "deltabkp.net._keys"),
+    **dict.fromkeys((
+        "LOG_FORMATS", "log_context",
+    ), "deltabkp.net._logfmt"),
+    **dict.fromkeys((
+        "MAX_RATE", "TokenBucket", "parse_rate",
+    ), "deltabkp.net._ratelimit"),
+    **dict.fromkeys((
+        "FLOOD_FACTOR", "HANDSHAKE_TIMEOUT", "MAX_PENDING_HANDSHAKES", "HandshakeGate",
+        "RateLimitedLog", "serve",
+    ), "deltabkp.net._serve"),
+    **dict.fromkeys((
+        "PLAINTEXT_FLAG", "TlsSettings", "add_tls_arguments", "check_plaintext_address",
+        "cluster_ca_pem", "install_tls", "installed_tls", "prepare_tls", "tls_contexts",
+        "tls_from_args",
+    ), "deltabkp.net._tls"),
+}
 
 __all__ = [
     "Address",
@@ -94,3 +138,16 @@ __all__ = [
     "check_plaintext_address",
     "tls_from_args",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'deltabkp.net' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
