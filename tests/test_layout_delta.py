@@ -7,10 +7,12 @@ The real-daemon path (agent → server, rolling fallback when the agent lost its
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import blake3
@@ -273,6 +275,7 @@ def test_content_copied_from_far_behind_the_kept_old_tar(
     import deltabkp.archive._layout as layout
 
     monkeypatch.setattr(layout, "KEEP", 128 << 10)  # both sides read the module's value
+    monkeypatch.setattr(layout, "_STEP", 4 << 10)  # inflated pieces well under KEEP
     rng = random.Random(3)
     root = tmp_path / "tree"
     for sub in ("a", "m", "z"):
@@ -300,5 +303,161 @@ def test_content_copied_from_far_behind_the_kept_old_tar(
     monkeypatch.setattr(layout._Encoder, "_new_tar", spy)
     delta = b"".join(encode_layout(a.index, old, b.index, new))
     assert used, "the case meant here (a window behind the kept old tar) did not occur"
+    # Every old tar range the receiver is asked for lies within the sender's reach of the
+    # furthest one asked for before it (what a receiver of the first release still had).
+    reads: list[tuple[int, int]] = []
+    real_read = layout.TarStream.read
+
+    def spy_read(self: layout.TarStream, lo: int, hi: int) -> bytes | None:
+        reads.append((lo, hi))
+        return real_read(self, lo, hi)
+
+    monkeypatch.setattr(layout.TarStream, "read", spy_read)
     assert _patch(old, delta, a.index.archive_hash) == new
+    far = 0
+    for lo, hi in reads:
+        far = max(far, hi)
+        assert lo >= far - layout._reach(), (lo, hi, far)
     assert len(delta) < len(big) // 10  # the repeated file went as COPY, not as literals
+
+
+# -- the pieces: old tar by reads, copies by keys ---------------------------------------------
+
+
+@functools.cache
+def _gzipped(zeros: bool) -> tuple[bytes, bytes]:
+    tar = bytes(300_000) if zeros else _text(random.Random(5), 60_000)[:300_000]
+    comp = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return tar, b"\x1f\x8b\x08\0\0\0\0\0\0\xff" + comp.compress(tar) + comp.flush()
+
+
+@settings(max_examples=40, deadline=None)
+@given(reads=st.lists(st.tuples(st.integers(0, 300_000), st.integers(0, 70_000)), min_size=1,
+                      max_size=12),
+       step=st.sampled_from((512, 4096, 256 * 1024)), zeros=st.booleans())
+def test_old_tar_kept_is_a_function_of_the_reads(
+    reads: list[tuple[int, int]], step: int, zeros: bool
+) -> None:
+    """``TarStream`` gives the true tar bytes, and what it still has depends only on the
+    reads asked for (never on how much one input step inflated to, nor on the inflater):
+    a read within ``keep`` of the furthest byte asked for always succeeds.  What it holds
+    stays bounded, also while a read far ahead inflates its way there (a step of zeros
+    inflates ~1000-fold)."""
+    import deltabkp.archive._layout as layout
+
+    tar, archive = _gzipped(zeros)
+    keep = 64 << 10
+    old_step = layout._STEP
+    layout._STEP = step
+    try:
+        stream = layout.TarStream(archive, keep)
+        far = 0
+        for lo, n in reads:
+            hi = lo + n
+            counts = lo >= stream._base  # not behind what it still has: it counts
+            got = stream.read(lo, hi)
+            if counts:
+                far = max(far, hi)
+            if hi > len(tar):
+                assert got is None
+            elif lo >= far - keep:
+                assert got == tar[lo:hi]
+            else:
+                assert got in (None, tar[lo:hi])
+            assert all(len(p) <= layout._PIECE for p in stream._pieces)
+            assert sum(map(len, stream._pieces)) <= keep + n + 2 * layout._PIECE
+    finally:
+        layout._STEP = old_step
+
+
+def test_a_read_far_ahead_holds_little() -> None:
+    """Inflating its way to a read far ahead, the stream drops what it passes (the server and
+    agent once held ~500 MB doing this on a 1 GB tree)."""
+    import tracemalloc
+
+    import deltabkp.archive._layout as layout
+
+    comp = zlib.compressobj(6, zlib.DEFLATED, -15)
+    archive = b"\x1f\x8b\x08\0\0\0\0\0\0\xff" + comp.compress(bytes(24 << 20)) + comp.flush()
+    stream = layout.TarStream(archive, 64 << 10)
+    assert stream.read(0, 10) == bytes(10)
+    tracemalloc.start()
+    try:
+        assert stream.read(23 << 20, (23 << 20) + 10) == bytes(10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * layout._PIECE, peak
+
+
+def test_comparing_a_long_stretch_holds_little() -> None:
+    """Copied stretches are compared a block at a time: a 1 GB tree's archive has stretches
+    of ~300 MB, and comparing them whole made as many bytes of booleans (the agent once
+    peaked at ~350 MB doing it)."""
+    import array
+    import tracemalloc
+
+    import deltabkp.archive._layout as layout
+
+    size, seg = 24 << 20, 64 << 10
+    archive = bytes(10 + size + 8)
+    enc = object.__new__(layout._Encoder)  # only what _confirm reads
+    enc.old = enc.new = memoryview(archive)
+    enc.od = enc.nd = array.array("q", range(0, size + 1, seg))
+    n = size // seg
+    confirmed = array.array("q", bytes(8 * n))
+    tracemalloc.start()
+    try:
+        enc._confirm(array.array("q", range(n)), confirmed)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert list(confirmed) == list(range(1, n + 1))
+    assert peak < 4 * layout._PIECE, peak
+
+
+def test_copies_are_the_segments_with_equal_bytes(tmp_path: Path) -> None:
+    """The encoder chooses, per new segment, the old one a byte-by-byte search would (the
+    continuation first, then the nearest ahead), though it compares stretches at once: also
+    where keys collide — right after an edit the same tar bytes, compressed after another
+    window, often have the same length and CRC but other bytes."""
+    import deltabkp.archive._layout as layout
+
+    rng = random.Random(11)
+    root = tmp_path / "tree"
+    _make_tree(root, rng, 60)
+    (root / "twin").mkdir()
+    for n in range(3):  # repeated content: several candidates per key
+        (root / "twin" / f"c{n}").write_bytes((root / "d1" / "f005.py").read_bytes() * 8)
+    _settle(root)
+    a = _build(root, tmp_path / "a.tgz", None, None)
+    for kind, n in (("edit", 3), ("edit", 29), ("append", 40), ("add", 7)):
+        _edit(root, rng, kind, n)
+    _settle(root)
+    b = _build(root, tmp_path / "b.tgz", a, tmp_path / "a.tgz")
+    old, new = (tmp_path / "a.tgz").read_bytes(), (tmp_path / "b.tgz").read_bytes()
+    got = [j if j >= 0 else None for j in layout._Encoder(a.index, old, b.index, new).copies()]
+
+    def table(index: ArchiveIndex) -> list[tuple[int, int, int, int]]:
+        t, d = [0, *index.segments.tar_ends.tolist()], [0, *index.segments.deflate_ends.tolist()]
+        crc = index.segments.crcs.tolist()
+        return [(t[k + 1] - t[k], d[k], d[k + 1] - d[k], crc[k]) for k in range(len(crc))]
+
+    ot, nt = table(a.index), table(b.index)
+    want: list[int | None] = []
+    expect, collisions, several = -1, 0, 0
+    for tl, d, dl, crc in nt:
+        found = None
+        cands = [j for j, o in enumerate(ot) if (o[0], o[2], o[3]) == (tl, dl, crc)]
+        several += len(cands) > 1
+        for j in sorted(cands, key=lambda j: (j != expect, j < expect, j)):
+            if old[10 + ot[j][1] : 10 + ot[j][1] + dl] == new[10 + d : 10 + d + dl]:
+                found, expect = j, j + 1
+                break
+            collisions += 1
+        want.append(found)
+    assert got == want
+    # The cases meant here all occurred: keys colliding with other bytes, several candidates
+    # for one segment, and mostly copies.
+    assert collisions and several, (collisions, several)
+    assert sum(w is not None for w in want) > len(want) // 2

@@ -15,26 +15,36 @@ the archive the server holds (its kept build, checked by blake3) and of the new 
   the receiver rebuilds the tar stretch and compresses it exactly as the builder did
   (``_gzip.compress_segments``: same cuts, same level, primed with the same window), so
   the wire carries about the compressed size of what changed;
-- old tar bytes are inflated from the old archive's start, forward only, keeping the last
-  ``KEEP`` bytes (``TarStream``): a reference behind that is sent as literal instead (the
-  sender runs the same stream and reads at least as far as the receiver, so what it still
-  has the receiver has too).  Inflating is ~1/15 of compressing, and stops at the last
-  reference.  (Inflating from a sync cut instead would need the 32 KiB before it: with a
-  guessed window, measured on the stdlib tree, most bytes referenced stay undetermined
-  even 4 MiB on — runs of zeros copy from zeros.)
+- old tar bytes are inflated from the old archive's start, forward only (``TarStream``, by
+  ISA-L: ~2x zlib's inflate), up to the last reference; the receiver keeps 2 x ``KEEP``
+  behind the furthest byte referenced so far, and the sender sends a reference further
+  back than ``_reach()`` as literal instead (a rule on the references alone: the sender
+  needs no copy of the receiver's stream).  (Inflating from a sync cut instead would need
+  the 32 KiB before it, itself compressed against the 32 KiB before that: measured on the
+  stdlib pair, a segment inflated from 64 segments back with unknown windows still has a
+  quarter of its bytes undetermined, docs/formats.md.  Windows kept beside each archive
+  would make this cost what changed; not done.)
+
+Measured (2026-11-29, the stdlib bench pair: ~1% change, 29.6 MB archive; ``python
+benchmarks/bench_layout.py --baseline DIR``, 2 cores shared, load 4-6): encode 0.41-0.57 s
+CPU against 0.65-1.02 s before (1.6-2.0x), apply 0.34-0.47 s against 0.48-0.71 s (1.4-1.5x);
+a full build is 5-6 s.  Inflating the old archive is ~0.25 s of each.  The delta is the same
+30,312 bytes (0.10 % of the archive).  Before, zlib inflated, a Python loop compared each
+segment's bytes, and an ``IndexEntry`` was made for every entry of both indexes.
 
 Invariants:
 - pure (bytes and buffers in, bytes out; no I/O), deterministic.  The sender checks what it
-  sends: a COPY is of equal bytes, a RUN compresses back to the new archive's bytes, an old
-  reference equals the bytes it stands for (read by the same ``TarStream`` the receiver
-  runs); the sender reads the new archive only around fresh runs (inflated with their
-  window, which is old tar bytes: a run whose window is not joins the run before).  The
+  sends: a COPY is of equal bytes (compared stretch by stretch), a RUN compresses back to
+  the new archive's bytes, an old reference equals the bytes it stands for; the sender
+  reads the new archive only around fresh runs (inflated with their window, which is old
+  tar bytes: a run whose window is not joins the run before).  The
   receiver checks size and blake3 of the result against the header: a wrong archive is
   never produced silently (``IntegrityError``);
 - zlib's output at a level depends on its version: the capability string names it
   (``LAYOUT_CAPABILITY``), and a peer with another zlib never receives this form;
 - limits: a record ≤ ``MAX_RECORD`` bytes, a fresh run ≤ ``MAX_RUN_TAR`` tar bytes, old
-  tar kept ≤ ``KEEP`` bytes, output ≤ the receiver's ``max_size``.
+  tar kept ≤ 2 x ``KEEP`` bytes (+ one ``_PIECE`` per inflate call), output ≤ the
+  receiver's ``max_size``.
 Format: docs/formats.md "Layout delta".
 
 A long module on purpose: the encoder and the decoder are two halves of one format and of
@@ -44,15 +54,17 @@ side by side.
 
 from __future__ import annotations
 
+import array
 import bisect
 import itertools
 import struct
 import zlib
-from collections.abc import Generator, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Any, cast
 
 import blake3
 import numpy as np
+from isal import isal_zlib
 
 from deltabkp.archive._gzip import DICT_SIZE, GZIP_HEADER, compress_segments
 from deltabkp.archive._incremental import DATA, ArchiveIndex, IndexEntry
@@ -84,9 +96,11 @@ MAX_RUN_TAR = 1 << 20
 _RUN_LIMIT = MAX_RUN_TAR + DICT_SIZE + (128 << 10)
 #: COPY output is handed out in views of this size (a COPY may span the whole base).
 _PIECE = 1 << 20
-#: Old tar bytes kept behind the furthest one inflated (a reference further back is literal).
+#: Old tar bytes the sender's stream keeps behind the furthest one asked for; its references
+#: reach a little less far back (``_reach``), a receiver keeps twice as much.
 KEEP = 8 << 20
-_STEP = 64 * 1024
+#: Compressed bytes inflated at a time (each call's output is at most ``_PIECE``).
+_STEP = 256 * 1024
 
 _HEAD = struct.Struct("<6sBB32sQ32sBB")
 _REC = struct.Struct("<BI")  # type, body length
@@ -98,6 +112,8 @@ _LIT = struct.Struct("<BI")  # 1, length (taken from the record's literal stream
 T_COPY, T_RAW, T_RUN, T_END = 1, 2, 3, 0xFF
 F_FINAL, F_CONTINUE = 1, 2
 _HDR = len(GZIP_HEADER)
+# isal's stub types its error class as an instance.
+_INFLATE_ERRORS = (zlib.error, cast("type[Exception]", isal_zlib.error))
 
 
 # -- old tar bytes from a compressed archive ------------------------------------------------
@@ -105,41 +121,74 @@ _HDR = len(GZIP_HEADER)
 
 class TarStream:
     """The tar bytes of a gzip archive, inflated forward from its start (exact: no window
-    to guess), keeping the last ``KEEP`` bytes inflated.  What is kept depends only on how
-    far reads have gone, so a reader that read at least as far (the sender) can tell
-    whether a range is still there for one that read less (the receiver)."""
+    to guess), keeping at least the last ``keep`` bytes before the furthest one asked for
+    (by any read, failed or not, that did not start before what is kept).  What is kept
+    depends only on the reads asked for, not on how inflating went (chunk sizes, or which
+    inflater: ISA-L's holds back a byte or so where zlib's does not).
 
-    def __init__(self, archive: Any, *, pin_reads: bool = False) -> None:
+    Inflated by ISA-L (``isal_zlib``, ~2x zlib's speed here): inflating is exact whatever
+    the library, only *deflate* output must be zlib's.  Kept as a list of inflated pieces
+    (~1 MB each), dropped whole from the front: no memmove of what is kept."""
+
+    def __init__(self, archive: Any, keep: int | None = None) -> None:
         self.buf = memoryview(archive)
-        # Never drop what the current read asks for (one step can inflate to far more than
-        # KEEP).  Only for a stream one side reads alone: it makes what is kept depend on
-        # the reads, not only on how far they went.
-        self._pin = pin_reads
-        self._d = zlib.decompressobj(-15)
+        self._keep = KEEP if keep is None else keep
+        self._d = isal_zlib.decompressobj(-15)
         self._in = _HDR
-        self._out = bytearray()
-        self._base = 0  # tar offset of _out[0]
+        self._pieces: list[bytes] = []
+        self._starts: list[int] = []  # tar offset of each piece
+        self._end = 0  # tar offset after the last byte inflated
+        self._far = 0  # the furthest byte asked for
+
+    @property
+    def _base(self) -> int:
+        return self._starts[0] if self._starts else self._end
 
     def read(self, lo: int, hi: int) -> bytes | None:
         """Tar ``[lo, hi)``; None if ``lo`` was dropped already or the stream ends first."""
-        if lo < self._base or hi < lo:
+        if hi < lo or lo < self._base:
             return None
+        self._far = max(self._far, hi)
+        # Dropped as we go (never [lo, hi)), or a read far ahead would hold everything
+        # inflated on the way there.
+        floor = min(lo, self._far - self._keep)
         try:
-            while self._base + len(self._out) < hi and not self._d.eof and self._in < len(self.buf):
-                chunk = self.buf[self._in : self._in + _STEP]
-                self._in += len(chunk)
-                self._out += self._d.decompress(chunk)
-                if len(self._out) > 2 * KEEP:  # drop in big steps: few memmoves
-                    drop = len(self._out) - KEEP
-                    if self._pin:
-                        drop = min(drop, lo - self._base)
-                    del self._out[:drop]
-                    self._base += drop
-        except zlib.error:
+            while self._end < hi and not self._d.eof:
+                self._drop(floor)
+                chunk: bytes | memoryview = self._d.unconsumed_tail
+                if not chunk:
+                    if self._in >= len(self.buf):
+                        break
+                    chunk = self.buf[self._in : self._in + _STEP]
+                    self._in += len(chunk)
+                # Bounded: a step of zeros would inflate ~1000-fold.
+                out = self._d.decompress(chunk, _PIECE)
+                if out:
+                    self._pieces.append(out)
+                    self._starts.append(self._end)
+                    self._end += len(out)
+        except _INFLATE_ERRORS:
             return None
-        if lo < self._base or self._base + len(self._out) < hi:
+        if self._end < hi:
             return None
-        return bytes(self._out[lo - self._base : hi - self._base])
+        k = bisect.bisect_right(self._starts, lo) - 1
+        got = []
+        at = lo
+        while at < hi:
+            piece, start = self._pieces[k], self._starts[k]
+            got.append(piece[at - start : hi - start])
+            at = start + len(piece)
+            k += 1
+        self._drop(self._far - self._keep)
+        return got[0] if len(got) == 1 else b"".join(got)
+
+    def _drop(self, floor: int) -> None:
+        """Drop the whole pieces that end at or before tar offset ``floor``."""
+        n = 0
+        while n < len(self._pieces) and self._starts[n] + len(self._pieces[n]) <= floor:
+            n += 1
+        if n:
+            del self._pieces[:n], self._starts[:n]
 
 
 # -- encoding (the sender, who holds both archives and both indexes) -------------------------
@@ -154,24 +203,34 @@ class _Encoder:
         self.oi, self.ni = old_index, new_index
         self.old, self.new = memoryview(old), memoryview(new)
         self.old_tar = TarStream(old)
-        # Starts (tar, deflate) of each segment, old and new.
-        self.ot = [0, *(x[0] for x in old_index.segments)]
-        self.od = [0, *(x[1] for x in old_index.segments)]
-        self.nt = [0, *(x[0] for x in new_index.segments)]
-        self.nd = [0, *(x[1] for x in new_index.segments)]
-        self.old_by_path = {e.path: e for e in old_index.entries}
-        self.new_starts = [e.tar_start for e in new_index.entries]
+        # Starts (tar, deflate) of each segment, old and new: packed (~170,000 segments on a
+        # 1 GB tree, where a list of ints costs ~40 bytes an element, an array 8).
+        self.ot = _starts(old_index.segments.tar_ends)
+        self.od = _starts(old_index.segments.deflate_ends)
+        self.nt = _starts(new_index.segments.tar_ends)
+        self.nd = _starts(new_index.segments.deflate_ends)
+        # Entries are looked up for the fresh runs only: no IndexEntry made for the others
+        # (making all of them cost ~0.3 s on the stdlib tree).
+        self._old_paths: dict[str, int] | None = None
         self.lit = zlib.compressobj(9, zlib.DEFLATED, -15)
         self._new_stream: TarStream | None = None
+        self._far = 0  # the furthest old tar byte referenced so far (see _reach)
+
+    def _old_entry(self, path: str) -> IndexEntry | None:
+        if self._old_paths is None:
+            entries = self.oi.entries
+            self._old_paths = {entries.path(k): k for k in range(len(entries))}
+        k = self._old_paths.get(path)
+        return None if k is None else self.oi.entries[k]
 
     def _new_tar(self) -> TarStream:
         """The new archive's tar, inflated forward only when first needed (rare: see _run)."""
         if self._new_stream is None:
-            self._new_stream = TarStream(self.new, pin_reads=True)
+            self._new_stream = TarStream(self.new)
         return self._new_stream
 
-    def copies(self) -> list[int | None]:
-        """Per new segment: the index of an old segment with equal compressed bytes, or None."""
+    def copies(self) -> array.array[int]:
+        """Per new segment: the index of an old segment with equal compressed bytes, or -1."""
         # Candidates by (tar length, deflate length, CRC), as one sorted array of 64-bit mixes
         # of the three (a dict of tuples cost ~50 MB on a 1 GB tree); a mix can collide, so
         # the three are compared again, then the bytes.
@@ -187,34 +246,77 @@ class _Encoder:
         ntl, ncl, ncrc, nkey = keyed(self.ni.segments)
         los = np.searchsorted(skey, nkey, "left")
         his = np.searchsorted(skey, nkey, "right")
-        out: list[int | None] = []
-        expect = -1
-        for i in range(len(nkey)):
-            found = None
-            lo, hi = int(los[i]), int(his[i])
-            if lo < hi:
-                a, n = _HDR + self.nd[i], int(ncl[i])
-                cands = [int(j) for j in order[lo:hi]
-                         if otl[j] == ntl[i] and ocl[j] == ncl[i] and ocrc[j] == ncrc[i]]
-                # The continuation first, then the nearest ahead (repeated content, e.g.
-                # several copies of one tree, would otherwise match the first copy, far behind).
-                for j in sorted(cands, key=lambda j: (j != expect, j < expect, j)):
-                    b = _HDR + self.od[j]
-                    if bytes(self.old[b : b + n]) == bytes(self.new[a : a + n]):
-                        found, expect = j, j + 1
-                        break
-            out.append(found)
-        return out
+        # One candidate (nearly all segments): vectorised.  Several (repeated content): a
+        # list each, in a dict.  -2 marks those in ``single``, -1 none.
+        single = np.full(len(nkey), -1, np.int64)
+        one = np.flatnonzero(his - los == 1)
+        if len(one) and len(order):
+            j1 = order[los[one]]
+            same = (otl[j1] == ntl[one]) & (ocl[j1] == ncl[one]) & (ocrc[j1] == ncrc[one])
+            single[one[same]] = j1[same]
+        multi: dict[int, list[int]] = {}
+        for i in np.flatnonzero(his - los > 1).tolist():
+            cs = [j for j in order[los[i] : his[i]].tolist()
+                  if otl[j] == ntl[i] and ocl[j] == ncl[i] and ocrc[j] == ncrc[i]]
+            if cs:
+                single[i] = -2
+                multi[i] = cs
+        cands = array.array("q", single.tobytes())
+        # Nearly always, the candidate tried first is the one taken: choose assuming equal
+        # bytes, then compare those choices stretch by stretch (~100 compares of big
+        # stretches, halved around a mismatch, where one per segment cost ~0.2 s on the
+        # stdlib tree); then choose again, comparing only pairs not confirmed (the same
+        # choices as comparing each pair, only cheaper).  Mismatches are common right after
+        # an edit: the same tar bytes, compressed after a changed window, often compress to
+        # the same length.
+        guess = _choose(cands, multi, lambda i, j: True)
+        confirmed = array.array("q", bytes(8 * len(guess)))
+        self._confirm(guess, confirmed)  # confirmed[i] = j + 1
+        return _choose(cands, multi, lambda i, j: confirmed[i] == j + 1 or self._equal(i, j))
 
-    def _window_ok(self, i0: int, copies: list[int | None]) -> bool:
+    def _equal(self, i: int, j: int) -> bool:
+        a, b, n = _HDR + self.nd[i], _HDR + self.od[j], self.nd[i + 1] - self.nd[i]
+        return bytes(self.old[b : b + n]) == bytes(self.new[a : a + n])
+
+    def _confirm(self, guess: array.array[int], confirmed: array.array[int]) -> None:
+        """``confirmed[i] = j + 1`` where new segment ``i``'s compressed bytes are old ``j``'s."""
+        old = np.frombuffer(self.old, np.uint8)
+        new = np.frombuffer(self.new, np.uint8)
+
+        stretches: list[tuple[int, int, int]] = []  # new [i, k) against old [j, j + k - i)
+        i, n = 0, len(guess)
+        while i < n:
+            j = guess[i]
+            if j < 0:
+                i += 1
+                continue
+            k = i + 1  # the stretch: consecutive new segments of consecutive old ones
+            while k < n and guess[k] == j + k - i:
+                k += 1
+            stretches.append((i, k, j))
+            i = k
+        while stretches:
+            i, k, j = stretches.pop()
+            a, b, length = _HDR + self.nd[i], _HDR + self.od[j], self.nd[k] - self.nd[i]
+            # A block at a time: comparing arrays makes an array of bools as long (a stretch
+            # of a 1 GB tree's archive is easily 300 MB, all anonymous memory).
+            if all(np.array_equal(old[b + x : b + min(x + _PIECE, length)],
+                                  new[a + x : a + min(x + _PIECE, length)])
+                   for x in range(0, length, _PIECE)):
+                confirmed[i:k] = array.array("q", range(j + 1, j + 1 + k - i))
+            elif k - i > 1:  # halves, down to the segments that differ
+                m = (i + k) // 2
+                stretches += ((i, m, j), (m, k, j + m - i))
+
+    def _window_ok(self, i0: int, copies: array.array[int]) -> bool:
         """Is the 32 KiB window before new segment ``i0`` one stretch of copied old
         segments (so its tar bytes are old tar bytes the sender can read)?"""
         need, k, prev = min(DICT_SIZE, self.nt[i0]), i0 - 1, None
         while need > 0:
-            j = copies[k] if k >= 0 else None
-            if j is None or (prev is not None and j != prev - 1):
+            j = copies[k] if k >= 0 else -1
+            if j < 0 or (prev is not None and j != prev - 1):
                 return False
-            need -= self.ni.segments[k][0] - self.nt[k]
+            need -= self.nt[k + 1] - self.nt[k]
             prev, k = j, k - 1
         return True
 
@@ -229,9 +331,9 @@ class _Encoder:
         runs: list[list[int]] = []
         i = 0
         while i < n:
-            if copies[i] is None:
+            if copies[i] < 0:
                 j = i
-                while j < n and copies[j] is None:
+                while j < n and copies[j] < 0:
                     j += 1
                 runs.append([i, j])
                 i = j
@@ -252,8 +354,8 @@ class _Encoder:
         for i0, i1 in merged:
             for k in range(pos, i0):
                 old_j = copies[k]
-                assert old_j is not None
-                at, length = _HDR + self.od[old_j], self.ni.segments[k][1] - self.nd[k]
+                assert old_j >= 0
+                at, length = _HDR + self.od[old_j], self.nd[k + 1] - self.nd[k]
                 if copy[1] and copy[0] + copy[1] == at:
                     copy[1] += length
                 else:
@@ -268,7 +370,7 @@ class _Encoder:
         yield _record(T_RAW, bytes(self.new[ni.archive_size - 8 : ni.archive_size]))
         yield _record(T_END, b"")
 
-    def _run(self, i0: int, i1: int, copies: list[int | None]) -> Iterator[bytes]:
+    def _run(self, i0: int, i1: int, copies: array.array[int]) -> Iterator[bytes]:
         """RUN records rebuilding new segments ``[i0, i1)`` (``n``: the final one).  Their tar
         bytes are inflated from the new archive with the window they were compressed with
         (old tar bytes, ``_window_ok``); each record is checked to compress back to the new
@@ -279,8 +381,8 @@ class _Encoder:
         window = b""
         if w:
             j = copies[i0 - 1]
-            assert j is not None
-            end = self.oi.segments[j][0]
+            assert j >= 0
+            end = self.ot[j + 1]
             got = self.old_tar.read(end - w, end)
             if got is None:
                 # The copied segment before this run lies behind the old tar still kept (the
@@ -295,17 +397,17 @@ class _Encoder:
         chunk: list[int] = []
         for k in range(i0, i1):
             chunk.append(k)
-            tar_end = ni.segments[k][0] if k < n else ni.tar_size
+            tar_end = self.nt[k + 1] if k < n else ni.tar_size
             if tar_end - self.nt[chunk[0]] < MAX_RUN_TAR and k != i1 - 1:
                 continue
             final = k == n
             ds = self.nd[chunk[0]]
-            de = ni.segments[k][1] if not final else ni.archive_size - 8 - _HDR
+            de = self.nd[k + 1] if not final else ni.archive_size - 8 - _HDR
             comp = bytes(self.new[_HDR + ds : _HDR + de])
             tar = inflate.decompress(comp) + (inflate.flush() if final else b"")
             if len(tar) != tar_end - self.nt[chunk[0]]:
                 raise IntegrityError("layout delta: a new segment does not inflate to its length")
-            cuts = [ni.segments[x][0] - self.nt[x] for x in chunk if x < n]
+            cuts = [self.nt[x + 1] - self.nt[x] for x in chunk if x < n]
             ends = list(itertools.accumulate(cuts))
             if compress_segments(tar, ends, ni.level, final, window) != comp:
                 raise IntegrityError("layout delta: a run does not compress back to the archive")
@@ -328,7 +430,7 @@ class _Encoder:
         pieces: list[tuple[int, int, int | None]] = []  # new lo, new hi, old lo (None: literal)
         lo, hi = at, at + len(tar)
         entries = self.ni.entries
-        i = max(0, bisect.bisect_right(self.new_starts, lo) - 1)
+        i = max(0, bisect.bisect_right(entries, lo, key=_tar_start) - 1)
         pos = lo
         while pos < hi:
             e = entries[i] if i < len(entries) else None
@@ -348,10 +450,11 @@ class _Encoder:
             if s == t:
                 continue
             ref = None
-            if o is not None:
+            if o is not None and o >= max(self._far, o + t - s) - _reach():
                 got = self.old_tar.read(o, o + t - s)
                 if got is not None and got == tar[s - at : t - at]:
                     ref = (o, t - s)
+                    self._far = max(self._far, o + t - s)
             prev = out[-1] if out else None
             if ref is None:
                 data = tar[s - at : t - at]
@@ -368,7 +471,7 @@ class _Encoder:
     def _entry_pieces(
         self, e: IndexEntry, lo: int, hi: int, tar: bytes, at: int
     ) -> list[tuple[int, int, int | None]]:
-        o = self.old_by_path.get(e.path)
+        o = self._old_entry(e.path)
         if o is None:
             return [(lo, hi, None)]
         n_len, o_len = e.tar_end - e.tar_start, o.tar_end - o.tar_start
@@ -426,6 +529,51 @@ class _Encoder:
         return out
 
 
+def _starts(ends: Any) -> array.array[int]:
+    """0 then ``ends``, packed: the start of each segment and the end of the last."""
+    out = array.array("q", [0])
+    out.frombytes(np.ascontiguousarray(ends, np.int64).tobytes())
+    return out
+
+
+def _choose(
+    cands: array.array[int], multi: dict[int, list[int]], equal: Callable[[int, int], bool]
+) -> array.array[int]:
+    """Per new segment, the first of its candidates (``cands[i]``, or ``multi[i]`` where it
+    is -2) whose bytes are ``equal``: the continuation of the previous choice first, then
+    the nearest ahead (repeated content, e.g. several copies of one tree, would otherwise
+    match the first copy, far behind); -1 for none."""
+    out = array.array("q", bytes(8 * len(cands)))
+    expect = -1
+    for i, c in enumerate(cands):
+        found = -1
+        if c >= 0:
+            if equal(i, c):
+                found = c
+        elif c == -2:
+            for j in sorted(multi[i], key=lambda j: (j != expect, j < expect, j)):
+                if equal(i, j):
+                    found = j
+                    break
+        if found >= 0:
+            expect = found + 1
+        out[i] = found
+    return out
+
+
+def _reach() -> int:
+    """How far behind the furthest old tar byte referenced so far a sender may reference
+    (else: literal): a function of the references alone, so the sender knows what the
+    receiver still has without running its stream.  ``KEEP`` less a margin: a receiver of
+    the first release kept ``KEEP`` behind what it had *inflated*, which could run one input
+    step (~0.3 MB of tar, rarely more) past the request."""
+    return KEEP - KEEP // 8
+
+
+def _tar_start(e: IndexEntry) -> int:
+    return e.tar_start
+
+
 def _record(kind: int, body: bytes) -> bytes:
     if len(body) > MAX_RECORD:
         raise LimitExceeded(f"layout delta record of {len(body)} bytes exceeds {MAX_RECORD}")
@@ -460,7 +608,9 @@ class LayoutPatcher:
         self._max_size = max_size
         self._buf = bytearray()
         self._head: tuple[int, bytes, int] | None = None  # new size, new hash, level
-        self._old_tar = TarStream(base)
+        # Twice the sender's reach: a sender of the first release referenced as far back as
+        # its own stream kept (KEEP to 2 x KEEP behind what it had inflated).
+        self._old_tar = TarStream(base, 2 * KEEP)
         self._lit = zlib.decompressobj(-15)
         self._tail = b""  # the last 32 KiB of tar of the previous run record
         self._tail_ok = False

@@ -1,0 +1,145 @@
+"""The layout delta's cost on the bench pair: encode (agent) and apply (server), side by side
+with a full build of the same tree and with the rolling delta it replaces.
+
+    python benchmarks/bench_layout.py [--repeat N] [--baseline PATH]
+
+Trees (``benchmarks/archive_data.py``): the ~107 MB stdlib tree and its copy with the ~1%
+change set.  Both archives are built (``IncrementalBuilder``, indexes kept) under
+``benchmarks/_work/layout/``; then, best of ``--repeat``, CPU and wall seconds of
+
+- ``encode``: ``encode_layout`` from the old archive to the new one (both mmapped);
+- ``apply``: ``LayoutPatcher`` fed the delta in 64 KiB pieces, writing the new archive
+  (checked byte for byte against the built one);
+- ``rolling``: signature of the old archive then ``DeltaEncoder`` over the new one (the
+  fallback), for reference;
+- ``full build``: a fresh ``TgzBuilder`` of the new tree, the unit of the ratios.
+
+``--baseline PATH`` runs encode and apply again with the ``deltabkp`` package found under
+PATH (e.g. a ``git worktree`` of an older commit), in the same run, on the same archives.
+CPU is ``time.process_time`` (all threads of the process); wall times are noisy on a shared
+machine, so the load average is printed.  Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+OUT = Path(__file__).resolve().parent / "_work" / "layout"
+
+
+def _mapped(path: Path) -> mmap.mmap:
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _timed(fn: Callable[[], Any], repeat: int) -> tuple[tuple[float, float], Any]:
+    best = (float("inf"), float("inf"))
+    result = None
+    for _ in range(repeat):
+        c, w = time.process_time(), time.perf_counter()
+        result = fn()
+        best = min(best, (time.process_time() - c, time.perf_counter() - w))
+    return best, result
+
+
+def measure(repeat: int) -> dict[str, object]:
+    """Encode and apply with whichever ``deltabkp`` is first on sys.path."""
+    from deltabkp.archive import ArchiveIndex, LayoutPatcher, encode_layout
+
+    old_i = ArchiveIndex.parse((OUT / "old.idx").read_bytes())
+    new_i = ArchiveIndex.parse((OUT / "new.idx").read_bytes())
+    old, new = _mapped(OUT / "old.tgz"), _mapped(OUT / "new.tgz")
+    enc, delta = _timed(lambda: b"".join(encode_layout(old_i, old, new_i, new)), repeat)
+
+    def apply() -> None:
+        p = LayoutPatcher(old, base_hash=old_i.archive_hash, max_size=1 << 40)
+        with open(OUT / "applied.tgz", "wb") as f:
+            for at in range(0, len(delta), 1 << 16):
+                f.writelines(p.feed(delta[at : at + (1 << 16)]))
+        p.finish()
+
+    app, _ = _timed(apply, repeat)
+    same = (OUT / "applied.tgz").read_bytes() == (OUT / "new.tgz").read_bytes()
+    return {"encode": enc, "apply": app, "delta": len(delta), "same": same,
+            "archive": new_i.archive_size}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--baseline", help="a directory holding another deltabkp package")
+    ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure:  # the baseline's child process
+        print(json.dumps(measure(args.repeat)))
+        return
+
+    import archive_data
+
+    import deltabkp
+    from deltabkp.archive import IncrementalBuilder
+
+    trees = archive_data.trees()
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name, tree in (("old", trees["base"]), ("new", trees["new"])):
+        b = IncrementalBuilder(tree)
+        with open(OUT / f"{name}.tgz", "wb") as f:
+            f.writelines(b)
+        (OUT / f"{name}.idx").write_bytes(b.index.encode())
+
+    def full_build() -> None:
+        with open(OUT / "fresh.tgz", "wb") as f:
+            f.writelines(deltabkp.TgzBuilder(trees["new"]))
+
+    full, _ = _timed(full_build, args.repeat)
+    old_b, new_b = (OUT / "old.tgz").read_bytes(), (OUT / "new.tgz").read_bytes()
+
+    def rolling() -> int:
+        sb = deltabkp.SignatureBuilder(base_size=len(old_b))
+        sb.feed(old_b)
+        enc = deltabkp.DeltaEncoder(deltabkp.Signature.parse(sb.finish()))
+        return len(enc.feed(new_b)) + len(enc.finish())
+
+    roll, roll_bytes = _timed(rolling, args.repeat)
+    rows = {"this tree": measure(args.repeat)}
+    if args.baseline:
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(args.baseline))
+        out = subprocess.run(
+            [sys.executable, __file__, "--measure", "--repeat", str(args.repeat)],
+            env=env, check=True, capture_output=True, text=True, cwd="/",
+        ).stdout
+        rows["baseline"] = json.loads(out)
+
+    print(f"load average {os.getloadavg()[0]:.1f} (2 cores shared: wall is noisy, CPU less)")
+    print(f"archive {len(new_b):,} bytes; full build {full[0]:.2f} s CPU, {full[1]:.2f} s wall\n")
+    print("| step | CPU s | wall s | CPU × full build | wire bytes | % of archive |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, r in rows.items():
+        for step in ("encode", "apply"):
+            c, w = r[step]
+            wire = f"{r['delta']:,}" if step == "encode" else ""
+            pct = f"{100 * r['delta'] / len(new_b):.3f}" if step == "encode" else ""
+            print(f"| {step} ({label}) | {c:.3f} | {w:.3f} | {c / full[0]:.3f} | {wire} | {pct} |")
+        if not r["same"]:
+            print(f"| ({label}: the applied archive differs from the built one!) |")
+    print(f"| rolling delta (signature + delta) | {roll[0]:.3f} | {roll[1]:.3f} | "
+          f"{roll[0] / full[0]:.3f} | {roll_bytes:,} | {100 * roll_bytes / len(new_b):.3f} |")
+    if "baseline" in rows:
+        b, t = rows["baseline"], rows["this tree"]
+        for step in ("encode", "apply"):
+            print(f"{step}: CPU {b[step][0] / t[step][0]:.2f}x faster than the baseline")
+
+
+if __name__ == "__main__":
+    main()
