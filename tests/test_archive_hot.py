@@ -21,8 +21,10 @@ import time
 import zlib
 from pathlib import Path
 
+import pytest
 
 from deltabkp.archive import TgzBuilder
+from deltabkp.archive._build import _READ, _read_small
 
 HERE = Path(__file__).resolve()
 #: Hard stop for the writer, whatever happens to the test (it also stops on STOPFILE).
@@ -227,6 +229,23 @@ def test_the_torn_copy_detector_detects() -> None:
     assert not valid(old[:-1] + b"X\n")  # a corrupted byte
 
 
+@pytest.mark.parametrize("n", [0, 1, 5000, _READ - 1, _READ, 3 * _READ + 7])
+def test_a_small_read_tells_grown_shrunk_and_whole(tmp_path: Path, n: int) -> None:
+    """``_read_small`` (one read of size + 1 for files under 1 MiB): the bytes up to the size
+    stat announced, and whether more followed; a file shorter than announced is what is
+    there.  Sizes around the one-call limit and past it (the loop)."""
+    p = tmp_path / "f"
+    data = random.Random(n).randbytes(n + 3)
+    p.write_bytes(data)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        for announced, want, more in ((n, data[:n], True), (n + 3, data, False), (n + 9, data, False)):
+            os.lseek(fd, 0, os.SEEK_SET)
+            assert _read_small(fd, announced) == (want, more), announced
+    finally:
+        os.close(fd)
+
+
 def test_big_file_shrinking_mid_stream_is_padded_and_reported(tmp_path: Path) -> None:
     """Deterministic: the consumer truncates a streamed file between two chunks."""
     root = tmp_path / "t"
@@ -339,3 +358,31 @@ def test_vanished_between_listing_and_reading_is_skipped(tmp_path: Path) -> None
 
 if __name__ == "__main__":
     writer(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
+
+
+def test_a_hot_file_open_for_writing_is_reported_until_its_writer_closes(tmp_path: Path) -> None:
+    """A writer paused inside one write() has already set mtime and leaves stat still, so two
+    identical reads prove nothing while it may be there: only a read lease's probe between
+    them (no writable descriptor of the file anywhere) does."""
+    root = tmp_path / "t"
+    root.mkdir()
+    log = root / "app.log"
+    log.write_bytes(b"line 1\n")
+    quiet = root / "quiet.txt"
+    quiet.write_bytes(b"written just now, closed\n")
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)  # an application holding its log open
+    try:
+        os.write(fd, b"line 2\n")
+        builder = TgzBuilder(root)
+        data = b"".join(builder)
+        reported = {i.path: i.what for i in builder.report.changed}
+        assert set(reported) == {"app.log"}, reported
+        assert reported["app.log"].startswith("open for writing while read")
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tf:
+            member = tf.extractfile("app.log")
+            assert member is not None and member.read() == b"line 1\nline 2\n"
+    finally:
+        os.close(fd)
+    builder = TgzBuilder(root)  # still hot (written within HOT_NS), but nobody writes now
+    b"".join(builder)
+    assert not builder.report.changed

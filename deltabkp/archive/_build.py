@@ -30,9 +30,12 @@ in one place.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import signal
 import stat
 import struct
+import sys
 import tarfile
 import tempfile
 import time
@@ -386,8 +389,9 @@ class TgzBuilder:
         the one ``seen`` by the listing) is read like any rewrite; anything else is skipped.
         """
         spool_box: list[BinaryIO | None] = [None]  # one spool per file, made on demand
-        # (content, stat after the read, byte count, fingerprint of the content)
-        last: tuple[bytes | None, os.stat_result, int, bytes] | None = None
+        # (content, stat after the read, byte count, fingerprint of the content, no writer
+        # had the file open just after the read)
+        last: tuple[bytes | None, os.stat_result, int, bytes, bool] | None = None
         what = ""
         try:
             for _attempt in range(self.retries):
@@ -444,6 +448,9 @@ class TgzBuilder:
                         yield from self._stream(rel, fd, before, counts, links)
                         return
                     after = os.fstat(fd)
+                    # Only a file written just now needs it (below): one probe per hot file.
+                    alone = (_no_writer(fd) if max(after.st_mtime_ns, after.st_ctime_ns)
+                             >= t0 - HOT_NS else True)
                 except _SpoolFailed as exc:
                     # The spool's disk failed, not the file: stream this one instead.
                     if spool_box[0] is not None:
@@ -466,21 +473,28 @@ class TgzBuilder:
                 consistent = _same(before, after) and got == after.st_size and not more
                 if consistent and max(after.st_mtime_ns, after.st_ctime_ns) >= t0 - HOT_NS:
                     # Written just now: a write in the same clock tick leaves stat unchanged,
-                    # so only two identical reads in a row prove a consistent copy.
-                    consistent = last is not None and last[3] == digest and _same(last[1], after)
+                    # and a writer paused inside one write() leaves it still for as long as
+                    # it waits (mtime is set as the write starts).  Two identical reads in a
+                    # row prove a consistent copy only with no writer open between them: a
+                    # write in progress during the first read has then ended before the
+                    # second, which would differ.
+                    consistent = (last is not None and last[4] and last[3] == digest
+                                  and _same(last[1], after))
                 if not consistent:
                     if not _same(before, after) or more or got != after.st_size:
                         what = _describe(before, after, got + int(bool(more)))
+                    elif not alone:
+                        what = "open for writing while read"
                     else:
                         what = what or "modified while read"
-                last = (data, after, got, digest)
+                last = (data, after, got, digest, alone)
                 if consistent:
                     what = ""
                     break
             if last is None:
                 counts.skipped.append(FileIssue(rel, what or "could not be read"))
                 return
-            data, st, got, _digest = last
+            data, st, got, _digest, _alone = last
             if what:
                 counts.changed.append(
                     FileIssue(rel, f"{what}; stored the last complete read ({got} bytes)")
@@ -562,10 +576,53 @@ class _SpoolFailed(Exception):
     """Writing or re-reading the spool file failed (its disk, not the application's file)."""
 
 
+# Linux's F_SETSIG (not in Python's fcntl): a lease break is signalled to the lease's owner,
+# SIGIO by default, whose default action ends the process.
+_F_SETSIG = 10
+_leases = sys.platform == "linux" and hasattr(fcntl, "F_SETLEASE")
+
+
+def _no_writer(fd: int) -> bool:
+    """False if some process has the file open for writing (or mapped shared-writable) at
+    this instant; True if none has, or if that cannot be known here.
+
+    The kernel refuses a read lease while any writable descriptor of the file exists, so
+    taking one and dropping it at once is the probe (``fcntl(2)``, F_SETLEASE).  It needs the
+    file's owner or CAP_LEASE and a file system with leases: elsewhere (EACCES, EINVAL,
+    ENOLCK…) it cannot tell, and the copy is judged by the reads alone, as before.  An
+    application opening the file for writing within the microseconds the lease exists waits
+    that long (or, with O_NONBLOCK, gets EWOULDBLOCK once); the break's signal is set to
+    SIGURG, ignored by default, so it cannot end the process.
+    """
+    if not _leases:
+        return True
+    try:
+        fcntl.fcntl(fd, _F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return exc.errno not in (errno.EAGAIN, errno.EBUSY)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    except OSError:
+        pass  # the descriptor is closed next, which drops the lease anyway
+    return True
+
+
 def _read_small(fd: int, size: int) -> tuple[bytes, bool]:
     """Up to ``size`` bytes of ``fd``; True too if there was more (it grew while read)."""
-    chunks: list[bytes] = []
-    got = 0
+    if size < _READ:
+        # The common case in one system call: a read of a regular file comes back short
+        # only at its end, so asking for one byte more tells whether it grew.
+        b = os.read(fd, size + 1)
+        if len(b) > size:
+            return b[:size], True
+        if len(b) == size:
+            return b, False
+        chunks = [b]  # it shrank meanwhile (or a short read): finish as below
+        got = len(b)
+    else:
+        chunks = []
+        got = 0
     while got < size:
         # Ask for what stat announced: os.read allocates the whole request, and a 1 MiB
         # buffer per small file costs more than the read itself.
