@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -358,6 +360,59 @@ def test_cut_points_do_not_depend_on_buffering(data: bytes, splits: list[int]) -
         assert MIN_SEGMENT <= c - prev <= MAX_SEGMENT
         prev = c
     assert len(data) - prev < MAX_SEGMENT
+
+
+def spec_cut_points(data: bytes) -> list[int]:
+    """Cut points straight from docs/formats.md ("Cut points"), with none of ``CutFinder``'s
+    tricks (pair lookups, doubling, chunks): gear values from blake2b, each 64-byte window
+    summed by a cumulative sum in 64-bit ints, then the min/max segment rules."""
+    gear = np.array([
+        int.from_bytes(hashlib.blake2b(b"deltabkp-gear-v1" + bytes([b]), digest_size=2).digest(), "little")
+        for b in range(256)
+    ], dtype=np.int64)
+    g = np.concatenate(([0], np.cumsum(gear[np.frombuffer(data, dtype=np.uint8)])))
+    # window ending at byte p (p >= 63): sum of g values of bytes p-63..p
+    ends = np.arange(63, len(data))
+    sums = (g[ends + 1] - g[ends - 63]) % 65536
+    cuts: list[int] = []
+    last = 0
+    for p in ends[sums < 16].tolist():
+        c = p + 1  # the cut is after byte p
+        while c - last > MAX_SEGMENT:
+            last += MAX_SEGMENT
+            cuts.append(last)
+        if c - last >= MIN_SEGMENT:
+            cuts.append(c)
+            last = c
+    while len(data) - last >= MAX_SEGMENT:
+        last += MAX_SEGMENT
+        cuts.append(last)
+    return cuts
+
+
+def test_cut_points_follow_the_spec() -> None:
+    """The fast finder gives the documented cut points, fed in odd and even pieces, at odd
+    offsets of a buffer (unaligned 16-bit views), across its internal chunks, and resumed
+    with ``at_cut`` (the incremental build); random data, text, and zeros (forced cuts)."""
+    rng = random.Random(11)
+    data = (rng.randbytes(700_001) + bytes(150_000) + b"abc\n" * 60_000
+            + rng.randbytes(3) + golden_stream()[:99_999])
+    want = spec_cut_points(data)
+    assert len(want) > 100 and any(b - a == MAX_SEGMENT for a, b in itertools.pairwise(want))
+    assert CutFinder().feed(data) == want
+    for sizes in ([1, 62, 63, 64, 65, 2, 3], [131_071, 131_073, 5], [300_001, 7]):
+        f = CutFinder()
+        got: list[int] = []
+        view = memoryview(b"x" + data)[1:]  # every piece starts at an odd address
+        at = 0
+        for i in range(40):
+            n = sizes[i % len(sizes)]
+            got += f.feed(view[at : at + n])
+            at += n
+        got += f.feed(view[at:])
+        assert got == want, sizes
+    for c in want[::37]:
+        assert CutFinder.at_cut(c, data[:c]).feed(data[c:]) == [x for x in want if x > c]
 
 
 def test_cut_points_resynchronise_after_insert() -> None:
