@@ -10,7 +10,9 @@ and its ``ArchiveIndex``: the compressed bytes to reuse must come from somewhere
 
 Layout (version 1) under the cache dir::
 
-    sigs/<archive hash hex>.sig      a signature, format v1 (docs/formats.md)
+    sigs/<archive hash hex>.sig      a signature, format v1 (docs/formats.md); for an
+                                     archive kept below, made from it when a backup
+                                     first needs it (``keep_signature``), not by its build
     paths/<blake3(path)[:16] hex>.json
         {"version": 1, "path": P, "entries": [{"hash": hex, "fingerprint": hex | null,
           "exclude": [..], "at": unix time}, ...]}   newest first, at most ``keep``
@@ -122,6 +124,11 @@ class KeptBuild:
     def done(self, index: ArchiveIndex) -> None:
         self._done = index
 
+    @property
+    def keeping(self) -> bool:
+        """Whether this build's archive is being written to the cache (so far)."""
+        return self._out is not None and not self._failed
+
     def reopen(self) -> IO[bytes] | None:
         """This build's archive as written so far, opened for reading (the layout delta
         reads it beside the kept one before it replaces it); None if it is not being kept."""
@@ -134,6 +141,13 @@ class KeptBuild:
         except OSError as exc:
             self._failed = exc.strerror or str(exc)
             return None
+
+
+class _Unread:
+    """``kept_build``'s default: the kept index is read from disk."""
+
+
+_UNREAD = _Unread()
 
 
 class _NotKept(Exception):
@@ -172,16 +186,21 @@ class AgentCache:
     # -- the last build per path ------------------------------------------------------------
 
     @contextlib.contextmanager
-    def kept_build(self, path: str) -> Iterator[KeptBuild]:
+    def kept_build(
+        self, path: str, index: ArchiveIndex | None | _Unread = _UNREAD
+    ) -> Iterator[KeptBuild]:
         """The previous build of ``path`` and a sink for this one (see ``KeptBuild``).
 
-        This build's archive replaces the kept one only if the block ends normally after
-        ``done``; an exception (a stopped build) or a failed write leaves the kept one."""
+        ``index``: the kept index as the caller already read it (``kept_index``, the path
+        lock held since), so it is not parsed again.  This build's archive replaces the kept
+        one only if the block ends normally after ``done``; an exception (a stopped build)
+        or a failed write leaves the kept one."""
         if not self.keep_archives:
             yield KeptBuild(None, None)
             return
         tgz, idx = self._build_files(path)
-        index = self._read_index(idx)
+        if isinstance(index, _Unread):
+            index = self._read_index(idx)
         kept = KeptBuild(index, tgz if index is not None else None)
         entered = finished = False
         try:
@@ -208,6 +227,11 @@ class AgentCache:
         if not self.keep_archives:
             return None
         return self._read_index(self._build_files(path)[1])
+
+    def kept_archive(self, path: str) -> Path | None:
+        """The last archive kept for ``path`` (None if turned off); check it against
+        ``kept_index`` before trusting it: a crash may leave an index naming another."""
+        return self._build_files(path)[0] if self.keep_archives else None
 
     def drop_kept(self, path: str) -> None:
         """Forget the kept build of ``path`` (its index goes: the next build is a full one
@@ -272,6 +296,11 @@ class AgentCache:
         return data
 
     # -- writing -----------------------------------------------------------------------------
+
+    def keep_signature(self, archive_hash: bytes, signature: bytes) -> None:
+        """File ``signature`` under ``archive_hash`` (an archive some path's entries name:
+        a signature no entry refers to is deleted with the next change of entries)."""
+        self._write_atomic(self._sig_file(archive_hash), signature)
 
     def record(
         self,

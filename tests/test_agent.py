@@ -277,12 +277,18 @@ async def test_backup_exchange_first_unchanged_changed(env: Env) -> None:
     # Nothing changed: answered from the tree fingerprint, no file read, nothing sent.
     r2 = await backup(env, app, a1)
     assert (r2.kind, r2.reason) == ("unchanged", "fingerprint")
+    # The archive itself is kept, so no signature of it was made by its build (r1's cache
+    # writes are done: they precede the release of the path r2 was served under).
+    sig_a1 = env.cache / "sigs" / f"{r1.done.archive_hash.hex()}.sig"
+    assert not sig_a1.exists()
 
-    # A small change: the cached signature is used (no NeedSignature), the delta is small.
+    # A small change: the agent's own signature is used (no NeedSignature), made now from
+    # the kept archive (and filed), and the delta is small.
     p = app / "sub" / "f001.txt"
     p.write_text(p.read_text().replace("line 100\n", "line one hundred, edited\n"))
     r3 = await backup(env, app, a1)
     assert r3.kind == "delta" and not r3.asked_signature and r3.done is not None
+    assert deltabkp.Signature.parse(sig_a1.read_bytes()).base_hash == r1.done.archive_hash
     a2 = bytes(deltabkp.patch(a1, r3.delta))
     assert a2 == fresh_archive(app) and a2 != a1
     assert r3.done.archive_hash == blake3.blake3(a2).digest()

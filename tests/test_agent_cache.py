@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import blake3
@@ -294,3 +294,88 @@ def agent_log() -> Iterator[list[str]]:
 def _append(p: Path, data: bytes) -> None:
     with open(p, "ab") as f:
         f.write(data)
+
+
+async def test_agent_without_archive_cache_keeps_signatures(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """``--no-archive-cache``: no kept archive to make a signature from later, so the build
+    makes it as it goes and files it; the next backup's rolling delta uses it (no
+    NeedSignature)."""
+    app = make_tree(tmp_path / "app")
+    key = b"k" * 32
+    cfg = AgentConfig(key=key, allow=Allowlist.from_args([str(tmp_path)]), host="127.0.0.1",
+                      port=0, cache_dir=tmp_path / "cache", keep_archives=False)
+    agent = Agent(cfg)
+    await nursery.start(agent.run)
+    where = net.Address.parse(agent.address)
+    r1 = await backup_exchange(where, key, str(app), None)
+    assert r1.kind == "delta" and r1.done is not None
+    sig = tmp_path / "cache" / "sigs" / f"{r1.done.archive_hash.hex()}.sig"
+    with trio.fail_after(10):  # filed just after backup-done was sent
+        while not sig.exists():
+            await trio.sleep(0.02)
+    base = bytes(deltabkp.patch(b"", r1.delta))
+    await trio.to_thread.run_sync(_append, app / "f20", b"one more line\n")
+    r2 = await backup_exchange(where, key, str(app), base)
+    assert r2.kind == "delta" and not r2.asked_signature
+    assert deltabkp.patch(base, r2.delta) == b"".join(TgzBuilder(app))
+
+
+async def test_after_a_racy_build_the_index_is_the_quick_check(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build that found the tree racy records no fingerprint: the next request checks the
+    tree against the kept index with no fingerprint walk (a changed tree costs only the
+    build's walk); once the tree is unchanged and settled, a fingerprint is recorded after
+    the index vouched for it, and the check after that is a fingerprint alone."""
+    import deltabkp_agent.backup as agent_backup
+
+    calls: list[str] = []
+
+    def counted(name: str) -> Callable[..., object]:
+        real = getattr(agent_backup, name)
+
+        def call(*args: object) -> object:
+            calls.append(name)
+            return real(*args)
+        return call
+
+    for name in ("_fingerprint", "_unchanged_since"):
+        monkeypatch.setattr(agent_backup, name, counted(name))
+    app = tmp_path / "app"
+    app.mkdir()
+    for i in range(5):
+        (app / f"f{i}").write_bytes(b"racy when built %d\n" % i * 200)
+    key = b"k" * 32
+    cfg = AgentConfig(key=key, allow=Allowlist.from_args([str(tmp_path)]), host="127.0.0.1",
+                      port=0, cache_dir=tmp_path / "cache")
+    agent = Agent(cfg)
+    await nursery.start(agent.run)
+    where = net.Address.parse(agent.address)
+
+    async def request(base: bytes | None) -> tuple[bytes, str]:
+        calls.clear()
+        r = await backup_exchange(where, key, str(app), base)
+        if r.kind == "unchanged":
+            assert base is not None
+            return base, r.reason
+        return bytes(deltabkp.patch(base or b"", r.delta)), r.kind
+
+    a1, _ = await request(None)  # racy: nothing recorded
+    await trio.to_thread.run_sync(_append, app / "f1", b"changed\n")
+    a2, how = await request(a1)
+    assert how == "delta" and calls == ["_unchanged_since"], calls  # no fingerprint walk
+    assert a2 == b"".join(TgzBuilder(app))
+    await trio.sleep(RACY_NS_AGENT / 1e9 + 0.2)  # settled: the next fingerprint is trusted
+    assert await request(a2) == (a2, "fingerprint")
+    with trio.fail_after(10):  # the fingerprint is taken after the answer went out
+        while len(calls) < 3:
+            await trio.sleep(0.02)
+    assert calls == ["_unchanged_since", "_fingerprint", "_unchanged_since"], calls
+    cache = AgentCache(tmp_path / "cache")
+    with trio.fail_after(10):  # recorded (the agent's last step before it frees the path)
+        while cache.fingerprint(os.path.realpath(app), blake3.blake3(a2).digest(), ()) is None:
+            await trio.sleep(0.02)
+    assert await request(a2) == (a2, "fingerprint")
+    assert calls == ["_fingerprint"], calls

@@ -293,7 +293,7 @@ class ChangeOnWalk(IncrementalBuilder):
 
     def _items(self, *a: object, **kw: object) -> Iterator[_Item]:
         for item in super()._items(*a, **kw):  # type: ignore[arg-type]
-            if item.old is not None and item.old.path == self.target:
+            if item.old >= 0 and item.rel == self.target:  # reused by identity
                 p = Path(self.root) / self.target
                 p.write_bytes(p.read_bytes() + b" changed after the walk")
             yield item
@@ -453,6 +453,20 @@ def test_entry_table_reads_as_a_tuple_of_entries() -> None:
     assert [table.path(i) for i in range(len(table))] == [e.path for e in rows]
     parsed = ArchiveIndex.parse(golden_index().encode()).entries
     assert parsed == table and list(parsed) == list(table) and hash(parsed) == hash(table)
+    # A reused entry's record is copied packed, its tar range patched: the bytes that
+    # packing the moved entry would give, from a parsed (read-only) table or a built one.
+    for src in (parsed, table):
+        moved, packed = EntryTable(bytearray()), EntryTable(bytearray())
+        for i in reversed(range(len(src))):
+            moved.append_moved(src, i, 7 * i, 7 * i + 1000)
+            packed.append(src[i].placed(7 * i, 7 * i + 1000))
+        assert moved.to_bytes() == packed.to_bytes() and moved == packed
+        for k, e in enumerate(packed):
+            r = moved.raw(k)
+            assert (r[0], bool(r[1] & 1), *r[3:]) == (
+                e.kind, e.reusable, e.mode, e.uid, e.gid, e.nlink, e.dev, e.ino, e.size,
+                e.mtime_ns, e.ctime_ns, e.tar_start, e.tar_end, e.digest,
+            )
 
 
 def test_index_parser_rejects_bad_input() -> None:
@@ -570,3 +584,45 @@ def test_unchanged_rereads_only_the_racy_files(tmp_path: Path, monkeypatch: pyte
         assert IncrementalBuilder(root, racy_ns=RACY_NS).unchanged(index), what
     # Excluding an entry changes the archive too.
     assert not IncrementalBuilder(root, racy_ns=RACY_NS, exclude=["*.txt"]).unchanged(index)
+
+
+def test_files_racy_when_built_are_read_again_not_recompressed(tmp_path: Path) -> None:
+    """Files racy when the previous build read them (every file here: a huge ``racy_ns``)
+    are read again and hashed, one by one, and their old compressed bytes are reused when
+    the digest matches: no recompression, a fresh build's bytes, and the next build reuses
+    them unread.  A digest that does not match (bytes changed within a timestamp tick,
+    simulated by an index with a wrong one) means that file is compressed anew."""
+    rng = random.Random(11)
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(30):
+        (root / f"f{i:02d}").write_bytes(text(rng, 20_000))
+    first = IncrementalBuilder(root, racy_ns=10**18)
+    a1 = b"".join(first)
+    files = [e for e in first.index.entries if e.kind == DATA]
+    assert files and not any(e.reusable for e in files) and all(e.digest != bytes(16) for e in files)
+    (tmp_path / "a1.tgz").write_bytes(a1)
+
+    second = IncrementalBuilder(root, previous=first.index, previous_archive=tmp_path / "a1.tgz",
+                                racy_ns=0)
+    a2 = b"".join(second)
+    assert a2 == a1 == fresh(root)
+    s = second.stats
+    assert s.files_opened == 30 and s.entries_reused == len(first.index.entries) == 30
+    assert s.bytes_compressed < 100_000 < 30 * 20_000  # the last segment, not the files
+    assert s.bytes_inflated == 0 and s.files_peeked == 0  # the tail: kept bytes, no re-read
+    (tmp_path / "a2.tgz").write_bytes(a2)
+    third = IncrementalBuilder(root, previous=second.index, previous_archive=tmp_path / "a2.tgz")
+    assert b"".join(third) == a1 and third.stats.files_opened < 10
+
+    wrong = ArchiveIndex(
+        archive_hash=first.index.archive_hash, archive_size=first.index.archive_size,
+        tar_size=first.index.tar_size, level=first.index.level,
+        zlib_version=first.index.zlib_version, segments=first.index.segments,
+        entries=[attrs.evolve(e, digest=b"\x01" * 16) if e.path == "f15" else e
+                 for e in first.index.entries],
+    )
+    fourth = IncrementalBuilder(root, previous=wrong, previous_archive=tmp_path / "a1.tgz",
+                                racy_ns=0)
+    assert b"".join(fourth) == a1
+    assert fourth.stats.bytes_compressed >= 20_000 and fourth.stats.entries_reused == 29

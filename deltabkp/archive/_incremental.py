@@ -31,10 +31,20 @@ pure function of its name and ``lstat`` plus, for a file with data, its content.
   the tail reads), so it is only the fallback;
 - the trailer's CRC-32 is combined from the segments' CRC-32s (``_crc``); the last segment
   (``Z_FINISH``) is always compressed anew;
+- a file that was racy when the previous build read it (its identity cannot vouch for its
+  bytes; the index keeps a digest of them) and has that identity again is read again and
+  hashed, one by one: equal, it stays in its run (its old compressed bytes are reused, its
+  last 96 KiB kept for the run's tail); else it is compressed like a changed file.  A tree
+  backed up right after it was written (a copy, an rsync) so costs a read of its files at
+  the next build, not a recompression;
 - ``unchanged(index)`` answers "would a build now give that archive?" from the same walk,
   reading again only the files that were racy when it was built (the index keeps a digest
   of their bytes): the quick check after a racy build.
 
+Measured again after the racy re-reads and the packed-entry reuse
+(``benchmarks/bench_agent.py``, the agent's whole request; docstring of
+``deltabkp_agent.backup``): after the ~1% change 0.58 s CPU where it was 0.78, and 0.67 s
+where it was 2.03 when the previous build had found ~1,000 files racy.
 Measured (``benchmarks/bench_archive.py --incremental`` / ``--racy``; the 103 MB stdlib
 tree, 4,828 files, 2 shared cores): after the ~1% change set the build costs 0.11 of a
 fresh one (1.0 s against 8.8 s wall, 0.6 s against 5.7 s CPU; 477 files read, 4.2 MB of tar
@@ -55,8 +65,15 @@ Invariants:
 - a reused file is not opened, unless it lies in the first stretch of a run (32–96 KiB
   after each change, until the sync cut), where it is read with the fresh build's hot-read
   rules and kept in the run only if what was read has the old identity, or in the last
-  ≤ 96 KiB of a run (read by path, no symlink followed, identity checked before and after);
-- memory: as ``TgzBuilder`` (a job in flight per thread, one file up to ``mem_limit``), plus
+  ≤ 96 KiB of a run (read by path, no symlink followed, identity checked before and after),
+  or it was racy when the previous build read it (read once, kept only if its digest
+  matches; never read a second time for a run's tail);
+- per entry, a reused one costs a dict lookup, one ``struct`` unpack to compare its
+  identity and a copy of its packed record (``EntryTable.append_moved``): no
+  ``IndexEntry`` is made for it (two each, at ~5 µs, cost more than its ``lstat``);
+  ``unchanged`` does the same without making an item;
+- memory: as ``TgzBuilder`` (a job in flight per thread, one file up to ``mem_limit``: a
+  racy file is re-verified only up to that size, else compressed anew), plus
   the index of the previous and of the new build, kept packed in their file layout
   (``EntryTable``: ~150 bytes per entry, plus a path -> position dict for the previous one;
   ``SegmentTable``: 20 bytes per segment, ~170,000 for a 1 GB tree — as Python objects the
@@ -79,7 +96,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO, overload
+from typing import Any, BinaryIO, overload
 
 import attrs
 import blake3
@@ -90,9 +107,9 @@ from deltabkp.archive._build import (
     _O_READ,
     TgzBuilder,
     _Counts,
-    _once_built,
     _end_of_archive,
     _header,
+    _once_built,
 )
 from deltabkp.archive._crc import crc32_concat
 from deltabkp.archive._gzip import (
@@ -145,8 +162,9 @@ _SEGMENT_DTYPE = np.dtype({
 _U64 = npt.NDArray[np.uint64]
 _DIGEST = 32
 _FLAG_REUSABLE = 1
-#: Pieces of a run's first stretch are fed this much at a time, so the sync cut is seen
-#: before the compressor runs past it.
+#: Pieces of a run's first stretch are fed (and searched for cuts) this much at a time, so
+#: the sync cut is seen before the compressor runs past it; smaller pieces (tar headers,
+#: small files) are gathered to this size first: each search costs ~20 numpy calls.
 _FEED = 16 * 1024
 _COPY = 1 << 20
 #: Bytes gathered before the cut finder runs over them (outside the first stretch of a run).
@@ -315,6 +333,22 @@ class EntryTable(Sequence[IndexEntry]):
             e.digest,
         )
         self._data += name
+
+    def append_moved(self, src: EntryTable, i: int, tar_start: int, tar_end: int) -> None:
+        """Append entry ``i`` of ``src`` at another place in the tar stream: its packed
+        bytes copied, the tar range patched (what ``append(src[i].placed(...))`` packs,
+        without making the two ``IndexEntry`` objects: ~5,000 an incremental build)."""
+        assert isinstance(self._data, bytearray), "a parsed table is read-only"
+        at = src._offsets[i]
+        n = _NAME_LEN.unpack_from(src._data, at + 2)[0]
+        here = len(self._data)
+        self._offsets.append(here)
+        self._data += src._data[at : at + _ENTRY.size + n]
+        _ENTRY_TAR.pack_into(self._data, here + _ENTRY_TAR_AT, tar_start, tar_end)
+
+    def raw(self, i: int) -> tuple[Any, ...]:
+        """Entry ``i``'s record fields as ``_ENTRY`` unpacks them (no name, no object)."""
+        return _ENTRY.unpack_from(self._data, self._offsets[i])
 
     def to_bytes(self) -> bytes:
         """The records and names, in the index file's layout."""
@@ -495,9 +529,53 @@ class _Old:
         self.cut_ends = index.segments.tar_ends  # sorted: searched, never a dict of ints
         self.deflate_ends = index.segments.deflate_ends
 
-    def entry(self, path: str) -> IndexEntry | None:
-        i = self.at_path.get(path)
-        return None if i is None else self.index.entries[i]
+    def find(self, path: str) -> int:
+        """The position of ``path``'s entry, or -1."""
+        return self.at_path.get(path, -1)
+
+    def same_file(self, i: int, st: os.stat_result) -> bool:
+        """``IndexEntry.same_file`` of entry ``i``, on its packed fields."""
+        (_k, _f, _n, mode, uid, gid, nlink, dev, ino, size, mtime_ns, ctime_ns,
+         *_rest) = self.index.entries.raw(i)
+        return bool(
+            size == st.st_size and mtime_ns == st.st_mtime_ns and ctime_ns == st.st_ctime_ns
+            and ino == st.st_ino and dev == st.st_dev and mode == st.st_mode
+            and uid == st.st_uid and gid == st.st_gid and nlink == st.st_nlink
+        )
+
+    def reusable_file(self, i: int, st: os.stat_result) -> bool:
+        """Entry ``i`` is a file read consistently and not racy, with ``st``'s identity."""
+        (kind, flags, _n, mode, uid, gid, nlink, dev, ino, size, mtime_ns, ctime_ns,
+         *_rest) = self.index.entries.raw(i)
+        return bool(
+            kind == DATA and flags & _FLAG_REUSABLE
+            and size == st.st_size and mtime_ns == st.st_mtime_ns and ctime_ns == st.st_ctime_ns
+            and ino == st.st_ino and dev == st.st_dev and mode == st.st_mode
+            and uid == st.st_uid and gid == st.st_gid and nlink == st.st_nlink
+        )
+
+    def racy_file(self, i: int, st: os.stat_result) -> bool:
+        """Entry ``i`` is a file that was racy when read (its digest kept), with ``st``'s
+        identity: its bytes are the old ones if a read now hashes to that digest."""
+        r = self.index.entries.raw(i)
+        return bool(
+            r[0] == DATA and not r[1] & _FLAG_REUSABLE and r[14] != bytes(16)
+            and self.same_file(i, st)
+        )
+
+    def digest(self, i: int) -> bytes:
+        return bytes(self.index.entries.raw(i)[14])
+
+    def header_digest(self, i: int) -> bytes | None:
+        """The digest of header-only entry ``i`` (None for a file)."""
+        r = self.index.entries.raw(i)
+        return bytes(r[14]) if r[0] == HEADER_ONLY else None
+
+    def span(self, i: int) -> tuple[int, int]:
+        """Entry ``i``'s tar range."""
+        return _ENTRY_TAR.unpack_from(
+            self.index.entries._data, self.index.entries._offsets[i] + _ENTRY_TAR_AT
+        )
 
     def cut_index(self, cut: int) -> int:
         """The segment ending at tar offset ``cut``, or -1 if none does."""
@@ -560,19 +638,24 @@ class _Item:
     """One entry's tar bytes, lazily: iterating ``pieces`` reads the file (if any)."""
 
     pieces: Iterator[bytes]
-    #: The previous build's entry these bytes equal, if the identity says so (to be
-    #: confirmed by ``record`` for a file that ends up being read).
-    old: IndexEntry | None
+    #: The position of the previous build's entry these bytes equal, if the identity says
+    #: so (to be confirmed by ``record`` for a file that ends up being read); -1 if none.
+    #: A position, not an ``IndexEntry``: most entries are reused without ever making one.
+    old: int
     #: The entry as stored: known once ``pieces`` yielded its first piece (None: skipped).
     record: IndexEntry | None = None
     #: For a read file: whether what was read is the old entry's bytes (identity checked).
     equal: bool = False
+    #: ``old`` was racy when read: to be read now and compared with its digest (``_verify``).
+    verify: bool = False
     read: bool = False
     rel: str = ""
     #: The walk's lstat of a file (its tar header is made from it).
     st: os.stat_result | None = None
-    #: The tar bytes of a header-only entry.
+    #: The tar bytes of a header-only entry; of a verified file, the last ones from
+    #: ``data_at`` on.
     data: bytes = b""
+    data_at: int = 0
 
 
 # -- compression with splicing -----------------------------------------------------------------
@@ -651,17 +734,17 @@ class _Splicer:
 
     # -- feeding
 
-    def feed(self, data: bytes | memoryview, scan: bool = True) -> list[int]:
+    def feed(self, data: bytes | memoryview, scan: bool = True, batch: int = 0) -> list[int]:
         """Feed bytes; the new cuts found (no job is started: call ``spill``).
 
         With ``scan`` False the bytes may wait (up to ``_SCAN``) to be searched for cuts
         with later ones: one numpy pass per small file costs more than the search itself
-        on trees of small files."""
+        on trees of small files; with ``batch``, until that many are waiting."""
         if len(data):
             self.unscanned.append(data)
             self.unscanned_len += len(data)
             self.pos += len(data)
-        if not self.unscanned_len or (not scan and self.unscanned_len < _SCAN):
+        if not self.unscanned_len or self.unscanned_len < (batch if scan else _SCAN):
             return []
         block = b"".join(self.unscanned)
         self.unscanned.clear()
@@ -836,8 +919,11 @@ class _Splicer:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _pread_checked(top_fd: int, rel: str, old: IndexEntry, lo: int, hi: int) -> bytes | None:
-    """Bytes ``[lo, hi)`` of the file ``rel`` under ``top_fd`` if it is still ``old``."""
+def _pread_checked(
+    top_fd: int, rel: str, same: Callable[[os.stat_result], bool], lo: int, hi: int
+) -> bytes | None:
+    """Bytes ``[lo, hi)`` of the file ``rel`` under ``top_fd`` if it is still the file
+    ``same`` vouches for."""
     fds: list[int] = []
     try:
         at = top_fd
@@ -847,7 +933,7 @@ def _pread_checked(top_fd: int, rel: str, old: IndexEntry, lo: int, hi: int) -> 
             fds.append(at)
         fd = os.open(name, _O_READ, dir_fd=at)
         fds.append(fd)
-        if not old.same_file(os.fstat(fd)):
+        if not same(os.fstat(fd)):
             return None
         chunks = []
         pos = lo
@@ -857,7 +943,7 @@ def _pread_checked(top_fd: int, rel: str, old: IndexEntry, lo: int, hi: int) -> 
                 return None
             chunks.append(got)
             pos += len(got)
-        if not old.same_file(os.fstat(fd)):
+        if not same(os.fstat(fd)):
             return None
         return b"".join(chunks)
     except OSError:
@@ -920,7 +1006,8 @@ class IncrementalBuilder(TgzBuilder):
         peeked = [0]
 
         def peek(item: _Item, a: int, b: int) -> bytes | None:
-            return self._peek(top_fd, item, a, b, peeked)
+            assert old is not None  # peeks are of run members: there is a previous build
+            return self._peek(top_fd, old, item, a, b, peeked)
 
         splicer = _Splicer(self.level, self.threads, old, peek)
         counts = _Counts()
@@ -963,49 +1050,72 @@ class IncrementalBuilder(TgzBuilder):
     ) -> Iterator[_Item]:
         links: dict[tuple[int, int], str] = {}
         for rel, dir_fd, name, st in walk(top, top_fd, self.exclude, counts.skip):
-            prev = old.entry(rel) if old is not None else None
-            if stat.S_ISREG(st.st_mode) and not (
-                st.st_nlink > 1 and (st.st_dev, st.st_ino) in links
-            ):
-                candidate = (
-                    prev if prev is not None and prev.kind == DATA and prev.reusable
-                    and st.st_size <= self.spool_limit and prev.same_file(st) else None
-                )
-                item = _Item(iter(()), candidate, rel=rel, st=st)
-                item.pieces = self._read_file(item, rel, dir_fd, name, st, counts, links, opened)
-                yield item
-                if not item.read:
-                    # Reused unread: what ``_file`` would have counted.
-                    counts.files += 1
-                    counts.content += st.st_size
-                    if st.st_nlink > 1:
-                        links[(st.st_dev, st.st_ino)] = rel
+            item = self._item(rel, dir_fd, name, st, counts, old, opened, links)
+            if item is None:
                 continue
-            pieces = list(self._entry(rel, dir_fd, name, st, counts, links))
-            if not pieces:
-                continue
-            digest = blake3.blake3(b"".join(pieces)).digest(length=16)
-            record = IndexEntry(rel, HEADER_ONLY, True, digest=digest)
-            same = prev if prev is not None and prev.kind == HEADER_ONLY and prev.digest == digest else None
-            data = b"".join(pieces)
-            yield _Item(iter([data]), same, record, equal=same is not None, rel=rel, data=data)
+            yield item
+            if item.st is not None and not item.read:
+                self._reused_unread(rel, st, counts, links)
 
-    def _peek(self, top_fd: int, item: _Item, a: int, b: int, peeked: list[int]) -> bytes | None:
+    @staticmethod
+    def _reused_unread(
+        rel: str, st: os.stat_result, counts: _Counts, links: dict[tuple[int, int], str]
+    ) -> None:
+        """A file reused without being read: what ``_file`` would have counted."""
+        counts.files += 1
+        counts.content += st.st_size
+        if st.st_nlink > 1:
+            links[(st.st_dev, st.st_ino)] = rel
+
+    def _item(
+        self, rel: str, dir_fd: int, name: str, st: os.stat_result, counts: _Counts,
+        old: _Old | None, opened: list[int], links: dict[tuple[int, int], str],
+    ) -> _Item | None:
+        """One walked entry as an item (None: nothing stored, e.g. a skipped socket)."""
+        prev = old.find(rel) if old is not None else -1
+        if stat.S_ISREG(st.st_mode) and not (st.st_nlink > 1 and (st.st_dev, st.st_ino) in links):
+            candidate, verify = -1, False
+            if prev >= 0 and old is not None and st.st_size <= self.spool_limit:
+                if old.reusable_file(prev, st):
+                    candidate = prev
+                elif st.st_size <= self.mem_limit and old.racy_file(prev, st):
+                    # Racy last time: read again, one by one, not recompressed (``_verify``).
+                    candidate, verify = prev, True
+            item = _Item(iter(()), candidate, rel=rel, st=st, verify=verify)
+            item.pieces = self._read_file(item, rel, dir_fd, name, st, counts, links, opened, old)
+            return item
+        pieces = list(self._entry(rel, dir_fd, name, st, counts, links))
+        if not pieces:
+            return None
+        digest = blake3.blake3(b"".join(pieces)).digest(length=16)
+        record = IndexEntry(rel, HEADER_ONLY, True, digest=digest)
+        same = prev if prev >= 0 and old is not None and old.header_digest(prev) == digest else -1
+        data = b"".join(pieces)
+        return _Item(iter([data]), same, record, equal=same >= 0, rel=rel, data=data)
+
+    def _peek(
+        self, top_fd: int, old: _Old, item: _Item, a: int, b: int, peeked: list[int]
+    ) -> bytes | None:
         """Tar bytes ``[a, b)`` of a reused entry (relative to its start), the file read
         again by its path (no symlink followed) and checked, before and after the read,
         to still have the identity the walk saw; None otherwise."""
         st = item.st
         if st is None:
             return item.data[a:b]
-        old = item.old
-        assert old is not None
+        if item.verify:
+            # Its identity cannot vouch for a second read: the bytes verified are kept
+            # (the last ``DICT_SIZE + MAX_SEGMENT``: all a run's tail can need of one entry).
+            at = item.data_at
+            return item.data[a - at : b - at] if a >= at and item.old >= 0 else None
+        i = item.old
+        assert i >= 0
         hdr = _header(item.rel, st, tarfile.REGTYPE, size=st.st_size)
         end = len(hdr) + st.st_size
         out = [hdr[a:b]] if a < len(hdr) else []
         lo, hi = max(a, len(hdr)) - len(hdr), min(b, end) - len(hdr)
         if lo < hi:
             peeked[0] += 1
-            data = _pread_checked(top_fd, item.rel, old, lo, hi)
+            data = _pread_checked(top_fd, item.rel, lambda s: old.same_file(i, s), lo, hi)
             if data is None:
                 return None
             out.append(data)
@@ -1016,6 +1126,7 @@ class IncrementalBuilder(TgzBuilder):
     def _read_file(
         self, item: _Item, rel: str, dir_fd: int, name: str, st: os.stat_result,
         counts: _Counts, links: dict[tuple[int, int], str], opened: list[int],
+        old: _Old | None,
     ) -> Iterator[bytes]:
         """The file's tar bytes, read like a fresh build; fills ``item.record``/``equal``."""
         item.read = True
@@ -1039,7 +1150,8 @@ class IncrementalBuilder(TgzBuilder):
                     s.st_nlink, s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns,
                 )
                 item.equal = (
-                    consistent and item.old is not None and item.old.same_file(s)
+                    consistent and item.old >= 0 and old is not None
+                    and old.same_file(item.old, s)
                 )
                 if consistent and racy:
                     h = blake3.blake3()
@@ -1057,15 +1169,28 @@ class IncrementalBuilder(TgzBuilder):
         cannot be sure (any entry added, removed, changed, or a racy one unreadable)."""
         top, top_fd = open_root(self.root, no_links=self.no_links)
         counts = _Counts()
-        want = iter(index.entries)
+        n = 0  # position in the index: a walk of an unchanged tree meets its entries in order
         old = _Old(index, None)
+        links: dict[tuple[int, int], str] = {}
         try:
-            for item in self._items(top, top_fd, counts, old, [0]):
-                e = next(want, None)
-                if e is None:
-                    return False
-                if item.old == e:  # same identity: same bytes, nothing read
+            for rel, dir_fd, name, st in walk(top, top_fd, self.exclude, counts.skip):
+                # The common case without making an item (an agent's every quick check): a
+                # file with that entry's identity, at that entry's place.
+                if (stat.S_ISREG(st.st_mode) and old.find(rel) == n
+                        and st.st_size <= self.spool_limit and old.reusable_file(n, st)
+                        and not (st.st_nlink > 1 and (st.st_dev, st.st_ino) in links)):
+                    self._reused_unread(rel, st, counts, links)
+                    n += 1
                     continue
+                item = self._item(rel, dir_fd, name, st, counts, old, [0], links)
+                if item is None:
+                    continue
+                n += 1
+                if item.old == n - 1 and not item.verify:  # that identity: same bytes, unread
+                    continue
+                if n > len(index.entries):
+                    return False
+                e = index.entries[n - 1]
                 if e.kind != DATA or e.digest == bytes(16) or item.rel != e.path:
                     return False
                 # Racy when built: read it again (hot-safe, as a build would).
@@ -1075,9 +1200,28 @@ class IncrementalBuilder(TgzBuilder):
                 r = item.record
                 if r is None or h.digest(length=16) != e.digest or r.identity() != e.identity():
                     return False
-            return next(want, None) is None and not counts.changed
+            return n == len(index.entries) and not counts.changed
         finally:
             os.close(top_fd)
+
+    @staticmethod
+    def _verify(item: _Item, old: _Old) -> None:
+        """A file racy when the previous build read it, with that identity again: read now
+        (hot-safe, as a build reads) and kept as the old entry only if its tar bytes hash
+        to the digest kept for them (a racy file costs a read, not a recompression)."""
+        pieces = list(item.pieces)  # ≤ mem_limit: read whole into memory by ``_file`` anyway
+        item.pieces = iter(pieces)
+        o_start, o_end = old.span(item.old)
+        h = blake3.blake3()
+        for piece in pieces:
+            h.update(piece)
+        if not (item.equal and sum(map(len, pieces)) == o_end - o_start
+                and h.digest(length=16) == old.digest(item.old)):
+            item.old, item.equal = -1, False
+            return
+        keep = DICT_SIZE + MAX_SEGMENT
+        tail = b"".join(pieces)[-keep:]  # for a run's tail (``_peek``): never read twice
+        item.data, item.data_at = tail, o_end - o_start - len(tail)
 
     def _splice(
         self, sp: _Splicer, items: Iterator[_Item], entries: EntryTable, reused: list[int],
@@ -1093,8 +1237,10 @@ class IncrementalBuilder(TgzBuilder):
             run = None
 
         for item in items:
+            if item.verify and old is not None:
+                self._verify(item, old)
             o = item.old
-            if o is None or old is None:
+            if o < 0 or old is None:
                 end_run()
                 start = total
                 for piece in item.pieces:
@@ -1104,18 +1250,22 @@ class IncrementalBuilder(TgzBuilder):
                 if item.record is not None:
                     entries.append(item.record.placed(start, total))
                 continue
-            if run is None or o.tar_start != run.old_end:
+            o_start, o_end = old.span(o)
+            if run is None or o_start != run.old_end:
                 end_run()
                 assert sp.pos == total
-                run = _Run(total, o.tar_start, o.tar_start)
+                run = _Run(total, o_start, o_start)
             if run.sync is not None:
-                # In sync: the old compressed bytes cover it; nothing is read.
-                entries.append((item.record if item.record is not None else o).placed(
-                    total, total + o.tar_end - o.tar_start
-                ))
-                run.add(total, total + o.tar_end - o.tar_start, item)
-                total += o.tar_end - o.tar_start
-                run.old_end = o.tar_end
+                # In sync: the old compressed bytes cover it; nothing is read (but a racy
+                # file, verified).  Its record is the old one moved (a header-only entry's
+                # new record equals it), or the verified file's new one.
+                if item.read and item.record is not None:
+                    entries.append(item.record.placed(total, total + o_end - o_start))
+                else:
+                    entries.append_moved(old.index.entries, o, total, total + o_end - o_start)
+                run.add(total, total + o_end - o_start, item)
+                total += o_end - o_start
+                run.old_end = o_end
                 reused[0] += 1
                 continue
             # The first stretch of a run: read and compressed, watching for the sync cut.
@@ -1128,10 +1278,10 @@ class IncrementalBuilder(TgzBuilder):
                     if not item.equal:
                         # Changed after all (seen by the read): not part of the run.
                         end_run()
-                        o = None
-                if o is None or run is None or run.sync is not None:
+                        o = -1
+                if o < 0 or run is None or run.sync is not None:
                     total += len(piece)
-                    if o is None:
+                    if o < 0:
                         sp.feed(piece, scan=False)
                         yield from sp.spill()
                     continue
@@ -1139,7 +1289,7 @@ class IncrementalBuilder(TgzBuilder):
                 for at in range(0, len(piece), _FEED):
                     if run.sync is not None:
                         break
-                    for c in sp.feed(view[at : at + _FEED]):
+                    for c in sp.feed(view[at : at + _FEED], batch=_FEED):
                         if c - run.new_start >= DICT_SIZE and old.cut_index(c + delta) >= 0:
                             run.sync = c
                             run.sync_window = sp.flush_to(c)
@@ -1149,12 +1299,12 @@ class IncrementalBuilder(TgzBuilder):
                 total += len(piece)
             if not checked:  # nothing stored (vanished, unreadable): the run ends here
                 end_run()
-                o = None
+                o = -1
             if item.record is not None:
                 entries.append(item.record.placed(start, total))
-            if o is not None and run is not None:
+            if o >= 0 and run is not None:
                 run.add(start, total, item)
-                run.old_end = o.tar_end
+                run.old_end = o_end
                 reused[0] += 1
             yield from sp._ready(sp.threads)
         end_run()

@@ -1,0 +1,126 @@
+"""The agent's side of a backup after the ~1% change, up to the layout encoder's input.
+
+    python benchmarks/bench_agent.py [--rounds N] [--compare DIR] [--racy-first]
+
+A copy of the ~107 MB stdlib tree (``archive_data.py``) gets a first backup through the
+agent's own ``serve_backup`` (full build, kept in a temp cache; with ``--racy-first`` at
+once after the copy, as ``bench_system.sh`` does, so that many files are racy when that
+build reads them), then the ~1% change set
+(``rsync -a --delete new/ copy/``, as ``bench_system.sh`` does); each round then restores
+that cache and serves one backup request with the layout delta accepted — fingerprint,
+quick checks, incremental build, new archive and index kept, cache records — with
+``_stream_layout`` stubbed out (the layout encode is timed by ``bench_system.sh``).  Each
+round runs in a fresh process (CPU and wall of the request only; the CRC tables a daemon
+builds at its first build are built before timing).  ``--compare DIR`` runs every round
+also with ``PYTHONPATH=DIR`` (e.g. ``git archive HEAD | tar -x -C DIR``), interleaved, for
+ratios side by side in one run.  Medians; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _serve(work: Path, base: bytes | None, layout: bool) -> tuple[float, float, str]:
+    import trio
+
+    from deltabkp import protocol
+    from deltabkp.archive import LAYOUT_CAPABILITY
+    from deltabkp.archive._crc import crc32_concat
+    from deltabkp_agent import backup
+    from deltabkp_agent.cache import AgentCache
+
+    backup._stream_layout = lambda *a, **k: 0  # not timed here
+    crc32_concat([1, 2], [3, 4])  # tables: built once per daemon
+    root = os.path.realpath(work / "app")
+
+    class Chan:  # the server's side: takes what is sent, says nothing meanwhile
+        async def send(self, msg: object) -> None:
+            pass
+
+        async def receive(self, timeout: float | None = None, raise_errors: bool = True) -> None:
+            await trio.sleep_forever()
+
+    async def serve() -> backup.BackupOutcome:
+        ctx = backup.BackupContext("bench", AgentCache(work / "cache"), trio.CapacityLimiter(1), 1 << 30)
+        req = protocol.BackupRequest(root, base, accepts=(LAYOUT_CAPABILITY,) if layout else ())
+        return await backup.serve_backup(ctx, Chan(), req, root, ())  # type: ignore[arg-type]
+
+    w, c = time.perf_counter(), time.process_time()
+    out = trio.run(serve)
+    return time.perf_counter() - w, time.process_time() - c, f"{out.outcome}/{out.signature_from}"
+
+
+def _round(work: Path, pythonpath: str | None) -> tuple[float, float, str]:
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    subprocess.run(["cp", "-a", str(work / "cache.first"), str(work / "cache")], check=True)
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    out = subprocess.run([sys.executable, __file__, "--round", str(work)], env=env, check=True,
+                         capture_output=True, text=True).stdout.split()
+    return float(out[0]), float(out[1]), out[2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--compare", metavar="DIR", help="another version's source tree, run side by side")
+    ap.add_argument("--racy-first", action="store_true",
+                    help="first backup right after the copy (files racy when it reads them)")
+    ap.add_argument("--round", metavar="WORK", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.round:
+        work = Path(args.round)
+        w, c, how = _serve(work, (work / "base-hash").read_bytes(), True)
+        print(f"{w:.4f} {c:.4f} {how}")
+        return
+    sys.path.insert(0, str(HERE))
+    import archive_data
+
+    from deltabkp.archive._walk import RACY_NS
+
+    trees = archive_data.trees()
+    work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
+    try:
+        subprocess.run(["cp", "-a", str(trees["base"]), str(work / "app")], check=True)
+        if not args.racy_first:
+            time.sleep(RACY_NS / 1e9 + 0.1)  # the copy's ctimes: reusable by the next build
+        _w, _c, _how = _serve(work, None, False)
+        from deltabkp_agent.cache import AgentCache
+
+        kept = AgentCache(work / "cache").kept_index(os.path.realpath(work / "app"))
+        assert kept is not None
+        (work / "base-hash").write_bytes(kept.archive_hash)
+        subprocess.run(["rsync", "-a", "--delete", f"{trees['new']}/", f"{work / 'app'}/"], check=True)
+        subprocess.run(["cp", "-a", str(work / "cache"), str(work / "cache.first")], check=True)
+        versions = {"this tree": None} | ({f"--compare {args.compare}": args.compare} if args.compare else {})
+        got: dict[str, list[tuple[float, float, str]]] = {v: [] for v in versions}
+        for _ in range(args.rounds):
+            for name, path in versions.items():
+                got[name].append(_round(work, path))
+        print(f"serve_backup after the ~1% change (layout accepted, encoder stubbed"
+              f"{'; first build racy' if args.racy_first else ''}), "
+              f"{args.rounds} rounds, cores {os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
+        ref = statistics.median(c for _w, c, _h in got["this tree"])
+        for name, rows in got.items():
+            wall = statistics.median(w for w, _c, _h in rows)
+            cpu = statistics.median(c for _w, c, _h in rows)
+            print(f"   {name:40} wall {wall:6.3f} s   cpu {cpu:6.3f} s   (cpu / this tree's "
+                  f"{cpu / ref:.2f})   {rows[-1][2]}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
