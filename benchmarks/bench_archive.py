@@ -3,7 +3,7 @@
     python benchmarks/bench_archive.py [--repeat N] [--skip-build]
     python benchmarks/bench_archive.py --incremental [--repeat N]
     python benchmarks/bench_archive.py --racy
-    python benchmarks/bench_archive.py --deflaters
+    python benchmarks/bench_archive.py --deflaters [--repeat N]
 
 Trees (``benchmarks/archive_data.py``, built once under ``benchmarks/_work/archive/``): a real
 ~107 MB source tree, a copy with a ~1% change set, and a 24,000-file tree.  Prints
@@ -26,7 +26,10 @@ against a full build, each checked against a fresh build of what it captured.
 (cut finding, deflate with the format's sync flushes, plain deflate) next to ``tar | pigz
 --rsyncable``, and the same deflate with zlib-ng and ISA-L where installed (``pip install
 zlib-ng isal``; not dependencies): their size against pigz's and whether a compressor primed
-with ``zdict`` emits what a continuing one does (the format needs it: docs/formats.md).
+with ``zdict`` emits what a continuing one does (the format needs it: docs/formats.md); fewer
+flushes and other levels (format options); then the full build against ``tar | pigz -6
+--rsyncable``, alternating, ``max(--repeat, 5)`` rounds: wall, CPU, ratios, and where the
+build's threads spent their time (Linux ``/proc/.../schedstat``).
 
 Wall times, best of ``--repeat``; files in the page cache; asserts nothing.
 """
@@ -34,12 +37,15 @@ Wall times, best of ``--repeat``; files in the page cache; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -253,7 +259,7 @@ def racy(rounds: int = 5) -> None:
         shutil.rmtree(tree)
 
 
-def deflaters() -> None:
+def deflaters(rounds: int = 5) -> None:
     import importlib
     import random
     import resource
@@ -318,6 +324,126 @@ def deflaters() -> None:
                 _gzip.zlib = saved
             print(f"   {label + f' -{level}, sync flushes':33} cpu {t:6.2f} s   size "
                   f"{(len(out) + 18) / pigz_size:.4f} x pigz   primed == continuing: {same}")
+    # Format options for a later version: fewer flushes (a flush at every k-th cut only:
+    # segments k times longer), or another zlib level, with the format's flushes.
+    for k in (2, 4, 16):
+        t, out = cpu(functools.partial(_gzip.compress_segments, tar, cuts[k - 1 :: k], 6, True))
+        assert isinstance(out, bytes)
+        print(f"   {f'zlib -6, flush every {k}th cut':33} cpu {t:6.2f} s   size "
+              f"{(len(out) + 18) / pigz_size:.4f} x pigz")
+    # The format's split for a deflater whose primed compressor differs from a continuing
+    # one: a fresh compressor per segment, primed with the 32 KiB before it.
+    bounds = [0, *cuts, len(tar)]
+    for label, mod, _levels in [m for m in mods if m[0] == "zlib-ng"]:
+        saved = _gzip.zlib
+        _gzip.zlib = mod  # type: ignore[assignment]
+        try:
+            t, parts = cpu(lambda: [
+                _gzip.compress_segments(tar[a:b], [] if b == len(tar) else [b - a], 7, b == len(tar),
+                                        tar[max(0, a - _gzip.DICT_SIZE) : a])
+                for a, b in itertools.pairwise(bounds)
+            ])
+        finally:
+            _gzip.zlib = saved
+        assert isinstance(parts, list)
+        print(f"   {label + ' -7, fresh per segment':33} cpu {t:6.2f} s   size "
+              f"{(sum(map(len, parts)) + 18) / pigz_size:.4f} x pigz")
+    for level in (4, 5):
+        t, out = cpu(functools.partial(_gzip.compress_segments, tar, cuts, level, True))
+        assert isinstance(out, bytes)
+        print(f"   {f'zlib -{level}, sync flushes':33} cpu {t:6.2f} s   size "
+              f"{(len(out) + 18) / pigz_size:.4f} x pigz")
+    full_build(base, rounds, tar)
+
+
+def _schedstat() -> tuple[float, float]:
+    """This thread's seconds on a CPU and waiting for one (Linux ``schedstat``)."""
+    import threading
+
+    with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
+        run, wait, _ = f.read().split()
+    return int(run) / 1e9, int(wait) / 1e9
+
+
+def full_build(base: Path, rounds: int, tar: bytes) -> None:
+    """The whole build (``TgzBuilder``, 2 deflate threads) against ``tar | pigz -6
+    --rsyncable``, alternating, ``rounds`` times: wall and CPU of each, the ratio of each
+    round, and where the build's threads spent their time (from ``/proc``: on a CPU,
+    waiting for one, asleep inside a deflate job — the GIL, between zlib calls —, and
+    workers idle for want of a job: the iterating thread starving them).  Also, in each
+    round, the gzip layer alone (``RsyncableGzip``, 2 threads) over the same tar held in
+    memory: the build without the walk's Python on the iterating thread."""
+    import resource
+    import statistics
+    import threading
+
+    from deltabkp.archive import _gzip
+
+    acc = {"busy": 0.0, "run": 0.0, "queue": 0.0}
+    lock = threading.Lock()
+    real = _gzip.compress_segments
+
+    def probe(*args: Any, **kwargs: Any) -> bytes:
+        w = time.perf_counter()
+        r0, q0 = _schedstat()
+        out = real(*args, **kwargs)
+        r1, q1 = _schedstat()
+        with lock:
+            acc["busy"] += time.perf_counter() - w
+            acc["run"] += r1 - r0
+            acc["queue"] += q1 - q0
+        return out
+
+    rows: dict[str, list[tuple[float, float, int]]] = {"deltabkp": [], "pigz": [], "gzip layer": []}
+    pieces = [tar[i : i + 100_000] for i in range(0, len(tar), 100_000)]
+    threads: list[tuple[float, ...]] = []
+    print(f"\nfull build of {base} against tar | pigz -6 --rsyncable, alternating, {rounds} rounds"
+          f" | load {os.getloadavg()[0]:.1f}")
+    for n in range(rounds):
+        for acc_key in acc:
+            acc[acc_key] = 0.0
+        _gzip.compress_segments = probe
+        try:
+            w, c = time.perf_counter(), time.process_time()
+            r0, q0 = _schedstat()
+            size = sum(len(chunk) for chunk in deltabkp.TgzBuilder(base, threads=2))
+            r1, q1 = _schedstat()
+            w, c = time.perf_counter() - w, time.process_time() - c
+        finally:
+            _gzip.compress_segments = real
+        rows["deltabkp"].append((w, c, size))
+        threads.append((r1 - r0, q1 - q0, acc["run"], acc["queue"],
+                        acc["busy"] - acc["run"] - acc["queue"], 2 * w - acc["busy"]))
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        w = time.perf_counter()
+        out = subprocess.run(f"tar --sort=name -cf - -C {base} . | pigz -6 -n --rsyncable | wc -c",
+                             shell=True, capture_output=True, text=True, check=True)
+        w = time.perf_counter() - w
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        c = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        rows["pigz"].append((w, c, int(out.stdout)))
+        w, c = time.perf_counter(), time.process_time()
+        size = sum(len(chunk) for chunk in _gzip.RsyncableGzip(6, 2).compress(pieces))
+        rows["gzip layer"].append((time.perf_counter() - w, time.process_time() - c, size))
+        o, p, g = rows["deltabkp"][-1], rows["pigz"][-1], rows["gzip layer"][-1]
+        print(f"   round {n + 1}: deltabkp wall {o[0]:5.2f} cpu {o[1]:5.2f} | pigz wall {p[0]:5.2f} "
+              f"cpu {p[1]:5.2f} | pigz/deltabkp wall {p[0] / o[0]:.2f} cpu {p[1] / o[1]:.2f} | "
+              f"gzip layer alone: wall {g[0]:5.2f} cpu {g[1]:5.2f} | load {os.getloadavg()[0]:.1f}")
+    med = statistics.median
+    for name, r in rows.items():
+        print(f"   {name:9} wall median {med(x[0] for x in r):5.2f} s (min {min(x[0] for x in r):5.2f})"
+              f"   cpu median {med(x[1] for x in r):5.2f} s (min {min(x[1] for x in r):5.2f})   size {r[0][2]:,}")
+    pairs = list(zip(rows["deltabkp"], rows["pigz"]))
+    walls = [b[0] / a[0] for a, b in pairs]
+    print(f"   speed vs pigz (pigz time / ours, per round): wall median {med(walls):.2f}"
+          f" (range {min(walls):.2f}-{max(walls):.2f}), cpu median {med(b[1] / a[1] for a, b in pairs):.2f};"
+          f" size {pairs[0][0][2] / pairs[0][1][2]:.4f} x pigz")
+    layer = [b[0] / a[0] for a, b in zip(rows["gzip layer"], rows["pigz"])]
+    print(f"   the gzip layer alone over the tar in memory: pigz/it wall median {med(layer):.2f}"
+          f" (range {min(layer):.2f}-{max(layer):.2f})")
+    print("   build threads, median s: iterating thread on CPU / waiting for a CPU; deflate workers"
+          " on CPU / waiting for a CPU / asleep in a job (GIL) / idle without a job:")
+    print("   " + " / ".join(f"{med(t[i] for t in threads):.2f}" for i in range(6)))
 
 
 def main() -> None:
@@ -331,7 +457,7 @@ def main() -> None:
                     help="CPU cost of each build step and of other deflaters, against pigz")
     args = ap.parse_args()
     if args.deflaters:
-        deflaters()
+        deflaters(max(args.repeat, 5))
         return
     if args.incremental:
         incremental(args.repeat)
