@@ -49,7 +49,10 @@ def test_page_in_a_real_browser(cluster: Cluster, tmp_path: Path) -> None:
     agent = c.start_agent(tmp_path)
     node, path = agent.address, str(app)
     c.ctl("register", node, path, "--every", "1h")
-    for i in range(2):  # with the run that registering queued: three versions or more
+    # The run that registering queued stores the empty tree first: were it still to come,
+    # it could capture the first change below and leave that backup-now nothing to store.
+    wait_for(lambda: len(c.ctl("list", node, path)) == 1, what="the registration's run")
+    for i in range(2):  # three versions
         (app / "data.txt").write_text("".join(f"version {i} line {j}\n" for j in range(400 * (i + 1))))
         assert c.ctl("backup-now", node, path, "--wait")["outcome"] == "stored"
     with socket.socket() as dead:  # bound, not listening: connections are refused
