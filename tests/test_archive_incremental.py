@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deltabkp.archive import ArchiveIndex, IncrementalBuilder, TgzBuilder, _build
+from deltabkp.archive import ArchiveIndex, IncrementalBuilder, TgzBuilder, _build, _crc
 from deltabkp.archive._crc import crc32_combine, crc32_concat
 from deltabkp.archive._incremental import (
     DATA,
@@ -52,6 +52,24 @@ def test_crc32_concat_equals_zlib(parts: list[bytes]) -> None:
 def test_crc32_concat_long_parts() -> None:
     parts = [bytes(70_000), b"x" * (3 << 20), b"", b"tail"]
     assert crc32_concat([zlib.crc32(p) for p in parts], [len(p) for p in parts]) == zlib.crc32(b"".join(parts))
+
+
+def test_crc32_concat_many_parts_across_blocks() -> None:
+    # More parts than one vectorised block (_crc._BLOCK), so block edges are crossed.
+    rng = random.Random(7)
+    parts = [rng.randbytes(rng.randrange(0, 40)) for _ in range(3 * _crc._BLOCK + 5)]
+    assert crc32_concat([zlib.crc32(p) for p in parts], [len(p) for p in parts]) == zlib.crc32(b"".join(parts))
+
+
+def test_crc32_concat_beyond_64_gib() -> None:
+    # Byte counts past 2^36 (and past 2^32 - 1, the order of x mod P): against the scalar
+    # combine, itself checked against zlib above.
+    rng = random.Random(8)
+    parts = [(rng.getrandbits(32), rng.randrange(1 << 42)) for _ in range(12)] + [(5, 0xFFFFFFFF)]
+    want = parts[0][0]
+    for crc, n in parts[1:]:
+        want = crc32_combine(want, crc, n)
+    assert crc32_concat([c for c, _ in parts], [n for _, n in parts]) == want
 
 
 # -- helpers -------------------------------------------------------------------------------------

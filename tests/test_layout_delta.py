@@ -169,6 +169,32 @@ def test_a_small_change_costs_about_what_changed(tmp_path: Path) -> None:
     assert len(delta) < 2000 and 4 * len(delta) < rolling, (len(delta), rolling)
 
 
+def test_pieces_come_out_while_the_delta_is_still_being_applied(tmp_path: Path) -> None:
+    """``pieces`` hands out each rebuilt piece before the records after it are decoded (the
+    server writes, and the kernel flushes, the new archive while it is patched): a small
+    delta arrives whole, yet its first piece comes before its END record is read."""
+    rng = random.Random(11)
+    root = tmp_path / "tree"
+    _make_tree(root, rng, 60)
+    _settle(root)
+    a = _build(root, tmp_path / "a.tgz", None, None)
+    for name in ("f005.py", "f040.py"):
+        p = next(root.rglob(name))
+        p.write_bytes(p.read_bytes() + b"# appended\n")
+    _settle(root)
+    b = _build(root, tmp_path / "b.tgz", a, tmp_path / "a.tgz")
+    old, new = (tmp_path / "a.tgz").read_bytes(), (tmp_path / "b.tgz").read_bytes()
+    delta = b"".join(encode_layout(a.index, old, b.index, new))
+    p = LayoutPatcher(old, base_hash=a.index.archive_hash, max_size=1 << 30)
+    it = p.pieces(delta)
+    first = bytes(next(it))
+    with pytest.raises(FormatError, match="no END record"):
+        p.finish()  # not read that far yet
+    assert first + b"".join(it) == new
+    p.finish()
+    assert (p.new_size, p.new_hash) == (len(new), b.index.archive_hash)
+
+
 # -- golden file ------------------------------------------------------------------------------
 
 
@@ -461,3 +487,48 @@ def test_copies_are_the_segments_with_equal_bytes(tmp_path: Path) -> None:
     # for one segment, and mostly copies.
     assert collisions and several, (collisions, several)
     assert sum(w is not None for w in want) > len(want) // 2
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.data())
+def test_choose_is_the_one_by_one_choice(data: st.DataObject) -> None:
+    """``_choose`` (vectorised over single candidates) takes what the plain rule takes
+    visiting every segment in order: the continuation of the previous choice, then the
+    nearest ahead; ``sure`` only spares asking about pairs that are equal anyway."""
+    import array
+
+    import numpy as np
+
+    import deltabkp.archive._layout as layout
+
+    n = data.draw(st.integers(0, 40))
+    m = data.draw(st.integers(1, 6))  # old segments
+    cands = data.draw(st.lists(st.integers(-1, m - 1), min_size=n, max_size=n))
+    multi: dict[int, list[int]] = {}
+    for i in range(n):
+        if data.draw(st.integers(0, 3)) == 0:
+            cands[i] = -2
+            multi[i] = data.draw(st.lists(st.integers(0, m - 1), min_size=1, max_size=4, unique=True))
+    # Mostly equal, as in an archive: candidates are pairs whose lengths and CRCs match.
+    eq = data.draw(st.lists(st.integers(0, 3), min_size=n * m, max_size=n * m))
+    equal_pairs = {(i, j) for i in range(n) for j in range(m) if eq[i * m + j]}
+    sure = [c >= 0 and (i, c) in equal_pairs and data.draw(st.booleans()) for i, c in enumerate(cands)]
+
+    def equal(i: int, j: int) -> bool:
+        return (i, j) in equal_pairs
+
+    want, expect = [], -1
+    for i, c in enumerate(cands):
+        found = -1
+        if c >= 0:
+            found = c if equal(i, c) else -1
+        elif c == -2:
+            for j in sorted(multi[i], key=lambda j: (j != expect, j < expect, j)):
+                if equal(i, j):
+                    found = j
+                    break
+        if found >= 0:
+            expect = found + 1
+        want.append(found)
+    got = layout._choose(np.array(cands, np.int64), multi, equal, np.array(sure, bool))
+    assert isinstance(got, array.array) and list(got) == want

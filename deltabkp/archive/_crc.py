@@ -11,8 +11,9 @@ so x^(8n) costs one multiplication per set bit of ``n``.
 
 Invariants: pure functions, no I/O; results equal ``zlib.crc32`` of the concatenation
 (tests/test_archive_incremental.py checks it against zlib on random parts).  ``crc32_concat``
-reduces many parts as a balanced tree with numpy (one vectorised multiplication per level),
-so ~17,000 segments of a 100 MB archive cost milliseconds, not a Python loop per segment.
+shifts every part past the bytes after it at once with numpy (one vectorised multiplication
+a part, then an XOR), so ~17,000 segments of a 100 MB archive cost milliseconds, not a Python
+loop per segment.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def _mult_vec(a: _U64, b: _U64) -> _U64:
 
 
 _TABLE_BITS = 12
+_BLOCK = 1 << 13  # elements a vectorised step works on (see crc32_concat)
 _tables: list[_U64] = []
 
 
@@ -133,16 +135,18 @@ def crc32_concat(crcs: Sequence[int], lengths: Sequence[int]) -> int:
     if not crcs:
         return 0
     c = np.asarray(crcs, dtype=np.uint64)
-    x = _x8n_vec(np.asarray(lengths, dtype=np.uint64))
-    # Pairwise: (crcA, xA) + (crcB, xB) = (crcA * xB + crcB, xA * xB).
-    while len(c) > 1:
-        odd = len(c) & 1
-        ca, cb = c[0 : len(c) - odd : 2], c[1::2]
-        xa, xb = x[0 : len(x) - odd : 2], x[1::2]
-        nc = _mult_vec(xb, ca) ^ cb
-        nx = _mult_vec(xa, xb)
-        if odd:
-            nc = np.append(nc, c[-1])
-            nx = np.append(nx, x[-1])
-        c, x = nc, nx
-    return int(c[0])
+    n = np.asarray(lengths, dtype=np.uint64)
+    # crc(A1 + ... + Ak) = XOR of crc(Ai) * x^(8 * (bytes after Ai)): one multiplication a
+    # part, no tree of levels.  x^(2^32) = x mod P (_X2N), so x^(2^32 - 1) = 1: the byte
+    # counts are reduced mod 2^32 - 1, which keeps any archive size within _x8n_vec's range.
+    order = np.uint64(0xFFFFFFFF)
+    after = np.zeros_like(n)
+    after[:-1] = np.cumsum((n % order)[:0:-1])[::-1]
+    after %= order
+    out = 0
+    # A block at a time: _mult_vec's 32 steps each make temporaries as long as its input,
+    # which past the CPU caches cost ~4x per element (170,000 parts at once: ~0.3 s).
+    for at in range(0, len(c), _BLOCK):
+        part = _mult_vec(c[at : at + _BLOCK], _x8n_vec(after[at : at + _BLOCK]))
+        out ^= int(np.bitwise_xor.reduce(part))
+    return out
