@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
@@ -51,6 +51,7 @@ class _Patch:
         self._base_buf, self._base, self._max_size = base_buf, base, max_size
         # Chosen by the delta's magic once its first bytes are in (keep-alives are empty).
         self.patcher: Any = None
+        self._pieces: Callable[[Any], Iterable[bytes | memoryview]] | None = None
         self._head = bytearray()
         # The signature of the new archive is built while it is written, with blocks sized
         # for the base (the new archive is usually about as big).  With no base the size is
@@ -68,7 +69,17 @@ class _Patch:
         self.patcher = kind(
             self._base_buf, base_hash=base.hash if base else None, max_size=self._max_size
         )
+        # The layout patcher hands each piece over as soon as it is rebuilt: written (and
+        # flushed by the kernel) while the rest is still being patched, not all at the end.
+        self._pieces = self.patcher.pieces if kind is LayoutPatcher else self.patcher.feed
         return self.patcher
+
+    def _write(self, data: bytes) -> None:
+        assert self._pieces is not None
+        for piece in self._pieces(data):
+            self.part.write(piece)
+            if self.sig is not None:
+                self.sig.feed(piece)
 
     def feed(self, data: bytes) -> None:
         if self.patcher is None:
@@ -77,17 +88,12 @@ class _Patch:
                 return
             self._choose()
             data, self._head = bytes(self._head), bytearray()
-        for piece in self.patcher.feed(data):
-            self.part.write(piece)
-            if self.sig is not None:
-                self.sig.feed(piece)
+        self._write(data)
 
     def finish(self, done: protocol.BackupDone) -> bytes:
         if self.patcher is None:
-            for piece in self._choose().feed(bytes(self._head)):
-                self.part.write(piece)
-                if self.sig is not None:
-                    self.sig.feed(piece)
+            self._choose()
+            self._write(bytes(self._head))
         self.patcher.finish()  # raises IntegrityError on a length or blake3 mismatch
         if self.patcher.new_hash != done.archive_hash or self.patcher.new_size != done.archive_size:
             raise IntegrityError(

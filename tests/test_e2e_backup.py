@@ -162,7 +162,9 @@ def test_twelve_changes_keep_ten_archives_and_log_everything(cluster: Cluster, t
         assert rec["outcome"] == "stored", rec
     # The newest whole, the 9 older retained ones as reverse deltas (converted right after
     # the commit that backup-now waits for).
-    wait_for(lambda: len(list((c.data_dir / "archives").rglob("*.rdelta"))) == 9,
+    # Both: a conversion writes the .rdelta, flips the row, and only then deletes the .tgz.
+    wait_for(lambda: len(list((c.data_dir / "archives").rglob("*.rdelta"))) == 9
+             and len(list((c.data_dir / "archives").rglob("*.tgz"))) == 1,
              what="the older versions to become reverse deltas")
     tgz = list((c.data_dir / "archives").rglob("*.tgz"))
     sig = list((c.data_dir / "archives").rglob("*.sig"))

@@ -59,7 +59,8 @@ class _LocalPart(Spool):
         self._done = False
         # O_EXCL: two writers of one seq would be a server bug; fail loudly instead.
         self._f = _open_part(self.part, os.O_EXCL)
-        super().__init__(self.part, self._f)
+        # Written out as it grows: the commit's fsync then waits for the last few MiB only.
+        super().__init__(self.part, self._f, writeback=True)
 
     def commit(self, signature: bytes) -> None:
         if self._done:
