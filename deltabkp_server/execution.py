@@ -150,6 +150,7 @@ class Executor:
         self.live[eid] = _Live(target, started, meter)
         note: str | None = None
         retry = False
+        stored = False  # the archive's row is committed (closed as stored)
         try:
             try:
                 got = await self._attempt(target, eid, meter, full=False, note=None)
@@ -167,8 +168,16 @@ class Executor:
                 ))
             else:
                 record = got
-                await rotate(self.catalog, self.store, target, self.settings.keep,
-                             limiter=self.files, clock=self.clock)
+                stored = True
+                try:
+                    await rotate(self.catalog, self.store, target, self.settings.keep,
+                                 limiter=self.files, clock=self.clock)
+                except DeltabkpError as exc:
+                    # The row is closed as stored (``--wait`` may have answered so already):
+                    # retention and conversion failing must not rewrite it; the next
+                    # backup's rotation retries them.
+                    log.warning("execution %d of %s: stored; retention or conversion failed: %s",
+                                eid, target.name, exc, extra={**about, "event": "rotate-failed"})
         except DeltabkpError as exc:
             exc.with_context(node=target.node, path=target.path)
             # The node refusing this path will refuse it again: wait for the next period.
@@ -185,12 +194,13 @@ class Executor:
                 bytes_received=meter.received, error=str(exc), note=note,
             ))
         except trio.Cancelled:
-            with trio.CancelScope(shield=True), trio.move_on_after(10):
-                await self._finish(eid, ExecutionResult(
-                    outcome="failed", ended=self.clock(), bytes_sent=meter.sent,
-                    bytes_received=meter.received,
-                    error=f"{target.name}: cancelled (server shutting down)",
-                ))
+            if not stored:  # cancelled in the rotation: the row stays closed as stored
+                with trio.CancelScope(shield=True), trio.move_on_after(10):
+                    await self._finish(eid, ExecutionResult(
+                        outcome="failed", ended=self.clock(), bytes_sent=meter.sent,
+                        bytes_received=meter.received,
+                        error=f"{target.name}: cancelled (server shutting down)",
+                    ))
             self.live.pop(eid, None)
             raise
         self.live.pop(eid, None)

@@ -537,3 +537,27 @@ async def test_backup_now_wait_answers_when_the_row_closes_not_at_a_poll(
             while "rec" not in got:
                 await trio.sleep(0.01)
         assert got["rec"]["outcome"] == outcome
+
+
+async def test_a_stored_row_stays_stored_when_its_rotation_fails(
+    server: Server, agent: ScriptedAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --wait answers at the archive's commit; retention and conversion come after. Their
+    # failure is logged, and must not rewrite the row --wait already reported as stored.
+    from deltabkp.errors import CatalogError
+    from deltabkp_server import execution
+
+    async def failing_rotate(*args: Any, **kwargs: Any) -> None:
+        raise CatalogError("catalog went away during retention")
+
+    agent.content["/srv/app"] = os.urandom(50_000)
+    await _register(server, agent)
+    monkeypatch.setattr(execution, "rotate", failing_rotate)
+    agent.content["/srv/app"] = os.urandom(60_000)
+    rec = await ctl(server.address, "backup-now", node=agent.address, path="/srv/app", wait=True)
+    assert rec["outcome"] == "stored", rec
+    with trio.fail_after(30):  # the execution's end, after its (failed) rotation
+        while server.scheduler.executor.live:
+            await trio.sleep(0.01)
+    log = await ctl(server.address, "log", node=agent.address, path="/srv/app")
+    assert [e["outcome"] for e in log] == ["stored", "stored"], log
