@@ -12,10 +12,10 @@ and the API docs see every name through the ``TYPE_CHECKING`` imports; ``_ENGINE
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from deltabkp import errors
+from deltabkp._lazy import lazy_attributes
 from deltabkp.errors import *  # noqa: F403
 
 __version__ = "0.1.0"
@@ -50,16 +50,4 @@ else:
     __all__ = ["__version__", "rdiff", *errors.__all__, *_ENGINE_NAMES, *_ARCHIVE_NAMES]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        return importlib.import_module(f"deltabkp.{name}")
-    where = _LAZY.get(name)
-    if where is None:
-        raise AttributeError(f"module 'deltabkp' has no attribute {name!r}")
-    value = getattr(importlib.import_module(where), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY, *_SUBMODULES})
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _SUBMODULES)
