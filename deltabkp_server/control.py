@@ -42,7 +42,7 @@ from deltabkp_server.model import (
 from deltabkp_server import versions
 from deltabkp_server.model import ArchiveRecord
 from deltabkp_server.scheduler import Scheduler
-from deltabkp_server.scrub import VERIFY_TRIGGER, VERIFY_WAIT_S, Verifier
+from deltabkp_server.scrub import VERIFY_WAIT_S, Verifier
 from deltabkp_server.store import LocalStore, S3Store, Store
 
 __all__ = ["ControlAPI", "target_args"]
@@ -301,8 +301,9 @@ class ControlAPI:
         if wait_timeout is not None and not 0 < wait_timeout < float("inf"):
             raise RequestRefused(ErrorCode.INVALID, "wait_timeout must be a positive number")
         tid = target.id
-        after = await self.catalog.call(lambda c: c.last_execution_id())
-        await self.scheduler.request_now(tid)
+        # The request's number travels with the claim to the run's row: the answer is a run
+        # claimed after this very request, never one claimed (or running) before it.
+        req = await self.scheduler.request_now(tid)
         # Who asked for a run, and when: also the mark from which a backup's latency counts.
         log.info("backup-now of %s queued%s", target.name, " (--wait)" if wait else "",
                  extra=net.log_context(node=target.node, path=target.path, event="backup-now"))
@@ -310,27 +311,26 @@ class ControlAPI:
         if not wait:
             return queued
         if wait_timeout is None:  # an older client: it keeps its own deadline
-            return await self._wait_for(tid, after)
+            return await self._wait_for(tid, req)
         with trio.move_on_after(float(wait_timeout)):
-            return await self._wait_for(tid, after)
+            return await self._wait_for(tid, req)
         # The backup goes on (queued or running): the client says so with its own exit code.
         return {**queued, "timed_out": True, "waited": float(wait_timeout)}
 
-    async def _wait_for(self, tid: int, after: int) -> dict[str, Any]:
-        """The wire row of the first execution of ``tid`` after ``after`` to finish."""
+    async def _wait_for(self, tid: int, req: int) -> dict[str, Any]:
+        """The wire row of the first execution of ``tid`` that answers request ``req``."""
         # Whichever server claims it, its execution row lands in the shared catalog; when it
         # is this server, the executor wakes us as the row closes (no poll on the path).
+        # A verification's row answers no request (its request_seq is NULL).
         executor = self.scheduler.executor
         while True:
             closing = executor.on_close()
             mine = executor.closed.get(tid)
-            if mine is not None and mine.id > after and mine.trigger != VERIFY_TRIGGER:
+            if mine is not None and mine.answers(req):
                 return mine.to_wire()
-            # A verification (trigger "verify") of the target may end first: not ours.
-            done = [e for e in await self.catalog.call(lambda c: c.executions_since(tid, after))
-                    if e.outcome is not None and e.trigger != VERIFY_TRIGGER]
-            if done:
-                return done[0].to_wire()
+            done = await self.catalog.call(lambda c: c.answer_to(tid, req))
+            if done is not None:
+                return done.to_wire()
             now_target = await self.catalog.call(lambda c: c.get_target(tid))
             if not now_target.active and not _leased(now_target, self.clock()):
                 raise RequestRefused(ErrorCode.NOT_FOUND, "was unregistered before it ran")

@@ -140,7 +140,10 @@ class Executor:
         Raises no ``DeltabkpError`` but a catalog failure."""
         started = self.clock()
         eid = await self.catalog.call(
-            lambda c: c.start_execution(target.id, started, trigger, due=due)
+            # The claim's request number: the backup-now requests this run answers.
+            lambda c: c.start_execution(
+                target.id, started, trigger, due=due, request_seq=target.request_seq
+            )
         )
         about = net.log_context(node=target.node, path=target.path, execution=eid)
         log.info("execution %d of %s started (%s)", eid, target.name, trigger,

@@ -115,6 +115,9 @@ class Target:
     #: Bytes per second the agent may send for this target (sent in each backup request);
     #: None: no cap of its own.
     bwlimit: int | None = None
+    #: The number of the target's newest run request (``request_now``; 0: none yet).  On a
+    #: target returned by ``claim_due`` it is the newest request the claimed run answers.
+    request_seq: int = 0
 
     @property
     def name(self) -> str:
@@ -247,10 +250,19 @@ class ExecutionRecord:
     count: int = 1
     first: float | None = None
     earlier_bytes: int = 0
+    #: Schema v5: the target's ``request_seq`` when this run was claimed: it answers every
+    #: request up to that number, and none after (None: a verification, or a pre-v5 row).
+    #: Not on the wire: ``backup-now --wait`` uses it to pick its answer.
+    request_seq: int | None = None
 
     @property
     def transferred(self) -> int:
         return self.bytes_sent + self.bytes_received
+
+    def answers(self, request_seq: int) -> bool:
+        """This finished run was claimed at or after request ``request_seq`` of its target."""
+        return (self.outcome is not None and self.request_seq is not None
+                and self.request_seq >= request_seq)
 
     def to_wire(self) -> dict[str, Any]:
         started = iso(self.started)  # once: it is also "last" (and "first" of a single row)

@@ -6,6 +6,9 @@ After a failure the target is *retrying*: the server that claims it probes the n
 period) and runs the backup as soon as the node answers; ``backup-now`` and an agent's
 ``announce`` (to any server) queue a run in the catalog, which the next claim picks first.
 Invariants:
+- a request is numbered in the catalog (``request_seq``) and the claim reads that number
+  under its lock: the run it starts answers the requests made before the claim and never a
+  later one (a request during a run queues the next run; ``backup-now --wait`` waits for it);
 - the catalog is the queue: a target runs only under a lease this server holds
   (``Catalog.claim_due``; ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, one writer on SQLite), so
   no target ever runs on two servers at once; leases are renewed while the execution runs, and
@@ -143,9 +146,11 @@ class Scheduler:
     def running(self) -> int:
         return len(self._held)
 
-    async def request_now(self, target_id: int, trigger: str = "manual") -> None:
-        await self.catalog.call(lambda c: c.request_now(target_id, trigger))
+    async def request_now(self, target_id: int, trigger: str = "manual") -> int:
+        """Queue a run of the target now; return the request's number (``answer_to``)."""
+        seq = await self.catalog.call(lambda c: c.request_now(target_id, trigger))
         self.wake()
+        return seq
 
     async def announce(self, host: str, port: int, peer_host: str) -> list[Target]:
         """An agent came up: its node's pending retries run now, on whichever server."""

@@ -50,6 +50,8 @@ class Backend:
     open_one: Callable[[], Catalog]
     sql: Callable[[str], None]
     opened: list[Catalog] = attrs.field(factory=list)
+    #: PostgreSQL: the database's URL (for a direct look at it).
+    url: str = ""
 
     def open(self) -> Catalog:
         c = self.open_one()
@@ -80,7 +82,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         b = Backend("sqlite", lambda: SqliteCatalog(path), _sqlite_sql(path))
     else:
         url: str = request.getfixturevalue("postgres_url")
-        b = Backend("postgresql", lambda: PostgresCatalog(url), _postgres_sql(url))
+        b = Backend("postgresql", lambda: PostgresCatalog(url), _postgres_sql(url), url=url)
     yield b
     for c in b.opened:
         c.close()
@@ -402,20 +404,57 @@ def test_heartbeats_tell_which_servers_are_alive(cat: Catalog) -> None:
     assert s1.to_wire()["started"] == iso(100.0) and s1.to_wire()["running"] == 3
 
 
-def test_executions_since_a_mark_and_the_due_time(cat: Catalog) -> None:
+def test_executions_of_a_target_and_the_due_time(cat: Catalog) -> None:
     t = cat.register(NODE, PATH, 60, 0.0)
     u = cat.register(NODE, "/other", 60, 0.0)
-    assert cat.last_execution_id() == 0
     e1 = cat.start_execution(t.id, 10.0, "schedule", due=9.5)
-    mark = cat.last_execution_id()
-    assert mark == e1
     e2 = cat.start_execution(t.id, 11.0, "manual")
     cat.start_execution(u.id, 12.0, "schedule")
-    assert [e.id for e in cat.executions_since(t.id, mark)] == [e2]
-    assert [e.id for e in cat.executions_since(t.id, 0)] == [e1, e2]
+    assert [e.id for e in cat.executions(t.id)] == [e2, e1]
     rec = cat.execution(e1)
     assert rec.due == 9.5 and rec.to_wire()["due"] == iso(9.5)
     assert cat.execution(e2).due is None and cat.execution(e2).to_wire()["due"] is None
+
+
+def _ended(cat: Catalog, eid: int, t: float, outcome: str = "failed") -> None:
+    cat.finish_execution(eid, ExecutionResult(
+        outcome=outcome, ended=t, error="down" if outcome == "failed" else None,
+    ))
+
+
+def test_a_run_answers_the_requests_made_before_its_claim_and_no_later_one(cat: Catalog) -> None:
+    t = cat.register(NODE, PATH, 60, 0.0)
+    u = cat.register(NODE, "/other", 60, 1e9)
+    assert cat.get_target(t.id).request_seq == 0
+    # Two requests before a claim: numbered in order, and one run answers both.
+    r1, r2 = cat.request_now(t.id, "manual"), cat.request_now(t.id, "announce")
+    assert (r1, r2) == (1, 2) and cat.get_target(t.id).queued == "manual"
+    assert cat.request_now(u.id, "manual") == 1  # each target numbers its own
+    [(run, trigger)] = [x for x in cat.claim_due("s1", 1.0, 31.0, 5) if x[0].id == t.id]
+    assert (run.request_seq, trigger) == (2, "manual")
+    # A request while that run is claimed (or running) is not answered by it.
+    r3 = cat.request_now(t.id, "manual")
+    e1 = cat.start_execution(t.id, 2.0, trigger, request_seq=run.request_seq)
+    assert cat.execution(e1).request_seq == 2
+    assert cat.answer_to(t.id, r1) is None  # running: no answer yet
+    _ended(cat, e1, 3.0)
+    # A verification's row (made under no claim) answers nothing.
+    _ended(cat, cat.start_execution(t.id, 3.5, "verify"), 3.6, "unchanged")
+    answered = {r: cat.answer_to(t.id, r) for r in (r1, r2, r3)}
+    assert [a.id if a else None for a in answered.values()] == [e1, e1, None]
+    assert cat.answer_to(u.id, 1) is None  # another target's run is no answer
+    assert cat.release("s1", t.id, state="ok", next_due=61.0)
+    [(again, trigger)] = cat.claim_due("s2", 4.0, 34.0, 5)
+    assert (again.id, again.request_seq, trigger) == (t.id, 3, "manual")
+    e2 = cat.start_execution(t.id, 5.0, trigger, request_seq=again.request_seq)
+    _ended(cat, e2, 6.0, "unchanged")
+    assert [cat.answer_to(t.id, r).id for r in (r1, r2, r3)] == [e1, e1, e2]  # type: ignore[union-attr]
+    assert cat.answer_to(t.id, 4) is None
+    # A scheduled claim carries the number too: a request whose own run never started (its
+    # server died between claim and start) is answered by the next run claimed after it.
+    assert cat.release("s2", t.id, state="ok", next_due=61.0)
+    [(sched, trigger)] = cat.claim_due("s1", 100.0, 130.0, 5)
+    assert (sched.request_seq, trigger) == (3, "schedule")
 
 
 def _check(cat: Catalog, tid: int, t: float, outcome: str = "unchanged", trigger: str = "schedule",
@@ -432,10 +471,9 @@ def test_consecutive_unchanged_checks_fold_into_the_newest_row(cat: Catalog) -> 
     t = cat.register(NODE, PATH, 60, 0.0)
     u = cat.register(NODE, "/other", 60, 0.0)
     _store_one(cat, t.id, 1.0)
-    mark = cat.last_execution_id()
     ids = [_check(cat, t.id, 10.0 + i, sent=40 + i) for i in range(5)]
     _check(cat, u.id, 12.5)  # another target's checks in between do not break t's run
-    [run] = cat.executions_since(t.id, mark)  # the newest id stays: backup-now --wait sees it
+    run, _stored_row = cat.executions(t.id)  # the newest id stays
     assert (run.id, run.count, run.first, run.started, run.outcome) == (ids[-1], 5, 10.0, 14.0, "unchanged")
     assert run.transferred == 44 + 60 and run.earlier_bytes == sum(40 + i + 60 for i in range(4))
     wire = run.to_wire()
@@ -691,6 +729,53 @@ def test_sqlite_migrates_a_v1_catalog_in_place(tmp_path: Path) -> None:
     SqliteCatalog(path).close()  # a second open finds nothing to do
 
 
+def _schema_version(backend: Backend, where: Path) -> str:
+    sql = "SELECT value FROM meta WHERE key='schema_version'"
+    if backend.name == "sqlite":
+        db = sqlite3.connect(where / "catalog.sqlite3")
+        try:
+            return str(db.execute(sql).fetchone()[0])
+        finally:
+            db.close()
+    with psycopg.connect(backend.url) as conn:
+        row = conn.execute(sql.encode()).fetchone()
+        assert row is not None
+        return str(row[0])
+
+
+def test_a_v4_catalog_migrates_to_v5_in_place(backend: Backend, tmp_path: Path) -> None:
+    # The v4 schema exactly as released (steps are never edited), with a queued request and
+    # a finished run in it, as a v4 server left them.
+    for _v, statements in steps_after(backend.name, 0, "test")[:4]:
+        for stmt in statements:
+            backend.sql(stmt)
+    for stmt in (
+        "INSERT INTO meta VALUES ('schema_version', '4')",
+        ("INSERT INTO targets (node, path, every_s, state, next_due, active, created, queued,"
+         " bwlimit) VALUES ('127.0.0.1:1', '/p', 60, 'ok', 5.0, 1, 1.0, 'manual', 1000)"),
+        ("INSERT INTO executions (target_id, trigger, started, ended, outcome)"
+         " VALUES (1, 'manual', 2.0, 3.0, 'failed')"),
+    ):
+        backend.sql(stmt)
+    c = backend.open()
+    assert _schema_version(backend, tmp_path) == str(SCHEMA_VERSION) == "5"
+    t = c.get_target(1)
+    assert (t.queued, t.bwlimit, t.request_seq) == ("manual", 1000, 0)
+    [old] = c.executions(1)
+    assert (old.outcome, old.request_seq) == ("failed", None)
+    # The request queued before the upgrade is run (and numbered 0: any run answers it);
+    # a new one gets number 1, answered by the run claimed after it, not by the old row.
+    assert c.request_now(1, "manual") == 1
+    assert c.answer_to(1, 1) is None
+    [(run, trigger)] = c.claim_due("s1", 10.0, 40.0, 5)
+    assert (run.request_seq, trigger) == (1, "manual")
+    eid = c.start_execution(1, 11.0, trigger, request_seq=run.request_seq)
+    _ended(c, eid, 12.0)
+    assert c.answer_to(1, 1).id == eid  # type: ignore[union-attr]
+    backend.open()  # a second open finds nothing to do
+    assert _schema_version(backend, tmp_path) == "5"
+
+
 # -- PostgreSQL specifics --------------------------------------------------------------------
 
 
@@ -717,6 +802,26 @@ def test_postgres_migrates_once_when_servers_start_together(postgres_url: str) -
     finally:
         for c in opened:
             c.close()
+
+
+def test_postgres_a_claim_takes_a_request_whole_or_not_at_all(postgres_url: str) -> None:
+    # Another server's request, caught mid-transaction (its UPDATE done, not committed), on
+    # a due target: a claim must not take the target with the old number (its clearing of
+    # ``queued`` would then eat the request after it commits), nor wait for it: it skips.
+    c = PostgresCatalog(postgres_url)
+    try:
+        t = c.register(NODE, PATH, 60, 0.0)
+        with psycopg.connect(postgres_url) as other:
+            other.execute(
+                "UPDATE targets SET request_seq=request_seq+1, queued='manual' WHERE id=%s",
+                (t.id,),
+            )
+            assert c.claim_due("s1", 1.0, 31.0, 5) == []  # skipped, not half-seen
+            other.commit()
+        [(run, trigger)] = c.claim_due("s1", 2.0, 32.0, 5)
+        assert (run.id, run.request_seq, trigger) == (t.id, 1, "manual")
+    finally:
+        c.close()
 
 
 def test_postgres_lock_wait_is_bounded(postgres_url: str) -> None:

@@ -84,7 +84,9 @@ class Catalog(Protocol):
         ``next_due`` (then id).  Each claimed target gets ``lease_owner=server_id``,
         ``lease_until=until`` and ``queued`` cleared, and is returned as it is after the
         claim, with its trigger: the queued value if there was one, else "retry" if its state
-        is "retrying", else "schedule".  Executions of a claimed target still open (a server
+        is "retrying", else "schedule".  Its ``request_seq`` is the newest request made
+        before the claim: the run started under it (``start_execution(request_seq=…)``)
+        answers that request and every earlier one, never a later one.  Executions of a claimed target still open (a server
         that lost the lease died or stalled) are closed as failed: nobody else can be running
         it.  Concurrent callers never get the same target.
         """
@@ -111,10 +113,13 @@ class Catalog(Protocol):
         its targets over at once); return how many."""
         ...
 
-    def request_now(self, target_id: int, trigger: str) -> None:
+    def request_now(self, target_id: int, trigger: str) -> int:
         """Queue ``trigger`` ("manual" | "announce") on the target: the next ``claim_due``
         after its lease (if any) is released takes it first.  "announce" never replaces
-        "manual".  ``CatalogError`` for an unknown id; ``ValueError`` for another trigger."""
+        "manual".  Return the request's number (the target's ``request_seq``, one more than
+        the previous request's): ``answer_to`` finds the run that answers it.  Requests made
+        before one claim are answered by that one run.  ``CatalogError`` for an unknown
+        id; ``ValueError`` for another trigger."""
         ...
 
     def announce(self, nodes: Collection[str]) -> list[Target]:
@@ -134,9 +139,12 @@ class Catalog(Protocol):
 
     # -- executions --------------------------------------------------------------------------
     def start_execution(
-        self, target_id: int, started: float, trigger: str, due: float | None = None
+        self, target_id: int, started: float, trigger: str, due: float | None = None, *,
+        request_seq: int | None = None,
     ) -> int:
-        """Open an execution row (``due``: when the run was due); return its id."""
+        """Open an execution row (``due``: when the run was due; ``request_seq``: the claimed
+        target's, the requests this run answers — None for a run under no claim); return
+        its id."""
         ...
 
     def record_progress(self, progress: Sequence[tuple[int, int, int]]) -> None:
@@ -177,12 +185,10 @@ class Catalog(Protocol):
         absorbs the identical ``unchanged`` one right before it (``finish_execution``)."""
         ...
 
-    def executions_since(self, target_id: int, after_id: int) -> list[ExecutionRecord]:
-        """The target's executions with id > ``after_id``, oldest first."""
-        ...
-
-    def last_execution_id(self) -> int:
-        """The highest execution id so far (0 if none): a mark for ``executions_since``."""
+    def answer_to(self, target_id: int, request_seq: int) -> ExecutionRecord | None:
+        """The first finished execution of the target that answers request ``request_seq``
+        (its ``request_seq`` is at least that: it was claimed after the request), or None
+        while there is none (``backup-now --wait``)."""
         ...
 
     def fail_unfinished(self, now: float, reason: str, *, target_id: int | None = None) -> int:

@@ -47,7 +47,7 @@ def to_target(r: Row) -> Target:
         state=r["state"], next_due=r["next_due"], last_outcome=r["last_outcome"],
         last_error=r["last_error"], active=bool(r["active"]), created=r["created"],
         queued=r["queued"], lease_owner=r["lease_owner"], lease_until=r["lease_until"],
-        bwlimit=r.get("bwlimit"),
+        bwlimit=r.get("bwlimit"), request_seq=r["request_seq"],
     )
 
 
@@ -73,6 +73,7 @@ def to_execution(r: Row) -> ExecutionRecord:
         changed=pairs_from_json(r["changed_json"]), skipped=pairs_from_json(r["skipped_json"]),
         error=r["error"], note=r["note"], due=r["due"],
         count=r["fold_count"], first=r["fold_first"], earlier_bytes=r["fold_bytes"],
+        request_seq=r["request_seq"],
     )
 
 

@@ -204,15 +204,35 @@ _V4_POSTGRES: tuple[str, ...] = (
     "ALTER TABLE targets ADD COLUMN bwlimit BIGINT CHECK (bwlimit IS NULL OR bwlimit > 0)",
 )
 
+# v5: run requests with ids, so ``backup-now --wait`` is answered by a run claimed after its
+# request (never by one claimed before it).  ``targets.request_seq``: the number of the
+# target's newest request (``request_now`` adds one; 0: none yet); ``executions.request_seq``:
+# the target's ``request_seq`` when the run was claimed — the run answers every request up to
+# it; NULL for a row made under no claim (a verification) or before v5.  The index finds the
+# first run answering a request without scanning the target's history.
+_V5_SQLITE: tuple[str, ...] = (
+    "ALTER TABLE targets ADD COLUMN request_seq INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE executions ADD COLUMN request_seq INTEGER",
+    "CREATE INDEX executions_request ON executions(target_id, request_seq)",
+)
+_V5_POSTGRES: tuple[str, ...] = (
+    "ALTER TABLE targets ADD COLUMN request_seq BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE executions ADD COLUMN request_seq BIGINT",
+    "CREATE INDEX executions_request ON executions(target_id, request_seq)",
+)
+
 #: engine → the statements of version 1, 2, … (index 0 is version 1).
 _STEPS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "sqlite": (_V1_SQLITE, _V2_SQLITE, _V3_STORAGE_SQLITE + _V3_LOG_SQLITE, _V4_SQLITE),
+    "sqlite": (
+        _V1_SQLITE, _V2_SQLITE, _V3_STORAGE_SQLITE + _V3_LOG_SQLITE, _V4_SQLITE, _V5_SQLITE,
+    ),
     "postgresql": (
         _V1_POSTGRES, _V2_POSTGRES, _V3_STORAGE_POSTGRES + _V3_LOG_POSTGRES, _V4_POSTGRES,
+        _V5_POSTGRES,
     ),
 }
 ENGINES = tuple(_STEPS)
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 assert all(len(s) == SCHEMA_VERSION for s in _STEPS.values())
 
 

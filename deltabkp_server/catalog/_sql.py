@@ -207,6 +207,8 @@ class SqlCatalog:
         out = []
         for r in rows:
             trigger = r["queued"] or ("retry" if r["state"] == "retrying" else "schedule")
+            # ``request_seq`` as read under the claim's lock: the requests this run answers
+            # (a request after the claim waits for the row lock and queues the next run).
             claimed = {**r, "lease_owner": server_id, "lease_until": until, "queued": None}
             out.append((to_target(claimed), trigger))
         return out
@@ -249,15 +251,23 @@ class SqlCatalog:
                 (server_id,),
             )
 
-    def request_now(self, target_id: int, trigger: str) -> None:
+    def request_now(self, target_id: int, trigger: str) -> int:
         if trigger not in QUEUED:
             raise ValueError(f"cannot queue trigger {trigger!r} (one of {QUEUED})")
         with self._tx() as tx:
-            if tx.one("SELECT id FROM targets WHERE id=?", (target_id,)) is None:
+            # One UPDATE: it locks the row (both engines), so the number and the queue move
+            # together, and a claim sees both or neither.  "manual" (someone waits for it)
+            # outranks "announce"; the reverse never happens.
+            n = tx.run(
+                "UPDATE targets SET request_seq=request_seq+1,"
+                " queued=CASE WHEN queued='manual' THEN queued ELSE ? END WHERE id=?",
+                (trigger, target_id),
+            )
+            if n != 1:
                 raise CatalogError(f"catalog {self.where}: no target with id {target_id}")
-            # "manual" (someone waits for it) outranks "announce"; the reverse never happens.
-            keep = "" if trigger == "manual" else " AND queued IS NULL"
-            tx.run(f"UPDATE targets SET queued=? WHERE id=?{keep}", (trigger, target_id))
+            row = tx.one("SELECT request_seq FROM targets WHERE id=?", (target_id,))
+        assert row is not None
+        return int(row["request_seq"])
 
     def announce(self, nodes: Collection[str]) -> list[Target]:
         names = sorted(set(nodes))
@@ -295,12 +305,14 @@ class SqlCatalog:
     # -- executions --------------------------------------------------------------------------
 
     def start_execution(
-        self, target_id: int, started: float, trigger: str, due: float | None = None
+        self, target_id: int, started: float, trigger: str, due: float | None = None, *,
+        request_seq: int | None = None,
     ) -> int:
         with self._tx() as tx:
             eid = tx.insert(
-                "INSERT INTO executions (target_id, trigger, started, due) VALUES (?, ?, ?, ?)",
-                (target_id, trigger, started, due),
+                "INSERT INTO executions (target_id, trigger, started, due, request_seq)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (target_id, trigger, started, due, request_seq),
             )
         assert eid is not None
         return eid
@@ -416,11 +428,15 @@ class SqlCatalog:
         rows = self._q(f"{EXEC_SELECT}{where} ORDER BY e.id DESC LIMIT ?", (*args, limit))
         return [to_execution(r) for r in rows]
 
-    def executions_since(self, target_id: int, after_id: int) -> list[ExecutionRecord]:
+    def answer_to(self, target_id: int, request_seq: int) -> ExecutionRecord | None:
+        # Rows claimed at or after the request are the newest few: a short index range
+        # (``executions_request``), however long the target's history.
         rows = self._q(
-            EXEC_SELECT + " WHERE e.target_id=? AND e.id>? ORDER BY e.id", (target_id, after_id)
+            EXEC_SELECT + " WHERE e.target_id=? AND e.request_seq>=? AND e.outcome IS NOT NULL"
+            " ORDER BY e.id LIMIT 1",
+            (target_id, request_seq),
         )
-        return [to_execution(r) for r in rows]
+        return to_execution(rows[0]) if rows else None
 
     def record_progress(self, progress: Sequence[tuple[int, int, int]]) -> None:
         with self._tx() as tx:
@@ -437,10 +453,6 @@ class SqlCatalog:
             where += " AND e.target_id=?"
             args = (target_id,)
         return [to_execution(r) for r in self._q(EXEC_SELECT + where + " ORDER BY e.id", args)]
-
-    def last_execution_id(self) -> int:
-        rows = self._q("SELECT MAX(id) AS m FROM executions")
-        return int(rows[0]["m"] or 0)
 
     def fail_unfinished(self, now: float, reason: str, *, target_id: int | None = None) -> int:
         """Close executions a crash left open, so the log says what happened to them."""
