@@ -19,12 +19,10 @@ higher source replaces a list, it never extends it.  An empty variable counts as
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import math
 import os
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -153,6 +151,8 @@ class Options:
         known = {o.key: o for o in self.options}
         for key, (_raw, line) in found.items():
             if key not in known:
+                import difflib  # only for a mistake: every ctl command imports this module
+
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else (
                     f" (known: {', '.join(sorted(known))})")
@@ -248,6 +248,8 @@ def _read(path: Path, section: str) -> dict[str, tuple[Any, int]]:
         raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     if len(data) > CONFIG_MAX:
         raise UsageError(f"{path}: config file larger than {CONFIG_MAX >> 10} KiB")
+    import tomllib  # only with a config file: every ctl command imports this module
+
     try:
         text = data.decode()
         doc = tomllib.loads(text)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import math
 import os
 import re
@@ -24,14 +25,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import attrs
-import trio
 
 from deltabkp import _config, net
 from deltabkp.ctl import _progress, _render
 from deltabkp.ctl._client import Client, default_server, parse_servers
 from deltabkp._atomic import atomic_write
 from deltabkp.ctl._restore import RestoreWriteError, restore
-from deltabkp.ctl._restore import _download as download_archive
+from deltabkp.ctl._restore import download as download_archive
 from deltabkp.errors import UsageError
 
 __all__ = ["register", "EXIT_FAILED", "EXIT_STILL_RUNNING", "COMMANDS", "Command"]
@@ -96,7 +96,7 @@ class Call:
 
     def ask(self, timeout: float | None = None) -> Any:
         """The server's answer to this call's request (``timeout``: per-answer deadline)."""
-        return trio.run(self.client.request, self.op, self.request, timeout)
+        return self.client.ask(self.op, self.request, timeout)
 
     def show(self, data: Any, human: str) -> None:
         _render.emit(data, human, as_json=self.as_json)
@@ -218,7 +218,7 @@ def _streamed(
 
     def run(args: argparse.Namespace, call: Call) -> int:
         printer = _render.RowPrinter(headers, cells, as_json=call.as_json, mark=mark)
-        trio.run(call.client.stream, call.op, call.request, printer)
+        call.client.ask_stream(call.op, call.request, printer)
         printer.close()
         text = "" if call.as_json else footer(printer, call.request)
         if text:
@@ -290,7 +290,7 @@ def _fetch(args: argparse.Namespace, call: Call) -> int:
     if out == "-":
         stdout = sys.stdout.buffer
         with _progress.Progress("fetch", enabled=_progress.wanted(call.as_json)) as bar:
-            meta = trio.run(download_archive, call.client, call.request, stdout, bar)
+            meta = download_archive(call.client, call.request, stdout, bar)
         # stdout carries the archive: the confirmation goes to stderr.
         print(_render.fetch(meta, "standard output"), file=sys.stderr)
         return 0
@@ -298,7 +298,7 @@ def _fetch(args: argparse.Namespace, call: Call) -> int:
         with atomic_write(out) as f, _progress.Progress(
             "fetch", enabled=_progress.wanted(call.as_json)
         ) as bar:
-            meta = trio.run(download_archive, call.client, call.request, f, bar)
+            meta = download_archive(call.client, call.request, f, bar)
     except OSError as exc:
         raise RestoreWriteError(f"cannot write the archive to {out}: {exc.strerror or exc}",
                                 **about) from None
@@ -464,23 +464,49 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ctl.set_defaults(func=_no_subcommand, _ctl_parser=ctl,
                      _ctl_config=_config.adopt(ctl, "ctl", prog="deltabkp ctl"))
     cmds = ctl.add_subparsers(dest="ctl_command", metavar="SUBCOMMAND")
+    # A command line runs one subcommand: only its parser gets its ~20 arguments (building
+    # all eleven was a few ms of every command's CPU; ``_Subparsers``).
+    lazy = _Subparsers()
+    cmds._name_parser_map = cmds.choices = lazy
     for cmd in COMMANDS:
         p = cmds.add_parser(
             cmd.name, help=cmd.help, description=cmd.description,
             epilog="examples:\n" + cmd.examples,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        _common(p, top=False)
-        if cmd.target == "required":
-            p.add_argument("node", metavar="NODE:PORT",
-                           help="the node's agent address, e.g. 10.0.0.5:7471")
-            p.add_argument("path", metavar="PATH", help="absolute directory path on the node")
-        elif cmd.target == "optional":
-            p.add_argument("node", nargs="?", metavar="NODE:PORT",
-                           help="only this target's executions")
-            p.add_argument("path", nargs="?", metavar="PATH")
-        cmd.arguments(p)
-        p.set_defaults(func=_run, _ctl_cmd=cmd)
+        lazy.pending[cmd.name] = functools.partial(_subcommand_arguments, cmd=cmd)
+
+
+class _Subparsers(dict[str, argparse.ArgumentParser]):
+    """argparse's map of subcommand name → parser, whose parsers get their arguments when
+    first looked up: argparse looks up only the subcommand it parses
+    (``_SubParsersAction._name_parser_map[name]``, also its ``choices``), and ``ctl --help``
+    lists the help strings given to ``add_parser``, so every output stays the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+    def __getitem__(self, name: str) -> argparse.ArgumentParser:
+        parser = super().__getitem__(name)
+        fill = self.pending.pop(name, None)
+        if fill is not None:
+            fill(parser)
+        return parser
+
+
+def _subcommand_arguments(p: argparse.ArgumentParser, cmd: Command) -> None:
+    _common(p, top=False)
+    if cmd.target == "required":
+        p.add_argument("node", metavar="NODE:PORT",
+                       help="the node's agent address, e.g. 10.0.0.5:7471")
+        p.add_argument("path", metavar="PATH", help="absolute directory path on the node")
+    elif cmd.target == "optional":
+        p.add_argument("node", nargs="?", metavar="NODE:PORT",
+                       help="only this target's executions")
+        p.add_argument("path", nargs="?", metavar="PATH")
+    cmd.arguments(p)
+    p.set_defaults(func=_run, _ctl_cmd=cmd)
 
 
 def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
@@ -565,6 +591,10 @@ def _run(args: argparse.Namespace) -> int:
     request = {**_target(args, cmd), **cmd.build(args)}
     key = net.load_key(args.key_file)
     tls = net.tls_from_args(args)
+    if not (tls.plaintext or tls.pki):
+        # Reuse the certificate an earlier ctl minted (docs/security.md, "ctl's certificate
+        # cache"); daemons mint in memory.
+        tls = attrs.evolve(tls, cache_dir=net.tls_cache_dir())
     if tls.plaintext:
         for server in servers:
             net.check_plaintext_address(server.host, "--server")

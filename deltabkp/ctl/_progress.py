@@ -19,8 +19,6 @@ import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-import trio
-
 from deltabkp import protocol
 from deltabkp.ctl._client import Client
 from deltabkp.errors import DeltabkpError
@@ -93,6 +91,8 @@ class Progress:
 async def watch_backup(client: Client, args: Mapping[str, Any], bar: Progress) -> None:
     """Until cancelled: ask the server (one connection) how many bytes the target's running
     execution has moved, and show them on ``bar``."""
+    import trio
+
     if not bar.enabled:
         return
     try:
@@ -119,8 +119,9 @@ def ask_with_progress(
 ) -> Any:
     """``client.request(op, request, timeout)`` (``backup-now --wait``), with a bar of the
     target's running execution drawn meanwhile when ``enabled``; the answer or its error."""
-    if not enabled:
-        return trio.run(client.request, op, request, timeout)
+    if not enabled:  # one question, one answer: the blocking edge, no Trio
+        return client.ask(op, request, timeout)
+    import trio
 
     async def main() -> Any:
         got: dict[str, Any] = {}

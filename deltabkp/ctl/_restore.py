@@ -19,9 +19,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import trio
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from deltabkp import protocol
 from deltabkp.ctl._client import Client
@@ -34,7 +32,10 @@ from deltabkp.errors import (
     UsageError,
 )
 
-__all__ = ["RestoreWriteError", "prepare_dest", "restore"]
+if TYPE_CHECKING:
+    from deltabkp.net import BlockingChannel, Channel
+
+__all__ = ["RestoreWriteError", "download", "prepare_dest", "restore"]
 
 
 class RestoreWriteError(DeltabkpError):
@@ -81,7 +82,7 @@ def restore(
             with os.fdopen(fd, "wb") as f, Progress(
                 "restore", enabled=show_progress
             ) as bar:
-                meta = trio.run(_download, client, args, f, bar)
+                meta = download(client, args, f, bar)
         except OSError as exc:  # the network's own are PeerUnavailable already: these are ours
             raise RestoreWriteError(
                 f"cannot write the archive to {tmp} (restore destination {dest}): "
@@ -105,7 +106,7 @@ def restore(
     return meta
 
 
-async def _download(
+def download(
     client: Client, args: Mapping[str, Any], f: BinaryIO, progress: Progress | None = None
 ) -> dict[str, Any]:
     """Stream the archive into ``f``; the server's header (seq, size, hash, created, ...).
@@ -113,23 +114,49 @@ async def _download(
 
     The conversation checks the header, the byte count and the blake3 as chunks arrive and
     raises on ``DataEnd`` if they do not match: reaching the return means a verified archive.
+    On the blocking edge: a write that blocks holds up no other task, and every read from
+    the server still has its deadline.
     """
+    with client.blocking_session(args) as chan:
+        chan.send(protocol.Request("fetch", dict(args)))
+        meta, bar = _header(chan.receive_a(protocol.Response, client.timeout), progress)
+        while (data := _chunk(chan.receive(client.timeout), chan)) is not None:
+            f.write(data)
+            bar.update(len(data))
+        f.flush()
+    return meta
+
+
+async def _download(
+    client: Client, args: Mapping[str, Any], f: BinaryIO, progress: Progress | None = None
+) -> dict[str, Any]:
+    """``download`` on the Trio edge (for callers already inside Trio)."""
+    import trio
+
     async with client.session(args) as chan:
         await chan.send(protocol.Request("fetch", dict(args)))
-        head = await chan.receive_a(protocol.Response, client.timeout)
-        meta: dict[str, Any] = dict(head.data)  # a dict: the conversation checked the header
-        bar = progress if progress is not None else Progress("", enabled=False)
-        bar.set_total(meta.get("size") if isinstance(meta.get("size"), int) else None)
-        while True:
-            msg = await chan.receive(client.timeout)
-            if isinstance(msg, protocol.DataEnd):
-                break
-            if not isinstance(msg, protocol.DataChunk):  # the conversation allows no other
-                raise RemoteProtocolError(
-                    f"sent {msg.TYPE} inside an archive", peer=chan.peer, peer_role=chan.peer_role
-                )
+        meta, bar = _header(await chan.receive_a(protocol.Response, client.timeout), progress)
+        while (data := _chunk(await chan.receive(client.timeout), chan)) is not None:
             # Disk writes block: off the event loop, so deadlines keep running.
-            await trio.to_thread.run_sync(f.write, msg.data)
-            bar.update(len(msg.data))
+            await trio.to_thread.run_sync(f.write, data)
+            bar.update(len(data))
         await trio.to_thread.run_sync(f.flush)
     return meta
+
+
+def _header(head: protocol.Response, progress: Progress | None) -> tuple[dict[str, Any], Progress]:
+    meta: dict[str, Any] = dict(head.data)  # a dict: the conversation checked the header
+    bar = progress if progress is not None else Progress("", enabled=False)
+    bar.set_total(meta.get("size") if isinstance(meta.get("size"), int) else None)
+    return meta, bar
+
+
+def _chunk(msg: protocol.Message, chan: Channel | BlockingChannel) -> bytes | None:
+    """A download's next bytes, or None at its (verified) end."""
+    if isinstance(msg, protocol.DataEnd):
+        return None
+    if not isinstance(msg, protocol.DataChunk):  # the conversation allows no other
+        raise RemoteProtocolError(
+            f"sent {msg.TYPE} inside an archive", peer=chan.peer, peer_role=chan.peer_role
+        )
+    return msg.data

@@ -21,16 +21,16 @@ if TYPE_CHECKING:
         is_loopback,
         normalise_path,
     )
+    from deltabkp.net._blocking import BlockingChannel, connect_blocking
+    from deltabkp.net._certcache import tls_cache_dir
     from deltabkp.net._channel import (
-        DEFAULT_SEND_TIMEOUT,
-        DEFAULT_SERVER_PORT,
-        DEFAULT_TIMEOUT,
         Channel,
         accept,
         connect,
         listen,
         open_secure_stream,
     )
+    from deltabkp.net._defaults import DEFAULT_SEND_TIMEOUT, DEFAULT_SERVER_PORT, DEFAULT_TIMEOUT
     from deltabkp.net._daemon import (
         Starter,
         add_daemon_arguments,
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
         install_tls,
         installed_tls,
         prepare_tls,
+        tls_client_context,
         tls_contexts,
         tls_from_args,
     )
@@ -69,9 +70,16 @@ _LAZY: dict[str, str] = {
         "DEFAULT_AGENT_PORT", "Address", "is_loopback", "normalise_path",
     ), "deltabkp.net._address"),
     **dict.fromkeys((
-        "DEFAULT_SEND_TIMEOUT", "DEFAULT_SERVER_PORT", "DEFAULT_TIMEOUT", "Channel", "accept",
-        "connect", "listen", "open_secure_stream",
+        "Channel", "accept", "connect", "listen", "open_secure_stream",
     ), "deltabkp.net._channel"),
+    # Plain numbers: read by ctl's parser, so not through _channel (Trio).
+    **dict.fromkeys((
+        "DEFAULT_SEND_TIMEOUT", "DEFAULT_SERVER_PORT", "DEFAULT_TIMEOUT",
+    ), "deltabkp.net._defaults"),
+    **dict.fromkeys((
+        "BlockingChannel", "connect_blocking",
+    ), "deltabkp.net._blocking"),
+    "tls_cache_dir": "deltabkp.net._certcache",
     **dict.fromkeys((
         "Starter", "add_daemon_arguments", "at_least_one", "configure_logging", "daemon_main",
         "run_daemon",
@@ -92,7 +100,7 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys((
         "PLAINTEXT_FLAG", "TlsSettings", "add_tls_arguments", "check_plaintext_address",
         "cluster_ca_pem", "install_tls", "installed_tls", "prepare_tls", "tls_contexts",
-        "tls_from_args",
+        "tls_client_context", "tls_from_args",
     ), "deltabkp.net._tls"),
 }
 
@@ -122,6 +130,8 @@ __all__ = [
     "TokenBucket",
     "parse_rate",
     "open_secure_stream",
+    "BlockingChannel",
+    "connect_blocking",
     "FLOOD_FACTOR",
     "HANDSHAKE_TIMEOUT",
     "MAX_PENDING_HANDSHAKES",
@@ -135,6 +145,8 @@ __all__ = [
     "installed_tls",
     "prepare_tls",
     "tls_contexts",
+    "tls_client_context",
+    "tls_cache_dir",
     "add_tls_arguments",
     "check_plaintext_address",
     "tls_from_args",

@@ -27,6 +27,7 @@ from deltabkp.errors import (
 )
 from deltabkp.net import _tls
 from deltabkp.net._address import Address
+from deltabkp.net._defaults import DEFAULT_SEND_TIMEOUT, DEFAULT_SERVER_PORT, DEFAULT_TIMEOUT
 from deltabkp.net._ratelimit import TokenBucket
 
 __all__ = [
@@ -40,10 +41,6 @@ __all__ = [
     "DEFAULT_SERVER_PORT",
 ]
 
-DEFAULT_TIMEOUT = 10.0
-#: A peer that reads nothing for this long is treated as gone (it must not pin our tasks).
-DEFAULT_SEND_TIMEOUT = 60.0
-DEFAULT_SERVER_PORT = 7470
 _RECV_SIZE = 64 * 1024
 
 T = TypeVar("T", bound=protocol.Message)

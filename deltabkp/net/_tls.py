@@ -6,13 +6,19 @@ Trust model (docs/security.md): the cluster CA's Ed25519 key is HKDF-SHA256 of t
 key, and its self-signed certificate is built deterministically (fixed dates and serial,
 deterministic Ed25519 signatures), so every holder of the key builds the same CA byte for
 byte without any file to distribute.  Each process mints a fresh Ed25519 leaf under it for
-its role (valid ``LEAF_LIFETIME_S``, re-minted after ``REFRESH_S``), never per connection.
+its role (valid ``LEAF_LIFETIME_S``, re-minted after ``REFRESH_S``), never per connection;
+``deltabkp ctl``, a process that lives for one request, reuses the one it minted in an earlier
+run (``TlsSettings.cache_dir``, ``_certcache``: MAC'ed under the cluster key, mode 0600).
 Trust is that CA only (plus the CAs of ``extra_keys`` during a key rotation), or exactly the
 operator's ``--tls-ca`` bundle; there is no hostname check: membership is the identity.
 
 Invariants: only TLS 1.3, both sides present a certificate and verify the other's; private
-keys never touch a file system (loaded through an anonymous memfd); plaintext is only ever
+keys are loaded into OpenSSL through an anonymous memfd, and a daemon's never touch a file
+system (ctl's leaf key is in its private cache file, nowhere else); plaintext is only ever
 the explicit ``TlsSettings(plaintext=True)`` and only to loopback addresses.
+Longer than ~450 lines on purpose: the certificates, the contexts and the reading of TLS
+failures are one trust model, read together with docs/security.md; and each minting function
+imports ``cryptography`` itself, so that a ctl whose material is cached never loads it.
 """
 
 from __future__ import annotations
@@ -27,13 +33,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from deltabkp.errors import (
     AuthError,
@@ -42,23 +44,29 @@ from deltabkp.errors import (
     RemoteProtocolError,
     UsageError,
 )
+from deltabkp.net import _certcache
 from deltabkp.net._address import is_loopback
 from deltabkp.net._keys import load_key
 
+if TYPE_CHECKING:  # imported where a certificate is minted (below), not at start
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
 __all__ = [
-    "TlsSettings",
+    "LEAF_LIFETIME_S",
+    "PLAINTEXT_FLAG",
     "Contexts",
-    "tls_contexts",
+    "TlsSettings",
+    "add_tls_arguments",
+    "check_plaintext_address",
+    "cluster_ca_pem",
+    "describe_tls_failure",
     "install_tls",
     "installed_tls",
     "prepare_tls",
-    "add_tls_arguments",
+    "tls_client_context",
+    "tls_contexts",
     "tls_from_args",
-    "cluster_ca_pem",
-    "check_plaintext_address",
-    "describe_tls_failure",
-    "LEAF_LIFETIME_S",
-    "PLAINTEXT_FLAG",
 ]
 
 #: A minted leaf is valid this long (and from an hour back: clocks of nodes differ a little).
@@ -86,6 +94,9 @@ class TlsSettings:
     key_file: Path | None = None
     ca_file: Path | None = None
     extra_keys: tuple[bytes, ...] = attrs.field(default=(), repr=False)
+    #: Keep minted material here between runs (``_certcache``: ctl, a short-lived process);
+    #: None: mint in memory at start (daemons).
+    cache_dir: Path | None = None
 
     def __attrs_post_init__(self) -> None:
         pki = (self.cert_file, self.key_file, self.ca_file)
@@ -120,6 +131,7 @@ class Contexts:
 
 _installed = TlsSettings()
 _cache: dict[tuple[TlsSettings, bytes, str], Contexts] = {}
+_client_cache: dict[tuple[TlsSettings, bytes, str], ssl.SSLContext] = {}
 
 
 def install_tls(settings: TlsSettings) -> None:
@@ -192,10 +204,16 @@ def tls_from_args(args: argparse.Namespace) -> TlsSettings:
     return settings
 
 
-# -- the cluster CA ----------------------------------------------------------------------------
+# -- the cluster CA and minted leaves ------------------------------------------------------------
+# ``cryptography`` is imported inside these functions: only a process that mints pays for it
+# (a daemon at start and every hour; ctl when its cached material is missing or expiring).
 
 
 def _ca_key(cluster_key: bytes) -> ed25519.Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=_CA_SALT, info=b"ed25519 CA key").derive(
         cluster_key
     )
@@ -203,6 +221,10 @@ def _ca_key(cluster_key: bytes) -> ed25519.Ed25519PrivateKey:
 
 
 def _ca_name(ca_key: ed25519.Ed25519PrivateKey) -> x509.Name:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import NameOID
+
     raw = ca_key.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
@@ -217,6 +239,8 @@ def _ca_name(ca_key: ed25519.Ed25519PrivateKey) -> x509.Name:
 def _ca_cert(ca_key: ed25519.Ed25519PrivateKey) -> x509.Certificate:
     """Byte-identical on every holder of the key: fixed dates and serial, Ed25519 is
     deterministic."""
+    from cryptography import x509
+
     name = _ca_name(ca_key)
     pub = ca_key.public_key()
     serial = int.from_bytes(hashlib.sha256(name.public_bytes()).digest()[:16], "big") >> 1
@@ -234,10 +258,14 @@ def _ca_cert(ca_key: ed25519.Ed25519PrivateKey) -> x509.Certificate:
 
 def cluster_ca_pem(cluster_key: bytes) -> bytes:
     """The cluster CA's certificate (PEM), e.g. for an operator's ``openssl`` checks."""
+    from cryptography.hazmat.primitives import serialization
+
     return _ca_cert(_ca_key(cluster_key)).public_bytes(serialization.Encoding.PEM)
 
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    from cryptography import x509
+
     return x509.KeyUsage(
         digital_signature=not cert_sign, content_commitment=False, key_encipherment=False,
         data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
@@ -245,12 +273,20 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     )
 
 
-def _mint_leaf(cluster_key: bytes, role: str) -> tuple[bytes, bytes]:
-    """A fresh key and a certificate for ``role`` under the cluster CA: (cert PEM, key PEM)."""
+def _mint_leaf(
+    cluster_key: bytes, role: str, now: datetime.datetime | None = None
+) -> tuple[bytes, bytes]:
+    """A fresh key and a certificate for ``role`` under the cluster CA, valid from ``now``
+    (default: the clock) less the skew: (cert PEM, key PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     ca_key = _ca_key(cluster_key)
     ca = _ca_cert(ca_key)
     leaf_key = ed25519.Ed25519PrivateKey.generate()
-    now = datetime.datetime.now(datetime.UTC)
+    now = now or datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([
@@ -332,24 +368,52 @@ def _context(server_side: bool, ca_pem: bytes, chain_pem: bytes, where: str) -> 
     return ctx
 
 
-def _build(settings: TlsSettings, key: bytes, role: str) -> Contexts:
+def _material(settings: TlsSettings, key: bytes, role: str) -> tuple[bytes, bytes, str]:
+    """What we trust and what we present, PEM: (CA bundle, certificate + key, where from)."""
     if settings.pki:
         assert settings.cert_file and settings.key_file and settings.ca_file
         ca = _read_pem(settings.ca_file, "--tls-ca file")
         chain = _read_pem(settings.cert_file, "--tls-cert file") + b"\n" + _read_pem(
             settings.key_file, "--tls-key file"
         )
-        where = f"{settings.cert_file}, {settings.key_file}, {settings.ca_file}"
+        return ca, chain, f"{settings.cert_file}, {settings.key_file}, {settings.ca_file}"
+    if settings.cache_dir is None:
+        got = _mint(settings, key, role)
     else:
-        ca = b"".join(cluster_ca_pem(k) for k in dict.fromkeys((key, *settings.extra_keys)))
-        cert, leaf_key = _mint_leaf(key, role)
-        chain = cert + leaf_key
-        where = "minted from the cluster key"
+        path = _certcache.cache_path(
+            settings.cache_dir, key, settings.extra_keys, role,
+            b"%s %d %d" % (_CA_SALT, LEAF_LIFETIME_S, _SKEW_S),  # what a mint depends on
+        )
+        got = _certcache.load_or_mint(path, key, lambda: _mint(settings, key, role))
+    return got.ca_pem, got.chain_pem, "minted from the cluster key"
+
+
+def _mint(settings: TlsSettings, key: bytes, role: str) -> _certcache.Material:
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    ca = b"".join(cluster_ca_pem(k) for k in dict.fromkeys((key, *settings.extra_keys)))
+    cert, leaf_key = _mint_leaf(key, role, now)
+    minted = int(now.timestamp())
+    return _certcache.Material(ca, cert + leaf_key, minted, minted + int(LEAF_LIFETIME_S))
+
+
+def _build(settings: TlsSettings, key: bytes, role: str) -> Contexts:
+    ca, chain, where = _material(settings, key, role)
     return Contexts(
         server=_context(True, ca, chain, where),
         client=_context(False, ca, chain, where),
         built=time.monotonic(),
     )
+
+
+def tls_client_context(settings: TlsSettings, key: bytes, role: str) -> ssl.SSLContext:
+    """Only the connecting context for ``role`` (a one-shot client: ctl's blocking edge),
+    built once per process; a long-lived process uses ``tls_contexts``, which refreshes."""
+    k = (settings, key, role)
+    got = _client_cache.get(k)
+    if got is None:
+        ca, chain, where = _material(settings, key, role)
+        got = _client_cache[k] = _context(False, ca, chain, where)
+    return got
 
 
 # -- plaintext and failures ------------------------------------------------------------------------
