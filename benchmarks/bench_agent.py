@@ -11,7 +11,10 @@ that cache and serves one backup request with the layout delta accepted — fing
 quick checks, incremental build, new archive and index kept, cache records — with
 ``_stream_layout`` stubbed out (the layout encode is timed by ``bench_system.sh``).  Each
 round runs in a fresh process (CPU and wall of the request only; the CRC tables a daemon
-builds at its first build are built before timing).  ``--compare DIR`` runs every round
+builds at its first build are built before timing), timed up to the answer
+(``backup-done``: what the server waits for) and to the request's end (the cache records
+and the kept build's seek points follow the answer); the last round's per-phase timeline
+(``deltabkp._phases``) is printed when the version logs one.  ``--compare DIR`` runs every round
 also with ``PYTHONPATH=DIR`` (e.g. ``git archive HEAD | tar -x -C DIR``), interleaved, for
 ratios side by side in one run.  Medians; asserts nothing.
 """
@@ -31,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _serve(work: Path, base: bytes | None, layout: bool) -> tuple[float, float, str]:
+def _serve(work: Path, base: bytes | None, layout: bool) -> tuple[float, float, str, float, float]:
     import trio
 
     from deltabkp import protocol
@@ -44,9 +47,13 @@ def _serve(work: Path, base: bytes | None, layout: bool) -> tuple[float, float, 
     crc32_concat([1, 2], [3, 4])  # tables: built once per daemon
     root = os.path.realpath(work / "app")
 
+    answered: list[float] = []
+
     class Chan:  # the server's side: takes what is sent, says nothing meanwhile
         async def send(self, msg: object) -> None:
-            pass
+            # The answer (what the server waits for); what follows it is off its path.
+            if isinstance(msg, (protocol.BackupDone, protocol.Unchanged)) and not answered:
+                answered.extend((time.perf_counter(), time.process_time()))
 
         async def receive(self, timeout: float | None = None, raise_errors: bool = True) -> None:
             await trio.sleep_forever()
@@ -58,18 +65,21 @@ def _serve(work: Path, base: bytes | None, layout: bool) -> tuple[float, float, 
 
     w, c = time.perf_counter(), time.process_time()
     out = trio.run(serve)
-    return time.perf_counter() - w, time.process_time() - c, f"{out.outcome}/{out.signature_from}"
+    wall, cpu = time.perf_counter() - w, time.process_time() - c
+    print(getattr(out, "phases", ""), file=sys.stderr)  # the per-phase timeline, if logged
+    return wall, cpu, f"{out.outcome}/{out.signature_from}", answered[0] - w, answered[1] - c
 
 
-def _round(work: Path, pythonpath: str | None) -> tuple[float, float, str]:
+def _round(work: Path, pythonpath: str | None) -> tuple[float, float, str, float, float, str]:
     shutil.rmtree(work / "cache", ignore_errors=True)
     subprocess.run(["cp", "-a", str(work / "cache.first"), str(work / "cache")], check=True)
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    out = subprocess.run([sys.executable, __file__, "--round", str(work)], env=env, check=True,
-                         capture_output=True, text=True).stdout.split()
-    return float(out[0]), float(out[1]), out[2]
+    run = subprocess.run([sys.executable, __file__, "--round", str(work)], env=env, check=True,
+                         capture_output=True, text=True)
+    out = run.stdout.split()
+    return float(out[0]), float(out[1]), out[2], float(out[3]), float(out[4]), run.stderr.strip()
 
 
 def main() -> None:
@@ -82,8 +92,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.round:
         work = Path(args.round)
-        w, c, how = _serve(work, (work / "base-hash").read_bytes(), True)
-        print(f"{w:.4f} {c:.4f} {how}")
+        w, c, how, aw, ac = _serve(work, (work / "base-hash").read_bytes(), True)
+        print(f"{w:.4f} {c:.4f} {how} {aw:.4f} {ac:.4f}")
         return
     sys.path.insert(0, str(HERE))
     import archive_data
@@ -96,7 +106,7 @@ def main() -> None:
         subprocess.run(["cp", "-a", str(trees["base"]), str(work / "app")], check=True)
         if not args.racy_first:
             time.sleep(RACY_NS / 1e9 + 0.1)  # the copy's ctimes: reusable by the next build
-        _w, _c, _how = _serve(work, None, False)
+        _serve(work, None, False)
         from deltabkp_agent.cache import AgentCache
 
         kept = AgentCache(work / "cache").kept_index(os.path.realpath(work / "app"))
@@ -105,19 +115,25 @@ def main() -> None:
         subprocess.run(["rsync", "-a", "--delete", f"{trees['new']}/", f"{work / 'app'}/"], check=True)
         subprocess.run(["cp", "-a", str(work / "cache"), str(work / "cache.first")], check=True)
         versions = {"this tree": None} | ({f"--compare {args.compare}": args.compare} if args.compare else {})
-        got: dict[str, list[tuple[float, float, str]]] = {v: [] for v in versions}
+        got: dict[str, list[tuple[float, float, str, float, float, str]]] = {v: [] for v in versions}
         for _ in range(args.rounds):
             for name, path in versions.items():
                 got[name].append(_round(work, path))
         print(f"serve_backup after the ~1% change (layout accepted, encoder stubbed"
               f"{'; first build racy' if args.racy_first else ''}), "
               f"{args.rounds} rounds, cores {os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
-        ref = statistics.median(c for _w, c, _h in got["this tree"])
+        ref = statistics.median(r[4] for r in got["this tree"])
         for name, rows in got.items():
-            wall = statistics.median(w for w, _c, _h in rows)
-            cpu = statistics.median(c for _w, c, _h in rows)
-            print(f"   {name:40} wall {wall:6.3f} s   cpu {cpu:6.3f} s   (cpu / this tree's "
-                  f"{cpu / ref:.2f})   {rows[-1][2]}")
+            wall = statistics.median(r[0] for r in rows)
+            cpu = statistics.median(r[1] for r in rows)
+            awall = statistics.median(r[3] for r in rows)
+            acpu = statistics.median(r[4] for r in rows)
+            # "answer": up to backup-done (what the server waits for); "all": the request,
+            # with the work after the answer (cache records, seek points).
+            print(f"   {name:32} answer wall {awall:6.3f} s cpu {acpu:6.3f} s (cpu / this tree's "
+                  f"{acpu / ref:.2f})   all wall {wall:6.3f} s cpu {cpu:6.3f} s   {rows[-1][2]}")
+            if rows[-1][5]:
+                print(f"   {'':32} phases (last round): {rows[-1][5]}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

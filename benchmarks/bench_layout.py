@@ -1,7 +1,7 @@
 """The layout delta's cost on the bench pair: encode (agent) and apply (server), side by side
 with a full build of the same tree and with the rolling delta it replaces.
 
-    python benchmarks/bench_layout.py [--repeat N] [--baseline PATH]
+    python benchmarks/bench_layout.py [--repeat N] [--baseline PATH] [--seek [KIB ...]]
 
 Trees (``benchmarks/archive_data.py``): the ~107 MB stdlib tree and its copy with the ~1%
 change set.  Both archives are built (``IncrementalBuilder``, indexes kept) under
@@ -13,6 +13,11 @@ change set.  Both archives are built (``IncrementalBuilder``, indexes kept) unde
 - ``rolling``: signature of the old archive then ``DeltaEncoder`` over the new one (the
   fallback), for reference;
 - ``full build``: a fresh ``TgzBuilder`` of the new tree, the unit of the ratios.
+
+``--seek`` runs encode and apply again given the old archive's seek points
+(``SeekPoints``, docs/formats.md "Seek points"), in the same run, and times making them as
+the agent does (from the index; then the new archive's derived from it, ``derive``) and
+as the server does (from the sync markers); the delta must be the same bytes.  ``--seek 256 512 1024`` does it for each spacing (KiB).
 
 ``--baseline PATH`` runs encode and apply again with the ``deltabkp`` package found under
 PATH (e.g. a ``git worktree`` of an older commit), in the same run, on the same archives.
@@ -53,17 +58,19 @@ def _timed(fn: Callable[[], Any], repeat: int) -> tuple[tuple[float, float], Any
     return best, result
 
 
-def measure(repeat: int) -> dict[str, object]:
-    """Encode and apply with whichever ``deltabkp`` is first on sys.path."""
+def measure(repeat: int, seek: Any = None) -> dict[str, object]:
+    """Encode and apply with whichever ``deltabkp`` is first on sys.path (``seek``: the old
+    archive's seek points, passed only when given: a baseline may not know them)."""
     from deltabkp.archive import ArchiveIndex, LayoutPatcher, encode_layout
 
     old_i = ArchiveIndex.parse((OUT / "old.idx").read_bytes())
     new_i = ArchiveIndex.parse((OUT / "new.idx").read_bytes())
     old, new = _mapped(OUT / "old.tgz"), _mapped(OUT / "new.tgz")
-    enc, delta = _timed(lambda: b"".join(encode_layout(old_i, old, new_i, new)), repeat)
+    kw = {} if seek is None else {"seek": seek}
+    enc, delta = _timed(lambda: b"".join(encode_layout(old_i, old, new_i, new, **kw)), repeat)
 
     def apply() -> None:
-        p = LayoutPatcher(old, base_hash=old_i.archive_hash, max_size=1 << 40)
+        p = LayoutPatcher(old, base_hash=old_i.archive_hash, max_size=1 << 40, **kw)
         with open(OUT / "applied.tgz", "wb") as f:
             for at in range(0, len(delta), 1 << 16):
                 f.writelines(p.feed(delta[at : at + (1 << 16)]))
@@ -79,6 +86,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--baseline", help="a directory holding another deltabkp package")
+    ap.add_argument("--seek", nargs="*", type=int, metavar="KIB",
+                    help="also with the old archive's seek points (at these spacings, KiB)")
     ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:  # the baseline's child process
@@ -113,6 +122,37 @@ def main() -> None:
 
     roll, roll_bytes = _timed(rolling, args.repeat)
     rows = {"this tree": measure(args.repeat)}
+    seek_notes: list[str] = []
+    if args.seek is not None:
+        from deltabkp.archive import ArchiveIndex, SeekPoints
+        from deltabkp.archive._seek import SPACING
+
+        old_i = ArchiveIndex.parse((OUT / "old.idx").read_bytes())
+        old_m = _mapped(OUT / "old.tgz")
+        new_i = ArchiveIndex.parse((OUT / "new.idx").read_bytes())
+        new_m = _mapped(OUT / "new.tgz")
+        for kib in args.seek or [SPACING >> 10]:
+            sp = kib << 10
+            agent, seek = _timed(
+                lambda sp=sp: SeekPoints.build(old_m, old_i.archive_hash, index=old_i, spacing=sp),
+                args.repeat)
+            server, by_markers = _timed(
+                lambda sp=sp: SeekPoints.build(old_m, old_i.archive_hash, spacing=sp), args.repeat)
+            assert by_markers == seek, "seek points from the markers differ from the index's"
+            derive, _ = _timed(
+                lambda sp=sp, seek=seek: SeekPoints.derive(seek, old_i, new_m, new_i, spacing=sp),
+                args.repeat)
+            label = f"seek points, {kib} KiB"
+            rows[label] = measure(args.repeat, seek)
+            if rows[label]["delta"] != rows["this tree"]["delta"]:
+                print(f"({label}: the delta has another size!)")
+            t, s = rows["this tree"], rows[label]
+            seek_notes.append(
+                f"{label}: {len(seek)} points, file {len(seek.encode()):,} bytes; made from the "
+                f"index (agent) {agent[0]:.3f} s CPU, from the markers (server) {server[0]:.3f} s "
+                f"CPU, the new archive's derived from it (agent) {derive[0]:.3f} s CPU (after "
+                f"the backup); encode {t['encode'][0] / s['encode'][0]:.2f}x, apply "
+                f"{t['apply'][0] / s['apply'][0]:.2f}x less CPU")
     if args.baseline:
         env = dict(os.environ, PYTHONPATH=os.path.abspath(args.baseline))
         out = subprocess.run(
@@ -135,6 +175,8 @@ def main() -> None:
             print(f"| ({label}: the applied archive differs from the built one!) |")
     print(f"| rolling delta (signature + delta) | {roll[0]:.3f} | {roll[1]:.3f} | "
           f"{roll[0] / full[0]:.3f} | {roll_bytes:,} | {100 * roll_bytes / len(new_b):.3f} |")
+    for note in seek_notes:
+        print(note)
     if "baseline" in rows:
         b, t = rows["baseline"], rows["this tree"]
         for step in ("encode", "apply"):

@@ -28,7 +28,8 @@ _ENGINE_NAMES = (
 _ARCHIVE_NAMES = (
     "LAYOUT_CAPABILITY", "LAYOUT_MAGIC", "ArchiveIndex", "ArchiveReport", "ExtractReport",
     "FileIssue", "Fingerprint", "IncrementalBuilder", "IncrementalStats", "LayoutPatcher",
-    "TgzBuilder", "build_archive", "check_destination", "encode_layout", "extract_archive",
+    "SeekPoints", "TgzBuilder", "build_archive", "check_destination", "encode_layout",
+    "extract_archive",
     "tree_fingerprint",
 )
 _LAZY = {**dict.fromkeys(_ENGINE_NAMES, "deltabkp.engine"),

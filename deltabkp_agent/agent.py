@@ -356,15 +356,17 @@ class Agent:
         self.served += 1
         self.metrics.backup(out, trio.current_time() - began)
         if out.outcome == "unchanged":
-            log.info("backup of %s: unchanged (%s), base %s", path, out.reason,
-                     out.archive_hash.hex()[:16], extra={**about, "event": "backup-served"})
+            log.info("backup of %s: unchanged (%s), base %s; phases %s", path, out.reason,
+                     out.archive_hash.hex()[:16], out.phases,
+                     extra={**about, "event": "backup-served"})
         else:
             log.info(
                 "backup of %s: archive %s, %d bytes, %d files, delta %d bytes (%.1f%%), "
-                "signature from %s, %d changed while read",
+                "signature from %s, %d changed while read; phases %s",
                 path, out.archive_hash.hex()[:16], out.archive_size, out.files, out.delta_bytes,
                 100.0 * out.delta_bytes / out.archive_size if out.archive_size else 0.0,
-                out.signature_from, out.changed, extra={**about, "event": "backup-served"},
+                out.signature_from, out.changed, out.phases,
+                extra={**about, "event": "backup-served"},
             )
         return True
 

@@ -34,9 +34,14 @@ Invariants:
 - the layout delta (``archive.encode_layout``, docs/formats.md) needs no signature and no
   rolling search: used when the server offers it and the kept build's index names the base;
   it is made once the build ran to its end, from both archives, checked as it is made (equal
-  COPY bytes, RUNs that compress back to the new archive) and streamed (the server decodes
-  while the agent encodes); if it cannot be made before its first byte the rolling delta
-  follows, as if it had not been offered (only empty keep-alive chunks were sent);
+  COPY bytes, RUNs that compress back to the new archive) and streamed as it is made (a
+  chunk at least every ``STREAM_S``: the server rebuilds the archive while the agent
+  encodes, where one chunk at the end left it idle until then); if it cannot be made
+  before its first byte the rolling delta follows, as if it had not been offered (only
+  empty keep-alive chunks were sent), after it the backup fails and the kept build is
+  dropped (the next one is a full build and a rolling delta);
+- each request logs its per-phase timeline (``deltabkp._phases``; ``BackupOutcome.phases``,
+  on the agent's ``backup-served`` line);
 - delta output is held back (up to ``HOLD_LIMIT``) while a base exists, so an archive that
   turns out byte-identical to the base is answered ``unchanged (hash)`` with no delta sent;
 - a server that hangs up, stops reading (the transport's send deadline) or sends anything
@@ -80,6 +85,7 @@ import trio
 import deltabkp
 from deltabkp import Signature, net, protocol
 from deltabkp._mmap import mapped
+from deltabkp._phases import Phases
 from deltabkp.archive import LAYOUT_CAPABILITY, ArchiveIndex
 from deltabkp.errors import (
     ArchiveError,
@@ -100,6 +106,11 @@ log = logging.getLogger("deltabkp_agent")
 HOLD_LIMIT = 1 << 20
 #: Delta bytes gathered before a push to the network (fewer, fuller frames).
 FLUSH_AT = protocol.MAX_CHUNK
+#: Longest the layout delta's records wait on the agent before going out, while its encoder
+#: works: the server rebuilds the new archive from them as they come, so its apply overlaps
+#: the encode instead of following it (a ~1 % change makes ~30 KB in ~70 records over
+#: ~0.5 s: a dozen or two frames, where one at the end left the server idle until then).
+STREAM_S = 0.02
 #: Slots of the thread → event loop channel (each ≤ MAX_CHUNK bytes).
 CHANNEL_SLOTS = 4
 #: Longest the server may hear nothing during a build: after this, held delta bytes (or an
@@ -132,6 +143,8 @@ class BackupOutcome:
     files: int = 0
     changed: int = 0
     signature_from: str = ""  # "cache" | "server" | "none" | "layout" (no signature needed)
+    #: Where the request's time went (``Phases.render``), for the agent's log line.
+    phases: str = ""
 
 
 @attrs.frozen
@@ -171,6 +184,20 @@ async def serve_backup(
     exclude: tuple[str, ...],
 ) -> BackupOutcome:
     """Answer ``req`` for the real directory ``root`` (already allow-listed) on ``chan``."""
+    ph = Phases()
+    out = await _serve(ctx, chan, req, root, exclude, ph)
+    ph.lap("after")  # after the answer and the cache: the kept build's seek points
+    return attrs.evolve(out, phases=ph.render())
+
+
+async def _serve(
+    ctx: BackupContext,
+    chan: net.Channel,
+    req: protocol.BackupRequest,
+    root: str,
+    exclude: tuple[str, ...],
+    ph: Phases,
+) -> BackupOutcome:
     node, path = ctx.node, req.path
 
     async def thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -184,12 +211,15 @@ async def serve_backup(
     kept = await thread(ctx.cache.kept_index, root) if base is not None else None
     kept_is_base = base is not None and kept is not None and kept.archive_hash == base
     fingerprint: bytes | None = None
+    ph.lap("index")
     if base is not None and kept is not None and kept_is_base and recorded is None:
         # No fingerprint recorded for the base (its build found the tree racy): the tree
         # against the kept build's index, from metadata too, except the files that were
         # racy then, read again one by one.  No fingerprint walk before it: a changed tree
         # (the usual reason to be here) then costs one metadata walk, the build's.
-        if await thread(_unchanged_since, kept, root, exclude):
+        unchanged = await thread(_unchanged_since, kept, root, exclude)
+        ph.lap("quick-check")
+        if unchanged:
             await chan.send(protocol.Unchanged(base, "fingerprint"))
             # A fingerprint for the next check (one walk, no index): taken now, and trusted
             # only if the index still vouches for the tree after it was taken.
@@ -201,6 +231,7 @@ async def serve_backup(
             return BackupOutcome("unchanged", "fingerprint", base)
     else:
         fp = await thread(_fingerprint, root, exclude)
+        ph.lap("fingerprint")
         if base is not None and not fp.racy and recorded is not None and recorded == fp.digest:
             await chan.send(protocol.Unchanged(base, "fingerprint"))
             return BackupOutcome("unchanged", "fingerprint", base)
@@ -219,12 +250,12 @@ async def serve_backup(
         try:
             built = await _stream_delta(
                 ctx, chan, path, root, exclude, None, kept.archive_size, True, kept,
-                layout=kept,
+                layout=kept, phases=ph,
             )
         except _NoLayout as exc:
             log.info("backup of %s: layout delta given up (%s); rolling delta", path, exc)
         else:
-            return await _finish(ctx, chan, req, root, exclude, fingerprint, built, "layout")
+            return await _finish(ctx, chan, req, root, exclude, fingerprint, built, "layout", ph)
 
     # 3. The signature of the base: cached, or asked from the server, or empty (first backup).
     sig_from = "none"
@@ -243,6 +274,7 @@ async def serve_backup(
             # It is the server's own signature of that archive: worth keeping.
             await thread(_cache_quietly, ctx.cache.record, root, req.base_hash,
                          {"fingerprint": None, "exclude": exclude, "signature": raw})
+    ph.lap("signature")
 
     # 4. Build archive → delta in a worker thread; stream it.
     if req.base_hash is not None:
@@ -251,14 +283,15 @@ async def serve_backup(
         estimate = await thread(_estimate_archive_size, root)
     built = await _stream_delta(
         ctx, chan, path, root, exclude, base_sig, estimate, req.base_hash is not None,
-        kept if req.base_hash is not None else _UNREAD,
+        kept if req.base_hash is not None else _UNREAD, phases=ph,
     )
-    return await _finish(ctx, chan, req, root, exclude, fingerprint, built, sig_from)
+    return await _finish(ctx, chan, req, root, exclude, fingerprint, built, sig_from, ph)
 
 
 async def _finish(
     ctx: BackupContext, chan: net.Channel, req: protocol.BackupRequest, root: str,
     exclude: tuple[str, ...], fingerprint: bytes | None, built: _Built, sig_from: str,
+    ph: Phases,
 ) -> BackupOutcome:
     """``unchanged (hash)`` or ``backup-done``, then the cache."""
 
@@ -267,15 +300,22 @@ async def _finish(
 
     if req.base_hash is not None and built.held and built.archive_hash == req.base_hash:
         await chan.send(protocol.Unchanged(req.base_hash, "hash"))
+        ph.lap("send")
         await thread(_cache_quietly, ctx.cache.record, root, req.base_hash,
                      {"fingerprint": fingerprint, "exclude": exclude, "signature": None})
+        ph.lap("cache")
         return BackupOutcome("unchanged", "hash", req.base_hash, built.archive_size,
                              signature_from=sig_from)
     await chan.send(protocol.BackupDone(
         built.archive_hash, built.archive_size, built.files, built.changed, built.skipped
     ))
+    ph.lap("send")
     await thread(_cache_quietly, ctx.cache.record, root, built.archive_hash,
                  {"fingerprint": fingerprint, "exclude": exclude, "signature": built.signature})
+    ph.lap("cache")
+    # The kept build's seek points, for the next layout delta: after the answer went (off
+    # the backup's critical path), still under the path's lock (never raises).
+    await thread(ctx.cache.make_seek, root)
     return BackupOutcome(
         "sent", "", built.archive_hash, built.archive_size, built.delta_bytes, built.files,
         len(built.changed), sig_from,
@@ -396,6 +436,7 @@ def _build(
     cache: AgentCache,
     layout: ArchiveIndex | None = None,
     kept_index: ArchiveIndex | None | _Unread = _UNREAD,
+    phases: Phases | None = None,
 ) -> _Built | None:
     """Worker thread: tgz → delta encoder → channel. None if stopped.
 
@@ -406,8 +447,11 @@ def _build(
     decoding it, and sent whole (``_NoLayout`` when it cannot be).  ``kept_index``: that
     index as already read for this request (not parsed again).  The new archive's own
     signature is made here only when the archive is not being kept (else
-    ``_cached_signature`` makes it from the kept archive if a later backup needs it)."""
+    ``_cached_signature`` makes it from the kept archive if a later backup needs it).
+    ``phases``: laps from this thread while the event loop awaits it."""
     from deltabkp.archive import IncrementalBuilder
+
+    ph = phases if phases is not None else Phases()
 
     last_push = time.monotonic()
 
@@ -463,7 +507,9 @@ def _build(
                     out, pending = bytes(pending), bytearray()
                     delta_bytes += len(out)
                     push(out)
+            ph.lap("build" if encoder is None else "build+delta")
             kept.done(builder.index)
+            ph.lap("keep")
             if layout is not None:
                 # The kept archive must be the base: its index names it, and the builder
                 # checked the file's blake3 against that index before using it ("" = used).
@@ -475,6 +521,7 @@ def _build(
                 _log_build(root, builder)
                 if not held:
                     delta_bytes += _stream_layout(kept, kept.index, new, push, cache, root)
+                    ph.lap("layout")
                 return _Built(
                     archive_hash=new.archive_hash, archive_size=new.archive_size,
                     files=int(builder.report.files),
@@ -523,7 +570,8 @@ def _stream_layout(
     cache: AgentCache, root: str,
 ) -> int:
     """Send the layout delta from the kept archive (the server's base) to the one just
-    built, as it is made, so the server decodes while the agent encodes; the bytes sent.
+    built, as it is made (``FLUSH_AT`` bytes or ``STREAM_S`` seconds, whichever comes first),
+    so the server decodes while the agent encodes; the bytes sent.
 
     The encoder checks what it makes (every COPY is of equal bytes, every RUN compresses
     back to the new archive's bytes).  A failure before the first byte is ``_NoLayout``
@@ -537,19 +585,23 @@ def _stream_layout(
     sent = 0
     pending: list[bytes] = []
     size = 0
+    due = time.monotonic() + STREAM_S
     try:
         with open(kept.archive, "rb") as old_file, new_file, \
                 mapped(old_file) as old_buf, mapped(new_file) as new_buf:
-            records = encode_layout(old, old_buf, new, new_buf)
+            # The kept archive's seek points (if made, and its own): old tar bytes are
+            # inflated around the change only; the same delta either way.
+            records = encode_layout(old, old_buf, new, new_buf, seek=cache.kept_seek(root, old))
             try:
                 for record in records:
                     pending.append(record)
                     size += len(record)
-                    if size >= FLUSH_AT:
+                    if size >= FLUSH_AT or time.monotonic() >= due:
                         out = b"".join(pending)
                         pending, size = [], 0
                         sent += len(out)
                         push(out)
+                        due = time.monotonic() + STREAM_S
             finally:
                 records.close()  # it holds views of the mmaps, which must go first
                 del records
@@ -613,6 +665,7 @@ async def _stream_delta(
     kept_index: ArchiveIndex | None | _Unread = _UNREAD,
     *,
     layout: ArchiveIndex | None = None,
+    phases: Phases | None = None,
 ) -> _Built:
     send, receive = trio.open_memory_channel[bytes](CHANNEL_SLOTS)
     box = _Box()
@@ -622,7 +675,7 @@ async def _stream_delta(
             try:
                 box.built = await trio.to_thread.run_sync(
                     _build, root, exclude, base_sig, estimate, hold, send, ctx.cache, layout,
-                    kept_index, limiter=ctx.limiter,
+                    kept_index, phases, limiter=ctx.limiter,
                 )
             except Exception as exc:  # reported to the server below; a bug is logged there
                 box.error = exc

@@ -30,6 +30,7 @@ import attrs
 import trio
 
 from deltabkp import net, protocol
+from deltabkp._phases import Phases
 from deltabkp.errors import (
     AuthError,
     DeltabkpError,
@@ -45,6 +46,7 @@ from deltabkp_server.metrics import ServerMetrics
 from deltabkp_server.model import ArchiveRecord, ExecutionRecord, ExecutionResult, Target
 from deltabkp_server.pull import Unchanged, pull
 from deltabkp_server.retention import rotate
+from deltabkp_server.seeks import SeekCache
 from deltabkp_server.store import Store
 
 __all__ = ["Executor", "ExecutionSettings", "Ran"]
@@ -121,6 +123,8 @@ class Executor:
     #: each close: ``backup-now --wait`` answers the moment its row closes on this server
     #: instead of at its next look at the catalog (it still looks, for other servers' runs).
     closed: dict[int, ExecutionRecord] = attrs.Factory(dict)
+    #: Seek files of each target's newest archive (None: none made or used).
+    seeks: SeekCache | None = None
     _closing: trio.Event = attrs.Factory(trio.Event)
 
     def on_close(self) -> trio.Event:
@@ -181,6 +185,7 @@ class Executor:
                     # backup's rotation retries them.
                     log.warning("execution %d of %s: stored; retention or conversion failed: %s",
                                 eid, target.name, exc, extra={**about, "event": "rotate-failed"})
+                await self._make_seek(target)
         except DeltabkpError as exc:
             exc.with_context(node=target.node, path=target.path)
             # The node refusing this path will refuse it again: wait for the next period.
@@ -211,6 +216,22 @@ class Executor:
         self.metrics.executed(record)
         return Ran(record, retry)
 
+    async def _make_seek(self, target: Target) -> None:
+        """The seek points of the target's newest archive (the next backup's base), so the
+        next layout delta inflates it only around what changed: after the commit (``--wait``
+        has its answer), still under the lease; never fails the execution."""
+        if self.seeks is None:
+            return
+        tid = target.id
+        try:
+            newest = await self.catalog.call(lambda c: c.newest_retained(tid))
+        except DeltabkpError as exc:
+            log.debug("execution of %s: no seek points: %s", target.name, exc)
+            return
+        if newest is not None:
+            await trio.to_thread.run_sync(self.seeks.make, self.store, tid, newest.seq,
+                                          newest.size, newest.hash, limiter=self.files)
+
     async def _finish(self, eid: int, result: ExecutionResult) -> ExecutionRecord:
         return self._closed(await self.catalog.call(lambda c: c.finish_execution(eid, result)))
 
@@ -219,6 +240,7 @@ class Executor:
     ) -> ExecutionRecord | _Same:
         """Pull (protocol) → ingest (patch, verify, commit) over one connection."""
         tid = target.id
+        ph = Phases()  # where this attempt's time went: one log line at its end
         base = None if full else await self.catalog.call(lambda c: c.newest_retained(tid))
         try:
             chan = await net.connect(
@@ -232,10 +254,12 @@ class Executor:
         # Silence is bounded by --idle-timeout both ways: an agent that stops reading (its
         # acknowledgements lost on a partition) is as gone as one that stops writing.
         chan.send_timeout = self.settings.idle_timeout
+        ph.lap("connect")  # the base's row, TCP, TLS and the hello
         meter.current = chan
         ingest = Ingest(
             catalog=self.catalog, store=self.store, target=target, base=base,
-            limiter=self.files, max_size=self.settings.max_archive_size,
+            limiter=self.files, max_size=self.settings.max_archive_size, phases=ph,
+            seeks=self.seeks,
         )
         # Counted as they move: a scrape during a long backup sees the bytes grow.
         counted = self.metrics.wire.add(lambda: (chan.bytes_sent, chan.bytes_received))
@@ -243,6 +267,7 @@ class Executor:
             pulled = await pull(
                 chan, target.path, base.hash if base else None, idle=self.settings.idle_timeout,
                 read_signature=ingest.read_signature, sink=ingest, bwlimit=target.bwlimit,
+                phases=ph,
             )
             if isinstance(pulled, Unchanged):
                 assert base is not None  # the conversation refuses "unchanged" without a base
@@ -271,6 +296,9 @@ class Executor:
             raise
         finally:
             self.metrics.wire.done(counted)
+            log.info("execution %d of %s: phases %s", eid, target.name, ph.render(),
+                     extra={**net.log_context(node=target.node, path=target.path, execution=eid),
+                            "event": "execution-phases"})
             await ingest.aclose()
             meter.close(chan)
             await chan.aclose()

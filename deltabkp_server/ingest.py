@@ -10,7 +10,12 @@ Invariants:
   fsynced into place; on any failure or cancellation ``aclose`` leaves no file behind;
 - the delta is the rolling one (``engine.Patcher``) or, when the agent took the offer, the
   layout delta (``archive.LayoutPatcher``), told apart by its magic; both end verified the
-  same way;
+  same way; the layout patcher gets the base's seek points when the server has them
+  (``seeks``: made after the base was committed), else inflates the base from its start;
+- it laps the execution's timeline (``deltabkp._phases``): open, verify, store-commit,
+  catalog-commit (four fsyncs before the answer, each needed: the archive's data and its
+  signature's before their renames, the directory's so the renames survive a crash, the
+  catalog's commit; the writeback hints make the first one wait for the tail only);
 - a base that cannot be read is marked missing (never offered again) and reported as an
   ``IntegrityError``, which the executor retries as a full transfer.
 """
@@ -26,6 +31,7 @@ import trio
 
 import deltabkp
 from deltabkp import protocol
+from deltabkp._phases import Phases
 from deltabkp.archive import LAYOUT_MAGIC, LayoutPatcher
 from deltabkp.errors import IntegrityError, StoreError, StoreUnavailable
 from deltabkp_server.catalog import AsyncCatalog
@@ -35,6 +41,7 @@ from deltabkp_server.model import (
     ExecutionResult,
     Target,
 )
+from deltabkp_server.seeks import SeekCache
 from deltabkp_server.store import PartWriter, Store
 
 __all__ = ["Ingest"]
@@ -58,16 +65,22 @@ class _Patch:
         # unknown until the end, so that first signature is built from the written file.
         self.sig = deltabkp.SignatureBuilder(base_size=base.size) if base is not None else None
         self.part = part
+        #: The base's seek points, for a layout delta (``seeks.SeekCache``); None: none.
+        self.load_seek: Callable[[], Any] | None = None
 
     def _choose(self) -> Any:
         base = self._base
         # A layout delta is accepted only against a base (pull offers it only then); with
         # base_hash either patcher refuses, from the header on, a delta made for another.
         kind: Any = deltabkp.Patcher
+        extra: dict[str, Any] = {}
         if base is not None and self._head.startswith(LAYOUT_MAGIC):
             kind = LayoutPatcher
+            if self.load_seek is not None:
+                extra["seek"] = self.load_seek()
         self.patcher = kind(
-            self._base_buf, base_hash=base.hash if base else None, max_size=self._max_size
+            self._base_buf, base_hash=base.hash if base else None, max_size=self._max_size,
+            **extra,
         )
         # The layout patcher hands each piece over as soon as it is rebuilt: written (and
         # flushed by the kernel) while the rest is still being patched, not all at the end.
@@ -124,8 +137,13 @@ class Ingest:
         base: ArchiveRecord | None,
         limiter: trio.CapacityLimiter,
         max_size: int,
+        phases: Phases | None = None,
+        seeks: SeekCache | None = None,
     ) -> None:
         self.catalog, self.store, self.target, self.base = catalog, store, target, base
+        self._seeks = seeks
+        #: Laps "verify" (finish), "store-commit" (fsyncs, renames), "catalog-commit".
+        self.phases = phases if phases is not None else Phases()
         self._limiter = limiter
         self._max_size = max_size
         self._stack = contextlib.ExitStack()
@@ -175,6 +193,11 @@ class Ingest:
                     tid, self.base.seq, size=self.base.size, digest=self.base.hash
                 ))
             self._patch = _Patch(buf, self.base, self._part, self._max_size)
+            if self._seeks is not None and self.base is not None:
+                # Read when a layout delta is chosen (in the patch's worker thread).
+                seeks, tid, base = self._seeks, self.target.id, self.base
+                self._patch.load_seek = lambda: seeks.load(tid, base)
+            self.phases.lap("open")
         return self._patch
 
     async def feed(self, data: bytes) -> None:
@@ -185,6 +208,7 @@ class Ingest:
         """Verify the new archive; False when it is byte-identical to the base."""
         patch = await self._open()
         self._signature = await self._thread(patch.finish, done)
+        self.phases.lap("verify")
         # The patcher may hold views into the base's mmap: let go before it closes.
         self._patch = None
         del patch
@@ -198,6 +222,7 @@ class Ingest:
         ``result(seq)`` is the execution's result as of now."""
         assert self._part is not None and self.seq is not None
         await self._thread(self._part.commit, self._signature)
+        self.phases.lap("store-commit")
         tid, seq, res = self.target.id, self.seq, result(self.seq)
         try:
             _archive, record = await self.catalog.call(
@@ -208,6 +233,7 @@ class Ingest:
                 await self._thread(self.store.delete, tid, seq)
             raise
         self.committed = True
+        self.phases.lap("catalog-commit")
         return record
 
     async def aclose(self) -> None:

@@ -7,7 +7,8 @@ checked by ``protocol.AgentSession`` (an ``unchanged`` for a base we did not off
 signature request with no base, a chunk out of turn are the agent's protocol errors); this
 module only moves them, each wait under the idle deadline.  It offers the layout delta
 (``accepts``) only to an agent whose ``welcome`` advertised the same form and zlib.
-Patching and storing are the sink's business (``ingest``).
+Patching and storing are the sink's business (``ingest``).  It laps the execution's
+timeline (``deltabkp._phases``): the agent's time to answer, then receive and apply.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Protocol
 import attrs
 
 from deltabkp import net, protocol
+from deltabkp._phases import Phases
 from deltabkp.archive import LAYOUT_CAPABILITY
 from deltabkp.errors import RemoteProtocolError
 
@@ -54,25 +56,33 @@ async def pull(
     read_signature: Callable[[], Awaitable[bytes]],
     sink: DeltaSink,
     bwlimit: int | None = None,
+    phases: Phases | None = None,
 ) -> Pulled:
     """One backup request on ``chan``; delta chunks go to ``sink`` as they arrive
-    (``bwlimit``: the target's cap on what the agent sends, bytes/s)."""
+    (``bwlimit``: the target's cap on what the agent sends, bytes/s).  ``phases``: laps
+    "agent" (the request until the agent's first answer: its checks and build), "signature",
+    then "receive" (waiting for chunks) and "apply" (the sink's work) as they alternate."""
+    ph = phases if phases is not None else Phases()
     # The layout delta (docs/formats.md) only to an agent that advertised the same form
     # (and zlib): an agent that predates it never sees the field.
     accepts = (LAYOUT_CAPABILITY,) if LAYOUT_CAPABILITY in _deltas(chan) else ()
     await chan.send(protocol.BackupRequest(path, base_hash, (), bwlimit, accepts))
     msg = await chan.receive(timeout=idle)
+    ph.lap("agent")
     if isinstance(msg, protocol.NeedSignature):
         sig = await read_signature()
         for i in range(0, len(sig), protocol.MAX_CHUNK):
             await chan.send(protocol.SignatureChunk(sig[i : i + protocol.MAX_CHUNK]))
         await chan.send(protocol.SignatureEnd())
         msg = await chan.receive(timeout=idle)
+        ph.lap("signature")
     if isinstance(msg, protocol.Unchanged):
         return Unchanged(msg.reason)
     while isinstance(msg, protocol.DeltaChunk):
         await sink.feed(msg.data)
+        ph.lap("apply")
         msg = await chan.receive(timeout=idle)
+        ph.lap("receive")
     if isinstance(msg, protocol.BackupDone):
         return Delta(msg)
     # The conversation allows nothing else here; a bug in its table would land here.

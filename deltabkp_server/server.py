@@ -44,6 +44,7 @@ from deltabkp_server.execution import Executor
 from deltabkp_server.metrics import ServerMetrics
 from deltabkp_server.scheduler import LEASE_TTL_S, Scheduler
 from deltabkp_server.scrub import Verifier, run_scrub
+from deltabkp_server.seeks import SeekCache
 from deltabkp_server.store import Store, open_store
 from deltabkp_server.web import StatusPage, routes
 
@@ -131,10 +132,12 @@ class Server:
         cat, self.store = await trio.to_thread.run_sync(open_all)
         self.catalog = AsyncCatalog(cat)
         await self.reconcile()
+        # Server-local, whatever the store: the newest archive's seek points per target.
+        seeks = await trio.to_thread.run_sync(SeekCache, cfg.data_dir / "seek")
         executor = Executor(
             key=cfg.key, catalog=self.catalog, store=self.store,
             files_limiter=self.files_limiter, settings=cfg.settings, clock=self.clock,
-            metrics=self.metrics,
+            metrics=self.metrics, seeks=seeks,
         )
         self.scheduler = Scheduler(
             executor=executor, catalog=self.catalog, key=cfg.key, server_id=self.server_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -35,3 +36,18 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
     url = postgres_server.create_database(name)
     yield url
     postgres_server.drop_database(name)
+
+
+@pytest.fixture(autouse=True)
+def _daemon_loggers_restored() -> Iterator[None]:
+    """A daemon's logging set-up run in-process (``configure_logging``, also at import by
+    some test modules) makes its package logger stop propagating: each test starts with it
+    propagating and gets the rest back after, so ``caplog`` sees the package's records
+    whichever tests ran before on the same xdist worker."""
+    loggers = [logging.getLogger(n) for n in ("deltabkp_server", "deltabkp_agent")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.propagate = True
+    yield
+    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate

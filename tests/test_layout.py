@@ -129,3 +129,17 @@ def test_long_modules_say_why() -> None:
         if text.count("\n") > 450:
             doc = ast.get_docstring(ast.parse(text)) or ""
             assert "long" in doc.lower(), f"{name} has {text.count(chr(10))} lines and no word on why"
+
+
+def test_seek_points_and_layout_delta_do_no_io() -> None:
+    # Bytes and buffers in, bytes out: callers (agent cache, server seek files) do the I/O.
+    forbidden = {"trio", "socket", "threading", "time", "asyncio", "selectors", "os",
+                 "pathlib", "shutil", "tempfile", "logging"}
+    for name in ("_seek.py", "_layout.py"):
+        path = ROOT / "deltabkp" / "archive" / name
+        bad = _stdlib_and_third_party(path) & forbidden
+        assert not bad, f"{name} imports {bad}"
+        calls = {n.func.id for n in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        assert "open" not in calls, f"{name} opens files"
+        assert "len" in calls  # the walk sees calls at all

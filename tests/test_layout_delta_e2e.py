@@ -5,6 +5,7 @@ to the layout delta after that is the first case again: a kept build, whatever m
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -55,6 +56,11 @@ def test_change_goes_as_layout_delta_then_rolling_when_the_cache_is_lost(
     # (transferred counts the TLS handshake and frames too, ~3-4 KB.)
     assert rec["transferred"] < 12_000, rec
     _same_as_fresh_build(c, app)
+    # Both daemons log where the backup's time went (``deltabkp._phases``).
+    assert re.search(r"; phases index \d+/\d+, .*build .*layout ", _served(c)[-1]), _served(c)
+    wait_for(lambda: re.search(
+        r"phases connect \d+/\d+, agent .*apply .*store-commit .*catalog-commit \d+/\d+",
+        "".join(p.read_text() for p in c.root.glob("*-server.log"))), what="server's phases")
 
     # The agent's kept build is gone: the rolling delta (cached signature) does the work.
     home = tmp_path / "home" / ".cache" / "deltabkp"

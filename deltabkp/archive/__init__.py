@@ -5,7 +5,8 @@
 faithfully, safely and all or nothing.  ``IncrementalBuilder`` makes the same bytes as
 ``TgzBuilder`` from the previous build's ``ArchiveIndex`` and archive, reading only what
 changed; ``encode_layout`` / ``LayoutPatcher`` describe the next archive by the layout of
-the previous one (the layout delta).  Invariants are stated in each private module.
+the previous one (the layout delta), inflating it only around what changed given its
+``SeekPoints``.  Invariants are stated in each private module.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from deltabkp.archive._layout import (
     LayoutPatcher,
     encode_layout,
 )
+from deltabkp.archive._seek import SeekPoints
 from deltabkp.archive._walk import Fingerprint, tree_fingerprint
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "IncrementalBuilder",
     "IncrementalStats",
     "LayoutPatcher",
+    "SeekPoints",
     "TgzBuilder",
     "build_archive",
     "check_destination",

@@ -1193,6 +1193,12 @@ class IncrementalBuilder(TgzBuilder):
                 e = index.entries[n - 1]
                 if e.kind != DATA or e.digest == bytes(16) or item.rel != e.path:
                     return False
+                # The walk's lstat already differs from the entry's identity (a ctime never
+                # goes back, so no read can match it): changed, and not read here — a log
+                # appended to all the time would otherwise be read twice per backup, here
+                # and by the build that follows.
+                if item.st is not None and not old.same_file(n - 1, item.st):
+                    return False
                 # Racy when built: read it again (hot-safe, as a build would).
                 h = blake3.blake3()
                 for piece in item.pieces:

@@ -16,20 +16,25 @@ the archive the server holds (its kept build, checked by blake3) and of the new 
   (``_gzip.compress_segments``: same cuts, same level, primed with the same window), so
   the wire carries about the compressed size of what changed;
 - old tar bytes are inflated from the old archive's start, forward only (``TarStream``, by
-  ISA-L: ~2x zlib's inflate), up to the last reference; the receiver keeps 2 x ``KEEP``
+  ISA-L: ~2x zlib's inflate), up to the last reference — or, given the old archive's
+  ``SeekPoints`` (``_seek.py``: segment boundaries every ~1 MiB of tar with the 32 KiB
+  window before each, kept beside the archive by agent and server), from the point before
+  each read, so inflating costs about what changed; the receiver keeps 2 x ``KEEP``
   behind the furthest byte referenced so far, and the sender sends a reference further
   back than ``_reach()`` as literal instead (a rule on the references alone: the sender
-  needs no copy of the receiver's stream).  (Inflating from a sync cut instead would need
-  the 32 KiB before it, itself compressed against the 32 KiB before that: measured on the
-  stdlib pair, a segment inflated from 64 segments back with unknown windows still has a
-  quarter of its bytes undetermined, docs/formats.md.  Windows kept beside each archive
-  would make this cost what changed; not done.)
+  needs no copy of the receiver's stream).  What a read answers depends on the reads
+  alone, so the delta is the same bytes with seek points or without.  (Without a window
+  a sync cut cannot be entered: measured on the stdlib pair, a segment inflated from 64
+  segments back with unknown windows still has a quarter of its bytes undetermined,
+  docs/formats.md.)
 
 Measured (2026-11-29, the stdlib bench pair: ~1% change, 29.6 MB archive; ``python
 benchmarks/bench_layout.py --baseline DIR``, 2 cores shared, load 4-6): encode 0.41-0.57 s
 CPU against 0.65-1.02 s before (1.6-2.0x), apply 0.34-0.47 s against 0.48-0.71 s (1.4-1.5x);
 a full build is 5-6 s.  Inflating the old archive is ~0.25 s of each.  The delta is the same
-30,312 bytes (0.10 % of the archive).  Before, zlib inflated, a Python loop compared each
+30,312 bytes (0.10 % of the archive).  With seek points (``--seek``, same run, load ~5): encode
+0.44 -> 0.21 s, apply 0.41 -> 0.17 s CPU (2.1x, 2.3x), the same 30,312 bytes; 21.7 MB of the
+102.7 MB of old tar inflated on each side.  Before, zlib inflated, a Python loop compared each
 segment's bytes, and an ``IndexEntry`` was made for every entry of both indexes.
 
 Invariants:
@@ -69,6 +74,7 @@ from isal import isal_zlib
 
 from deltabkp.archive._gzip import DICT_SIZE, GZIP_HEADER, compress_segments
 from deltabkp.archive._incremental import DATA, ArchiveIndex, IndexEntry
+from deltabkp.archive._seek import SeekPoints
 from deltabkp.errors import (
     FormatError,
     IntegrityError,
@@ -121,55 +127,84 @@ _INFLATE_ERRORS = (zlib.error, cast("type[Exception]", isal_zlib.error))
 
 
 class TarStream:
-    """The tar bytes of a gzip archive, inflated forward from its start (exact: no window
-    to guess), keeping at least the last ``keep`` bytes before the furthest one asked for
-    (by any read, failed or not, that did not start before what is kept).  What is kept
-    depends only on the reads asked for, not on how inflating went (chunk sizes, or which
-    inflater: ISA-L's holds back a byte or so where zlib's does not).
+    """The tar bytes of a gzip archive, inflated forward (exact: no window to guess) from
+    its start or, given its ``SeekPoints``, from the nearest point at or before the first
+    byte a read asks for.
+
+    What a read answers depends only on the reads asked before it, never on how inflating
+    went (chunk sizes, which inflater, seek points or none): a read ``[lo, hi)`` is answered
+    unless ``lo`` is behind the *floor* — ``keep`` bytes before the furthest byte any earlier
+    read asked for (failed or not) — or the stream ends before ``hi``.  So a sender with a
+    seek table makes the same delta as one without (``_reach`` is a rule on references
+    alone), and a receiver keeps at most ``keep`` bytes (+ one ``_PIECE``).
+
+    With seek points a read far ahead of what is inflated starts again at the point before
+    it, and a read behind what is kept (but not behind the floor: dropped by such a jump)
+    starts again at the point before it; without them it inflates forward from the start.
 
     Inflated by ISA-L (``isal_zlib``, ~2x zlib's speed here): inflating is exact whatever
     the library, only *deflate* output must be zlib's.  Kept as a list of inflated pieces
     (~1 MB each), dropped whole from the front: no memmove of what is kept."""
 
-    def __init__(self, archive: Any, keep: int | None = None) -> None:
+    def __init__(self, archive: Any, keep: int | None = None, seek: SeekPoints | None = None
+                 ) -> None:
         self.buf = memoryview(archive)
         self._keep = KEEP if keep is None else keep
+        self._seek = seek
         self._d = isal_zlib.decompressobj(-15)
         self._in = _HDR
         self._pieces: list[bytes] = []
         self._starts: list[int] = []  # tar offset of each piece
         self._end = 0  # tar offset after the last byte inflated
         self._far = 0  # the furthest byte asked for
+        self._floor = 0  # reads starting before it are refused
+        #: Seek points started from, tar bytes inflated (tests and benchmarks read them).
+        self.seeks = self.inflated = 0
 
     @property
     def _base(self) -> int:
         return self._starts[0] if self._starts else self._end
 
     def read(self, lo: int, hi: int) -> bytes | None:
-        """Tar ``[lo, hi)``; None if ``lo`` was dropped already or the stream ends first."""
-        if hi < lo or lo < self._base:
+        """Tar ``[lo, hi)``; None if ``lo`` is behind the floor or the stream ends first."""
+        if hi < lo or lo < self._floor:
             return None
         self._far = max(self._far, hi)
+        try:
+            got = self._read(lo, hi)
+        except (_INFLATE_ERRORS + (FormatError,)):
+            got = None
+        self._floor = max(self._floor, self._far - self._keep)
+        self._drop(self._floor)
+        return got
+
+    def _read(self, lo: int, hi: int) -> bytes | None:
+        if self._seek is not None:
+            k = self._seek.at_or_before(lo)
+            at = self._seek.tar_offsets[k] if k >= 0 else 0
+            if lo < self._base or at > self._end:
+                self._restart(k)
+        elif lo < self._base:  # cannot happen without seeking: pieces go at the floor
+            return None
         # Dropped as we go (never [lo, hi)), or a read far ahead would hold everything
         # inflated on the way there.
         floor = min(lo, self._far - self._keep)
-        try:
-            while self._end < hi and not self._d.eof:
-                self._drop(floor)
-                chunk: bytes | memoryview = self._d.unconsumed_tail
-                if not chunk:
-                    if self._in >= len(self.buf):
-                        break
-                    chunk = self.buf[self._in : self._in + _STEP]
-                    self._in += len(chunk)
-                # Bounded: a step of zeros would inflate ~1000-fold.
-                out = self._d.decompress(chunk, _PIECE)
-                if out:
-                    self._pieces.append(out)
-                    self._starts.append(self._end)
-                    self._end += len(out)
-        except _INFLATE_ERRORS:
-            return None
+        while self._end < hi and not self._d.eof:
+            self._drop(floor)
+            chunk: bytes | memoryview = self._d.unconsumed_tail
+            if not chunk:
+                if self._in >= len(self.buf):
+                    break
+                chunk = self.buf[self._in : self._in + _STEP]
+                self._in += len(chunk)
+            # Bounded: a step of zeros would inflate ~1000-fold.  No more than asked for
+            # (in 256 KiB steps): after a seek, a short read inflates little past it.
+            out = self._d.decompress(chunk, min(_PIECE, max(_PIECE >> 2, hi - self._end)))
+            if out:
+                self._pieces.append(out)
+                self._starts.append(self._end)
+                self._end += len(out)
+                self.inflated += len(out)
         if self._end < hi:
             return None
         k = bisect.bisect_right(self._starts, lo) - 1
@@ -180,8 +215,18 @@ class TarStream:
             got.append(piece[at - start : hi - start])
             at = start + len(piece)
             k += 1
-        self._drop(self._far - self._keep)
         return got[0] if len(got) == 1 else b"".join(got)
+
+    def _restart(self, k: int) -> None:
+        """Inflate from seek point ``k`` (-1: the stream's start), dropping what is kept."""
+        assert self._seek is not None
+        self._pieces, self._starts = [], []
+        if k < 0:
+            self._d, self._in, self._end = isal_zlib.decompressobj(-15), _HDR, 0
+        else:
+            self._d = isal_zlib.decompressobj(-15, zdict=self._seek.window(k))
+            self._in, self._end = self._seek.archive_offsets[k], self._seek.tar_offsets[k]
+        self.seeks += 1
 
     def _drop(self, floor: int) -> None:
         """Drop the whole pieces that end at or before tar offset ``floor``."""
@@ -200,10 +245,11 @@ def _pad(n: int) -> int:
 
 
 class _Encoder:
-    def __init__(self, old_index: ArchiveIndex, old: Any, new_index: ArchiveIndex, new: Any):
+    def __init__(self, old_index: ArchiveIndex, old: Any, new_index: ArchiveIndex, new: Any,
+                 seek: SeekPoints | None = None):
         self.oi, self.ni = old_index, new_index
         self.old, self.new = memoryview(old), memoryview(new)
-        self.old_tar = TarStream(old)
+        self.old_tar = TarStream(old, seek=seek)
         # Starts (tar, deflate) of each segment, old and new: packed (~170,000 segments on a
         # 1 GB tree, where a list of ints costs ~40 bytes an element, an array 8).
         self.ot = _starts(old_index.segments.tar_ends)
@@ -601,14 +647,19 @@ def _record(kind: int, body: bytes) -> bytes:
 
 
 def encode_layout(
-    old_index: ArchiveIndex, old_archive: Any, new_index: ArchiveIndex, new_archive: Any
+    old_index: ArchiveIndex, old_archive: Any, new_index: ArchiveIndex, new_archive: Any,
+    *, seek: SeekPoints | None = None,
 ) -> Generator[bytes, None, None]:
     """The layout delta turning ``old_archive`` into ``new_archive`` (buffers of the whole
-    archives, e.g. mmaps), given the index of each; yields it record by record."""
+    archives, e.g. mmaps), given the index of each; yields it record by record.  ``seek``:
+    the old archive's seek points (used only if they name it), so old tar bytes are
+    inflated around what changed instead of from the start; the same delta either way."""
     if old_index.archive_size != len(memoryview(old_archive)) or \
             new_index.archive_size != len(memoryview(new_archive)):
         raise IntegrityError("layout delta: an archive is not the size its index says")
-    return _Encoder(old_index, old_archive, new_index, new_archive).records()
+    if seek is not None and not seek.matches(old_index.archive_hash, old_index.archive_size):
+        seek = None
+    return _Encoder(old_index, old_archive, new_index, new_archive, seek).records()
 
 
 # -- decoding (the receiver, who holds the old archive) --------------------------------------
@@ -618,10 +669,13 @@ class LayoutPatcher:
     """Sans-I/O: the old archive (a buffer) + a layout delta fed in pieces → the new
     archive's bytes.  Same interface as ``engine.Patcher``: ``feed`` returns output pieces,
     ``finish`` checks size and blake3 against the header (``IntegrityError``); then
-    ``new_size`` and ``new_hash`` hold the verified values."""
+    ``new_size`` and ``new_hash`` hold the verified values.  ``seek``: the base's seek
+    points, used only if they name ``base_hash`` (old tar bytes are then inflated from the
+    point before each reference instead of from the start; the same output)."""
 
     def __init__(
-        self, base: Any, *, base_hash: bytes | None = None, max_size: int | None = None
+        self, base: Any, *, base_hash: bytes | None = None, max_size: int | None = None,
+        seek: SeekPoints | None = None,
     ) -> None:
         self._base = memoryview(base)
         self._want_base_hash = base_hash
@@ -630,7 +684,9 @@ class LayoutPatcher:
         self._head: tuple[int, bytes, int] | None = None  # new size, new hash, level
         # Twice the sender's reach: a sender of the first release referenced as far back as
         # its own stream kept (KEEP to 2 x KEEP behind what it had inflated).
-        self._old_tar = TarStream(base, 2 * KEEP)
+        if seek is not None and not seek.matches(base_hash, len(self._base)):
+            seek = None
+        self._old_tar = TarStream(base, 2 * KEEP, seek)
         self._lit = zlib.decompressobj(-15)
         self._tail = b""  # the last 32 KiB of tar of the previous run record
         self._tail_ok = False

@@ -1,0 +1,83 @@
+"""The server's seek files: the seek points (docs/formats.md "Seek points") of each
+target's newest archive, so the next layout delta inflates that base only around what
+changed instead of from its start.
+
+Job: ``make`` one after an archive is committed (the executor, off the ``--wait`` path,
+under the target's lease), ``load`` it when the next backup patches against that archive.
+Invariants:
+- server-local: under ``<data dir>/seek/``, named ``<target id>-<archive blake3 hex>``, the
+  same for the local and the S3 store (another server without the file falls back);
+- only a cache: missing, torn, corrupt or another archive's (the blake3 and size inside are
+  checked against the catalog's) reads as "none", logged at DEBUG; the patch then inflates
+  from the start, as before; nothing here ever fails a backup;
+- bounded: making a target's file deletes its others (a backup's base is the target's
+  newest archive); written to a temp file and renamed (``write_bytes_atomic``), so a kill
+  -9 leaves a whole file or none (plus a ``.part`` temp removed at start-up);
+- every method blocks (file I/O, one inflate of the archive): call from worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from deltabkp._atomic import write_bytes_atomic
+from deltabkp.archive import SeekPoints
+from deltabkp.errors import DeltabkpError
+from deltabkp_server.model import ArchiveRecord
+from deltabkp_server.store import Store
+
+__all__ = ["SeekCache"]
+
+log = logging.getLogger("deltabkp_server")
+
+
+class SeekCache:
+    """Seek files under ``directory``; see the module's invariants."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for f in self.dir.glob(".*.part"):  # a make cut short by a crash
+                f.unlink(missing_ok=True)
+        except OSError as exc:
+            log.debug("seek files: cannot prepare %s: %s", self.dir, exc)
+
+    def _file(self, target_id: int, archive_hash: bytes) -> Path:
+        return self.dir / f"{target_id}-{archive_hash.hex()}.dbkpsk"
+
+    def load(self, target_id: int, archive: ArchiveRecord) -> SeekPoints | None:
+        """The seek points of ``archive`` (the catalog's row), or None."""
+        f = self._file(target_id, archive.hash)
+        try:
+            seek = SeekPoints.parse(f.read_bytes())
+        except FileNotFoundError:
+            log.debug("seek files: none for archive %d of target %d", archive.seq, target_id)
+            return None
+        except (OSError, DeltabkpError) as exc:
+            log.debug("seek files: dropping %s: %s", f, exc)
+            f.unlink(missing_ok=True)
+            return None
+        if not seek.matches(archive.hash, archive.size):
+            log.debug("seek files: %s is not archive %d's", f, archive.seq)
+            return None
+        return seek
+
+    def make(self, store: Store, target_id: int, seq: int, size: int, archive_hash: bytes
+             ) -> None:
+        """Make the seek file of archive ``seq`` (just committed: the target's newest) from
+        the store's bytes, and delete the target's others.  Never raises."""
+        f = self._file(target_id, archive_hash)
+        try:
+            if not f.exists():
+                with store.base(target_id, seq, size=size, digest=archive_hash) as buf:
+                    seek = SeekPoints.build(buf, archive_hash)
+                write_bytes_atomic(f, seek.encode(), durable=False, mode=0o600)
+            for other in self.dir.glob(f"{target_id}-*.dbkpsk"):
+                if other != f:
+                    other.unlink(missing_ok=True)
+        except (OSError, DeltabkpError) as exc:
+            log.debug("seek files: none made for archive %d of target %d: %s",
+                      seq, target_id, exc)
+            f.unlink(missing_ok=True)
