@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import functools
 import json
-import logging
 import socket
 import ssl
 import subprocess
@@ -378,13 +377,10 @@ def test_a_server_out_of_descriptors_keeps_answering_and_logs_little(cluster: Cl
 
 @pytest.fixture
 def in_process() -> Iterator[None]:
-    """The commands below run in this process: undo their TLS settings and logging set-up."""
-    loggers = [logging.getLogger(n) for n in ("deltabkp_server", "deltabkp_agent")]
-    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    """The commands below run in this process: undo their TLS settings (their logging
+    set-up is undone by conftest's autouse fixture)."""
     yield
     net.install_tls(net.TlsSettings())
-    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
-        lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
 
 
 def test_the_plaintext_flag_is_refused_off_loopback(

@@ -36,7 +36,7 @@ from helpers_proc import Cluster, Daemon, cluster, exe, wait_for  # noqa: F401
 import deltabkp
 from deltabkp import net
 from deltabkp.ctl._client import Client
-from deltabkp.ctl._restore import _download as download_archive
+from deltabkp.ctl._restore import download as download_archive
 from deltabkp.errors import DeltabkpError
 from deltabkp_server import versions
 from deltabkp_server.catalog import AsyncCatalog, SqliteCatalog
@@ -246,7 +246,7 @@ class Ctl:
         """The blake3 (hex) of version ``seq`` as ``fetch`` delivers it (checked on the way
         by the conversation against the header's hash, and here against the catalog's)."""
         sink = _Hasher()
-        meta = trio.run(download_archive, self.client(), {**self.about, "seq": seq}, sink)
+        meta = download_archive(self.client(), {**self.about, "seq": seq}, sink)
         assert meta["seq"] == seq and meta["hash"] == sink.hexdigest()
         return sink.hexdigest()
 

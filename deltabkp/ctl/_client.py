@@ -132,23 +132,12 @@ class Client:
             chan.send(protocol.Request(op, dict(args)))
             return chan.receive_a(protocol.Response, timeout or self.timeout).data
 
-    async def stream(
+    def ask_stream(
         self, op: str, args: Mapping[str, Any], on_rows: Callable[[list[Any]], None]
     ) -> dict[str, Any]:
         """Send ``Request(op, args)`` for a streamed answer; call ``on_rows`` with each batch
         as it arrives (nothing is kept here); return the ``rows-end`` info.  The deadline
         applies to each batch, not to the whole answer."""
-        async with self.session(args) as chan:
-            await chan.send(protocol.Request(op, dict(args)))
-            while True:
-                msg = await chan.receive(self.timeout)
-                if (info := _rows(msg, chan, on_rows)) is not None:
-                    return info
-
-    def ask_stream(
-        self, op: str, args: Mapping[str, Any], on_rows: Callable[[list[Any]], None]
-    ) -> dict[str, Any]:
-        """``stream`` on the blocking edge."""
         with self.blocking_session(args) as chan:
             chan.send(protocol.Request(op, dict(args)))
             while True:

@@ -469,7 +469,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lazy = _Subparsers()
     cmds._name_parser_map = cmds.choices = lazy
     for cmd in COMMANDS:
-        p = cmds.add_parser(
+        cmds.add_parser(
             cmd.name, help=cmd.help, description=cmd.description,
             epilog="examples:\n" + cmd.examples,
             formatter_class=argparse.RawDescriptionHelpFormatter,

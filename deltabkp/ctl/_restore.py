@@ -127,23 +127,6 @@ def download(
     return meta
 
 
-async def _download(
-    client: Client, args: Mapping[str, Any], f: BinaryIO, progress: Progress | None = None
-) -> dict[str, Any]:
-    """``download`` on the Trio edge (for callers already inside Trio)."""
-    import trio
-
-    async with client.session(args) as chan:
-        await chan.send(protocol.Request("fetch", dict(args)))
-        meta, bar = _header(await chan.receive_a(protocol.Response, client.timeout), progress)
-        while (data := _chunk(await chan.receive(client.timeout), chan)) is not None:
-            # Disk writes block: off the event loop, so deadlines keep running.
-            await trio.to_thread.run_sync(f.write, data)
-            bar.update(len(data))
-        await trio.to_thread.run_sync(f.flush)
-    return meta
-
-
 def _header(head: protocol.Response, progress: Progress | None) -> tuple[dict[str, Any], Progress]:
     meta: dict[str, Any] = dict(head.data)  # a dict: the conversation checked the header
     bar = progress if progress is not None else Progress("", enabled=False)
