@@ -62,6 +62,7 @@ import blake3
 from deltabkp import Signature
 from deltabkp._atomic import atomic_write, write_bytes_atomic
 from deltabkp._mmap import mapped
+from deltabkp._xdg import user_dir
 from deltabkp.archive import ArchiveIndex, SeekPoints
 from deltabkp.errors import DeltabkpError, FormatError, UsageError
 
@@ -73,8 +74,10 @@ CACHE_VERSION = 1
 
 def default_cache_dir(port: int) -> Path:
     """``$XDG_CACHE_HOME/deltabkp/agent-<port>`` (``~/.cache/deltabkp/agent-<port>``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "deltabkp" / f"agent-{port}"
+    base = user_dir("cache")
+    if base is None:
+        raise UsageError("no home directory for the agent's cache: pass --cache-dir")
+    return base / f"agent-{port}"
 
 
 @attrs.frozen

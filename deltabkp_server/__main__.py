@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from deltabkp import _config, net
+from deltabkp._xdg import user_dir
 from deltabkp.errors import CatalogError, RequestRefused, UsageError
 from deltabkp.net import _http as net_http
 from deltabkp_server.config import ExecutionSettings
@@ -29,8 +29,10 @@ def default_data_dir() -> Path:
     local = Path("deltabkp-data")
     if local.is_dir():
         return local
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "deltabkp"
+    base = user_dir("data")
+    if base is None:
+        raise UsageError("no home directory for the server's data: pass --data-dir")
+    return base
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,7 @@ from pathlib import Path
 import attrs
 
 from deltabkp._atomic import write_bytes_atomic
+from deltabkp._xdg import user_dir
 
 __all__ = [
     "MAGIC",
@@ -70,10 +71,11 @@ class Material:
     not_after: int  # Unix time the leaf expires (never later than its certificate says)
 
 
-def tls_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/deltabkp/tls`` (``~/.cache/deltabkp/tls``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "deltabkp" / "tls"
+def tls_cache_dir() -> Path | None:
+    """``$XDG_CACHE_HOME/deltabkp/tls`` (``~/.cache/deltabkp/tls``); None (no cache) without
+    a home directory."""
+    base = user_dir("cache")
+    return None if base is None else base / "tls"
 
 
 def mac_key(key: bytes) -> bytes:

@@ -10,6 +10,7 @@ import secrets
 from pathlib import Path
 
 from deltabkp._atomic import write_bytes_atomic
+from deltabkp._xdg import user_dir
 from deltabkp.errors import UsageError
 
 __all__ = ["default_key_path", "load_key"]
@@ -19,8 +20,12 @@ _MAX_KEY_FILE = 4096
 
 
 def default_key_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "deltabkp" / "cluster.key"
+    """``$XDG_CONFIG_HOME/deltabkp/cluster.key`` (``~/.config/deltabkp/cluster.key``)."""
+    base = user_dir("config")
+    if base is None:
+        raise UsageError("no home directory to keep the cluster key in: pass --key-file "
+                         "(or set $DELTABKP_KEY_FILE)")
+    return base / "cluster.key"
 
 
 def load_key(path: str | os.PathLike[str] | None = None) -> bytes:
