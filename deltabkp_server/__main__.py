@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="archives kept per target (default 10)")
     p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
                    help="longest silence of an agent during a backup, seconds (default 300)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                   help="longest wait for an agent to connect and finish its TLS and key "
+                   "handshake, seconds (default 10; raise it for nodes behind slow links)")
     p.add_argument("--scrub-every", default="1d", metavar="FREQ",
                    help="re-check every stored version's blake3 (rebuilding reverse deltas) "
                    "this often per target: minutes or 90s/5m/2h/1d, 0 or 'off' to disable "
@@ -151,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         net.at_least_one(args, "max_concurrent", "max_per_node", "keep", "max_archive_mb")
         if not args.lease_ttl >= 3:
             raise UsageError("--lease-ttl must be at least 3 seconds")
+        for flag in ("idle_timeout", "connect_timeout"):
+            if not 0 < getattr(args, flag) < float("inf"):
+                raise UsageError(f"--{flag.replace('_', '-')} must be a positive number of "
+                                 "seconds")
         server = Server(
             data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
             key=net.load_key(args.key_file), host=listen.host, port=listen.port,
@@ -161,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_listen=net_http.metrics_address(args),
             settings=ExecutionSettings(
                 keep=args.keep, idle_timeout=args.idle_timeout,
-                max_archive_size=args.max_archive_mb << 20,
+                connect_timeout=args.connect_timeout, max_archive_size=args.max_archive_mb << 20,
             ),
         )
         if not (args.catalog and args.store):  # the data dir holds the catalog or the store

@@ -40,7 +40,9 @@ def test_wait_is_not_answered_by_a_run_claimed_before_the_request(
         d.mkdir()
         (d / "base.txt").write_text(f"{d.name}\n" * 100)
     # One slot per node: B's claimed run waits behind A's, with no execution row yet.
-    server = cluster.start_server("--max-per-node", "1")
+    # A long connect timeout: A's run stays in flight at the stopped agent however slow the
+    # ctl calls below are on a loaded machine (not a clock the test races).
+    server = cluster.start_server("--max-per-node", "1", "--connect-timeout", "120")
     agent = cluster.start_agent(a, b)
     node = agent.address
 
@@ -58,7 +60,7 @@ def test_wait_is_not_answered_by_a_run_claimed_before_the_request(
 
     waiter: subprocess.Popen[str] | None = None
     # A's connection waits in the stopped agent's backlog, for up to the server's connect
-    # timeout (10 s): the steps below take a few ctl calls (a second or two).
+    # timeout (120 s above): the steps below take a few ctl calls.
     os.kill(agent.pid, signal.SIGSTOP)
     try:
         cluster.ctl("backup-now", node, str(a))  # in flight at the stopped agent
