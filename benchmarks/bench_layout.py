@@ -17,10 +17,15 @@ change set.  Both archives are built (``IncrementalBuilder``, indexes kept) unde
 ``--seek`` runs encode and apply again given the old archive's seek points
 (``SeekPoints``, docs/formats.md "Seek points"), in the same run, and times making them as
 the agent does (from the index; then the new archive's derived from it, ``derive``) and
-as the server does (from the sync markers); the delta must be the same bytes.  ``--seek 256 512 1024`` does it for each spacing (KiB).
+as the server does (from the sync markers, and the new archive's carried through the patch,
+``SeekPoints.carry``, against its markers); the delta must be the same bytes.  ``--seek 256 512 1024`` does it for each spacing (KiB).
 
 ``--baseline PATH`` runs encode and apply again with the ``deltabkp`` package found under
-PATH (e.g. a ``git worktree`` of an older commit), in the same run, on the same archives.
+PATH (e.g. a ``git worktree`` of an older commit), in the same run, on the same archives:
+a child process for the baseline and this tree in turn, ``--repeat`` times (alternating,
+so both see the same load), given the old archive's seek points too when ``--seek`` is
+given (the first spacing; each side makes them with its own package); the best and the
+median of each, and whether the deltas are the same bytes (sha256).
 CPU is ``time.process_time`` (all threads of the process); wall times are noisy on a shared
 machine, so the load average is printed.  Asserts nothing.
 """
@@ -28,6 +33,7 @@ machine, so the load average is printed.  Asserts nothing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import mmap
 import os
@@ -68,6 +74,7 @@ def measure(repeat: int, seek: Any = None) -> dict[str, object]:
     old, new = _mapped(OUT / "old.tgz"), _mapped(OUT / "new.tgz")
     kw = {} if seek is None else {"seek": seek}
     enc, delta = _timed(lambda: b"".join(encode_layout(old_i, old, new_i, new, **kw)), repeat)
+    inflated = _inflated(old_i, old, new_i, new, kw)
 
     def apply() -> None:
         p = LayoutPatcher(old, base_hash=old_i.archive_hash, max_size=1 << 40, **kw)
@@ -79,7 +86,28 @@ def measure(repeat: int, seek: Any = None) -> dict[str, object]:
     app, _ = _timed(apply, repeat)
     same = (OUT / "applied.tgz").read_bytes() == (OUT / "new.tgz").read_bytes()
     return {"encode": enc, "apply": app, "delta": len(delta), "same": same,
-            "archive": new_i.archive_size}
+            "archive": new_i.archive_size, "sha256": hashlib.sha256(delta).hexdigest(),
+            "inflated": inflated}
+
+
+def _inflated(old_i: Any, old: Any, new_i: Any, new: Any, kw: dict[str, Any]) -> int | None:
+    """Old tar bytes the encoder inflated (None: this ``deltabkp`` does not say)."""
+    try:
+        from deltabkp.archive._layout import _Encoder
+        enc = _Encoder(old_i, old, new_i, new, kw.get("seek"))
+        b"".join(enc.records())
+        return int(enc.old_tar.inflated)
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+def _seek_points(kib: int) -> Any:
+    """The old archive's seek points at ``kib`` spacing, made as the agent makes them."""
+    from deltabkp.archive import ArchiveIndex, SeekPoints
+
+    old_i = ArchiveIndex.parse((OUT / "old.idx").read_bytes())
+    return SeekPoints.build(_mapped(OUT / "old.tgz"), old_i.archive_hash, index=old_i,
+                            spacing=kib << 10)
 
 
 def main() -> None:
@@ -89,9 +117,11 @@ def main() -> None:
     ap.add_argument("--seek", nargs="*", type=int, metavar="KIB",
                     help="also with the old archive's seek points (at these spacings, KiB)")
     ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--measure-seek", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.measure:  # the baseline's child process
-        print(json.dumps(measure(args.repeat)))
+    if args.measure:  # one side of the baseline comparison, in a child process
+        seek = _seek_points(args.measure_seek) if args.measure_seek else None
+        print(json.dumps(measure(args.repeat, seek)))
         return
 
     import archive_data
@@ -144,6 +174,16 @@ def main() -> None:
                 args.repeat)
             label = f"seek points, {kib} KiB"
             rows[label] = measure(args.repeat, seek)
+            # The server's way to the new archive's table: carried through the patch.
+            from deltabkp.archive import LayoutPatcher, encode_layout
+            lp = LayoutPatcher(old_m, base_hash=old_i.archive_hash, max_size=1 << 40, seek=seek)
+            lp.feed(b"".join(encode_layout(old_i, old_m, new_i, new_m, seek=seek)))
+            lp.finish()
+            carry, carried = _timed(
+                lambda sp=sp, seek=seek, lp=lp: SeekPoints.carry(
+                    seek, lp.copies, new_m, new_i.archive_hash, spacing=sp), args.repeat)
+            fresh, _ = _timed(
+                lambda sp=sp: SeekPoints.build(new_m, new_i.archive_hash, spacing=sp), args.repeat)
             if rows[label]["delta"] != rows["this tree"]["delta"]:
                 print(f"({label}: the delta has another size!)")
             t, s = rows["this tree"], rows[label]
@@ -152,14 +192,38 @@ def main() -> None:
                 f"index (agent) {agent[0]:.3f} s CPU, from the markers (server) {server[0]:.3f} s "
                 f"CPU, the new archive's derived from it (agent) {derive[0]:.3f} s CPU (after "
                 f"the backup); encode {t['encode'][0] / s['encode'][0]:.2f}x, apply "
-                f"{t['apply'][0] / s['apply'][0]:.2f}x less CPU")
+                f"{t['apply'][0] / s['apply'][0]:.2f}x less CPU; the new archive's carried "
+                f"through the patch (server) {carry[0]:.3f} s CPU, {len(carried)} points, "
+                f"against {fresh[0]:.3f} s from its markers")
+    versus: list[str] = []
     if args.baseline:
-        env = dict(os.environ, PYTHONPATH=os.path.abspath(args.baseline))
-        out = subprocess.run(
-            [sys.executable, __file__, "--measure", "--repeat", str(args.repeat)],
-            env=env, check=True, capture_output=True, text=True, cwd="/",
-        ).stdout
-        rows["baseline"] = json.loads(out)
+        here = str(Path(__file__).resolve().parent.parent)
+        cmd = [sys.executable, __file__, "--measure", "--repeat", "1"]
+        if args.seek is not None:
+            cmd += ["--measure-seek", str((args.seek or [SPACING >> 10])[0])]
+        runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "this tree": []}
+        for _ in range(args.repeat):  # alternating: both sides under the same load
+            for side, path in (("baseline", os.path.abspath(args.baseline)), ("this tree", here)):
+                env = dict(os.environ, PYTHONPATH=path)
+                out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True,
+                                     cwd="/").stdout
+                runs[side].append(json.loads(out))
+        rows["baseline"] = runs["baseline"][0] | {
+            step: min(r[step] for r in runs["baseline"]) for step in ("encode", "apply")}
+        for step in ("encode", "apply"):
+            b = sorted(r[step][0] for r in runs["baseline"])
+            t = sorted(r[step][0] for r in runs["this tree"])
+            versus.append(
+                f"{step} CPU s, alternating runs ({args.repeat} each"
+                f"{', seek points' if args.seek is not None else ''}): baseline best "
+                f"{b[0]:.3f} median {b[len(b) // 2]:.3f}, this tree best {t[0]:.3f} median "
+                f"{t[len(t) // 2]:.3f}: {b[0] / t[0]:.2f}x (best), "
+                f"{b[len(b) // 2] / t[len(t) // 2]:.2f}x (median)")
+        shas = {r["sha256"] for side in runs.values() for r in side}
+        versus.append(f"deltas: {'the same bytes' if len(shas) == 1 else 'DIFFERENT'} "
+                      f"(sha256 {', '.join(sorted(s[:16] for s in shas))}); old tar inflated "
+                      f"by the encoder: baseline {runs['baseline'][0]['inflated']}, this tree "
+                      f"{runs['this tree'][0]['inflated']}")
 
     print(f"load average {os.getloadavg()[0]:.1f} (2 cores shared: wall is noisy, CPU less)")
     print(f"archive {len(new_b):,} bytes; full build {full[0]:.2f} s CPU, {full[1]:.2f} s wall\n")
@@ -177,10 +241,8 @@ def main() -> None:
           f"{roll[0] / full[0]:.3f} | {roll_bytes:,} | {100 * roll_bytes / len(new_b):.3f} |")
     for note in seek_notes:
         print(note)
-    if "baseline" in rows:
-        b, t = rows["baseline"], rows["this tree"]
-        for step in ("encode", "apply"):
-            print(f"{step}: CPU {b[step][0] / t[step][0]:.2f}x faster than the baseline")
+    for line in versus:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Invariants:
   layout delta (``archive.LayoutPatcher``), told apart by its magic; both end verified the
   same way; the layout patcher gets the base's seek points when the server has them
   (``seeks``: made after the base was committed), else inflates the base from its start;
+  with them, the new archive's seek points are carried from the base's (``SeekCache``);
 - it laps the execution's timeline (``deltabkp._phases``): open, verify, store-commit,
   catalog-commit (four fsyncs before the answer, each needed: the archive's data and its
   signature's before their renames, the directory's so the renames survive a crash, the
@@ -209,6 +210,13 @@ class Ingest:
         patch = await self._open()
         self._signature = await self._thread(patch.finish, done)
         self.phases.lap("verify")
+        patcher = patch.patcher
+        if self._seeks is not None and isinstance(patcher, LayoutPatcher) and \
+                patcher.seek is not None:
+            # The new archive's seek file is then made from the base's and the COPY records
+            # (``SeekCache.make``, after the commit): the cost of what changed.
+            self._seeks.carry_from(self.target.id, patcher.new_hash, patcher.seek,
+                                   patcher.copies)
         # The patcher may hold views into the base's mmap: let go before it closes.
         self._patch = None
         del patch

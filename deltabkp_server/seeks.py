@@ -13,12 +13,17 @@ Invariants:
 - bounded: making a target's file deletes its others (a backup's base is the target's
   newest archive); written to a temp file and renamed (``write_bytes_atomic``), so a kill
   -9 leaves a whole file or none (plus a ``.part`` temp removed at start-up);
-- every method blocks (file I/O, one inflate of the archive): call from worker threads.
+- made at the cost of what changed when the archive came from a layout delta patched with
+  the base's seek points (``carry_from`` then ``make``: ``SeekPoints.carry``, which inflates
+  only around the changes); else, or if carrying fails, from the sync markers of the whole
+  archive (a first backup, a rolling delta, no seek file for the base);
+- every method blocks (file I/O, an inflate of the archive): call from worker threads.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from deltabkp._atomic import write_bytes_atomic
@@ -43,6 +48,15 @@ class SeekCache:
                 f.unlink(missing_ok=True)
         except OSError as exc:
             log.debug("seek files: cannot prepare %s: %s", self.dir, exc)
+        # Per target: how its newest archive was patched (its blake3, the base's table, the
+        # COPY records), for the next ``make``; one per target, replaced by the next backup.
+        self._carry: dict[int, tuple[bytes, SeekPoints, list[tuple[int, int, int]]]] = {}
+
+    def carry_from(self, target_id: int, archive_hash: bytes, prior: SeekPoints,
+                   copies: Sequence[tuple[int, int, int]]) -> None:
+        """Archive ``archive_hash`` of the target was patched from the archive of table
+        ``prior`` with these COPY records (``LayoutPatcher.copies``): ``make`` carries."""
+        self._carry[target_id] = (archive_hash, prior, list(copies))
 
     def _file(self, target_id: int, archive_hash: bytes) -> Path:
         return self.dir / f"{target_id}-{archive_hash.hex()}.dbkpsk"
@@ -69,10 +83,19 @@ class SeekCache:
         """Make the seek file of archive ``seq`` (just committed: the target's newest) from
         the store's bytes, and delete the target's others.  Never raises."""
         f = self._file(target_id, archive_hash)
+        carry = self._carry.pop(target_id, None)
         try:
             if not f.exists():
                 with store.base(target_id, seq, size=size, digest=archive_hash) as buf:
-                    seek = SeekPoints.build(buf, archive_hash)
+                    seek = None
+                    if carry is not None and carry[0] == archive_hash:
+                        try:
+                            seek = SeekPoints.carry(carry[1], carry[2], buf, archive_hash)
+                        except DeltabkpError as exc:  # then the markers: a whole inflate
+                            log.debug("seek files: cannot carry points to archive %d of "
+                                      "target %d: %s", seq, target_id, exc)
+                    if seek is None:
+                        seek = SeekPoints.build(buf, archive_hash)
                 write_bytes_atomic(f, seek.encode(), durable=False, mode=0o600)
             for other in self.dir.glob(f"{target_id}-*.dbkpsk"):
                 if other != f:

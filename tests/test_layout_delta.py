@@ -532,3 +532,82 @@ def test_choose_is_the_one_by_one_choice(data: st.DataObject) -> None:
         want.append(found)
     got = layout._choose(np.array(cands, np.int64), multi, equal, np.array(sure, bool))
     assert isinstance(got, array.array) and list(got) == want
+
+
+def test_encoding_the_golden_pair_gives_the_golden_delta(tmp_path: Path) -> None:
+    """The encoder's output is pinned, not only its decoding: the golden pair, built again,
+    encodes to the recorded delta byte for byte (a faster encoder must send the same)."""
+    old, new, ia, ib = _golden_pair(tmp_path)
+    assert old.read_bytes() == (GOLDEN / "v1-base.tgz").read_bytes()  # the build is as it was
+    delta = b"".join(encode_layout(ia, old.read_bytes(), ib, new.read_bytes()))
+    assert delta == (GOLDEN / "v1.dbkpld").read_bytes()
+
+
+def test_old_entries_are_found_as_a_dict_of_paths_finds_them(tmp_path: Path) -> None:
+    """The encoder finds a new entry's old one near where the last was found, else by
+    bisection in the walk's order: the entry a dict of all old paths names, for names that
+    sort awkwardly (a prefix, '.', '-', ' ', upper case, UTF-8, not UTF-8), added, removed,
+    in order and out of it."""
+    import deltabkp.archive._layout as layout
+
+    root = tmp_path / "tree"
+    names = ["a", "a.b", "a-b", "a b", "A", "ab", "é", os.fsdecode(b"\xffz"), "a/b", "a/b/c",
+             "a/b.c", "ab/c", "z/a", "z/a-"]
+    for n in names:
+        p = root / n / "f.txt"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(n.encode("utf-8", "surrogateescape") * 50)
+    _settle(root)
+    a = _build(root, tmp_path / "a.tgz", None, None)
+    for n in ("a.b", "z/a"):
+        (root / n / "f.txt").unlink()
+    for n in ("a/a0", "a b/new", "ab/c/d", os.fsdecode(b"\xffz/\xfe"), "zz"):
+        (root / n).parent.mkdir(parents=True, exist_ok=True)
+        (root / n).write_bytes(b"new")
+    _settle(root)
+    b = _build(root, tmp_path / "b.tgz", a, tmp_path / "a.tgz")
+    old, new = (tmp_path / "a.tgz").read_bytes(), (tmp_path / "b.tgz").read_bytes()
+    want = {a.index.entries.path(k): a.index.entries[k] for k in range(len(a.index.entries))}
+    count = len(b.index.entries)
+    order = list(range(count)) + random.Random(5).sample(range(count), count)
+    enc = layout._Encoder(a.index, old, b.index, new)
+    for i in order:
+        path = b.index.entries.path(i)
+        assert enc._old_entry(path, i) == want.get(path), path
+    assert sum(b.index.entries.path(i) not in want for i in range(count)) >= 5
+
+
+def test_a_run_is_checked_against_the_index(tmp_path: Path) -> None:
+    """The encoder does not send a run whose tar is not the builder's: a segment whose CRC-32
+    is not the index's, or a final segment that does not compress back, is refused."""
+    import attrs
+
+    import deltabkp.archive._layout as layout
+    from deltabkp.archive._incremental import SegmentTable
+
+    rng = random.Random(3)
+    root = tmp_path / "tree"
+    _make_tree(root, rng, 30)
+    _settle(root)
+    a = _build(root, tmp_path / "a.tgz", None, None)
+    _edit(root, rng, "edit", 7)
+    _settle(root)
+    b = _build(root, tmp_path / "b.tgz", a, tmp_path / "a.tgz")
+    old, new = (tmp_path / "a.tgz").read_bytes(), (tmp_path / "b.tgz").read_bytes()
+    assert _patch(old, b"".join(encode_layout(a.index, old, b.index, new)),
+                  a.index.archive_hash) == new
+    fresh = [i for i, j in enumerate(layout._Encoder(a.index, old, b.index, new).copies()) if j < 0]
+    assert fresh
+    segs = b.index.segments
+    crcs = segs.crcs.copy()
+    crcs[fresh[0]] ^= 1
+    wrong = attrs.evolve(b.index, segments=SegmentTable.from_columns(
+        segs.tar_ends, segs.deflate_ends, crcs))
+    with pytest.raises(IntegrityError, match="CRC-32"):
+        b"".join(encode_layout(a.index, old, wrong, new))
+    # The final segment's last deflate bytes changed (the trailer kept): it inflates to
+    # other bytes, or not at all, and is refused either way.
+    bad = bytearray(new)
+    bad[-10] ^= 0x55
+    with pytest.raises(IntegrityError):
+        b"".join(encode_layout(a.index, old, b.index, bytes(bad)))

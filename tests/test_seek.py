@@ -392,6 +392,19 @@ def test_daemons_keep_seek_files_and_survive_corrupt_ones(
     wait_for(lambda: [p.name for p in files()[0]] == [f"{server_sk.name.split('-')[0]}-{h.hex()}.dbkpsk"]
              and len(files()[1]) == 1 and SeekPoints.parse(files()[1][0].read_bytes()).matches(
                  h, newest.stat().st_size), timeout=60, what="the new archive's seek files")
+    # With the base's seek file sound, the server carries its points through the patch:
+    # the new archive's table is exact.
+    edit_tree(app, 2)
+    rec = c.ctl("backup-now", agent.address, str(app), "--wait")
+    assert rec["outcome"] == "stored", rec
+    newest = max((c.data_dir / "archives").rglob("*.tgz"), key=lambda p: int(p.stem))
+    data = newest.read_bytes()
+    h = blake3.blake3(data).digest()
+    wait_for(lambda: [p.name for p in files()[0]] == [f"{server_sk.name.split('-')[0]}-{h.hex()}.dbkpsk"],
+             timeout=60, what="the carried seek file")
+    carried = SeekPoints.parse(files()[0][0].read_bytes())
+    assert carried.matches(h, len(data)) and len(carried) >= 1
+    _windows_are_the_tar(data, carried)
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -440,3 +453,110 @@ def test_derived_tables_are_exact_and_keep_their_spacing(
                 assert n >= len(built) - 1 and derived.windows == built.windows[:n]
                 assert derived.tar_offsets == built.tar_offsets[:n]
             seek, prev = derived, b
+
+
+# -- the server's tables carried through a layout patch -------------------------------------
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), generations=st.lists(EDITS, min_size=1, max_size=3))
+@example(seed=0, generations=[[("delete", 0)]])
+def test_carried_tables_are_exact_and_keep_their_spacing(
+    seed: int, generations: list[list[tuple[str, int]]]
+) -> None:
+    """Generation after generation, the table the server carries from the base's through
+    the layout patch (its COPY records) is exact (each window the tar before its point, the
+    stream from each point the tar from there), at real boundaries, with no gap over three
+    times the spacing; it patches the next generation right; unchanged, it is the base's
+    table moved along."""
+    rng = random.Random(seed)
+    spacing = 8192
+    with tempfile.TemporaryDirectory() as d:
+        w = Path(d)
+        root = w / "tree"
+        _make_tree(root, rng, 30)
+        _settle(root)
+        prev = _build(root, w / "a0.tgz", None, None)
+        old = (w / "a0.tgz").read_bytes()
+        seek = SeekPoints.build(old, prev.index.archive_hash, spacing=spacing)  # the server's
+        for g, edits in enumerate([[], *generations], 1):
+            for kind, n in edits:
+                _edit(root, rng, kind, n)
+            _settle(root)
+            b = _build(root, w / f"a{g}.tgz", prev, w / f"a{g - 1}.tgz")
+            new = (w / f"a{g}.tgz").read_bytes()
+            delta = b"".join(encode_layout(prev.index, old, b.index, new, seek=seek))
+            p = LayoutPatcher(old, base_hash=prev.index.archive_hash, max_size=1 << 30,
+                              seek=seek)
+            assert b"".join(bytes(x) for x in p.feed(delta)) == new
+            p.finish()
+            assert p.seek is seek and p.copies
+            carried = SeekPoints.carry(seek, p.copies, new, b.index.archive_hash,
+                                       spacing=spacing)
+            assert carried.matches(b.index.archive_hash, len(new))
+            _windows_are_the_tar(new, carried)
+            assert set(carried.archive_offsets) <= {10 + int(x) for x in b.index.segments.deflate_ends}
+            ends = (*carried.tar_offsets, b.index.tar_size)
+            assert all(0 < y - x <= 3 * spacing + 65536 for x, y in zip((0, *carried.tar_offsets), ends,
+                                                                       strict=True))
+            if not edits:
+                assert carried.tar_offsets == seek.tar_offsets and carried.windows == seek.windows
+            seek, prev, old = carried, b, new
+
+
+def test_server_carries_seek_points_and_falls_back_to_the_markers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a layout patch with the base's table, ``make`` carries it (no marker scan of
+    the whole archive); a hint of another archive or one that does not fit is the full
+    scan's table, never an error."""
+    caplog.set_level(logging.DEBUG, "deltabkp_server")
+    rng = random.Random(7)
+    w = tmp_path
+    root = w / "tree"
+    _make_tree(root, rng, 120)  # ~3 MB of tar: points at the server's spacing
+    _settle(root)
+    a = _build(root, w / "a.tgz", None, None)
+    _edit(root, rng, "edit", 50)
+    _settle(root)
+    b = _build(root, w / "b.tgz", a, w / "a.tgz")
+    old, new = (w / "a.tgz").read_bytes(), (w / "b.tgz").read_bytes()
+    store = LocalStore(w / "store")
+    seeks = SeekCache(w / "seek")
+    r1 = _commit(store, 1, 1, old)
+    seeks.make(store, 1, 1, r1.size, r1.hash)
+    base_seek = seeks.load(1, r1)
+    assert base_seek is not None
+    p = LayoutPatcher(old, base_hash=r1.hash, max_size=1 << 30, seek=base_seek)
+    p.feed(b"".join(encode_layout(a.index, old, b.index, new, seek=base_seek)))
+    p.finish()
+    r2 = _commit(store, 1, 2, new)
+    full = SeekPoints.build(new, r2.hash)
+    built = []
+    monkeypatch.setattr(SeekPoints, "build", classmethod(
+        lambda cls, *args, **kw: built.append(1) or full))
+    seeks.carry_from(1, r2.hash, base_seek, p.copies)
+    seeks.make(store, 1, 2, r2.size, r2.hash)
+    got = seeks.load(1, r2)
+    assert got == SeekPoints.carry(base_seek, p.copies, new, r2.hash) and not built
+    assert len(got) >= 1 and set(got.tar_offsets) & set(full.tar_offsets)
+    _windows_are_the_tar(new, got)
+    # A hint of another archive: the markers.
+    (seeks.dir / f"1-{r2.hash.hex()}.dbkpsk").unlink()
+    seeks.carry_from(1, r1.hash, base_seek, p.copies)
+    seeks.make(store, 1, 2, r2.size, r2.hash)
+    assert seeks.load(1, r2) == full and len(built) == 1
+    # Copies that do not fit the archive (its prior points land elsewhere): not carried,
+    # the archive is scanned through; carrying that fails: the markers.
+    bogus = SeekPoints.carry(base_seek, [(0, 10, len(new) - 18)], new, r2.hash)
+    _windows_are_the_tar(new, bogus)
+
+    def fail(*args: object, **kw: object) -> SeekPoints:
+        raise FormatError("seek points: the archive does not inflate")
+
+    monkeypatch.setattr(SeekPoints, "carry", fail)
+    (seeks.dir / f"1-{r2.hash.hex()}.dbkpsk").unlink()
+    seeks.carry_from(1, r2.hash, base_seek, p.copies)
+    seeks.make(store, 1, 2, r2.size, r2.hash)
+    assert seeks.load(1, r2) == full and len(built) == 2
+    assert "cannot carry points to archive 2" in caplog.text

@@ -22,11 +22,14 @@ checked against the index.  Without one (the server), the boundaries are the syn
 compressed data: a candidate becomes a point only if a fresh inflater started there with
 its window gives the main stream's bytes for ``_VERIFY`` tar bytes (compared).
 ``SeekPoints.derive`` makes the next archive's table from this one's at the cost of what
-changed (the agent, after each backup): see its docstring.
+changed (the agent, after each backup, with both indexes); ``SeekPoints.carry`` does it
+from a layout patch's COPY records instead (the server, which has no index): see their
+docstrings.
 
 Invariants:
 - pure: bytes and buffers in, bytes or values out; deterministic (the same archive and
-  index give the same table; a derived one depends on the table it came from too);
+  index give the same table; a derived or carried one depends on the table it came from
+  too);
 - entered at a point with its window, the deflate stream inflates to exactly the tar from
   there (a built window is the 32 KiB of tar before the point; a derived one is checked to
   decode the next 32 KiB and more, which is all a dictionary is used for);
@@ -38,8 +41,8 @@ Invariants:
   delta's) are checked downstream (the sender compares, the receiver checks blake3).
 Format: docs/formats.md "Seek points".
 
-A long module on purpose: the three ways a table is made (from an index, from the markers,
-derived from the last table) rest on one argument — when a window decodes a stream — best
+A long module on purpose: the four ways a table is made (from an index, from the markers,
+derived from the last table, carried through a patch) rest on one argument — when a window decodes a stream — best
 kept beside the format that states it.
 """
 
@@ -48,7 +51,7 @@ from __future__ import annotations
 import bisect
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 import attrs
@@ -169,43 +172,72 @@ class SeekPoints:
 
     @classmethod
     def _from_markers(cls, buf: memoryview, archive_hash: bytes, spacing: int) -> SeekPoints:
-        end = len(buf) - 8  # the trailer is no deflate data
-        markers = _markers(buf, end)
         inf = _Inflater(buf)
-        offs: list[int] = []
-        tars: list[int] = []
-        wins: list[bytes] = []
-        last = 0
-        # Candidates being verified, in order: every marker at least ``spacing`` after the
-        # last point, until the first of them proves a boundary (then those closer than
-        # ``spacing`` to it go): the same points as the index's boundaries would give.
-        pends: list[_Candidate] = []
-        at = next(markers, -1)
-        while at >= 0:
-            c = at + len(_MARKER) if at < end else at
-            start = inf.fed
-            if c > start:
-                piece = inf.feed_to(c, bool(pends))
-                for p in pends:
-                    p.step(buf[start:c], piece, at == end)
-                while pends and pends[0].ok is not None:
-                    p = pends.pop(0)
-                    if p.ok:
-                        offs.append(p.c)
-                        tars.append(p.t)
-                        wins.append(_pack(p.window))
-                        last = p.t
-                        pends = [q for q in pends if q.t - last >= spacing]
-                if inf.out - last >= spacing and c < end:
-                    pends.append(_Candidate(c, inf.out, inf.tail))
-            # The stream's end closes the last candidates (a last segment may be short).
-            at = next(markers, -1) if at < end else -1
-            if at < 0 < len(pends) and inf.fed < end:
-                at = end
-        inf.feed_to(end)
+        points: list[tuple[int, int, bytes]] = []
+        _scan(buf, inf, 0, len(buf) - 8, spacing, points)
         tar_size = int.from_bytes(buf[len(buf) - 4 :], "little")
-        return cls(archive_hash, len(buf), inf.finish(None, tar_size), tuple(offs),
-                   tuple(tars), tuple(wins))
+        return cls(archive_hash, len(buf), inf.finish(None, tar_size),
+                   tuple(p[0] for p in points), tuple(p[1] for p in points),
+                   tuple(p[2] for p in points))
+
+    @classmethod
+    def carry(
+        cls, prior: SeekPoints, copies: Sequence[tuple[int, int, int]], archive: Any,
+        archive_hash: bytes, *, spacing: int = SPACING,
+    ) -> SeekPoints:
+        """The table of ``archive`` (blake3 ``archive_hash``, known to the caller) made by a
+        layout patch from the archive ``prior`` is the table of: ``copies`` are its COPY
+        records, ``(new archive offset, prior archive offset, length)`` in order (as
+        ``LayoutPatcher.copies`` lists them).  The cost of what changed, not of an inflate of
+        the whole archive (the server, after each layout backup; no index needed).
+
+        The archive is marker-scanned as ``build`` does from its start up to the first prior
+        point inside a copy (its *anchor*); there the stream's last 32 KiB of tar must equal
+        that point's window and a fresh inflater started there with it must agree with the
+        stream (as a chance marker is checked).  Then the stream there is the prior stream
+        at that point (same state, same bytes for the rest of the copy), so every prior
+        point of the copy is a point of this archive, tar offsets shifted by the same amount,
+        windows as stored (not inflated, not recompressed); the scan resumes at the copy's
+        last one.  A copy whose anchor fails is scanned through like the rest.  The stream's
+        end checks the tar offsets kept on the way (the trailer's size, mod 2**32).
+
+        So every point is exact (enters the stream at a boundary, its window the tar before
+        it) but the table is not ``build``'s: spacing is ``build``'s rule around changes and
+        the prior table's within copies (points of a copy closer than ``spacing`` to the one
+        before are left out).  ``FormatError``: the archive does not inflate or ``copies``
+        do not fit it."""
+        buf = memoryview(archive)
+        if len(buf) < _HDR + 8 or bytes(buf[:_HDR]) != GZIP_HEADER:
+            raise FormatError("seek points: not one of our gzip archives")
+        end = len(buf) - 8
+        po, pt = prior.archive_offsets, prior.tar_offsets
+        inf = _Inflater(buf)
+        points: list[tuple[int, int, bytes]] = []
+        last = 0
+        for new_off, old_off, n in copies:
+            lo = bisect.bisect_left(po, old_off)
+            hi = bisect.bisect_right(po, old_off + n)
+            b = new_off + (po[lo] - old_off if lo < hi else 0)
+            if lo >= hi or b < inf.fed or b > end:
+                continue  # no prior point in it, or behind a check that read past it
+            last = _scan(buf, inf, last, b, spacing, points)
+            window = prior.window(lo)
+            t_b = inf.out
+            if inf.fed != b or inf.tail != window or not _agrees(buf, inf, window, end):
+                continue
+            shift = t_b - pt[lo]
+            for k in range(lo, hi):
+                if pt[k] + shift - last >= spacing:
+                    points.append((new_off + po[k] - old_off, pt[k] + shift, prior.windows[k]))
+                    last = pt[k] + shift
+            k = hi - 1
+            at = new_off + po[k] - old_off
+            inf = _Inflater(buf, at, pt[k] + shift, window if k == lo else prior.window(k))
+        _scan(buf, inf, last, end, spacing, points)
+        tar_size = int.from_bytes(buf[len(buf) - 4 :], "little")
+        return cls(archive_hash, len(buf), inf.finish(None, tar_size),
+                   tuple(p[0] for p in points), tuple(p[1] for p in points),
+                   tuple(p[2] for p in points))
 
     @classmethod
     def derive(
@@ -365,8 +397,13 @@ class _Inflater:
                 # Bounded: a step of zeros would inflate ~1000-fold.
                 out = self._d.decompress(chunk, _OUT)
                 self.out += len(out)
-                self._tail += out
-                del self._tail[: -DICT_SIZE]
+                # Trimmed now and then, not per call: a scan calls this at every marker.
+                if len(out) >= DICT_SIZE:
+                    self._tail = bytearray(out[-DICT_SIZE:])
+                else:
+                    self._tail += out
+                    if len(self._tail) > 8 * DICT_SIZE:
+                        del self._tail[: -DICT_SIZE]
                 if want:
                     last = out if len(out) >= _OUT else (last + out)[-_OUT:]
                 if self._d.eof:
@@ -384,11 +421,11 @@ class _Inflater:
         return self.out
 
 
-def _markers(buf: memoryview, end: int) -> Iterator[int]:
-    """Offsets of the sync markers in ``buf[_HDR:end]``, not overlapping, in order; searched
+def _markers(buf: memoryview, end: int, start: int = _HDR) -> Iterator[int]:
+    """Offsets of the sync markers in ``buf[start:end]``, not overlapping, in order; searched
     a step at a time (bytes.find is C-fast, and a copy of the whole archive would cost its
     size in memory)."""
-    at, n = _HDR, len(_MARKER)
+    at, n = start, len(_MARKER)
     while at < end:
         hi = min(end, at + _STEP)
         chunk = bytes(buf[at : min(end, hi + n - 1)])
@@ -399,6 +436,58 @@ def _markers(buf: memoryview, end: int) -> Iterator[int]:
         # The next step starts after the last marker if it overlaps this one's end.
         at = max(hi, at + k) if k >= 0 else hi
     return
+
+
+def _scan(buf: memoryview, inf: _Inflater, last: int, stop: int, spacing: int,
+          points: list[tuple[int, int, bytes]]) -> int:
+    """Inflate with ``inf`` up to archive offset ``stop``, placing points (appended to
+    ``points``) at the sync markers on the way that prove boundaries, each the first at least
+    ``spacing`` of tar after the one before (``last``, returned updated): the same points as
+    the index's boundaries would give.  ``stop`` at the deflate stream's end (the trailer's
+    offset) closes the last candidates; before it, candidates still unproven there are
+    dropped (a valid subset)."""
+    end = len(buf) - 8  # the trailer is no deflate data
+    final = stop >= end
+    # Before ``stop``: only markers wholly before it (the stream is entered at ``stop``).
+    markers = _markers(buf, stop if final else stop - len(_MARKER) + 1, inf.fed)
+    # Candidates being verified, in order: every marker at least ``spacing`` after the
+    # last point, until the first of them proves a boundary (then those closer than
+    # ``spacing`` to it go).
+    pends: list[_Candidate] = []
+    at = next(markers, -1)
+    while at >= 0:
+        c = at + len(_MARKER) if at < stop else at
+        start = inf.fed
+        if c > start:
+            piece = inf.feed_to(c, bool(pends))
+            for p in pends:
+                p.step(buf[start:c], piece, final and at == stop)
+            while pends and pends[0].ok is not None:
+                p = pends.pop(0)
+                if p.ok:
+                    points.append((p.c, p.t, _pack(p.window)))
+                    last = p.t
+                    pends = [q for q in pends if q.t - last >= spacing]
+            if inf.out - last >= spacing and c < stop:
+                pends.append(_Candidate(c, inf.out, inf.tail))
+        # The stream's end (or ``stop``) closes the last candidates.
+        at = next(markers, -1) if at < stop else -1
+        if at < 0 < len(pends) and inf.fed < stop:
+            at = stop
+    inf.feed_to(stop)
+    return last
+
+
+def _agrees(buf: memoryview, inf: _Inflater, window: bytes, end: int) -> bool:
+    """Does a fresh inflater started where ``inf`` is, with ``window``, give what the
+    stream gives (``_VERIFY`` tar bytes, or to the stream's end)?  Advances ``inf``."""
+    cand = _Candidate(inf.fed, inf.out, window)
+    while cand.ok is None:
+        start = inf.fed
+        stop = min(end, start + 4096)
+        piece = inf.feed_to(stop, True)
+        cand.step(buf[start:stop], piece, stop >= end)
+    return bool(cand.ok)
 
 
 class _Candidate:
