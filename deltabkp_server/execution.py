@@ -44,7 +44,7 @@ from deltabkp_server.config import ExecutionSettings
 from deltabkp_server.ingest import Ingest
 from deltabkp_server.metrics import ServerMetrics
 from deltabkp_server.model import ArchiveRecord, ExecutionRecord, ExecutionResult, Target
-from deltabkp_server.pull import Unchanged, pull
+from deltabkp_server.pull import Unchanged, offers_layout, pull
 from deltabkp_server.retention import rotate
 from deltabkp_server.seeks import SeekCache
 from deltabkp_server.store import Store
@@ -126,6 +126,8 @@ class Executor:
     #: Seek files of each target's newest archive (None: none made or used).
     seeks: SeekCache | None = None
     _closing: trio.Event = attrs.Factory(trio.Event)
+    #: Per target: its agent offered the layout delta on the last connection.
+    _layout_peers: dict[int, bool] = attrs.Factory(dict)
 
     def on_close(self) -> trio.Event:
         """Set when the next execution row closes here (take it before looking at ``closed``
@@ -220,9 +222,11 @@ class Executor:
         """The seek points of the target's newest archive (the next backup's base), so the
         next layout delta inflates it only around what changed: after the commit (``--wait``
         has its answer), still under the lease; never fails the execution."""
-        if self.seeks is None:
-            return
         tid = target.id
+        # An agent that sends no layout delta (an older one, or its archive cache off) would
+        # never use them: making them costs a full inflate per backup for nothing.
+        if self.seeks is None or not self._layout_peers.get(tid, False):
+            return
         try:
             newest = await self.catalog.call(lambda c: c.newest_retained(tid))
         except DeltabkpError as exc:
@@ -241,6 +245,7 @@ class Executor:
         """Pull (protocol) → ingest (patch, verify, commit) over one connection."""
         tid = target.id
         ph = Phases()  # where this attempt's time went: one log line at its end
+        quiet = False  # an unchanged check: its timeline is logged at DEBUG
         base = None if full else await self.catalog.call(lambda c: c.newest_retained(tid))
         try:
             chan = await net.connect(
@@ -254,6 +259,8 @@ class Executor:
         # Silence is bounded by --idle-timeout both ways: an agent that stops reading (its
         # acknowledgements lost on a partition) is as gone as one that stops writing.
         chan.send_timeout = self.settings.idle_timeout
+        # Seek points are kept only for an agent that sends layout deltas (``_make_seek``).
+        self._layout_peers[tid] = offers_layout(chan)
         ph.lap("connect")  # the base's row, TCP, TLS and the hello
         meter.current = chan
         ingest = Ingest(
@@ -271,10 +278,12 @@ class Executor:
             )
             if isinstance(pulled, Unchanged):
                 assert base is not None  # the conversation refuses "unchanged" without a base
+                quiet = True
                 return _Same(base, f"unchanged ({pulled.reason})")
             done = pulled.done
             if not await ingest.finish(done):
                 assert base is not None
+                quiet = True
                 return _Same(base, "unchanged (hash)", done.skipped)
 
             def result(seq: int) -> ExecutionResult:
@@ -296,9 +305,12 @@ class Executor:
             raise
         finally:
             self.metrics.wire.done(counted)
-            log.info("execution %d of %s: phases %s", eid, target.name, ph.render(),
-                     extra={**net.log_context(node=target.node, path=target.path, execution=eid),
-                            "event": "execution-phases"})
+            # The minute-by-minute unchanged checks fold into one log row: their timelines
+            # only at DEBUG.
+            log.log(logging.DEBUG if quiet else logging.INFO,
+                    "execution %d of %s: phases %s", eid, target.name, ph.render(),
+                    extra={**net.log_context(node=target.node, path=target.path, execution=eid),
+                           "event": "execution-phases"})
             await ingest.aclose()
             meter.close(chan)
             await chan.aclose()

@@ -23,7 +23,7 @@ from deltabkp._phases import Phases
 from deltabkp.archive import LAYOUT_CAPABILITY
 from deltabkp.errors import RemoteProtocolError
 
-__all__ = ["Delta", "DeltaSink", "Pulled", "Unchanged", "pull"]
+__all__ = ["Delta", "DeltaSink", "Pulled", "Unchanged", "offers_layout", "pull"]
 
 
 @attrs.frozen
@@ -65,7 +65,7 @@ async def pull(
     ph = phases if phases is not None else Phases()
     # The layout delta (docs/formats.md) only to an agent that advertised the same form
     # (and zlib): an agent that predates it never sees the field.
-    accepts = (LAYOUT_CAPABILITY,) if LAYOUT_CAPABILITY in _deltas(chan) else ()
+    accepts = (LAYOUT_CAPABILITY,) if offers_layout(chan) else ()
     await chan.send(protocol.BackupRequest(path, base_hash, (), bwlimit, accepts))
     msg = await chan.receive(timeout=idle)
     ph.lap("agent")
@@ -87,6 +87,12 @@ async def pull(
         return Delta(msg)
     # The conversation allows nothing else here; a bug in its table would land here.
     raise RemoteProtocolError(f"unexpected {msg.TYPE} during a backup", peer=chan.peer)
+
+
+def offers_layout(chan: net.Channel) -> bool:
+    """The agent advertised the layout delta with this server's zlib: its next backup will
+    likely be one (the server then keeps seek points of the archive it stores)."""
+    return LAYOUT_CAPABILITY in _deltas(chan)
 
 
 def _deltas(chan: net.Channel) -> tuple[str, ...]:
