@@ -77,16 +77,16 @@ import itertools
 import struct
 import zlib
 from collections.abc import Callable, Generator, Iterator, Sequence
-from typing import Any, cast
+from typing import Any
 
 import blake3
 import numpy as np
 import numpy.typing as npt
 from isal import isal_zlib
 
-from deltabkp.archive._gzip import DICT_SIZE, GZIP_HEADER, compress_segments
+from deltabkp.archive._gzip import DICT_SIZE, compress_segments
 from deltabkp.archive._incremental import DATA, ArchiveIndex, IndexEntry
-from deltabkp.archive._seek import SeekPoints
+from deltabkp.archive._seek import _HDR, _INFLATE_ERRORS, SPACING, SeekPoints
 from deltabkp.errors import (
     FormatError,
     IntegrityError,
@@ -134,9 +134,6 @@ _OLD = struct.Struct("<BQI")  # 0, old tar offset, length
 _LIT = struct.Struct("<BI")  # 1, length (taken from the record's literal stream)
 T_COPY, T_RAW, T_RUN, T_END = 1, 2, 3, 0xFF
 F_FINAL, F_CONTINUE = 1, 2
-_HDR = len(GZIP_HEADER)
-# isal's stub types its error class as an instance.
-_INFLATE_ERRORS = (zlib.error, cast("type[Exception]", isal_zlib.error))
 
 
 # -- old tar bytes from a compressed archive ------------------------------------------------
@@ -203,7 +200,9 @@ class TarStream:
         if self._seek is not None:
             k = self._seek.at_or_before(lo)
             at = self._seek.tar_offsets[k] if k >= 0 else 0
-            if lo < self._base or at > self._end:
+            # Forward, a jump pays only past a spacing: inflating up to it costs ~1 ms a MiB,
+            # and a jump drops what is kept, which reads going back and forth still need.
+            if lo < self._base or at > self._end + SPACING:
                 self._restart(k)
         elif lo < self._base:  # cannot happen without seeking: pieces go at the floor
             return None
