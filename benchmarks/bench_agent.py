@@ -1,6 +1,6 @@
 """The agent's side of a backup after the ~1% change, up to the layout encoder's input.
 
-    python benchmarks/bench_agent.py [--rounds N] [--compare DIR] [--racy-first]
+    python benchmarks/bench_agent.py [--rounds N] [--compare DIR] [--racy-first] [--cold]
 
 A copy of the ~107 MB stdlib tree (``archive_data.py``) gets a first backup through the
 agent's own ``serve_backup`` (full build, kept in a temp cache; with ``--racy-first`` at
@@ -16,13 +16,16 @@ builds at its first build are built before timing), timed up to the answer
 and the kept build's seek points follow the answer); the last round's per-phase timeline
 (``deltabkp._phases``) is printed when the version logs one.  ``--compare DIR`` runs every round
 also with ``PYTHONPATH=DIR`` (e.g. ``git archive HEAD | tar -x -C DIR``), interleaved, for
-ratios side by side in one run.  Medians; asserts nothing.
+ratios side by side in one run.  Each round's agent knows the kept archive as the daemon
+that wrote it does (``AgentCache`` remembers its ``stat``: not hashed again before use);
+``--cold``: as an agent restarted since (hashed first).  Medians; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -34,7 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _serve(work: Path, base: bytes | None, layout: bool) -> tuple[float, float, str, float, float]:
+def _serve(work: Path, base: bytes | None, layout: bool, cold: bool = False) -> tuple[float, float, str, float, float]:
     import trio
 
     from deltabkp import protocol
@@ -58,8 +61,15 @@ def _serve(work: Path, base: bytes | None, layout: bool) -> tuple[float, float, 
         async def receive(self, timeout: float | None = None, raise_errors: bool = True) -> None:
             await trio.sleep_forever()
 
+    cache = AgentCache(work / "cache")
+    kept, tgz = cache.kept_index(root), cache.kept_archive(root)
+    if not cold and hasattr(cache, "_hashed") and kept is not None and tgz is not None:
+        # What the daemon that kept this archive knows (it wrote and hashed that file): a
+        # running agent's backups after its first do not hash the kept archive again.
+        cache._hashed[root] = (kept.archive_hash, os.stat(tgz))
+
     async def serve() -> backup.BackupOutcome:
-        ctx = backup.BackupContext("bench", AgentCache(work / "cache"), trio.CapacityLimiter(1), 1 << 30)
+        ctx = backup.BackupContext("bench", cache, trio.CapacityLimiter(1), 1 << 30)
         req = protocol.BackupRequest(root, base, accepts=(LAYOUT_CAPABILITY,) if layout else ())
         return await backup.serve_backup(ctx, Chan(), req, root, ())  # type: ignore[arg-type]
 
@@ -70,13 +80,14 @@ def _serve(work: Path, base: bytes | None, layout: bool) -> tuple[float, float, 
     return wall, cpu, f"{out.outcome}/{out.signature_from}", answered[0] - w, answered[1] - c
 
 
-def _round(work: Path, pythonpath: str | None) -> tuple[float, float, str, float, float, str]:
+def _round(work: Path, pythonpath: str | None, cold: bool) -> tuple[float, float, str, float, float, str]:
     shutil.rmtree(work / "cache", ignore_errors=True)
     subprocess.run(["cp", "-a", str(work / "cache.first"), str(work / "cache")], check=True)
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    run = subprocess.run([sys.executable, __file__, "--round", str(work)], env=env, check=True,
+    run = subprocess.run([sys.executable, __file__, "--round", str(work), *(["--cold"] if cold else [])],
+                         env=env, check=True,
                          capture_output=True, text=True)
     out = run.stdout.split()
     return float(out[0]), float(out[1]), out[2], float(out[3]), float(out[4]), run.stderr.strip()
@@ -88,11 +99,13 @@ def main() -> None:
     ap.add_argument("--compare", metavar="DIR", help="another version's source tree, run side by side")
     ap.add_argument("--racy-first", action="store_true",
                     help="first backup right after the copy (files racy when it reads them)")
+    ap.add_argument("--cold", action="store_true",
+                    help="as a restarted agent: the kept archive is hashed before use")
     ap.add_argument("--round", metavar="WORK", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.round:
         work = Path(args.round)
-        w, c, how, aw, ac = _serve(work, (work / "base-hash").read_bytes(), True)
+        w, c, how, aw, ac = _serve(work, (work / "base-hash").read_bytes(), True, args.cold)
         print(f"{w:.4f} {c:.4f} {how} {aw:.4f} {ac:.4f}")
         return
     sys.path.insert(0, str(HERE))
@@ -118,9 +131,10 @@ def main() -> None:
         got: dict[str, list[tuple[float, float, str, float, float, str]]] = {v: [] for v in versions}
         for _ in range(args.rounds):
             for name, path in versions.items():
-                got[name].append(_round(work, path))
+                got[name].append(_round(work, path, args.cold))
         print(f"serve_backup after the ~1% change (layout accepted, encoder stubbed"
-              f"{'; first build racy' if args.racy_first else ''}), "
+              f"{'; first build racy' if args.racy_first else ''}"
+              f"{'; cold agent' if args.cold else ''}), "
               f"{args.rounds} rounds, cores {os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
         ref = statistics.median(r[4] for r in got["this tree"])
         for name, rows in got.items():
@@ -132,6 +146,12 @@ def main() -> None:
             # with the work after the answer (cache records, seek points).
             print(f"   {name:32} answer wall {awall:6.3f} s cpu {acpu:6.3f} s (cpu / this tree's "
                   f"{acpu / ref:.2f})   all wall {wall:6.3f} s cpu {cpu:6.3f} s   {rows[-1][2]}")
+            # The build phase alone (the per-phase timeline's "build", medians over rounds).
+            builds = [m.groups() for r in rows if (m := re.search(r"\bbuild (\d+)/(\d+)", r[5]))]
+            if builds:
+                bw = statistics.median(int(b[0]) for b in builds)
+                bc = statistics.median(int(b[1]) for b in builds)
+                print(f"   {'':32} build phase: wall {bw:.0f} ms cpu {bc:.0f} ms (medians of {len(builds)})")
             if rows[-1][5]:
                 print(f"   {'':32} phases (last round): {rows[-1][5]}")
     finally:

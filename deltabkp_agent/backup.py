@@ -304,6 +304,9 @@ async def _finish(
         await thread(_cache_quietly, ctx.cache.record, root, req.base_hash,
                      {"fingerprint": fingerprint, "exclude": exclude, "signature": None})
         ph.lap("cache")
+        # The same archive kept again: its seek file (if any) still names it; this also lets
+        # go of the replaced build's index (held for ``make_seek``).
+        await thread(ctx.cache.make_seek, root)
         return BackupOutcome("unchanged", "hash", req.base_hash, built.archive_size,
                              signature_from=sig_from)
     await chan.send(protocol.BackupDone(
@@ -478,7 +481,7 @@ def _build(
                 new_sig = deltabkp.SignatureBuilder(agent_block_size(max(estimate, 0)))
             builder = IncrementalBuilder(
                 root, exclude=exclude, no_links=True, previous=kept.index,
-                previous_archive=kept.archive,
+                previous_archive=kept.archive, previous_hashed=kept.hashed,
             )
             for chunk in builder:
                 try:

@@ -1,5 +1,7 @@
 """The agent's on-disk cache: signatures by archive hash, tree fingerprints by (path, hash),
-and the last archive built per path with its index.
+and the last archive built per path with its index.  Long on purpose: the kept build, its
+index, signature and seek file are one argument about what may be reused and when (the
+invariants below), best read in one place.
 
 Job: let the agent answer a backup request without the server sending a signature (it keeps
 the signature of every archive it produced, keyed by the archive's blake3), without
@@ -40,6 +42,9 @@ Invariants:
   renamed into place, then its index; a crash between the two leaves an index that names
   another archive, which the incremental builder detects (blake3) and ignores.  A build
   is never failed by this cache (a full disk drops the kept archive with a warning).
+  The blake3 is skipped only for the archive this process kept itself, while its file
+  has the ``stat`` (device, inode, size, mtime, ctime) taken right after it was kept
+  (``KeptBuild.hashed``; memory only: a restarted agent hashes it once).
 - a seek file names its archive (blake3 and size inside): one left by an older kept
   build, torn or corrupt is not used (logged at DEBUG) and the delta inflates from the
   start, as without one; failing to make one never touches the kept build.
@@ -121,6 +126,9 @@ class KeptBuild:
 
     index: ArchiveIndex | None
     archive: Path | None
+    #: ``archive``'s ``stat`` when this process wrote (and so hashed) it, if it still is
+    #: that build: the builder then trusts it without hashing it again.
+    hashed: os.stat_result | None = None
     _out: IO[bytes] | None = None
     _failed: str = ""
     _done: ArchiveIndex | None = None
@@ -183,6 +191,9 @@ class AgentCache:
         # Per path, the index of the kept build this one replaced: its seek file (still on
         # disk) gives the new one's at the cost of what changed (``make_seek``).
         self._prior: dict[str, ArchiveIndex] = {}
+        # Per path, the hash of the archive this process kept and its file's stat right
+        # after (``KeptBuild.hashed``): the next build skips re-hashing that very file.
+        self._hashed: dict[str, tuple[bytes, os.stat_result]] = {}
         try:
             self._sigs.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._paths.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -216,7 +227,11 @@ class AgentCache:
         tgz, idx = self._build_files(path)
         if isinstance(index, _Unread):
             index = self._read_index(idx)
-        kept = KeptBuild(index, tgz if index is not None else None)
+        was = self._hashed.pop(path, None)  # the kept archive is about to be replaced
+        kept = KeptBuild(
+            index, tgz if index is not None else None,
+            was[1] if was is not None and index is not None and was[0] == index.archive_hash else None,
+        )
         entered = finished = False
         try:
             with atomic_write(tgz, durable=False, mode=0o600) as f:
@@ -227,6 +242,8 @@ class AgentCache:
                 if kept._failed or kept._done is None:
                     raise _NotKept(kept._failed)
             write_bytes_atomic(idx, kept._done.encode(), durable=False, mode=0o600)
+            with contextlib.suppress(OSError):
+                self._hashed[path] = (kept._done.archive_hash, os.stat(tgz))
             if kept.index is not None:  # make_seek derives the new table from its one
                 self._prior[path] = kept.index
         except _NotKept as exc:
@@ -253,6 +270,7 @@ class AgentCache:
     def drop_kept(self, path: str) -> None:
         """Forget the kept build of ``path`` (its index goes: the next build is a full one
         and the next delta a rolling one), e.g. after a layout delta failed midway."""
+        self._hashed.pop(path, None)
         self._build_files(path)[1].unlink(missing_ok=True)
         self._seek_file(path).unlink(missing_ok=True)
         self._prior.pop(path, None)

@@ -27,6 +27,7 @@ from deltabkp.archive._incremental import (
     IndexEntry,
     SegmentTable,
     _Item,
+    _Reused,
 )
 from deltabkp.errors import ArchiveError, FormatError, LimitExceeded, UnsupportedVersion
 
@@ -309,9 +310,11 @@ class ChangeOnWalk(IncrementalBuilder):
 
     target = ""
 
-    def _items(self, *a: object, **kw: object) -> Iterator[_Item]:
+    def _items(self, *a: object, **kw: object) -> Iterator[_Item | _Reused]:
         for item in super()._items(*a, **kw):  # type: ignore[arg-type]
-            if item.old >= 0 and item.rel == self.target:  # reused by identity
+            # Reused by identity (one by one, or in a batch continuing a run in sync).
+            if (self.target in item.rels if isinstance(item, _Reused)
+                    else item.old >= 0 and item.rel == self.target):
                 p = Path(self.root) / self.target
                 p.write_bytes(p.read_bytes() + b" changed after the walk")
             yield item

@@ -60,18 +60,28 @@ Invariants:
   generations);
 - an entry is reused only when identity, ``ARCHIVE_VERSION``, level and zlib version all
   match, and the previous archive's blake3 is the one its index names (checked before use:
-  a corrupt cache would otherwise be copied into every later archive); anything else falls
-  back to compressing (never an error: the previous build is only a cache);
+  a corrupt cache would otherwise be copied into every later archive; not re-hashed when
+  the caller vouches for the file by the ``stat`` it took when it wrote it: the agent's
+  cache, for the archive it kept itself in this process); anything else falls back to
+  compressing (never an error: the previous build is only a cache);
 - a reused file is not opened, unless it lies in the first stretch of a run (32–96 KiB
   after each change, until the sync cut), where it is read with the fresh build's hot-read
   rules and kept in the run only if what was read has the old identity, or in the last
   ≤ 96 KiB of a run (read by path, no symlink followed, identity checked before and after),
   or it was racy when the previous build read it (read once, kept only if its digest
   matches; never read a second time for a run's tail);
-- per entry, a reused one costs a dict lookup, one ``struct`` unpack to compare its
-  identity and a copy of its packed record (``EntryTable.append_moved``): no
-  ``IndexEntry`` is made for it (two each, at ~5 µs, cost more than its ``lstat``);
-  ``unchanged`` does the same without making an item;
+- per entry, a reused file that continues a run already in sync costs its ``lstat``, a
+  dict lookup and one compare of its identity packed as the index packs it (the previous
+  build's identities are slices of its index, gathered once: ``_Old``); such files are
+  handed to the splicer in batches (``_Reused``: no ``_Item``, no ``IndexEntry``; their
+  records are copied in one slice, ``EntryTable.append_reused``).  Other entries take the
+  general path, one ``_Item`` each (~10 µs more); ``unchanged`` does the same compare
+  inline without making an item.  Measured (``benchmarks/bench_agent.py``, ~1% change on
+  the stdlib tree, 5,047 entries, 2 shared and busy cores): ~10-25% less CPU for the
+  build than with an item per entry; what remains is ~2.1 MB compressed (~60-80 ms), the
+  walk's ``lstat``s, the new archive's blake3, the cut search and I/O;
+- the previous archive is hashed before use unless the caller vouches for the very file
+  (``previous_hashed``: the agent, for the archive it kept itself since it started);
 - memory: as ``TgzBuilder`` (a job in flight per thread, one file up to ``mem_limit``: a
   racy file is re-verified only up to that size, else compressed anew), plus
   the index of the previous and of the new build, kept packed in their file layout
@@ -159,6 +169,29 @@ _SEGMENT_DTYPE = np.dtype({
     "names": ["tar_end", "deflate_end", "crc"], "formats": ["<u8", "<u8", "<u4"],
     "offsets": [0, 8, 16], "itemsize": _SEGMENT.size,
 })
+#: ``_ENTRY`` as a numpy record (the fixed part of an index entry, before its name).
+_ENTRY_DTYPE = np.dtype({
+    "names": ["kind", "flags", "nlen", "mode", "uid", "gid", "nlink", "dev", "ino", "size",
+              "mtime", "ctime", "tar_start", "tar_end"],
+    "formats": ["u1", "u1", "<u2", "<u4", "<u4", "<u4", "<u4", "<u8", "<u8", "<u8", "<i8",
+                "<i8", "<u8", "<u8"],
+    "offsets": [0, 1, 2, 4, 8, 12, 16, 20, 28, 36, 44, 52, 60, 68], "itemsize": _ENTRY.size,
+})
+#: A file's identity as ``_ENTRY`` packs it: bytes 4-60 of an entry's record, so the
+#: previous build's identities are slices of its index, compared with ``_identity``'s.
+_IDENTITY = struct.Struct("<IIIIQQQqq")
+_IDENTITY_AT = 4
+
+
+def _identity(st: os.stat_result) -> bytes:
+    """``st``'s identity packed as in an index entry (b"" if it cannot be: equal to none)."""
+    try:
+        return _IDENTITY.pack(st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_dev,
+                              st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except struct.error:
+        return b""
+
+
 _U64 = npt.NDArray[np.uint64]
 _DIGEST = 32
 _FLAG_REUSABLE = 1
@@ -346,6 +379,22 @@ class EntryTable(Sequence[IndexEntry]):
         self._data += src._data[at : at + _ENTRY.size + n]
         _ENTRY_TAR.pack_into(self._data, here + _ENTRY_TAR_AT, tar_start, tar_end)
 
+    def append_reused(self, src: EntryTable, first: int, last: int, shift: int) -> None:
+        """``append_moved`` of entries ``first..last`` of ``src`` (consecutive there), each
+        moved ``shift`` bytes back in the tar stream: their records copied in one slice."""
+        assert isinstance(self._data, bytearray), "a parsed table is read-only"
+        a = src._offsets[first]
+        b = src._offsets[last + 1] if last + 1 < len(src._offsets) else len(src._data)
+        here = len(self._data)
+        self._data += src._data[a:b]
+        move = here - a
+        offsets = [o + move for o in src._offsets[first : last + 1]]
+        self._offsets.extend(offsets)
+        unpack, pack, data = _ENTRY_TAR.unpack_from, _ENTRY_TAR.pack_into, self._data
+        for o in offsets:
+            s, e = unpack(data, o + _ENTRY_TAR_AT)
+            pack(data, o + _ENTRY_TAR_AT, s - shift, e - shift)
+
     def raw(self, i: int) -> tuple[Any, ...]:
         """Entry ``i``'s record fields as ``_ENTRY`` unpacks them (no name, no object)."""
         return _ENTRY.unpack_from(self._data, self._offsets[i])
@@ -524,8 +573,31 @@ class _Old:
     def __init__(self, index: ArchiveIndex, f: BinaryIO | None) -> None:
         self.index = index
         self.f = f
+        # The packed records' fixed part gathered into columns in one numpy pass (per-entry
+        # unpacking cost ~2 µs an entry, a third of an unchanged entry's whole cost).
+        t = index.entries
+        offs = np.frombuffer(t._offsets, np.uint64).astype(np.int64)
+        raw = np.frombuffer(t._data, np.uint8)
+        recs = raw[offs[:, None] + np.arange(_ENTRY.size)].view(_ENTRY_DTYPE).ravel()
+        del raw  # a view of a bytearray would pin its size
+        ends = (offs + _ENTRY.size + recs["nlen"].astype(np.int64)).tolist()
+        data = bytes(t._data)
         # Path -> position: the entries stay packed, one is made when looked up.
-        self.at_path = {index.entries.path(i): i for i in range(len(index.entries))}
+        self.at_path = {
+            data[a:b].decode("utf-8", "surrogateescape"): i
+            for i, (a, b) in enumerate(zip((offs + _ENTRY.size).tolist(), ends, strict=True))
+        }
+        #: Per position: tar start and end; for a reusable file (read consistently, not
+        #: racy) its identity as ``_identity`` makes it from an lstat, else None.
+        self.starts: list[int] = recs["tar_start"].tolist()
+        self.ends: list[int] = recs["tar_end"].tolist()
+        reusable = ((recs["kind"] == DATA) & ((recs["flags"] & _FLAG_REUSABLE) != 0)).tolist()
+        at = _IDENTITY_AT
+        end = at + _IDENTITY.size
+        self.ident: list[bytes | None] = [
+            data[o + at : o + end] if ok else None
+            for o, ok in zip(offs.tolist(), reusable, strict=True)
+        ]
         self.cut_ends = index.segments.tar_ends  # sorted: searched, never a dict of ints
         self.deflate_ends = index.segments.deflate_ends
 
@@ -545,14 +617,7 @@ class _Old:
 
     def reusable_file(self, i: int, st: os.stat_result) -> bool:
         """Entry ``i`` is a file read consistently and not racy, with ``st``'s identity."""
-        (kind, flags, _n, mode, uid, gid, nlink, dev, ino, size, mtime_ns, ctime_ns,
-         *_rest) = self.index.entries.raw(i)
-        return bool(
-            kind == DATA and flags & _FLAG_REUSABLE
-            and size == st.st_size and mtime_ns == st.st_mtime_ns and ctime_ns == st.st_ctime_ns
-            and ino == st.st_ino and dev == st.st_dev and mode == st.st_mode
-            and uid == st.st_uid and gid == st.st_gid and nlink == st.st_nlink
-        )
+        return self.ident[i] == _identity(st)
 
     def racy_file(self, i: int, st: os.stat_result) -> bool:
         """Entry ``i`` is a file that was racy when read (its digest kept), with ``st``'s
@@ -573,9 +638,7 @@ class _Old:
 
     def span(self, i: int) -> tuple[int, int]:
         """Entry ``i``'s tar range."""
-        return _ENTRY_TAR.unpack_from(
-            self.index.entries._data, self.index.entries._offsets[i] + _ENTRY_TAR_AT
-        )
+        return self.starts[i], self.ends[i]
 
     def cut_index(self, cut: int) -> int:
         """The segment ending at tar offset ``cut``, or -1 if none does."""
@@ -600,8 +663,13 @@ class _Old:
         return data
 
 
+def _file_identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _open_previous(
-    index: ArchiveIndex | None, archive: str | os.PathLike[str] | None, level: int
+    index: ArchiveIndex | None, archive: str | os.PathLike[str] | None, level: int,
+    hashed: os.stat_result | None = None,
 ) -> tuple[_Old | None, str]:
     if index is None or archive is None:
         return None, "none"
@@ -616,6 +684,12 @@ def _open_previous(
     except OSError as exc:
         return None, f"cannot open the previous archive: {exc.strerror}"
     try:
+        st = os.fstat(f.fileno())
+        if (hashed is not None and st.st_size == index.archive_size
+                and _file_identity(st) == _file_identity(hashed)):
+            # The very file whose bytes were hashed to ``index.archive_hash`` (the caller
+            # wrote it, and ctime moves with any change since): not read and hashed again.
+            return _Old(index, f), ""
         h = blake3.blake3()
         size = 0
         while chunk := f.read(_COPY):
@@ -656,6 +730,18 @@ class _Item:
     #: ``data_at`` on.
     data: bytes = b""
     data_at: int = 0
+
+
+@attrs.define
+class _Reused:
+    """Files that continue a run already in sync (``_items``' fast path): entries
+    ``first..first + len(rels) - 1`` of the previous build, each with its old identity
+    and none read.  One item for them all: per entry, the walk's ``lstat``, a dict lookup
+    and a bytes compare are all the Python an unchanged file costs."""
+
+    first: int
+    rels: list[str]
+    sts: list[os.stat_result]
 
 
 # -- compression with splicing -----------------------------------------------------------------
@@ -960,7 +1046,10 @@ class IncrementalBuilder(TgzBuilder):
     """``TgzBuilder`` that reuses a previous build of the same tree: give it the previous
     build's ``index`` and the path of that archive (both may be None: a full build).  After
     iteration, ``index`` is this build's index (keep it with the archive for the next one)
-    and ``stats`` what was reused.  ``racy_ns``: a file modified this close to its read is
+    and ``stats`` what was reused.  ``previous_hashed``: the ``stat`` of the previous
+    archive's file taken when its caller last hashed it (wrote it): the same file again
+    (device, inode, size, mtime and ctime) is not hashed again before use; else it is.
+    ``racy_ns``: a file modified this close to its read is
     never reused by the next build (default 2 s, generous for coarse clocks: git's racy-clean
     rule)."""
 
@@ -970,6 +1059,7 @@ class IncrementalBuilder(TgzBuilder):
         *,
         previous: ArchiveIndex | None = None,
         previous_archive: str | os.PathLike[str] | None = None,
+        previous_hashed: os.stat_result | None = None,
         racy_ns: int = RACY_NS,
         exclude: Sequence[str] = (),
         level: int = 6,
@@ -985,6 +1075,7 @@ class IncrementalBuilder(TgzBuilder):
             raise ArchiveError(f"incremental builds need a deflate level of {MIN_LEVEL}..9, not {level}")
         self.previous = previous
         self.previous_archive = previous_archive
+        self.previous_hashed = previous_hashed
         self.racy_ns = racy_ns
         self._index: ArchiveIndex | None = None
         self._stats: IncrementalStats | None = None
@@ -1001,7 +1092,9 @@ class IncrementalBuilder(TgzBuilder):
 
     def _generate(self) -> Iterator[bytes]:
         top, top_fd = open_root(self.root, no_links=self.no_links)
-        old, why = _open_previous(self.previous, self.previous_archive, self.level)
+        old, why = _open_previous(
+            self.previous, self.previous_archive, self.level, self.previous_hashed
+        )
         opened = [0]
         peeked = [0]
 
@@ -1019,8 +1112,10 @@ class IncrementalBuilder(TgzBuilder):
             h.update(GZIP_HEADER)
             size = len(GZIP_HEADER)
             yield GZIP_HEADER
+            sync = [-1]
             for chunk in self._splice(
-                splicer, self._items(top, top_fd, counts, old, opened), entries, reused
+                splicer, self._items(top, top_fd, counts, old, opened, sync), entries, reused,
+                sync,
             ):
                 h.update(chunk)
                 size += len(chunk)
@@ -1046,16 +1141,43 @@ class IncrementalBuilder(TgzBuilder):
         )
 
     def _items(
-        self, top: bytes, top_fd: int, counts: _Counts, old: _Old | None, opened: list[int]
-    ) -> Iterator[_Item]:
+        self, top: bytes, top_fd: int, counts: _Counts, old: _Old | None, opened: list[int],
+        sync: list[int],
+    ) -> Iterator[_Item | _Reused]:
         links: dict[tuple[int, int], str] = {}
+        batch: _Reused | None = None
+        expect = -1  # old tar offset the next file of ``batch`` must start at
+        at_path = old.at_path if old is not None else {}
+        limit = self.spool_limit
         for rel, dir_fd, name, st in walk(top, top_fd, self.exclude, counts.skip):
+            # Fast path: a file with its old identity, next in a run already in sync
+            # (``sync[0]``: the old offset where that run goes on; -1 when none is).  No
+            # hard link (``links`` bookkeeping), nothing read: gathered, then handed over
+            # as one ``_Reused`` before any other item (the splicer is waiting meanwhile,
+            # so the run stays in sync until then).
+            if old is not None and st.st_nlink == 1 and (batch is not None or sync[0] >= 0):
+                p = at_path.get(rel, -1)
+                if (p >= 0 and old.starts[p] == (expect if batch is not None else sync[0])
+                        and st.st_size <= limit and old.ident[p] == _identity(st)):
+                    if batch is None:
+                        batch = _Reused(p, [], [])
+                    batch.rels.append(rel)
+                    batch.sts.append(st)
+                    counts.files += 1
+                    counts.content += st.st_size
+                    expect = old.ends[p]
+                    continue
+            if batch is not None:
+                yield batch
+                batch = None
             item = self._item(rel, dir_fd, name, st, counts, old, opened, links)
             if item is None:
                 continue
             yield item
             if item.st is not None and not item.read:
                 self._reused_unread(rel, st, counts, links)
+        if batch is not None:
+            yield batch
 
     @staticmethod
     def _reused_unread(
@@ -1172,14 +1294,19 @@ class IncrementalBuilder(TgzBuilder):
         n = 0  # position in the index: a walk of an unchanged tree meets its entries in order
         old = _Old(index, None)
         links: dict[tuple[int, int], str] = {}
+        at_path, ident, limit = old.at_path, old.ident, self.spool_limit
         try:
             for rel, dir_fd, name, st in walk(top, top_fd, self.exclude, counts.skip):
                 # The common case without making an item (an agent's every quick check): a
-                # file with that entry's identity, at that entry's place.
-                if (stat.S_ISREG(st.st_mode) and old.find(rel) == n
-                        and st.st_size <= self.spool_limit and old.reusable_file(n, st)
+                # file with that entry's identity (a reusable file's: its mode says regular
+                # file), at that entry's place; inline, it is most of the check's Python.
+                if (n < len(ident) and ident[n] == _identity(st) and at_path.get(rel) == n
+                        and st.st_size <= limit
                         and not (st.st_nlink > 1 and (st.st_dev, st.st_ino) in links)):
-                    self._reused_unread(rel, st, counts, links)
+                    counts.files += 1
+                    counts.content += st.st_size
+                    if st.st_nlink > 1:
+                        links[(st.st_dev, st.st_ino)] = rel
                     n += 1
                     continue
                 item = self._item(rel, dir_fd, name, st, counts, old, [0], links)
@@ -1230,7 +1357,8 @@ class IncrementalBuilder(TgzBuilder):
         item.data, item.data_at = tail, o_end - o_start - len(tail)
 
     def _splice(
-        self, sp: _Splicer, items: Iterator[_Item], entries: EntryTable, reused: list[int],
+        self, sp: _Splicer, items: Iterator[_Item | _Reused], entries: EntryTable,
+        reused: list[int], sync: list[int],
     ) -> Iterator[bytes]:
         old = sp.old
         run: _Run | None = None
@@ -1242,7 +1370,32 @@ class IncrementalBuilder(TgzBuilder):
                 sp.copy_run(run)
             run = None
 
-        for item in items:
+        while True:
+            # Where a run in sync goes on in the old stream: ``_items`` batches what follows.
+            sync[0] = run.old_end if run is not None and run.sync is not None else -1
+            item = next(items, None)
+            if item is None:
+                break
+            if isinstance(item, _Reused):
+                assert old is not None and run is not None and run.sync is not None
+                first, n = item.first, len(item.rels)
+                last = first + n - 1
+                assert old.starts[first] == run.old_end
+                shift = run.old_start - run.new_start
+                entries.append_reused(old.index.entries, first, last, shift)
+                # Members for the run's tail: only the last ones can be in it.
+                run_end = old.ends[last] - shift
+                k = n - 1
+                while k > 0 and old.ends[first + k - 1] - shift >= run_end - DICT_SIZE - MAX_SEGMENT:
+                    k -= 1
+                for j in range(k, n):
+                    p = first + j
+                    run.add(old.starts[p] - shift, old.ends[p] - shift,
+                            _Item(iter(()), p, rel=item.rels[j], st=item.sts[j]))
+                total = run_end
+                run.old_end = old.ends[last]
+                reused[0] += n
+                continue
             if item.verify and old is not None:
                 self._verify(item, old)
             o = item.old

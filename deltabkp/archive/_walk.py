@@ -186,6 +186,8 @@ def walk(
     except OSError as exc:
         raise ArchiveError(f"{os.fsdecode(root)}: cannot list: {exc.strerror}") from None
     stack: list[tuple[str, int, Iterator[os.DirEntry[str]]]] = [("", root_fd, iter(top))]
+    excluding = bool(excluder)  # once: a method call per entry otherwise
+    is_dir_mode = stat.S_ISDIR
     try:
         while stack:
             prefix, dfd, it = stack[-1]
@@ -197,7 +199,7 @@ def walk(
                 continue
             name = entry.name
             rel = prefix + name
-            if excluder:
+            if excluding:
                 try:
                     is_dir = entry.is_dir(follow_symlinks=False)
                 except OSError:
@@ -212,7 +214,7 @@ def walk(
             except OSError as exc:
                 on_skip(rel, f"cannot stat: {exc.strerror}")
                 continue
-            if not stat.S_ISDIR(st.st_mode):
+            if not is_dir_mode(st.st_mode):
                 yield rel, dfd, name, st
                 continue
             try:
