@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import tarfile
+import zlib
 import tempfile
 from pathlib import Path
 
@@ -431,6 +432,28 @@ def test_interrupted_restore_leaves_dest_untouched(tmp_path: Path, dest_exists: 
         assert os.listdir(box) == (["dest"] if dest_exists else [])
         if dest_exists:
             assert os.listdir(dest) == []
+    extract_archive(io.BytesIO(good), dest)
+    assert len(os.listdir(dest)) == 31
+
+
+@pytest.mark.parametrize("trailer", [False, True])
+def test_an_archive_cut_at_a_member_boundary_is_refused(tmp_path: Path, trailer: bool) -> None:
+    """``tarfile`` stops quietly when the stream ends inside a header block: a tgz cut in
+    its deflate stream right at a member boundary (``trailer``: or a few hundred bytes into
+    the next header) must not restore as if whole (found as a rare flake of the test above,
+    whose halfway cut sometimes fell in a header or its padding)."""
+    good = _big_tree_archive(tmp_path)
+    raw = gzip.decompress(good)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        at = tf.getmembers()[10].offset  # the 11th member's header: a boundary
+    comp = zlib.compressobj(6, zlib.DEFLATED, 31)
+    cut = comp.compress(raw[:at]) + comp.flush(zlib.Z_SYNC_FLUSH)
+    if trailer:  # the rest of the stream arrives, but ends before the deflate's end
+        cut += comp.compress(raw[at : at + 300]) + comp.flush(zlib.Z_SYNC_FLUSH)
+    dest = tmp_path / "dest"
+    with pytest.raises(ArchiveError, match="truncated"):
+        extract_archive(io.BytesIO(cut), dest)
+    assert not dest.exists()
     extract_archive(io.BytesIO(good), dest)
     assert len(os.listdir(dest)) == 31
 

@@ -23,7 +23,7 @@ from deltabkp import protocol as p
 from deltabkp.ctl._client import Client
 from deltabkp.errors import ErrorCode, RemoteProtocolError, RequestRefused, UsageError
 from deltabkp.net import TokenBucket, parse_rate
-from deltabkp_server.catalog import Catalog, PostgresCatalog, SqliteCatalog
+from deltabkp_server.catalog import SCHEMA_VERSION, Catalog, PostgresCatalog, SqliteCatalog
 from deltabkp_server.catalog._schema import steps_after
 from helpers_proc import Cluster, cluster, exe, wait_for  # noqa: F401
 
@@ -177,7 +177,7 @@ def test_a_v3_catalog_gains_the_column_with_no_caps(tmp_path: Path) -> None:
     finally:
         c.close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     db.close()
 
 

@@ -383,6 +383,30 @@ def _parsing(label: str, current: Callable[[], str]) -> Iterator[None]:
         raise ArchiveError(f"{label}: not a valid tgz{where}: {exc or type(exc).__name__}") from None
 
 
+#: Bytes of tar read past the last member to reach the gzip stream's end (the end-of-archive
+#: blocks and the record padding: 10 KiB for GNU tar's default record); more is refused.
+_MAX_TAIL = 1 << 20
+
+
+def _check_gzip_end(tar: tarfile.TarFile, label: str) -> None:
+    """``tarfile`` ends quietly when the stream stops inside a header block, and its "r|gz"
+    never looks for the gzip trailer: an archive cut at (or just after) a member boundary
+    would restore as if whole.  So read on to the end of the deflate stream and require it
+    (``_Stream.cmp``: its inflater; present for "gz" since the stream mode exists)."""
+    stream = tar.fileobj
+    cmp = getattr(stream, "cmp", None)
+    if stream is None or cmp is None:
+        return
+    tail = 0
+    while not cmp.eof:
+        got = stream.read(1 << 16)
+        if not got:
+            raise ArchiveError(f"{label}: truncated (its gzip stream does not end)")
+        tail += len(got)
+        if tail > _MAX_TAIL:
+            raise ArchiveError(f"{label}: more than {_MAX_TAIL} bytes after its last entry")
+
+
 def check_destination(dest: str | os.PathLike[str]) -> os.stat_result | None:
     """``dest``'s stat if it is an empty directory, None if it is missing (with an existing
     parent directory); a ``UsageError`` otherwise.  Symlinks on the path are followed."""
@@ -503,6 +527,9 @@ def _extract_into(
                     ex.member(tar, ti)
                     # Streaming mode keeps every member otherwise: memory must not grow.
                     tar.members.clear()  # type: ignore[attr-defined]
+                current = ""
+                with _parsing(label, lambda: current):
+                    _check_gzip_end(tar, label)
         finally:
             if f is not archive:
                 f.close()
