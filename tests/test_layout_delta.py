@@ -530,7 +530,10 @@ def test_choose_is_the_one_by_one_choice(data: st.DataObject) -> None:
         if found >= 0:
             expect = found + 1
         want.append(found)
-    got = layout._choose(np.array(cands, np.int64), multi, equal, np.array(sure, bool))
+    pairs = [(i, j) for i in sorted(multi) for j in multi[i]]
+    packed = layout._Multi.of(np.array([i for i, _ in pairs], np.int64),
+                              np.array([j for _, j in pairs], np.int64))
+    got = layout._choose(np.array(cands, np.int64), packed, equal, np.array(sure, bool))
     assert isinstance(got, array.array) and list(got) == want
 
 
