@@ -35,6 +35,13 @@ def _served(c: Cluster) -> list[str]:
             for line in p.read_text().splitlines() if "signature from" in line]
 
 
+def _nth_served(c: Cluster, n: int) -> str:
+    """The agent's line for its n-th backup (1-based).  The server answers ``--wait`` at its
+    commit; the agent logs its line after its own after-phase, which may come later."""
+    wait_for(lambda: len(_served(c)) >= n, what=f"the agent's line for backup {n}")
+    return _served(c)[n - 1]
+
+
 def test_change_goes_as_layout_delta_then_rolling_when_the_cache_is_lost(
     cluster: Cluster, tmp_path: Path  # noqa: F811 (the fixture)
 ) -> None:
@@ -51,13 +58,13 @@ def test_change_goes_as_layout_delta_then_rolling_when_the_cache_is_lost(
     _edit(app, 1)
     rec = c.ctl("backup-now", agent.address, str(app), "--wait")
     assert rec["outcome"] == "stored", rec
-    assert "signature from layout" in _served(c)[-1], _served(c)
+    assert "signature from layout" in _nth_served(c, 2), _served(c)
     # Three edited spots: the rolling delta pays ~10 KB each; the layout delta far less.
     # (transferred counts the TLS handshake and frames too, ~3-4 KB.)
     assert rec["transferred"] < 12_000, rec
     _same_as_fresh_build(c, app)
     # Both daemons log where the backup's time went (``deltabkp._phases``).
-    assert re.search(r"; phases index \d+/\d+, .*build .*layout ", _served(c)[-1]), _served(c)
+    assert re.search(r"; phases index \d+/\d+, .*build .*layout ", _nth_served(c, 2)), _served(c)
     wait_for(lambda: re.search(
         r"phases connect \d+/\d+, agent .*apply .*store-commit .*catalog-commit \d+/\d+",
         "".join(p.read_text() for p in c.root.glob("*-server.log"))), what="server's phases")
@@ -72,7 +79,7 @@ def test_change_goes_as_layout_delta_then_rolling_when_the_cache_is_lost(
     _edit(app, 2)
     rec = c.ctl("backup-now", agent.address, str(app), "--wait")
     assert rec["outcome"] == "stored", rec
-    assert "signature from layout" not in _served(c)[-1], _served(c)
+    assert "signature from layout" not in _nth_served(c, 3), _served(c)
     _same_as_fresh_build(c, app)
 
 
