@@ -101,3 +101,8 @@ bare = statistics.median(cpu([sys.executable, "-c", "pass"]) for _ in range(5))
 print(f"ctl status: {ctl:.3f} s of CPU (python -c pass: {bare:.3f} s)")
 print("load average:", " ".join(f"{x:.1f}" for x in os.getloadavg()), "on", os.cpu_count(), "CPUs")
 PY
+# Where the backup after the change spent its time, each daemon's per-phase timeline
+# (deltabkp._phases; ms wall/cpu).
+echo "phases of the backup after the change:"
+grep -h "phases" $W/agent.log | tail -1 | sed 's/.*; phases /  agent:  /'
+grep -h "phases" $W/server.log | tail -1 | sed 's/.*: phases /  server: /'
