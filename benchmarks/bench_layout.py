@@ -2,6 +2,7 @@
 with a full build of the same tree and with the rolling delta it replaces.
 
     python benchmarks/bench_layout.py [--repeat N] [--baseline PATH] [--seek [KIB ...]]
+                                      [--threads N ...]
 
 Trees (``benchmarks/archive_data.py``): the ~107 MB stdlib tree and its copy with the ~1%
 change set.  Both archives are built (``IncrementalBuilder``, indexes kept) under
@@ -19,6 +20,11 @@ change set.  Both archives are built (``IncrementalBuilder``, indexes kept) unde
 the agent does (from the index; then the new archive's derived from it, ``derive``) and
 as the server does (from the sync markers, and the new archive's carried through the patch,
 ``SeekPoints.carry``, against its markers); the delta must be the same bytes.  ``--seek 256 512 1024`` does it for each spacing (KiB).
+
+``--threads 1 2`` times apply again for each ``LayoutPatcher(threads=N)`` (1: the serial
+path), in turns, ``--repeat`` times each, in the same run (and with seek points too when
+``--seek`` is given): CPU and wall, best and median, and the CPU of the calling thread
+alone (``time.thread_time``: the patcher's longest path when the workers have a core).
 
 ``--baseline PATH`` runs encode and apply again with the ``deltabkp`` package found under
 PATH (e.g. a ``git worktree`` of an older commit), in the same run, on the same archives:
@@ -64,9 +70,10 @@ def _timed(fn: Callable[[], Any], repeat: int) -> tuple[tuple[float, float], Any
     return best, result
 
 
-def measure(repeat: int, seek: Any = None) -> dict[str, object]:
+def measure(repeat: int, seek: Any = None, threads: list[int] | None = None) -> dict[str, object]:
     """Encode and apply with whichever ``deltabkp`` is first on sys.path (``seek``: the old
-    archive's seek points, passed only when given: a baseline may not know them)."""
+    archive's seek points, passed only when given: a baseline may not know them; ``threads``:
+    apply again with each of these ``LayoutPatcher`` thread counts, in turns)."""
     from deltabkp.archive import ArchiveIndex, LayoutPatcher, encode_layout
 
     old_i = ArchiveIndex.parse((OUT / "old.idx").read_bytes())
@@ -76,8 +83,8 @@ def measure(repeat: int, seek: Any = None) -> dict[str, object]:
     enc, delta = _timed(lambda: b"".join(encode_layout(old_i, old, new_i, new, **kw)), repeat)
     inflated = _inflated(old_i, old, new_i, new, kw)
 
-    def apply() -> None:
-        p = LayoutPatcher(old, base_hash=old_i.archive_hash, max_size=1 << 40, **kw)
+    def apply(extra: dict[str, Any] | None = None) -> None:
+        p = LayoutPatcher(old, base_hash=old_i.archive_hash, max_size=1 << 40, **kw, **(extra or {}))
         with open(OUT / "applied.tgz", "wb") as f:
             for at in range(0, len(delta), 1 << 16):
                 f.writelines(p.feed(delta[at : at + (1 << 16)]))
@@ -85,9 +92,16 @@ def measure(repeat: int, seek: Any = None) -> dict[str, object]:
 
     app, _ = _timed(apply, repeat)
     same = (OUT / "applied.tgz").read_bytes() == (OUT / "new.tgz").read_bytes()
+    by_threads: dict[int, list[tuple[float, float, float]]] = {t: [] for t in threads or []}
+    for _ in range(repeat if threads else 0):
+        for t, runs in by_threads.items():  # in turns: every count sees the same load
+            c, w, m = time.process_time(), time.perf_counter(), time.thread_time()
+            apply({"threads": t})
+            runs.append((time.process_time() - c, time.perf_counter() - w, time.thread_time() - m))
+            same = same and (OUT / "applied.tgz").read_bytes() == (OUT / "new.tgz").read_bytes()
     return {"encode": enc, "apply": app, "delta": len(delta), "same": same,
             "archive": new_i.archive_size, "sha256": hashlib.sha256(delta).hexdigest(),
-            "inflated": inflated}
+            "inflated": inflated, "threads": by_threads}
 
 
 def _inflated(old_i: Any, old: Any, new_i: Any, new: Any, kw: dict[str, Any]) -> int | None:
@@ -116,6 +130,8 @@ def main() -> None:
     ap.add_argument("--baseline", help="a directory holding another deltabkp package")
     ap.add_argument("--seek", nargs="*", type=int, metavar="KIB",
                     help="also with the old archive's seek points (at these spacings, KiB)")
+    ap.add_argument("--threads", nargs="+", type=int, metavar="N",
+                    help="also apply with LayoutPatcher(threads=N) for each N, in turns")
     ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--measure-seek", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -151,7 +167,7 @@ def main() -> None:
         return len(enc.feed(new_b)) + len(enc.finish())
 
     roll, roll_bytes = _timed(rolling, args.repeat)
-    rows = {"this tree": measure(args.repeat)}
+    rows = {"this tree": measure(args.repeat, threads=args.threads)}
     seek_notes: list[str] = []
     if args.seek is not None:
         from deltabkp.archive import ArchiveIndex, SeekPoints
@@ -173,7 +189,7 @@ def main() -> None:
                 lambda sp=sp, seek=seek: SeekPoints.derive(seek, old_i, new_m, new_i, spacing=sp),
                 args.repeat)
             label = f"seek points, {kib} KiB"
-            rows[label] = measure(args.repeat, seek)
+            rows[label] = measure(args.repeat, seek, args.threads)
             # The server's way to the new archive's table: carried through the patch.
             from deltabkp.archive import LayoutPatcher, encode_layout
             lp = LayoutPatcher(old_m, base_hash=old_i.archive_hash, max_size=1 << 40, seek=seek)
@@ -235,6 +251,12 @@ def main() -> None:
             wire = f"{r['delta']:,}" if step == "encode" else ""
             pct = f"{100 * r['delta'] / len(new_b):.3f}" if step == "encode" else ""
             print(f"| {step} ({label}) | {c:.3f} | {w:.3f} | {c / full[0]:.3f} | {wire} | {pct} |")
+        for t, runs in r.get("threads", {}).items():  # type: ignore[attr-defined]
+            cpu, wall, own = (sorted(x[i] for x in runs) for i in range(3))
+            mid = len(runs) // 2
+            print(f"| apply ({label}, threads={t}; best / median) | {cpu[0]:.3f} / {cpu[mid]:.3f} "
+                  f"| {wall[0]:.3f} / {wall[mid]:.3f} | {cpu[0] / full[0]:.3f} | calling "
+                  f"thread {own[0]:.3f} / {own[mid]:.3f} s CPU | |")
         if not r["same"]:
             print(f"| ({label}: the applied archive differs from the built one!) |")
     print(f"| rolling delta (signature + delta) | {roll[0]:.3f} | {roll[1]:.3f} | "

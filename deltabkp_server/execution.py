@@ -41,7 +41,7 @@ from deltabkp.errors import (
 )
 from deltabkp_server.catalog import AsyncCatalog
 from deltabkp_server.config import ExecutionSettings
-from deltabkp_server.ingest import Ingest
+from deltabkp_server.ingest import Ingest, sign
 from deltabkp_server.metrics import ServerMetrics
 from deltabkp_server.model import ArchiveRecord, ExecutionRecord, ExecutionResult, Target
 from deltabkp_server.pull import Unchanged, offers_layout, pull
@@ -178,6 +178,10 @@ class Executor:
             else:
                 record = got
                 stored = True
+                # The new archive's signature, made now that the answer is out (ingest.sign):
+                # before the conversion below, which reads it.
+                await sign(self.catalog, self.store, target, record.archive_seq,
+                           limiter=self.files)
                 try:
                     await rotate(self.catalog, self.store, target, self.settings.keep,
                                  limiter=self.files, clock=self.clock)

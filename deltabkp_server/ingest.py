@@ -1,10 +1,16 @@
 """Ingest: patch an incoming delta onto the base into a new archive, verify it, commit it.
 
-Job: the sink of ``pull`` and the only writer of new archives.
+Job: the sink of ``pull`` and the only writer of new archives (and, after their commit, of
+their signatures: ``sign``).
 Invariants:
 - the part file is opened at the first delta byte (an ``unchanged`` answer writes nothing);
 - patching, signature building, hashing and file writes run in worker threads behind the
   server's files limiter, never on the event loop;
+- the new archive's rolling signature is no part of the backup's answer: ``sign`` makes it
+  from the committed archive after the catalog commit (still under the target's lease, before
+  the reverse-delta conversion that reads it); a crash in between leaves a version without
+  one, which its first reader signs (``store.signature``: the one home), never a fault —
+  so a missing or damaged signature never marks the base missing nor fails a backup;
 - a new archive becomes visible only through ``Catalog.commit_archive``, after the patched
   file matched the delta's END and the agent's ``backup-done`` (size and blake3) and was
   fsynced into place; on any failure or cancellation ``aclose`` leaves no file behind;
@@ -14,9 +20,9 @@ Invariants:
   (``seeks``: made after the base was committed), else inflates the base from its start;
   with them, the new archive's seek points are carried from the base's (``SeekCache``);
 - it laps the execution's timeline (``deltabkp._phases``): open, verify, store-commit,
-  catalog-commit (four fsyncs before the answer, each needed: the archive's data and its
-  signature's before their renames, the directory's so the renames survive a crash, the
-  catalog's commit; the writeback hints make the first one wait for the tail only);
+  catalog-commit (three fsyncs before the answer, each needed: the archive's data before its
+  rename, the directory's so the rename survives a crash, the catalog's commit; the
+  writeback hints make the first one wait for the tail only);
 - a base that cannot be read is marked missing (never offered again) and reported as an
   ``IntegrityError``, which the executor retries as a full transfer.
 """
@@ -24,6 +30,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -34,7 +41,7 @@ import deltabkp
 from deltabkp import protocol
 from deltabkp._phases import Phases
 from deltabkp.archive import LAYOUT_MAGIC, LayoutPatcher
-from deltabkp.errors import IntegrityError, StoreError, StoreUnavailable
+from deltabkp.errors import DeltabkpError, IntegrityError, StoreError, StoreUnavailable
 from deltabkp_server.catalog import AsyncCatalog
 from deltabkp_server.model import (
     ArchiveRecord,
@@ -43,15 +50,16 @@ from deltabkp_server.model import (
     Target,
 )
 from deltabkp_server.seeks import SeekCache
-from deltabkp_server.store import PartWriter, Store
+from deltabkp_server.store import PartWriter, Store, signature
+from deltabkp_server.store import sign as _sign
 
-__all__ = ["Ingest"]
+__all__ = ["Ingest", "sign"]
 
 log = logging.getLogger("deltabkp_server")
 
 
 class _Patch:
-    """Patcher over the base + SignatureBuilder + part file; driven from worker threads only."""
+    """Patcher over the base + part file; driven from worker threads only."""
 
     def __init__(
         self, base_buf: Any, base: ArchiveRecord | None, part: PartWriter, max_size: int
@@ -61,10 +69,6 @@ class _Patch:
         self.patcher: Any = None
         self._pieces: Callable[[Any], Iterable[bytes | memoryview]] | None = None
         self._head = bytearray()
-        # The signature of the new archive is built while it is written, with blocks sized
-        # for the base (the new archive is usually about as big).  With no base the size is
-        # unknown until the end, so that first signature is built from the written file.
-        self.sig = deltabkp.SignatureBuilder(base_size=base.size) if base is not None else None
         self.part = part
         #: The base's seek points, for a layout delta (``seeks.SeekCache``); None: none.
         self.load_seek: Callable[[], Any] | None = None
@@ -92,8 +96,6 @@ class _Patch:
         assert self._pieces is not None
         for piece in self._pieces(data):
             self.part.write(piece)
-            if self.sig is not None:
-                self.sig.feed(piece)
 
     def feed(self, data: bytes) -> None:
         if self.patcher is None:
@@ -104,7 +106,7 @@ class _Patch:
             data, self._head = bytes(self._head), bytearray()
         self._write(data)
 
-    def finish(self, done: protocol.BackupDone) -> bytes:
+    def finish(self, done: protocol.BackupDone) -> None:
         if self.patcher is None:
             self._choose()
             self._write(bytes(self._head))
@@ -118,12 +120,6 @@ class _Patch:
             raise IntegrityError(
                 f"wrote {self.part.size} bytes but the archive has {done.archive_size}"
             )
-        if self.sig is None:
-            self.sig = deltabkp.SignatureBuilder(base_size=self.part.size)
-            for block in self.part.read_back(1 << 20):
-                self.sig.feed(block)
-        sig: bytes = self.sig.finish()
-        return sig
 
 
 class Ingest:
@@ -150,7 +146,6 @@ class Ingest:
         self._stack = contextlib.ExitStack()
         self._patch: _Patch | None = None
         self._part: PartWriter | None = None
-        self._signature = b""
         self.seq: int | None = None
         self.committed = False
 
@@ -175,9 +170,13 @@ class Ingest:
             raise IntegrityError(f"base archive {seq} is unreadable ({exc})") from None
 
     async def read_signature(self) -> bytes:
-        """The stored signature of the base (the agent asked for it)."""
-        assert self.base is not None
-        sig: bytes = await self._base_io(self.store.read_signature, self.target.id, self.base.seq)
+        """The signature of the base (the agent asked for it), made now if a crash left the
+        base without one: only the archive being unreadable marks it missing."""
+        base = self.base
+        assert base is not None
+        sig: bytes = await self._base_io(functools.partial(
+            signature, self.store, self.target.id, base.seq, size=base.size, digest=base.hash
+        ))
         return sig
 
     async def _open(self) -> _Patch:
@@ -208,7 +207,7 @@ class Ingest:
     async def finish(self, done: protocol.BackupDone) -> bool:
         """Verify the new archive; False when it is byte-identical to the base."""
         patch = await self._open()
-        self._signature = await self._thread(patch.finish, done)
+        await self._thread(patch.finish, done)
         self.phases.lap("verify")
         patcher = patch.patcher
         if self._seeks is not None and isinstance(patcher, LayoutPatcher) and \
@@ -229,7 +228,7 @@ class Ingest:
         """Put the verified archive in place and commit its catalog row (the point of truth);
         ``result(seq)`` is the execution's result as of now."""
         assert self._part is not None and self.seq is not None
-        await self._thread(self._part.commit, self._signature)
+        await self._thread(self._part.commit)
         self.phases.lap("store-commit")
         tid, seq, res = self.target.id, self.seq, result(self.seq)
         try:
@@ -252,3 +251,25 @@ class Ingest:
             with trio.CancelScope(shield=True):
                 await self._thread(self._part.abort)
 
+
+
+async def sign(
+    catalog: AsyncCatalog, store: Store, target: Target, seq: int | None, *,
+    limiter: trio.CapacityLimiter,
+) -> None:
+    """Make and store the signature of archive ``seq`` of ``target``, just committed
+    (``store.sign``): off the backup's critical path, after its catalog commit, under the
+    target's lease.  Never fails the execution: a failure is logged and the archive's first
+    reader signs it instead."""
+    tid = target.id
+    try:
+        newest = await catalog.call(lambda c: c.newest_retained(tid))
+        # Only the archive just stored (a retention of keep=0 may have retired it already).
+        if seq is None or newest is None or newest.seq != seq:
+            return
+        await trio.to_thread.run_sync(functools.partial(
+            _sign, store, tid, seq, size=newest.size, digest=newest.hash
+        ), limiter=limiter)
+    except DeltabkpError as exc:
+        log.warning("%s: archive %s not signed now (its first reader will): %s",
+                    target.name, seq, exc)

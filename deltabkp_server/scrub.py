@@ -13,7 +13,9 @@ Invariants:
   the work (a verified target is no longer due anywhere);
 - the scrub's own failures (catalog or store down) are logged and retried later (a target
   whose verification could not run waits up to an hour); they never take the server down
-  and never mark a version corrupt.
+  and never mark a version corrupt;
+- a whole version whose signature a crash left unmade (or that is damaged) is signed on the
+  way (``store.signature``): derived data, never a verdict of corrupt.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ in the handshake decides the service.
 Invariants:
 - start-up reconciliation runs before anything is served: executions a crash left open are
   closed as failed, ``.part`` files and files with no committed catalog row are deleted,
-  committed rows whose files are gone are marked missing (never offered as a base); the
-  store learns from the catalog which versions are reverse deltas (``delta_keys``);
+  committed rows whose files are gone are marked missing (never offered as a base), a
+  whole one whose signature a crash left unmade is only noted (its first reader makes it);
+  the store learns from the catalog which versions are reverse deltas (``delta_keys``);
 - the scrub (``--scrub-every``) re-checks stored versions in the background, one target at
   a time under its lease, within ``--scrub-rate`` (``scrub``);
 - a connection that fails authentication gets one error frame and is closed, nothing else;
@@ -180,6 +181,10 @@ class Server:
         for tid, seq in report.missing:
             log.error("start-up: archive %d of target %d is in the catalog but not in the "
                       "store; marked missing", seq, tid)
+        if report.unsigned:
+            # A crash between an archive's commit and its signature's: not a fault.
+            log.info("start-up: %d archive(s) have no signature yet (made at their next use)",
+                     len(report.unsigned))
         if n:
             log.warning("start-up: %d execution(s) left open by a previous run marked failed", n)
 

@@ -20,7 +20,10 @@ Invariants:
   blake3 is checked against the catalog before a byte of it is used;
 - every function here blocks (store, engine, hashing): the async wrappers run them in worker
   threads behind the server's files limiter; catalog calls go through ``AsyncCatalog``;
-- ``StoreUnavailable`` (the store cannot be reached) never marks anything corrupt.
+- ``StoreUnavailable`` (the store cannot be reached) never marks anything corrupt;
+- a whole version's signature is read through ``store.signature`` (made from the archive if
+  a crash left it unmade, or if it is damaged): a signature is derived data, never a reason
+  to call a version corrupt.
 Longer than ~450 lines on purpose: converting, rebuilding and verifying share the walk down a
 chain of bases, the spools and the proofs; split, one invariant would live in three places.
 """
@@ -43,7 +46,7 @@ import deltabkp
 from deltabkp.errors import DeltabkpError, IntegrityError, StoreUnavailable
 from deltabkp_server.catalog import AsyncCatalog
 from deltabkp_server.model import ArchiveRecord, Target
-from deltabkp_server.store import Store
+from deltabkp_server.store import Store, signature
 from deltabkp_server.store._cache import BaseCache
 
 __all__ = [
@@ -247,10 +250,9 @@ def make_delta(
         base_buf = stack.enter_context(open_version(store, tid, rows, base))
         sig: bytes | deltabkp.Signature
         if base.form == "whole":
-            # The signature stored beside it: made at ingest, never recomputed.
-            sig = deltabkp.Signature.parse(store.read_signature(tid, base.seq))
-            if sig.base_hash != base.hash:
-                raise Corrupt(f"version {base.seq}: its signature is for another archive")
+            # The one stored beside it (made from these checked bytes if it is not there).
+            sig = signature(store, tid, base.seq, size=base.size, digest=base.hash,
+                            buf=base_buf)
         else:
             builder = deltabkp.SignatureBuilder(base_size=base.size)
             builder.feed(base_buf)
@@ -350,7 +352,8 @@ def verify_versions(
     pace: Callable[[int], None] | None = None,
 ) -> list[Check]:
     """Check every retained version of one target, newest first: a whole one is re-read
-    from the store (never from a cache) and hashed, its signature checked against it; a delta
+    from the store (never from a cache) and hashed, its signature checked against it (made
+    again if missing or damaged: ``store.signature``); a delta
     is patched onto its base's checked bytes.  ``pace(n)`` is called after each ``n`` bytes
     read (a throttle).  ``StoreUnavailable`` aborts (nothing is judged)."""
     by_seq = _by_seq(rows)
@@ -417,7 +420,6 @@ def _verify_whole(
                 spool.write(chunk)
             if pace is not None:
                 pace(len(chunk))
-        sig = deltabkp.Signature.parse(store.read_signature(tid, rec.seq))
     except StoreUnavailable:
         raise
     except DeltabkpError as exc:
@@ -425,8 +427,13 @@ def _verify_whole(
     if size != rec.size or hasher.digest() != rec.hash:
         raise Corrupt(f"version {rec.seq}: the archive ({size} bytes) does not match the "
                       f"catalog's blake3 ({rec.size} bytes)")
-    if sig.base_hash != rec.hash or sig.base_size != rec.size:
-        raise Corrupt(f"version {rec.seq}: its signature is for another archive")
+    try:
+        # Checked against the archive, and made again (stored) when missing or damaged.
+        signature(store, tid, rec.seq, size=rec.size, digest=rec.hash)
+    except StoreUnavailable:
+        raise
+    except DeltabkpError as exc:
+        raise Corrupt(f"version {rec.seq}: {exc}") from None
 
 
 async def verify_target(

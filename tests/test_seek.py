@@ -304,7 +304,7 @@ def test_agent_seek_file_stale_corrupt_torn_or_unwritable_is_a_miss(
 def _commit(store: LocalStore, tid: int, seq: int, archive: bytes) -> ArchiveRecord:
     part = store.begin(tid, seq)
     part.write(archive)
-    part.commit(b"sig")
+    part.commit()
     return ArchiveRecord(target_id=tid, seq=seq, created=0.0, size=len(archive),
                          hash=blake3.blake3(archive).digest(), transferred=0,
                          execution_id=None, retained=True, deleted_at=None, missing=False)

@@ -114,7 +114,8 @@ async def test_first_backup_then_delta_then_unchanged(server: Server, agent: Scr
     assert first["size"] == len(base) and first["retained"] and first["seq"] == 1
     assert first["hash"] == blake3.blake3(base).hexdigest()
     assert first["transferred"] > len(base)  # all literals, plus framing
-    assert _files(server) == ["1/1.sig", "1/1.tgz"]
+    # The signature is made after the commit that closes the execution's row.
+    assert await _files_become(server, ["1/1.sig", "1/1.tgz"]) == ["1/1.sig", "1/1.tgz"]
     assert (server.data_dir / "archives/1/1.tgz").read_bytes() == base
     # The stored signature is the one the engine would compute for the archive.
     assert deltabkp.Signature.parse((server.data_dir / "archives/1/1.sig").read_bytes()).base_hash == blake3.blake3(base).digest()
@@ -127,6 +128,8 @@ async def test_first_backup_then_delta_then_unchanged(server: Server, agent: Scr
     assert agent.signatures_received == 1
     assert agent.requests[-1].base_hash == blake3.blake3(base).digest()
     assert (server.data_dir / "archives/1/2.tgz").read_bytes() == new
+    want = ["1/1.rdelta", "1/2.sig", "1/2.tgz"]
+    assert await _files_become(server, want) == want
     sig2 = deltabkp.Signature.parse((server.data_dir / "archives/1/2.sig").read_bytes())
     assert sig2.base_hash == blake3.blake3(new).digest() and sig2.base_size == len(new)
 
@@ -446,10 +449,38 @@ def test_server_cli_errors_are_one_clear_line(tmp_path: Path) -> None:
     assert res.returncode == 2 and "--max-concurrent" in res.stderr
 
 
+async def test_a_base_left_unsigned_is_signed_by_the_next_backup_not_missing(
+    server: Server, agent: ScriptedAgent
+) -> None:
+    """A crash between the archive's commit and its signature's write (here: the signature
+    removed): the next backup still patches against that base, whose signature the server
+    makes again from the archive; nothing is marked missing, no full transfer."""
+    base = os.urandom(300_000)
+    agent.content["/srv/app"] = base
+    await _register(server, agent)
+    assert await _files_become(server, ["1/1.sig", "1/1.tgz"]) == ["1/1.sig", "1/1.tgz"]
+    (server.data_dir / "archives" / "1" / "1.sig").unlink()
+    new = base[:100_000] + b"a small edit" + base[100_000:]
+    agent.content["/srv/app"] = new
+    rec = await ctl(server.address, "backup-now", node=agent.address, path="/srv/app", wait=True)
+    assert rec["outcome"] == "stored" and rec["note"] is None, rec
+    assert rec["transferred"] < len(new) // 10  # a delta against the base, not a full transfer
+    assert agent.signatures_received == 1
+    assert agent.requests[-1].base_hash == blake3.blake3(base).digest()
+    listed = await ctl(server.address, "list", node=agent.address, path="/srv/app")
+    assert [(a["seq"], a["retained"], a["missing"]) for a in listed] == [(2, True, False), (1, True, False)]
+    assert (server.data_dir / "archives/1/2.tgz").read_bytes() == new
+    want = ["1/1.rdelta", "1/2.sig", "1/2.tgz"]  # 1 converted against 2 (signed too)
+    assert await _files_become(server, want) == want
+    sig2 = deltabkp.Signature.parse((server.data_dir / "archives/1/2.sig").read_bytes())
+    assert sig2.base_hash == blake3.blake3(new).digest()
+
+
 async def test_a_lost_base_archive_falls_back_to_a_full_transfer(server: Server, agent: ScriptedAgent) -> None:
     agent.content["/srv/app"] = os.urandom(50_000)
     await _register(server, agent)
-    (server.data_dir / "archives" / "1" / "1.sig").unlink()  # e.g. removed by hand
+    assert await _files_become(server, ["1/1.sig", "1/1.tgz"]) == ["1/1.sig", "1/1.tgz"]
+    (server.data_dir / "archives" / "1" / "1.tgz").unlink()  # e.g. removed by hand
     agent.content["/srv/app"] += b"more"
     rec = await ctl(server.address, "backup-now", node=agent.address, path="/srv/app", wait=True)
     assert rec["outcome"] == "stored" and "full transfer" in rec["note"] and "unreadable" in rec["note"]

@@ -23,8 +23,9 @@ import blake3
 import pytest
 from fixtures_s3 import BUCKET, new_s3_store, s3_env, seaweedfs  # noqa: F401
 
-from deltabkp.errors import StoreError
-from deltabkp_server.store import LocalStore, S3Store, Store, _spool, open_store
+import deltabkp
+from deltabkp.errors import MissingObject, StoreError
+from deltabkp_server.store import LocalStore, S3Store, Store, _spool, open_store, signature
 
 
 def _local(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
@@ -47,12 +48,16 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     return BACKENDS[request.param](request, tmp_path)
 
 
-def _put(store: Store, tid: int, seq: int, data: bytes, sig: bytes = b"SIG") -> None:
+def _put(store: Store, tid: int, seq: int, data: bytes, sig: bytes | None = b"SIG") -> None:
+    """Commit an archive, then (as the server does after its catalog commit) its signature;
+    ``sig`` None: a crash came in between."""
     w = store.begin(tid, seq)
     for i in range(0, len(data), 7):
         w.write(data[i : i + 7])
     assert w.size == len(data)
-    w.commit(sig)
+    w.commit()
+    if sig is not None:
+        store.write_signature(tid, seq, sig)
 
 
 def test_write_commit_read(store: Store) -> None:
@@ -124,12 +129,12 @@ def test_read_back_and_abort_after_commit(store: Store) -> None:
     w = store.begin(1, 1)
     w.write(data[:20_000])
     w.write(memoryview(data)[20_000:])
-    assert b"".join(w.read_back(4096)) == data  # how a first archive gets its signature
-    w.commit(b"sig")
+    assert b"".join(w.read_back(4096)) == data
+    w.commit()
     w.abort()  # what an ingest does when the catalog commit fails after the store's
     assert store.exists(1, 1) and b"".join(store.read_chunks(1, 1, 999)) == data
     with pytest.raises(StoreError):
-        w.commit(b"sig")
+        w.commit()
 
 
 def test_base_checks_the_catalog_size(store: Store) -> None:
@@ -140,6 +145,61 @@ def test_base_checks_the_catalog_size(store: Store) -> None:
     with pytest.raises(StoreError, match="3000"):
         with store.base(1, 1, size=2999):
             pass
+
+
+def test_a_whole_version_without_its_signature_is_a_version_noted_by_reconcile(
+    store: Store,
+) -> None:
+    """A crash between the archive's (catalog) commit and its signature's write: the version
+    is there, nothing is garbage, nothing is missing; reconcile only notes it."""
+    _put(store, 1, 1, b"committed, never signed", sig=None)
+    _put(store, 1, 2, b"signed")
+    assert store.exists(1, 1) and store.keys() == {(1, 1), (1, 2)}
+    with pytest.raises(MissingObject):
+        store.read_signature(1, 1)
+    report = store.reconcile({(1, 1), (1, 2)})
+    assert report == type(report)(unsigned=((1, 1),))
+    assert store.exists(1, 1) and b"".join(store.read_chunks(1, 1, 100)) == b"committed, never signed"
+
+
+def test_the_signature_of_a_version_is_made_if_missing_or_wrong(store: Store) -> None:
+    """``store.signature``, the one home: a missing, damaged or another archive's signature
+    is made again from the archive and stored; a good one is served as stored."""
+    data = os.urandom(300_000)
+    size, digest = len(data), blake3.blake3(data).digest()
+    want = deltabkp.signature(data)
+    _put(store, 1, 1, data, sig=None)
+    assert signature(store, 1, 1, size=size, digest=digest) == want
+    assert store.read_signature(1, 1) == want  # stored: the next reader reads it
+    for wrong in (b"torn", want[:-1], deltabkp.signature(data[:-1])):
+        store.write_signature(1, 1, wrong)
+        assert signature(store, 1, 1, size=size, digest=digest) == want
+        assert store.read_signature(1, 1) == want
+    # From the caller's checked bytes (the conversion holds them): the same signature.
+    store.write_signature(1, 1, b"torn")
+    assert signature(store, 1, 1, size=size, digest=digest, buf=data) == want
+    # An archive that does not match the catalog is the archive's fault: an error, not a
+    # signature of the wrong bytes.
+    store.write_signature(1, 1, b"torn")
+    with pytest.raises(StoreError, match="does not match"):
+        signature(store, 1, 1, size=size, digest=bytes(32))
+    assert store.read_signature(1, 1) == b"torn"
+
+
+def test_a_signature_that_cannot_be_stored_is_still_served(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(50_000)
+    _put(store, 1, 1, data, sig=None)
+
+    def refuse(tid: int, seq: int, sig: bytes) -> None:
+        raise StoreError(f"cannot write signature {tid}/{seq}: no space left on device")
+
+    monkeypatch.setattr(store, "write_signature", refuse)
+    got = signature(store, 1, 1, size=len(data), digest=blake3.blake3(data).digest())
+    assert got == deltabkp.signature(data)
+    with pytest.raises(MissingObject):
+        store.read_signature(1, 1)  # made again by the next reader
 
 
 # -- local-directory specifics ---------------------------------------------------------------
@@ -165,6 +225,17 @@ def test_local_lone_signature_from_a_crash_between_renames_is_an_orphan(tmp_path
     assert list(d.iterdir()) == []
 
 
+def test_local_signature_temp_left_by_a_crash_is_removed(tmp_path: Path) -> None:
+    s = LocalStore(tmp_path)
+    _put(s, 1, 1, b"archive", sig=None)
+    d = tmp_path / "archives" / "1"
+    # What ``atomic_write`` leaves when killed before its rename.
+    (d / ".1.sig.k2j_9x.part").write_bytes(b"half a sig")
+    report = s.reconcile({(1, 1)})
+    assert report.removed_parts == (str(d / ".1.sig.k2j_9x.part"),)
+    assert report.unsigned == ((1, 1),) and [p.name for p in d.iterdir()] == ["1.tgz"]
+
+
 def test_local_part_is_handed_to_writeback_as_it_grows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -185,7 +256,7 @@ def test_local_part_is_handed_to_writeback_as_it_grows(
     w = LocalStore(tmp_path).begin(1, 1)
     for i in range(0, len(data), 1 << 20):
         w.write(memoryview(data)[i : i + (1 << 20)])
-    w.commit(b"sig")
+    w.commit()
     assert [o for o, _n in hints] == [0] + [o + n for o, n in hints[:-1]]  # contiguous
     assert len(hints) == len(data) // step and hints[-1][0] + hints[-1][1] > len(data) - step
     assert (tmp_path / "archives" / "1" / "1.tgz").read_bytes() == data
@@ -207,7 +278,8 @@ _WRITER = textwrap.dedent(
             w.write(os.urandom(4096))
         if seq == 3:
             print("ready", flush=True)
-        w.commit(b"sig")
+        w.commit()
+        s.write_signature(1, seq, b"sig")  # after the catalog commit, in the server
     """
 )
 
@@ -223,7 +295,7 @@ def test_local_kill_9_mid_write_leaves_only_reconcilable_garbage(tmp_path: Path)
     assert {(1, 1), (1, 2)} <= complete
     # Pretend the catalog committed only the first two: everything else must go.
     report = s.reconcile({(1, 1), (1, 2)})
-    assert report.missing == ()
+    assert report.missing == () and report.unsigned == ()
     assert s.keys() == {(1, 1), (1, 2)}
     names = sorted(p.name for p in (tmp_path / "archives" / "1").iterdir())
     assert names == ["1.sig", "1.tgz", "2.sig", "2.tgz"]
@@ -271,8 +343,9 @@ def test_s3_an_archive_of_several_parts_streams_with_one_part_in_memory(
     assert [p["Size"] for p in parts] == [PART, PART]  # shipped as written, not at the end
     w.write(data[2 * PART + 5 :])
     assert b"".join(w.read_back(1 << 20)) == data
-    w.commit(b"sig")
-    assert _objects(st) == ["archives/1/1.sig", "archives/1/1.tgz"] and not _uploads(st)
+    w.commit()
+    # The signature comes after the catalog commit, not with the archive.
+    assert _objects(st) == ["archives/1/1.tgz"] and not _uploads(st)
     head = st.client.head_object(Bucket=BUCKET, Key=w.key)
     assert head["ContentLength"] == len(data) and head["ETag"].strip('"').endswith("-3")
     assert b"".join(st.read_chunks(1, 1, 1 << 20)) == data
@@ -299,12 +372,11 @@ def test_s3_of_two_writers_of_one_key_the_first_commit_wins(s3_env: Any, tmp_pat
     w1, w2 = first.begin(1, 1), second.begin(1, 1)
     w1.write(b"first archive")
     w2.write(b"second archive")
-    w1.commit(b"first sig")
+    w1.commit()
     with pytest.raises(StoreError, match="another writer"):
-        w2.commit(b"second sig")
-    assert b"".join(second.read_chunks(1, 1, 100)) == b"first archive"
-    assert second.read_signature(1, 1) == b"first sig"  # the loser touched nothing
-    assert _uploads(first) == []
+        w2.commit()
+    assert b"".join(second.read_chunks(1, 1, 100)) == b"first archive"  # the loser touched nothing
+    assert _uploads(first) == [] and _objects(first) == ["archives/1/1.tgz"]
 
 
 def test_s3_reconcile_spares_another_servers_fresh_writes(s3_env: Any, tmp_path: Path) -> None:
@@ -315,7 +387,7 @@ def test_s3_reconcile_spares_another_servers_fresh_writes(s3_env: Any, tmp_path:
     _put(other, 1, 3, b"stored; its catalog commit is not visible yet")
     report = mine.reconcile(set())
     assert report.removed_parts == () and report.removed_orphans == ()
-    w.commit(b"sig")
+    w.commit()
     assert mine.keys() == {(1, 2), (1, 3)}
     # The same things, older than the grace period, are garbage.
     stale = other.begin(1, 4)
@@ -333,7 +405,7 @@ def test_s3_an_old_upload_that_still_adds_parts_is_alive(s3_env: Any, tmp_path: 
     busy.write(os.urandom(PART))  # ...but this one just shipped a part
     report = st.reconcile(set(), grace_s=3)
     assert len(report.removed_parts) == 1 and "1/2.tgz" in report.removed_parts[0]
-    busy.commit(b"sig")
+    busy.commit()
     assert st.keys() == {(1, 1)}
 
 

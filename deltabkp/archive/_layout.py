@@ -45,7 +45,11 @@ What is left: ~40 % inflating old tar (the 1 MiB seek spacing sets it: 256 KiB s
 saves ~1/6 more), ~15 % the literal stream at level 9 (part of the format's bytes).
 
 Invariants:
-- pure (bytes and buffers in, bytes out; no I/O), deterministic.  The sender checks what it
+- pure (bytes and buffers in, bytes out; no I/O), deterministic.  The receiver compresses
+  RUN records in worker threads (``LayoutPatcher(threads=...)``): a run's output depends
+  only on its tar and window, so the bytes, their order and the errors are the one-by-one
+  path's; the threads end with the delta's END, an error or ``close`` (or with the
+  patcher: they hold no view of the base).  The sender checks what it
   sends: a COPY is of equal bytes (compared stretch by stretch), a RUN's tar is the one the
   builder compressed (each segment's CRC-32 as indexed; the final segment, which has none,
   compresses back to the archive's bytes), an old reference equals the bytes it stands
@@ -76,9 +80,12 @@ import bisect
 import itertools
 import struct
 import zlib
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import attrs
 import blake3
 import numpy as np
 import numpy.typing as npt
@@ -124,6 +131,10 @@ _STEP = 64 * 1024
 #: steps inflated ~20 % more than asked on the bench pair, and the long steps' unconsumed
 #: input was copied again at every call, ~1/3 of the inflating CPU).
 _MIN_OUT = 64 * 1024
+#: Records a ``LayoutPatcher`` rebuilds ahead of the one it hands out next, per compressing
+#: thread, and their tar and RAW bytes at most (memory stays bounded while runs compress).
+_AHEAD = 2
+_AHEAD_BYTES = 8 << 20
 
 _HEAD = struct.Struct("<6sBB32sQ32sBB")
 _REC = struct.Struct("<BI")  # type, body length
@@ -782,21 +793,75 @@ def encode_layout(
 # -- decoding (the receiver, who holds the old archive) --------------------------------------
 
 
+@attrs.frozen
+class _Waiting:
+    """A record's output waiting its turn in ``LayoutPatcher.pieces``: its pieces, or the
+    compression of a RUN's tar in a worker; ``copy``: a COPY's (base offset, length), noted in
+    ``copies`` when handed out; ``weight``: the bytes it holds (tar being compressed, RAW)."""
+
+    out: list[bytes | memoryview] | Future[bytes]
+    copy: tuple[int, int] | None
+    weight: int
+
+
+class _Hashing:
+    """``hash.update`` of pieces in their order, in one worker thread: at most ``_AHEAD``
+    pieces (≤ ``_PIECE`` each) wait.  ``wait`` until all are hashed; ``close`` ends the
+    thread (dropping what waits: after an error)."""
+
+    def __init__(self, hash: Any) -> None:
+        self._update = hash.update
+        self._pool = ThreadPoolExecutor(1, "deltabkp-layout-hash")
+        self._todo: deque[Future[None]] = deque()
+
+    def update(self, piece: bytes | memoryview) -> None:
+        self._todo.append(self._pool.submit(self._update, piece))
+        while len(self._todo) > _AHEAD or (self._todo and self._todo[0].done()):
+            self._todo.popleft().result()
+
+    def wait(self) -> None:
+        """Until every piece handed over is hashed."""
+        while self._todo:
+            self._todo.popleft().result()
+
+    def close(self) -> None:
+        """End the thread, dropping the pieces not hashed yet (after an error)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class LayoutPatcher:
     """Sans-I/O: the old archive (a buffer) + a layout delta fed in pieces → the new
     archive's bytes.  Same interface as ``engine.Patcher``: ``feed`` returns output pieces,
     ``finish`` checks size and blake3 against the header (``IntegrityError``); then
     ``new_size`` and ``new_hash`` hold the verified values.  ``seek``: the base's seek
     points, used only if they name ``base_hash`` (old tar bytes are then inflated from the
-    point before each reference instead of from the start; the same output)."""
+    point before each reference instead of from the start; the same output).
+
+    ``threads``: RUN records are compressed by that many worker threads while the calling
+    thread rebuilds the next records' tar (1: all in the calling thread).  A run's output
+    depends only on its own tar bytes and window (the previous run's *tar* tail, known
+    before it compresses), so runs are independent; pieces still come out in the records'
+    order, the same bytes, the same errors after the same pieces (fewer before a truncated
+    delta's: runs still compressing wait for more).  At most ``_AHEAD`` x
+    ``threads`` + 1 records (≤ ``_AHEAD_BYTES`` of tar and RAW bytes) wait; runs still
+    compressing when a ``pieces`` call returns come out at the next one (all by the call
+    that reads END).  The threads end with the call that reads END, with an error, when a
+    ``pieces`` generator is closed, or by ``close`` (``finish`` calls it); the blake3's
+    thread ends with each call."""
 
     def __init__(
         self, base: Any, *, base_hash: bytes | None = None, max_size: int | None = None,
-        seek: SeekPoints | None = None,
+        seek: SeekPoints | None = None, threads: int = 2,
     ) -> None:
         self._base = memoryview(base)
         self._want_base_hash = base_hash
         self._max_size = max_size
+        self._threads = max(1, threads)
+        # Each record's output in order: ready pieces, or a run compressing; a COPY's
+        # (base offset, length) is noted in ``copies`` when handed out (its offset in the
+        # new archive is known only once the runs before it are compressed).
+        self._waiting: deque[_Waiting] = deque()
+        self._pool: ThreadPoolExecutor | None = None
         self._buf = bytearray()
         self._head: tuple[int, bytes, int] | None = None  # new size, new hash, level
         # Twice the sender's reach: a sender of the first release referenced as far back as
@@ -823,29 +888,107 @@ class LayoutPatcher:
         the base: use them before the base closes)."""
         return list(self.pieces(data))
 
-    def pieces(self, data: Any) -> Iterator[bytes | memoryview]:
+    def pieces(self, data: Any) -> Generator[bytes | memoryview, None, None]:
         """``feed`` as it goes: each piece as soon as its record is rebuilt.  A small delta
         arrives in one chunk, so a caller that writes pieces as they come writes (and the
         kernel flushes) the new archive while the old tar is still being inflated, instead
-        of all of it at the end.  Consume it to the end before the next call."""
+        of all of it at the end.  Consume it to the end before the next call (or close it:
+        the patcher is then unusable).  With ``threads`` > 1, the pieces of runs still
+        compressing may come out at the next call instead (every piece by the call that
+        reads the END record)."""
         self._buf += data
         if self._head is None and not self._parse_header():
             return
-        while len(self._buf) >= _REC.size:
-            kind, n = _REC.unpack_from(self._buf)
-            if n > MAX_RECORD:
-                raise LimitExceeded(f"layout delta record of {n} bytes exceeds {MAX_RECORD}")
-            if len(self._buf) < _REC.size + n:
-                break
-            body = bytes(self._buf[_REC.size : _REC.size + n])
-            del self._buf[: _REC.size + n]
-            if self._ended:
-                raise FormatError("layout delta has bytes after its END record")
-            for piece in self._record(kind, body):
+        assert self._head is not None
+        level = self._head[2]
+        # blake3 of the pieces, in order, in a thread of its own (it releases the GIL): the
+        # calling thread, which inflates old tar and writes, is the longest path.
+        hashing = _Hashing(self._hash) if self._threads > 1 else None
+        waiting = self._waiting
+        ahead = _AHEAD * self._threads if self._threads > 1 else 0
+        keep_going = False
+        try:
+            while len(self._buf) >= _REC.size:
+                try:
+                    kind, n = _REC.unpack_from(self._buf)
+                    if n > MAX_RECORD:
+                        raise LimitExceeded(
+                            f"layout delta record of {n} bytes exceeds {MAX_RECORD}")
+                    if len(self._buf) < _REC.size + n:
+                        break
+                    body = bytes(self._buf[_REC.size : _REC.size + n])
+                    del self._buf[: _REC.size + n]
+                    if self._ended:
+                        raise FormatError("layout delta has bytes after its END record")
+                    if kind == T_RUN:
+                        tar, cuts, final, zdict = self._run(body)
+                        if self._threads > 1:
+                            if self._pool is None:
+                                self._pool = ThreadPoolExecutor(self._threads, "deltabkp-layout")
+                            waiting.append(_Waiting(
+                                self._pool.submit(compress_segments, tar, cuts, level, final,
+                                                  zdict),
+                                None, len(tar)))
+                        else:
+                            waiting.append(_Waiting(
+                                [compress_segments(tar, cuts, level, final, zdict)], None, 0))
+                    else:
+                        waiting.append(self._record(kind, body))
+                except Exception:
+                    # What the one-by-one path hands out before this error, first.
+                    yield from self._ready(waiting, 0, hashing)
+                    raise
+                yield from self._ready(waiting, ahead, hashing)
+            # Runs still compressing come out at the next call (the workers go on while the
+            # delta's next chunk arrives: the agent streams it in ~20 ms frames), all of
+            # them once the END record is read.
+            yield from self._ready(waiting, ahead if not self._ended else 0, hashing)
+            if hashing is not None:
+                hashing.wait()
+            keep_going = not self._ended
+        finally:
+            if hashing is not None:
+                hashing.close()
+            if not keep_going:  # the end, an error, or the caller closed the generator
+                self.close()
+
+    def close(self) -> None:
+        """End the worker threads, dropping the runs still compressing (the patcher is then
+        unusable unless the END record was handed out): for a caller giving up before the
+        delta's end.  ``finish`` calls it; an error in ``pieces`` or closing it too."""
+        for w in self._waiting:
+            if isinstance(w.out, Future):
+                w.out.cancel()
+        self._waiting.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _ready(self, waiting: deque[_Waiting], keep: int, hashing: _Hashing | None
+               ) -> Iterator[bytes | memoryview]:
+        """Hand out the waiting records' pieces, oldest first: every ready one, and waiting
+        for the oldest while more than ``keep`` records (or ``_AHEAD_BYTES``) wait."""
+        while waiting:
+            w = waiting[0]
+            if isinstance(w.out, Future) and not w.out.done() and len(waiting) <= keep and \
+                    sum(x.weight for x in waiting) <= _AHEAD_BYTES:
+                return
+            waiting.popleft()
+            if w.copy is not None:
+                off, n = w.copy
+                c = self.copies
+                if c and c[-1][0] + c[-1][2] == self._size and c[-1][1] + c[-1][2] == off:
+                    c[-1] = (c[-1][0], c[-1][1], c[-1][2] + n)
+                elif n:
+                    c.append((self._size, off, n))
+            for piece in [w.out.result()] if isinstance(w.out, Future) else w.out:
                 self._size += len(piece)
                 if self._max_size is not None and self._size > self._max_size:
                     raise LimitExceeded(f"layout delta output exceeds {self._max_size} bytes")
-                self._hash.update(piece)
+                if hashing is None:
+                    self._hash.update(piece)
+                else:
+                    hashing.update(piece)
                 yield piece
 
     def _parse_header(self) -> bool:
@@ -874,7 +1017,7 @@ class LayoutPatcher:
         self._head = (new_size, new_hash, level)
         return True
 
-    def _record(self, kind: int, body: bytes) -> Sequence[bytes | memoryview]:
+    def _record(self, kind: int, body: bytes) -> _Waiting:
         if kind == T_COPY:
             if len(body) != _COPY.size:
                 raise FormatError("layout delta COPY record has the wrong size")
@@ -882,25 +1025,21 @@ class LayoutPatcher:
             if off + n > len(self._base):
                 raise FormatError(f"layout delta COPY [{off}, {off + n}) is outside the base")
             self._tail_ok = False
-            c = self.copies
-            if c and c[-1][0] + c[-1][2] == self._size and c[-1][1] + c[-1][2] == off:
-                c[-1] = (c[-1][0], c[-1][1], c[-1][2] + n)
-            elif n:
-                c.append((self._size, off, n))
-            return [self._base[a : min(a + _PIECE, off + n)] for a in range(off, off + n, _PIECE)]
+            return _Waiting([self._base[a : min(a + _PIECE, off + n)]
+                             for a in range(off, off + n, _PIECE)], (off, n), 0)
         if kind == T_RAW:
             self._tail_ok = False
-            return [body]
-        if kind == T_RUN:
-            return [self._run(body)]
+            return _Waiting([body], None, len(body))
         if kind == T_END:
             if body:
                 raise FormatError("layout delta END record has a body")
             self._ended = True
-            return []
+            return _Waiting([], None, 0)
         raise FormatError(f"layout delta has an unknown record type {kind}")
 
-    def _run(self, body: bytes) -> bytes:
+    def _run(self, body: bytes) -> tuple[memoryview, list[int], bool, bytes]:
+        """A RUN record's tar rebuilt and checked: what ``compress_segments`` makes its
+        output of (tar bytes, cuts, final, window)."""
         assert self._head is not None
         if len(body) < _RUN.size:
             raise FormatError("layout delta RUN record is truncated")
@@ -936,9 +1075,10 @@ class LayoutPatcher:
             raise FormatError("layout delta literals are not the length the record says")
         tar = bytearray()
         lp = 0
+        lit_view = memoryview(lits)
         for p in parts:
             if p[0] == 1:
-                tar += lits[lp : lp + p[1]]
+                tar += lit_view[lp : lp + p[1]]
                 lp += p[1]
             else:
                 _k, lo, n = p
@@ -952,14 +1092,17 @@ class LayoutPatcher:
                 raise LimitExceeded("layout delta RUN record rebuilds too many tar bytes")
         if lp != n_lit:
             raise FormatError("layout delta RUN parts do not use all literal bytes")
+        # Views of ``tar`` (never changed again; a worker may compress it): no copies of
+        # the run's bytes.
+        view = memoryview(tar)
         if flags & F_CONTINUE:
             if w or not self._tail_ok:
                 raise FormatError("layout delta RUN continues no previous run")
-            zdict, data = self._tail, bytes(tar)
+            zdict, data = self._tail, view
         else:
             if w > len(tar):
                 raise FormatError("layout delta RUN window is longer than its tar bytes")
-            zdict, data = bytes(tar[:w]), bytes(tar[w:])
+            zdict, data = bytes(view[:w]), view[w:]
         final = bool(flags & F_FINAL)
         ends, prev = [], 0
         for c in cuts:
@@ -967,11 +1110,16 @@ class LayoutPatcher:
             ends.append(prev)
         if prev > len(data) or (not final and prev != len(data)) or any(c <= 0 for c in cuts):
             raise FormatError("layout delta RUN cuts do not fit its tar bytes")
-        self._tail = (zdict + data)[-DICT_SIZE:]
+        # The next run's window: the last 32 KiB of tar up to here (zdict + data).
+        if len(data) >= DICT_SIZE:
+            self._tail = bytes(data[-DICT_SIZE:])
+        else:
+            self._tail = (zdict + bytes(data))[-DICT_SIZE:]
         self._tail_ok = True
-        return compress_segments(data, ends, self._head[2], final, zdict)
+        return data, ends, final, zdict
 
     def finish(self) -> None:
+        self.close()  # nothing waits once END was read; else the delta is truncated
         if self._head is None or not self._ended:
             raise FormatError("layout delta is truncated (no END record)")
         if self._buf:

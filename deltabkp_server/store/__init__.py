@@ -8,7 +8,11 @@ Invariants (``_protocol``; each backend's module says how it keeps them):
 - the catalog commit is the point of truth: a crash at any instant leaves either a committed
   archive or garbage that ``reconcile`` removes; the catalog also says which form of a
   version is real (``reconcile(committed, deltas)``);
-- the signature is stored beside its archive and is never recomputed;
+- the signature is stored beside its archive, but made after the catalog commit (off the
+  backup's critical path): a committed whole version may lack one after a crash, and is
+  signed by its first reader — ``signature(store, tid, seq, size=, digest=)`` (``_signature``,
+  the one home of "this version's signature, made if missing"), used by ingest, the
+  reverse-delta conversion, verify and scrub;
 - every failure is a ``StoreError`` naming the file or object; every method blocks (the
   server calls them from worker threads).
 Both backends pass the one contract suite, ``tests/test_store.py``.
@@ -24,9 +28,11 @@ from deltabkp.errors import StoreError
 from deltabkp_server.store._local import LocalStore
 from deltabkp_server.store._protocol import DeltaWriter, PartWriter, ReconcileReport, Store
 from deltabkp_server.store._s3 import S3Store
+from deltabkp_server.store._signature import sign, signature
 
 __all__ = [
     "Store", "PartWriter", "DeltaWriter", "LocalStore", "S3Store", "ReconcileReport", "open_store",
+    "sign", "signature",
 ]
 
 _USAGE = "expected file:///ABSOLUTE/DIR or s3://BUCKET[/PREFIX]"

@@ -2,12 +2,14 @@
 
 Job: hold ``(target id, seq) → archive + signature`` as files with atomic writes.
 Invariants:
-- a new archive is written to ``.part`` files, fsynced, renamed into place and the
+- a new archive is written to a ``.part`` file, fsynced, renamed into place and the
   directory fsynced, all before the catalog row is committed; the catalog commit is the
   point of truth, so a crash at any instant leaves either a committed archive or garbage
   that ``reconcile`` removes at the next start (one server owns the directory, so every
-  ``.part`` file found then is garbage);
-- the signature is stored beside its archive and is never recomputed;
+  ``.part`` file found then is garbage, and so is a signature's temp file);
+- the signature is stored beside its archive, written after the catalog commit with the one
+  atomic write (``deltabkp._atomic``): a committed ``.tgz`` without its ``.sig`` is a crash's
+  leftover, not a fault (made at its next use: ``_signature``; ``reconcile`` notes it);
 - every method is blocking: the server calls them from worker threads, never on the loop.
 
 Layout: ``DIR/archives/<target-id>/<seq>.tgz`` and ``<seq>.sig`` for a whole version,
@@ -25,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from deltabkp._atomic import fsync_dir
+from deltabkp._atomic import atomic_write, fsync_dir
 from deltabkp.errors import MissingObject, StoreError
 from deltabkp_server.store._cache import BaseCache, Scratch
 from deltabkp_server.store._protocol import ReconcileReport
@@ -34,7 +36,11 @@ from deltabkp_server.store._spool import Spool
 __all__ = ["LocalStore"]
 
 _NAME = re.compile(r"^(\d+)\.(tgz|sig|rdelta)(\.part)?$")
-_WHOLE = frozenset({"tgz", "sig"})
+#: ``atomic_write``'s temp file of a signature (``.<seq>.sig.<random>.part``).
+_SIG_TEMP = re.compile(r"^\.(\d+)\.sig\.\w+\.part$")
+#: The files a whole version must have, and may have (its signature is made after its commit).
+_WHOLE = frozenset({"tgz"})
+_WHOLE_ALLOWED = frozenset({"tgz", "sig"})
 _DELTA = frozenset({"rdelta"})
 
 
@@ -53,29 +59,20 @@ class _LocalPart(Spool):
     def __init__(self, directory: Path, seq: int) -> None:
         self._dir = directory
         self.tgz = directory / f"{seq}.tgz"
-        self.sig = directory / f"{seq}.sig"
         self.part = directory / f"{seq}.tgz.part"
-        self.sig_part = directory / f"{seq}.sig.part"
         self._done = False
         # O_EXCL: two writers of one seq would be a server bug; fail loudly instead.
         self._f = _open_part(self.part, os.O_EXCL)
         # Written out as it grows: the commit's fsync then waits for the last few MiB only.
         super().__init__(self.part, self._f, writeback=True)
 
-    def commit(self, signature: bytes) -> None:
+    def commit(self) -> None:
         if self._done:
             raise StoreError(f"{self.part}: already committed or aborted")
         try:
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
-            with open(self.sig_part, "wb") as s:
-                s.write(signature)
-                s.flush()
-                os.fsync(s.fileno())
-            # Signature first: a crash between the renames leaves a lone .sig, which is an
-            # orphan (no catalog row) and is removed at start-up.
-            os.rename(self.sig_part, self.sig)
             os.rename(self.part, self.tgz)
             fsync_dir(self._dir)
         except OSError as exc:
@@ -84,19 +81,18 @@ class _LocalPart(Spool):
         self._done = True
 
     def abort(self) -> None:
-        """Remove whatever this writer left (also the renamed files if the commit half-failed)."""
+        """Remove the ``.part`` file (a renamed one is the caller's: ``Store.delete``)."""
         self._done = True
         try:
             self._f.close()
         except OSError:
             pass
-        for p in (self.part, self.sig_part):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise StoreError(f"cannot remove {p}: {exc.strerror}") from None
+        try:
+            self.part.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"cannot remove {self.part}: {exc.strerror}") from None
 
 
 class _LocalDeltaPart(Spool):
@@ -218,6 +214,15 @@ class LocalStore:
         except OSError as exc:
             raise StoreError(f"cannot read signature {p}: {exc.strerror}") from None
 
+    def write_signature(self, target_id: int, seq: int, data: bytes) -> None:
+        p = self.sig_path(target_id, seq)
+        try:
+            # Durable: a reader trusts a signature that parses and names its archive.
+            with atomic_write(p, mode=0o600) as f:
+                f.write(data)
+        except OSError as exc:
+            raise StoreError(f"cannot write signature {p}: {exc.strerror}") from None
+
     def read_chunks(self, target_id: int, seq: int, chunk_size: int) -> Iterator[bytes]:
         p = self.tgz_path(target_id, seq)
         try:
@@ -232,7 +237,7 @@ class LocalStore:
                 yield block
 
     def exists(self, target_id: int, seq: int) -> bool:
-        return self.tgz_path(target_id, seq).is_file() and self.sig_path(target_id, seq).is_file()
+        return self.tgz_path(target_id, seq).is_file()
 
     def begin_delta(self, target_id: int, seq: int) -> _LocalDeltaPart:
         return _LocalDeltaPart(self._mkdir(target_id), seq)
@@ -293,42 +298,44 @@ class LocalStore:
         self._unlink(self.tgz_path(target_id, seq), self.sig_path(target_id, seq),
                      self.delta_path(target_id, seq))
 
-    def _walk(self) -> Iterator[tuple[int, Path, re.Match[str]]]:
+    def _walk(self) -> Iterator[tuple[tuple[int, int], Path, str, bool]]:
+        """``((target, seq), file, kind, is a temp file)`` for every store file."""
         for d in sorted(self.archives.iterdir()):
             if not d.is_dir() or not d.name.isdigit():
                 continue
             for f in sorted(d.iterdir()):
-                m = _NAME.match(f.name)
-                if m:
-                    yield int(d.name), f, m
+                if m := _NAME.match(f.name):
+                    yield (int(d.name), int(m.group(1))), f, m.group(2), bool(m.group(3))
+                elif m := _SIG_TEMP.match(f.name):
+                    yield (int(d.name), int(m.group(1))), f, "sig", True
 
     def _kinds(self) -> dict[tuple[int, int], set[str]]:
         seen: dict[tuple[int, int], set[str]] = {}
-        for tid, _f, m in self._walk():
-            if not m.group(3):
-                seen.setdefault((tid, int(m.group(1))), set()).add(m.group(2))
+        for k, _f, kind, temp in self._walk():
+            if not temp:
+                seen.setdefault(k, set()).add(kind)
         return seen
 
     def keys(self) -> set[tuple[int, int]]:
-        """Versions in place in some form: .tgz and .sig both, or .rdelta (no ``.part``)."""
+        """Versions in place in some form: .tgz (its .sig may be made later), or .rdelta."""
         return {k for k, kinds in self._kinds().items() if _WHOLE <= kinds or _DELTA <= kinds}
 
     def reconcile(
         self, committed: AbstractSet[tuple[int, int]],
         deltas: AbstractSet[tuple[int, int]] = frozenset(),
     ) -> ReconcileReport:
-        """Delete ``.part`` files and files the catalog does not expect — a version of
-        ``committed`` is whole (.tgz + .sig) unless it is in ``deltas`` (.rdelta) — and
-        report committed versions whose files are not all there."""
+        """Delete ``.part`` (and signature temp) files and files the catalog does not expect
+        — a version of ``committed`` is whole (.tgz, and .sig once made) unless it is in
+        ``deltas`` (.rdelta) — and report committed versions whose files are not there, and
+        whole ones whose signature is not made yet."""
         parts: list[str] = []
         orphans: list[str] = []
         try:
-            for tid, f, m in list(self._walk()):
-                k = (tid, int(m.group(1)))
-                if m.group(3):
+            for k, f, kind, temp in list(self._walk()):
+                if temp:
                     f.unlink()
                     parts.append(str(f))
-                elif m.group(2) not in _expected(k, committed, deltas):
+                elif kind not in _expected(k, committed, deltas, allowed=True):
                     f.unlink()
                     orphans.append(str(f))
             touched = {Path(p).parent for p in parts + orphans}
@@ -340,14 +347,19 @@ class LocalStore:
         missing = tuple(sorted(
             k for k in committed if not _expected(k, committed, deltas) <= kinds.get(k, set())
         ))
-        return ReconcileReport(tuple(parts), tuple(orphans), missing)
+        unsigned = tuple(sorted(
+            k for k in committed - deltas if kinds.get(k, set()) == _WHOLE
+        ))
+        return ReconcileReport(tuple(parts), tuple(orphans), missing, unsigned)
 
 
 def _expected(
     k: tuple[int, int], committed: AbstractSet[tuple[int, int]],
-    deltas: AbstractSet[tuple[int, int]],
+    deltas: AbstractSet[tuple[int, int]], *, allowed: bool = False,
 ) -> frozenset[str]:
-    """The files the catalog says version ``k`` has."""
+    """The files the catalog says version ``k`` must have (``allowed``: may have)."""
     if k not in committed:
         return frozenset()
-    return _DELTA if k in deltas else _WHOLE
+    if k in deltas:
+        return _DELTA
+    return _WHOLE_ALLOWED if allowed else _WHOLE

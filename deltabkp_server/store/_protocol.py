@@ -4,11 +4,14 @@ Job: name the contract that ``LocalStore`` and ``S3Store`` both honour and that
 ``tests/test_store.py`` checks on each of them.
 Invariants every backend keeps:
 - a new archive is invisible (``exists``/``keys``) until ``PartWriter.commit`` returns, and
-  becomes visible with its signature, whole; a crash at any instant leaves either a committed
-  archive or garbage that ``reconcile`` removes (the catalog commit, made after ``commit``, is
-  the point of truth);
+  becomes visible whole; a crash at any instant leaves either a committed archive or garbage
+  that ``reconcile`` removes (the catalog commit, made after ``commit``, is the point of truth);
+- its signature is written later, after the catalog commit (``write_signature``, atomic:
+  absent or whole), so a committed whole version may have none: that is not a fault, the
+  first reader makes it from the archive (``_signature.signature``, the one home) and
+  ``reconcile`` only notes it (``unsigned``);
 - a committed ``(target, seq)`` is never overwritten: ``begin`` on it raises ``StoreError``;
-- a version is held whole (archive + signature) or as a reverse delta (``begin_delta``),
+- a version is held whole (archive, and its signature once made) or as a reverse delta (``begin_delta``),
   which appears whole at ``DeltaWriter.commit`` or not at all; which form is the truth is
   the catalog's to say (``reconcile(committed, deltas)``), so a crash between writing one
   form, recording it and deleting the other leaves only garbage that ``reconcile`` removes;
@@ -33,11 +36,13 @@ __all__ = ["Store", "PartWriter", "DeltaWriter", "ReconcileReport"]
 @attrs.frozen
 class ReconcileReport:
     """What reconciliation found and did: in-flight writes and orphans removed (paths or URLs),
-    and committed keys whose archive or signature is missing."""
+    committed keys whose archive (or reverse delta) is missing, and whole versions whose
+    signature is not made yet (a crash after their commit: made at their next use)."""
 
     removed_parts: tuple[str, ...] = ()
     removed_orphans: tuple[str, ...] = ()
     missing: tuple[tuple[int, int], ...] = ()
+    unsigned: tuple[tuple[int, int], ...] = ()
 
 
 class PartWriter(Protocol):
@@ -47,7 +52,7 @@ class PartWriter(Protocol):
     def size(self) -> int: ...
     def write(self, data: bytes | memoryview) -> None: ...
     def read_back(self, chunk_size: int) -> Iterator[bytes]: ...
-    def commit(self, signature: bytes) -> None: ...
+    def commit(self) -> None: ...
     def abort(self) -> None: ...
 
 
@@ -74,7 +79,15 @@ class Store(Protocol):
     def base(
         self, target_id: int, seq: int, *, size: int | None = None, digest: bytes | None = None
     ) -> AbstractContextManager[memoryview | bytes]: ...
-    def read_signature(self, target_id: int, seq: int) -> bytes: ...
+    def read_signature(self, target_id: int, seq: int) -> bytes:
+        """The stored signature as it is (``MissingObject`` if none): readers go through
+        ``_signature.signature``, which checks it and makes a missing one."""
+        ...
+
+    def write_signature(self, target_id: int, seq: int, data: bytes) -> None:
+        """Store (or replace) the signature of a committed whole version, atomically."""
+        ...
+
     def read_chunks(self, target_id: int, seq: int, chunk_size: int) -> Iterator[bytes]: ...
     def exists(self, target_id: int, seq: int) -> bool: ...
     def delete(self, target_id: int, seq: int) -> None:
@@ -94,7 +107,7 @@ class Store(Protocol):
         ...
 
     def keys(self) -> set[tuple[int, int]]:
-        """Versions present in some form (archive + signature, or reverse delta)."""
+        """Versions present in some form (archive, or reverse delta)."""
         ...
 
     def reconcile(

@@ -9,8 +9,10 @@ version), ``<seq>.rdelta`` (one held as a reverse delta: spooled locally, then o
 appears whole or not at all; a PUT over a crash's orphan is harmless).  An archive
 being written is a multipart upload on its final ``.tgz`` key (``_s3part``): not an object
 until completed, so no listing sees it — S3 keeps incomplete uploads in a key space of
-their own, and completion is the atomic "rename" that S3 otherwise lacks.  A key exists
-(``keys``, ``exists``) only when both its ``.tgz`` and ``.sig`` do; a lone one is an orphan.
+their own, and completion is the atomic "rename" that S3 otherwise lacks.  A whole version
+exists (``keys``, ``exists``) when its ``.tgz`` does; its ``.sig`` is put after the catalog
+commit (one PUT: whole or absent), so a crash may leave a committed ``.tgz`` without one,
+which its first reader signs (``_signature``); a lone ``.sig`` is an orphan.
 As for ``LocalStore``, the catalog commit (after ``commit``) is the point of truth: a crash
 at any instant leaves either a committed archive or garbage that ``reconcile`` removes.
 
@@ -20,9 +22,12 @@ it never deletes another server's write in flight:
 - an incomplete multipart upload is aborted only when neither its start nor its newest part
   is younger than the grace period (a live upload adds a part every 8 MiB);
 - ``.tgz``/``.sig`` objects with no catalog row are deleted only when the youngest object
-  of the pair is older than the grace period (the ``.sig`` is put at commit time, so the
-  pair's age is its commit's age even where a completed upload is dated by its start), and
-  each is checked again (HEAD) just before its delete;
+  of the version is older than the grace period, and each is checked again (HEAD) just
+  before its delete.  A completed upload may be dated by its start (AWS does): an archive
+  whose upload outlasted the grace period has, from its completion to its ``.sig`` (the
+  catalog commit, then its signing), only its age by start; start-up reconciles a shared
+  store only when no other server is alive on the catalog (``Server.reconcile``), which
+  covers that window;
 - ages are measured on the store's clock (the ``Date`` of its answers), never this
   server's, so clock skew between servers cannot shorten the grace period.
 The grace period must exceed the longest pause between two parts of one upload and the
@@ -57,7 +62,9 @@ __all__ = ["S3Store", "PART_SIZE"]
 
 PART_SIZE = 8 << 20  # S3 wants >= 5 MiB for every part but the last
 _NAME = re.compile(r"^(\d+)/(\d+)\.(tgz|sig|rdelta)$")
-_WHOLE = frozenset({"tgz", "sig"})
+#: The objects a whole version must have, and may have (its signature is put after its commit).
+_WHOLE = frozenset({"tgz"})
+_WHOLE_ALLOWED = frozenset({"tgz", "sig"})
 _DELTA = frozenset({"rdelta"})
 
 
@@ -128,7 +135,7 @@ class S3Store:
         if self.bucket.head(tgz) is not None:
             raise StoreError(f"{self.bucket.url(tgz)} already exists")
         return S3Part(self.bucket, self.cache, target_id=target_id, seq=seq, tgz_key=tgz,
-                      sig_key=self.key(target_id, seq, "sig"), part_size=self.part_size)
+                      part_size=self.part_size)
 
     @contextlib.contextmanager
     def base(
@@ -187,14 +194,19 @@ class S3Store:
             finally:
                 body.close()
 
+    def write_signature(self, target_id: int, seq: int, data: bytes) -> None:
+        b, key = self.bucket, self.key(target_id, seq, "sig")
+        with b.translate("cannot put the signature", b.url(key)):
+            # One PUT: the object appears whole or not at all; replacing one is harmless.
+            b.client.put_object(Bucket=b.name, Key=key, Body=data)
+
     def read_chunks(self, target_id: int, seq: int, chunk_size: int) -> Iterator[bytes]:
         key = self.key(target_id, seq, "tgz")
         size, etag = self.bucket.size_and_etag(key, "cannot open archive")
         yield from self.bucket.stream(key, size=size, etag=etag, chunk_size=chunk_size)
 
     def exists(self, target_id: int, seq: int) -> bool:
-        return all(self.bucket.head(self.key(target_id, seq, k)) is not None
-                   for k in ("tgz", "sig"))
+        return self.bucket.head(self.key(target_id, seq, "tgz")) is not None
 
     def begin_delta(self, target_id: int, seq: int) -> _S3DeltaPart:
         return _S3DeltaPart(self.bucket, self.cache, self.key(target_id, seq, "rdelta"))
@@ -250,8 +262,8 @@ class S3Store:
         return found, now or datetime.now().astimezone()
 
     def keys(self) -> set[tuple[int, int]]:
-        """Versions in place in some form: .tgz and .sig both, or .rdelta (uploads in
-        flight are not objects)."""
+        """Versions in place in some form: .tgz (its .sig may come later), or .rdelta
+        (uploads in flight are not objects)."""
         return {k for k, kinds in self._list()[0].items()
                 if _WHOLE <= kinds.keys() or _DELTA <= kinds.keys()}
 
@@ -260,15 +272,17 @@ class S3Store:
         deltas: AbstractSet[tuple[int, int]] = frozenset(), *, grace_s: float | None = None,
     ) -> ReconcileReport:
         """Abort stale uploads, delete stale objects the catalog does not expect (a version
-        of ``committed`` is whole, .tgz + .sig, unless it is in ``deltas``, .rdelta; only
-        what is older than ``grace_s``: see the module docstring), report committed
-        versions whose objects are not all there."""
+        of ``committed`` is whole, .tgz and .sig once made, unless it is in ``deltas``,
+        .rdelta; only what is older than ``grace_s``: see the module docstring), report
+        committed versions whose objects are not there, and whole ones not signed yet."""
         grace = self.grace_s if grace_s is None else grace_s
         parts = self._abort_stale_uploads(grace)
         found, now = self._list()
         orphans: list[str] = []
         for k, kinds in sorted(found.items()):
-            expected = (_DELTA if k in deltas else _WHOLE) if k in committed else frozenset()
+            expected = (
+                (_DELTA if k in deltas else _WHOLE_ALLOWED) if k in committed else frozenset()
+            )
             extra = {kind: t for kind, t in kinds.items() if kind not in expected}
             if not extra or (now - max(extra.values())).total_seconds() < grace:
                 continue
@@ -287,7 +301,10 @@ class S3Store:
             k for k in committed
             if not (_DELTA if k in deltas else _WHOLE) <= found.get(k, {}).keys()
         ))
-        return ReconcileReport(tuple(parts), tuple(orphans), missing)
+        unsigned = tuple(sorted(
+            k for k in committed - deltas if found.get(k, {}).keys() == _WHOLE
+        ))
+        return ReconcileReport(tuple(parts), tuple(orphans), missing, unsigned)
 
     def _stale(self, key: str, now: datetime, grace: float) -> bool:
         head = self.bucket.head(key)

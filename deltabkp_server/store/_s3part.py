@@ -1,13 +1,14 @@
 """``S3Part``: one new archive on its way into S3 (the ``PartWriter`` of ``S3Store``).
 
 Job: stream an archive into a multipart upload on the final ``.tgz`` key with bounded
-memory, and make it appear, with its signature, only at ``commit``.
+memory, and make it appear only at ``commit`` (its signature is put later, after the catalog
+commit: ``S3Store.write_signature``).
 Invariants:
 - at most one part (8 MiB) is buffered in memory, whatever the writes' sizes;
 - an upload in flight is not an object: no listing sees it until it is completed;
 - ``commit`` completes the upload with ``If-None-Match: *`` (a committed archive is never
-  overwritten; the loser of a race touches nothing), then puts the ``.sig``: a crash
-  between leaves a lone ``.tgz``, which is never a key (a key needs both), so an orphan;
+  overwritten; the loser of a race touches nothing): a crash after it leaves a ``.tgz`` that
+  the catalog names (a version, its signature made at its first use) or does not (an orphan);
 - ``abort`` aborts the upload and deletes what this writer completed; it is harmless after
   ``commit``; what it cannot remove (the store unreachable) is garbage for ``reconcile``;
 - every byte is also written to a local spool: ``read_back`` reads it (bounded memory), and
@@ -35,11 +36,11 @@ class S3Part:
 
     def __init__(
         self, bucket: Bucket, cache: BaseCache, *, target_id: int, seq: int,
-        tgz_key: str, sig_key: str, part_size: int,
+        tgz_key: str, part_size: int,
     ) -> None:
         self._b, self._cache = bucket, cache
         self._tid, self._seq = target_id, seq
-        self.key, self.sig_key = tgz_key, sig_key
+        self.key = tgz_key
         self.url = bucket.url(tgz_key)
         self._part_size = part_size
         self._buf = bytearray()
@@ -86,21 +87,17 @@ class S3Part:
         self._buf.clear()
 
     def read_back(self, chunk_size: int) -> Iterator[bytes]:
-        """What was written so far, from the local spool (used to sign a first archive)."""
+        """What was written so far, from the local spool (bounded memory)."""
         return self._spooled.read_back(chunk_size)
 
-    def commit(self, signature: bytes) -> None:
+    def commit(self) -> None:
         if self._state != "open":
             raise StoreError(f"{self.url}: already committed or aborted")
         self._state = "committing"
-        b = self._b
         try:
             if self._buf or not self._parts:
                 self._ship()  # the last part (S3 needs at least one, even empty)
             etag = self._complete()
-            with b.translate("cannot put the signature", b.url(self.sig_key)):
-                # Unconditional: the .tgz key was free, so a .sig there is a crash's orphan.
-                b.client.put_object(Bucket=b.name, Key=self.sig_key, Body=signature)
         except BaseException:
             # The first error is the one to report; what abort cannot remove is garbage
             # that reconcile removes later.
@@ -161,10 +158,10 @@ class S3Part:
                 if not is_not_found(exc):  # already aborted, or completed
                     raise
         if self._completed:
-            # Completed, then the signature failed: the .tgz is ours (the key was free).
+            # Completed, then interrupted before commit returned: the .tgz is ours (the key
+            # was free).
             self._cache.drop(self._tid, self._seq)
             b.delete(self.key)
-            b.delete(self.sig_key)
 
     def _drop_spool(self) -> None:
         with contextlib.suppress(OSError):
