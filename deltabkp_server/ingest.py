@@ -245,7 +245,13 @@ class Ingest:
 
     async def aclose(self) -> None:
         """Abort the part file unless committed; release the base (shielded: runs on cancel)."""
-        self._patch = None
+        patch, self._patch = self._patch, None
+        close = getattr(patch.patcher if patch is not None else None, "close", None)
+        if close is not None:
+            # A layout patcher given up mid-delta: end its worker threads now, not at its
+            # garbage collection.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(close)
         self._stack.close()
         if self._part is not None and not self.committed:
             with trio.CancelScope(shield=True):
