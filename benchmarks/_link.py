@@ -22,6 +22,11 @@ cache and application copy of the base tree) and measures, in this order:
 2. **ours**: the ~1 % change set applied to the application directory
    (``rsync -a --delete --checksum`` from the changed tree: only the changed files are
    written, as an application would), then the wall time of ``ctl backup-now --wait``;
+2b. **control**: "ours" again on the same daemons and lab with the link unshaped (a second
+   copy of the base tree, registered — its first backup —, the same change set, then
+   ``backup-now --wait``; after ours in odd repeats, before it in even ones), so what the
+   10 Mbit/s link itself costs a backup is the difference of two rows of one run, not a
+   comparison with ``bench_system.sh`` (which differs in more than the link);
 3. **original design**: ``tar --sort=name -c | gzip -6 -n`` of the changed tree streamed
    into one TCP connection to a receiver in ``server`` that writes the file (streamed, not
    built then sent: the fastest form of the original design, so the ratio is not flattered);
@@ -40,7 +45,9 @@ times over ours in the same repeat; the summary gives the median over repeats.  
 table: where deltabkp's wall time went (until the server started the execution — ctl's
 start-up and request until the server logs "backup-now … queued", then the claim —, the
 execution, from its end to the measurement's end),
-and the machine's load average, which must be quoted next to any figure.
+each daemon's own per-phase timeline of that backup (``deltabkp._phases``: the agent's
+"backup of …; phases" and the server's "execution N … phases" log lines, ms wall/cpu), and
+the machine's load average, which must be quoted next to any figure.
 
 Invariants: every wait has a deadline; the lab (and with it every process still inside it)
 and the temp dir are removed on every exit path (``with``, SIGTERM/SIGINT → exit; the shell
@@ -92,6 +99,11 @@ _SERVED_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ INFO bac
 #: The server's log line once ``backup-now`` is queued (ctl started, connected, asked).
 _QUEUED_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ INFO backup-now of ",
                           re.MULTILINE)
+#: Each daemon's per-phase timeline of a backup (deltabkp._phases).
+_AGENT_PHASES = re.compile(r"INFO backup of .*; phases (.*)")
+_SERVER_PHASES = re.compile(r"INFO execution \d+ .*: phases (.*)")
+#: The agent's account of its incremental build (what it re-read and recompressed).
+_AGENT_BUILD = re.compile(r"INFO archive of \S+: (.*)")
 _END_LINE = re.compile(r"execution (\d+) of (\S+) (\S+): (stored|unchanged|failed|skipped)")
 
 
@@ -188,13 +200,15 @@ def _blake3(path: Path) -> str:
     return h.hexdigest()
 
 
-def one_repeat(lab: NetLab, base: Path, new: Path, work: Path) -> list[Row]:
+def one_repeat(lab: NetLab, base: Path, new: Path, work: Path, rate: str,
+               control_first: bool = False) -> list[Row]:
     from deltabkp.testing import Daemon, console_script
 
     work.mkdir()
     env = _env(work.parent)
-    app = work / "app"
-    subprocess.run(["cp", "-a", f"{base}/.", str(app)], check=True)
+    app, control = work / "app", work / "app-unshaped"
+    for tree in (app, control):
+        subprocess.run(["cp", "-a", f"{base}/.", str(tree)], check=True)
     # An application's tree predates its first backup: files written within the archive's
     # racy window (2 s) of the first build would be re-read by the next one, an artefact
     # of this set-up rather than of the ~1 % change.
@@ -215,6 +229,7 @@ def one_repeat(lab: NetLab, base: Path, new: Path, work: Path) -> list[Row]:
     try:
         agent = Daemon(agt.exec_argv([console_script("deltabkp-agent"), "--listen",
                                       f"{agt.address}:0", "--allow", str(app),
+                                      "--allow", str(control),
                                       "--cache-dir", str(work / "cache")]),
                        log=work / "agent.log", name="deltabkp-agent", env=env)
         try:
@@ -237,20 +252,44 @@ def one_repeat(lab: NetLab, base: Path, new: Path, work: Path) -> list[Row]:
                             _phases(m, f, agent.log, server.log)))
             base_hash = json.loads(_run(lab, "server", [*ctl, "list", *target], env,
                                         what="ctl list"))
+            # Its agent line (after the agent's after-phase): no work of it is left running.
+            _wait_count(agent.log, _AGENT_PHASES, 1, 60.0, "the agent's phases line")
+
+            # 2b. the control: the same change backed up by the same daemons, the link
+            # unshaped (its own copy of the base tree, first backup and all), so that what
+            # the 10 Mbit/s link itself costs "ours" is the difference of two rows of one
+            # run; before or after ours, every other repeat (whichever runs second finds the
+            # daemons' caches warmer, or the previous backup's after-work still running).
+            def run_control() -> Row:
+                lab.unshape("agent")
+                try:
+                    return _control(lab, ctl, [agent.address, str(control)], new, env,
+                                    agent.log, server.log)
+                finally:
+                    lab.shape("agent", rate)
+
+            controlled = run_control() if control_first else None
 
             # 2. ours: the ~1 % change, then backup-now --wait.
             subprocess.run(["rsync", "-a", "--delete", "--checksum", f"{new}/", f"{app}/"],
                            check=True)
+            served = len(_AGENT_PHASES.findall(agent.log.read_text(errors="replace")))
             with Meter(lab) as m:
                 ex = json.loads(_run(lab, "server", [*ctl, "backup-now", *target, "--wait"], env,
                                      what="ctl backup-now --wait"))
             if ex["outcome"] != "stored":
                 raise BenchError(f"the backup after the change did not store an archive: {ex}")
             size = ex["archive_size"]
+            # The daemons' own per-phase timelines of this backup (deltabkp._phases), to set
+            # beside bench_system.sh's on loopback: what the link adds shows phase by phase.
+            # The agent logs its line after its "after" phase, past --wait's answer.
+            _wait_count(agent.log, _AGENT_PHASES, served + 1, 60.0, "the agent's phases line")
             rows.append(Row("deltabkp after ~1 % change (ours)", m.wall, m.up, m.down,
                             f"{ex['transferred']} = {100 * ex['transferred'] / size:.2f} %",
-                            _phases(m, ex, agent.log, server.log)))
+                            _phases(m, ex, agent.log, server.log)
+                            + _daemon_phases(agent.log, server.log)))
             stored = json.loads(_run(lab, "server", [*ctl, "list", *target], env, what="ctl list"))
+            rows.append(controlled if controlled is not None else run_control())
         finally:
             agent.stop()
     finally:
@@ -335,6 +374,49 @@ def _phases(m: Meter, execution: dict[str, Any], agent_log: Path, server_log: Pa
                  f"after it {ended - served[-1]:.2f} s)")
     return (f"until the execution started {started - m.start:.2f} s{before}, execution "
             f"{ended - started:.2f} s{split}, from its end {m.end - ended:.2f} s")
+
+
+def _control(lab: NetLab, ctl: list[str], target: list[str], new: Path, env: dict[str, str],
+             agent_log: Path, server_log: Path) -> Row:
+    """"Ours" again on the unshaped link: register (its first backup), the change, then
+    ``backup-now --wait``; its row's note has both daemons' timelines, as ours has."""
+    ended = re.compile(rf"execution \d+ of \S+ {re.escape(target[1])}: (stored|failed)")
+    served = len(_AGENT_PHASES.findall(agent_log.read_text(errors="replace")))
+    _run(lab, "server", [*ctl, "register", *target, "--every", "1d"], env, what="ctl register")
+    _wait_line(server_log, ended, BACKUP_TIMEOUT_S, "the control's first backup")
+    _wait_count(agent_log, _AGENT_PHASES, served + 1, 60.0, "the agent's phases line")
+    subprocess.run(["rsync", "-a", "--delete", "--checksum", f"{new}/", f"{target[1]}/"],
+                   check=True)
+    with Meter(lab) as m:
+        ex = json.loads(_run(lab, "server", [*ctl, "backup-now", *target, "--wait"], env,
+                             what="ctl backup-now --wait (control)"))
+    if ex["outcome"] != "stored":
+        raise BenchError(f"the control backup did not store an archive: {ex}")
+    _wait_count(agent_log, _AGENT_PHASES, served + 2, 60.0, "the agent's phases line")
+    return Row("ours on the same lab, link unshaped (control)", m.wall, m.up, m.down,
+               f"{ex['transferred']} = {100 * ex['transferred'] / ex['archive_size']:.2f} %",
+               _phases(m, ex, agent_log, server_log) + _daemon_phases(agent_log, server_log))
+
+
+def _wait_count(log: Path, pattern: re.Pattern[str], n: int, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while len(pattern.findall(log.read_text(errors="replace"))) < n:
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what}: fewer than {n} lines matching {pattern.pattern!r} in "
+                             f"{log} after {timeout:g} s")
+        time.sleep(0.05)
+
+
+def _daemon_phases(agent_log: Path, server_log: Path) -> str:
+    """The last backup's timeline as each daemon logged it (ms wall/cpu per phase), and what
+    the agent's build re-read: the work a change costs depends on which files it touches
+    (a 64-byte edit in a 1.7 MB .so recompresses that whole entry on the agent)."""
+    text = agent_log.read_text(errors="replace")
+    agent, build = _AGENT_PHASES.findall(text), _AGENT_BUILD.findall(text)
+    server = _SERVER_PHASES.findall(server_log.read_text(errors="replace"))
+    return (f"\n  agent build:   {build[-1] if build else '(not logged)'}"
+            f"\n  agent phases:  {agent[-1] if agent else '(not logged)'}"
+            f"\n  server phases: {server[-1] if server else '(not logged)'}")
 
 
 def _stream(lab: NetLab, env: dict[str, str], producer: str, out: Path,
@@ -506,7 +588,8 @@ def main(argv: Sequence[str]) -> int:
             print(f"# link: agent ↔ server, tc tbf {args.rate} both ways; tree: {what}", flush=True)
             for i in range(args.repeat):
                 load0 = os.getloadavg()[0]
-                rows = one_repeat(lab, base, new, work / f"run{i}")
+                rows = one_repeat(lab, base, new, work / f"run{i}", args.rate,
+                                  control_first=i % 2 == 1)
                 runs.append(rows)
                 loads.append((load0, os.getloadavg()[0]))
                 print(f"\n## repeat {i + 1} of {args.repeat}\n\n{table(rows)}\n"

@@ -14,6 +14,8 @@
 #     of payload at 10mbit);
 #   - deltabkp's first (full) backup (`ctl register` until the server logs its end);
 #   - ours: `ctl backup-now --wait` after the ~1 % change;
+#   - the control: ours again, same daemons and change, the link unshaped (a second copy of
+#     the base tree): what the link itself costs is the difference of the two rows;
 #   - the original design: `tar | gzip -6` of the changed tree, the whole archive streamed
 #     over the link into a receiver (python sockets, benchmarks/_link.py send|recv);
 #   - `deltabkp archive` of the changed tree (the build rsync needs; its hash must be the
@@ -23,7 +25,8 @@
 # (the agent's eth0 counters: link layer, headers included), what the tool says it moved,
 # wall / ours — and with --repeat > 1 the medians; under each table, where deltabkp's wall time
 # went (until the server started the execution: ctl's start-up and the claim; the agent until
-# it served the backup; the server after it; the end of --wait) and the load average. Ratios
+# it served the backup; the server after it; the end of --wait), both daemons' per-phase
+# timelines of that backup (their "phases" log lines, ms wall/cpu) and the load average. Ratios
 # are side by side in one run; on a shared machine, run it when it is quiet and quote the
 # load next to any figure. --json OUT writes every row; --keep-dir keeps the daemons' logs.
 # Needs root, iproute2, nftables, tc, rsync, tar, gzip. A benchmark: it asserts nothing about

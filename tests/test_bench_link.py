@@ -20,3 +20,39 @@ def test_bench_link_script_parses_and_its_help_matches_the_driver() -> None:
     for option in ("--repeat", "--tree", "--rate", "--json", "--keep-dir"):
         assert option in usage and option in driver, option
     assert "tc tbf" in usage and "rsync" in usage
+
+
+def test_bench_link_reports_both_daemons_timelines_from_their_log_lines(tmp_path: Path) -> None:
+    # Lines as the daemons write them (a real run's logs); the last backup's are reported.
+    saved = list(sys.path)  # the driver puts the repository and benchmarks/ on it
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _link  # type: ignore[import-not-found]  # benchmarks/ is no package
+    finally:
+        sys.path[:] = saved
+    agent, server = tmp_path / "agent.log", tmp_path / "server.log"
+    agent.write_text(
+        "2026-11-29 21:33:53,109 deltabkp-agent INFO archive of /r/app: 0 of 5047 entries "
+        "reused, 4828 files read (full build; previous build: none); 102.7 MB of tar "
+        "compressed, 0.0 MB of deflate copied\n"
+        "2026-11-29 21:33:55,982 deltabkp-agent INFO backup of /r/app: archive a62ee9e24d6f0e2b,"
+        " 29548558 bytes, 4828 files, delta 29550903 bytes (100.0%), signature from none, 0 "
+        "changed while read; phases index 0/0, build+delta 26132/9249 (ms wall/cpu; total "
+        "29146/9907) [node=10.77.0.3:40059]\n"
+        "2026-11-29 21:34:00,583 deltabkp-agent INFO archive of /r/app: 5008 of 5047 entries "
+        "reused, 416 files read (incremental); 3.9 MB of tar compressed, 28.4 MB of deflate "
+        "copied\n"
+        "2026-11-29 21:34:01,546 deltabkp-agent INFO backup of /r/app: archive 6b3c21ec2b8fbf01,"
+        " 29557016 bytes, 4828 files, delta 30312 bytes (0.1%), signature from layout, 0 "
+        "changed while read; phases index 31/7, build 1022/564, layout 596/222 (ms wall/cpu; "
+        "total 1649/793) [node=10.77.0.3:40059]\n")
+    server.write_text(
+        "2026-11-29 21:33:54,430 deltabkp-server INFO execution 1 of 10.77.0.3:40059 /r/app: "
+        "phases connect 30/9, receive 24966/3722 (ms wall/cpu; total 24996/3731)\n"
+        "2026-11-29 21:34:01,630 deltabkp-server INFO execution 2 of 10.77.0.3:40059 /r/app: "
+        "phases connect 32/6, agent 1431/14, apply 750/288 (ms wall/cpu; total 2213/308)\n")
+    got = _link._daemon_phases(agent, server)
+    assert "416 files read (incremental); 3.9 MB of tar compressed" in got
+    assert "agent phases:  index 31/7, build 1022/564, layout 596/222" in got
+    assert "server phases: connect 32/6, agent 1431/14, apply 750/288" in got
+    assert "26132" not in got and "24966" not in got  # the first backup's are not
