@@ -1,12 +1,12 @@
 """The agent's side of a backup after the ~1% change, up to the layout encoder's input.
 
-    python benchmarks/bench_agent.py [--rounds N] [--compare DIR] [--racy-first] [--cold]
+    python benchmarks/bench_agent.py [--rounds N] [--compare DIR] [--racy-first] [--cold] [--layout]
 
 A copy of the ~107 MB stdlib tree (``archive_data.py``) gets a first backup through the
 agent's own ``serve_backup`` (full build, kept in a temp cache; with ``--racy-first`` at
 once after the copy, as ``bench_system.sh`` does, so that many files are racy when that
 build reads them), then the ~1% change set
-(``rsync -a --delete new/ copy/``, as ``bench_system.sh`` does); each round then restores
+(``rsync -a --checksum --delete new/ copy/``, as ``bench_system.sh`` does); each round then restores
 that cache and serves one backup request with the layout delta accepted — fingerprint,
 quick checks, incremental build, new archive and index kept, cache records — with
 ``_stream_layout`` stubbed out (the layout encode is timed by ``bench_system.sh``).  Each
@@ -18,7 +18,12 @@ and the kept build's seek points follow the answer); the last round's per-phase 
 also with ``PYTHONPATH=DIR`` (e.g. ``git archive HEAD | tar -x -C DIR``), interleaved, for
 ratios side by side in one run.  Each round's agent knows the kept archive as the daemon
 that wrote it does (``AgentCache`` remembers its ``stat``: not hashed again before use);
-``--cold``: as an agent restarted since (hashed first).  Medians; asserts nothing.
+``--cold``: as an agent restarted since (hashed first).  Also printed: the CPU of the
+build's own thread (``_build``: the walk, the reads, the splicing; its worker threads not
+counted), the serial part of the build that a second core cannot take, and less noisy
+than wall while the machine is shared.  ``--layout``: the layout encoder runs too (not
+stubbed; then that thread's CPU includes the encode), and the first delta byte is timed:
+what ends the server's "agent" phase.  Medians; asserts nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _serve(work: Path, base: bytes | None, layout: bool, cold: bool = False) -> tuple[float, float, str, float, float]:
+def _serve(
+    work: Path, base: bytes | None, layout: bool, cold: bool = False, encode: bool = False
+) -> tuple[float, float, str, float, float, float, float, float]:
     import trio
 
     from deltabkp import protocol
@@ -46,14 +53,31 @@ def _serve(work: Path, base: bytes | None, layout: bool, cold: bool = False) -> 
     from deltabkp_agent import backup
     from deltabkp_agent.cache import AgentCache
 
-    backup._stream_layout = lambda *a, **k: 0  # not timed here
+    if not encode:
+        backup._stream_layout = lambda *a, **k: 0  # not timed here
+    # The CPU of the thread that walks, reads and splices (``_build``'s own): the serial
+    # part of the build, which no other core can take; less noisy than wall on a busy box.
+    build_cpu: list[float] = []
+    build = backup._build
+
+    def timed_build(*a: object, **k: object) -> object:
+        t = time.thread_time()
+        try:
+            return build(*a, **k)  # type: ignore[arg-type]
+        finally:
+            build_cpu.append(time.thread_time() - t)
+
+    backup._build = timed_build  # type: ignore[assignment]
     crc32_concat([1, 2], [3, 4])  # tables: built once per daemon
     root = os.path.realpath(work / "app")
 
     answered: list[float] = []
+    first: list[float] = []  # the first delta byte: what ends the server's "agent" phase
 
     class Chan:  # the server's side: takes what is sent, says nothing meanwhile
         async def send(self, msg: object) -> None:
+            if isinstance(msg, protocol.DeltaChunk) and msg.data and not first:
+                first.extend((time.perf_counter(), time.process_time()))
             # The answer (what the server waits for); what follows it is off its path.
             if isinstance(msg, (protocol.BackupDone, protocol.Unchanged)) and not answered:
                 answered.extend((time.perf_counter(), time.process_time()))
@@ -77,20 +101,28 @@ def _serve(work: Path, base: bytes | None, layout: bool, cold: bool = False) -> 
     out = trio.run(serve)
     wall, cpu = time.perf_counter() - w, time.process_time() - c
     print(getattr(out, "phases", ""), file=sys.stderr)  # the per-phase timeline, if logged
-    return wall, cpu, f"{out.outcome}/{out.signature_from}", answered[0] - w, answered[1] - c
+    if not first:  # none sent (encoder stubbed): the answer is the first byte
+        first.extend(answered)
+    return (wall, cpu, f"{out.outcome}/{out.signature_from}", answered[0] - w, answered[1] - c,
+            first[0] - w, first[1] - c, sum(build_cpu))
 
 
-def _round(work: Path, pythonpath: str | None, cold: bool) -> tuple[float, float, str, float, float, str]:
+Row = tuple[float, float, str, float, float, str, float, float, float]
+
+
+def _round(work: Path, pythonpath: str | None, cold: bool, encode: bool) -> Row:
     shutil.rmtree(work / "cache", ignore_errors=True)
     subprocess.run(["cp", "-a", str(work / "cache.first"), str(work / "cache")], check=True)
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    run = subprocess.run([sys.executable, __file__, "--round", str(work), *(["--cold"] if cold else [])],
+    flags = [*(["--cold"] if cold else []), *(["--layout"] if encode else [])]
+    run = subprocess.run([sys.executable, __file__, "--round", str(work), *flags],
                          env=env, check=True,
                          capture_output=True, text=True)
     out = run.stdout.split()
-    return float(out[0]), float(out[1]), out[2], float(out[3]), float(out[4]), run.stderr.strip()
+    return (float(out[0]), float(out[1]), out[2], float(out[3]), float(out[4]),
+            run.stderr.strip(), float(out[5]), float(out[6]), float(out[7]))
 
 
 def main() -> None:
@@ -101,12 +133,16 @@ def main() -> None:
                     help="first backup right after the copy (files racy when it reads them)")
     ap.add_argument("--cold", action="store_true",
                     help="as a restarted agent: the kept archive is hashed before use")
+    ap.add_argument("--layout", action="store_true",
+                    help="the layout encoder too (not stubbed): times the first delta byte")
     ap.add_argument("--round", metavar="WORK", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.round:
         work = Path(args.round)
-        w, c, how, aw, ac = _serve(work, (work / "base-hash").read_bytes(), True, args.cold)
-        print(f"{w:.4f} {c:.4f} {how} {aw:.4f} {ac:.4f}")
+        w, c, how, aw, ac, fw, fc, bt = _serve(
+            work, (work / "base-hash").read_bytes(), True, args.cold, args.layout
+        )
+        print(f"{w:.4f} {c:.4f} {how} {aw:.4f} {ac:.4f} {fw:.4f} {fc:.4f} {bt:.4f}")
         return
     sys.path.insert(0, str(HERE))
     import archive_data
@@ -125,14 +161,16 @@ def main() -> None:
         kept = AgentCache(work / "cache").kept_index(os.path.realpath(work / "app"))
         assert kept is not None
         (work / "base-hash").write_bytes(kept.archive_hash)
-        subprocess.run(["rsync", "-a", "--delete", f"{trees['new']}/", f"{work / 'app'}/"], check=True)
+        subprocess.run(["rsync", "-a", "--checksum", "--delete", f"{trees['new']}/", f"{work / 'app'}/"],
+                       check=True)  # --checksum: a same-size same-mtime edit is in the set
         subprocess.run(["cp", "-a", str(work / "cache"), str(work / "cache.first")], check=True)
         versions = {"this tree": None} | ({f"--compare {args.compare}": args.compare} if args.compare else {})
-        got: dict[str, list[tuple[float, float, str, float, float, str]]] = {v: [] for v in versions}
+        got: dict[str, list[Row]] = {v: [] for v in versions}
         for _ in range(args.rounds):
             for name, path in versions.items():
-                got[name].append(_round(work, path, args.cold))
-        print(f"serve_backup after the ~1% change (layout accepted, encoder stubbed"
+                got[name].append(_round(work, path, args.cold, args.layout))
+        print(f"serve_backup after the ~1% change (layout accepted, "
+              f"{'encoder run' if args.layout else 'encoder stubbed'}"
               f"{'; first build racy' if args.racy_first else ''}"
               f"{'; cold agent' if args.cold else ''}), "
               f"{args.rounds} rounds, cores {os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
@@ -146,12 +184,19 @@ def main() -> None:
             # with the work after the answer (cache records, seek points).
             print(f"   {name:32} answer wall {awall:6.3f} s cpu {acpu:6.3f} s (cpu / this tree's "
                   f"{acpu / ref:.2f})   all wall {wall:6.3f} s cpu {cpu:6.3f} s   {rows[-1][2]}")
+            if args.layout:
+                # What the server waits for before its apply starts (its "agent" phase).
+                fwall = statistics.median(r[6] for r in rows)
+                fcpu = statistics.median(r[7] for r in rows)
+                print(f"   {'':32} first delta byte: wall {fwall:6.3f} s cpu {fcpu:6.3f} s")
             # The build phase alone (the per-phase timeline's "build", medians over rounds).
             builds = [m.groups() for r in rows if (m := re.search(r"\bbuild (\d+)/(\d+)", r[5]))]
             if builds:
                 bw = statistics.median(int(b[0]) for b in builds)
                 bc = statistics.median(int(b[1]) for b in builds)
-                print(f"   {'':32} build phase: wall {bw:.0f} ms cpu {bc:.0f} ms (medians of {len(builds)})")
+                bt = statistics.median(r[8] for r in rows)
+                print(f"   {'':32} build phase: wall {bw:.0f} ms cpu {bc:.0f} ms, its own thread's "
+                      f"cpu {bt * 1e3:.0f} ms (the serial part; medians of {len(builds)})")
             if rows[-1][5]:
                 print(f"   {'':32} phases (last round): {rows[-1][5]}")
     finally:

@@ -569,3 +569,11 @@ def test_fast_tar_header_equals_tarfile(
     assert ti.pax_headers == {"mtime": text}
     assert pax == tarfile.TarInfo._create_pax_generic_header(  # type: ignore[attr-defined]
         {"mtime": text}, tarfile.XHDTYPE, "utf-8")
+
+
+@given(st.binary(min_size=512, max_size=512) | st.just(b"\xff" * 512) | st.just(bytes(512)))
+def test_header_byte_sum_is_exact(block: bytes) -> None:
+    # The checksum's sum from two adler32s: exact even for a block of 0xff (130,560).
+    from deltabkp.archive._build import _byte_sum
+
+    assert _byte_sum(block) == sum(block)

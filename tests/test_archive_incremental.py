@@ -27,6 +27,7 @@ from deltabkp.archive._incremental import (
     IndexEntry,
     SegmentTable,
     _Item,
+    _Old,
     _Reused,
 )
 from deltabkp.errors import ArchiveError, FormatError, LimitExceeded, UnsupportedVersion
@@ -656,3 +657,42 @@ def test_files_racy_when_built_are_read_again_not_recompressed(tmp_path: Path) -
                                 racy_ns=0)
     assert b"".join(fourth) == a1
     assert fourth.stats.bytes_compressed >= 20_000 and fourth.stats.entries_reused == 29
+
+
+def test_sink_gets_the_archive_in_order(tmp_path: Path) -> None:
+    # The agent's kept archive is written by the builder's worker thread (``sink``): the
+    # same bytes as yielded, all of them once the iteration ended, a full or a spliced
+    # build, with a worker thread or none (``threads=0``: the sink is called inline).
+    root, gen = sixty_files_built(tmp_path, 5)
+    assert gen.index is not None
+    assert IncrementalBuilder(root, racy_ns=RACY_NS).unchanged(gen.index)
+    assert _Old._checked is None  # unchanged: no build follows, nothing kept
+    (root / "f07").write_bytes(b"changed" * 3000)
+    # Changed: the next build from that very index takes the check's lookups over.
+    assert not IncrementalBuilder(root, racy_ns=RACY_NS).unchanged(gen.index)
+    assert _Old._checked is not None and _Old._checked.index is gen.index
+    for threads in (0, 2):
+        for previous in (None, gen.index):
+            got: list[bytes] = []
+            b = IncrementalBuilder(root, previous=previous, previous_archive=gen.keep,
+                                   racy_ns=RACY_NS, threads=threads, sink=got.append)
+            data = b"".join(b)
+            assert _Old._checked is None  # taken over, or let go
+            assert b"".join(got) == data == fresh(root)
+            assert b.index.archive_hash == blake3.blake3(data).digest()
+        assert b.stats.bytes_copied > 0
+
+
+def test_sink_thread_ends_when_the_consumer_stops(tmp_path: Path) -> None:
+    import threading
+
+    root = tmp_path / "tree"
+    make_tree(root, random.Random(6), 30)
+    full = fresh(root)
+    got: list[bytes] = []
+    chunks = iter(IncrementalBuilder(root, racy_ns=RACY_NS, sink=got.append))
+    assert next(chunks)
+    chunks.close()  # a stopped backup: no thread is left behind, nothing more is sunk
+    assert not [t for t in threading.enumerate() if t.name.startswith("deltabkp-archive-out")]
+    sunk = b"".join(got)
+    assert full.startswith(sunk) and len(sunk) < len(full)

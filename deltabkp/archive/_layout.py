@@ -92,7 +92,7 @@ import numpy.typing as npt
 from isal import isal_zlib
 
 from deltabkp.archive._gzip import DICT_SIZE, compress_segments
-from deltabkp.archive._incremental import DATA, ArchiveIndex, IndexEntry
+from deltabkp.archive._incremental import DATA, ArchiveIndex, IndexEntry, _Beside
 from deltabkp.archive._seek import _HDR, _INFLATE_ERRORS, SPACING, SeekPoints
 from deltabkp.errors import (
     FormatError,
@@ -804,31 +804,6 @@ class _Waiting:
     weight: int
 
 
-class _Hashing:
-    """``hash.update`` of pieces in their order, in one worker thread: at most ``_AHEAD``
-    pieces (≤ ``_PIECE`` each) wait.  ``wait`` until all are hashed; ``close`` ends the
-    thread (dropping what waits: after an error)."""
-
-    def __init__(self, hash: Any) -> None:
-        self._update = hash.update
-        self._pool = ThreadPoolExecutor(1, "deltabkp-layout-hash")
-        self._todo: deque[Future[None]] = deque()
-
-    def update(self, piece: bytes | memoryview) -> None:
-        self._todo.append(self._pool.submit(self._update, piece))
-        while len(self._todo) > _AHEAD or (self._todo and self._todo[0].done()):
-            self._todo.popleft().result()
-
-    def wait(self) -> None:
-        """Until every piece handed over is hashed."""
-        while self._todo:
-            self._todo.popleft().result()
-
-    def close(self) -> None:
-        """End the thread, dropping the pieces not hashed yet (after an error)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
 class LayoutPatcher:
     """Sans-I/O: the old archive (a buffer) + a layout delta fed in pieces → the new
     archive's bytes.  Same interface as ``engine.Patcher``: ``feed`` returns output pieces,
@@ -903,7 +878,7 @@ class LayoutPatcher:
         level = self._head[2]
         # blake3 of the pieces, in order, in a thread of its own (it releases the GIL): the
         # calling thread, which inflates old tar and writes, is the longest path.
-        hashing = _Hashing(self._hash) if self._threads > 1 else None
+        hashing = _Beside(self._hash.update, self._threads <= 1, "deltabkp-layout-hash")
         waiting = self._waiting
         ahead = _AHEAD * self._threads if self._threads > 1 else 0
         keep_going = False
@@ -943,12 +918,10 @@ class LayoutPatcher:
             # delta's next chunk arrives: the agent streams it in ~20 ms frames), all of
             # them once the END record is read.
             yield from self._ready(waiting, ahead if not self._ended else 0, hashing)
-            if hashing is not None:
-                hashing.wait()
+            hashing.wait()
             keep_going = not self._ended
         finally:
-            if hashing is not None:
-                hashing.close()
+            hashing.close()
             if not keep_going:  # the end, an error, or the caller closed the generator
                 self.close()
 
@@ -964,7 +937,7 @@ class LayoutPatcher:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def _ready(self, waiting: deque[_Waiting], keep: int, hashing: _Hashing | None
+    def _ready(self, waiting: deque[_Waiting], keep: int, hashing: _Beside[Any]
                ) -> Iterator[bytes | memoryview]:
         """Hand out the waiting records' pieces, oldest first: every ready one, and waiting
         for the oldest while more than ``keep`` records (or ``_AHEAD_BYTES``) wait."""
@@ -985,10 +958,7 @@ class LayoutPatcher:
                 self._size += len(piece)
                 if self._max_size is not None and self._size > self._max_size:
                     raise LimitExceeded(f"layout delta output exceeds {self._max_size} bytes")
-                if hashing is None:
-                    self._hash.update(piece)
-                else:
-                    hashing.update(piece)
+                hashing.put(piece)
                 yield piece
 
     def _parse_header(self) -> bool:
