@@ -203,11 +203,13 @@ async def test_retention_keeps_newest_and_lists_all(server: Server, agent: Scrip
         agent.content["/srv/app"] = f"v{i}".encode() * 1000
         rec = await ctl(server.address, "backup-now", node=agent.address, path="/srv/app", wait=True)
         assert rec["outcome"] == "stored"
+    # --wait answers at the commit; the signature, retention (rows first) and the conversion
+    # follow it: once the older versions are converted, the rows are rotated too.
+    want = ["1/3.rdelta", "1/4.rdelta", "1/5.sig", "1/5.tgz"]  # older ones: reverse deltas
+    assert await _files_become(server, want) == want
     listed = await ctl(server.address, "list", node=agent.address, path="/srv/app")
     assert [a["seq"] for a in listed] == [5, 4, 3, 2, 1]
     assert [a["retained"] for a in listed] == [True, True, True, False, False]  # keep=3 here
-    want = ["1/3.rdelta", "1/4.rdelta", "1/5.sig", "1/5.tgz"]  # older ones: reverse deltas
-    assert await _files_become(server, want) == want
     # A rotated-out version cannot be fetched; a retained one can, byte for byte.
     with pytest.raises(RequestRefused) as ei:
         await ctl(server.address, "fetch", node=agent.address, path="/srv/app", seq=1)
