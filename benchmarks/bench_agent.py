@@ -1,6 +1,7 @@
 """The agent's side of a backup after the ~1% change, up to the layout encoder's input.
 
     python benchmarks/bench_agent.py [--rounds N] [--compare DIR] [--racy-first] [--cold] [--layout]
+                                     [--unchanged]
 
 A copy of the ~107 MB stdlib tree (``archive_data.py``) gets a first backup through the
 agent's own ``serve_backup`` (full build, kept in a temp cache; with ``--racy-first`` at
@@ -23,7 +24,10 @@ build's own thread (``_build``: the walk, the reads, the splicing; its worker th
 counted), the serial part of the build that a second core cannot take, and less noisy
 than wall while the machine is shared.  ``--layout``: the layout encoder runs too (not
 stubbed; then that thread's CPU includes the encode), and the first delta byte is timed:
-what ends the server's "agent" phase.  Medians; asserts nothing.
+what ends the server's "agent" phase; the ``layout`` phase's medians are printed too.  ``--unchanged``: no change set; each round is the
+check of the unchanged tree (an agent's usual request, every period): after a settled
+first build, its fingerprint; with ``--racy-first``, the first check after a racy build
+(the kept index, then a fingerprint recorded).  Medians; asserts nothing.
 """
 
 from __future__ import annotations
@@ -135,6 +139,8 @@ def main() -> None:
                     help="as a restarted agent: the kept archive is hashed before use")
     ap.add_argument("--layout", action="store_true",
                     help="the layout encoder too (not stubbed): times the first delta byte")
+    ap.add_argument("--unchanged", action="store_true",
+                    help="no change set: the quick check of the unchanged tree")
     ap.add_argument("--round", metavar="WORK", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.round:
@@ -161,15 +167,20 @@ def main() -> None:
         kept = AgentCache(work / "cache").kept_index(os.path.realpath(work / "app"))
         assert kept is not None
         (work / "base-hash").write_bytes(kept.archive_hash)
-        subprocess.run(["rsync", "-a", "--checksum", "--delete", f"{trees['new']}/", f"{work / 'app'}/"],
-                       check=True)  # --checksum: a same-size same-mtime edit is in the set
+        if not args.unchanged:
+            subprocess.run(["rsync", "-a", "--checksum", "--delete", f"{trees['new']}/",
+                            f"{work / 'app'}/"],
+                           check=True)  # --checksum: a same-size same-mtime edit is in the set
+        else:
+            time.sleep(RACY_NS / 1e9 + 0.1)  # the check of a tree that has been left alone
         subprocess.run(["cp", "-a", str(work / "cache"), str(work / "cache.first")], check=True)
         versions = {"this tree": None} | ({f"--compare {args.compare}": args.compare} if args.compare else {})
         got: dict[str, list[Row]] = {v: [] for v in versions}
         for _ in range(args.rounds):
             for name, path in versions.items():
                 got[name].append(_round(work, path, args.cold, args.layout))
-        print(f"serve_backup after the ~1% change (layout accepted, "
+        print(f"serve_backup {'of the unchanged tree' if args.unchanged else 'after the ~1% change'}"
+              f" (layout accepted, "
               f"{'encoder run' if args.layout else 'encoder stubbed'}"
               f"{'; first build racy' if args.racy_first else ''}"
               f"{'; cold agent' if args.cold else ''}), "
@@ -197,6 +208,11 @@ def main() -> None:
                 bt = statistics.median(r[8] for r in rows)
                 print(f"   {'':32} build phase: wall {bw:.0f} ms cpu {bc:.0f} ms, its own thread's "
                       f"cpu {bt * 1e3:.0f} ms (the serial part; medians of {len(builds)})")
+            # The layout encode streaming its records (the delta's hand-over to the loop).
+            lays = [m.groups() for r in rows if (m := re.search(r"\blayout (\d+)/(\d+)", r[5]))]
+            if lays:
+                print(f"   {'':32} layout phase: wall {statistics.median(int(x[0]) for x in lays):.0f}"
+                      f" ms cpu {statistics.median(int(x[1]) for x in lays):.0f} ms (medians)")
             if rows[-1][5]:
                 print(f"   {'':32} phases (last round): {rows[-1][5]}")
     finally:

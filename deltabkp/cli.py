@@ -10,26 +10,35 @@ on stderr.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
 
-from deltabkp import _cli_archive, _cli_engine, _cli_run, ctl
+from deltabkp import _cli_run
 from deltabkp._cli_run import EXIT_OK, EXIT_USAGE
 
 __all__ = ["EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 # Each family module exposes ``register(subparsers)`` and sets ``func`` on its parsers:
-# ``func(args) -> int`` returns the exit code.
-_FAMILIES: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
-    _cli_engine.register,
-    _cli_archive.register,
-    ctl.register,
-)
+# ``func(args) -> int`` returns the exit code.  Imported only when its parsers are built.
+_FAMILIES = ("deltabkp._cli_engine", "deltabkp._cli_archive", "deltabkp.ctl")
+#: The one family a ``deltabkp ctl …`` command line can reach (``_families``).
+_CTL = "deltabkp.ctl"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _families(argv: Sequence[str] | None) -> tuple[str, ...]:
+    """The families whose parsers ``argv`` needs.  ``ctl …`` (a one-shot client command,
+    where start-up is most of the cost) needs only ctl's: the top-level parser has no option
+    but --help/--version, so a first word 'ctl' is that subcommand, and every message the
+    top-level parser could still print (its usage line, 'unrecognized arguments') names no
+    other family's command.  Anything else gets every family (``deltabkp --help``)."""
+    words = sys.argv[1:] if argv is None else argv
+    return (_CTL,) if words and words[0] == "ctl" else _FAMILIES
+
+
+def build_parser(families: Sequence[str] = _FAMILIES) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deltabkp",
         description=(
@@ -42,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"deltabkp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in _FAMILIES:
-        register(sub)
+    for family in families:
+        importlib.import_module(family).register(sub)
     return parser
 
 
@@ -55,9 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     the rest costs a ctl command ~0.1-0.25 s of CPU after its answer is printed, and nothing
     is left to clean up (every file and connection is closed by its ``with`` by now)."""
     if argv is not None:
-        return _cli_run.run(build_parser(), argv)
+        return _cli_run.run(build_parser(_families(argv)), argv)
     try:
-        code = _cli_run.run(build_parser(), None)
+        code = _cli_run.run(build_parser(_families(None)), None)
     except SystemExit as exc:  # argparse: --help, --version, a usage error (already printed)
         if not (exc.code is None or isinstance(exc.code, int)):
             raise

@@ -379,3 +379,61 @@ async def test_after_a_racy_build_the_index_is_the_quick_check(
             await trio.sleep(0.02)
     assert await request(a2) == (a2, "fingerprint")
     assert calls == ["_fingerprint"], calls
+
+
+async def test_after_a_settled_build_the_fingerprint_alone_is_the_quick_check(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build of a settled tree records its fingerprint: the next check of the unchanged
+    tree is that fingerprint alone (no index check, and the kept index not even read);
+    a changed tree — here a same-size edit with the mtime put back — is seen (the
+    fingerprint differs: no index check), and only then is the kept index read, once, for
+    the build."""
+    import deltabkp_agent.backup as agent_backup
+
+    calls: list[str] = []
+
+    def counted(name: str, real: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object) -> object:
+            calls.append(name)
+            return real(*args)
+        return call
+
+    for name in ("_fingerprint", "_unchanged_since"):
+        monkeypatch.setattr(agent_backup, name, counted(name, getattr(agent_backup, name)))
+    monkeypatch.setattr(AgentCache, "kept_index",
+                        counted("kept_index", AgentCache.kept_index))
+    app = make_tree(tmp_path / "app")
+    await trio.sleep(RACY_NS_AGENT / 1e9 + 0.2)  # settled: the first build's fingerprint counts
+    key = b"k" * 32
+    cfg = AgentConfig(key=key, allow=Allowlist.from_args([str(tmp_path)]), host="127.0.0.1",
+                      port=0, cache_dir=tmp_path / "cache")
+    agent = Agent(cfg)
+    await nursery.start(agent.run)
+    where = net.Address.parse(agent.address)
+    cache = AgentCache(tmp_path / "cache")
+
+    async def request(base: bytes | None) -> tuple[bytes, str]:
+        calls.clear()
+        r = await backup_exchange(where, key, str(app), base)
+        if r.kind == "unchanged":
+            assert base is not None
+            return base, r.reason
+        return bytes(deltabkp.patch(base or b"", r.delta)), r.kind
+
+    a1, _ = await request(None)
+    with trio.fail_after(10):  # recorded after the answer
+        while cache.fingerprint(os.path.realpath(app), blake3.blake3(a1).digest(), ()) is None:
+            await trio.sleep(0.02)
+    assert await request(a1) == (a1, "fingerprint")
+    assert calls == ["_fingerprint"], calls  # one walk; no index read, no index check
+    f = app / "f07"
+    st = f.stat()
+    data = f.read_bytes()
+    f.write_bytes(bytes(b ^ 1 for b in data[:8]) + data[8:])  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime: only the ctime tells
+    a2, how = await request(a1)
+    assert how == "delta" and a2 != a1 and a2 == b"".join(TgzBuilder(app))
+    # Its fingerprint is racy (the edit's ctime is new) and differs from the recorded one:
+    # changed, with no index check; the index read once, for the build.
+    assert calls == ["_fingerprint", "kept_index"], calls

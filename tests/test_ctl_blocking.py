@@ -172,6 +172,8 @@ def _ctl_in_process(cluster: Cluster, *args: str) -> subprocess.CompletedProcess
         f"rc = cli.main(['ctl', '--server', {cluster.server.address!r}, '--key-file', "  # type: ignore[union-attr]
         f"{str(cluster.key_file)!r}, *{list(args)!r}])\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'trio', 'cryptography'})\n"
+        # the backup side of the protocol (server <-> agent) is built only for the daemons
+        "heavy += sorted({'deltabkp.protocol._backup'} & set(sys.modules))\n"
         "print('IMPORTED', ','.join(heavy) or '-', file=sys.stderr)\n"
         "sys.exit(rc)\n"
     )

@@ -614,3 +614,58 @@ def test_a_run_is_checked_against_the_index(tmp_path: Path) -> None:
     bad[-10] ^= 0x55
     with pytest.raises(IntegrityError):
         b"".join(encode_layout(a.index, old, b.index, bytes(bad)))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), edits=st.lists(EDITS, min_size=0, max_size=1))
+def test_the_leading_copy_goes_out_before_the_plan_and_changes_no_byte(
+    seed: int, edits: list[list[tuple[str, int]]]
+) -> None:
+    """The encoder's first COPY (the segments both archives hold alike, from the start) is
+    yielded before the plan is made (``copies``), and the delta is the same bytes as the
+    plan alone makes: for random edits, none, and an edit of the first file."""
+    import deltabkp.archive._layout as layout
+
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as d:
+        w = Path(d)
+        root = w / "tree"
+        _make_tree(root, rng, 24)
+        _settle(root)
+        a = _build(root, w / "a.tgz", None, None)
+        for kind, n in [*(edits[0] if edits else []), *([("edit", 0)] if seed % 4 == 0 else [])]:
+            _edit(root, rng, kind, n)
+        _settle(root)
+        b = _build(root, w / "b.tgz", a, w / "a.tgz")
+        old, new = (w / "a.tgz").read_bytes(), (w / "b.tgz").read_bytes()
+        order: list[str] = []
+        copies = layout._Encoder.copies
+
+        def noted(self: layout._Encoder) -> object:
+            order.append("plan")
+            return copies(self)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(layout._Encoder, "copies", noted)
+            records = list(layout._Encoder(a.index, old, b.index, new).records())
+            order.clear()
+            gen = layout._Encoder(a.index, old, b.index, new).records()
+            next(gen)
+            second = next(gen)
+            early = not order  # the plan not made yet
+            gen.close()
+            mp.setattr(layout._Encoder, "_lead", lambda self: 0)
+            plan_only = list(layout._Encoder(a.index, old, b.index, new).records())
+        assert b"".join(records) == b"".join(plan_only)
+        assert _patch(old, b"".join(records), a.index.archive_hash) == new
+        lead = 0
+        if second[0] == layout.T_COPY and early:
+            offset, lead = struct.unpack("<QQ", second[5:21])
+            assert offset == 0
+        # It is the plan's first COPY, of every leading segment equal in both archives.
+        same = 0
+        ot, nt = a.index.segments, b.index.segments
+        while (same < min(len(ot), len(nt)) and ot[same] == nt[same]
+               and old[: 10 + nt[same][1]] == new[: 10 + nt[same][1]]):
+            same += 1
+        assert lead == (10 + nt[same - 1][1] if same else 0), (lead, same)

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import functools
 import math
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -464,35 +463,52 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ctl.set_defaults(func=_no_subcommand, _ctl_parser=ctl,
                      _ctl_config=_config.adopt(ctl, "ctl", prog="deltabkp ctl"))
     cmds = ctl.add_subparsers(dest="ctl_command", metavar="SUBCOMMAND")
-    # A command line runs one subcommand: only its parser gets its ~20 arguments (building
-    # all eleven was a few ms of every command's CPU; ``_Subparsers``).
-    lazy = _Subparsers()
+    # A command line runs one subcommand: only its parser is built, with its ~20 arguments
+    # (building all eleven was ~5 ms of every command's CPU; ``_Subparsers``).
+    lazy = _Subparsers(cmds)
     cmds._name_parser_map = cmds.choices = lazy
     for cmd in COMMANDS:
-        cmds.add_parser(
-            cmd.name, help=cmd.help, description=cmd.description,
-            epilog="examples:\n" + cmd.examples,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        lazy.pending[cmd.name] = functools.partial(_subcommand_arguments, cmd=cmd)
+        lazy.add(cmd)
 
 
 class _Subparsers(dict[str, argparse.ArgumentParser]):
-    """argparse's map of subcommand name → parser, whose parsers get their arguments when
-    first looked up: argparse looks up only the subcommand it parses
-    (``_SubParsersAction._name_parser_map[name]``, also its ``choices``), and ``ctl --help``
-    lists the help strings given to ``add_parser``, so every output stays the same."""
+    """argparse's map of subcommand name → parser, whose parsers are built when first looked
+    up: argparse looks up only the subcommand it parses (``_SubParsersAction.__call__``:
+    ``_name_parser_map[name]``), checks a name with ``in`` and lists the names by iterating
+    (``choices``), and ``ctl --help`` lists the help lines ``add`` records as ``add_parser``
+    does — so every output stays what eagerly built parsers give."""
 
-    def __init__(self) -> None:
+    def __init__(self, action: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         super().__init__()
-        self.pending: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+        self._action = action
+        self._pending: dict[str, Command] = {}  # in COMMANDS order, as argparse lists them
 
-    def __getitem__(self, name: str) -> argparse.ArgumentParser:
-        parser = super().__getitem__(name)
-        fill = self.pending.pop(name, None)
-        if fill is not None:
-            fill(parser)
+    def add(self, cmd: Command) -> None:
+        """``add_parser(cmd.name, help=cmd.help, ...)`` without building the parser yet."""
+        self._action._choices_actions.append(
+            self._action._ChoicesPseudoAction(cmd.name, (), cmd.help)
+        )
+        self._pending[cmd.name] = cmd
+
+    def __missing__(self, name: str) -> argparse.ArgumentParser:
+        cmd = self._pending.pop(name)  # KeyError: no such subcommand, as argparse expects
+        parser = self._action._parser_class(
+            prog=f"{self._action._prog_prefix} {name}", description=cmd.description,
+            epilog="examples:\n" + cmd.examples,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _subcommand_arguments(parser, cmd)
+        self[name] = parser
         return parser
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._pending or super().__contains__(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([c.name for c in COMMANDS if c.name in self])
+
+    def __len__(self) -> int:
+        return len(self._pending) + super().__len__()
 
 
 def _subcommand_arguments(p: argparse.ArgumentParser, cmd: Command) -> None:

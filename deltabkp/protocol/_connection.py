@@ -36,7 +36,7 @@ from deltabkp.errors import (
     RemoteProtocolError,
     RequestRefused,
 )
-from deltabkp.protocol._conversations import Conversation, for_initiator, responder_of
+from deltabkp.protocol._conversations import ControlSession, Conversation
 from deltabkp.protocol._frames import FrameDecoder, encode
 from deltabkp.protocol._messages import (
     MAX_FRAME,
@@ -75,6 +75,31 @@ def handshake_proof(key: bytes, side: str, initiator_nonce: bytes, responder_non
     """HMAC-SHA256 over both nonces; the label keeps one side's proof from serving the other."""
     msg = _LABELS[side] + b"\0" + initiator_nonce + responder_nonce
     return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def _conversation(initiator_role: str) -> type[Conversation] | None:
+    """The conversation class a connection opened by ``initiator_role`` carries.  The server's
+    and the agent's (``_backup``) are built on first use: a ctl never needs them."""
+    if initiator_role == ControlSession.INITIATOR:
+        return ControlSession
+    from deltabkp.protocol._backup import AgentSession, AnnounceSession
+
+    return {c.INITIATOR: c for c in (AgentSession, AnnounceSession)}.get(initiator_role)
+
+
+def for_initiator(initiator_role: str, our_role: str, peer: str = "peer") -> Conversation:
+    """The conversation a connection opened by ``initiator_role`` carries, seen by ``our_role``."""
+    cls = _conversation(initiator_role)
+    if cls is None:
+        raise LocalProtocolError(f"no conversation is opened by a {initiator_role!r}")
+    return cls(our_role, peer)
+
+
+def responder_of(initiator_role: str) -> str:
+    cls = _conversation(initiator_role)
+    if cls is None:
+        raise KeyError(initiator_role)
+    return cls.RESPONDER
 
 
 def proof_matches(expected: bytes, got: bytes) -> bool:

@@ -6,7 +6,8 @@ what we receive (``RemoteProtocolError`` naming the peer's role: its fault).  Se
 that a table cannot express (an ``unchanged`` must name the base we offered, a download must
 match the size and blake3 announced) live in each conversation's ``_check``.
 
-The conversations (docs/formats.md, "Messages after the handshake"):
+The conversations (docs/formats.md, "Messages after the handshake"; the first two, with their
+messages, live in ``_backup``, built on first use):
 
 - ``AgentSession``, server → agent: ``ping → pong``; ``backup → unchanged`` |
   ``need-sig, sig-chunk*, sig-end`` then ``delta-chunk*, backup-done`` | ``unchanged``;
@@ -27,32 +28,20 @@ import blake3
 
 from deltabkp.errors import IntegrityError, LocalProtocolError, RemoteProtocolError
 from deltabkp.protocol._messages import (
-    Ack,
-    Announce,
-    BackupDone,
-    BackupRequest,
-    Cancel,
     DataChunk,
     DataEnd,
-    DeltaChunk,
     Error,
     Message,
-    NeedSignature,
-    Ping,
-    Pong,
     Request,
     Response,
     Rows,
     RowsEnd,
-    SignatureChunk,
-    SignatureEnd,
-    Unchanged,
 )
 
+# ``AgentSession`` and ``AnnounceSession`` live in ``_backup`` with their messages (built on
+# first use: a ctl command never needs them); ``protocol`` exports them all the same.
 __all__ = [
     "Conversation",
-    "AgentSession",
-    "AnnounceSession",
     "ControlSession",
     "CLOSED",
 ]
@@ -117,71 +106,6 @@ def _answerable(
     for s in states:
         for k in kinds:
             table[(s, who, k)] = nxt
-
-
-class AgentSession(Conversation):
-    """Server ↔ agent: pings and backups, any number of them one after another."""
-
-    NAME = "backup"
-    INITIATOR = "server"
-    RESPONDER = "agent"
-    TABLE: ClassVar[dict[_Key, str]] = {
-        ("idle", "server", Ping): "pinged",
-        ("pinged", "agent", Pong): "idle",
-        ("pinged", "agent", Error): "idle",
-        ("idle", "server", BackupRequest): "requested",
-        ("requested", "agent", Unchanged): "idle",
-        ("requested", "agent", NeedSignature): "sending signature",
-        ("requested", "agent", DeltaChunk): "streaming delta",
-        ("requested", "agent", BackupDone): "idle",
-        ("sending signature", "server", SignatureChunk): "sending signature",
-        ("sending signature", "server", SignatureEnd): "awaiting delta",
-        ("awaiting delta", "agent", DeltaChunk): "streaming delta",
-        ("awaiting delta", "agent", BackupDone): "idle",
-        ("awaiting delta", "agent", Unchanged): "idle",
-        ("streaming delta", "agent", DeltaChunk): "streaming delta",
-        ("streaming delta", "agent", BackupDone): "idle",
-        # The agent hangs up on a server it cannot serve (too many sessions).
-        ("idle", "agent", Error): CLOSED,
-    }
-    _BUSY = ("requested", "sending signature", "awaiting delta", "streaming delta")
-    _answerable(TABLE, _BUSY, "agent", (Error,), "idle")
-    _answerable(TABLE, ("idle", *_BUSY), "server", (Cancel, Error), CLOSED)
-
-    def __init__(self, our_role: str, peer: str = "peer") -> None:
-        super().__init__(our_role, peer)
-        self.node = peer
-        self.base_hash: bytes | None = None
-
-    def _check(self, sender: str, msg: Message, nxt: str) -> str:
-        if isinstance(msg, BackupRequest):
-            self.path, self.base_hash = msg.path, msg.base_hash
-        elif isinstance(msg, Ping):
-            self.path = msg.path
-        elif isinstance(msg, Unchanged):
-            if self.base_hash is None or msg.archive_hash != self.base_hash:
-                offered = "no base" if self.base_hash is None else "another base hash"
-                self._fault(sender, f"answered unchanged for {self.path} but the server offered {offered}")
-        elif isinstance(msg, NeedSignature) and self.base_hash is None:
-            self._fault(sender, f"asked for the signature of {self.path} but no base was offered")
-        return nxt
-
-
-class AnnounceSession(Conversation):
-    """Agent → server: "I am up" (pending retries of this node run now), and pings."""
-
-    NAME = "announce"
-    INITIATOR = "agent"
-    RESPONDER = "server"
-    TABLE: ClassVar[dict[_Key, str]] = {
-        ("idle", "agent", Announce): "announced",
-        ("announced", "server", Ack): "idle",
-        ("announced", "server", Error): "idle",
-        ("idle", "agent", Ping): "pinged",
-        ("pinged", "server", Pong): "idle",
-        ("pinged", "server", Error): "idle",
-        ("idle", "server", Error): CLOSED,
-    }
 
 
 class ControlSession(Conversation):
@@ -287,20 +211,3 @@ class ControlSession(Conversation):
             self._fault(sender, f"archive {self.meta.get('seq')} arrived with blake3 "
                         f"{self._hasher.hexdigest()[:16]}, but the server announced "
                         f"{self.expected_hash.hex()[:16]}", integrity=True)
-
-
-_BY_INITIATOR: dict[str, type[Conversation]] = {
-    c.INITIATOR: c for c in (AgentSession, AnnounceSession, ControlSession)
-}
-
-
-def for_initiator(initiator_role: str, our_role: str, peer: str = "peer") -> Conversation:
-    """The conversation a connection opened by ``initiator_role`` carries."""
-    cls = _BY_INITIATOR.get(initiator_role)
-    if cls is None:
-        raise LocalProtocolError(f"no conversation is opened by a {initiator_role!r}")
-    return cls(our_role, peer)
-
-
-def responder_of(initiator_role: str) -> str:
-    return _BY_INITIATOR[initiator_role].RESPONDER

@@ -8,6 +8,7 @@ bytes arrive, before any payload is buffered; anything malformed is a ``RemotePr
 from __future__ import annotations
 
 import struct
+import sys
 
 import attrs
 import msgpack
@@ -50,6 +51,17 @@ def encode(msg: Message) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
+def message_class(tag: str) -> type[Message] | None:
+    """The class of wire type ``tag`` (None: no such message), building the backup side's
+    messages first if ``tag`` may be one of them (``_backup``: a ctl never needs them)."""
+    cls = REGISTRY.get(tag)
+    if cls is None and "deltabkp.protocol._backup" not in sys.modules:
+        import deltabkp.protocol._backup  # noqa: F401  (registers its messages)
+
+        cls = REGISTRY.get(tag)
+    return cls
+
+
 def decode_payload(payload: bytes) -> Message:
     """Parse and validate one frame's payload; anything wrong is a ``RemoteProtocolError``."""
     try:
@@ -65,7 +77,7 @@ def decode_payload(payload: bytes) -> Message:
     if not isinstance(obj, dict):
         raise RemoteProtocolError("malformed frame: payload is not a map")
     tag = obj.pop("t", None)
-    cls = REGISTRY.get(tag) if isinstance(tag, str) else None
+    cls = message_class(tag) if isinstance(tag, str) else None
     if cls is None:
         raise RemoteProtocolError(f"unknown message type {tag!r}")
     if cls is Hello:

@@ -26,18 +26,6 @@ __all__ = [
     "Auth",
     "Welcome",
     "Error",
-    "Ping",
-    "Pong",
-    "BackupRequest",
-    "Unchanged",
-    "NeedSignature",
-    "SignatureChunk",
-    "SignatureEnd",
-    "DeltaChunk",
-    "BackupDone",
-    "Cancel",
-    "Announce",
-    "Ack",
     "Request",
     "Response",
     "DataChunk",
@@ -59,6 +47,8 @@ ROLES = ("server", "ctl", "agent")
 #: far under ``MAX_FRAME``, so one long row — a long error text — still fits beside others).
 ROWS_BUDGET = 128 * 1024
 
+#: Wire type tag → message class.  The backup side's classes (``_backup``) join it when that
+#: module is first imported: look tags up with ``_frames.message_class``.
 REGISTRY: dict[str, type[Message]] = {}
 
 M = TypeVar("M", bound="type[Message]")
@@ -79,6 +69,7 @@ class Message:
     """Base of every wire message; ``TYPE`` is the tag stored under key ``"t"``."""
 
     TYPE: ClassVar[str] = ""
+
 
 
 _str = attrs.validators.instance_of(str)
@@ -204,120 +195,6 @@ class Error(Message):
 
     code: str = attrs.field(validator=_str)
     message: str = attrs.field(validator=_str)
-
-
-@_message("ping")
-@attrs.frozen
-class Ping(Message):
-    """Liveness probe; with ``path``, also ask an agent whether it would serve that path."""
-
-    path: str | None = attrs.field(default=None, validator=attrs.validators.optional(_str))
-
-
-@_message("pong")
-@attrs.frozen
-class Pong(Message):
-    """Answer to ``Ping``."""
-
-    info: dict[str, Any] = attrs.field(factory=dict, validator=[_dict, _plain])
-
-
-# --- one backup (server -> agent) -----------------------------------------------------------
-
-
-@_message("backup")
-@attrs.frozen
-class BackupRequest(Message):
-    """Back up ``path``; ``base_hash`` is the blake3 of the server's newest archive, if any."""
-
-    path: str = attrs.field(validator=_str)
-    base_hash: bytes | None = attrs.field(default=None, validator=_opt_bytes)
-    exclude: tuple[str, ...] = attrs.field(default=(), converter=_to_tuple, validator=_str_tuple)
-    #: The target's bandwidth cap, bytes/s (``ctl register --bwlimit``): the agent sends no
-    #: faster than the lower of this and its own ``--bwlimit``.  Left out of the frame when
-    #: None, so an agent that predates it still parses every uncapped request.
-    bwlimit: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional([_int, _positive]),
-        metadata={OMIT_DEFAULT: True},
-    )
-    #: Delta forms the server takes besides the rolling one (``archive.LAYOUT_CAPABILITY``);
-    #: offered only to an agent that advertised the same string in its ``welcome``.
-    accepts: tuple[str, ...] = attrs.field(
-        default=(), converter=_to_tuple, validator=_str_tuple, metadata={OMIT_DEFAULT: True},
-    )
-
-
-@_message("unchanged")
-@attrs.frozen
-class Unchanged(Message):
-    """Nothing changed since ``archive_hash``; ``reason`` is "fingerprint" or "hash"."""
-
-    archive_hash: bytes = attrs.field(validator=_bytes)
-    reason: str = attrs.field(validator=_str)
-
-
-@_message("need-sig")
-@attrs.frozen
-class NeedSignature(Message):
-    """The agent has no cached signature for the base: send it."""
-
-
-@_message("sig-chunk")
-@attrs.frozen
-class SignatureChunk(Message):
-    data: bytes = attrs.field(validator=_bytes)
-
-
-@_message("sig-end")
-@attrs.frozen
-class SignatureEnd(Message):
-    pass
-
-
-@_message("delta-chunk")
-@attrs.frozen
-class DeltaChunk(Message):
-    data: bytes = attrs.field(validator=_bytes)
-
-
-@_message("backup-done")
-@attrs.frozen
-class BackupDone(Message):
-    """End of the delta stream: what the new archive is and what the build saw."""
-
-    archive_hash: bytes = attrs.field(validator=_bytes)
-    archive_size: int = attrs.field(validator=[_int, _nonneg])
-    files: int = attrs.field(validator=[_int, _nonneg])
-    changed: tuple[tuple[str, ...], ...] = attrs.field(
-        default=(), converter=_to_pairs, validator=_pair_tuple
-    )
-    skipped: tuple[tuple[str, ...], ...] = attrs.field(
-        default=(), converter=_to_pairs, validator=_pair_tuple
-    )
-
-
-@_message("cancel")
-@attrs.frozen
-class Cancel(Message):
-    """The sender abandons the exchange; the peer stops work and closes."""
-
-
-# --- agent -> server ------------------------------------------------------------------------
-
-
-@_message("announce")
-@attrs.frozen
-class Announce(Message):
-    """An agent that (re)started says where it listens, so pending retries can run now."""
-
-    host: str = attrs.field(validator=_str)
-    port: int = attrs.field(validator=[_int, _port])
-
-
-@_message("ack")
-@attrs.frozen
-class Ack(Message):
-    pass
 
 
 # --- control (ctl -> server) ----------------------------------------------------------------
