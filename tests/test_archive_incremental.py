@@ -3,10 +3,12 @@ sequences, reused files not opened, hot safety, fallbacks; the index format; CRC
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import shutil
 import struct
+import tarfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -696,3 +698,169 @@ def test_sink_thread_ends_when_the_consumer_stops(tmp_path: Path) -> None:
     assert not [t for t in threading.enumerate() if t.name.startswith("deltabkp-archive-out")]
     sunk = b"".join(got)
     assert full.startswith(sunk) and len(sunk) < len(full)
+
+
+# -- changed files: their unchanged stretches --------------------------------------------------
+
+
+BIG_EDITS = ["inplace", "inplace", "append", "truncate", "middle", "head", "rewrite", "touch"]
+
+
+def big_edit(p: Path, rng: random.Random, what: str) -> None:
+    """An edit of a big file: in place (same size, same mtime: only ctime moves), appended,
+    truncated, a size-changing edit in its middle, an edit of its first bytes, a rewrite."""
+    d = bytearray(p.read_bytes())
+    st_ = p.stat()
+    if what in ("inplace", "head"):
+        at = rng.randrange(min(len(d), 600)) if what == "head" else rng.randrange(len(d))
+        n = rng.randrange(1, 300)
+        d[at : at + n] = rng.randbytes(len(d[at : at + n]))
+        p.write_bytes(bytes(d))
+        os.utime(p, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+    elif what == "append":
+        with open(p, "ab") as f:
+            f.write(text(rng, rng.randrange(1, 70_000)))
+    elif what == "truncate":
+        os.truncate(p, rng.randrange(len(d) // 2, len(d) + 1))
+    elif what == "middle":
+        at = rng.randrange(len(d))
+        p.write_bytes(bytes(d[:at]) + text(rng, rng.randrange(1, 100)) + bytes(d[at:]))
+    elif what == "rewrite":
+        p.write_bytes(text(rng, len(d)))
+    elif what == "touch":
+        os.utime(p, ns=(0, rng.randrange(10**18)))
+
+
+def big_tree(root: Path, rng: random.Random, bigs: int) -> list[Path]:
+    """Small files around ``bigs`` files of 150-400 KB (text and random bytes mixed)."""
+    root.mkdir()
+    big = []
+    for i in range(bigs):
+        for k in range(3):
+            (root / f"f{i}{k}").write_bytes(text(rng, 30_000))
+        p = root / f"g{i}"
+        n = rng.randrange(150_000, 400_000)
+        p.write_bytes(rng.randbytes(n // 3) + text(rng, n - n // 3))
+        big.append(p)
+    (root / "z").write_bytes(text(rng, 50_000))
+    return big
+
+
+@settings(max_examples=max(6, settings().max_examples // 16))
+@given(
+    seed=st.integers(0, 2**32),
+    generations=st.lists(st.lists(st.sampled_from(BIG_EDITS), min_size=1, max_size=3),
+                         min_size=1, max_size=3),
+    threads=st.sampled_from([0, 2]),
+)
+def test_changed_big_files_equal_fresh(
+    tmp_path_factory: pytest.TempPathFactory, seed: int, generations: list[list[str]],
+    threads: int,
+) -> None:
+    """Edits inside big files (their unchanged stretches reused: ``_splice_changed``):
+    each generation is byte-identical to a fresh build."""
+    base = tmp_path_factory.mktemp("big")
+    rng = random.Random(seed)
+    root = base / "tree"
+    bigs = big_tree(root, rng, 2)
+    settle()
+    gen = Generations(root, base / "prev.tgz", threads)
+    gen.build()
+    for edits in generations:
+        for what in edits:
+            big_edit(rng.choice(bigs), rng, what)
+        settle()
+        assert gen.build() == fresh(root)
+    shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("what", ["inplace", "append", "truncate"])
+def test_changed_file_reuses_its_unchanged_stretches(tmp_path: Path, what: str) -> None:
+    """A 64-byte overwrite in the middle of a 1 MB file (the benchmark's change), an append,
+    a truncation: the file is read, but only what is around the change is compressed."""
+    rng = random.Random(11)
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(4):
+        (root / f"a{i}").write_bytes(text(rng, 30_000))
+    big = root / "big"
+    big.write_bytes(rng.randbytes(300_000) + text(rng, 700_000))
+    (root / "z").write_bytes(text(rng, 30_000))
+    settle()
+    gen = Generations(root, tmp_path / "prev.tgz")
+    gen.build()
+    d = bytearray(big.read_bytes())
+    st_ = big.stat()
+    if what == "inplace":
+        d[500_000 : 500_064] = rng.randbytes(64)
+        big.write_bytes(bytes(d))
+        os.utime(big, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+    elif what == "append":
+        with open(big, "ab") as f:
+            f.write(text(rng, 3000))
+    else:
+        os.truncate(big, 800_000)
+    settle()
+    assert gen.build() == fresh(root)
+    assert gen.builder is not None
+    s = gen.builder.stats
+    assert s.bytes_matched > 700_000
+    assert s.bytes_compressed < 400_000
+
+
+class RaceRead:
+    """Wraps ``_build._read_small``: after each read of ``target`` (up to ``times``), writes
+    64 bytes into its middle (same size, same mtime) — an edit racing the read; remembers
+    what the last read of it returned."""
+
+    def __init__(self, target: Path, times: int) -> None:
+        self.target, self.times, self.last = target, times, b""
+        self.ino = target.stat().st_ino
+        self.real = _build._read_small
+
+    def __call__(self, fd: int, size: int) -> tuple[bytes, bool]:
+        got = self.real(fd, size)
+        if os.fstat(fd).st_ino == self.ino:
+            self.last = got[0]
+            if self.times > 0:
+                self.times -= 1
+                st_ = self.target.stat()
+                with open(self.target, "r+b") as f:
+                    f.seek(st_.st_size // 2 + 17 * self.times)
+                    f.write(os.urandom(64))
+                os.utime(self.target, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+        return got
+
+
+@pytest.mark.parametrize("times", [1, 100])
+def test_changed_file_edited_while_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, times: int
+) -> None:
+    """An edit racing the read of a changed file: once (the re-read is stored: a fresh
+    build of the state after it), or at every read (stored as last read, reported as
+    changed while read): either way the archive holds exactly the bytes that were read,
+    whatever of them is copied from the previous archive."""
+    rng = random.Random(13)
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(4):
+        (root / f"a{i}").write_bytes(text(rng, 30_000))
+    big = root / "big"
+    big.write_bytes(text(rng, 900_000))
+    settle()
+    gen = Generations(root, tmp_path / "prev.tgz")
+    gen.build()
+    big_edit(big, rng, "inplace")
+    settle()
+    race = RaceRead(big, times)
+    monkeypatch.setattr(_build, "_read_small", race)
+    data = gen.build()
+    monkeypatch.undo()
+    assert gen.builder is not None and gen.builder.stats.bytes_matched > 0
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tf:
+        f = tf.extractfile("big")
+        assert f is not None and f.read() == race.last
+    if times == 1:
+        assert data == fresh(root)
+    settle()
+    assert gen.build() == fresh(root)
