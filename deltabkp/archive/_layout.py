@@ -45,7 +45,7 @@ What is left: ~40 % inflating old tar (the 1 MiB seek spacing sets it: 256 KiB s
 saves ~1/6 more), ~15 % the literal stream at level 9 (part of the format's bytes).
 
 Invariants:
-- pure (bytes and buffers in, bytes out; no I/O), deterministic.  The receiver compresses
+- pure (bytes and buffers in, bytes out; no I/O), deterministic.  The receiver may compress
   RUN records in worker threads (``LayoutPatcher(threads=...)``): a run's output depends
   only on its tar and window, so the bytes, their order and the errors are the one-by-one
   path's; the threads end with the delta's END, an error or ``close`` (or with the
@@ -871,7 +871,10 @@ class LayoutPatcher:
     point before each reference instead of from the start; the same output).
 
     ``threads``: RUN records are compressed by that many worker threads while the calling
-    thread rebuilds the next records' tar (1: all in the calling thread).  A run's output
+    thread rebuilds the next records' tar (1, the default: all in the calling thread —
+    measured on ``bench_system.sh``, daemons sharing 2 cores, 4 runs each, alternating:
+    2 threads cost ~40 ms more CPU per apply for no shorter wall, the agent's encode
+    feeding the apply being the pace; a server with cores to spare may pass more).  A run's output
     depends only on its own tar bytes and window (the previous run's *tar* tail, known
     before it compresses), so runs are independent; pieces still come out in the records'
     order, the same bytes, the same errors after the same pieces (fewer before a truncated
@@ -884,7 +887,7 @@ class LayoutPatcher:
 
     def __init__(
         self, base: Any, *, base_hash: bytes | None = None, max_size: int | None = None,
-        seek: SeekPoints | None = None, threads: int = 2,
+        seek: SeekPoints | None = None, threads: int = 1,
     ) -> None:
         self._base = memoryview(base)
         self._want_base_hash = base_hash
