@@ -279,3 +279,5 @@ async def sign(
     except DeltabkpError as exc:
         log.warning("%s: archive %s not signed now (its first reader will): %s",
                     target.name, seq, exc)
+    except Exception:  # noqa: BLE001 - a bug here must not undo "stored" nor skip retention
+        log.exception("%s: archive %s not signed now (its first reader will)", target.name, seq)

@@ -13,6 +13,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import blake3
@@ -864,3 +865,44 @@ def test_changed_file_edited_while_read(
         assert data == fresh(root)
     settle()
     assert gen.build() == fresh(root)
+
+
+def test_changed_file_grown_past_the_memory_limit_since_the_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A changed file the walk saw under ``mem_limit`` that grew past it before its read is
+    not compared in memory (``_splice_changed`` reads it whole): it goes the ordinary way
+    (spooled), nothing matched, and the archive is still right."""
+    rng = random.Random(21)
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(4):
+        (root / f"a{i}").write_bytes(text(rng, 30_000))
+    big = root / "big"
+    big.write_bytes(text(rng, 150_000))
+    settle()
+
+    class Small(IncrementalBuilder):  # mem_limit as small as it goes (1 MiB: ``_READ``)
+        def __init__(self, *a: Any, **k: Any) -> None:
+            super().__init__(*a, mem_limit=200_000, **k)
+
+    gen = Generations(root, tmp_path / "prev.tgz")
+    gen.build(Small)
+    big_edit(big, rng, "inplace")
+    settle()
+    real_open = os.open
+    grown: list[bool] = []
+
+    def grow(path: Any, flags: int, *a: Any, **k: Any) -> int:
+        if path == "big" and not grown:
+            grown.append(True)
+            with open(big, "ab") as f:
+                f.write(text(rng, 3_000_000))  # past mem_limit (≥ 1 MiB) + _ENTRY_SLACK
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", grow)
+    gen.build(Small)
+    monkeypatch.undo()
+    assert grown and gen.builder is not None and gen.builder.stats.bytes_matched == 0
+    settle()
+    assert gen.build(Small) == fresh(root)

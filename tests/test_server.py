@@ -96,11 +96,13 @@ async def _files_become(srv: Server, want: list[str]) -> list[str]:
 async def _register(srv: Server, agent: ScriptedAgent, path: str = "/srv/app", every: str = "1h") -> dict[str, Any]:
     out = await ctl(srv.address, "register", node=agent.address, path=path, every=every)
     # Registration makes the target due at once: wait for that first execution to finish so
-    # that each test starts from a known state.
+    # that each test starts from a known state — its row closes at the archive's commit, the
+    # target leaves "running" once the signature and retention that follow are done too.
     with trio.fail_after(30):
         while not await ctl(srv.address, "log", node=agent.address, path=path) or any(
             e["outcome"] is None for e in await ctl(srv.address, "log", node=agent.address, path=path)
-        ):
+        ) or any(t["state"] == "running" for t in await ctl(srv.address, "targets")
+                 if t["node"] == agent.address and t["path"] == path):
             await trio.sleep(0.02)
     return out
 

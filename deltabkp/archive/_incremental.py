@@ -120,6 +120,7 @@ from __future__ import annotations
 
 import array
 import collections
+import itertools
 import os
 import stat
 import struct
@@ -1138,6 +1139,8 @@ class _Beside(Generic[_T]):
 _MATCH_MIN = DICT_SIZE + MAX_SEGMENT
 #: Granularity of the compare of a changed file's bytes with its old ones (a multiple of 8).
 _MATCH_BLOCK = 4096
+#: Header bytes (with PAX records) and padding beyond a file's data in its tar entry, at most.
+_ENTRY_SLACK = 1 << 20
 _INFLATE_ERRORS = (zlib.error, cast("type[Exception]", isal_zlib.error), ArchiveError)
 
 
@@ -1212,6 +1215,7 @@ def _padded(n: int) -> int:
 
 def _splice_changed(
     sp: _Splicer, old: _Old, item: _Item, run: _Run | None, total: int, entries: EntryTable,
+    mem_limit: int,
 ) -> Generator[bytes, None, tuple[_Run | None, int] | None]:
     """Splice a changed file whose old entry (``item.prior``) directly follows the run in
     sync that ends here, reusing the stretches of it that are unchanged at the same in-file
@@ -1230,11 +1234,22 @@ def _splice_changed(
     if run is None or run.sync is None or run.old_end != o_start:
         return None
     delta = run.old_start - run.new_start
+    # Read whole: the walk saw it ≤ ``mem_limit`` (``_changed_prior``).  One that grew past
+    # it since goes the ordinary way (spooled or streamed), the pieces read so far first.
+    head: list[bytes] = []
+    n = 0
+    rest = item.pieces
+    for piece in rest:
+        head.append(piece)
+        n += len(piece)
+        if n > mem_limit + _ENTRY_SLACK:
+            item.pieces = itertools.chain(head, rest)
+            return None
     sp.copy_run(run)
     # ``copy_run`` resumed compressing at the run's last old cut, this window before it.
     cut, window = sp.buf_at + delta, sp.window
     start = total
-    new = b"".join(item.pieces)  # ≤ mem_limit (``_changed_prior``): read whole anyway
+    new = b"".join(head)
     r = item.record
     stretches: list[tuple[int, int]] = []
     old_size = old.index.entries.raw(item.prior)[9]
@@ -1660,7 +1675,8 @@ class IncrementalBuilder(TgzBuilder):
             if item.verify and old is not None:
                 self._verify(item, old)
             if item.old < 0 and item.prior >= 0 and old is not None:
-                done = yield from _splice_changed(sp, old, item, run, total, entries)
+                done = yield from _splice_changed(sp, old, item, run, total, entries,
+                                                  self.mem_limit)
                 if done is not None:
                     run, total = done
                     continue

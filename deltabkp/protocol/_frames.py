@@ -8,7 +8,6 @@ bytes arrive, before any payload is buffered; anything malformed is a ``RemotePr
 from __future__ import annotations
 
 import struct
-import sys
 
 import attrs
 import msgpack
@@ -55,7 +54,9 @@ def message_class(tag: str) -> type[Message] | None:
     """The class of wire type ``tag`` (None: no such message), building the backup side's
     messages first if ``tag`` may be one of them (``_backup``: a ctl never needs them)."""
     cls = REGISTRY.get(tag)
-    if cls is None and "deltabkp.protocol._backup" not in sys.modules:
+    if cls is None:
+        # Not a look at sys.modules: a module is there from the start of its import, so a
+        # thread would see it half-built; the import statement waits for the other thread.
         import deltabkp.protocol._backup  # noqa: F401  (registers its messages)
 
         cls = REGISTRY.get(tag)
