@@ -11,7 +11,7 @@ import struct
 import tarfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -707,6 +707,18 @@ def test_sink_thread_ends_when_the_consumer_stops(tmp_path: Path) -> None:
 BIG_EDITS = ["inplace", "inplace", "append", "truncate", "middle", "head", "rewrite", "touch"]
 
 
+def tree_with_big(
+    tmp_path: Path, rng: random.Random, big: Callable[[random.Random], bytes]
+) -> tuple[Path, Path]:
+    """A tree of four 30 KB text files and ``big`` (a changed file's stretches to reuse)."""
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(4):
+        (root / f"a{i}").write_bytes(text(rng, 30_000))
+    (root / "big").write_bytes(big(rng))
+    return root, root / "big"
+
+
 def big_edit(p: Path, rng: random.Random, what: str) -> None:
     """An edit of a big file: in place (same size, same mtime: only ctime moves), appended,
     truncated, a size-changing edit in its middle, an edit of its first bytes, a rewrite."""
@@ -780,12 +792,7 @@ def test_changed_file_reuses_its_unchanged_stretches(tmp_path: Path, what: str) 
     """A 64-byte overwrite in the middle of a 1 MB file (the benchmark's change), an append,
     a truncation: the file is read, but only what is around the change is compressed."""
     rng = random.Random(11)
-    root = tmp_path / "tree"
-    root.mkdir()
-    for i in range(4):
-        (root / f"a{i}").write_bytes(text(rng, 30_000))
-    big = root / "big"
-    big.write_bytes(rng.randbytes(300_000) + text(rng, 700_000))
+    root, big = tree_with_big(tmp_path, rng, lambda r: r.randbytes(300_000) + text(r, 700_000))
     (root / "z").write_bytes(text(rng, 30_000))
     settle()
     gen = Generations(root, tmp_path / "prev.tgz")
@@ -842,12 +849,7 @@ def test_changed_file_edited_while_read(
     changed while read): either way the archive holds exactly the bytes that were read,
     whatever of them is copied from the previous archive."""
     rng = random.Random(13)
-    root = tmp_path / "tree"
-    root.mkdir()
-    for i in range(4):
-        (root / f"a{i}").write_bytes(text(rng, 30_000))
-    big = root / "big"
-    big.write_bytes(text(rng, 900_000))
+    root, big = tree_with_big(tmp_path, rng, lambda r: text(r, 900_000))
     settle()
     gen = Generations(root, tmp_path / "prev.tgz")
     gen.build()
@@ -874,12 +876,7 @@ def test_changed_file_grown_past_the_memory_limit_since_the_walk(
     not compared in memory (``_splice_changed`` reads it whole): it goes the ordinary way
     (spooled), nothing matched, and the archive is still right."""
     rng = random.Random(21)
-    root = tmp_path / "tree"
-    root.mkdir()
-    for i in range(4):
-        (root / f"a{i}").write_bytes(text(rng, 30_000))
-    big = root / "big"
-    big.write_bytes(text(rng, 150_000))
+    root, big = tree_with_big(tmp_path, rng, lambda r: text(r, 150_000))
     settle()
 
     class Small(IncrementalBuilder):  # mem_limit as small as it goes (1 MiB: ``_READ``)
