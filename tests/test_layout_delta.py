@@ -95,6 +95,22 @@ def _build(root: Path, out: Path, prev: IncrementalBuilder | None, prev_path: Pa
     return b
 
 
+def _edited_pair(
+    w: Path, rng: random.Random, files: int, edits: list[tuple[str, int]]
+) -> tuple[IncrementalBuilder, IncrementalBuilder, bytes, bytes]:
+    """A tree of ``files`` built (``w/a.tgz``), edited, built again from it (``w/b.tgz``):
+    both builders and both archives' bytes."""
+    root = w / "tree"
+    _make_tree(root, rng, files)
+    _settle(root)
+    a = _build(root, w / "a.tgz", None, None)
+    for kind, n in edits:
+        _edit(root, rng, kind, n)
+    _settle(root)
+    b = _build(root, w / "b.tgz", a, w / "a.tgz")
+    return a, b, (w / "a.tgz").read_bytes(), (w / "b.tgz").read_bytes()
+
+
 def _patch(old: bytes, delta: bytes, old_hash: bytes, step: int | None = None) -> bytes:
     p = LayoutPatcher(old, base_hash=old_hash, max_size=1 << 30)
     out = []

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_layout_delta import EDITS, _build, _edit, _make_tree, _settle
+from test_layout_delta import EDITS, _build, _edited_pair, _make_tree, _settle
 
 from deltabkp.archive import LayoutPatcher, _layout, encode_layout
 from deltabkp.archive._gzip import compress_segments
@@ -104,16 +104,7 @@ def test_threads_give_the_serial_pieces_on_random_edits(
 ) -> None:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as d:
-        w = Path(d)
-        root = w / "tree"
-        _make_tree(root, rng, 40)
-        _settle(root)
-        a = _build(root, w / "a.tgz", None, None)
-        for kind, n in edits:
-            _edit(root, rng, kind, n)
-        _settle(root)
-        b = _build(root, w / "b.tgz", a, w / "a.tgz")
-        old, new = (w / "a.tgz").read_bytes(), (w / "b.tgz").read_bytes()
+        a, b, old, new = _edited_pair(Path(d), rng, 40, edits)
         delta = b"".join(encode_layout(a.index, old, b.index, new))
     serial = _run(old, a.index.archive_hash, delta, 1, step)
     assert serial[1] is None and b"".join(serial[0]) == new

@@ -23,7 +23,7 @@ from helpers_proc import Cluster, cluster, wait_for  # noqa: F401
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_agent_cache import build_kept, make_tree
-from test_layout_delta import EDITS, _build, _edit, _make_tree, _settle, _text
+from test_layout_delta import EDITS, _build, _edit, _edited_pair, _make_tree, _settle, _text
 
 import deltabkp.archive._layout as layout
 import deltabkp.archive._seek as seekmod
@@ -148,16 +148,7 @@ def test_layout_delta_is_the_same_with_seek_points(
 ) -> None:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as d:
-        w = Path(d)
-        root = w / "tree"
-        _make_tree(root, rng, 30)
-        _settle(root)
-        a = _build(root, w / "a.tgz", None, None)
-        for kind, n in edits:
-            _edit(root, rng, kind, n)
-        _settle(root)
-        b = _build(root, w / "b.tgz", a, w / "a.tgz")
-        old, new = (w / "a.tgz").read_bytes(), (w / "b.tgz").read_bytes()
+        a, b, old, new = _edited_pair(Path(d), rng, 30, edits)
     seek = SeekPoints.build(old, a.index.archive_hash, index=a.index, spacing=4096)
     plain = b"".join(encode_layout(a.index, old, b.index, new))
     assert b"".join(encode_layout(a.index, old, b.index, new, seek=seek)) == plain
