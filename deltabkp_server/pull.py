@@ -101,25 +101,32 @@ async def pull(
 async def _kept_alive(chan: net.Channel, read_signature: Callable[[], Awaitable[bytes]]) -> bytes:
     """``read_signature()``, an empty ``sig-chunk`` to the agent every ``SIG_KEEPALIVE_S``
     while it runs: a base a crash left unsigned is signed now, and a multi-GB one takes
-    longer than the agent waits for a chunk (60 s).  Only this task sends."""
+    longer than the agent waits for a chunk (60 s).  Only this task sends; errors are
+    raised as they are (an ``IntegrityError`` makes the executor retry as a full
+    transfer), not as a nursery's group."""
     got: list[bytes] = []
+    failed: list[Exception] = []
     done = trio.Event()
 
     async def read() -> None:
-        got.append(await read_signature())
+        try:
+            got.append(await read_signature())
+        except Exception as exc:  # noqa: BLE001 - raised below, outside the nursery
+            failed.append(exc)
         done.set()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(read)
-        while True:
-            with trio.move_on_after(SIG_KEEPALIVE_S):
-                await done.wait()
-            if done.is_set():
-                break
-            # Shielded: a failing ``read`` cancels this nursery, and a frame cut midway
-            # would break the stream (the send has its own deadline).
-            with trio.CancelScope(shield=True):
-                await chan.send(protocol.SignatureChunk(b""))
+        try:
+            while not done.is_set():
+                with trio.move_on_after(SIG_KEEPALIVE_S):
+                    await done.wait()
+                if not done.is_set():
+                    await chan.send(protocol.SignatureChunk(b""))
+        except Exception as exc:  # noqa: BLE001 - the agent gone: raised after the signing
+            failed.append(exc)
+    if failed:
+        raise failed[0]
     return got[0]
 
 

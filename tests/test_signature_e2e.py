@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import blake3
+import pytest
 import trio
 import trio.testing
 from helpers_net import channel_pair
@@ -26,6 +27,7 @@ from helpers_proc import Cluster, cluster, wait_for  # noqa: F401
 
 import deltabkp
 from deltabkp import protocol
+from deltabkp.errors import IntegrityError
 from deltabkp.archive import TgzBuilder
 from deltabkp_agent import backup as agent_backup
 from deltabkp_server import pull as pull_mod
@@ -149,3 +151,31 @@ async def test_the_agent_waits_out_a_base_signed_inside_the_pull(
         assert got == sig and trio.current_time() - start == signing
         await agent.send(protocol.Unchanged(base_hash, "hash"))
     assert pulled == [pull_mod.Unchanged("hash")]
+
+
+async def test_a_base_that_cannot_be_signed_inside_the_pull_is_an_integrity_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The base proves unreadable while the agent is kept waiting: ``pull`` raises the
+    ``IntegrityError`` itself (the executor retries it as a full transfer), not a group."""
+    server, agent = await channel_pair(b"k" * 32)
+
+    async def read_signature() -> bytes:
+        await trio.sleep(2 * pull_mod.SIG_KEEPALIVE_S)  # a keep-alive went out first
+        raise IntegrityError("base archive 1 is unreadable (test)")
+
+    class Sink:
+        async def feed(self, data: bytes) -> None:
+            raise AssertionError("no delta in this exchange")
+
+    async def agent_side() -> None:
+        await agent.receive_a(protocol.BackupRequest)
+        await agent.send(protocol.NeedSignature())
+        got = await agent.receive_a(protocol.SignatureChunk, agent_backup.SIG_CHUNK_TIMEOUT)
+        assert got == protocol.SignatureChunk(b"")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(agent_side)
+        with pytest.raises(IntegrityError, match="unreadable"):
+            await pull_mod.pull(server, "/srv/app", b"h" * 32, idle=600,
+                                read_signature=read_signature, sink=Sink())
