@@ -288,19 +288,26 @@ class AsyncCatalog:
         (and holds nothing) if the lease stayed taken for ``wait`` seconds.  Renewed every
         ``ttl``/3; once lost (ours ran out and another server claimed the target) the body is
         cancelled, as the scheduler stops an execution, and the block ends early (``what``
-        names the work in the log).  Dropped at the end, shielded."""
+        names the work in the log).  Dropped at the end, shielded.  The body's error leaves
+        as it is (not as the renewing nursery's exception group)."""
         if not await self._take_lease(server_id, target_id, ttl, clock, wait):
             yield False
             return
+        failed: list[Exception] = []
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._renew_lease, server_id, target_id, ttl, clock, what,
                                    nursery.cancel_scope)
-                yield True
+                try:
+                    yield True
+                except Exception as exc:  # noqa: BLE001 - raised below: itself, not a group
+                    failed.append(exc)
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 await self.call(lambda c: c.drop_lease(server_id, target_id))
+        if failed:
+            raise failed[0]
 
     async def _take_lease(
         self, sid: str, tid: int, ttl: float, clock: Callable[[], float], wait: float
