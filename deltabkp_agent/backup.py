@@ -633,11 +633,13 @@ def _build(
 
 def _log_build(root: str, builder: Any) -> None:
     stats = builder.stats
+    how = "incremental" if not stats.previous else f"full build; previous build: {stats.previous}"
+    if stats.old_failed:  # the kept archive failed under a changed file: it may be going bad
+        how += f"; a changed file compressed anew: {stats.old_failed}"
     log.info(
         "archive of %s: %d of %d entries reused, %d files read (%s); %.1f MB of tar "
         "compressed, %.1f MB of deflate copied", root, stats.entries_reused,
-        len(builder.index.entries), stats.files_opened,
-        "incremental" if not stats.previous else f"full build; previous build: {stats.previous}",
+        len(builder.index.entries), stats.files_opened, how,
         stats.bytes_compressed / 1e6, stats.bytes_copied / 1e6,
     )
 

@@ -39,6 +39,7 @@ from deltabkp.errors import (
     PeerUnavailable,
     RequestRefused,
 )
+from deltabkp_server._crash import crash_point
 from deltabkp_server.catalog import AsyncCatalog
 from deltabkp_server.config import ExecutionSettings
 from deltabkp_server.ingest import Ingest, sign
@@ -179,7 +180,9 @@ class Executor:
                 record = got
                 stored = True
                 # The new archive's signature, made now that the answer is out (ingest.sign):
-                # before the conversion below, which reads it.
+                # before the conversion below, which reads it.  A crash here leaves it
+                # unsigned: start-up signs it (``Server.reconcile``).
+                crash_point("archive-committed")
                 await sign(self.catalog, self.store, target, record.archive_seq,
                            limiter=self.files)
                 try:

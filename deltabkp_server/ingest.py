@@ -9,8 +9,9 @@ Invariants:
 - the new archive's rolling signature is no part of the backup's answer: ``sign`` makes it
   from the committed archive after the catalog commit (still under the target's lease, before
   the reverse-delta conversion that reads it); a crash in between leaves a version without
-  one, which its first reader signs (``store.signature``: the one home), never a fault —
-  so a missing or damaged signature never marks the base missing nor fails a backup;
+  one, never a fault: start-up signs it in the background (``sign_unsigned``, under the
+  target's lease), or its first reader does before that (``store.signature``: the one
+  home) — so a missing or damaged signature never marks the base missing nor fails a backup;
 - a new archive becomes visible only through ``Catalog.commit_archive``, after the patched
   file matched the delta's END and the agent's ``backup-done`` (size and blake3) and was
   fsynced into place; on any failure or cancellation ``aclose`` leaves no file behind;
@@ -53,9 +54,13 @@ from deltabkp_server.seeks import SeekCache
 from deltabkp_server.store import PartWriter, Store, signature
 from deltabkp_server.store import sign as _sign
 
-__all__ = ["Ingest", "sign"]
+__all__ = ["UNSIGNED_RETRY_S", "Ingest", "sign", "sign_unsigned"]
 
 log = logging.getLogger("deltabkp_server")
+
+#: Pause before the start-up signer asks again for the lease of a target busy with a backup
+#: (a lease query; it ends with that backup, which signs or converts the version itself).
+UNSIGNED_RETRY_S = 2.0
 
 
 class _Patch:
@@ -281,3 +286,59 @@ async def sign(
                     target.name, seq, exc)
     except Exception:  # noqa: BLE001 - a bug here must not undo "stored" nor skip retention
         log.exception("%s: archive %s not signed now (its first reader will)", target.name, seq)
+
+
+async def sign_unsigned(
+    catalog: AsyncCatalog, store: Store, keys: Iterable[tuple[int, int]], *, server_id: str,
+    lease_ttl: float, limiter: trio.CapacityLimiter, clock: Callable[[], float],
+) -> None:
+    """Sign the whole versions ``keys`` (target id, seq) that start-up found without a
+    signature (``ReconcileReport.unsigned``: a crash between an archive's commit and
+    ``sign``), in the background, so that the next backup does not make a multi-GB base's
+    signature while its agent waits.  One version at a time (the newest first: the next
+    base), in a worker thread behind ``limiter``, each under its target's lease
+    (``AsyncCatalog.leased``): a backup or a conversion of that target never runs beside it,
+    so nothing signs one version twice nor converts it away mid-signing.  A target busy
+    with a backup is asked again every ``UNSIGNED_RETRY_S``; a version signed, converted or
+    retired meanwhile is done.  Never fails: an error is logged with the version and its
+    file, and leaves the version to its first reader (``store.signature``)."""
+    pending = sorted(set(keys), key=lambda k: (-k[1], k[0]))
+    names: dict[int, str] = {}
+    while pending:
+        busy: list[tuple[int, int]] = []
+        for tid, seq in pending:
+            try:
+                if tid not in names:
+                    names[tid] = (await catalog.call(lambda c: c.get_target(tid))).name  # noqa: B023
+                async with catalog.leased(server_id, tid, ttl=lease_ttl, clock=clock,
+                                          what="start-up signing") as held:
+                    if not held:
+                        busy.append((tid, seq))
+                        continue
+                    await _sign_held(catalog, store, tid, seq, names[tid], limiter)
+            except DeltabkpError as exc:
+                log.warning("start-up: %s: archive %d not signed now (its first reader will): "
+                            "%s", names.get(tid, f"target {tid}"), seq, exc)
+            except Exception:  # a bug here must not take the server down
+                log.exception("start-up: %s: archive %d not signed now (its first reader will)",
+                              names.get(tid, f"target {tid}"), seq)
+        pending = busy
+        if pending:
+            await trio.sleep(UNSIGNED_RETRY_S)
+
+
+async def _sign_held(
+    catalog: AsyncCatalog, store: Store, tid: int, seq: int, name: str,
+    limiter: trio.CapacityLimiter,
+) -> None:
+    """``sign_unsigned``'s step for one version, its target's lease held."""
+    rows = await catalog.call(lambda c: c.archives(tid))
+    rec = next((r for r in rows if r.seq == seq), None)
+    # Retired, marked missing or corrupt, or a reverse delta by now: no signature to make.
+    if rec is None or not rec.usable or rec.form != "whole":
+        return
+    # The stored one if a backup made it meanwhile (read and checked), else made now.
+    await trio.to_thread.run_sync(functools.partial(
+        signature, store, tid, seq, size=rec.size, digest=rec.hash
+    ), limiter=limiter)
+    log.info("start-up: %s: archive %d signed", name, seq)

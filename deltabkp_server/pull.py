@@ -5,7 +5,9 @@ signature if it asks, and pass every delta chunk to a sink; the answer is a valu
 ``Unchanged(reason)`` or ``Delta(done)`` — never an exception.  The order of the messages is
 checked by ``protocol.AgentSession`` (an ``unchanged`` for a base we did not offer, a
 signature request with no base, a chunk out of turn are the agent's protocol errors); this
-module only moves them, each wait under the idle deadline.  It offers the layout delta
+module only moves them, each wait under the idle deadline; while the server makes the
+base's signature (a crash left it unsigned) the agent gets an empty ``sig-chunk`` every
+``SIG_KEEPALIVE_S``, so a large base's signing never outlasts the agent's wait.  It offers the layout delta
 (``accepts``) only to an agent whose ``welcome`` advertised the same form and zlib.
 Patching and storing are the sink's business (``ingest``).  It laps the execution's
 timeline (``deltabkp._phases``): the agent's time to answer, then receive and apply.
@@ -17,13 +19,20 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import attrs
+import trio
 
 from deltabkp import net, protocol
 from deltabkp._phases import Phases
 from deltabkp.archive import LAYOUT_CAPABILITY
 from deltabkp.errors import RemoteProtocolError
 
-__all__ = ["Delta", "DeltaSink", "Pulled", "Unchanged", "offers_layout", "pull"]
+__all__ = ["SIG_KEEPALIVE_S", "Delta", "DeltaSink", "Pulled", "Unchanged", "offers_layout", "pull"]
+
+#: Longest the agent hears nothing while the server makes the base's signature for it (a
+#: crash left the base unsigned): an empty ``sig-chunk`` then goes out, well within the
+#: 60 s any agent waits for the next chunk (``deltabkp_agent.backup.SIG_CHUNK_TIMEOUT``).
+#: Protocol v1 as it stands: every agent appends the empty chunk (nothing) and waits again.
+SIG_KEEPALIVE_S = 15.0
 
 
 @attrs.frozen
@@ -70,7 +79,7 @@ async def pull(
     msg = await chan.receive(timeout=idle)
     ph.lap("agent")
     if isinstance(msg, protocol.NeedSignature):
-        sig = await read_signature()
+        sig = await _kept_alive(chan, read_signature)
         for i in range(0, len(sig), protocol.MAX_CHUNK):
             await chan.send(protocol.SignatureChunk(sig[i : i + protocol.MAX_CHUNK]))
         await chan.send(protocol.SignatureEnd())
@@ -87,6 +96,38 @@ async def pull(
         return Delta(msg)
     # The conversation allows nothing else here; a bug in its table would land here.
     raise RemoteProtocolError(f"unexpected {msg.TYPE} during a backup", peer=chan.peer)
+
+
+async def _kept_alive(chan: net.Channel, read_signature: Callable[[], Awaitable[bytes]]) -> bytes:
+    """``read_signature()``, an empty ``sig-chunk`` to the agent every ``SIG_KEEPALIVE_S``
+    while it runs: a base a crash left unsigned is signed now, and a multi-GB one takes
+    longer than the agent waits for a chunk (60 s).  Only this task sends; errors are
+    raised as they are (an ``IntegrityError`` makes the executor retry as a full
+    transfer), not as a nursery's group."""
+    got: list[bytes] = []
+    failed: list[Exception] = []
+    done = trio.Event()
+
+    async def read() -> None:
+        try:
+            got.append(await read_signature())
+        except Exception as exc:  # noqa: BLE001 - raised below, outside the nursery
+            failed.append(exc)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        try:
+            while not done.is_set():
+                with trio.move_on_after(SIG_KEEPALIVE_S):
+                    await done.wait()
+                if not done.is_set():
+                    await chan.send(protocol.SignatureChunk(b""))
+        except Exception as exc:  # noqa: BLE001 - the agent gone: raised after the signing
+            failed.append(exc)
+    if failed:
+        raise failed[0]
+    return got[0]
 
 
 def offers_layout(chan: net.Channel) -> bool:

@@ -5,7 +5,7 @@ re-read, blake3 against the catalog), record the verdicts on the archive rows, a
 verification as an execution of the target (trigger ``verify``; outcome ``unchanged`` when
 every version is sound, ``failed`` with an error naming the corrupt versions otherwise).
 Invariants:
-- a verification holds the target's lease (``Catalog.lease_target``, renewed while it runs),
+- a verification holds the target's lease (``AsyncCatalog.leased``, renewed while it runs),
   so it never runs beside a backup of the same target, on this server or another; a target
   whose lease is taken is waited for (``ctl verify``) or left for the next round (scrub);
 - the scrub checks one target at a time, within a bytes/s budget, the targets whose versions
@@ -45,7 +45,6 @@ VERIFY_TRIGGER = "verify"
 VERIFY_WAIT_S = 600.0
 #: How often the scrub looks for due targets (at most; less with a shorter period).
 _SCRUB_POLL_S = 60.0
-_LEASE_POLL_S = 0.5
 #: Longest pause before a target whose verification could not run is tried again.
 _SCRUB_BACKOFF_S = 3600.0
 
@@ -85,50 +84,17 @@ class Verifier:
         self, target: Target, *, wait: float = 0.0, rate: float | None = None,
     ) -> Verified | None:
         """Verify ``target``; None if its lease stayed taken for ``wait`` seconds."""
-        if not await self._lease(target.id, wait):
-            return None
         done: Verified | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._renew, target.id, nursery.cancel_scope)
-                done = await self._run(target, rate)
-                nursery.cancel_scope.cancel()
-        finally:
-            tid, sid = target.id, self.server_id
-            with trio.CancelScope(shield=True), trio.move_on_after(10):
-                await self.catalog.call(lambda c: c.drop_lease(sid, tid))
+        async with self.catalog.leased(
+            self.server_id, target.id, ttl=self.lease_ttl, clock=self.clock, wait=wait,
+            what="verification",
+        ) as held:
+            if not held:
+                return None
+            done = await self._run(target, rate)
         if done is None:  # the lease was lost midway (the log row says so)
             raise CatalogError(f"{target.name}: the verification lost the target's lease")
         return done
-
-    async def _lease(self, tid: int, wait: float) -> bool:
-        deadline = trio.current_time() + wait
-        sid = self.server_id
-        while True:
-            now = self.clock()
-            until = now + self.lease_ttl
-            if await self.catalog.call(lambda c: c.lease_target(sid, tid, now, until)):
-                return True
-            if trio.current_time() >= deadline:
-                return False
-            await trio.sleep(_LEASE_POLL_S)
-
-    async def _renew(self, tid: int, scope: trio.CancelScope) -> None:
-        """Keep the lease; once it is lost (another server took the target: ours ran out),
-        stop the verification, as the scheduler stops an execution."""
-        sid = self.server_id
-        while True:
-            await trio.sleep(self.lease_ttl / 3)
-            until = self.clock() + self.lease_ttl
-            try:
-                held = await self.catalog.call(lambda c: c.renew(sid, [tid], until))
-            except CatalogError as exc:
-                log.warning("verification: renewing the lease of target %d: %s", tid, exc)
-                continue
-            if tid not in held:
-                log.error("verification of target %d: lease lost, stopped", tid)
-                scope.cancel()
-                return
 
     async def _run(self, target: Target, rate: float | None) -> Verified:
         tid = target.id

@@ -7,7 +7,9 @@ Invariants:
 - start-up reconciliation runs before anything is served: executions a crash left open are
   closed as failed, ``.part`` files and files with no committed catalog row are deleted,
   committed rows whose files are gone are marked missing (never offered as a base), a
-  whole one whose signature a crash left unmade is only noted (its first reader makes it);
+  whole one whose signature a crash left unmade is signed in the background once serving
+  (``ingest.sign_unsigned``: one at a time, under its target's lease, never fatal), so no
+  backup makes a large base's signature while its agent waits;
   the store learns from the catalog which versions are reverse deltas (``delta_keys``);
 - the scrub (``--scrub-every``) re-checks stored versions in the background, one target at
   a time under its lease, within ``--scrub-rate`` (``scrub``);
@@ -42,6 +44,7 @@ from deltabkp_server.catalog import AsyncCatalog, Catalog, SqliteCatalog, open_c
 from deltabkp_server.config import SCRUB_EVERY_S, SCRUB_RATE, ExecutionSettings, ServerConfig
 from deltabkp_server.control import ControlAPI
 from deltabkp_server.execution import Executor
+from deltabkp_server.ingest import sign_unsigned
 from deltabkp_server.metrics import ServerMetrics
 from deltabkp_server.scheduler import LEASE_TTL_S, Scheduler
 from deltabkp_server.scrub import Verifier, run_scrub
@@ -99,6 +102,8 @@ class Server:
         self.scheduler: Scheduler
         self.control: ControlAPI
         self._lock: DataDirLock | None = None
+        #: Whole versions start-up found unsigned (``reconcile``), signed once serving.
+        self._unsigned: tuple[tuple[int, int], ...] = ()
         #: Pre-authentication budget: pending handshakes bounded, the oldest evicted.
         self.gate = net.HandshakeGate(log, max_pending=max_handshakes)
 
@@ -183,8 +188,9 @@ class Server:
                       "store; marked missing", seq, tid)
         if report.unsigned:
             # A crash between an archive's commit and its signature's: not a fault.
-            log.info("start-up: %d archive(s) have no signature yet (made at their next use)",
-                     len(report.unsigned))
+            log.info("start-up: %d archive(s) have no signature yet: signing them in the "
+                     "background", len(report.unsigned))
+        self._unsigned = report.unsigned
         if n:
             log.warning("start-up: %d execution(s) left open by a previous run marked failed", n)
 
@@ -203,6 +209,11 @@ class Server:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._heartbeat)
                 await nursery.start(self.scheduler.run)
+                if self._unsigned:
+                    nursery.start_soon(functools.partial(
+                        sign_unsigned, self.catalog, self.store, self._unsigned,
+                        server_id=self.server_id, lease_ttl=cfg.lease_ttl,
+                        limiter=self.files_limiter, clock=self.clock))
                 if cfg.scrub_every > 0:
                     # Its own limiter: a throttled scrub never holds the backups' file slots.
                     verifier = Verifier(

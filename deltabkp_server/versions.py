@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
@@ -44,6 +42,7 @@ import trio
 
 import deltabkp
 from deltabkp.errors import DeltabkpError, IntegrityError, StoreUnavailable
+from deltabkp_server._crash import crash_point
 from deltabkp_server.catalog import AsyncCatalog
 from deltabkp_server.model import ArchiveRecord, Target
 from deltabkp_server.store import Store, signature
@@ -57,14 +56,6 @@ __all__ = [
 log = logging.getLogger("deltabkp_server")
 
 CHUNK = 1 << 20
-#: Tests only: kill -9 this process at the named step of a conversion ("delta-written",
-#: "delta-committed", "recorded", "whole-deleted"), to prove every step crash-safe.
-CRASH_ENV = "DELTABKP_TEST_CRASH_AT"
-
-
-def _crash_point(step: str) -> None:
-    if os.environ.get(CRASH_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Corrupt(IntegrityError):
@@ -271,9 +262,9 @@ def make_delta(
             for chunk in writer.read_back(CHUNK):
                 patcher.feed(chunk)
             patcher.finish()
-            _crash_point("delta-written")
+            crash_point("delta-written")
             writer.commit()
-            _crash_point("delta-committed")
+            crash_point("delta-committed")
         except BaseException:
             writer.abort()
             raise
@@ -310,12 +301,12 @@ async def settle(
         now = clock()
         seq, bseq = rec.seq, base.seq
         if await catalog.call(lambda c: c.set_delta(tid, seq, bseq, size, now)):
-            _crash_point("recorded")
+            crash_point("recorded")
             # The catalog now names the delta: the whole copy is garbage from here on (a
             # crash before this delete leaves it to reconcile).
             with contextlib.suppress(DeltabkpError):
                 await _thread(limiter, store.delete_whole, tid, seq)
-            _crash_point("whole-deleted")
+            crash_point("whole-deleted")
             done += 1
         rows = await catalog.call(lambda c: c.archives(tid))
     if done:

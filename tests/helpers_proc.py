@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from deltabkp import testing
+from deltabkp_server._crash import CRASH_ENV
 
 exe = testing.console_script
 
@@ -70,12 +71,15 @@ class Cluster:
         self._n += 1
         return self.root / f"{self._n:02d}-{name}.log"
 
-    def start_server(self, *extra: str, port: int = 0) -> Daemon:
+    def start_server(self, *extra: str, port: int = 0, crash: str | None = None) -> Daemon:
+        """A server; with ``crash``, one that kills itself (-9) the first time it reaches
+        that step (``deltabkp_server._crash``)."""
         cmd = [
             exe("deltabkp-server"), "--listen", f"127.0.0.1:{port}", "--data-dir",
             str(self.data_dir), "--key-file", str(self.key_file), *extra,
         ]
-        self.server = Daemon("deltabkp-server", cmd, self._log("server"), self.env)
+        env = {**self.env, CRASH_ENV: crash} if crash else self.env
+        self.server = Daemon("deltabkp-server", cmd, self._log("server"), env)
         return self.server
 
     def start_agent(self, *allow: Path, port: int = 0, announce: bool = True, key_file: Path | None = None) -> Daemon:

@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import blake3
@@ -322,31 +322,30 @@ async def test_agent_without_archive_cache_keeps_signatures(
     assert deltabkp.patch(base, r2.delta) == b"".join(TgzBuilder(app))
 
 
-async def test_after_a_racy_build_the_index_is_the_quick_check(
-    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A build that found the tree racy records no fingerprint: the next request checks the
-    tree against the kept index with no fingerprint walk (a changed tree costs only the
-    build's walk); once the tree is unchanged and settled, a fingerprint is recorded after
-    the index vouched for it, and the check after that is a fingerprint alone."""
+async def _counted_agent(
+    nursery: trio.Nursery, tmp_path: Path, app: Path, monkeypatch: pytest.MonkeyPatch, *,
+    kept_index: bool = False,
+) -> tuple[list[str], Callable[[bytes | None], Awaitable[tuple[bytes, str]]]]:
+    """A real agent (cache under ``tmp_path``) whose quick-check steps are counted: the
+    names of ``_fingerprint`` and ``_unchanged_since`` (and, with ``kept_index``, of
+    ``AgentCache.kept_index``) as they are called; and ``request(base)``, one backup of
+    ``app`` against the archive ``base``: (the archive now, "delta" or the unchanged
+    reason), the calls of that request only."""
     import deltabkp_agent.backup as agent_backup
 
     calls: list[str] = []
 
-    def counted(name: str) -> Callable[..., object]:
-        real = getattr(agent_backup, name)
-
+    def counted(name: str, real: Callable[..., object]) -> Callable[..., object]:
         def call(*args: object) -> object:
             calls.append(name)
             return real(*args)
         return call
 
     for name in ("_fingerprint", "_unchanged_since"):
-        monkeypatch.setattr(agent_backup, name, counted(name))
-    app = tmp_path / "app"
-    app.mkdir()
-    for i in range(5):
-        (app / f"f{i}").write_bytes(b"racy when built %d\n" % i * 200)
+        monkeypatch.setattr(agent_backup, name, counted(name, getattr(agent_backup, name)))
+    if kept_index:
+        monkeypatch.setattr(AgentCache, "kept_index",
+                            counted("kept_index", AgentCache.kept_index))
     key = b"k" * 32
     cfg = AgentConfig(key=key, allow=Allowlist.from_args([str(tmp_path)]), host="127.0.0.1",
                       port=0, cache_dir=tmp_path / "cache")
@@ -361,6 +360,22 @@ async def test_after_a_racy_build_the_index_is_the_quick_check(
             assert base is not None
             return base, r.reason
         return bytes(deltabkp.patch(base or b"", r.delta)), r.kind
+
+    return calls, request
+
+
+async def test_after_a_racy_build_the_index_is_the_quick_check(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build that found the tree racy records no fingerprint: the next request checks the
+    tree against the kept index with no fingerprint walk (a changed tree costs only the
+    build's walk); once the tree is unchanged and settled, a fingerprint is recorded after
+    the index vouched for it, and the check after that is a fingerprint alone."""
+    app = tmp_path / "app"
+    app.mkdir()
+    for i in range(5):
+        (app / f"f{i}").write_bytes(b"racy when built %d\n" % i * 200)
+    calls, request = await _counted_agent(nursery, tmp_path, app, monkeypatch)
 
     a1, _ = await request(None)  # racy: nothing recorded
     await trio.to_thread.run_sync(_append, app / "f1", b"changed\n")
@@ -389,37 +404,10 @@ async def test_after_a_settled_build_the_fingerprint_alone_is_the_quick_check(
     a changed tree — here a same-size edit with the mtime put back — is seen (the
     fingerprint differs: no index check), and only then is the kept index read, once, for
     the build."""
-    import deltabkp_agent.backup as agent_backup
-
-    calls: list[str] = []
-
-    def counted(name: str, real: Callable[..., object]) -> Callable[..., object]:
-        def call(*args: object) -> object:
-            calls.append(name)
-            return real(*args)
-        return call
-
-    for name in ("_fingerprint", "_unchanged_since"):
-        monkeypatch.setattr(agent_backup, name, counted(name, getattr(agent_backup, name)))
-    monkeypatch.setattr(AgentCache, "kept_index",
-                        counted("kept_index", AgentCache.kept_index))
     app = make_tree(tmp_path / "app")
     await trio.sleep(RACY_NS_AGENT / 1e9 + 0.2)  # settled: the first build's fingerprint counts
-    key = b"k" * 32
-    cfg = AgentConfig(key=key, allow=Allowlist.from_args([str(tmp_path)]), host="127.0.0.1",
-                      port=0, cache_dir=tmp_path / "cache")
-    agent = Agent(cfg)
-    await nursery.start(agent.run)
-    where = net.Address.parse(agent.address)
+    calls, request = await _counted_agent(nursery, tmp_path, app, monkeypatch, kept_index=True)
     cache = AgentCache(tmp_path / "cache")
-
-    async def request(base: bytes | None) -> tuple[bytes, str]:
-        calls.clear()
-        r = await backup_exchange(where, key, str(app), base)
-        if r.kind == "unchanged":
-            assert base is not None
-            return base, r.reason
-        return bytes(deltabkp.patch(base or b"", r.delta)), r.kind
 
     a1, _ = await request(None)
     with trio.fail_after(10):  # recorded after the answer

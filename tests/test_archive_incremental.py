@@ -3,6 +3,7 @@ sequences, reused files not opened, hot safety, fallbacks; the index format; CRC
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import random
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 
 from deltabkp.archive import ArchiveIndex, IncrementalBuilder, TgzBuilder, _build, _crc
 from deltabkp.archive._crc import crc32_combine, crc32_concat
+from deltabkp.archive._gzip import GZIP_HEADER
 from deltabkp.archive._incremental import (
     DATA,
     HEADER_ONLY,
@@ -400,6 +402,93 @@ def test_previous_build_unusable_falls_back_to_a_full_build(tmp_path: Path) -> N
         assert b"".join(b) == expect
         assert why in b.stats.previous
         assert b.stats.entries_reused == 0
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_previous_archive_failing_midway_builds_afresh(tmp_path: Path, threads: int) -> None:
+    """The previous archive passed its check at the start, then fails while the build
+    copies from it (truncated to half here, by the build's own sink right after the first
+    chunk): the build goes on as a fresh one from the bytes already made, identical to a
+    fresh build, and says why."""
+    root, gen = sixty_files_built(tmp_path, 21)
+    assert gen.index is not None
+    with open(root / "f01", "ab") as f:  # a run f02..f59: most of the archive copied
+        f.write(b"one more line\n")
+    settle()
+    prev = tmp_path / "prev.tgz"
+    size = prev.stat().st_size
+
+    def truncate_once(chunk: bytes) -> None:
+        if prev.stat().st_size == size:
+            os.truncate(prev, size // 2)
+
+    # As the agent builds (``no_links``: the fresh build it goes on with is built alike).
+    b = IncrementalBuilder(root, previous=gen.index, previous_archive=prev, racy_ns=RACY_NS,
+                           threads=threads, sink=truncate_once, no_links=True)
+    data = b"".join(b)
+    assert prev.stat().st_size == size // 2  # truncated during the build, after its check
+    assert data == fresh(root)
+    assert "the previous archive shrank" in b.stats.previous
+    assert "built afresh" in b.stats.previous
+    # Its index is the fresh build's (it was one), naming this very archive.
+    again = IncrementalBuilder(root, racy_ns=RACY_NS)
+    assert b"".join(again) == data and b.index == again.index
+
+
+def test_previous_archive_unreadable_under_a_changed_file_compresses_it_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A changed big file's old bytes are unreadable (EIO: a bad sector under them): its
+    unchanged stretches cannot be proven, so it is compressed anew, the rest still reused
+    (the build says so), and the archive is a fresh build's."""
+    rng = random.Random(11)
+    root, big = tree_with_big(tmp_path, rng, lambda r: r.randbytes(300_000) + text(r, 700_000))
+    settle()
+    gen = Generations(root, tmp_path / "prev.tgz")
+    gen.build()
+    index = gen.index
+    assert index is not None
+    # The deflate bytes of the big file's inside: a read touching them fails with EIO.
+    [e] = [e for e in index.entries if e.path == "big"]
+    segs = index.segments
+    first = next(i for i, (t, _d, _c) in enumerate(segs) if t > e.tar_start + 70_000)
+    last = next(i for i, (t, _d, _c) in enumerate(segs) if t > e.tar_end - 70_000)
+    bad_lo, bad_hi = (len(GZIP_HEADER) + segs[i][1] for i in (first - 1, last))
+
+    class BadSector:
+        """The previous archive's file, failing reads over ``[bad_lo, bad_hi)``."""
+
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def seek(self, at: int) -> int:
+            self.at = at
+            return int(self.f.seek(at))
+
+        def read(self, n: int) -> bytes:
+            if self.at < bad_hi and self.at + n > bad_lo:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return bytes(self.f.read(n))
+
+        def close(self) -> None:
+            self.f.close()
+
+    real = _Old.__init__
+
+    def init(self: _Old, index: ArchiveIndex, f: Any) -> None:
+        real(self, index, BadSector(f) if f is not None else None)
+
+    monkeypatch.setattr(_Old, "__init__", init)
+    d = bytearray(big.read_bytes())
+    d[500_000 : 500_064] = rng.randbytes(64)
+    big.write_bytes(bytes(d))
+    settle()
+    assert gen.build() == fresh(root)
+    assert gen.builder is not None
+    s = gen.builder.stats
+    assert s.previous == "" and "Input/output error" in s.old_failed
+    assert s.bytes_matched == 0 and s.bytes_compressed > 1_000_000  # big: compressed anew
+    assert s.entries_reused >= 4  # the small files before it: still copied
 
 
 @pytest.mark.parametrize("level", [4, 9])

@@ -25,6 +25,7 @@ from deltabkp.errors import ErrorCode, RemoteProtocolError, RequestRefused, Usag
 from deltabkp.net import TokenBucket, parse_rate
 from deltabkp_server.catalog import SCHEMA_VERSION, Catalog, PostgresCatalog, SqliteCatalog
 from deltabkp_server.catalog._schema import steps_after
+from helpers_net import channel_pair
 from helpers_proc import Cluster, cluster, exe, wait_for  # noqa: F401
 
 KEY = b"b" * 32
@@ -83,22 +84,11 @@ async def test_charge_is_repaid_by_the_next_take(autojump_clock: trio.testing.Mo
     assert trio.current_time() - start == pytest.approx(4.0, abs=0.01)
 
 
-async def _channel_pair() -> tuple[net.Channel, net.Channel]:
-    a, b = trio.testing.memory_stream_pair()
-    server = net.Channel(a, p.Connection(key=KEY, our_role="server", initiator=True, peer="agent"))
-    agent = net.Channel(b, p.Connection(key=KEY, our_role="agent", initiator=False, peer="server",
-                                        serve_roles=("server",)))
-    async with trio.open_nursery() as n:
-        n.start_soon(server.handshake)
-        n.start_soon(agent.handshake)
-    return server, agent
-
-
 @pytest.mark.parametrize("caps", [(64 << 10,), (256 << 10, 64 << 10), (64 << 10, 1 << 20)])
 async def test_a_capped_channel_sends_at_the_lowest_cap(
     autojump_clock: trio.testing.MockClock, caps: tuple[int, ...]
 ) -> None:
-    server, agent = await _channel_pair()
+    server, agent = await channel_pair(KEY)
     await server.send(p.BackupRequest("/srv/app"))
     await agent.receive_a(p.BackupRequest)
     agent.limits = tuple(TokenBucket(c) for c in caps)

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import psycopg
@@ -957,6 +958,33 @@ def test_scrub_due_picks_the_least_recently_checked(cat: Catalog) -> None:
     assert cat.scrub_due(300.0) == [b.id]
     cat.record_verify(b.id, [(1, "version 1: corrupt")], 500.0)  # checked, even if bad
     assert cat.scrub_due(300.0) == []
+
+
+async def test_leased_holds_renews_and_drops_a_targets_lease(cat: Catalog) -> None:
+    """``AsyncCatalog.leased``, upkeep's lease: taken (a second taker gets False), the
+    body's error raised as itself with the lease dropped, the body cancelled once the lease
+    is lost (another server took the target after ours ran out)."""
+    t = cat.register(NODE, PATH, 300, 10.0)
+    acat = AsyncCatalog(cat)
+    now = [100.0]
+    # Lease times on a clock of the test's own; renewals every ttl/3 = 0.1 s of real time.
+    kw: dict[str, Any] = {"ttl": 0.3, "clock": lambda: now[0]}
+    with pytest.raises(CatalogError, match="the body's"):
+        async with acat.leased("s1", t.id, **kw) as held:
+            assert held
+            async with acat.leased("s2", t.id, **kw) as other:
+                assert not other
+            raise CatalogError("the body's own error")
+    assert cat.get_target(t.id).lease_owner is None  # dropped on the way out
+    ran_on = False
+    async with acat.leased("s1", t.id, **kw) as held:
+        assert held
+        now[0] += 60  # ours ran out; another server takes the target (no await between)
+        assert cat.lease_target("s2", t.id, now[0], now[0] + 30)
+        with trio.fail_after(30):  # a deadline, not a timing assertion
+            await trio.sleep_forever()  # the next renewal finds it gone: cancelled here
+        ran_on = True
+    assert not ran_on and cat.get_target(t.id).lease_owner == "s2"
 
 
 def test_a_verification_lease_excludes_backups_and_keeps_the_schedule(cat: Catalog) -> None:

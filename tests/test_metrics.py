@@ -137,12 +137,24 @@ def test_counters_follow_real_backups(cluster: Cluster, tmp_path: Path) -> None:
         assert val(g, "deltabkp_server_agents", status="seen") == 1
         assert val(g, "deltabkp_server_agents", status="unreachable") == 1
 
-    a = scrape(a_url)
     served = [e for e in log if e["node"] == node]
-    assert val(a, "deltabkp_agent_requests_total", kind="backup", outcome="sent") == len(stored)
-    assert val(a, "deltabkp_agent_requests_total", kind="backup", outcome="unchanged") == sum(
-        e["count"] for e in served if e["outcome"] == "unchanged")
-    assert val(a, "deltabkp_agent_requests_total", kind="ping", outcome="ok") >= 1  # register
+    unchanged = sum(e["count"] for e in served if e["outcome"] == "unchanged")
+
+    def agent_counted() -> Samples | None:
+        # The agent counts a request once it has served it, after its answer (a backup's
+        # after-phase: seek points, cache), which the server may have logged long before;
+        # one backup's counters move together (``AgentMetrics.backup``, no await between).
+        a = scrape(a_url)
+        done = (val(a, "deltabkp_agent_requests_total", kind="backup", outcome="sent")
+                == len(stored)
+                and val(a, "deltabkp_agent_requests_total", kind="backup", outcome="unchanged")
+                == unchanged
+                and val(a, "deltabkp_agent_requests_total", kind="ping", outcome="ok") >= 1)
+        return a if done else None
+
+    # Waited for until they equal the log's counts (a count past them never does: the wait
+    # fails), then the rest, which moved with them.
+    a = wait_for(agent_counted, what="the agent to count the requests it served")
     assert val(a, "deltabkp_agent_builds_total") >= len(stored)
     assert val(a, "deltabkp_agent_build_bytes_total") >= sum(e["archive_size"] for e in stored)
     assert val(a, "deltabkp_agent_delta_bytes_total") > 0

@@ -39,6 +39,7 @@ from deltabkp.ctl._client import Client
 from deltabkp.ctl._restore import download as download_archive
 from deltabkp.errors import DeltabkpError, MissingObject
 from deltabkp_server import versions
+from deltabkp_server._crash import CRASH_ENV
 from deltabkp_server.catalog import AsyncCatalog, SqliteCatalog
 from deltabkp_server.model import ArchiveRecord, ExecutionResult
 from deltabkp_server.store import LocalStore, Store
@@ -413,7 +414,7 @@ def test_kill_9_during_conversions_then_restart(cluster: Cluster, tmp_path: Path
         conversion (until then it serves as any other)."""
         cmd = [exe("deltabkp-server"), "--listen", "127.0.0.1:0", "--data-dir",
                str(c.data_dir), "--key-file", str(c.key_file), *extra]
-        env = {**c.env, versions.CRASH_ENV: crash} if crash else c.env
+        env = {**c.env, CRASH_ENV: crash} if crash else c.env
         c.server = Daemon("deltabkp-server", cmd, c.root / f"server-{crash}.log", env)
         return c.server
 

@@ -77,6 +77,12 @@ Invariants:
   the caller vouches for the file by the ``stat`` it took when it wrote it: the agent's
   cache, for the archive it kept itself in this process); anything else falls back to
   compressing (never an error: the previous build is only a cache);
+- the previous archive failing *during* the build (EIO, truncated, bad deflate: ``_OldFailed``)
+  is no error either: a changed file's compare does without it (compressed anew,
+  ``IncrementalStats.old_failed``); a copy or a run's tail that needs it makes the rest of
+  the archive a fresh build's, from the byte already made on (the bytes so far are a fresh
+  build's prefix, checked by blake3: a tree that changed meanwhile is an ``ArchiveError``),
+  and ``stats.previous`` says why;
 - a stretch of a changed file is copied only when the bytes read now equal, compared
   exactly, the old archive's bytes it replaces;
 - a reused file is not opened, unless it lies in the first stretch of a run (32–96 KiB
@@ -589,6 +595,9 @@ class IncrementalStats:
     #: tar bytes of changed files found unchanged at the same in-file offsets and copied
     #: (from where the splicer got back in step: ``_splice_changed``)
     bytes_matched: int = 0
+    #: Why the previous archive failed for a changed file's compare (its bytes then
+    #: compressed anew, as with no previous entry); "" if it never did.
+    old_failed: str = ""
 
 
 # -- the previous build -------------------------------------------------------------------------
@@ -610,6 +619,8 @@ class _Old:
     def __init__(self, index: ArchiveIndex, f: BinaryIO | None) -> None:
         self.index = index
         self.f = f
+        #: Why the archive failed a read that the build could do without (``_old_tar``).
+        self.failed = ""
         # The lookups the quick check just made of this very index (the agent's check, then
         # its build, on the same object): taken over, not made again (~8 ms for 5,000
         # entries, on the build's serial path).  Taken once: nothing stays behind the build.
@@ -704,13 +715,23 @@ class _Old:
         return int(self.deflate_ends[i - 1]) if i > 0 else 0
 
     def read(self, start: int, length: int) -> bytes:
-        """Raw deflate bytes ``[start, start + length)``."""
+        """Raw deflate bytes ``[start, start + length)``; ``_OldFailed`` if the file no
+        longer gives them (EIO, truncated since it was checked)."""
         assert self.f is not None
-        self.f.seek(len(GZIP_HEADER) + start)
-        data = self.f.read(length)
+        try:
+            self.f.seek(len(GZIP_HEADER) + start)
+            data = self.f.read(length)
+        except OSError as exc:
+            raise _OldFailed(f"cannot read the previous archive: {exc.strerror}") from None
         if len(data) != length:
-            raise ArchiveError("the previous archive shrank while it was being reused")
+            raise _OldFailed("the previous archive shrank while it was being reused")
         return data
+
+
+class _OldFailed(ArchiveError):
+    """The previous archive failed while the build used it (unreadable, truncated, not the
+    deflate its index describes): only a cache, so the build goes on without it — the entry
+    compressed anew (``_old_tar``), or the whole archive built afresh (``_generate``)."""
 
 
 def _file_identity(st: os.stat_result) -> tuple[int, ...]:
@@ -991,17 +1012,20 @@ class _Splicer:
         while at < run.old_end:
             chunk = old.read(src, min(_COPY, old.index.archive_size - len(GZIP_HEADER) - 8 - src))
             if not chunk:
-                raise ArchiveError("the previous archive ended before a run it indexes")
+                raise _OldFailed("the previous archive ended before a run it indexes")
             src += len(chunk)
-            out = d.decompress(chunk, run.old_end - at)
-            while d.unconsumed_tail and at + len(out) < run.old_end:
-                out += d.decompress(d.unconsumed_tail, run.old_end - at - len(out))
+            try:
+                out = d.decompress(chunk, run.old_end - at)
+                while d.unconsumed_tail and at + len(out) < run.old_end:
+                    out += d.decompress(d.unconsumed_tail, run.old_end - at - len(out))
+            except zlib.error as exc:
+                raise _OldFailed(f"the previous archive does not inflate: {exc}") from None
             self.inflated += len(out)
             if at + len(out) > want_from:
                 have += out[max(0, want_from - at) :]
             at += len(out)
             if not out and not d.unconsumed_tail and d.eof:
-                raise ArchiveError("the previous archive ended before a run it indexes")
+                raise _OldFailed("the previous archive ended before a run it indexes")
 
     def finish(self) -> Iterator[bytes]:
         self.feed(b"")
@@ -1181,6 +1205,9 @@ def _old_tar(old: _Old, cut: int, window: bytes, hi: int) -> bytes | None:
             got = d.decompress(chunk, want - n)
             out.append(got)
             n += len(got)
+    except _OldFailed as exc:
+        old.failed = str(exc)
+        return None
     except _INFLATE_ERRORS:
         return None
     return b"".join(out)
@@ -1291,6 +1318,28 @@ def _splice_changed(
     return run, total
 
 
+def _after(build: IncrementalBuilder, sent: int, digest: bytes, why: str) -> Iterator[bytes]:
+    """``build``'s bytes after its first ``sent``, which must hash to ``digest``: the
+    previous archive failed midway, after ``sent`` bytes of a build that are a fresh
+    build's first ``sent`` (the module's invariant), so a fresh build goes on from there.
+    Unless the tree changed since the first walk: then its prefix differs (``ArchiveError``,
+    nothing more is made of a tree that moved under a failing cache)."""
+    h = blake3.blake3()
+    for chunk in build:
+        if sent > 0:
+            head, chunk = chunk[:sent], chunk[sent:]
+            h.update(head)
+            sent -= len(head)
+            if sent == 0 and h.digest() != digest:
+                raise ArchiveError(f"{why}, but the tree changed meanwhile: the bytes already "
+                                   "made are not the fresh build's")
+            if not chunk:
+                continue
+        yield chunk
+    if sent > 0:
+        raise ArchiveError(f"{why}, but the tree changed meanwhile: the fresh build is shorter")
+
+
 # -- the builder ------------------------------------------------------------------------------
 
 
@@ -1335,6 +1384,9 @@ class IncrementalBuilder(TgzBuilder):
         self.sink = sink
         self._index: ArchiveIndex | None = None
         self._stats: IncrementalStats | None = None
+        #: For a build afresh if the previous archive fails midway (``_afresh``).
+        self._args: dict[str, Any] = dict(exclude=exclude, level=level, threads=threads,
+                                          racy_ns=racy_ns, **kw)
 
     @property
     def index(self) -> ArchiveIndex:
@@ -1378,13 +1430,27 @@ class IncrementalBuilder(TgzBuilder):
             size = len(GZIP_HEADER)
             yield GZIP_HEADER
             sync = [-1]
-            for chunk in self._splice(
-                splicer, self._items(top, top_fd, counts, old, opened, sync), entries, reused,
-                sync,
-            ):
-                beside.put(chunk)
-                size += len(chunk)
-                yield chunk
+            try:
+                for chunk in self._splice(
+                    splicer, self._items(top, top_fd, counts, old, opened, sync), entries,
+                    reused, sync,
+                ):
+                    beside.put(chunk)
+                    size += len(chunk)
+                    yield chunk
+            except _OldFailed as exc:
+                why = f"{exc}: built afresh"
+                splicer.close()
+                beside.wait()  # ``h`` now holds what went out
+                afresh = IncrementalBuilder(self.root, **self._args)
+                for chunk in _after(afresh, size, h.digest(), why):
+                    beside.put(chunk)
+                    size += len(chunk)
+                    yield chunk
+                beside.wait()
+                self._report, self._index = afresh.report, afresh.index
+                self._stats = attrs.evolve(afresh.stats, previous=why)
+                return
             beside.wait()
         finally:
             beside.close()
@@ -1405,6 +1471,7 @@ class IncrementalBuilder(TgzBuilder):
             bytes_compressed=splicer.compressed, bytes_copied=splicer.copied,
             bytes_inflated=splicer.inflated, files_peeked=peeked[0],
             bytes_peeked=splicer.peeked, bytes_matched=splicer.matched,
+            old_failed=old.failed if old is not None else "",
         )
 
     def _items(

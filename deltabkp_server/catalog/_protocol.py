@@ -7,18 +7,24 @@ Invariants:
   raises ``CatalogError`` for any failure of the database (never a driver's own exception);
   ``RequestRefused`` only where a method says so;
 - leases: a target runs only on the server named by its ``lease_owner`` while ``lease_until``
-  has not passed; ``claim_due`` is the only way to take a lease, ``renew``/``release`` act
-  only for the server that holds it, so two servers never hold one target at once;
-- ``AsyncCatalog`` never runs more threads than the backend's ``max_threads``.
+  has not passed; ``claim_due`` (executions) and ``lease_target`` (upkeep) are the only ways
+  to take a lease, ``renew``/``release`` act only for the server that holds it, so two servers never hold one target at once;
+- ``AsyncCatalog`` never runs more threads than the backend's ``max_threads``;
+  ``AsyncCatalog.leased`` is the one way upkeep (verification, start-up signing) holds a
+  target's lease: taken with ``lease_target``, renewed, its body stopped if it is lost.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any, Protocol, TypeVar
 
 import trio
 
+from deltabkp.errors import CatalogError
 from deltabkp_server.model import (
     ArchiveRecord,
     ExecutionRecord,
@@ -30,6 +36,11 @@ from deltabkp_server.model import (
 __all__ = ["Catalog", "AsyncCatalog", "UNSET"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("deltabkp_server")
+
+#: How often ``AsyncCatalog.leased`` asks again for a lease it waits for.
+_LEASE_POLL_S = 0.5
 
 #: "Leave this column as it is" for the optional arguments of ``set_schedule``/``release``.
 UNSET: Any = object()
@@ -266,3 +277,70 @@ class AsyncCatalog:
 
     async def call(self, fn: Callable[[Catalog], T]) -> T:
         return await trio.to_thread.run_sync(fn, self.sync, limiter=self.limiter)
+
+    @contextlib.asynccontextmanager
+    async def leased(
+        self, server_id: str, target_id: int, *, ttl: float, clock: Callable[[], float],
+        wait: float = 0.0, what: str = "work",
+    ) -> AsyncIterator[bool]:
+        """Hold one target's lease (``lease_target``) around the body — upkeep beside the
+        scheduler's executions (a verification, a start-up signing): the body sees False
+        (and holds nothing) if the lease stayed taken for ``wait`` seconds.  Renewed every
+        ``ttl``/3; once lost (ours ran out and another server claimed the target) the body is
+        cancelled, as the scheduler stops an execution, and the block ends early (``what``
+        names the work in the log).  Dropped at the end, shielded.  The body's error leaves
+        as it is (not as the renewing nursery's exception group)."""
+        if not await self._take_lease(server_id, target_id, ttl, clock, wait):
+            yield False
+            return
+        failed: list[Exception] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._renew_lease, server_id, target_id, ttl, clock, what,
+                                   nursery.cancel_scope)
+                try:
+                    yield True
+                except Exception as exc:  # noqa: BLE001 - raised below: itself, not a group
+                    failed.append(exc)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await self.call(lambda c: c.drop_lease(server_id, target_id))
+        if failed:
+            raise failed[0]
+
+    async def _take_lease(
+        self, sid: str, tid: int, ttl: float, clock: Callable[[], float], wait: float
+    ) -> bool:
+        deadline = trio.current_time() + wait
+        while True:
+            if await self.call(functools.partial(_lease_target, sid, tid, clock(), ttl)):
+                return True
+            if trio.current_time() >= deadline:
+                return False
+            await trio.sleep(_LEASE_POLL_S)
+
+    async def _renew_lease(
+        self, sid: str, tid: int, ttl: float, clock: Callable[[], float], what: str,
+        scope: trio.CancelScope,
+    ) -> None:
+        while True:
+            await trio.sleep(ttl / 3)
+            until = clock() + ttl
+            try:
+                held = await self.call(functools.partial(_renew, sid, tid, until))
+            except CatalogError as exc:
+                log.warning("%s: renewing the lease of target %d: %s", what, tid, exc)
+                continue
+            if tid not in held:
+                log.error("%s of target %d: lease lost, stopped", what, tid)
+                scope.cancel()
+                return
+
+
+def _lease_target(sid: str, tid: int, now: float, ttl: float, c: Catalog) -> bool:
+    return c.lease_target(sid, tid, now, now + ttl)
+
+
+def _renew(sid: str, tid: int, until: float, c: Catalog) -> set[int]:
+    return c.renew(sid, [tid], until)

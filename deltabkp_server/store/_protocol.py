@@ -8,8 +8,8 @@ Invariants every backend keeps:
   that ``reconcile`` removes (the catalog commit, made after ``commit``, is the point of truth);
 - its signature is written later, after the catalog commit (``write_signature``, atomic:
   absent or whole), so a committed whole version may have none: that is not a fault, the
-  first reader makes it from the archive (``_signature.signature``, the one home) and
-  ``reconcile`` only notes it (``unsigned``);
+  first reader makes it from the archive (``_signature.signature``, the one home);
+  ``reconcile`` reports it (``unsigned``) and the server signs it once serving;
 - a committed ``(target, seq)`` is never overwritten: ``begin`` on it raises ``StoreError``;
 - a version is held whole (archive, and its signature once made) or as a reverse delta (``begin_delta``),
   which appears whole at ``DeltaWriter.commit`` or not at all; which form is the truth is
@@ -37,7 +37,8 @@ __all__ = ["Store", "PartWriter", "DeltaWriter", "ReconcileReport"]
 class ReconcileReport:
     """What reconciliation found and did: in-flight writes and orphans removed (paths or URLs),
     committed keys whose archive (or reverse delta) is missing, and whole versions whose
-    signature is not made yet (a crash after their commit: made at their next use)."""
+    signature is not made yet (a crash after their commit: the server signs them in the
+    background once serving, ``ingest.sign_unsigned``)."""
 
     removed_parts: tuple[str, ...] = ()
     removed_orphans: tuple[str, ...] = ()

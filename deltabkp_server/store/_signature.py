@@ -6,8 +6,9 @@ scrub, ``versions.verify_versions``) the same answer, whatever state a crash lef
 Invariants:
 - the signature is derived data: the server makes it after the archive's catalog commit,
   off the backup's critical path (``sign``); a crash in between leaves a committed version
-  without one, which is not a fault: the first reader makes it from the archive and stores
-  it (``signature``);
+  without one, which is not a fault: the server's next start makes it in the background
+  (``ingest.sign_unsigned``, through ``signature``), or the first reader before that makes
+  it from the archive and stores it (``signature``);
 - a stored signature is served only if it parses and names the version's size and blake3;
   anything else (missing, torn, another archive's) is made again from the archive, never
   trusted and never reported as the archive's fault;
