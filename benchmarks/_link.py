@@ -85,6 +85,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 if TYPE_CHECKING:
     from deltabkp.testing import NetLab
 
+# The daemons' log lines (stdlib only: cheap for the sender's start-up too).
+from _daemonlog import (
+    AGENT_PHASES,
+    END_LINE,
+    BenchError,
+    daemon_phases,
+    timeline,
+    wait_count,
+    wait_line,
+)
+
 # deltabkp.testing (Trio, cryptography) and archive_data are imported where used: the
 # sender of the original design is this file too, and its start-up is inside the timing.
 
@@ -94,21 +105,6 @@ RSYNC_PORT = 8730  # inside the server namespace: no other process can hold it
 BACKUP_TIMEOUT_S = 1800.0
 LINK_CHECK_BYTES = 4 << 20
 SETTLE_S = 3.0  # > the archive's racy window (deltabkp.archive RACY_NS, 2 s)
-#: The agent's log line once a backup is served (its timestamp: local time, milliseconds).
-_SERVED_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ INFO backup of ", re.MULTILINE)
-#: The server's log line once ``backup-now`` is queued (ctl started, connected, asked).
-_QUEUED_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ INFO backup-now of ",
-                          re.MULTILINE)
-#: Each daemon's per-phase timeline of a backup (deltabkp._phases).
-_AGENT_PHASES = re.compile(r"INFO backup of .*; phases (.*)")
-_SERVER_PHASES = re.compile(r"INFO execution \d+ .*: phases (.*)")
-#: The agent's account of its incremental build (what it re-read and recompressed).
-_AGENT_BUILD = re.compile(r"INFO archive of \S+: (.*)")
-_END_LINE = re.compile(r"execution (\d+) of (\S+) (\S+): (stored|unchanged|failed|skipped)")
-
-
-class BenchError(Exception):
-    """A method did not do its job (the message says which and why)."""
 
 
 @attrs.frozen
@@ -168,16 +164,6 @@ def _run(lab: NetLab, node: str, argv: Sequence[str], env: dict[str, str], *,
     if res.returncode != 0:
         raise BenchError(f"{what} exited {res.returncode} in {node}: {res.stderr.strip()[-2000:]}")
     return res.stdout
-
-
-def _wait_line(log: Path, pattern: re.Pattern[str], timeout: float, what: str) -> re.Match[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = pattern.search(log.read_text(errors="replace"))
-        if m:
-            return m
-        time.sleep(0.05)
-    raise BenchError(f"{what}: no line matching {pattern.pattern!r} in {log} within {timeout:g} s")
 
 
 def _wait_listening(lab: NetLab, node: str, port: int, timeout: float = 30.0) -> None:
@@ -241,7 +227,7 @@ def one_repeat(lab: NetLab, base: Path, new: Path, work: Path, rate: str,
             with Meter(lab) as m:
                 _run(lab, "server", [*ctl, "register", *target, "--every", "1d"], env,
                      what="ctl register")
-                _wait_line(server.log, _END_LINE, BACKUP_TIMEOUT_S, "the first backup")
+                wait_line(server.log, END_LINE, BACKUP_TIMEOUT_S, "the first backup")
             first = json.loads(_run(lab, "server", [*ctl, "log", *target], env, what="ctl log"))
             first = [e for e in first if e["outcome"] is not None]
             if len(first) != 1 or first[0]["outcome"] != "stored":
@@ -249,11 +235,11 @@ def one_repeat(lab: NetLab, base: Path, new: Path, work: Path, rate: str,
             f = first[0]
             rows.append(Row("deltabkp first (full) backup", m.wall, m.up, m.down,
                             f"{f['transferred']} (archive {f['archive_size']})",
-                            _phases(m, f, agent.log, server.log)))
+                            timeline(m.start, m.end, f, agent.log, server.log)))
             base_hash = json.loads(_run(lab, "server", [*ctl, "list", *target], env,
                                         what="ctl list"))
             # Its agent line (after the agent's after-phase): no work of it is left running.
-            _wait_count(agent.log, _AGENT_PHASES, 1, 60.0, "the agent's phases line")
+            wait_count(agent.log, AGENT_PHASES, 1, 60.0, "the agent's phases line")
 
             # 2b. the control: the same change backed up by the same daemons, the link
             # unshaped (its own copy of the base tree, first backup and all), so that what
@@ -273,7 +259,7 @@ def one_repeat(lab: NetLab, base: Path, new: Path, work: Path, rate: str,
             # 2. ours: the ~1 % change, then backup-now --wait.
             subprocess.run(["rsync", "-a", "--delete", "--checksum", f"{new}/", f"{app}/"],
                            check=True)
-            served = len(_AGENT_PHASES.findall(agent.log.read_text(errors="replace")))
+            served = len(AGENT_PHASES.findall(agent.log.read_text(errors="replace")))
             with Meter(lab) as m:
                 ex = json.loads(_run(lab, "server", [*ctl, "backup-now", *target, "--wait"], env,
                                      what="ctl backup-now --wait"))
@@ -283,11 +269,11 @@ def one_repeat(lab: NetLab, base: Path, new: Path, work: Path, rate: str,
             # The daemons' own per-phase timelines of this backup (deltabkp._phases), to set
             # beside bench_system.sh's on loopback: what the link adds shows phase by phase.
             # The agent logs its line after its "after" phase, past --wait's answer.
-            _wait_count(agent.log, _AGENT_PHASES, served + 1, 60.0, "the agent's phases line")
+            wait_count(agent.log, AGENT_PHASES, served + 1, 60.0, "the agent's phases line")
             rows.append(Row("deltabkp after ~1 % change (ours)", m.wall, m.up, m.down,
                             f"{ex['transferred']} = {100 * ex['transferred'] / size:.2f} %",
-                            _phases(m, ex, agent.log, server.log)
-                            + _daemon_phases(agent.log, server.log)))
+                            timeline(m.start, m.end, ex, agent.log, server.log)
+                            + daemon_phases(agent.log, server.log)))
             stored = json.loads(_run(lab, "server", [*ctl, "list", *target], env, what="ctl list"))
             rows.append(controlled if controlled is not None else run_control())
         finally:
@@ -347,44 +333,15 @@ def one_repeat(lab: NetLab, base: Path, new: Path, work: Path, rate: str,
     return rows
 
 
-def _phases(m: Meter, execution: dict[str, Any], agent_log: Path, server_log: Path) -> str:
-    """Where the wall time went: until the server started the execution, split at the
-    server's "backup-now of … queued" log line (ctl's start-up, connection and request; then
-    the queue and the scheduler's claim), the execution (record's started → ended) split at
-    the agent's "backup of … served" log line (agent: build and stream; server: the rest of
-    ingest, commit), and from its end until the measurement ended (the commit in the
-    catalog, ``--wait``'s answer, ctl's exit; or the log line).  Same clock: the daemons run
-    on this machine."""
-    from datetime import datetime
-
-    def stamps(pattern: re.Pattern[str], log: Path, lo: float, hi: float) -> list[float]:
-        got = [datetime.strptime(x, "%Y-%m-%d %H:%M:%S,%f").astimezone().timestamp()
-               for x in pattern.findall(log.read_text(errors="replace"))]
-        return [t for t in got if lo <= t <= hi]
-
-    started, ended = (datetime.fromisoformat(execution[k]).timestamp() for k in ("started", "ended"))
-    before = split = ""
-    queued = stamps(_QUEUED_LINE, server_log, m.start - 0.01, started + 0.01)
-    if queued:
-        before = (f" (ctl until the server queued it {queued[-1] - m.start:.2f} s, queue and "
-                  f"claim {started - queued[-1]:.2f} s)")
-    served = stamps(_SERVED_LINE, agent_log, started, ended + 0.01)
-    if served:
-        split = (f" (agent until it served the backup {served[-1] - started:.2f} s, server "
-                 f"after it {ended - served[-1]:.2f} s)")
-    return (f"until the execution started {started - m.start:.2f} s{before}, execution "
-            f"{ended - started:.2f} s{split}, from its end {m.end - ended:.2f} s")
-
-
 def _control(lab: NetLab, ctl: list[str], target: list[str], new: Path, env: dict[str, str],
              agent_log: Path, server_log: Path) -> Row:
     """"Ours" again on the unshaped link: register (its first backup), the change, then
     ``backup-now --wait``; its row's note has both daemons' timelines, as ours has."""
     ended = re.compile(rf"execution \d+ of \S+ {re.escape(target[1])}: (stored|failed)")
-    served = len(_AGENT_PHASES.findall(agent_log.read_text(errors="replace")))
+    served = len(AGENT_PHASES.findall(agent_log.read_text(errors="replace")))
     _run(lab, "server", [*ctl, "register", *target, "--every", "1d"], env, what="ctl register")
-    _wait_line(server_log, ended, BACKUP_TIMEOUT_S, "the control's first backup")
-    _wait_count(agent_log, _AGENT_PHASES, served + 1, 60.0, "the agent's phases line")
+    wait_line(server_log, ended, BACKUP_TIMEOUT_S, "the control's first backup")
+    wait_count(agent_log, AGENT_PHASES, served + 1, 60.0, "the agent's phases line")
     subprocess.run(["rsync", "-a", "--delete", "--checksum", f"{new}/", f"{target[1]}/"],
                    check=True)
     with Meter(lab) as m:
@@ -392,31 +349,10 @@ def _control(lab: NetLab, ctl: list[str], target: list[str], new: Path, env: dic
                              what="ctl backup-now --wait (control)"))
     if ex["outcome"] != "stored":
         raise BenchError(f"the control backup did not store an archive: {ex}")
-    _wait_count(agent_log, _AGENT_PHASES, served + 2, 60.0, "the agent's phases line")
+    wait_count(agent_log, AGENT_PHASES, served + 2, 60.0, "the agent's phases line")
     return Row("ours on the same lab, link unshaped (control)", m.wall, m.up, m.down,
                f"{ex['transferred']} = {100 * ex['transferred'] / ex['archive_size']:.2f} %",
-               _phases(m, ex, agent_log, server_log) + _daemon_phases(agent_log, server_log))
-
-
-def _wait_count(log: Path, pattern: re.Pattern[str], n: int, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while len(pattern.findall(log.read_text(errors="replace"))) < n:
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what}: fewer than {n} lines matching {pattern.pattern!r} in "
-                             f"{log} after {timeout:g} s")
-        time.sleep(0.05)
-
-
-def _daemon_phases(agent_log: Path, server_log: Path) -> str:
-    """The last backup's timeline as each daemon logged it (ms wall/cpu per phase), and what
-    the agent's build re-read: the work a change costs depends on which files it touches
-    (a 64-byte edit in a 1.7 MB .so recompresses that whole entry on the agent)."""
-    text = agent_log.read_text(errors="replace")
-    agent, build = _AGENT_PHASES.findall(text), _AGENT_BUILD.findall(text)
-    server = _SERVER_PHASES.findall(server_log.read_text(errors="replace"))
-    return (f"\n  agent build:   {build[-1] if build else '(not logged)'}"
-            f"\n  agent phases:  {agent[-1] if agent else '(not logged)'}"
-            f"\n  server phases: {server[-1] if server else '(not logged)'}")
+               timeline(m.start, m.end, ex, agent_log, server_log) + daemon_phases(agent_log, server_log))
 
 
 def _stream(lab: NetLab, env: dict[str, str], producer: str, out: Path,

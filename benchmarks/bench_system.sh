@@ -6,12 +6,52 @@
 # --rsyncable` tgzs of them, and the backup's time (the execution, and ctl's end to end) against
 # a full build. Run by hand; asserts nothing.
 #   bash benchmarks/bench_system.sh
+#
+# --append (issue 10: "a tree with a file appended every 100 ms: five consecutive backups each
+# <= 1/5 of a full build; each stores an archive identical to a fresh build of what it
+# captured"; "an unchanged check after a racy build is a quick check"):
+#   bash benchmarks/bench_system.sh --append [--repeat N] [--backups 5] [--period 0.1]
+#                                   [--tree DIR] [--log REL] [--log-size B] [--keep-dir]
+# The same daemons on a copy of the base tree plus a 1 MiB log, a first backup, then a writer
+# process appending a line to the log every 100 ms through five consecutive `backup-now
+# --wait`: per backup the execution and end-to-end time against a full build (wall; the
+# daemons' CPU against the build's), wire bytes, both daemons' phases, and a check that the
+# stored version (`ctl fetch`) is byte-identical to a fresh build of the tree holding what
+# it captured (the log at its captured length and mtime, which must be a state the writer
+# journalled); then, the writer stopped and the racy window (2 s) past, the check of the
+# unchanged tree: its time and whether it was a quick check. Exits 1 only if a stored archive
+# is not what it should be. Driver and details: benchmarks/_append.py.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 # Bytecode as an installed package has it (pip compiles a wheel's modules): without it
 # every short-lived ctl command (and PYTHONDONTWRITEBYTECODE=1 machines) compiles the
 # modules it imports on each run, ~0.2 s that no installed system pays.
 python -m compileall -q "$HERE/../deltabkp" "$HERE/../deltabkp_server" "$HERE/../deltabkp_agent" >/dev/null
+case "${1:-}" in
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --append)
+        shift
+        # The driver's temp dir goes in here: removed whatever happened (kept with --keep-dir
+        # or when the driver says so); the pids it writes there are killed, should the
+        # driver itself be killed with -9 before it stopped them.
+        W=$(mktemp -d "${TMPDIR:-/tmp}/bench-system-XXXXXX")
+        KEEP=0
+        case " $* " in *" --keep-dir "*) KEEP=1 ;; esac
+        cleanup() {
+            [ -s "$W/pids" ] && kill $(cat "$W/pids") 2>/dev/null || true
+            [ "$KEEP" = 1 ] || [ -e "$W/keep" ] || rm -rf "$W"
+        }
+        trap cleanup EXIT
+        # In the background so that a TERM or Ctrl-C to this script reaches it at once (it
+        # then stops what it started itself); the wait is repeated because a trap interrupts it.
+        python "$HERE/_append.py" --work-dir "$W" "$@" & DRIVER=$!
+        trap 'kill -TERM "$DRIVER" 2>/dev/null || true' INT TERM
+        while :; do
+            status=0; wait "$DRIVER" || status=$?
+            kill -0 "$DRIVER" 2>/dev/null || break
+        done
+        exit "$status" ;;
+esac
 python "$HERE/archive_data.py" >/dev/null   # builds the trees once under _work/archive/
 TREES="$HERE/_work/archive"; export TREES
 W=$(mktemp -d)
@@ -106,5 +146,4 @@ PY
 # Where the backup after the change spent its time, each daemon's per-phase timeline
 # (deltabkp._phases; ms wall/cpu).
 echo "phases of the backup after the change:"
-grep -h "phases" $W/agent.log | tail -1 | sed 's/.*; phases /  agent:  /'
-grep -h "phases" $W/server.log | tail -1 | sed 's/.*: phases /  server: /'
+python "$HERE/_daemonlog.py" $W/agent.log $W/server.log

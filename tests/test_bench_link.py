@@ -22,12 +22,13 @@ def test_bench_link_script_parses_and_its_help_matches_the_driver() -> None:
     assert "tc tbf" in usage and "rsync" in usage
 
 
-def test_bench_link_reports_both_daemons_timelines_from_their_log_lines(tmp_path: Path) -> None:
-    # Lines as the daemons write them (a real run's logs); the last backup's are reported.
-    saved = list(sys.path)  # the driver puts the repository and benchmarks/ on it
+def test_the_benchmarks_report_both_daemons_timelines_from_their_log_lines(tmp_path: Path) -> None:
+    # Lines as the daemons write them (a real run's logs); the last backup's are reported,
+    # or the one asked for (bench_system.sh --append reports each backup's).
+    saved = list(sys.path)
     sys.path.insert(0, str(BENCH))
     try:
-        import _link  # type: ignore[import-not-found]  # benchmarks/ is no package
+        import _daemonlog  # type: ignore[import-not-found]  # benchmarks/ is no package
     finally:
         sys.path[:] = saved
     agent, server = tmp_path / "agent.log", tmp_path / "server.log"
@@ -51,8 +52,25 @@ def test_bench_link_reports_both_daemons_timelines_from_their_log_lines(tmp_path
         "phases connect 30/9, receive 24966/3722 (ms wall/cpu; total 24996/3731)\n"
         "2026-11-29 21:34:01,630 deltabkp-server INFO execution 2 of 10.77.0.3:40059 /r/app: "
         "phases connect 32/6, agent 1431/14, apply 750/288 (ms wall/cpu; total 2213/308)\n")
-    got = _link._daemon_phases(agent, server)
+    got = _daemonlog.daemon_phases(agent, server)
     assert "416 files read (incremental); 3.9 MB of tar compressed" in got
     assert "agent phases:  index 31/7, build 1022/564, layout 596/222" in got
     assert "server phases: connect 32/6, agent 1431/14, apply 750/288" in got
     assert "26132" not in got and "24966" not in got  # the first backup's are not
+    first = _daemonlog.daemon_phases(agent, server, 0, 0)
+    assert "4828 files read (full build" in first and "416 files read" not in first
+    assert "build+delta 26132/9249" in first and "receive 24966/3722" in first
+    # An unchanged check: no build line before it, no server line at INFO.
+    with agent.open("a") as f:
+        f.write("2026-11-29 21:34:09,001 deltabkp-agent INFO backup of /r/app: unchanged "
+                "(fingerprint), base 6b3c21ec2b8fbf01; phases index 1/1, quick-check 40/38 (ms "
+                "wall/cpu; total 41/39) [node=10.77.0.3:40059]\n")
+    quick = _daemonlog.daemon_phases(agent, server, 2, None)
+    assert "agent build:   (not logged)" in quick and "quick-check 40/38" in quick
+    assert "server phases: (not logged)" in quick
+    # bench_system.sh's closing lines: the last backup's, as it always printed them.
+    out = subprocess.run([sys.executable, str(BENCH / "_daemonlog.py"), str(agent), str(server)],
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    assert out.splitlines() == [
+        "  agent:  index 1/1, quick-check 40/38 (ms wall/cpu; total 41/39) [node=10.77.0.3:40059]",
+        "  server: connect 32/6, agent 1431/14, apply 750/288 (ms wall/cpu; total 2213/308)"]
