@@ -17,6 +17,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
+import attrs
 import blake3
 import pytest
 from helpers_proc import Cluster, cluster, wait_for  # noqa: F401
@@ -25,9 +26,10 @@ from hypothesis import strategies as st
 from test_agent_cache import build_kept, make_tree
 from test_layout_delta import EDITS, _build, _edit, _edited_pair, _make_tree, _settle, _text
 
+import deltabkp.archive._incremental as incremental
 import deltabkp.archive._layout as layout
 import deltabkp.archive._seek as seekmod
-from deltabkp.archive import ArchiveIndex, LayoutPatcher, SeekPoints, encode_layout
+from deltabkp.archive import ArchiveIndex, FreshTar, LayoutPatcher, SeekPoints, encode_layout
 from deltabkp.errors import FormatError, LimitExceeded, UnsupportedVersion
 from deltabkp_agent.cache import AgentCache
 from deltabkp_server.model import ArchiveRecord
@@ -191,6 +193,108 @@ def test_a_change_near_the_end_inflates_little_of_the_old_archive(tmp_path: Path
     assert plain.inflated > 0.9 * a.index.tar_size
     for s in (sender, receiver):
         assert s.inflated < 0.25 * a.index.tar_size, (s.inflated, a.index.tar_size)
+
+
+@settings(max_examples=30, deadline=None)
+@given(reads=st.lists(st.tuples(st.integers(0, 420_000), st.integers(0, 40_000)), min_size=1,
+                      max_size=14),
+       extra=st.lists(st.integers(0, 10_000), max_size=8), table=st.booleans())
+def test_reads_answer_the_same_with_extra_entry_points(
+    reads: list[tuple[int, int]], extra: list[int], table: bool
+) -> None:
+    """Extra entry points (``TarStream.enter``: a segment boundary and its window, as the
+    layout encoder makes them from a build's hand-over) change what is inflated, never
+    what a read answers; reads inside a point's window are answered from it."""
+    archive, tar, seek = _with_seek_points()
+    index = _archive_with_chance_markers()[1]
+    keep = 64 << 10
+    plain = layout.TarStream(archive, keep)
+    entered = layout.TarStream(archive, keep, seek if table else None)
+    for x in extra:
+        k = x % len(index.segments)
+        t, d = int(index.segments.tar_ends[k]), int(index.segments.deflate_ends[k])
+        entered.enter(10 + d, t, tar[max(0, t - (32 << 10)) : t])
+    for lo, n in reads:
+        a, b = plain.read(lo, lo + n), entered.read(lo, lo + n)
+        assert a == b
+        assert a is None or a == tar[lo : lo + n]
+    with pytest.raises(ValueError):
+        entered.enter(10, 40_000, b"short")
+
+
+def _fresh_corrupted(fresh: FreshTar) -> FreshTar:
+    """The hand-over with a byte of every chunk flipped (as a bug or a bad memory would)."""
+    chunks = tuple(c[: len(c) // 2] + bytes([c[len(c) // 2] ^ 1]) + c[len(c) // 2 + 1 :]
+                   for c in fresh.chunks)
+    return attrs.evolve(fresh, chunks=chunks)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), edits=EDITS)
+def test_layout_delta_is_the_same_with_the_builds_hand_over(
+    seed: int, edits: list[tuple[str, int]]
+) -> None:
+    """The tar a build compressed (``FreshTar``) spares the encoder inflating, and changes
+    nothing in the delta: with or without seek points, whole, cut short by its limit, or
+    corrupted (each chunk then fails its CRC-32s and is inflated as before)."""
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as d:
+        a, b, old, new = _edited_pair(Path(d), rng, 30, edits)
+    fresh = b.fresh_tar
+    assert fresh is not None and fresh.archive_hash == b.index.archive_hash
+    seek = SeekPoints.build(old, a.index.archive_hash, index=a.index, spacing=4096)
+    plain = b"".join(encode_layout(a.index, old, b.index, new))
+    short = FreshTar(fresh.archive_hash, fresh.offsets[:1], fresh.chunks[:1])
+    for f in (fresh, short, _fresh_corrupted(fresh)):
+        for sp in (None, seek):
+            assert b"".join(encode_layout(a.index, old, b.index, new, seek=sp, fresh=f)) == plain
+    # Another archive's hand-over is not used.
+    other = attrs.evolve(_fresh_corrupted(fresh), archive_hash=b"\0" * 32)
+    assert b"".join(encode_layout(a.index, old, b.index, new, fresh=other)) == plain
+    assert _patch_with(old, plain, a.index.archive_hash, seek) == new
+
+
+def test_the_hand_over_spares_inflating_old_and_new(tmp_path: Path) -> None:
+    """Two edits in the middle of a tree: with the build's hand-over the encoder enters the
+    old archive at each fresh run (its window checked) and inflates only about what it
+    reads there, and takes the runs' tar as handed over.  Kept to ``FRESH_LIMIT`` bytes,
+    the build hands over only the jobs compressed first (the rest inflated as before)."""
+    rng = random.Random(12)
+    root = tmp_path / "tree"
+    for i in range(60):
+        (root / f"d{i:02}").mkdir(parents=True)
+        (root / f"d{i:02}" / "f.py").write_bytes(_text(rng, 8000))
+    _settle(root)
+    a = _build(root, tmp_path / "a.tgz", None, None)
+    for i in (20, 40):
+        with open(root / f"d{i}" / "f.py", "r+b") as f:
+            f.seek(3000)
+            f.write(b"# edited in place #")
+    _settle(root)
+    b = _build(root, tmp_path / "b.tgz", a, tmp_path / "a.tgz")
+    old, new = (tmp_path / "a.tgz").read_bytes(), (tmp_path / "b.tgz").read_bytes()
+    assert b.fresh_tar is not None
+    seek = SeekPoints.build(old, a.index.archive_hash, index=a.index, spacing=128 << 10)
+    plain = layout._Encoder(a.index, old, b.index, new, seek)
+    want = b"".join(plain.records())
+    handed = layout._Encoder(a.index, old, b.index, new, seek, b.fresh_tar)
+    assert b"".join(handed.records()) == want
+    assert handed.fresh_windows == 2 and handed.fresh_runs == 3  # two edits, the final segment
+    assert plain.fresh_windows == plain.fresh_runs == 0
+    # Seeking: forward up to a spacing (1 MiB) is inflated rather than jumped, so the
+    # plain stream inflates ~all of this small tree; entered at each edit, ~what it reads
+    # (the final segment's window still from the table).
+    assert plain.old_tar.inflated > 0.9 * a.index.tar_size
+    assert handed.old_tar.inflated < 0.5 * plain.old_tar.inflated
+    with pytest.MonkeyPatch.context() as mp:
+        # All but the last job's bytes (the final segment's): the rest is kept.
+        mp.setattr(incremental, "FRESH_LIMIT", sum(map(len, b.fresh_tar.chunks)) - 1)
+        c = _build(root, tmp_path / "c.tgz", a, tmp_path / "a.tgz")
+    assert c.fresh_tar is not None
+    assert sum(map(len, c.fresh_tar.chunks)) < sum(map(len, b.fresh_tar.chunks))
+    cut = layout._Encoder(a.index, old, c.index, new, fresh=c.fresh_tar)
+    assert b"".join(cut.records()) == want
+    assert cut.fresh_runs == 2 and cut.fresh_windows == 2
 
 
 def _patch_with(old: bytes, delta: bytes, h: bytes, seek: SeekPoints) -> bytes:

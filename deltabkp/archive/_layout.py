@@ -92,7 +92,13 @@ import numpy.typing as npt
 from isal import isal_zlib
 
 from deltabkp.archive._gzip import DICT_SIZE, compress_segments
-from deltabkp.archive._incremental import DATA, ArchiveIndex, IndexEntry, _Beside
+from deltabkp.archive._incremental import (
+    DATA,
+    ArchiveIndex,
+    FreshTar,
+    IndexEntry,
+    _Beside,
+)
 from deltabkp.archive._seek import _HDR, _INFLATE_ERRORS, SPACING, SeekPoints
 from deltabkp.errors import (
     FormatError,
@@ -125,6 +131,8 @@ _PIECE = 1 << 20
 #: Old tar bytes the sender's stream keeps behind the furthest one asked for; its references
 #: reach a little less far back (``_reach``), a receiver keeps twice as much.
 KEEP = 8 << 20
+#: Extra entry points a ``TarStream`` keeps (``enter``: one per fresh run; 32 KiB each).
+_EXTRA = 64
 #: Compressed bytes inflated at a time (each call's output is at most ``_PIECE``).
 _STEP = 64 * 1024
 #: Least tar bytes an inflate call may stop at: a read stops about where it asked (256 KiB
@@ -182,8 +190,33 @@ class TarStream:
         self._end = 0  # tar offset after the last byte inflated
         self._far = 0  # the furthest byte asked for
         self._floor = 0  # reads starting before it are refused
+        # Extra entry points (``enter``), ascending: tar offset, where its window starts,
+        # archive offset, window.
+        self._xt: list[int] = []
+        self._xfrom: list[int] = []
+        self._xa: list[int] = []
+        self._xw: list[bytes] = []
         #: Seek points started from, tar bytes inflated (tests and benchmarks read them).
         self.seeks = self.inflated = 0
+
+    def enter(self, archive_offset: int, tar_offset: int, window: bytes) -> None:
+        """One more entry point: the deflate stream at ``archive_offset`` (a segment
+        boundary) starts tar offset ``tar_offset``, which ``window`` (its
+        ``min(32 KiB, tar_offset)`` tar bytes before) primes.  The caller vouches for it
+        (the encoder checks it by CRC-32s); reads inside the window are answered from it.
+        What reads answer does not change, only what is inflated to answer them.  At most
+        ``_EXTRA`` are kept (the lowest go first)."""
+        if len(window) != min(DICT_SIZE, tar_offset):
+            raise ValueError("an entry point's window is 32 KiB (or all the tar before it)")
+        k = bisect.bisect_left(self._xt, tar_offset)
+        if k < len(self._xt) and self._xt[k] == tar_offset:
+            return
+        self._xt.insert(k, tar_offset)
+        self._xfrom.insert(k, tar_offset - len(window))
+        self._xa.insert(k, archive_offset)
+        self._xw.insert(k, window)
+        if len(self._xt) > _EXTRA:
+            del self._xt[0], self._xfrom[0], self._xa[0], self._xw[0]
 
     @property
     def floor(self) -> int:
@@ -208,12 +241,20 @@ class TarStream:
         return got
 
     def _read(self, lo: int, hi: int) -> bytes | None:
-        if self._seek is not None:
-            k = self._seek.at_or_before(lo)
-            at = self._seek.tar_offsets[k] if k >= 0 else 0
+        if self._seek is not None or self._xt:
+            seek = self._seek
+            k = seek.at_or_before(lo) if seek is not None else -1
+            at = seek.tar_offsets[k] if seek is not None and k >= 0 else 0
+            # An extra point whose window starts at or before ``lo`` and nearer than ``k``.
+            x = bisect.bisect_right(self._xfrom, lo) - 1
+            if x >= 0 and self._xt[x] > at:
+                # An extra point is where reads around a fresh run start: worth a jump from
+                # further than an inflate call's least output.
+                if lo < self._base or self._xt[x] > self._end + _MIN_OUT:
+                    self._enter(x)
             # Forward, a jump pays only past a spacing: inflating up to it costs ~1 ms a MiB,
             # and a jump drops what is kept, which reads going back and forth still need.
-            if lo < self._base or at > self._end + SPACING:
+            elif lo < self._base or at > self._end + SPACING:
                 self._restart(k)
         elif lo < self._base:  # cannot happen without seeking: pieces go at the floor
             return None
@@ -248,13 +289,21 @@ class TarStream:
             k += 1
         return got[0] if len(got) == 1 else b"".join(got)
 
+    def _enter(self, x: int) -> None:
+        """Inflate from extra point ``x``, its window kept as the tar before it."""
+        t, w = self._xt[x], self._xw[x]
+        self._pieces, self._starts = ([w], [t - len(w)]) if w else ([], [])
+        self._d = isal_zlib.decompressobj(-15, zdict=w) if w else isal_zlib.decompressobj(-15)
+        self._in, self._end = self._xa[x], t
+        self.seeks += 1
+
     def _restart(self, k: int) -> None:
         """Inflate from seek point ``k`` (-1: the stream's start), dropping what is kept."""
-        assert self._seek is not None
         self._pieces, self._starts = [], []
         if k < 0:
             self._d, self._in, self._end = isal_zlib.decompressobj(-15), _HDR, 0
         else:
+            assert self._seek is not None
             self._d = isal_zlib.decompressobj(-15, zdict=self._seek.window(k))
             self._in, self._end = self._seek.archive_offsets[k], self._seek.tar_offsets[k]
         self.seeks += 1
@@ -280,8 +329,11 @@ class _Encoder:
     _lead_segs = 0
 
     def __init__(self, old_index: ArchiveIndex, old: Any, new_index: ArchiveIndex, new: Any,
-                 seek: SeekPoints | None = None):
+                 seek: SeekPoints | None = None, fresh: FreshTar | None = None):
         self.oi, self.ni = old_index, new_index
+        self.fresh = fresh
+        #: Fresh runs whose window (extra entry point) and tar came from ``fresh``.
+        self.fresh_windows = self.fresh_runs = 0
         self.old, self.new = memoryview(old), memoryview(new)
         self.old_tar = TarStream(old, seek=seek)
         # Starts (tar, deflate) of each segment, old and new: packed (~170,000 segments on a
@@ -297,6 +349,8 @@ class _Encoder:
         self._checked: set[tuple[int, int, int]] = set()
         self.lit = zlib.compressobj(9, zlib.DEFLATED, -15)
         self._new_crcs = array.array("I", new_index.segments.crcs.tobytes())
+        self._old_crcs = array.array("I", old_index.segments.crcs.tobytes()) \
+            if fresh is not None else self._new_crcs
         self._new_stream: TarStream | None = None
         self._far = 0  # the furthest old tar byte referenced so far (see _reach)
 
@@ -545,6 +599,8 @@ class _Encoder:
             j = copies[i0 - 1]
             assert j >= 0
             end = self.ot[j + 1]
+            if self.fresh is not None:
+                self._enter_old(i0, j, w, copies)
             got = self.old_tar.read(end - w, end)
             if got is None:
                 # The copied segment before this run lies behind the old tar still kept (the
@@ -554,10 +610,7 @@ class _Encoder:
             if got is None:
                 raise IntegrityError("layout delta: the window before a run cannot be read")
             window = got
-        # ISA-L inflates (exact, ~2x zlib): only deflate output must be zlib's.
-        inflate = isal_zlib.decompressobj(-15, zdict=window) if window else \
-            isal_zlib.decompressobj(-15)
-        crcs = self._new_crcs
+        inflate: Any = None  # inflating the new archive, continuing from the last chunk
         cont = False
         chunk: list[int] = []
         for k in range(i0, i1):
@@ -569,14 +622,6 @@ class _Encoder:
             ds = self.nd[chunk[0]]
             de = self.nd[k + 1] if not final else ni.archive_size - 8 - _HDR
             comp = self.new[_HDR + ds : _HDR + de]
-            try:
-                tar = inflate.decompress(comp) + (inflate.flush() if final else b"")
-            except _INFLATE_ERRORS as exc:
-                raise IntegrityError(f"layout delta: a new segment does not inflate: {exc}") \
-                    from None
-            if len(tar) != tar_end - self.nt[chunk[0]]:
-                raise IntegrityError("layout delta: a new segment does not inflate to its length")
-            cuts = [self.nt[x + 1] - self.nt[x] for x in chunk if x < n]
             start = self.nt[chunk[0]]
             # What the receiver compresses is checked, not recompressed here (that cost ~1/4
             # of an encode): each segment's tar by the CRC-32 the builder indexed (so the
@@ -586,12 +631,31 @@ class _Encoder:
             # to a fresh build, property-tested) and the capability names zlib; should it
             # fail, the receiver's blake3 refuses the archive and the server retries the
             # backup as a full transfer: never a wrong archive.
-            view = memoryview(tar)
-            for x in chunk:
-                if x < n and zlib.crc32(view[self.nt[x] - start : self.nt[x + 1] - start]) \
-                        != crcs[x]:
+            # The tar the builder compressed, if it handed it over (and it checks); else
+            # inflated from the new archive with the window before.
+            got = self.fresh.read(start, tar_end) if self.fresh is not None else None
+            if got is not None and self._bad_crc(got, chunk, start) < 0:
+                tar, inflate = got, None
+                self.fresh_runs += 1
+            else:
+                if inflate is None:
+                    # ISA-L inflates (exact, ~2x zlib): only deflate output must be zlib's.
+                    # A chunk starts at a segment boundary: entered with the tar before it.
+                    inflate = isal_zlib.decompressobj(-15, zdict=window) if window else \
+                        isal_zlib.decompressobj(-15)
+                try:
+                    tar = inflate.decompress(comp) + (inflate.flush() if final else b"")
+                except _INFLATE_ERRORS as exc:
                     raise IntegrityError(
-                        f"layout delta: new segment {x} does not inflate to its CRC-32")
+                        f"layout delta: a new segment does not inflate: {exc}") from None
+                if len(tar) != tar_end - start:
+                    raise IntegrityError(
+                        "layout delta: a new segment does not inflate to its length")
+                if (bad := self._bad_crc(tar, chunk, start)) >= 0:
+                    raise IntegrityError(
+                        f"layout delta: new segment {bad} does not inflate to its CRC-32")
+            cuts = [self.nt[x + 1] - self.nt[x] for x in chunk if x < n]
+            view = memoryview(tar)
             if final:
                 at = self.nt[n] - start
                 fd = self.nd[n] - ds
@@ -611,6 +675,69 @@ class _Encoder:
             yield _record(T_RUN, b"".join(body))
             window = (window + tar)[-DICT_SIZE:]
             cont, chunk = True, []
+
+    def _bad_crc(self, tar: bytes, chunk: list[int], start: int) -> int:
+        """The first new segment of ``chunk`` (``tar`` from tar offset ``start``) whose tar
+        does not have its indexed CRC-32, or -1 (the final segment has none)."""
+        view, n = memoryview(tar), len(self.ni.segments)
+        for x in chunk:
+            if x < n and zlib.crc32(view[self.nt[x] - start : self.nt[x + 1] - start]) \
+                    != self._new_crcs[x]:
+                return x
+        return -1
+
+    def _enter_old(self, i0: int, j: int, w: int, copies: array.array[int]) -> None:
+        """Give the old tar stream an entry point at old segment ``j + 1`` (the one after
+        the copy that new segment ``i0``, a fresh run, follows) with the window the builder
+        handed over (``fresh``: the new tar before ``i0``, which it primed that run's
+        compressor with), so the run's old tar bytes are inflated from there instead of
+        from the seek point before (~1/2 MiB further back on average).
+
+        Only if that window is the old tar there, checked by CRC-32s against the *old*
+        index: it lies in new segments copied from old ``..., j - 1, j`` (consecutive),
+        whose whole ones as handed over have their twins' CRC-32s; and the old stream
+        entered there with it inflates, over the next 32 KiB of tar (all a later byte can
+        refer back to), to the old segments' CRC-32s.  (The builder's windows are exactly
+        32 KiB: the first segment's head is not handed over.)  Else nothing: the stream
+        seeks as before.  Either way the same delta: what a read answers does not depend
+        on where the stream was entered."""
+        assert self.fresh is not None
+        end = self.ot[j + 1]
+        if w != min(DICT_SIZE, end):
+            return
+        lo = self.nt[i0] - w
+        s = bisect.bisect_right(self.nt, lo) - 1  # the new segment holding the window's start
+        window = self.fresh.read(lo, self.nt[i0])
+        if window is None:
+            return
+        view = memoryview(window)
+        for x in range(s, i0):
+            if copies[x] != j - (i0 - 1 - x):
+                return
+            if self.nt[x] >= lo and zlib.crc32(
+                    view[self.nt[x] - lo : self.nt[x + 1] - lo]) != self._old_crcs[copies[x]]:
+                return
+        # The old segments from ``j + 1`` over the next 32 KiB (not into the final one,
+        # which has no CRC-32).
+        m = len(self.oi.segments)
+        k = bisect.bisect_left(self.ot, end + DICT_SIZE, j + 1)
+        if k > m:
+            return
+        want = self.ot[k] - end
+        try:
+            d = isal_zlib.decompressobj(-15, zdict=window) if window else \
+                isal_zlib.decompressobj(-15)
+            out = d.decompress(self.old[_HDR + self.od[j + 1] : _HDR + self.od[k]], want + 1)
+        except _INFLATE_ERRORS:
+            return
+        if len(out) != want:
+            return
+        ov = memoryview(out)
+        for x in range(j + 1, k):
+            if zlib.crc32(ov[self.ot[x] - end : self.ot[x + 1] - end]) != self._old_crcs[x]:
+                return
+        self.old_tar.enter(_HDR + self.od[j + 1], end, window)
+        self.fresh_windows += 1
 
     def _parts(self, tar: bytes, at: int) -> list[bytes | tuple[int, int]]:
         """``tar`` (new tar bytes from offset ``at``) as old references and literals."""
@@ -834,7 +961,7 @@ def _record(kind: int, body: bytes) -> bytes:
 
 def encode_layout(
     old_index: ArchiveIndex, old_archive: Any, new_index: ArchiveIndex, new_archive: Any,
-    *, seek: SeekPoints | None = None,
+    *, seek: SeekPoints | None = None, fresh: FreshTar | None = None,
 ) -> Generator[bytes, None, None]:
     """The layout delta turning ``old_archive`` into ``new_archive`` (buffers of the whole
     archives, e.g. mmaps), given the index of each; yields it record by record.  ``seek``:
@@ -845,7 +972,9 @@ def encode_layout(
         raise IntegrityError("layout delta: an archive is not the size its index says")
     if seek is not None and not seek.matches(old_index.archive_hash, old_index.archive_size):
         seek = None
-    return _Encoder(old_index, old_archive, new_index, new_archive, seek).records()
+    if fresh is not None and fresh.archive_hash != new_index.archive_hash:
+        fresh = None
+    return _Encoder(old_index, old_archive, new_index, new_archive, seek, fresh).records()
 
 
 # -- decoding (the receiver, who holds the old archive) --------------------------------------
