@@ -264,14 +264,16 @@ class TarStream:
         while self._end < hi and not self._d.eof:
             self._drop(floor)
             chunk: bytes | memoryview = self._d.unconsumed_tail
-            if not chunk:
-                if self._in >= len(self.buf):
-                    break
+            if not chunk and self._in < len(self.buf):
                 chunk = self.buf[self._in : self._in + _STEP]
                 self._in += len(chunk)
             # Bounded: a step of zeros would inflate ~1000-fold.  No more than asked for
             # (``_MIN_OUT`` at least): after a seek, a short read inflates little past it.
+            # With all input fed, ISA-L may still hold output back (its unconsumed tail is
+            # then empty): asked with no input, it gives it.
             out = self._d.decompress(chunk, min(_PIECE, max(_MIN_OUT, hi - self._end)))
+            if not out and not chunk:
+                break
             if out:
                 self._pieces.append(out)
                 self._starts.append(self._end)
