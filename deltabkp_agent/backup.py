@@ -96,7 +96,7 @@ import deltabkp
 from deltabkp import Signature, net, protocol
 from deltabkp._mmap import mapped
 from deltabkp._phases import Phases
-from deltabkp.archive import LAYOUT_CAPABILITY, ArchiveIndex, FreshTar
+from deltabkp.archive import LAYOUT_CAPABILITY, ArchiveIndex, BuildHandover
 from deltabkp.errors import (
     ArchiveError,
     DeltabkpError,
@@ -598,7 +598,7 @@ def _build(
                 _log_build(root, builder)
                 if not held:
                     delta_bytes += _stream_layout(kept, kept.index, new, push, cache, root,
-                                                  builder.fresh_tar)
+                                                  builder.handover)
                     ph.lap("layout")
                 return _Built(
                     archive_hash=new.archive_hash, archive_size=new.archive_size,
@@ -645,7 +645,7 @@ def _log_build(root: str, builder: Any) -> None:
 
 def _stream_layout(
     kept: KeptBuild, old: ArchiveIndex, new: ArchiveIndex, push: Callable[[bytes], None],
-    cache: AgentCache, root: str, fresh: FreshTar | None = None,
+    cache: AgentCache, root: str, fresh: BuildHandover | None = None,
 ) -> int:
     """Send the layout delta from the kept archive (the server's base) to the one just
     built, as it is made (``FLUSH_AT`` bytes or ``STREAM_S`` seconds, whichever comes first),

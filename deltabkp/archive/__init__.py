@@ -4,7 +4,7 @@
 ``tree_fingerprint`` answers "unchanged?" from metadata alone, ``extract_archive`` restores
 faithfully, safely and all or nothing.  ``IncrementalBuilder`` makes the same bytes as
 ``TgzBuilder`` from the previous build's ``ArchiveIndex`` and archive, reading only what
-changed (and hands over the tar it compressed, ``FreshTar``); ``encode_layout`` /
+changed (and hands over the tar it compressed, ``BuildHandover``); ``encode_layout`` /
 ``LayoutPatcher`` describe the next archive by the layout of the previous one (the layout
 delta), inflating it only around what changed given its ``SeekPoints``.  Invariants are stated in each private module.
 """
@@ -15,7 +15,7 @@ from deltabkp.archive._build import ArchiveReport, FileIssue, TgzBuilder, build_
 from deltabkp.archive._extract import ExtractReport, check_destination, extract_archive
 from deltabkp.archive._incremental import (
     ArchiveIndex,
-    FreshTar,
+    BuildHandover,
     IncrementalBuilder,
     IncrementalStats,
 )
@@ -33,10 +33,10 @@ __all__ = [
     "LAYOUT_MAGIC",
     "ArchiveIndex",
     "ArchiveReport",
+    "BuildHandover",
     "ExtractReport",
     "FileIssue",
     "Fingerprint",
-    "FreshTar",
     "IncrementalBuilder",
     "IncrementalStats",
     "LayoutPatcher",

@@ -1038,6 +1038,8 @@ class _Splicer:
                 assert self.old is not None and isinstance(start, int) and isinstance(length, int)
                 assert isinstance(span, tuple) and isinstance(delta, int)
                 first, stop = span
+                if self.fresh is not None:
+                    self.fresh.copied(len(self.seg_tar), first, stop - first)
                 # Vectorised: a run may copy tens of thousands of segments.
                 old = self.old
                 ts = old.cut_ends[first:stop].astype(np.int64)
@@ -1341,7 +1343,7 @@ class IncrementalBuilder(TgzBuilder):
         self.sink = sink
         self._index: ArchiveIndex | None = None
         self._stats: IncrementalStats | None = None
-        self._fresh: FreshTar | None = None
+        self._fresh: BuildHandover | None = None
 
     @property
     def index(self) -> ArchiveIndex:
@@ -1354,9 +1356,10 @@ class IncrementalBuilder(TgzBuilder):
         return _once_built(self._stats, "the build stats exist")
 
     @property
-    def fresh_tar(self) -> FreshTar | None:
-        """The tar bytes this build compressed (not copied), for ``encode_layout``; None
-        until the iteration has ended, or for a build without a previous one."""
+    def handover(self) -> BuildHandover | None:
+        """What this build compressed (its tar) and copied (which old segments), for
+        ``encode_layout``; None until the iteration has ended, or for a build without a
+        previous one."""
         return self._fresh
 
     def _generate(self) -> Generator[bytes, None, None]:
@@ -1769,30 +1772,37 @@ class IncrementalBuilder(TgzBuilder):
         yield from sp.finish()
 
 
-# -- the tar bytes a build compressed, for the layout encoder --------------------------------
+# -- what a build compressed and copied, for the layout encoder -----------------------------
 
-#: Most tar bytes a build keeps for ``FreshTar`` (~2 MB after the ~1 % change on the stdlib
+#: Most tar bytes a build keeps for ``BuildHandover`` (~2 MB after the ~1 % change on the stdlib
 #: tree): past it, the stretches compressed later are not kept (the encoder inflates those).
 FRESH_LIMIT = 16 << 20
 
 
 @attrs.frozen
-class FreshTar:
-    """Tar bytes of the archive ``archive_hash`` that its incremental build compressed (not
-    copied), with the 32 KiB window each compression job was primed with: ``chunks[k]`` is
-    the tar from offset ``offsets[k]``, in order, not overlapping (adjacent where contiguous).
+class BuildHandover:
+    """What the incremental build of the archive ``archive_hash`` knows that its layout
+    delta needs: the tar it compressed (not copied), with the 32 KiB window each compression
+    job was primed with — ``chunks[k]`` is the tar from offset ``offsets[k]``, in order, not
+    overlapping (adjacent where contiguous) — and which old segments it copied verbatim.
 
     Why: the layout encoder (``_layout``) needs the tar of the segments compressed anew,
-    and the 32 KiB of tar before each (the window: old tar bytes, which locate the old
-    stream there).  The builder had both in hand a moment before; without them the encoder
-    inflates the new archive and seeks into the old one from the nearest seek point, ~1/2
-    MiB of inflate per fresh run.  A value, bounded by ``FRESH_LIMIT``; what it lacks is
-    inflated as before.  The encoder checks what it takes (CRC-32s against the indexes):
-    it is a hand-over, not a source of truth."""
+    the 32 KiB of tar before each (the window: old tar bytes, which locate the old stream
+    there), and which new segments are old ones.  The builder had all of it in hand a
+    moment before; without it the encoder inflates the new archive, seeks into the old one
+    from the nearest seek point (~1/2 MiB of inflate per fresh run) and compares the two
+    archives' compressed bytes (~30 MB after the ~1 % change on the stdlib tree).  A value,
+    its tar bounded by ``FRESH_LIMIT`` (what it lacks is inflated as before; ``copies`` is
+    one triple per copied stretch).  The encoder checks the tar and windows it takes
+    (CRC-32s against the indexes); ``copies`` it takes as stated — those bytes are old
+    archive bytes by construction, and a receiver rebuilds them from its own base."""
 
     archive_hash: bytes
     offsets: tuple[int, ...]
     chunks: tuple[bytes, ...] = attrs.field(repr=False)
+    #: The old segments the build copied verbatim: ``(new segment, old segment, count)``
+    #: runs, new segment ``n + k`` holding old segment ``o + k``'s compressed bytes.
+    copies: tuple[tuple[int, int, int], ...] = ()
 
     def read(self, lo: int, hi: int) -> bytes | None:
         """Tar ``[lo, hi)`` if held whole, else None."""
@@ -1814,7 +1824,7 @@ class FreshTar:
 
 
 class _FreshKeeper:
-    """Collects ``FreshTar`` as the splicer hands out jobs (up to ``FRESH_LIMIT`` bytes)."""
+    """Collects ``BuildHandover`` as the splicer hands out jobs (up to ``FRESH_LIMIT`` bytes)."""
 
     def __init__(self) -> None:
         self.offsets: list[int] = []
@@ -1822,6 +1832,12 @@ class _FreshKeeper:
         self.size = 0
         self.end = -1  # tar offset after the last chunk
         self.full = False
+        self.copies: list[tuple[int, int, int]] = []
+
+    def copied(self, new: int, old: int, count: int) -> None:
+        """New segments ``[new, new + count)`` are old ``[old, old + count)``, copied."""
+        if count > 0:
+            self.copies.append((new, old, count))
 
     def add(self, at: int, prime: bytes, data: bytes) -> None:
         """A job's ``data`` from tar offset ``at``, compressed primed with ``prime`` (the
@@ -1842,5 +1858,6 @@ class _FreshKeeper:
             self.size += len(data)
             self.end = at + len(data)
 
-    def value(self, archive_hash: bytes) -> FreshTar:
-        return FreshTar(archive_hash, tuple(self.offsets), tuple(self.chunks))
+    def value(self, archive_hash: bytes) -> BuildHandover:
+        return BuildHandover(archive_hash, tuple(self.offsets), tuple(self.chunks),
+                             tuple(self.copies))

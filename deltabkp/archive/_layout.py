@@ -95,7 +95,7 @@ from deltabkp.archive._gzip import DICT_SIZE, compress_segments
 from deltabkp.archive._incremental import (
     DATA,
     ArchiveIndex,
-    FreshTar,
+    BuildHandover,
     IndexEntry,
     _Beside,
 )
@@ -329,9 +329,11 @@ def _pad(n: int) -> int:
 class _Encoder:
     #: Leading segments equal in both archives, compared by ``_lead`` (0 until it ran).
     _lead_segs = 0
+    #: What the build of the new archive handed over (None: nothing, all is inflated).
+    fresh: BuildHandover | None = None
 
     def __init__(self, old_index: ArchiveIndex, old: Any, new_index: ArchiveIndex, new: Any,
-                 seek: SeekPoints | None = None, fresh: FreshTar | None = None):
+                 seek: SeekPoints | None = None, fresh: BuildHandover | None = None):
         self.oi, self.ni = old_index, new_index
         self.fresh = fresh
         #: Fresh runs whose window (extra entry point) and tar came from ``fresh``.
@@ -439,10 +441,22 @@ class _Encoder:
         old = np.frombuffer(self.old, np.uint8)
         new = np.frombuffer(self.new, np.uint8)
 
-        # Stretches: consecutive new segments [i, k) of consecutive old ones [j, j + k - i),
-        # found with numpy (a Python step per segment cost ~5 ms on the stdlib tree).
         g = np.frombuffer(guess, np.int64)
         n = len(g)
+        # Known equal, not compared: the leading segments ``_lead`` compared (each guessed
+        # as itself: its old twin is a candidate, the first and the continuation), and the
+        # segments the build copied from the old one guessed (``handover.copies``).
+        known = np.zeros(n, bool)
+        lead = min(self._lead_segs, n)
+        known[:lead] = g[:lead] == np.arange(lead)
+        for n0, o0, cnt in self.fresh.copies if self.fresh is not None else ():
+            if 0 <= n0 and n0 + cnt <= n:
+                known[n0 : n0 + cnt] = g[n0 : n0 + cnt] == np.arange(o0, o0 + cnt)
+        if known.any():
+            np.frombuffer(confirmed, np.int64)[known] = g[known] + 1
+            g = np.where(known, -1, g)
+        # Stretches: consecutive new segments [i, k) of consecutive old ones [j, j + k - i),
+        # found with numpy (a Python step per segment cost ~5 ms on the stdlib tree).
         cont = np.zeros(n, bool)  # segment k continues k - 1's stretch
         cont[1:] = (g[:-1] >= 0) & (g[1:] == g[:-1] + 1)
         breaks = np.append(np.flatnonzero(~cont), n)
@@ -450,17 +464,6 @@ class _Encoder:
         lasts = breaks[np.searchsorted(breaks, firsts, "right")]
         stretches: list[tuple[int, int, int]] = list(
             zip(firsts.tolist(), lasts.tolist(), g[firsts].tolist(), strict=True))
-        # The leading segments ``_lead`` compared (each guessed as itself: its old twin is a
-        # candidate, the first and the continuation) are not compared again.
-        lead = self._lead_segs
-        if lead and stretches and stretches[0][0] == 0 and stretches[0][2] == 0:
-            _, k, _ = stretches[0]
-            assert k >= lead
-            confirmed[0:lead] = array.array("q", range(1, lead + 1))
-            if k > lead:
-                stretches[0] = (lead, k, lead)
-            else:
-                del stretches[0]
         while stretches:
             i, k, j = stretches.pop()
             a, b, length = _HDR + self.nd[i], _HDR + self.od[j], self.nd[k] - self.nd[i]
@@ -568,16 +571,36 @@ class _Encoder:
         bounds = int(np.argmin(same)) if m and not same.all() else m  # segments [0, bounds)
         end = _HDR + self.nd[bounds]
         old, new = np.frombuffer(self.old, np.uint8), np.frombuffer(self.new, np.uint8)
-        # The first differing byte, a block at a time (the rest is never looked at here).
-        for x in range(0, end, _PIECE):
-            y = min(x + _PIECE, end)
-            if not np.array_equal(old[x:y], new[x:y]):
-                end = x + int(np.argmax(old[x:y] != new[x:y]))
-                break
+        # The first differing byte, a block at a time (the rest is never looked at here),
+        # but for the stretches the build copied to the same place (equal: not compared).
+        at = 0
+        for a, b in [*self._copied_in_place(end), (end, end)]:
+            for x in range(at, a, _PIECE):
+                y = min(x + _PIECE, a)
+                if not np.array_equal(old[x:y], new[x:y]):
+                    end = x + int(np.argmax(old[x:y] != new[x:y]))
+                    break
+            else:
+                at = b
+                continue
+            break
         # Whole segments before it.
         lead = bisect.bisect_right(self.nd, end - _HDR, 0, bounds + 1) - 1
         self._lead_segs = max(lead, 0)  # compared here: _confirm does not again
         return _HDR + self.nd[lead] if lead > 0 else 0
+
+    def _copied_in_place(self, end: int) -> list[tuple[int, int]]:
+        """The archive byte ranges before ``end`` the build copied from the same place in
+        the old archive (``handover.copies``), ascending."""
+        out: list[tuple[int, int]] = []
+        for n0, o0, cnt in self.fresh.copies if self.fresh is not None else ():
+            a = _HDR + self.nd[n0]
+            if a >= end:
+                break
+            if n0 + cnt <= len(self.nd) - 1 and o0 + cnt <= len(self.od) - 1 and \
+                    self.nd[n0] == self.od[o0] and self.nd[n0 + cnt] == self.od[o0 + cnt]:
+                out.append((a, min(end, _HDR + self.nd[n0 + cnt])))
+        return out
 
     def _copy(self, copy: list[int], lead: int) -> Iterator[bytes]:
         """The COPY record of ``copy`` (old offset, length), unless it is the plan's first
@@ -636,7 +659,7 @@ class _Encoder:
             # The tar the builder compressed, if it handed it over (and it checks); else
             # inflated from the new archive with the window before.
             got = self.fresh.read(start, tar_end) if self.fresh is not None else None
-            if got is not None and self._bad_crc(got, chunk, start) < 0:
+            if got is not None and self._tar_problem(got, chunk, window, comp) is None:
                 tar, inflate = got, None
                 self.fresh_runs += 1
             else:
@@ -650,21 +673,9 @@ class _Encoder:
                 except _INFLATE_ERRORS as exc:
                     raise IntegrityError(
                         f"layout delta: a new segment does not inflate: {exc}") from None
-                if len(tar) != tar_end - start:
-                    raise IntegrityError(
-                        "layout delta: a new segment does not inflate to its length")
-                if (bad := self._bad_crc(tar, chunk, start)) >= 0:
-                    raise IntegrityError(
-                        f"layout delta: new segment {bad} does not inflate to its CRC-32")
+                if (why := self._tar_problem(tar, chunk, window, comp)) is not None:
+                    raise IntegrityError(f"layout delta: {why}")
             cuts = [self.nt[x + 1] - self.nt[x] for x in chunk if x < n]
-            view = memoryview(tar)
-            if final:
-                at = self.nt[n] - start
-                fd = self.nd[n] - ds
-                fw = ((window + tar[:at]) if at < DICT_SIZE else tar[:at])[-DICT_SIZE:]
-                if compress_segments(view[at:], [], ni.level, True, fw) != comp[fd:]:
-                    raise IntegrityError(
-                        "layout delta: the final segment does not compress back to the archive")
             parts = self._parts(tar, start) if cont else self._parts(window + tar, start - w)
             lits = b"".join(p for p in parts if isinstance(p, bytes))
             blob = self.lit.compress(lits) + self.lit.flush(zlib.Z_SYNC_FLUSH)
@@ -678,15 +689,27 @@ class _Encoder:
             window = (window + tar)[-DICT_SIZE:]
             cont, chunk = True, []
 
-    def _bad_crc(self, tar: bytes, chunk: list[int], start: int) -> int:
-        """The first new segment of ``chunk`` (``tar`` from tar offset ``start``) whose tar
-        does not have its indexed CRC-32, or -1 (the final segment has none)."""
-        view, n = memoryview(tar), len(self.ni.segments)
+    def _tar_problem(self, tar: bytes, chunk: list[int], window: bytes, comp: Any
+                     ) -> str | None:
+        """Why ``tar`` is not the tar of new segments ``chunk`` (compressed ``comp``, after
+        ``window``), or None: its length, each segment's indexed CRC-32, and the final
+        segment (which has none) compressed back to the archive's bytes."""
+        ni, n = self.ni, len(self.ni.segments)
+        start, last = self.nt[chunk[0]], chunk[-1]
+        if len(tar) != (self.nt[last + 1] if last < n else ni.tar_size) - start:
+            return "a new segment does not inflate to its length"
+        view = memoryview(tar)
         for x in chunk:
             if x < n and zlib.crc32(view[self.nt[x] - start : self.nt[x + 1] - start]) \
                     != self._new_crcs[x]:
-                return x
-        return -1
+                return f"new segment {x} does not inflate to its CRC-32"
+        if last == n:
+            at = self.nt[n] - start
+            fw = ((window + tar[:at]) if at < DICT_SIZE else tar[:at])[-DICT_SIZE:]
+            if compress_segments(view[at:], [], ni.level, True, fw) != \
+                    comp[self.nd[n] - self.nd[chunk[0]] :]:
+                return "the final segment does not compress back to the archive"
+        return None
 
     def _enter_old(self, i0: int, j: int, w: int, copies: array.array[int]) -> None:
         """Give the old tar stream an entry point at old segment ``j + 1`` (the one after
@@ -963,7 +986,7 @@ def _record(kind: int, body: bytes) -> bytes:
 
 def encode_layout(
     old_index: ArchiveIndex, old_archive: Any, new_index: ArchiveIndex, new_archive: Any,
-    *, seek: SeekPoints | None = None, fresh: FreshTar | None = None,
+    *, seek: SeekPoints | None = None, fresh: BuildHandover | None = None,
 ) -> Generator[bytes, None, None]:
     """The layout delta turning ``old_archive`` into ``new_archive`` (buffers of the whole
     archives, e.g. mmaps), given the index of each; yields it record by record.  ``seek``:
