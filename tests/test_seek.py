@@ -228,9 +228,13 @@ def test_reads_answer_the_same_with_extra_entry_points(
     plain = layout.TarStream(archive, keep)
     entered = layout.TarStream(archive, keep, seek if table else None)
     for x in extra:
-        k = x % len(index.segments)
+        k = x % (len(index.segments) - 1)
         t, d = int(index.segments.tar_ends[k]), int(index.segments.deflate_ends[k])
-        entered.enter(10 + d, t, tar[max(0, t - (32 << 10)) : t])
+        if x % 2:  # with the tar up to the next boundary as inflated already
+            t2, d2 = int(index.segments.tar_ends[k + 1]), int(index.segments.deflate_ends[k + 1])
+            entered.enter(10 + d, t, tar[max(0, t - (32 << 10)) : t], tar[t:t2], 10 + d2)
+        else:
+            entered.enter(10 + d, t, tar[max(0, t - (32 << 10)) : t])
     for lo, n in reads:
         a, b = plain.read(lo, lo + n), entered.read(lo, lo + n)
         assert a == b

@@ -131,8 +131,9 @@ _PIECE = 1 << 20
 #: Old tar bytes the sender's stream keeps behind the furthest one asked for; its references
 #: reach a little less far back (``_reach``), a receiver keeps twice as much.
 KEEP = 8 << 20
-#: Extra entry points a ``TarStream`` keeps (``enter``: one per fresh run; 32 KiB each).
-_EXTRA = 64
+#: Extra entry points a ``TarStream`` keeps (``enter``: one per fresh run; its 32 KiB
+#: window and the ~32-96 KiB inflated after it, each).
+_EXTRA = 32
 #: Compressed bytes inflated at a time (each call's output is at most ``_PIECE``).
 _STEP = 64 * 1024
 #: Least tar bytes an inflate call may stop at: a read stops about where it asked (256 KiB
@@ -191,21 +192,26 @@ class TarStream:
         self._far = 0  # the furthest byte asked for
         self._floor = 0  # reads starting before it are refused
         # Extra entry points (``enter``), ascending: tar offset, where its window starts,
-        # archive offset, window.
+        # archive offset, window, and the tar inflated after it (with the archive offset
+        # there).
         self._xt: list[int] = []
         self._xfrom: list[int] = []
         self._xa: list[int] = []
         self._xw: list[bytes] = []
+        self._xh: list[tuple[bytes, int]] = []
         #: Seek points started from, tar bytes inflated (tests and benchmarks read them).
         self.seeks = self.inflated = 0
 
-    def enter(self, archive_offset: int, tar_offset: int, window: bytes) -> None:
+    def enter(self, archive_offset: int, tar_offset: int, window: bytes, ahead: bytes = b"",
+              ahead_end: int = 0) -> None:
         """One more entry point: the deflate stream at ``archive_offset`` (a segment
         boundary) starts tar offset ``tar_offset``, which ``window`` (its
-        ``min(32 KiB, tar_offset)`` tar bytes before) primes.  The caller vouches for it
-        (the encoder checks it by CRC-32s); reads inside the window are answered from it.
-        What reads answer does not change, only what is inflated to answer them.  At most
-        ``_EXTRA`` are kept (the lowest go first)."""
+        ``min(32 KiB, tar_offset)`` tar bytes before) primes; ``ahead``: the tar from there
+        already inflated (up to the segment boundary at archive offset ``ahead_end``), so
+        not inflated again.  The caller vouches for them (the encoder checks them by
+        CRC-32s); reads inside the window are answered from it.  What reads answer does
+        not change, only what is inflated to answer them.  At most ``_EXTRA`` are kept (the
+        lowest go first)."""
         if len(window) != min(DICT_SIZE, tar_offset):
             raise ValueError("an entry point's window is 32 KiB (or all the tar before it)")
         k = bisect.bisect_left(self._xt, tar_offset)
@@ -215,8 +221,9 @@ class TarStream:
         self._xfrom.insert(k, tar_offset - len(window))
         self._xa.insert(k, archive_offset)
         self._xw.insert(k, window)
+        self._xh.insert(k, (ahead, ahead_end))
         if len(self._xt) > _EXTRA:
-            del self._xt[0], self._xfrom[0], self._xa[0], self._xw[0]
+            del self._xt[0], self._xfrom[0], self._xa[0], self._xw[0], self._xh[0]
 
     @property
     def floor(self) -> int:
@@ -294,9 +301,15 @@ class TarStream:
     def _enter(self, x: int) -> None:
         """Inflate from extra point ``x``, its window kept as the tar before it."""
         t, w = self._xt[x], self._xw[x]
+        ahead, after = self._xh[x]
         self._pieces, self._starts = ([w], [t - len(w)]) if w else ([], [])
-        self._d = isal_zlib.decompressobj(-15, zdict=w) if w else isal_zlib.decompressobj(-15)
         self._in, self._end = self._xa[x], t
+        if ahead:
+            self._pieces.append(ahead)
+            self._starts.append(t)
+            self._in, self._end = after, t + len(ahead)
+            w = (w + ahead)[-DICT_SIZE:]
+        self._d = isal_zlib.decompressobj(-15, zdict=w) if w else isal_zlib.decompressobj(-15)
         self.seeks += 1
 
     def _restart(self, k: int) -> None:
@@ -761,7 +774,7 @@ class _Encoder:
         for x in range(j + 1, k):
             if zlib.crc32(ov[self.ot[x] - end : self.ot[x + 1] - end]) != self._old_crcs[x]:
                 return
-        self.old_tar.enter(_HDR + self.od[j + 1], end, window)
+        self.old_tar.enter(_HDR + self.od[j + 1], end, window, out, _HDR + self.od[k])
         self.fresh_windows += 1
 
     def _parts(self, tar: bytes, at: int) -> list[bytes | tuple[int, int]]:
