@@ -132,8 +132,8 @@ _PIECE = 1 << 20
 #: reach a little less far back (``_reach``), a receiver keeps twice as much.
 KEEP = 8 << 20
 #: Extra entry points a ``TarStream`` keeps (``enter``: one per fresh run; its 32 KiB
-#: window and the ~32-96 KiB inflated after it, each).
-_EXTRA = 32
+#: window and the ~32-96 KiB inflated after it, each): reads go around the current run.
+_EXTRA = 16
 #: Compressed bytes inflated at a time (each call's output is at most ``_PIECE``).
 _STEP = 64 * 1024
 #: Least tar bytes an inflate call may stop at: a read stops about where it asked (256 KiB
