@@ -41,8 +41,20 @@ best, 0.26 -> 0.13 median, the same bytes: runs checked by CRC-32 instead of com
 again (~1/4 of the CPU), inflate calls stopping near what was asked (18.6 MB inflated, not
 21.7; long steps also copied their unconsumed input at every call), old entries found by
 position instead of a dict of every path, the per-segment loops of ``copies`` in numpy.
-What is left: ~40 % inflating old tar (the 1 MiB seek spacing sets it: 256 KiB spacing
-saves ~1/6 more), ~15 % the literal stream at level 9 (part of the format's bytes).
+That left ~40 % inflating old tar (each fresh run's reads started at the seek point up to
+1 MiB before it: 20.6 MB inflated) and ~15 % the literal stream at level 9.  Then the
+build's hand-over (``BuildHandover``, from ``IncrementalBuilder.handover``): the tar each
+compression job compressed and its 32 KiB window, and the old segments it copied.  A fresh
+run's window, checked against the old index's CRC-32s, becomes an entry point of the old
+stream right where the run's reads go (``TarStream.enter``: 2.2 MB inflated), the run's
+tar is not inflated from the new archive, and the copied segments are not compared (~30
+MB).  The same delta bytes; encode 0.16-0.19 -> 0.075-0.10 s CPU median, in-process with
+fresh mmaps as the agent maps them (2 shared cores at load 5-7); the agent's layout phase
+in ``bench_system.sh`` 229 -> 84 ms CPU, median of 3 runs each, alternating, load 5-8.
+What is left: ~45 % ``_parts`` (Python per entry of a fresh run), ~20 % ``copies`` (its
+candidate keys, ``_choose``'s loop over repeated content), ~15 % the literal stream at
+level 9 (level 6: ~10 ms less, 30,868 bytes instead of 30,312 — but
+``tests/golden/layout/v1.dbkpld`` pins the encoder's bytes).
 
 Invariants:
 - pure (bytes and buffers in, bytes out; no I/O), deterministic.  The receiver may compress
@@ -50,15 +62,18 @@ Invariants:
   only on its tar and window, so the bytes, their order and the errors are the one-by-one
   path's; the threads end with the delta's END, an error or ``close`` (or with the
   patcher: they hold no view of the base).  The sender checks what it
-  sends: a COPY is of equal bytes (compared stretch by stretch), a RUN's tar is the one the
-  builder compressed (each segment's CRC-32 as indexed; the final segment, which has none,
-  compresses back to the archive's bytes), an old reference equals the bytes it stands
-  for.  That those tar bytes compress to the archive's is the builder's invariant (its
+  sends: a COPY is of equal bytes (compared stretch by stretch, but for the segments the
+  build says it copied verbatim: those are old bytes by construction), a RUN's tar is the
+  one the builder compressed (each segment's CRC-32 as indexed; the final segment, which
+  has none, compresses back to the archive's bytes; handed over or inflated alike), an
+  old reference equals the bytes it stands for (an extra entry point's window checked
+  against the old index's CRC-32s first).  That those tar bytes compress to the archive's is the builder's invariant (its
   output is a fresh build's, ``compress_segments`` primed with the window); recompressing
   every run to check it again was ~1/4 of an encode's CPU, and the receiver's blake3 catches it
   anyway (the server then retries the backup as a full transfer).  The sender
   reads the new archive only around fresh runs (inflated with their window, which is old
-  tar bytes: a run whose window is not joins the run before).  The
+  tar bytes: a run whose window is not joins the run before), and not at all where the
+  build handed their tar over.  The
   receiver checks size and blake3 of the result against the header: a wrong archive is
   never produced silently (``IntegrityError``);
 - zlib's output at a level depends on its version: the capability string names it
@@ -1004,7 +1019,10 @@ def encode_layout(
     """The layout delta turning ``old_archive`` into ``new_archive`` (buffers of the whole
     archives, e.g. mmaps), given the index of each; yields it record by record.  ``seek``:
     the old archive's seek points (used only if they name it), so old tar bytes are
-    inflated around what changed instead of from the start; the same delta either way."""
+    inflated around what changed instead of from the start; ``fresh``: what the incremental
+    build of the new archive handed over (``IncrementalBuilder.handover``, used only if it
+    names it), so the encoder inflates little of either archive and compares only what the
+    build did not copy; the same delta either way."""
     if old_index.archive_size != len(memoryview(old_archive)) or \
             new_index.archive_size != len(memoryview(new_archive)):
         raise IntegrityError("layout delta: an archive is not the size its index says")
