@@ -669,9 +669,10 @@ def _stream_layout(
                 mapped(old_file) as old_buf, mapped(new_file) as new_buf:
             # The kept archive's seek points (if made, and its own): old tar bytes are
             # inflated around the change only; the same delta either way.
-            # ``fresh``: the tar the build just compressed and the window before each job,
-            # so the encoder inflates neither the new archive nor the old one from a seek
-            # point far back (the same delta).
+            # ``fresh``: what the build just did (the tar it compressed, each job's window,
+            # the segments it copied), so the encoder inflates neither the new archive nor
+            # the old one from a seek point far back, nor compares what was copied (the
+            # same delta).
             records = encode_layout(old, old_buf, new, new_buf, seek=cache.kept_seek(root, old),
                                     fresh=fresh)
             try:

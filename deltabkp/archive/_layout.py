@@ -48,13 +48,14 @@ compression job compressed and its 32 KiB window, and the old segments it copied
 run's window, checked against the old index's CRC-32s, becomes an entry point of the old
 stream right where the run's reads go (``TarStream.enter``: 2.2 MB inflated), the run's
 tar is not inflated from the new archive, and the copied segments are not compared (~30
-MB).  The same delta bytes; encode 0.16-0.19 -> 0.075-0.10 s CPU median, in-process with
-fresh mmaps as the agent maps them (2 shared cores at load 5-7); the agent's layout phase
-in ``bench_system.sh`` 229 -> 84 ms CPU, median of 3 runs each, alternating, load 5-8.
-What is left: ~45 % ``_parts`` (Python per entry of a fresh run), ~20 % ``copies`` (its
-candidate keys, ``_choose``'s loop over repeated content), ~15 % the literal stream at
-level 9 (level 6: ~10 ms less, 30,868 bytes instead of 30,312 — but
-``tests/golden/layout/v1.dbkpld`` pins the encoder's bytes).
+MB); a fresh run's entries read from their packed records (no ``IndexEntry``).  The same
+delta bytes; ``_stream_layout``'s thread 142 -> 61 ms CPU median (3 runs each, alternating,
+load ~2-3); the agent's layout phase in ``bench_system.sh`` ~210 -> ~90 ms CPU, median of 6
+runs each, alternating (2 shared cores, load 2-8: its wall ~227 -> ~150 ms, noisy).  What is
+left: ~45 % ``_parts`` (Python per entry of a fresh run), ~20 % ``copies`` (its candidate
+keys, ``_choose``'s loop over repeated content), ~20 % the literal stream at level 9
+(level 6: ~10 ms less, 30,868 bytes instead of 30,312 — but ``tests/golden/layout/
+v1.dbkpld`` pins the encoder's bytes).
 
 Invariants:
 - pure (bytes and buffers in, bytes out; no I/O), deterministic.  The receiver may compress
