@@ -26,6 +26,14 @@ path), in turns, ``--repeat`` times each, in the same run (and with seek points 
 ``--seek`` is given): CPU and wall, best and median, and the CPU of the calling thread
 alone (``time.thread_time``: the patcher's longest path when the workers have a core).
 
+``--handover`` makes the pair as the agent does (a copy of the base tree built, the change
+set rsynced into it, built again from the first build) and times encode there, with the
+old archive's seek points, without and with what that incremental build hands over
+(``IncrementalBuilder.handover``: the tar it compressed, each job's window, the segments
+it copied), in turns, ``--repeat`` times each, the archives mapped afresh each time (as the
+agent maps them): CPU best and median, old tar inflated, and whether the delta is the
+same bytes as without and as the bench pair's.
+
 ``--baseline PATH`` runs encode and apply again with the ``deltabkp`` package found under
 PATH (e.g. a ``git worktree`` of an older commit), in the same run, on the same archives:
 a child process for the baseline and this tree in turn, ``--repeat`` times (alternating,
@@ -115,6 +123,59 @@ def _inflated(old_i: Any, old: Any, new_i: Any, new: Any, kw: dict[str, Any]) ->
         return None
 
 
+def _handover(repeat: int, trees: dict[str, Path], want_sha: str) -> str:
+    """``--handover``: encode on an agent's pair, without and with the build's hand-over."""
+    import shutil
+
+    from deltabkp.archive import IncrementalBuilder, SeekPoints, encode_layout
+    from deltabkp.archive._layout import _Encoder
+    from deltabkp.archive._walk import RACY_NS
+
+    work = OUT.parent / "layout-handover"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    subprocess.run(["cp", "-a", str(trees["base"]), str(work / "app")], check=True)
+    time.sleep(RACY_NS / 1e9 + 0.1)  # the copy's ctimes: reusable by the next build
+    a = IncrementalBuilder(work / "app")
+    with open(work / "a.tgz", "wb") as f:
+        f.writelines(a)
+    subprocess.run(["rsync", "-a", "--checksum", "--delete", f"{trees['new']}/",
+                    f"{work / 'app'}/"], check=True)
+    b = IncrementalBuilder(work / "app", previous=a.index, previous_archive=work / "a.tgz")
+    with open(work / "b.tgz", "wb") as f:
+        f.writelines(b)
+    seek = SeekPoints.build(_mapped(work / "a.tgz"), a.index.archive_hash, index=a.index)
+    hand = b.handover
+    times: dict[bool, list[float]] = {False: [], True: []}
+    shas: dict[bool, set[str]] = {False: set(), True: set()}
+    for _ in range(repeat):
+        for with_it in (False, True):  # in turns: both see the same load
+            old, new = _mapped(work / "a.tgz"), _mapped(work / "b.tgz")
+            c = time.process_time()
+            delta = b"".join(encode_layout(a.index, old, b.index, new, seek=seek,
+                                           fresh=hand if with_it else None))
+            times[with_it].append(time.process_time() - c)
+            shas[with_it].add(hashlib.sha256(delta).hexdigest())
+    inflated = {}
+    for with_it in (False, True):
+        enc = _Encoder(a.index, _mapped(work / "a.tgz"), b.index, _mapped(work / "b.tgz"), seek,
+                       hand if with_it else None)
+        b"".join(enc.records())
+        inflated[with_it] = enc.old_tar.inflated
+    shutil.rmtree(work, ignore_errors=True)
+    w, h = sorted(times[False]), sorted(times[True])
+    same = shas[False] == shas[True] == {want_sha}
+    size = sum(map(len, hand.chunks)) if hand is not None else 0
+    return (f"hand-over (an agent's pair, seek points; {size:,} bytes of tar, "
+            f"{len(hand.copies) if hand is not None else 0} copied stretches): encode CPU s "
+            f"without best {w[0]:.3f} median {w[len(w) // 2]:.3f}, with best {h[0]:.3f} median "
+            f"{h[len(h) // 2]:.3f}: {w[0] / h[0]:.2f}x (best), "
+            f"{w[len(w) // 2] / h[len(h) // 2]:.2f}x (median); old tar inflated "
+            f"{inflated[False]:,} -> {inflated[True]:,}; deltas "
+            f"{'the same bytes as the bench pair' if same else 'DIFFERENT'} "
+            f"(sha256 {', '.join(sorted(x[:16] for x in shas[False] | shas[True]))})")
+
+
 def _seek_points(kib: int) -> Any:
     """The old archive's seek points at ``kib`` spacing, made as the agent makes them."""
     from deltabkp.archive import ArchiveIndex, SeekPoints
@@ -132,6 +193,8 @@ def main() -> None:
                     help="also with the old archive's seek points (at these spacings, KiB)")
     ap.add_argument("--threads", nargs="+", type=int, metavar="N",
                     help="also apply with LayoutPatcher(threads=N) for each N, in turns")
+    ap.add_argument("--handover", action="store_true",
+                    help="also encode on an agent's pair, with and without the build's hand-over")
     ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--measure-seek", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -212,6 +275,8 @@ def main() -> None:
                 f"through the patch (server) {carry[0]:.3f} s CPU, {len(carried)} points, "
                 f"against {fresh[0]:.3f} s from its markers")
     versus: list[str] = []
+    if args.handover:
+        versus.append(_handover(args.repeat, trees, str(rows["this tree"]["sha256"])))
     if args.baseline:
         here = str(Path(__file__).resolve().parent.parent)
         cmd = [sys.executable, __file__, "--measure", "--repeat", "1"]

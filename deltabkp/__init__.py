@@ -26,8 +26,8 @@ _ENGINE_NAMES = (
     "patch", "signature",
 )
 _ARCHIVE_NAMES = (
-    "LAYOUT_CAPABILITY", "LAYOUT_MAGIC", "ArchiveIndex", "ArchiveReport", "ExtractReport",
-    "FileIssue", "Fingerprint", "IncrementalBuilder", "IncrementalStats", "LayoutPatcher",
+    "LAYOUT_CAPABILITY", "LAYOUT_MAGIC", "ArchiveIndex", "ArchiveReport", "BuildHandover",
+    "ExtractReport", "FileIssue", "Fingerprint", "IncrementalBuilder", "IncrementalStats", "LayoutPatcher",
     "SeekPoints", "TgzBuilder", "build_archive", "check_destination", "encode_layout",
     "extract_archive",
     "tree_fingerprint",

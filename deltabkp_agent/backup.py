@@ -96,7 +96,7 @@ import deltabkp
 from deltabkp import Signature, net, protocol
 from deltabkp._mmap import mapped
 from deltabkp._phases import Phases
-from deltabkp.archive import LAYOUT_CAPABILITY, ArchiveIndex
+from deltabkp.archive import LAYOUT_CAPABILITY, ArchiveIndex, BuildHandover
 from deltabkp.errors import (
     ArchiveError,
     DeltabkpError,
@@ -597,7 +597,8 @@ def _build(
                 held = hold and new.archive_hash == layout.archive_hash
                 _log_build(root, builder)
                 if not held:
-                    delta_bytes += _stream_layout(kept, kept.index, new, push, cache, root)
+                    delta_bytes += _stream_layout(kept, kept.index, new, push, cache, root,
+                                                  builder.handover)
                     ph.lap("layout")
                 return _Built(
                     archive_hash=new.archive_hash, archive_size=new.archive_size,
@@ -646,7 +647,7 @@ def _log_build(root: str, builder: Any) -> None:
 
 def _stream_layout(
     kept: KeptBuild, old: ArchiveIndex, new: ArchiveIndex, push: Callable[[bytes], None],
-    cache: AgentCache, root: str,
+    cache: AgentCache, root: str, fresh: BuildHandover | None = None,
 ) -> int:
     """Send the layout delta from the kept archive (the server's base) to the one just
     built, as it is made (``FLUSH_AT`` bytes or ``STREAM_S`` seconds, whichever comes first),
@@ -670,7 +671,12 @@ def _stream_layout(
                 mapped(old_file) as old_buf, mapped(new_file) as new_buf:
             # The kept archive's seek points (if made, and its own): old tar bytes are
             # inflated around the change only; the same delta either way.
-            records = encode_layout(old, old_buf, new, new_buf, seek=cache.kept_seek(root, old))
+            # ``fresh``: what the build just did (the tar it compressed, each job's window,
+            # the segments it copied), so the encoder inflates neither the new archive nor
+            # the old one from a seek point far back, nor compares what was copied (the
+            # same delta).
+            records = encode_layout(old, old_buf, new, new_buf, seek=cache.kept_seek(root, old),
+                                    fresh=fresh)
             try:
                 # The header and the first record (usually the leading COPY, out before the
                 # encoder's plan) go at once: the server opens its base and starts copying

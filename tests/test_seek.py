@@ -16,18 +16,37 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Any
 
+import attrs
 import blake3
+import numpy as np
 import pytest
 from helpers_proc import Cluster, cluster, wait_for  # noqa: F401
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_agent_cache import build_kept, make_tree
-from test_layout_delta import EDITS, _build, _edit, _edited_pair, _make_tree, _settle, _text
+from test_layout_delta import (
+    EDITS,
+    _build,
+    _edit,
+    _edited_pair,
+    _make_tree,
+    _settle,
+    _text,
+)
 
+import deltabkp.archive._incremental as incremental
 import deltabkp.archive._layout as layout
 import deltabkp.archive._seek as seekmod
-from deltabkp.archive import ArchiveIndex, LayoutPatcher, SeekPoints, encode_layout
+from deltabkp.archive import (
+    ArchiveIndex,
+    BuildHandover,
+    IncrementalBuilder,
+    LayoutPatcher,
+    SeekPoints,
+    encode_layout,
+)
 from deltabkp.errors import FormatError, LimitExceeded, UnsupportedVersion
 from deltabkp_agent.cache import AgentCache
 from deltabkp_server.model import ArchiveRecord
@@ -191,6 +210,148 @@ def test_a_change_near_the_end_inflates_little_of_the_old_archive(tmp_path: Path
     assert plain.inflated > 0.9 * a.index.tar_size
     for s in (sender, receiver):
         assert s.inflated < 0.25 * a.index.tar_size, (s.inflated, a.index.tar_size)
+
+
+@settings(max_examples=30, deadline=None)
+@given(reads=st.lists(st.tuples(st.integers(0, 420_000), st.integers(0, 40_000)), min_size=1,
+                      max_size=14),
+       extra=st.lists(st.integers(0, 10_000), max_size=8), table=st.booleans())
+def test_reads_answer_the_same_with_extra_entry_points(
+    reads: list[tuple[int, int]], extra: list[int], table: bool
+) -> None:
+    """Extra entry points (``TarStream.enter``: a segment boundary and its window, as the
+    layout encoder makes them from a build's hand-over) change what is inflated, never
+    what a read answers; reads inside a point's window are answered from it."""
+    archive, tar, seek = _with_seek_points()
+    index = _archive_with_chance_markers()[1]
+    keep = 64 << 10
+    plain = layout.TarStream(archive, keep)
+    entered = layout.TarStream(archive, keep, seek if table else None)
+    for x in extra:
+        k = x % (len(index.segments) - 1)
+        t, d = int(index.segments.tar_ends[k]), int(index.segments.deflate_ends[k])
+        if x % 2:  # with the tar up to the next boundary as inflated already
+            t2, d2 = int(index.segments.tar_ends[k + 1]), int(index.segments.deflate_ends[k + 1])
+            entered.enter(10 + d, t, tar[max(0, t - (32 << 10)) : t], tar[t:t2], 10 + d2)
+        else:
+            entered.enter(10 + d, t, tar[max(0, t - (32 << 10)) : t])
+    for lo, n in reads:
+        a, b = plain.read(lo, lo + n), entered.read(lo, lo + n)
+        assert a == b
+        assert a is None or a == tar[lo : lo + n]
+    with pytest.raises(ValueError):
+        entered.enter(10, 40_000, b"short")
+
+
+def _build_unracy(root: Path, out: Path, prev: IncrementalBuilder | None, prev_path: Path
+                  ) -> IncrementalBuilder:
+    """``_build`` with nothing racy: ``_settle`` changes every ctime, so files settled just
+    before a build are read again by the next one; here, unchanged files are copied."""
+    b = IncrementalBuilder(root, previous=prev.index if prev else None,
+                           previous_archive=prev_path if prev else None, racy_ns=0, threads=0)
+    with open(out, "wb") as f:
+        f.writelines(b)
+    return b
+
+
+def _fresh_corrupted(fresh: BuildHandover) -> BuildHandover:
+    """The hand-over with a byte of every chunk flipped (as a bug or a bad memory would)."""
+    chunks = tuple(c[: len(c) // 2] + bytes([c[len(c) // 2] ^ 1]) + c[len(c) // 2 + 1 :]
+                   for c in fresh.chunks)
+    return attrs.evolve(fresh, chunks=chunks)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), edits=EDITS)
+def test_layout_delta_is_the_same_with_the_builds_hand_over(
+    seed: int, edits: list[tuple[str, int]]
+) -> None:
+    """The tar a build compressed (``BuildHandover``) spares the encoder inflating, and changes
+    nothing in the delta: with or without seek points, whole, cut short by its limit, or
+    corrupted (each chunk then fails its CRC-32s and is inflated as before)."""
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d) / "tree"
+        _make_tree(root, rng, 30)
+        _settle(root)
+        a = _build_unracy(root, Path(d) / "a.tgz", None, None)
+        for kind, n in edits:
+            _edit(root, rng, kind, n)
+        b = _build_unracy(root, Path(d) / "b.tgz", a, Path(d) / "a.tgz")
+        old, new = (Path(d) / "a.tgz").read_bytes(), (Path(d) / "b.tgz").read_bytes()
+    fresh = b.handover
+    assert fresh is not None and fresh.archive_hash == b.index.archive_hash
+    seek = SeekPoints.build(old, a.index.archive_hash, index=a.index, spacing=4096)
+    plain = b"".join(encode_layout(a.index, old, b.index, new))
+    short = BuildHandover(fresh.archive_hash, fresh.offsets[:1], fresh.chunks[:1])
+    for f in (fresh, short, _fresh_corrupted(fresh)):
+        for sp in (None, seek):
+            assert b"".join(encode_layout(a.index, old, b.index, new, seek=sp, fresh=f)) == plain
+    # Another archive's hand-over is not used.
+    other = attrs.evolve(_fresh_corrupted(fresh), archive_hash=b"\0" * 32)
+    assert b"".join(encode_layout(a.index, old, b.index, new, fresh=other)) == plain
+    assert _patch_with(old, plain, a.index.archive_hash, seek) == new
+
+
+def test_the_hand_over_spares_inflating_old_and_new(tmp_path: Path) -> None:
+    """Two edits in the middle of a tree: with the build's hand-over the encoder enters the
+    old archive at each fresh run (its window checked) and inflates only about what it
+    reads there, takes the runs' tar as handed over, and does not compare the segments the
+    build copied.  Kept to ``FRESH_LIMIT`` bytes,
+    the build hands over only the jobs compressed first (the rest inflated as before)."""
+    rng = random.Random(12)
+    root = tmp_path / "tree"
+    for i in range(60):
+        (root / f"d{i:02}").mkdir(parents=True)
+        (root / f"d{i:02}" / "f.py").write_bytes(_text(rng, 8000))
+    _settle(root)
+
+    def build(out: str, prev: IncrementalBuilder | None) -> IncrementalBuilder:
+        return _build_unracy(root, tmp_path / out, prev, tmp_path / "a.tgz")
+
+    a = build("a.tgz", None)
+    for i in (20, 40):
+        with open(root / f"d{i}" / "f.py", "r+b") as f:
+            f.seek(3000)
+            f.write(b"# edited in place #")
+    b = build("b.tgz", a)
+    old, new = (tmp_path / "a.tgz").read_bytes(), (tmp_path / "b.tgz").read_bytes()
+    assert b.handover is not None
+    seek = SeekPoints.build(old, a.index.archive_hash, index=a.index, spacing=128 << 10)
+    compared: list[int] = []  # compressed bytes compared by each encoder
+    real_equal = np.array_equal
+
+    def counting(x: Any, y: Any) -> bool:
+        compared[-1] += len(x)
+        return bool(real_equal(x, y))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(np, "array_equal", counting)
+        compared.append(0)
+        plain = layout._Encoder(a.index, old, b.index, new, seek)
+        want = b"".join(plain.records())
+        compared.append(0)
+        handed = layout._Encoder(a.index, old, b.index, new, seek, b.handover)
+        assert b"".join(handed.records()) == want
+    # The segments the build copied are not compared again (all but ~the edits' 96 KiB).
+    assert b.handover.copies
+    assert compared[0] > 0.9 * len(new) and compared[1] < 0.2 * len(new), compared
+    assert handed.fresh_windows == 2 and handed.fresh_runs == 3  # two edits, the final segment
+    assert plain.fresh_windows == plain.fresh_runs == 0
+    # Seeking: forward up to a spacing (1 MiB) is inflated rather than jumped, so the
+    # plain stream inflates ~all of this small tree; entered at each edit, ~what it reads
+    # (the final segment's window still from the table).
+    assert plain.old_tar.inflated > 0.9 * a.index.tar_size
+    assert handed.old_tar.inflated < 0.5 * plain.old_tar.inflated
+    with pytest.MonkeyPatch.context() as mp:
+        # All but the last job's bytes (the final segment's): the rest is kept.
+        mp.setattr(incremental, "FRESH_LIMIT", sum(map(len, b.handover.chunks)) - 1)
+        c = build("c.tgz", a)
+    assert c.handover is not None
+    assert sum(map(len, c.handover.chunks)) < sum(map(len, b.handover.chunks))
+    cut = layout._Encoder(a.index, old, c.index, new, fresh=c.handover)
+    assert b"".join(cut.records()) == want
+    assert cut.fresh_runs == 2 and cut.fresh_windows == 2
 
 
 def _patch_with(old: bytes, delta: bytes, h: bytes, seek: SeekPoints) -> bytes:

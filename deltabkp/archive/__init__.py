@@ -4,9 +4,9 @@
 ``tree_fingerprint`` answers "unchanged?" from metadata alone, ``extract_archive`` restores
 faithfully, safely and all or nothing.  ``IncrementalBuilder`` makes the same bytes as
 ``TgzBuilder`` from the previous build's ``ArchiveIndex`` and archive, reading only what
-changed; ``encode_layout`` / ``LayoutPatcher`` describe the next archive by the layout of
-the previous one (the layout delta), inflating it only around what changed given its
-``SeekPoints``.  Invariants are stated in each private module.
+changed (and hands over the tar it compressed, ``BuildHandover``); ``encode_layout`` /
+``LayoutPatcher`` describe the next archive by the layout of the previous one (the layout
+delta), inflating it only around what changed given its ``SeekPoints``.  Invariants are stated in each private module.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from deltabkp.archive._build import ArchiveReport, FileIssue, TgzBuilder, build_
 from deltabkp.archive._extract import ExtractReport, check_destination, extract_archive
 from deltabkp.archive._incremental import (
     ArchiveIndex,
+    BuildHandover,
     IncrementalBuilder,
     IncrementalStats,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "LAYOUT_MAGIC",
     "ArchiveIndex",
     "ArchiveReport",
+    "BuildHandover",
     "ExtractReport",
     "FileIssue",
     "Fingerprint",
