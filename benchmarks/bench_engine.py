@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_data  # noqa: E402
 
 import deltabkp  # noqa: E402
+from deltabkp.engine import _blake2  # noqa: E402
 
 MB = 1e6
 
@@ -138,7 +139,8 @@ def main() -> int:
         print(f"# {version.stdout.splitlines()[0]} vs deltabkp {deltabkp.__version__}, "
               f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")
         print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-              f"deltabkp.rdiff helper threads: {deltabkp.rdiff.default_threads()}")
+              f"deltabkp.rdiff helper threads: {deltabkp.rdiff.default_threads()}, "
+              f"BLAKE2b from {_blake2.IMPLEMENTATION}")
         print(f"# archive pair: base {len(base):,} B, new {len(new):,} B "
               f"(stdlib tree, ~1% change set, gzip --rsyncable); unrelated pair: "
               f"{len(unew):,} B random each; best of {rep} interleaved rounds")

@@ -60,7 +60,7 @@ def test_blocks_equal_hashlib_per_block(data: bytes, bs: int, sl: int, skip: int
     assert _blake2.hashlib_blocks(arr, a, b, bs, sl) == want
     assert _blake2.blake2b_blocks(arr, a, b, bs, sl) == want
     if _blake2.IMPLEMENTATION != "hashlib":
-        assert _blake2.libb2_blocks(arr, a, b, bs, sl) == want
+        assert _blake2.library_blocks(arr, a, b, bs, sl) == want
 
 
 def test_bad_ranges_are_refused_before_reading() -> None:
@@ -79,7 +79,7 @@ def test_hashlib_path_gives_the_same_signature_and_delta(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Without a library (hashlib only) signatures and deltas are the same bytes, on one
-    thread and several; DELTABKP_NO_LIBB2 selects that path at import."""
+    thread and several; DELTABKP_BLAKE2=hashlib selects that path at import."""
     base = os.urandom(400_000)
     new = base[:100_000] + b"edit" + base[100_000:]
     sig = rdiff.signature(base, 4096)
@@ -89,7 +89,7 @@ def test_hashlib_path_gives_the_same_signature_and_delta(
         assert rdiff.signature(base, 4096, threads=threads) == sig
         assert rdiff.delta(sig, new, threads=threads) == dlt
     assert rdiff.patch(base, dlt) == new
-    env = dict(os.environ, DELTABKP_NO_LIBB2="1")
+    env = dict(os.environ, DELTABKP_BLAKE2="hashlib")
     r = subprocess.run(
         [sys.executable, "-c", "from deltabkp.engine import _blake2; print(_blake2.IMPLEMENTATION)"],
         env=env, capture_output=True, text=True, check=True, timeout=60,

@@ -11,12 +11,13 @@ Weak sums, as librsync defines them (src/rabinkarp.h, src/rollsum.h):
 
 All arithmetic is uint32 with wrap-around (exact modulo 2**32, hence modulo 2**16).
 
-Strong sums: BLAKE2b with a 32-byte digest (hashlib) or MD4 (pycryptodome: OpenSSL 3 builds
-of hashlib no longer offer MD4), truncated to the signature's ``strong_len``.  They are most
-of the cost of an rdiff signature or delta (hashlib's BLAKE2b is no faster than librsync's),
-so many blocks are cut into tasks of a few hundred KiB that the calling thread and up to
-``threads`` helpers of one shared pool take in turn (``run_tasks``): both hashes release the
-GIL on blocks of 2 KiB and more, and one task per few hundred blocks amortises the hand-off.
+Strong sums: BLAKE2b with a 32-byte digest (``_blake2``: libsodium or libb2 when found,
+else hashlib) or MD4 (pycryptodome: OpenSSL 3 builds of hashlib no longer offer MD4),
+truncated to the signature's ``strong_len``.  They are most of the cost of an rdiff signature
+or delta, so many blocks are cut into tasks of a few hundred KiB that the calling thread and
+up to ``threads`` helpers of one shared pool take in turn (``run_tasks``): every hash call
+releases the GIL (hashlib's on blocks of 2 KiB and more), and one task per few dozen blocks
+amortises the hand-off.
 
 Invariants: power tables are indexed from the start of the buffer being hashed, so results
 never depend on chunk boundaries or on how tasks fall to threads; helpers only read the
