@@ -21,11 +21,13 @@ work on the machine the helpers find no idle core and the wall-time ratios drop 
 CPU-time ones.  The header names the BLAKE2b in use (``deltabkp/engine/_blake2.py``:
 libsodium, libb2 or hashlib; ``DELTABKP_BLAKE2=hashlib|sodium|b2`` picks one).
 
-Measured (2-vCPU VM, 30 MB archive pair, rdiff 2.3.2, libsodium): the rdiff-format rows need
-the second core to pass 2x rdiff, since one thread costs ~0.75-0.85 of rdiff's CPU time for
-a signature and ~0.65-0.8 for a delta; with the machine shared by other work (load ~4.7 on
-2 cores) the median CPU times were signature 66 ms vs rdiff's 74 (was 93 before libsodium),
-delta 82 ms vs 86 (was 127 before runs skipped the weak pass), one thread 62 and 69 ms.
+Measured (2-vCPU VM shared with five other sessions, load 1.8-6.6; 30 MB archive pair,
+rdiff 2.3.2, libsodium; medians of 7-15 interleaved rounds in one process, "before" = the
+tree without ``_blake2``): CPU time of the rdiff-format signature 72-76 ms vs rdiff's 76-77
+(before: 89-90), one thread 61 (before: 74-79); delta 80-85 ms vs rdiff's 89-94 (before:
+121-131), one thread 72 (before: 113-114).  One thread costs ~0.8 of rdiff's CPU time, so
+the 2x goal needs the second core free: with both cores busy the wall-time ratios fall to
+the CPU-time ones.
 """
 
 from __future__ import annotations
