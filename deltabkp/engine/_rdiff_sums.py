@@ -240,8 +240,10 @@ GIL_FREE_MIN = 2048
 #: others waiting for it.
 TASK_BYTES = 256 * 1024
 #: Bytes of blocks per task while a delta confirms a run of matching blocks: a run that ends
-#: inside a task wastes the rest of the task's weak sums and whatever the helpers have just
-#: claimed, so these are smaller than a signature's.
+#: inside a task wastes the rest of the task's sums (strong ones, when they confirm alone)
+#: and whatever the helpers have just claimed, so these are smaller than a signature's (the
+#: 30 MB archive pair hashes 5,708 blocks on one thread and 5,780 on two for 5,552 new ones;
+#: 48 KiB and 256 KiB measured no different).
 RUN_TASK_BYTES = 96 * 1024
 #: Strong sums (BLAKE2b) at least this long confirm a block of a run on their own (2**-128).
 STRONG_ONLY_MIN = 16
