@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import attrs
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -43,6 +44,18 @@ def test_a_library_found_loads_and_agrees(spec: _blake2._Library) -> None:
         fn(*spec.args(ctypes.c_void_p(out.ctypes.data + 32 * i),
                       ctypes.c_void_p(data.ctypes.data + 5 + 700 * i), 700))
     assert out.tobytes() == _direct(data.tobytes(), 5, 5 + 3 * 700, 700, 32)
+
+
+def test_a_library_called_in_another_argument_order_is_refused() -> None:
+    """libb2's argument order given to libsodium and the other way round (the two orders a
+    libblake2 may have): the load check refuses the library, and nothing crashes."""
+    sodium, b2 = _blake2._LIBRARIES
+    swapped = [attrs.evolve(b2, args=sodium.args), attrs.evolve(sodium, args=b2.args)]
+    found = [spec for spec in swapped if _found(spec)]
+    if not found:
+        pytest.skip("neither libb2 nor libsodium is installed")
+    for spec in found:
+        assert _blake2._load(spec) is None
 
 
 @settings(max_examples=40)
