@@ -27,7 +27,12 @@ tree without ``_blake2``): CPU time of the rdiff-format signature 72-76 ms vs rd
 (before: 89-90), one thread 61 (before: 74-79); delta 80-85 ms vs rdiff's 89-94 (before:
 121-131), one thread 72 (before: 113-114).  One thread costs ~0.8 of rdiff's CPU time, so
 the 2x goal needs the second core free: with both cores busy the wall-time ratios fall to
-the CPU-time ones.
+the CPU-time ones.  In a quiet moment (load ~2.3, --repeat 3, same minutes as the tree
+before): signature 43.7 ms vs rdiff's 78.8 = 1.81x (before 1.60x), one thread 1.53x (1.09x);
+delta 53.3 ms vs 97.1 = 1.82x (before 1.11x), one thread 1.81x (0.90x).  CPU time with the
+helper thread: signature 75 ms, delta 81, vs 51 and 54 on one thread: when both threads run
+at once, handing the GIL back and forth around every block's hash costs ~25 ms, which is
+what keeps the threaded rows below 2x on 2 vCPUs.
 """
 
 from __future__ import annotations
