@@ -149,6 +149,23 @@ def test_run_needs_weak_and_strong_sums() -> None:
     assert rdiff.patch(base, rdiff.delta(sig, new)) == new
 
 
+@pytest.mark.parametrize("threads", [0, 1])
+def test_long_blake2_sums_confirm_a_run_alone(threads: int) -> None:
+    """With BLAKE2b sums of 16 bytes or more a run goes on by the strong sums alone: the
+    weak sums past a run's first block are never computed, so a signature whose later weak
+    sums are wrong (never one made from the base) still gives one COPY of the whole run.
+    With 8-byte sums the weak sums are checked, and the run stops at the first wrong one."""
+    base = random.Random(9).randbytes(40 * 4096)
+    new = b"head" + base
+    for strong_len, copies_all in ((16, True), (32, True), (8, False)):
+        sig = rdiff.Signature.parse(rdiff.signature(base, 4096, strong_len=strong_len))
+        weak = sig.weak_sums[:4] + bytes(4 * (sig.block_count - 1))  # block 0 findable
+        doctored = rdiff.Signature(sig.kind, 4096, strong_len, weak, sig.strong_sums)
+        delta = rdiff.delta(doctored, new, threads=threads)
+        assert rdiff.patch(base, delta) == new
+        assert (len(delta) < 100) == copies_all
+
+
 @pytest.mark.parametrize(
     "kind", [SignatureKind.RK_BLAKE2, SignatureKind.MD4], ids=lambda k: str(k.name)
 )

@@ -12,11 +12,13 @@ from the right one, except when a COPY reaches past its end.
 The encoder works as the engine's (``_delta``): the weak sums of every offset of a stretch
 of input come from one vectorised prefix sum, two bitmaps and a sorted array reject almost
 every offset before any strong sum, and after a match the following blocks are confirmed
-in tasks spread over several threads (``_rdiff_sums.matching_blocks``): weak sums first
-(vectorised), then strong sums of only the blocks up to the first weak mismatch.  A block
-continues a run only if both its sums match, as in librsync.  Adjacent COPYs merge, so a
-run of matched blocks is one op.  The base's last block may be short and its length is not
-in the signature: it is looked for only at the very end of the new file, among the suffixes
+in tasks spread over several threads (``_rdiff_sums.matching_blocks``).  A block continues
+a run only if both its sums match, as in librsync; with BLAKE2b sums of 16 bytes and more
+the strong sum alone decides (it matches only the block it was made from, whose weak sum is
+then the signature's if the signature was made from the base: the same ops, one vectorised
+pass less), shorter or MD4 sums check the weak sums first.  Adjacent COPYs merge, so a run
+of matched blocks is one op.  The base's last block may be short and its length is not in
+the signature: it is looked for only at the very end of the new file, among the suffixes
 shorter than a block (as librsync does).
 
 Invariants: no I/O; the encoder holds the signature's tables, the unscanned input (at most one

@@ -11,12 +11,13 @@ Weak sums, as librsync defines them (src/rabinkarp.h, src/rollsum.h):
 
 All arithmetic is uint32 with wrap-around (exact modulo 2**32, hence modulo 2**16).
 
-Strong sums: BLAKE2b with a 32-byte digest (hashlib) or MD4 (pycryptodome: OpenSSL 3 builds
-of hashlib no longer offer MD4), truncated to the signature's ``strong_len``.  They are most
-of the cost of an rdiff signature or delta (hashlib's BLAKE2b is no faster than librsync's),
-so many blocks are cut into tasks of a few hundred KiB that the calling thread and up to
-``threads`` helpers of one shared pool take in turn (``run_tasks``): both hashes release the
-GIL on blocks of 2 KiB and more, and one task per few hundred blocks amortises the hand-off.
+Strong sums: BLAKE2b with a 32-byte digest (``_blake2``: libsodium or libb2 when found,
+else hashlib) or MD4 (pycryptodome: OpenSSL 3 builds of hashlib no longer offer MD4),
+truncated to the signature's ``strong_len``.  They are most of the cost of an rdiff signature
+or delta, so many blocks are cut into tasks of a few hundred KiB that the calling thread and
+up to ``threads`` helpers of one shared pool take in turn (``run_tasks``): every hash call
+releases the GIL (hashlib's on blocks of 2 KiB and more), and one task per few dozen blocks
+amortises the hand-off.
 
 Invariants: power tables are indexed from the start of the buffer being hashed, so results
 never depend on chunk boundaries or on how tasks fall to threads; helpers only read the
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import hashlib
 import itertools
 import os
 import threading
@@ -40,6 +40,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from deltabkp.engine._blake2 import blake2b_256, blake2b_blocks
 from deltabkp.engine._rolling import _grow
 from deltabkp.errors import UsageError
 
@@ -218,10 +219,6 @@ def weak_sums_of_suffixes(kind: SignatureKind, data: U8) -> U32:
     return s2
 
 
-def _blake2(data: bytes | bytearray | memoryview) -> bytes:
-    return hashlib.blake2b(data, digest_size=32).digest()
-
-
 def _md4(data: bytes | bytearray | memoryview) -> bytes:
     # Imported on first use: only the legacy MD4 signatures need pycryptodome.
     from Crypto.Hash import MD4
@@ -231,20 +228,25 @@ def _md4(data: bytes | bytearray | memoryview) -> bytes:
 
 def strong_fn(kind: SignatureKind) -> Callable[[bytes | bytearray | memoryview], bytes]:
     """The full (untruncated) strong hash of a signature kind."""
-    return _blake2 if kind.blake2 else _md4
+    return blake2b_256 if kind.blake2 else _md4
 
 
-#: hashlib releases the GIL only while hashing at least 2 KiB at once: smaller blocks would
-#: just take turns on it, so they are hashed in the calling thread.
+#: hashlib releases the GIL only while hashing at least 2 KiB at once, and a library call
+#: holds it ~1.2 us per block whatever its size (~3 us of hashing at 2 KiB): smaller blocks
+#: would mostly take turns on it, so they are hashed in the calling thread.
 GIL_FREE_MIN = 2048
 #: Bytes of blocks per task: a hand-off costs ~10-50 us, a task of 256 KiB ~0.4 ms of BLAKE2b,
 #: and a few tasks per thread let a thread that was descheduled fall behind without the
 #: others waiting for it.
 TASK_BYTES = 256 * 1024
 #: Bytes of blocks per task while a delta confirms a run of matching blocks: a run that ends
-#: inside a task wastes the rest of the task's weak sums and whatever the helpers have just
-#: claimed, so these are smaller than a signature's.
+#: inside a task wastes the rest of the task's sums (strong ones, when they confirm alone)
+#: and whatever the helpers have just claimed, so these are smaller than a signature's (the
+#: 30 MB archive pair hashes 5,708 blocks on one thread and 5,780 on two for 5,552 new ones;
+#: 48 KiB and 256 KiB measured no different).
 RUN_TASK_BYTES = 96 * 1024
+#: Strong sums (BLAKE2b) at least this long confirm a block of a run on their own (2**-128).
+STRONG_ONLY_MIN = 16
 #: Below this many bytes one thread hashes them all (~0.2 ms of BLAKE2b: a hand-off would
 #: cost a good part of what it saves).
 PARALLEL_MIN = 128 * 1024
@@ -351,14 +353,13 @@ def run_tasks(tasks: Sequence[Callable[[], T]], threads: int) -> list[T]:
     return run_in_order(lambda i: (tasks[i](), False), len(tasks), threads)
 
 
-def _strong_run(kind: SignatureKind, mv: memoryview, a: int, b: int, bs: int, sl: int) -> bytes:
-    """Truncated strong sums of the whole blocks in ``mv[a:b]``, concatenated."""
+def _strong_run(
+    kind: SignatureKind, data: U8, mv: memoryview, a: int, b: int, bs: int, sl: int
+) -> bytes:
+    """Truncated strong sums of the whole blocks in ``mv[a:b]`` (``data``: the same bytes as
+    a numpy array), concatenated."""
     if kind.blake2:
-        # hashlib called directly: the per-block Python work is done holding the GIL, so
-        # every step saved there is time the other threads are not kept waiting.
-        b2 = hashlib.blake2b
-        return b"".join([b2(mv[o : o + bs], digest_size=32).digest()[:sl]
-                         for o in range(a, b, bs)])
+        return blake2b_blocks(data, a, b, bs, sl)
     h = strong_fn(kind)
     return b"".join([h(mv[o : o + bs])[:sl] for o in range(a, b, bs)])
 
@@ -381,25 +382,33 @@ def matching_blocks(
     from its start, have the expected sums ``weak_want[j]`` and
     ``strong_want[j*strong_len:(j+1)*strong_len]``, up to the first that does not.
 
-    Each task takes the next ``RUN_TASK_BYTES`` of blocks: weak sums first (vectorised,
-    ~5x cheaper than BLAKE2b), then strong sums of only the blocks up to the first weak
-    mismatch.  The tasks past the end of the run cost about one weak step each.
+    Each task takes the next ``RUN_TASK_BYTES`` of blocks.  Short or MD4 strong sums can
+    collide (one in 256 for a 1-byte sum), so there the weak sums come first (vectorised,
+    ~4x cheaper than BLAKE2b) and only the blocks up to the first weak mismatch are hashed;
+    the tasks past the end of the run cost about one weak step each.  A BLAKE2b sum of
+    ``STRONG_ONLY_MIN`` bytes or more matches only the very block it was made from, whose
+    weak sum is then the signature's too, so the weak pass (~20% of a delta of matching
+    data) is skipped: the tasks past the end of the run then hash their blocks in vain.
     """
     bs, sl = block_size, strong_len
     nblocks = min(len(mv) // bs, len(weak_want), len(strong_want) // sl)
     per = max(1, RUN_TASK_BYTES // bs)
     if bs < GIL_FREE_MIN:
         threads = 0
+    strong_only = kind.blake2 and sl >= STRONG_ONLY_MIN
 
     def task(c: int) -> tuple[int, bool]:
         a, b = c * per, min(nblocks, (c + 1) * per)
-        weak = weak_sums_of_blocks(kind, data[a * bs : b * bs], bs)
-        differ = np.flatnonzero(weak != weak_want[a:b])
-        t = a + int(differ[0]) if differ.size else b
+        if strong_only:
+            t = b
+        else:
+            weak = weak_sums_of_blocks(kind, data[a * bs : b * bs], bs)
+            differ = np.flatnonzero(weak != weak_want[a:b])
+            t = a + int(differ[0]) if differ.size else b
         if t > a:
-            got = _strong_run(kind, mv, a * bs, t * bs, bs, sl)
+            got = _strong_run(kind, data, mv, a * bs, t * bs, bs, sl)
             want = strong_want[a * sl : t * sl]
-            if got != want:  # a weak collision: the run ends at the first one
+            if got != want:  # the run ends at the first block whose strong sum differs
                 m = 0
                 while got[m * sl : (m + 1) * sl] == want[m * sl : (m + 1) * sl]:
                     m += 1
@@ -420,7 +429,7 @@ def block_sums(
 
     def task(a: int, b: int) -> tuple[U32, bytes]:
         return (weak_sums_of_blocks(kind, data[a * bs : b * bs], bs),
-                _strong_run(kind, mv, a * bs, b * bs, bs, sl))
+                _strong_run(kind, data, mv, a * bs, b * bs, bs, sl))
 
     cuts = _cuts(len(mv) // bs, bs, threads)
     parts = run_tasks([functools.partial(task, a, b) for a, b in cuts], threads)

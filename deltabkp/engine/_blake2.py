@@ -1,0 +1,168 @@
+"""BLAKE2b-256 of many equal blocks of one buffer: the one home of the rdiff strong sum.
+
+Three implementations give the same digests, the first available one is used:
+
+* ``libsodium`` (``crypto_generichash_blake2b``, AVX2 code) and
+* ``libb2`` (the BLAKE2 authors' optimised library, the one librsync itself links; SSE/AVX
+  code), both loaded with ctypes when ``ctypes.util.find_library`` finds them: ~1.4x and
+  ~1.3x hashlib's speed on large inputs here (37, 41 and 53 ms for 30 MB).  Each call
+  releases the GIL, and writes its 32-byte digest straight into one output array: no Python
+  object per block.  A call costs ~1.2 us of Python and ctypes (hashlib's: about the same),
+  so a 5376-byte block, rdiff's default for a 30 MB file, goes ~1.2x faster than hashlib.
+* ``hashlib`` otherwise.
+
+``DELTABKP_BLAKE2`` in the environment picks one: ``hashlib``, ``sodium`` or ``b2`` (a
+library that is absent or fails its check falls back to hashlib).
+
+Invariants: a library is used only if it gives hashlib's digests on the test vectors below
+when loaded (libb2 0.98's argument order is ``blake2b(out, in, key, outlen, inlen,
+keylen)``; the newer reference order ``(out, outlen, in, ...)`` sees a NULL input or an
+``outlen`` over 64 in our arguments and returns an error without reading memory, so such a
+library is not used); the caller's buffer is only read, and only inside the blocks asked
+for, whose bounds are checked before any pointer is formed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["IMPLEMENTATION", "blake2b_256", "blake2b_blocks", "hashlib_blocks", "library_blocks"]
+
+U8 = npt.NDArray[np.uint8]
+DIGEST = 32
+#: Inputs of the load check: empty, one byte, one compression block and a bit, a long one.
+_CHECK = (b"", b"a", bytes(range(256)) * 4 + b"xyz", bytes(range(251)) * 40)
+
+
+def blake2b_256(data: bytes | bytearray | memoryview) -> bytes:
+    """The BLAKE2b-256 of one buffer (hashlib: for one block a ctypes call saves nothing)."""
+    return hashlib.blake2b(data, digest_size=DIGEST).digest()
+
+
+def _truncated(out: U8, sl: int) -> bytes:
+    return out.tobytes() if sl == DIGEST else out[:, :sl].tobytes()
+
+
+def _check_range(data: U8, a: int, b: int, bs: int, sl: int) -> int:
+    if not (data.ndim == 1 and data.flags.c_contiguous and 0 <= a <= b <= len(data) and bs > 0
+            and (b - a) % bs == 0 and 1 <= sl <= DIGEST):
+        raise ValueError(
+            f"blocks {a}..{b} of {bs} B (strong length {sl}) do not fit a buffer of {len(data)} B"
+        )
+    return (b - a) // bs
+
+
+def hashlib_blocks(data: U8, a: int, b: int, bs: int, sl: int) -> bytes:
+    """The first ``sl`` bytes of the BLAKE2b-256 of every ``bs``-byte block of
+    ``data[a:b]``, concatenated (hashlib)."""
+    n = _check_range(data, a, b, bs, sl)
+    b2 = hashlib.blake2b
+    mv = memoryview(data)  # type: ignore[arg-type]
+    digests = [b2(mv[o : o + bs], digest_size=DIGEST).digest() for o in range(a, a + n * bs, bs)]
+    if sl == DIGEST:
+        return b"".join(digests)
+    return b"".join([d[:sl] for d in digests])
+
+
+@attrs.frozen
+class _Library:
+    """How to call one library's BLAKE2b: its name for ``find_library``, the function, an
+    init function to call first (or None), and the arguments around the two pointers
+    (``out``, ``in``) and the input length, in the library's order, as ready ctypes objects."""
+
+    name: str
+    symbol: str
+    init: str | None
+    args: Callable[[ctypes.c_void_p, ctypes.c_void_p, int], tuple[object, ...]]
+
+
+_LIBRARIES = (
+    # libsodium: AVX2 code, ~10% faster than libb2's AVX here; int crypto_generichash_blake2b(
+    # out, size_t outlen, in, unsigned long long inlen, key, size_t keylen).
+    _Library("sodium", "crypto_generichash_blake2b", "sodium_init", lambda out, src, n: (
+        out, ctypes.c_size_t(DIGEST), src, ctypes.c_ulonglong(n), None, ctypes.c_size_t(0))),
+    # libb2 0.98 (Debian's libb2-1): int blake2b(out, in, key, uint8_t outlen, uint64_t inlen,
+    # uint8_t keylen).  The newer reference order (out, outlen, in, ...) fails the check: it
+    # sees a NULL input of 32 bytes (or an outlen > 64) and returns -1 without reading.
+    _Library("b2", "blake2b", None, lambda out, src, n: (
+        out, src, None, ctypes.c_uint8(DIGEST), ctypes.c_uint64(n), ctypes.c_uint8(0))),
+)
+
+
+def _load(spec: _Library) -> tuple[Any, _Library] | None:
+    name = ctypes.util.find_library(spec.name)
+    if name is None:
+        return None
+    try:
+        lib = ctypes.CDLL(name)
+        fn = lib[spec.symbol]
+        if spec.init is not None:
+            init = lib[spec.init]
+            init.restype = ctypes.c_int
+            if init() < 0:
+                return None
+    except (OSError, AttributeError):
+        return None
+    # No argtypes: every argument is passed as a ready ctypes object, which ctypes hands to
+    # libffi as it is (argtypes would convert each one per call: ~0.7 us more per block).
+    fn.restype = ctypes.c_int
+    for vector in _CHECK:
+        # 64 bytes, BLAKE2b's longest digest: a library that took another argument for the
+        # output length still writes inside the buffer.
+        out = ctypes.create_string_buffer(64)
+        src = ctypes.create_string_buffer(vector, len(vector))
+        args = spec.args(ctypes.c_void_p(ctypes.addressof(out)),
+                         ctypes.c_void_p(ctypes.addressof(src)), len(vector))
+        if fn(*args) != 0 or out.raw != blake2b_256(vector) + bytes(32):
+            return None
+    fn.restype = None  # our arguments are checked, the status would always be 0
+    return fn, spec
+
+
+def _load_first(choice: str | None) -> tuple[Any, _Library] | None:
+    for spec in _LIBRARIES:
+        if choice in (None, "", spec.name):
+            found = _load(spec)
+            if found is not None:
+                return found
+    return None
+
+
+_loaded = _load_first(os.environ.get("DELTABKP_BLAKE2"))
+
+
+def library_blocks(data: U8, a: int, b: int, bs: int, sl: int) -> bytes:
+    """As ``hashlib_blocks``, through the loaded library (only when one loaded:
+    ``IMPLEMENTATION``)."""
+    n = _check_range(data, a, b, bs, sl)
+    if _loaded is None:
+        raise RuntimeError("no BLAKE2b library is loaded")
+    fn, spec = _loaded
+    out = np.empty((n, DIGEST), np.uint8)
+    if n:
+        # ``data`` keeps the caller's buffer alive (and exported) for the whole loop.
+        src, dst = data.ctypes.data + a, out.ctypes.data
+        ps, pd = ctypes.c_void_p(src), ctypes.c_void_p(dst)
+        args = spec.args(pd, ps, bs)
+        for _ in range(n):
+            ps.value, pd.value = src, dst
+            fn(*args)
+            src += bs
+            dst += DIGEST
+    return _truncated(out, sl)
+
+
+#: Which implementation ``blake2b_blocks`` is: "libsodium", "libb2" or "hashlib".
+IMPLEMENTATION = "hashlib" if _loaded is None else "lib" + _loaded[1].name
+blake2b_blocks: Callable[[U8, int, int, int, int], bytes] = (
+    hashlib_blocks if _loaded is None else library_blocks
+)

@@ -1,0 +1,110 @@
+"""The BLAKE2b of many blocks (deltabkp.engine._blake2): every library it may load gives
+hashlib's digests, the hashlib path works alone, and bad block ranges are refused."""
+
+from __future__ import annotations
+
+import ctypes.util
+import hashlib
+import os
+import subprocess
+import sys
+
+import attrs
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deltabkp import rdiff
+from deltabkp.engine import _blake2, _rdiff_sums
+
+
+def _direct(data: bytes, a: int, b: int, bs: int, sl: int) -> bytes:
+    return b"".join(
+        hashlib.blake2b(data[o : o + bs], digest_size=32).digest()[:sl] for o in range(a, b, bs)
+    )
+
+
+def _found(spec: _blake2._Library) -> bool:
+    return ctypes.util.find_library(spec.name) is not None
+
+
+@pytest.mark.parametrize("spec", _blake2._LIBRARIES, ids=lambda s: s.name)
+def test_a_library_found_loads_and_agrees(spec: _blake2._Library) -> None:
+    """A library that is on the system must pass the load check (.ci/run installs libb2 so
+    that CI runs this one for real)."""
+    if not _found(spec):
+        pytest.skip(f"lib{spec.name} is not installed")
+    loaded = _blake2._load(spec)
+    assert loaded is not None, f"lib{spec.name} is installed but failed the digest check"
+    fn, _spec = loaded
+    data = np.frombuffer(os.urandom(3 * 700 + 5), np.uint8)
+    out = np.zeros((3, 32), np.uint8)
+    for i in range(3):
+        fn(*spec.args(ctypes.c_void_p(out.ctypes.data + 32 * i),
+                      ctypes.c_void_p(data.ctypes.data + 5 + 700 * i), 700))
+    assert out.tobytes() == _direct(data.tobytes(), 5, 5 + 3 * 700, 700, 32)
+
+
+def test_a_library_called_in_another_argument_order_is_refused() -> None:
+    """libb2's argument order given to libsodium and the other way round (the two orders a
+    libblake2 may have): the load check refuses the library, and nothing crashes."""
+    sodium, b2 = _blake2._LIBRARIES
+    swapped = [attrs.evolve(b2, args=sodium.args), attrs.evolve(sodium, args=b2.args)]
+    found = [spec for spec in swapped if _found(spec)]
+    if not found:
+        pytest.skip("neither libb2 nor libsodium is installed")
+    for spec in found:
+        assert _blake2._load(spec) is None
+
+
+@settings(max_examples=40)
+@given(
+    data=st.binary(max_size=5000),
+    bs=st.integers(1, 1500),
+    sl=st.integers(1, 32),
+    skip=st.integers(0, 3),
+)
+def test_blocks_equal_hashlib_per_block(data: bytes, bs: int, sl: int, skip: int) -> None:
+    arr = np.frombuffer(data, np.uint8)
+    a = min(len(data), skip * bs) if skip < 3 else min(len(data), skip)  # aligned or not
+    b = a + (len(data) - a) // bs * bs
+    want = _direct(data, a, b, bs, sl)
+    assert _blake2.hashlib_blocks(arr, a, b, bs, sl) == want
+    assert _blake2.blake2b_blocks(arr, a, b, bs, sl) == want
+    if _blake2.IMPLEMENTATION != "hashlib":
+        assert _blake2.library_blocks(arr, a, b, bs, sl) == want
+
+
+def test_bad_ranges_are_refused_before_reading() -> None:
+    arr = np.frombuffer(bytes(1000), np.uint8)
+    for a, b, bs, sl in ((0, 1100, 100, 32), (-100, 100, 100, 32), (0, 150, 100, 32),
+                         (0, 100, 0, 32), (0, 100, 100, 0), (0, 100, 100, 33),
+                         (200, 100, 100, 32)):
+        for fn in (_blake2.hashlib_blocks, _blake2.blake2b_blocks):
+            with pytest.raises(ValueError, match="do not fit"):
+                fn(arr, a, b, bs, sl)
+    with pytest.raises(ValueError, match="do not fit"):
+        _blake2.blake2b_blocks(arr[::2], 0, 100, 100, 32)  # not contiguous
+
+
+def test_hashlib_path_gives_the_same_signature_and_delta(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a library (hashlib only) signatures and deltas are the same bytes, on one
+    thread and several; DELTABKP_BLAKE2=hashlib selects that path at import."""
+    base = os.urandom(400_000)
+    new = base[:100_000] + b"edit" + base[100_000:]
+    sig = rdiff.signature(base, 4096)
+    dlt = rdiff.delta(sig, new)
+    monkeypatch.setattr(_rdiff_sums, "blake2b_blocks", _blake2.hashlib_blocks)
+    for threads in (0, 1):
+        assert rdiff.signature(base, 4096, threads=threads) == sig
+        assert rdiff.delta(sig, new, threads=threads) == dlt
+    assert rdiff.patch(base, dlt) == new
+    env = dict(os.environ, DELTABKP_BLAKE2="hashlib")
+    r = subprocess.run(
+        [sys.executable, "-c", "from deltabkp.engine import _blake2; print(_blake2.IMPLEMENTATION)"],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    )
+    assert r.stdout.strip() == "hashlib"
