@@ -704,7 +704,8 @@ def test_sink_thread_ends_when_the_consumer_stops(tmp_path: Path) -> None:
 # -- changed files: their unchanged stretches --------------------------------------------------
 
 
-BIG_EDITS = ["inplace", "inplace", "append", "truncate", "middle", "head", "rewrite", "touch"]
+BIG_EDITS = ["inplace", "inplace", "append", "truncate", "middle", "head", "rewrite", "touch",
+             "retime"]
 
 
 def tree_with_big(
@@ -721,10 +722,18 @@ def tree_with_big(
 
 def big_edit(p: Path, rng: random.Random, what: str) -> None:
     """An edit of a big file: in place (same size, same mtime: only ctime moves), appended,
-    truncated, a size-changing edit in its middle, an edit of its first bytes, a rewrite."""
+    truncated, a size-changing edit in its middle, an edit of its first bytes, a rewrite;
+    ``retime``: in place with an mtime that gains (or loses) a fraction of a second, so the
+    tar header before the data grows (or shrinks) by a PAX record."""
     d = bytearray(p.read_bytes())
     st_ = p.stat()
-    if what in ("inplace", "head"):
+    if what == "retime":
+        at = rng.randrange(len(d))
+        d[at : at + 64] = rng.randbytes(len(d[at : at + 64]))
+        p.write_bytes(bytes(d))
+        sec, frac = divmod(st_.st_mtime_ns, 10**9)
+        os.utime(p, ns=(st_.st_atime_ns, sec * 10**9 + (0 if frac else 123_456_789)))
+    elif what in ("inplace", "head"):
         at = rng.randrange(min(len(d), 600)) if what == "head" else rng.randrange(len(d))
         n = rng.randrange(1, 300)
         d[at : at + n] = rng.randbytes(len(d[at : at + n]))
@@ -787,13 +796,18 @@ def test_changed_big_files_equal_fresh(
     shutil.rmtree(base)
 
 
-@pytest.mark.parametrize("what", ["inplace", "append", "truncate"])
+@pytest.mark.parametrize("what", ["inplace", "append", "truncate", "pax", "unpax"])
 def test_changed_file_reuses_its_unchanged_stretches(tmp_path: Path, what: str) -> None:
     """A 64-byte overwrite in the middle of a 1 MB file (the benchmark's change), an append,
-    a truncation: the file is read, but only what is around the change is compressed."""
+    a truncation: the file is read, but only what is around the change is compressed.
+    ``pax``/``unpax``: the overwrite gives a whole-second mtime a fraction (or takes it
+    away): the header before the data grows (shrinks) by a PAX record, the data stays at
+    its in-file offsets (the benchmark's tree has whole-second times: its 1.7 MB file)."""
     rng = random.Random(11)
     root, big = tree_with_big(tmp_path, rng, lambda r: r.randbytes(300_000) + text(r, 700_000))
     (root / "z").write_bytes(text(rng, 30_000))
+    if what in ("pax", "unpax"):
+        os.utime(big, ns=(0, 1_700_000_000 * 10**9 + (0 if what == "pax" else 5)))
     settle()
     gen = Generations(root, tmp_path / "prev.tgz")
     gen.build()
@@ -803,6 +817,10 @@ def test_changed_file_reuses_its_unchanged_stretches(tmp_path: Path, what: str) 
         d[500_000 : 500_064] = rng.randbytes(64)
         big.write_bytes(bytes(d))
         os.utime(big, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+    elif what in ("pax", "unpax"):
+        d[500_000 : 500_064] = rng.randbytes(64)
+        big.write_bytes(bytes(d))
+        os.utime(big, ns=(0, st_.st_mtime_ns + (7 if what == "pax" else -5)))
     elif what == "append":
         with open(big, "ab") as f:
             f.write(text(rng, 3000))

@@ -1186,7 +1186,7 @@ def _old_tar(old: _Old, cut: int, window: bytes, hi: int) -> bytes | None:
     return b"".join(out)
 
 
-def _equal_stretches(new: bytes, old: bytes) -> list[tuple[int, int]]:
+def _equal_stretches(new: bytes | memoryview, old: bytes | memoryview) -> list[tuple[int, int]]:
     """The stretches ``[a, b)`` where ``new`` and ``old`` hold the same bytes at the same
     offsets (compared exactly, a block at a time), at least ``_MATCH_MIN`` long."""
     m = min(len(new), len(old))
@@ -1253,12 +1253,21 @@ def _splice_changed(
     r = item.record
     stretches: list[tuple[int, int]] = []
     old_size = old.index.entries.raw(item.prior)[9]
-    # Same header length: in-file offsets are then the same entry offsets.
-    if r is not None and len(new) - _padded(r.size) == o_end - o_start - _padded(old_size):
+    # The data is compared at the same in-file offsets; the headers before it may differ
+    # in length (a PAX mtime record appears when an mtime gains a fraction of a second: a
+    # file extracted or copied with whole-second times, then written in place).
+    new_head = len(new) - _padded(r.size) if r is not None else -1
+    old_head = o_end - o_start - _padded(old_size)
+    if new_head >= 0 and old_head >= 0:
         got = _old_tar(old, cut, window, o_end)
         if got is not None:
-            stretches = _equal_stretches(new, got[o_start - cut :])
-    shift = o_start - start  # old tar offset - new tar offset, in every stretch
+            stretches = [
+                (new_head + a, new_head + b) for a, b in _equal_stretches(
+                    memoryview(new)[new_head:], memoryview(got)[o_start - cut + old_head :]
+                )
+            ]
+    # Old tar offset - new tar offset, in every stretch (all of them lie in the data).
+    shift = o_start + old_head - start - new_head
     run = None
     at = 0
     view = memoryview(new)
