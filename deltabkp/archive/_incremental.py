@@ -193,14 +193,8 @@ _SEGMENT_DTYPE = np.dtype({
     "names": ["tar_end", "deflate_end", "crc"], "formats": ["<u8", "<u8", "<u4"],
     "offsets": [0, 8, 16], "itemsize": _SEGMENT.size,
 })
-#: ``_ENTRY`` as a numpy record (the fixed part of an index entry, before its name).
-_ENTRY_DTYPE = np.dtype({
-    "names": ["kind", "flags", "nlen", "mode", "uid", "gid", "nlink", "dev", "ino", "size",
-              "mtime", "ctime", "tar_start", "tar_end"],
-    "formats": ["u1", "u1", "<u2", "<u4", "<u4", "<u4", "<u4", "<u8", "<u8", "<u8", "<i8",
-                "<i8", "<u8", "<u8"],
-    "offsets": [0, 1, 2, 4, 8, 12, 16, 20, 28, 36, 44, 52, 60, 68], "itemsize": _ENTRY.size,
-})
+#: ``_ENTRY_HEAD`` as a numpy record.
+_ENTRY_HEAD_DTYPE = np.dtype([("kind", "u1"), ("flags", "u1"), ("nlen", "<u2")])
 #: A file's identity as ``_ENTRY`` packs it: bytes 4-60 of an entry's record, so the
 #: previous build's identities are slices of its index, compared with ``_identity``'s.
 _IDENTITY = struct.Struct("<IIIIQQQqq")
@@ -626,23 +620,31 @@ class _Old:
             return
         # The packed records' fixed part gathered into columns in one numpy pass (per-entry
         # unpacking cost ~2 µs an entry, a third of an unchanged entry's whole cost).
+        # Only the fields needed (kind, flags, name length; tar range): 20 of a record's
+        # 92 bytes gathered, ~4x less than the whole record.
         t = index.entries
         offs = np.frombuffer(t._offsets, np.uint64).astype(np.int64)
         raw = np.frombuffer(t._data, np.uint8)
-        recs = raw[offs[:, None] + np.arange(_ENTRY.size)].view(_ENTRY_DTYPE).ravel()
+        head = raw[offs[:, None] + np.arange(_ENTRY_HEAD.size)].view(_ENTRY_HEAD_DTYPE).ravel()
+        tar = raw[offs[:, None] + np.arange(_ENTRY_TAR_AT, _ENTRY_TAR_AT + _ENTRY_TAR.size)]
+        tar = tar.view("<u8")
         del raw  # a view of a bytearray would pin its size
-        ends = (offs + _ENTRY.size + recs["nlen"].astype(np.int64)).tolist()
+        name_at = offs + _ENTRY.size
         data = bytes(t._data)
-        # Path -> position: the entries stay packed, one is made when looked up.
-        self.at_path = {
-            data[a:b].decode("utf-8", "surrogateescape"): i
-            for i, (a, b) in enumerate(zip((offs + _ENTRY.size).tolist(), ends, strict=True))
-        }
+        # Path -> position: the entries stay packed, one is made when looked up.  The names
+        # decoded in one call (joined by NUL, which no path holds), not one call each.
+        names = b"\0".join([
+            data[a:b] for a, b in zip(
+                name_at.tolist(), (name_at + head["nlen"].astype(np.int64)).tolist(),
+                strict=True,
+            )
+        ]).decode("utf-8", "surrogateescape").split("\0")
+        self.at_path = dict(zip(names, range(len(names)), strict=True))
         #: Per position: tar start and end; for a reusable file (read consistently, not
         #: racy) its identity as ``_identity`` makes it from an lstat, else None.
-        self.starts = recs["tar_start"].tolist()
-        self.ends = recs["tar_end"].tolist()
-        reusable = ((recs["kind"] == DATA) & ((recs["flags"] & _FLAG_REUSABLE) != 0)).tolist()
+        self.starts = tar[:, 0].tolist()
+        self.ends = tar[:, 1].tolist()
+        reusable = ((head["kind"] == DATA) & ((head["flags"] & _FLAG_REUSABLE) != 0)).tolist()
         at = _IDENTITY_AT
         end = at + _IDENTITY.size
         self.ident = [
