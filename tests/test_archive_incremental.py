@@ -279,6 +279,26 @@ def count_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return opened
 
 
+def test_tree_smaller_than_a_segment(tmp_path: Path) -> None:
+    """The first run is in step from the stream's start: with no cut in it at all (a tree
+    of a few hundred bytes), the build resumes at offset 0 with an empty window."""
+    root = tmp_path / "tree"
+    root.mkdir()
+    for name in ("a", "b", "c"):
+        (root / name).write_bytes(name.encode() * 100)
+    settle()
+    gen = Generations(root, tmp_path / "prev.tgz")
+    gen.build()
+    assert gen.index is not None and len(gen.index.segments) == 0
+    assert gen.build() == fresh(root)
+    assert gen.builder is not None and gen.builder.stats.files_opened == 0
+    with open(root / "c", "ab") as f:
+        f.write(b"appended")
+    settle()
+    assert gen.build() == fresh(root)
+    assert gen.builder.stats.files_opened == 1
+
+
 def test_reused_files_are_not_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One file changed among 60 of ~20 KiB: only it is opened, and the files at the ends
     of the runs (the last ~96 KiB, read again) and at the start of the first one; the
@@ -327,19 +347,24 @@ class ChangeOnWalk(IncrementalBuilder):
             yield item
 
 
-@pytest.mark.parametrize("target", ["f02", "f30", "f58"])
+@pytest.mark.parametrize("target", ["f02", "f02 after f00", "f30", "f58"])
 def test_file_changed_after_the_walk(tmp_path: Path, target: str) -> None:
-    """f02 is in the first stretch (read: its new content is stored); f30 in a copied
-    stretch (not read: the archive holds it as the walk saw it); f58 in the tail of the run,
-    whose bytes must be read again: found changed, they are inflated from the previous
-    archive instead, so the archive again holds it as the walk saw it.  Either way the
-    archive is a fresh build of one state of the tree, and the next build sees the change."""
+    """f02 is in a copied stretch, as f30 (not read: the archive holds it as the walk saw
+    it; the first run is in step from the stream's start); after a change to f00, f02 is
+    in the first stretch of the next run with no copied run before it to inflate from
+    (read: its new content is stored); f58 in the tail of the run, whose bytes must be read
+    again: found changed, they are inflated from the previous archive instead, so the
+    archive again holds it as the walk saw it.  Either way the archive is a fresh build of
+    one state of the tree, and the next build sees the change."""
     root, gen = sixty_files_built(tmp_path, seed=5)
+    if target == "f02 after f00":
+        with open(root / "f00", "ab") as f:
+            f.write(b"changed before the walk")
     before = fresh(root)
-    ChangeOnWalk.target = target
+    ChangeOnWalk.target = target.split()[0]
     data = gen.build(ChangeOnWalk)
     after = fresh(root)
-    assert data == (after if target == "f02" else before)
+    assert data == (after if target == "f02 after f00" else before)
     assert gen.builder is not None
     assert (gen.builder.stats.bytes_inflated > 0) == (target == "f58")
     settle()

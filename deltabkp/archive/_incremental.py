@@ -16,11 +16,19 @@ pure function of its name and ``lstat`` plus, for a file with data, its content.
   a header-only entry — directory, symlink, hard link, FIFO — by a digest of its header,
   which is cheap to make).  Consecutive such entries that were consecutive before form a
   *run*: a stretch of the new tar stream equal to a stretch of the old one;
-- at the start of a run the files are read and compressed as usual (a fresh build's code,
-  with its hot-read guarantees) until the new stream's cut finder places a cut at least
-  32 KiB into the run at a position that was a cut in the old stream too: from there on the
-  compressor's state (window, cut finder) is the old one's, so the old compressed segments
-  are copied verbatim up to the run's last old cut, without opening those files;
+- at the start of a run the bytes are compressed as usual until the new stream's cut finder
+  places a cut at least 32 KiB into the run at a position that was a cut in the old stream
+  too: from there on the compressor's state (window, cut finder) is the old one's, so the
+  old compressed segments are copied verbatim up to the run's last old cut, without opening
+  those files.  The bytes of that *first stretch* are inflated from the old archive
+  (``_Reinflate``), onward from the previous run's last cut (``copy_run`` has just rebuilt
+  its 32 KiB window; the old bytes of what changed in between are inflated and dropped), on
+  the same identities as the copied segments; where that is out of reach (the build's first
+  run, an entry over 1 MiB or more than 1 MiB past what was inflated) its files are read,
+  with a fresh build's hot-read rules.  A run that starts the stream in both builds is in
+  step from its first byte (no window, the cut finder fresh): it has no first stretch.
+  After the ~1% change set: 39 files opened (the changed ones) instead of 507 (~470 random
+  reads fewer on a cold cache), ~20 ms less CPU;
 - the tail of the run (the bytes after that last cut, and the 32 KiB before it that prime
   the compressor: ≤ 96 KiB) is read again from the run's last files, each checked before
   and after the read to still have the identity the walk saw.  If one changed since the
@@ -39,9 +47,10 @@ pure function of its name and ``lstat`` plus, for a file with data, its content.
   the next build, not a recompression;
 - a *changed* file whose old entry at the same path (a file both times, ≤ ``mem_limit``)
   directly follows a run in sync is read as usual (hot-read rules), and what was read is
-  compared, byte for byte, with the old entry's bytes at the same in-file offsets,
-  inflated from the old archive from the run's last cut with the window ``copy_run`` has
-  just rebuilt (``_splice_changed``): each stretch proven equal, ≥ 96 KiB, becomes a run
+  compared, byte for byte, with the old entry's bytes at the same in-file offsets (the
+  headers before them may differ in length: a PAX mtime record comes and goes with the
+  mtime's fraction of a second), inflated from the old archive from the run's last cut
+  with the window ``copy_run`` has just rebuilt (``_splice_changed``): each stretch proven equal, ≥ 96 KiB, becomes a run
   of its own, so an edit in place, an append or a truncation of a big file costs the
   read, ~64 KiB compressed per change and an inflate of the old entry, not the whole file
   recompressed.  Exact, never a CRC alone: a collision would store wrong bytes silently.
@@ -80,11 +89,11 @@ Invariants:
 - a stretch of a changed file is copied only when the bytes read now equal, compared
   exactly, the old archive's bytes it replaces;
 - a reused file is not opened, unless it lies in the first stretch of a run (32–96 KiB
-  after each change, until the sync cut), where it is read with the fresh build's hot-read
-  rules and kept in the run only if what was read has the old identity, or in the last
-  ≤ 96 KiB of a run (read by path, no symlink followed, identity checked before and after),
-  or it was racy when the previous build read it (read once, kept only if its digest
-  matches; never read a second time for a run's tail);
+  after each change, until the sync cut) out of ``_Reinflate``'s reach, where it is read
+  with the fresh build's hot-read rules and kept in the run only if what was read has the
+  old identity, or in the last ≤ 96 KiB of a run (read by path, no symlink followed,
+  identity checked before and after), or it was racy when the previous build read it (read
+  once, kept only if its digest matches; never read a second time for a run's tail);
 - per entry, a reused file that continues a run already in sync costs its ``lstat``, a
   dict lookup and one compare of its identity packed as the index packs it (the previous
   build's identities are slices of its index, gathered once: ``_Old``); such files are
@@ -109,7 +118,8 @@ Invariants:
   the index of the previous and of the new build, kept packed in their file layout
   (``EntryTable``: ~150 bytes per entry, plus a path -> position dict for the previous one;
   ``SegmentTable``: 20 bytes per segment, ~170,000 for a 1 GB tree — as Python objects the
-  two indexes cost ~100 MB there), plus one run's tail (≤ 96 KiB).
+  two indexes cost ~100 MB there), plus one run's tail (≤ 96 KiB), plus one inflated
+  piece of the old stream for a first stretch (``_Reinflate``: ≤ 1 MiB of tar).
 
 A long module on purpose: the index's fields, the run bookkeeping and the splicing
 compressor are one argument (why a copied segment is the byte a fresh build would write),
@@ -949,22 +959,23 @@ class _Splicer:
         c = run.sync + delta
         first = old.cut_index(c) + 1  # the first segment after the sync cut
         last = old.last_cut_upto(run.old_end)  # the last cut in the run
-        e = int(old.cut_ends[last])
+        # (None, in a run in step from the stream's start that is shorter than a segment.)
+        e = int(old.cut_ends[last]) if last >= 0 else 0
         if last >= first:
             start = old.comp_start(first)
             end = int(old.deflate_ends[last])
             self.queue.append(("copy", start, end - start, (first, last + 1), delta))
             self.copied += end - start
-        want_from = e - DICT_SIZE
+        want_from = max(0, e - DICT_SIZE)
         have = bytearray(run.sync_window[max(0, want_from - (c - DICT_SIZE)) :] if want_from < c else b"")
         tail = self._tail_from_files(run, max(want_from, c) - delta, run.old_end - delta)
         if tail is not None:
             have += tail
         else:
             self._inflate(run, c, want_from, have)
-        # have = old[e - 32768, old_end)
+        # have = old[max(0, e - 32768), old_end)
         new_e = e - delta
-        before, rest = bytes(have[:DICT_SIZE]), bytes(have[DICT_SIZE:])
+        before, rest = bytes(have[: e - want_from]), bytes(have[e - want_from :])
         self.finder = CutFinder.at_cut(new_e, before)
         self.window = before
         self.buf = bytearray()
@@ -1133,9 +1144,9 @@ class _Reinflate:
             return None
         if self.d is None:  # made on first use: most copied runs end the build's work
             k = self.old.cut_index(self.pos)
-            if k < 0:
+            if k < 0 and self.pos:
                 return None
-            self.src = int(self.old.deflate_ends[k])
+            self.src = int(self.old.deflate_ends[k]) if k >= 0 else 0
             self.end = self.old.index.archive_size - len(GZIP_HEADER) - 8
             self.d = isal_zlib.decompressobj(-15, zdict=self.window)
         out: list[bytes] = []
@@ -1821,6 +1832,11 @@ class IncrementalBuilder(TgzBuilder):
                 end_run()
                 assert sp.pos == total
                 run = _Run(total, o_start, o_start)
+                if total == 0 and o_start == 0:
+                    # Both streams start with this entry: in step from the first byte (no
+                    # window, the cut finder fresh), so the old segments are copied from
+                    # the first one, and nothing of the run is read or compressed.
+                    run.sync = 0
             if run.sync is not None:
                 # In sync: the old compressed bytes cover it; nothing is read (but a racy
                 # file, verified).  Its record is the old one moved (a header-only entry's
