@@ -171,9 +171,7 @@ def incremental(repeat: int) -> None:
           f"{changed[-1].report.files}, entries reused {s.entries_reused}, tar compressed "
           f"{s.bytes_compressed / 1e6:.2f} MB, deflate copied {s.bytes_copied / 1e6:.2f} MB, "
           f"tar inflated {s.bytes_inflated / 1e6:.2f} MB")
-    # getattr: the same script also times an older package (PYTHONPATH) side by side.
-    print(f"   tar of changed files matched {s.bytes_matched / 1e6:.2f} MB, tar of first "
-          f"stretches inflated {getattr(s, 'bytes_reinflated', 0) / 1e6:.2f} MB")
+    print(f"   tar of changed files matched {s.bytes_matched / 1e6:.2f} MB")
     print("   " + format_minimum(index, changed[-1].index, prev, OUT / "inc-new.tgz"))
     shutil.rmtree(tree)
 

@@ -20,15 +20,12 @@ pure function of its name and ``lstat`` plus, for a file with data, its content.
   places a cut at least 32 KiB into the run at a position that was a cut in the old stream
   too: from there on the compressor's state (window, cut finder) is the old one's, so the
   old compressed segments are copied verbatim up to the run's last old cut, without opening
-  those files.  The bytes of that *first stretch* are inflated from the old archive
-  (``_Reinflate``), onward from the previous run's last cut (``copy_run`` has just rebuilt
-  its 32 KiB window; the old bytes of what changed in between are inflated and dropped), on
-  the same identities as the copied segments; where that is out of reach (the build's first
-  run, an entry over 1 MiB or more than 1 MiB past what was inflated) its files are read,
-  with a fresh build's hot-read rules.  A run that starts the stream in both builds is in
-  step from its first byte (no window, the cut finder fresh): it has no first stretch.
-  After the ~1% change set: 39 files opened (the changed ones) instead of 507 (~470 random
-  reads fewer on a cold cache), ~20 ms less CPU;
+  those files.  The files of that *first stretch* are read with a fresh build's hot-read
+  rules (~470 small files after the ~1% change set: inflating their bytes from the old
+  archive instead, onward from the previous run's last cut, was measured at ~20 ms less
+  CPU but ~10 MB more peak RssAnon in the agent on bench_memory's 1 GB tree, at its
+  150 MB bound: not kept).  A run that starts the stream in both builds is in step from
+  its first byte (no window, the cut finder fresh): it has no first stretch;
 - the tail of the run (the bytes after that last cut, and the 32 KiB before it that prime
   the compressor: ≤ 96 KiB) is read again from the run's last files, each checked before
   and after the read to still have the identity the walk saw.  If one changed since the
@@ -75,12 +72,13 @@ every 100 ms 0.04-0.07 per build.  What remains is ~64 KiB compressed per change
 (the changed entry, then 32 KiB of window and up to a segment to get back in step; a
 directory whose mtime moved costs the same), plus the walk.  A build without a previous
 one costs ~7% more CPU than ``TgzBuilder`` (per-segment CRCs, the index, the archive's hash).
-Measured again (2026-11-30, same command, this package and the previous commit's
-alternating, 2 runs each, load 2-6): after the ~1% change 0.37 s CPU where it was 0.49-0.54
-(0.42-0.46 s wall where 0.50-0.60), 39 files opened where 508, 2.46 MB of tar compressed
-where 4.17 — the format's minimum for that change set is 2.44 MB (docs/formats.md) — after
-the 1.7 MB file whose header grew a PAX record is spliced (1.64 MB matched) and first
-stretches are inflated (2.3 MB).  What is left on the iterating thread (py-spy, the same
+Measured again (2026-11-30; the same tree and change set, builds from the same previous
+index, the package before this round and this one alternating, 3 processes x 5 builds
+each, load 0.9): after the ~1% change 0.41 s CPU where it was 0.55 (medians), 0.33 s wall
+where 0.47; 2.46 MB of tar compressed where 4.17 — the format's minimum for that change
+set is 2.44 MB (docs/formats.md) — since the 1.7 MB file whose header grew a PAX record is
+spliced (1.64 MB matched) and the first run is in step from the start (495 files opened
+where 508).  What is left on the iterating thread (py-spy, the same
 build looped): the walk's ``lstat``s and listings ~19%, hashing the previous archive ~15%
 (only when the caller does not vouch for it: the agent does), cut finding ~8%, copying
 ~3%, the CRC combination ~2%; the deflate of 2.46 MB in the workers.
@@ -98,10 +96,10 @@ Invariants:
 - a stretch of a changed file is copied only when the bytes read now equal, compared
   exactly, the old archive's bytes it replaces;
 - a reused file is not opened, unless it lies in the first stretch of a run (32–96 KiB
-  after each change, until the sync cut) out of ``_Reinflate``'s reach, where it is read
-  with the fresh build's hot-read rules and kept in the run only if what was read has the
-  old identity, or in the last ≤ 96 KiB of a run (read by path, no symlink followed,
-  identity checked before and after), or it was racy when the previous build read it (read
+  after each change, until the sync cut), where it is read with the fresh build's
+  hot-read rules and kept in the run only if what was read has the old identity, or in
+  the last ≤ 96 KiB of a run (read by path, no symlink followed, identity checked before
+  and after), or it was racy when the previous build read it (read
   once, kept only if its digest matches; never read a second time for a run's tail);
 - per entry, a reused file that continues a run already in sync costs its ``lstat``, a
   dict lookup and one compare of its identity packed as the index packs it (the previous
@@ -127,8 +125,7 @@ Invariants:
   the index of the previous and of the new build, kept packed in their file layout
   (``EntryTable``: ~150 bytes per entry, plus a path -> position dict for the previous one;
   ``SegmentTable``: 20 bytes per segment, ~170,000 for a 1 GB tree — as Python objects the
-  two indexes cost ~100 MB there), plus one run's tail (≤ 96 KiB), plus one inflated
-  piece of the old stream for a first stretch (``_Reinflate``: ≤ 64 KiB of tar).
+  two indexes cost ~100 MB there), plus one run's tail (≤ 96 KiB).
 
 A long module on purpose: the index's fields, the run bookkeeping and the splicing
 compressor are one argument (why a copied segment is the byte a fresh build would write),
@@ -602,10 +599,6 @@ class IncrementalStats:
     #: tar bytes of changed files found unchanged at the same in-file offsets and copied
     #: (from where the splicer got back in step: ``_splice_changed``)
     bytes_matched: int = 0
-    #: tar bytes of unchanged entries in the first stretch of a run (after a change, until
-    #: the compressor is back in step) inflated from the previous archive instead of read
-    #: from their files (``_Reinflate``)
-    bytes_reinflated: int = 0
 
 
 # -- the previous build -------------------------------------------------------------------------
@@ -896,9 +889,6 @@ class _Splicer:
         self.inflated = 0
         self.peeked = 0
         self.matched = 0  # tar bytes of changed files copied as unchanged (_splice_changed)
-        #: The old stream after the last run copied, for the next run's first stretch.
-        self.reinflate: _Reinflate | None = None
-        self.reinflated = 0
 
     # -- feeding
 
@@ -991,34 +981,6 @@ class _Splicer:
         self.buf_at = self.pos = new_e
         self.cuts = []
         self.feed(rest)
-        # The old stream from this cut on can be inflated: the next run's first stretch.
-        self.reinflate = _Reinflate(old, e, before)
-
-    def old_bytes(self, a: int, b: int) -> bytes | None:
-        """The old tar bytes ``[a, b)``, inflated onward from the last cut ``copy_run``
-        resumed at; None if out of reach (before what was inflated, too far after it, or
-        the old archive does not give them: the caller reads the file instead)."""
-        r = self.reinflate
-        if r is None:
-            return None
-        got = r.take(a, b)
-        if got is None:
-            self.reinflate = None
-        else:
-            self.reinflated += len(got)
-        return got
-
-    def old_pieces(self, first: bytes, a: int, b: int) -> Iterator[bytes]:
-        """``first`` (old bytes from ``a`` on, from ``old_bytes``), then the rest of the old
-        bytes ``[a, b)`` a piece at a time, as far as the caller iterates."""
-        yield first
-        at = a + len(first)
-        while at < b:
-            got = self.old_bytes(at, min(b, at + _REINFLATE_PIECE))
-            if got is None:  # took the first piece, not this one: a corrupt previous archive
-                raise ArchiveError("the previous archive does not inflate to what its index says")
-            yield got
-            at += len(got)
 
     def _tail_from_files(self, run: _Run, a: int, b: int) -> bytes | None:
         """The new stream's bytes ``[a, b)`` (inside the run), read again from the run's
@@ -1114,87 +1076,6 @@ class _Splicer:
                 if item[0] == "job":
                     item[1].cancel()  # type: ignore[attr-defined]
             self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-#: The first stretch of a run takes an unchanged entry's bytes from the old archive if it
-#: is at most this long and starts at most ``_REINFLATE_GAP`` after what was inflated (the
-#: old bytes of what changed, inflated and dropped: ~1 ns a byte with ISA-L, against
-#: ~50-100 µs to open, read and check one small file, and a random read on a cold cache).
-_REINFLATE_ENTRY = 1 << 20
-_REINFLATE_GAP = 1 << 20
-#: Deflate bytes read from the old archive at a time by ``_Reinflate``, tar bytes inflated
-#: at most per call, and per piece handed to the first stretch (which stops at the sync cut).
-#: Small (an 8 KiB read: ~0.2 ms of inflate overshoot per run, not ~1 ms with 64 KiB reads;
-#: the agent's peak RssAnon on bench_memory's 1 GB tree was 150 MB with 1 MiB outputs,
-#: 146.5 with 64 KiB, 140 with no re-inflating at all: one run each).
-_REINFLATE_READ = 8 * 1024
-_REINFLATE_OUT = 64 * 1024
-_REINFLATE_PIECE = 16 * 1024
-
-
-class _Reinflate:
-    """The old tar stream from one of its cuts on, inflated on demand (ISA-L, exact):
-    ``copy_run`` resumes compressing at a run's last old cut with the 32 KiB before it,
-    which is what inflating from there needs; the next run's first stretch (the
-    entries after a change, until the compressor is back in step) then takes its
-    unchanged entries' bytes from here instead of opening their files.  Forward only;
-    memory: one inflated piece (≤ ``_REINFLATE_READ`` of deflate, ≤ 64 KiB of tar)."""
-
-    def __init__(self, old: _Old, cut: int, window: bytes) -> None:
-        self.old = old
-        self.pos = cut  # old tar offset of ``buf[at]``
-        self.window = window
-        self.d: Any = None
-        self.src = self.end = 0
-        self.buf = b""
-        self.at = 0
-
-    def take(self, a: int, b: int) -> bytes | None:
-        """Old tar bytes ``[a, b)`` (None if out of reach); what lies before ``a`` since
-        the last take is inflated and dropped."""
-        if a < self.pos or a - self.pos > _REINFLATE_GAP:
-            return None
-        if self.d is None:  # made on first use: most copied runs end the build's work
-            k = self.old.cut_index(self.pos)
-            if k < 0 and self.pos:
-                return None
-            self.src = int(self.old.deflate_ends[k]) if k >= 0 else 0
-            self.end = self.old.index.archive_size - len(GZIP_HEADER) - 8
-            self.d = isal_zlib.decompressobj(-15, zdict=self.window)
-        out: list[bytes] = []
-        try:
-            while self.pos < b:
-                if self.at == len(self.buf):
-                    self.buf, self.at = self._inflate(), 0
-                    if not self.buf:
-                        return None
-                n = len(self.buf) - self.at
-                if self.pos + n <= a:  # the old bytes of what changed: dropped
-                    self.pos += n
-                    self.at = len(self.buf)
-                    continue
-                lo = self.at + max(0, a - self.pos)
-                hi = self.at + min(n, b - self.pos)
-                out.append(self.buf[lo:hi])
-                self.pos += hi - self.at
-                self.at = hi
-        except _INFLATE_ERRORS:
-            return None
-        return b"".join(out)
-
-    def _inflate(self) -> bytes:
-        d = self.d
-        while not d.eof:
-            chunk = d.unconsumed_tail
-            if not chunk:
-                if self.src >= self.end:
-                    return b""
-                chunk = self.old.read(self.src, min(_REINFLATE_READ, self.end - self.src))
-                self.src += len(chunk)
-            got: bytes = d.decompress(chunk, _REINFLATE_OUT)
-            if got:
-                return got
-        return b""
 
 
 def _pread_checked(
@@ -1552,7 +1433,6 @@ class IncrementalBuilder(TgzBuilder):
             bytes_compressed=splicer.compressed, bytes_copied=splicer.copied,
             bytes_inflated=splicer.inflated, files_peeked=peeked[0],
             bytes_peeked=splicer.peeked, bytes_matched=splicer.matched,
-            bytes_reinflated=splicer.reinflated,
         )
 
     def _items(
@@ -1862,23 +1742,11 @@ class IncrementalBuilder(TgzBuilder):
                 run.old_end = o_end
                 reused[0] += 1
                 continue
-            # The first stretch of a run: compressed, watching for the sync cut.  A file
-            # with its old identity is not read: its old bytes are inflated from the old
-            # archive (``_Reinflate``), like the copied segments they are taken on its
-            # identity; else (out of reach of the inflater) read like a changed file.
+            # The first stretch of a run: read and compressed, watching for the sync cut.
             start = total
             delta = run.old_start - run.new_start
             checked = False
-            pieces = item.pieces
-            unread = item.st is not None and not item.verify and o_end - o_start <= _REINFLATE_ENTRY
-            if unread:
-                got = sp.old_bytes(o_start, min(o_end, o_start + _REINFLATE_PIECE))
-                unread = got is not None
-                if got is not None:
-                    pieces, item.equal = sp.old_pieces(got, o_start, o_end), True
-            for piece in pieces:
-                if unread and run is not None and run.sync is not None:
-                    break  # the rest is covered by the old segments: not inflated
+            for piece in item.pieces:
                 if not checked:
                     checked = True
                     if not item.equal:
@@ -1903,14 +1771,10 @@ class IncrementalBuilder(TgzBuilder):
                     if run.sync is None:
                         yield from sp.spill()
                 total += len(piece)
-            if unread:
-                total = start + o_end - o_start
             if not checked:  # nothing stored (vanished, unreadable): the run ends here
                 end_run()
                 o = -1
-            if unread:
-                entries.append_moved(old.index.entries, o, start, total)
-            elif item.record is not None:
+            if item.record is not None:
                 entries.append(item.record.placed(start, total))
             if o >= 0 and run is not None:
                 run.add(start, total, item)
