@@ -348,8 +348,7 @@ class ChangeOnWalk(IncrementalBuilder):
 def test_file_changed_after_the_walk(tmp_path: Path, target: str) -> None:
     """f02 is in a copied stretch, as f30 (not read: the archive holds it as the walk saw
     it; the first run is in step from the stream's start); after a change to f00, f02 is
-    in the first stretch of the next run with no copied run before it to inflate from
-    (read: its new content is stored); f58 in the tail of the run, whose bytes must be read
+    in the first stretch of the next run (read: its new content is stored); f58 in the tail of the run, whose bytes must be read
     again: found changed, they are inflated from the previous archive instead, so the
     archive again holds it as the walk saw it.  Either way the archive is a fresh build of
     one state of the tree, and the next build sees the change."""
