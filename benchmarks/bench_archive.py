@@ -171,7 +171,90 @@ def incremental(repeat: int) -> None:
           f"{changed[-1].report.files}, entries reused {s.entries_reused}, tar compressed "
           f"{s.bytes_compressed / 1e6:.2f} MB, deflate copied {s.bytes_copied / 1e6:.2f} MB, "
           f"tar inflated {s.bytes_inflated / 1e6:.2f} MB")
+    print(f"   tar of changed files matched {s.bytes_matched / 1e6:.2f} MB")
+    print("   " + format_minimum(index, changed[-1].index, prev, OUT / "inc-new.tgz"))
     shutil.rmtree(tree)
+
+
+def format_minimum(old: Any, new: Any, old_tgz: Path, new_tgz: Path) -> str:
+    """What the format forces an incremental build to compress, from the two archives and
+    their indexes (docs/formats.md "Archive index"): for each changed spot, from the last
+    cut before it to the first cut both streams share ≥ 32 KiB after its last changed byte
+    (spots closer than that merge).  Changed spots: the differing bytes of each entry
+    against its old version at the same path (common prefix and suffix; a big file of the
+    same size compared 4 KiB block by block at the same in-file offsets), added entries,
+    and where old entries were removed or moved."""
+    import bisect
+    import zlib
+
+    import numpy as np
+
+    ot, nt = (zlib.decompress(p.read_bytes(), 31) for p in (old_tgz, new_tgz))
+    ocuts = set(old.segments.tar_ends.tolist())
+    ncuts = new.segments.tar_ends.tolist()
+    olds = {e.path: e for e in old.entries}
+    news = list(new.entries)
+
+    def pad(n: int) -> int:
+        return n + (-n % 512)
+
+    def same(e: Any) -> bool:
+        o = olds.get(e.path)
+        return o is not None and ot[o.tar_start : o.tar_end] == nt[e.tar_start : e.tar_end]
+
+    spots: list[tuple[int, int, int | None]] = []  # new [a, b), old - new offset after b
+    prev_end = 0
+    for e in news:
+        o = olds.get(e.path)
+        if o is None:
+            spots.append((e.tar_start, e.tar_end, None))
+            prev_end = -1
+            continue
+        if o.tar_start != prev_end:
+            spots.append((e.tar_start, e.tar_start, o.tar_start - e.tar_start))
+        prev_end = o.tar_end
+        ob, nb = ot[o.tar_start : o.tar_end], nt[e.tar_start : e.tar_end]
+        if ob == nb:
+            continue
+        if o.kind == 1 and e.size == o.size >= 1 << 17:
+            hn, ho = len(nb) - pad(e.size), len(ob) - pad(o.size)
+            shift = o.tar_start + ho - e.tar_start - hn
+            spots.append((e.tar_start, e.tar_start + hn, shift))
+            n = e.size // 4096 * 4096
+            a = np.frombuffer(nb, np.uint8, n, hn).reshape(-1, 4096)
+            b = np.frombuffer(ob, np.uint8, n, ho).reshape(-1, 4096)
+            for k in np.flatnonzero((a != b).any(axis=1)).tolist():
+                at = e.tar_start + hn + k * 4096
+                spots.append((at, at + 4096, shift))
+            if nb[hn + n :] != ob[ho + n :]:
+                spots.append((e.tar_start + hn + n, e.tar_end, o.tar_end - e.tar_end))
+            continue
+        m = min(len(ob), len(nb))
+        p = len(os.path.commonprefix([ob, nb]))
+        q = len(os.path.commonprefix([ob[::-1][: m - p], nb[::-1][: m - p]]))
+        spots.append((e.tar_start + p, e.tar_end - q, o.tar_end - e.tar_end))
+    spots.sort()
+    stretches: list[list[int]] = []  # [lo, hi, changed bytes]
+    for i, (a, b, shift) in enumerate(spots):
+        if shift is None:  # after an added entry: the offset of the next unchanged one
+            nxt = next((e for e in news if e.tar_start >= b and same(e)), None)
+            shift = olds[nxt.path].tar_start - nxt.tar_start if nxt is not None else 0
+        bound = spots[i + 1][0] if i + 1 < len(spots) else len(nt)
+        lo = ncuts[bisect.bisect_right(ncuts, a) - 1] if ncuts and ncuts[0] <= a else 0
+        j = bisect.bisect_left(ncuts, b + 32768)
+        while j < len(ncuts) and ncuts[j] <= bound and ncuts[j] + shift not in ocuts:
+            j += 1
+        hi = ncuts[j] if j < len(ncuts) and ncuts[j] <= bound else bound
+        if stretches and lo <= stretches[-1][1]:
+            stretches[-1][1] = max(stretches[-1][1], hi)
+            stretches[-1][2] += b - a
+        else:
+            stretches.append([lo, hi, b - a])
+    total = sum(hi - lo for lo, hi, _ in stretches)
+    changed = sum(d for _, _, d in stretches)
+    return (f"the format's minimum: {total / 1e6:.3f} MB of tar in {len(stretches)} stretches "
+            f"around {len(spots)} changed spots ({changed / 1e6:.3f} MB of changed bytes; "
+            f"the rest is the 32 KiB windows after them and segment edges)")
 
 
 def racy(rounds: int = 5) -> None:

@@ -281,6 +281,26 @@ def count_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return opened
 
 
+def test_tree_smaller_than_a_segment(tmp_path: Path) -> None:
+    """The first run is in step from the stream's start: with no cut in it at all (a tree
+    of a few hundred bytes), the build resumes at offset 0 with an empty window."""
+    root = tmp_path / "tree"
+    root.mkdir()
+    for name in ("a", "b", "c"):
+        (root / name).write_bytes(name.encode() * 100)
+    settle()
+    gen = Generations(root, tmp_path / "prev.tgz")
+    gen.build()
+    assert gen.index is not None and len(gen.index.segments) == 0
+    assert gen.build() == fresh(root)
+    assert gen.builder is not None and gen.builder.stats.files_opened == 0
+    with open(root / "c", "ab") as f:
+        f.write(b"appended")
+    settle()
+    assert gen.build() == fresh(root)
+    assert gen.builder.stats.files_opened == 1
+
+
 def test_reused_files_are_not_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One file changed among 60 of ~20 KiB: only it and the files of the ~32-96 KiB after it
     (where the compressor gets back in step) are opened; the rest is copied."""
@@ -294,15 +314,15 @@ def test_reused_files_are_not_opened(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert data == fresh(root)
     assert gen.builder is not None
     stats = gen.builder.stats
-    # Read: f30, the first stretch of each run (from f00, and after f30) up to its sync
-    # point (32-96 KiB); read again: the last ~96 KiB of each run (before f30, and at the
-    # end).  Nothing else.
+    # Read: f30, the first stretch of the run after it up to its sync point (32-96 KiB;
+    # the run from f00 is in step from the stream's start); read again: the last ~96 KiB
+    # of each run (before f30, and at the end).  Nothing else.
     assert "f30" in opened
     assert len(set(opened)) <= stats.files_opened + stats.files_peeked
     assert len({n for n in opened if "f30" < n < "f40"}) <= 5, opened
     assert len({n for n in opened if "f20" < n < "f30"}) <= 5, opened
     assert len({n for n in opened if "f50" < n}) <= 5, opened
-    assert not {f"f{i:02d}" for i in [*range(6, 20), *range(36, 50)]} & set(opened), opened
+    assert not {f"f{i:02d}" for i in [*range(20), *range(36, 50)]} & set(opened), opened
     assert stats.entries_reused >= 45
     assert stats.bytes_inflated == 0
 
@@ -326,19 +346,23 @@ class ChangeOnWalk(IncrementalBuilder):
             yield item
 
 
-@pytest.mark.parametrize("target", ["f02", "f30", "f58"])
+@pytest.mark.parametrize("target", ["f02", "f02 after f00", "f30", "f58"])
 def test_file_changed_after_the_walk(tmp_path: Path, target: str) -> None:
-    """f02 is in the first stretch (read: its new content is stored); f30 in a copied
-    stretch (not read: the archive holds it as the walk saw it); f58 in the tail of the run,
-    whose bytes must be read again: found changed, they are inflated from the previous
-    archive instead, so the archive again holds it as the walk saw it.  Either way the
-    archive is a fresh build of one state of the tree, and the next build sees the change."""
+    """f02 is in a copied stretch, as f30 (not read: the archive holds it as the walk saw
+    it; the first run is in step from the stream's start); after a change to f00, f02 is
+    in the first stretch of the next run (read: its new content is stored); f58 in the tail of the run, whose bytes must be read
+    again: found changed, they are inflated from the previous archive instead, so the
+    archive again holds it as the walk saw it.  Either way the archive is a fresh build of
+    one state of the tree, and the next build sees the change."""
     root, gen = sixty_files_built(tmp_path, seed=5)
+    if target == "f02 after f00":
+        with open(root / "f00", "ab") as f:
+            f.write(b"changed before the walk")
     before = fresh(root)
-    ChangeOnWalk.target = target
+    ChangeOnWalk.target = target.split()[0]
     data = gen.build(ChangeOnWalk)
     after = fresh(root)
-    assert data == (after if target == "f02" else before)
+    assert data == (after if target == "f02 after f00" else before)
     assert gen.builder is not None
     assert (gen.builder.stats.bytes_inflated > 0) == (target == "f58")
     settle()
@@ -793,7 +817,8 @@ def test_sink_thread_ends_when_the_consumer_stops(tmp_path: Path) -> None:
 # -- changed files: their unchanged stretches --------------------------------------------------
 
 
-BIG_EDITS = ["inplace", "inplace", "append", "truncate", "middle", "head", "rewrite", "touch"]
+BIG_EDITS = ["inplace", "inplace", "append", "truncate", "middle", "head", "rewrite", "touch",
+             "retime"]
 
 
 def tree_with_big(
@@ -810,10 +835,18 @@ def tree_with_big(
 
 def big_edit(p: Path, rng: random.Random, what: str) -> None:
     """An edit of a big file: in place (same size, same mtime: only ctime moves), appended,
-    truncated, a size-changing edit in its middle, an edit of its first bytes, a rewrite."""
+    truncated, a size-changing edit in its middle, an edit of its first bytes, a rewrite;
+    ``retime``: in place with an mtime that gains (or loses) a fraction of a second, so the
+    tar header before the data grows (or shrinks) by a PAX record."""
     d = bytearray(p.read_bytes())
     st_ = p.stat()
-    if what in ("inplace", "head"):
+    if what == "retime":
+        at = rng.randrange(len(d))
+        d[at : at + 64] = rng.randbytes(len(d[at : at + 64]))
+        p.write_bytes(bytes(d))
+        sec, frac = divmod(st_.st_mtime_ns, 10**9)
+        os.utime(p, ns=(st_.st_atime_ns, sec * 10**9 + (0 if frac else 123_456_789)))
+    elif what in ("inplace", "head"):
         at = rng.randrange(min(len(d), 600)) if what == "head" else rng.randrange(len(d))
         n = rng.randrange(1, 300)
         d[at : at + n] = rng.randbytes(len(d[at : at + n]))
@@ -876,13 +909,18 @@ def test_changed_big_files_equal_fresh(
     shutil.rmtree(base)
 
 
-@pytest.mark.parametrize("what", ["inplace", "append", "truncate"])
+@pytest.mark.parametrize("what", ["inplace", "append", "truncate", "pax", "unpax"])
 def test_changed_file_reuses_its_unchanged_stretches(tmp_path: Path, what: str) -> None:
     """A 64-byte overwrite in the middle of a 1 MB file (the benchmark's change), an append,
-    a truncation: the file is read, but only what is around the change is compressed."""
+    a truncation: the file is read, but only what is around the change is compressed.
+    ``pax``/``unpax``: the overwrite gives a whole-second mtime a fraction (or takes it
+    away): the header before the data grows (shrinks) by a PAX record, the data stays at
+    its in-file offsets (the benchmark's tree has whole-second times: its 1.7 MB file)."""
     rng = random.Random(11)
     root, big = tree_with_big(tmp_path, rng, lambda r: r.randbytes(300_000) + text(r, 700_000))
     (root / "z").write_bytes(text(rng, 30_000))
+    if what in ("pax", "unpax"):
+        os.utime(big, ns=(0, 1_700_000_000 * 10**9 + (0 if what == "pax" else 5)))
     settle()
     gen = Generations(root, tmp_path / "prev.tgz")
     gen.build()
@@ -892,6 +930,10 @@ def test_changed_file_reuses_its_unchanged_stretches(tmp_path: Path, what: str) 
         d[500_000 : 500_064] = rng.randbytes(64)
         big.write_bytes(bytes(d))
         os.utime(big, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+    elif what in ("pax", "unpax"):
+        d[500_000 : 500_064] = rng.randbytes(64)
+        big.write_bytes(bytes(d))
+        os.utime(big, ns=(0, st_.st_mtime_ns + (7 if what == "pax" else -5)))
     elif what == "append":
         with open(big, "ab") as f:
             f.write(text(rng, 3000))

@@ -16,11 +16,16 @@ pure function of its name and ``lstat`` plus, for a file with data, its content.
   a header-only entry — directory, symlink, hard link, FIFO — by a digest of its header,
   which is cheap to make).  Consecutive such entries that were consecutive before form a
   *run*: a stretch of the new tar stream equal to a stretch of the old one;
-- at the start of a run the files are read and compressed as usual (a fresh build's code,
-  with its hot-read guarantees) until the new stream's cut finder places a cut at least
-  32 KiB into the run at a position that was a cut in the old stream too: from there on the
-  compressor's state (window, cut finder) is the old one's, so the old compressed segments
-  are copied verbatim up to the run's last old cut, without opening those files;
+- at the start of a run the bytes are compressed as usual until the new stream's cut finder
+  places a cut at least 32 KiB into the run at a position that was a cut in the old stream
+  too: from there on the compressor's state (window, cut finder) is the old one's, so the
+  old compressed segments are copied verbatim up to the run's last old cut, without opening
+  those files.  The files of that *first stretch* are read with a fresh build's hot-read
+  rules (~470 small files after the ~1% change set: inflating their bytes from the old
+  archive instead, onward from the previous run's last cut, was measured at ~20 ms less
+  CPU but ~10 MB more peak RssAnon in the agent on bench_memory's 1 GB tree, at its
+  150 MB bound: not kept).  A run that starts the stream in both builds is in step from
+  its first byte (no window, the cut finder fresh): it has no first stretch;
 - the tail of the run (the bytes after that last cut, and the 32 KiB before it that prime
   the compressor: ≤ 96 KiB) is read again from the run's last files, each checked before
   and after the read to still have the identity the walk saw.  If one changed since the
@@ -39,9 +44,10 @@ pure function of its name and ``lstat`` plus, for a file with data, its content.
   the next build, not a recompression;
 - a *changed* file whose old entry at the same path (a file both times, ≤ ``mem_limit``)
   directly follows a run in sync is read as usual (hot-read rules), and what was read is
-  compared, byte for byte, with the old entry's bytes at the same in-file offsets,
-  inflated from the old archive from the run's last cut with the window ``copy_run`` has
-  just rebuilt (``_splice_changed``): each stretch proven equal, ≥ 96 KiB, becomes a run
+  compared, byte for byte, with the old entry's bytes at the same in-file offsets (the
+  headers before them may differ in length: a PAX mtime record comes and goes with the
+  mtime's fraction of a second), inflated from the old archive from the run's last cut
+  with the window ``copy_run`` has just rebuilt (``_splice_changed``): each stretch proven equal, ≥ 96 KiB, becomes a run
   of its own, so an edit in place, an append or a truncation of a big file costs the
   read, ~64 KiB compressed per change and an inflate of the old entry, not the whole file
   recompressed.  Exact, never a CRC alone: a collision would store wrong bytes silently.
@@ -62,10 +68,20 @@ Measured (``benchmarks/bench_archive.py --incremental`` / ``--racy``; the 103 MB
 tree, 4,828 files, 2 shared cores): after the ~1% change set the build costs 0.11 of a
 fresh one (1.0 s against 8.8 s wall, 0.6 s against 5.7 s CPU; 477 files read, 4.2 MB of tar
 compressed, 28.4 MB of deflate copied); an unchanged tree 0.04; a tree with a log appended
-every 100 ms 0.04-0.07 per build.  What remains is ~64 KiB read and compressed per change
+every 100 ms 0.04-0.07 per build.  What remains is ~64 KiB compressed per change
 (the changed entry, then 32 KiB of window and up to a segment to get back in step; a
 directory whose mtime moved costs the same), plus the walk.  A build without a previous
 one costs ~7% more CPU than ``TgzBuilder`` (per-segment CRCs, the index, the archive's hash).
+Measured again (2026-11-30; the same tree and change set, builds from the same previous
+index, the package before this round and this one alternating, 3 processes x 5 builds
+each, load 0.9): after the ~1% change 0.41 s CPU where it was 0.55 (medians), 0.33 s wall
+where 0.47; 2.46 MB of tar compressed where 4.17 — the format's minimum for that change
+set is 2.44 MB (docs/formats.md) — since the 1.7 MB file whose header grew a PAX record is
+spliced (1.64 MB matched) and the first run is in step from the start (495 files opened
+where 508).  What is left on the iterating thread (py-spy, the same
+build looped): the walk's ``lstat``s and listings ~19%, hashing the previous archive ~15%
+(only when the caller does not vouch for it: the agent does), cut finding ~8%, copying
+~3%, the CRC combination ~2%; the deflate of 2.46 MB in the workers.
 
 Invariants:
 - the output is byte-identical to ``TgzBuilder`` of the same tree state, with or without a
@@ -86,11 +102,11 @@ Invariants:
 - a stretch of a changed file is copied only when the bytes read now equal, compared
   exactly, the old archive's bytes it replaces;
 - a reused file is not opened, unless it lies in the first stretch of a run (32–96 KiB
-  after each change, until the sync cut), where it is read with the fresh build's hot-read
-  rules and kept in the run only if what was read has the old identity, or in the last
-  ≤ 96 KiB of a run (read by path, no symlink followed, identity checked before and after),
-  or it was racy when the previous build read it (read once, kept only if its digest
-  matches; never read a second time for a run's tail);
+  after each change, until the sync cut), where it is read with the fresh build's
+  hot-read rules and kept in the run only if what was read has the old identity, or in
+  the last ≤ 96 KiB of a run (read by path, no symlink followed, identity checked before
+  and after), or it was racy when the previous build read it (read
+  once, kept only if its digest matches; never read a second time for a run's tail);
 - per entry, a reused file that continues a run already in sync costs its ``lstat``, a
   dict lookup and one compare of its identity packed as the index packs it (the previous
   build's identities are slices of its index, gathered once: ``_Old``); such files are
@@ -200,14 +216,8 @@ _SEGMENT_DTYPE = np.dtype({
     "names": ["tar_end", "deflate_end", "crc"], "formats": ["<u8", "<u8", "<u4"],
     "offsets": [0, 8, 16], "itemsize": _SEGMENT.size,
 })
-#: ``_ENTRY`` as a numpy record (the fixed part of an index entry, before its name).
-_ENTRY_DTYPE = np.dtype({
-    "names": ["kind", "flags", "nlen", "mode", "uid", "gid", "nlink", "dev", "ino", "size",
-              "mtime", "ctime", "tar_start", "tar_end"],
-    "formats": ["u1", "u1", "<u2", "<u4", "<u4", "<u4", "<u4", "<u8", "<u8", "<u8", "<i8",
-                "<i8", "<u8", "<u8"],
-    "offsets": [0, 1, 2, 4, 8, 12, 16, 20, 28, 36, 44, 52, 60, 68], "itemsize": _ENTRY.size,
-})
+#: ``_ENTRY_HEAD`` as a numpy record.
+_ENTRY_HEAD_DTYPE = np.dtype([("kind", "u1"), ("flags", "u1"), ("nlen", "<u2")])
 #: A file's identity as ``_ENTRY`` packs it: bytes 4-60 of an entry's record, so the
 #: previous build's identities are slices of its index, compared with ``_identity``'s.
 _IDENTITY = struct.Struct("<IIIIQQQqq")
@@ -634,23 +644,31 @@ class _Old:
             return
         # The packed records' fixed part gathered into columns in one numpy pass (per-entry
         # unpacking cost ~2 µs an entry, a third of an unchanged entry's whole cost).
+        # Only the fields needed (kind, flags, name length; tar range): 20 of a record's
+        # 92 bytes gathered, ~4x less than the whole record.
         t = index.entries
         offs = np.frombuffer(t._offsets, np.uint64).astype(np.int64)
         raw = np.frombuffer(t._data, np.uint8)
-        recs = raw[offs[:, None] + np.arange(_ENTRY.size)].view(_ENTRY_DTYPE).ravel()
+        head = raw[offs[:, None] + np.arange(_ENTRY_HEAD.size)].view(_ENTRY_HEAD_DTYPE).ravel()
+        tar = raw[offs[:, None] + np.arange(_ENTRY_TAR_AT, _ENTRY_TAR_AT + _ENTRY_TAR.size)]
+        tar = tar.view("<u8")
         del raw  # a view of a bytearray would pin its size
-        ends = (offs + _ENTRY.size + recs["nlen"].astype(np.int64)).tolist()
+        name_at = offs + _ENTRY.size
         data = bytes(t._data)
-        # Path -> position: the entries stay packed, one is made when looked up.
-        self.at_path = {
-            data[a:b].decode("utf-8", "surrogateescape"): i
-            for i, (a, b) in enumerate(zip((offs + _ENTRY.size).tolist(), ends, strict=True))
-        }
+        # Path -> position: the entries stay packed, one is made when looked up.  The names
+        # decoded in one call (joined by NUL, which no path holds), not one call each.
+        names = b"\0".join([
+            data[a:b] for a, b in zip(
+                name_at.tolist(), (name_at + head["nlen"].astype(np.int64)).tolist(),
+                strict=True,
+            )
+        ]).decode("utf-8", "surrogateescape").split("\0")
+        self.at_path = dict(zip(names, range(len(names)), strict=True))
         #: Per position: tar start and end; for a reusable file (read consistently, not
         #: racy) its identity as ``_identity`` makes it from an lstat, else None.
-        self.starts = recs["tar_start"].tolist()
-        self.ends = recs["tar_end"].tolist()
-        reusable = ((recs["kind"] == DATA) & ((recs["flags"] & _FLAG_REUSABLE) != 0)).tolist()
+        self.starts = tar[:, 0].tolist()
+        self.ends = tar[:, 1].tolist()
+        reusable = ((head["kind"] == DATA) & ((head["flags"] & _FLAG_REUSABLE) != 0)).tolist()
         at = _IDENTITY_AT
         end = at + _IDENTITY.size
         self.ident = [
@@ -967,22 +985,23 @@ class _Splicer:
         c = run.sync + delta
         first = old.cut_index(c) + 1  # the first segment after the sync cut
         last = old.last_cut_upto(run.old_end)  # the last cut in the run
-        e = int(old.cut_ends[last])
+        # (None, in a run in step from the stream's start that is shorter than a segment.)
+        e = int(old.cut_ends[last]) if last >= 0 else 0
         if last >= first:
             start = old.comp_start(first)
             end = int(old.deflate_ends[last])
             self.queue.append(("copy", start, end - start, (first, last + 1), delta))
             self.copied += end - start
-        want_from = e - DICT_SIZE
+        want_from = max(0, e - DICT_SIZE)
         have = bytearray(run.sync_window[max(0, want_from - (c - DICT_SIZE)) :] if want_from < c else b"")
         tail = self._tail_from_files(run, max(want_from, c) - delta, run.old_end - delta)
         if tail is not None:
             have += tail
         else:
             self._inflate(run, c, want_from, have)
-        # have = old[e - 32768, old_end)
+        # have = old[max(0, e - 32768), old_end)
         new_e = e - delta
-        before, rest = bytes(have[:DICT_SIZE]), bytes(have[DICT_SIZE:])
+        before, rest = bytes(have[: e - want_from]), bytes(have[e - want_from :])
         self.finder = CutFinder.at_cut(new_e, before)
         self.window = before
         self.buf = bytearray()
@@ -1221,7 +1240,7 @@ def _old_tar(old: _Old, cut: int, window: bytes, hi: int) -> bytes | None:
     return b"".join(out)
 
 
-def _equal_stretches(new: bytes, old: bytes) -> list[tuple[int, int]]:
+def _equal_stretches(new: bytes | memoryview, old: bytes | memoryview) -> list[tuple[int, int]]:
     """The stretches ``[a, b)`` where ``new`` and ``old`` hold the same bytes at the same
     offsets (compared exactly, a block at a time), at least ``_MATCH_MIN`` long."""
     m = min(len(new), len(old))
@@ -1288,12 +1307,21 @@ def _splice_changed(
     r = item.record
     stretches: list[tuple[int, int]] = []
     old_size = old.index.entries.raw(item.prior)[9]
-    # Same header length: in-file offsets are then the same entry offsets.
-    if r is not None and len(new) - _padded(r.size) == o_end - o_start - _padded(old_size):
+    # The data is compared at the same in-file offsets; the headers before it may differ
+    # in length (a PAX mtime record appears when an mtime gains a fraction of a second: a
+    # file extracted or copied with whole-second times, then written in place).
+    new_head = len(new) - _padded(r.size) if r is not None else -1
+    old_head = o_end - o_start - _padded(old_size)
+    if new_head >= 0 and old_head >= 0:
         got = _old_tar(old, cut, window, o_end)
         if got is not None:
-            stretches = _equal_stretches(new, got[o_start - cut :])
-    shift = o_start - start  # old tar offset - new tar offset, in every stretch
+            stretches = [
+                (new_head + a, new_head + b) for a, b in _equal_stretches(
+                    memoryview(new)[new_head:], memoryview(got)[o_start - cut + old_head :]
+                )
+            ]
+    # Old tar offset - new tar offset, in every stretch (all of them lie in the data).
+    shift = o_start + old_head - start - new_head
     run = None
     at = 0
     view = memoryview(new)
@@ -1781,6 +1809,11 @@ class IncrementalBuilder(TgzBuilder):
                 end_run()
                 assert sp.pos == total
                 run = _Run(total, o_start, o_start)
+                if total == 0 and o_start == 0:
+                    # Both streams start with this entry: in step from the first byte (no
+                    # window, the cut finder fresh), so the old segments are copied from
+                    # the first one, and nothing of the run is read or compressed.
+                    run.sync = 0
             if run.sync is not None:
                 # In sync: the old compressed bytes cover it; nothing is read (but a racy
                 # file, verified).  Its record is the old one moved (a header-only entry's
