@@ -37,7 +37,7 @@ import trio
 from deltabkp.errors import AuthError, DeltabkpError
 from deltabkp.net import Address, RateLimitedLog, log_context
 from deltabkp_server.agents import ping
-from deltabkp_server.catalog import AsyncCatalog
+from deltabkp_server.catalog import AsyncCatalog, lease_running_out
 from deltabkp_server.execution import Executor
 from deltabkp_server.model import ExecutionRecord, Target
 
@@ -211,7 +211,7 @@ class Scheduler:
                         self._held[tid].until = until
             for tid, held in list(self._held.items()):
                 # Past its lease another server may start the same target: stop first.
-                if tid not in kept and held.until - self.lease_ttl / 3 <= self.clock():
+                if tid not in kept and lease_running_out(held.until, self.lease_ttl, self.clock()):
                     log.error("%s: lease lost; stopping this server's execution", held.target.name,
                               extra=log_context(node=held.target.node, path=held.target.path,
                                                 event="lease-lost"))

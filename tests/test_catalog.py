@@ -987,6 +987,32 @@ async def test_leased_holds_renews_and_drops_a_targets_lease(cat: Catalog) -> No
     assert not ran_on and cat.get_target(t.id).lease_owner == "s2"
 
 
+async def test_leased_stops_the_body_when_renewals_fail_until_it_runs_out(
+    cat: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renewals that keep failing (the catalog unreachable) stop the body one renewal
+    period before the lease runs out, as the scheduler stops an execution, and the lease is
+    left to run out (not dropped: by then it may be this server's again for another holder)."""
+    t = cat.register(NODE, PATH, 300, 10.0)
+    acat = AsyncCatalog(cat)
+    now = [100.0]
+    kw: dict[str, Any] = {"ttl": 0.3, "clock": lambda: now[0]}
+
+    def unreachable(*args: object) -> set[int]:
+        raise CatalogError("the catalog is unreachable")
+
+    ran_on = False
+    async with acat.leased("s1", t.id, **kw) as held:
+        assert held
+        monkeypatch.setattr(cat, "renew", unreachable)
+        now[0] += 0.25  # taken until 100.3: less than ttl/3 left
+        with trio.fail_after(30):  # a deadline, not a timing assertion
+            await trio.sleep_forever()  # the next failed renewal cancels the body here
+        ran_on = True
+    monkeypatch.undo()
+    assert not ran_on and cat.get_target(t.id).lease_owner == "s1"
+
+
 def test_a_verification_lease_excludes_backups_and_keeps_the_schedule(cat: Catalog) -> None:
     t = cat.register(NODE, PATH, 300, 10.0)
     cat.request_now(t.id, "manual")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from deltabkp.errors import CatalogError
 from deltabkp_server.catalog._postgres import PostgresCatalog, redact
-from deltabkp_server.catalog._protocol import UNSET, AsyncCatalog, Catalog
+from deltabkp_server.catalog._protocol import UNSET, AsyncCatalog, Catalog, lease_running_out
 from deltabkp_server.catalog._schema import SCHEMA_VERSION
 from deltabkp_server.catalog._sqlite import SqliteCatalog
 from deltabkp_server.model import ServerRecord
@@ -32,6 +32,7 @@ __all__ = [
     "ServerRecord",
     "SCHEMA_VERSION",
     "UNSET",
+    "lease_running_out",
     "open_catalog",
     "redact",
     "DEFAULT_SQLITE_NAME",

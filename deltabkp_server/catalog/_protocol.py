@@ -286,43 +286,51 @@ class AsyncCatalog:
         """Hold one target's lease (``lease_target``) around the body — upkeep beside the
         scheduler's executions (a verification, a start-up signing): the body sees False
         (and holds nothing) if the lease stayed taken for ``wait`` seconds.  Renewed every
-        ``ttl``/3; once lost (ours ran out and another server claimed the target) the body is
-        cancelled, as the scheduler stops an execution, and the block ends early (``what``
-        names the work in the log).  Dropped at the end, shielded.  The body's error leaves
+        ``ttl``/3; once lost (another holder claimed the target, or renewals failed until the
+        lease is about to run out: ``lease_running_out``) the body is cancelled, as the
+        scheduler stops an execution, and the block ends early (``what`` names the work in the
+        log).  Dropped at the end, shielded, unless lost.  The body's error leaves
         as it is (not as the renewing nursery's exception group)."""
-        if not await self._take_lease(server_id, target_id, ttl, clock, wait):
+        until = await self._take_lease(server_id, target_id, ttl, clock, wait)
+        if until is None:
             yield False
             return
         failed: list[Exception] = []
+        lost: list[bool] = []
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._renew_lease, server_id, target_id, ttl, clock, what,
-                                   nursery.cancel_scope)
+                                   nursery.cancel_scope, until, lost)
                 try:
                     yield True
                 except Exception as exc:  # noqa: BLE001 - raised below: itself, not a group
                     failed.append(exc)
                 nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(10):
-                await self.call(lambda c: c.drop_lease(server_id, target_id))
+            # Once lost, the lease may be this server's again for another holder (leases are
+            # keyed by server, e.g. the scheduler claimed the target since): not ours to drop.
+            if not lost:
+                with trio.CancelScope(shield=True), trio.move_on_after(10):
+                    await self.call(lambda c: c.drop_lease(server_id, target_id))
         if failed:
             raise failed[0]
 
     async def _take_lease(
         self, sid: str, tid: int, ttl: float, clock: Callable[[], float], wait: float
-    ) -> bool:
+    ) -> float | None:
+        """The time the lease runs out, once taken; None if it stayed taken for ``wait`` s."""
         deadline = trio.current_time() + wait
         while True:
-            if await self.call(functools.partial(_lease_target, sid, tid, clock(), ttl)):
-                return True
+            now = clock()
+            if await self.call(functools.partial(_lease_target, sid, tid, now, ttl)):
+                return now + ttl
             if trio.current_time() >= deadline:
-                return False
+                return None
             await trio.sleep(_LEASE_POLL_S)
 
     async def _renew_lease(
         self, sid: str, tid: int, ttl: float, clock: Callable[[], float], what: str,
-        scope: trio.CancelScope,
+        scope: trio.CancelScope, held_until: float, lost: list[bool],
     ) -> None:
         while True:
             await trio.sleep(ttl / 3)
@@ -331,11 +339,21 @@ class AsyncCatalog:
                 held = await self.call(functools.partial(_renew, sid, tid, until))
             except CatalogError as exc:
                 log.warning("%s: renewing the lease of target %d: %s", what, tid, exc)
-                continue
+                if not lease_running_out(held_until, ttl, clock()):
+                    continue
+                held = set()
             if tid not in held:
                 log.error("%s of target %d: lease lost, stopped", what, tid)
+                lost.append(True)
                 scope.cancel()
                 return
+            held_until = until
+
+
+def lease_running_out(until: float, ttl: float, now: float) -> bool:
+    """A lease held ``until`` is as good as lost at ``now``: past it another server may claim
+    the target, so whoever holds it stops first — one renewal period (``ttl``/3) early."""
+    return until - ttl / 3 <= now
 
 
 def _lease_target(sid: str, tid: int, now: float, ttl: float, c: Catalog) -> bool:
