@@ -36,11 +36,18 @@ SERVER_PHASES = re.compile(r"INFO execution \d+ .*: phases (.*)")
 AGENT_BUILD = re.compile(r"INFO archive of \S+: (.*)")
 #: The server's line once an execution is over: after the commit, the new archive's
 #: signature, retention, the conversion to reverse deltas and the seek points (its lease's
-#: work), so the next backup of the target starts from a quiet server.
-END_LINE = re.compile(r"execution (\d+) of (\S+) (\S+): (stored|unchanged|failed|skipped)")
-#: The same line with its timestamp.
+#: work), so the next backup of the target starts from a quiet server.  Groups: the
+#: execution's id, node, path and outcome.
+_END = r"execution (\d+) of (\S+) ({}): (stored|unchanged|failed|skipped)"  # {}: the path
+END_LINE = re.compile(_END.format(r"\S+"))
+#: The same line with its timestamp (at INFO: a failed execution's, a WARNING, is not).
 END_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ INFO execution \d+ of \S+ \S+: "
                        r"(?:stored|unchanged|failed|skipped)", re.MULTILINE)
+
+
+def end_line_of(path: str) -> re.Pattern[str]:
+    """``END_LINE`` of one target path's executions only (the same groups)."""
+    return re.compile(_END.format(re.escape(path)))
 
 
 class BenchError(Exception):
@@ -51,11 +58,16 @@ def read(log: Path) -> str:
     return log.read_text(errors="replace")
 
 
-def stamps(pattern: re.Pattern[str], log: Path) -> list[float]:
-    """The timestamps (seconds since the epoch) of ``pattern``'s lines in ``log``; the
-    pattern's first group is the line's ``YYYY-mm-dd HH:MM:SS,mmm``."""
+def stamps_in(pattern: re.Pattern[str], text: str) -> list[float]:
+    """The timestamps (seconds since the epoch) of ``pattern``'s lines in a log's ``text``;
+    the pattern's first group is the line's ``YYYY-mm-dd HH:MM:SS,mmm`` (local time)."""
     return [datetime.strptime(x, "%Y-%m-%d %H:%M:%S,%f").astimezone().timestamp()
-            for x in pattern.findall(read(log))]
+            for x in pattern.findall(text)]
+
+
+def stamps(pattern: re.Pattern[str], log: Path) -> list[float]:
+    """``stamps_in`` of the log file ``log``."""
+    return stamps_in(pattern, read(log))
 
 
 def wait_line(log: Path, pattern: re.Pattern[str], timeout: float, what: str) -> re.Match[str]:

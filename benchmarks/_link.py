@@ -91,6 +91,7 @@ from _daemonlog import (
     END_LINE,
     BenchError,
     daemon_phases,
+    end_line_of,
     timeline,
     wait_count,
     wait_line,
@@ -337,7 +338,7 @@ def _control(lab: NetLab, ctl: list[str], target: list[str], new: Path, env: dic
              agent_log: Path, server_log: Path) -> Row:
     """"Ours" again on the unshaped link: register (its first backup), the change, then
     ``backup-now --wait``; its row's note has both daemons' timelines, as ours has."""
-    ended = re.compile(rf"execution \d+ of \S+ {re.escape(target[1])}: (stored|failed)")
+    ended = end_line_of(target[1])  # its first backup's end (not another target's)
     served = len(AGENT_PHASES.findall(agent_log.read_text(errors="replace")))
     _run(lab, "server", [*ctl, "register", *target, "--every", "1d"], env, what="ctl register")
     wait_line(server_log, ended, BACKUP_TIMEOUT_S, "the control's first backup")

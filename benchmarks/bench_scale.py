@@ -45,7 +45,6 @@ import math
 import os
 import platform
 import random
-import re
 import secrets
 import shutil
 import signal
@@ -65,6 +64,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import archive_data
+from _daemonlog import END_STAMP, stamps_in
 
 from deltabkp import net, protocol
 from deltabkp.errors import RequestRefused
@@ -285,17 +285,9 @@ def make_trees(root: Path, agents: int, targets: int) -> list[list[Path]]:
 
 # -- section 1 and 2 -------------------------------------------------------------------------
 
-_EXEC_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) deltabkp-server INFO "
-                        r"execution \d+ of \S+ \S+: (stored|unchanged|failed|skipped)")
-
-
 def finished_per_server(log: str, t0: float, t1: float) -> int:
-    n = 0
-    for line in log.splitlines():
-        m = _EXEC_LINE.match(line)
-        if m and t0 <= datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() < t1:
-            n += 1
-    return n
+    """Executions a server's log says ended (at INFO) in ``[t0, t1)``."""
+    return sum(t0 <= t < t1 for t in stamps_in(END_STAMP, log))
 
 
 def overlaps(log: list[dict[str, Any]]) -> int:

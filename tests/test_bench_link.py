@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -22,15 +24,20 @@ def test_bench_link_script_parses_and_its_help_matches_the_driver() -> None:
     assert "tc tbf" in usage and "rsync" in usage
 
 
-def test_the_benchmarks_report_both_daemons_timelines_from_their_log_lines(tmp_path: Path) -> None:
-    # Lines as the daemons write them (a real run's logs); the last backup's are reported,
-    # or the one asked for (bench_system.sh --append reports each backup's).
+def _daemonlog_module() -> Any:
     saved = list(sys.path)
     sys.path.insert(0, str(BENCH))
     try:
         import _daemonlog  # type: ignore[import-not-found]  # benchmarks/ is no package
     finally:
         sys.path[:] = saved
+    return _daemonlog
+
+
+def test_the_benchmarks_report_both_daemons_timelines_from_their_log_lines(tmp_path: Path) -> None:
+    # Lines as the daemons write them (a real run's logs); the last backup's are reported,
+    # or the one asked for (bench_system.sh --append reports each backup's).
+    _daemonlog = _daemonlog_module()
     agent, server = tmp_path / "agent.log", tmp_path / "server.log"
     agent.write_text(
         "2026-11-29 21:33:53,109 deltabkp-agent INFO archive of /r/app: 0 of 5047 entries "
@@ -74,3 +81,29 @@ def test_the_benchmarks_report_both_daemons_timelines_from_their_log_lines(tmp_p
     assert out.splitlines() == [
         "  agent:  index 1/1, quick-check 40/38 (ms wall/cpu; total 41/39) [node=10.77.0.3:40059]",
         "  server: connect 32/6, agent 1431/14, apply 750/288 (ms wall/cpu; total 2213/308)"]
+
+
+def test_the_end_of_an_execution_is_read_from_one_home() -> None:
+    """``_daemonlog``'s end-of-execution patterns, which bench_scale.py (executions ended in
+    a window) and _link.py (one target's first backup) use: lines as the server writes
+    them (deltabkp_server.execution._log_record; a failure is a WARNING)."""
+    dl = _daemonlog_module()
+    log = (
+        "2026-11-29 21:33:54,430 deltabkp-server INFO execution 1 of 10.0.0.3:7471 /r/app2: "
+        "stored archive 1, 100 bytes, 100 bytes on the wire (100.0%), 0 changed while read\n"
+        "2026-11-29 21:33:55,000 deltabkp-server INFO execution 2 of 10.0.0.3:7471 /r/app: "
+        "phases connect 30/9 (ms wall/cpu; total 30/9)\n"
+        "2026-11-29 21:33:56,250 deltabkp-server WARNING execution 3 of 10.0.0.3:7471 /r/app: "
+        "failed — agent unreachable\n"
+        "2026-11-29 21:33:57,500 deltabkp-server INFO execution 4 of 10.0.0.3:7471 /r/app: "
+        "unchanged, 20 bytes on the wire\n"
+    )
+    assert [m.group(1, 3, 4) for m in dl.END_LINE.finditer(log)] == [
+        ("1", "/r/app2", "stored"), ("3", "/r/app", "failed"), ("4", "/r/app", "unchanged")]
+    mine = dl.end_line_of("/r/app")
+    assert [m.group(1, 4) for m in mine.finditer(log)] == [("3", "failed"), ("4", "unchanged")]
+    assert dl.end_line_of("/r/app2").search(log).group(1) == "1"
+    assert not dl.end_line_of("/r/app.").search(log)  # the path is escaped: "." is no wildcard
+    local = [datetime(2026, 11, 29, 21, 33, 54, 430_000).timestamp(),
+             datetime(2026, 11, 29, 21, 33, 57, 500_000).timestamp()]
+    assert dl.stamps_in(dl.END_STAMP, log) == local  # the INFO ends, in local time

@@ -1,5 +1,7 @@
 """The BLAKE2b of many blocks (deltabkp.engine._blake2): every library it may load gives
-hashlib's digests, the hashlib path works alone, and bad block ranges are refused."""
+hashlib's digests, the hashlib path works alone, bad block ranges are refused, a library's
+failing call is an error (never a digest), and the library is loaded on first use, once,
+not at import."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 
 import attrs
 import numpy as np
@@ -25,8 +28,16 @@ def _direct(data: bytes, a: int, b: int, bs: int, sl: int) -> bytes:
     )
 
 
+def _opens(name: str) -> bool:
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return False
+    return True
+
+
 def _found(spec: _blake2._Library) -> bool:
-    return ctypes.util.find_library(spec.name) is not None
+    return any(map(_opens, spec.sonames)) or ctypes.util.find_library(spec.name) is not None
 
 
 @pytest.mark.parametrize("spec", _blake2._LIBRARIES, ids=lambda s: s.name)
@@ -37,7 +48,7 @@ def test_a_library_found_loads_and_agrees(spec: _blake2._Library) -> None:
         pytest.skip(f"lib{spec.name} is not installed")
     loaded = _blake2._load(spec)
     assert loaded is not None, f"lib{spec.name} is installed but failed the digest check"
-    fn, _spec = loaded
+    fn = loaded.fn
     data = np.frombuffer(os.urandom(3 * 700 + 5), np.uint8)
     out = np.zeros((3, 32), np.uint8)
     for i in range(3):
@@ -72,7 +83,7 @@ def test_blocks_equal_hashlib_per_block(data: bytes, bs: int, sl: int, skip: int
     want = _direct(data, a, b, bs, sl)
     assert _blake2.hashlib_blocks(arr, a, b, bs, sl) == want
     assert _blake2.blake2b_blocks(arr, a, b, bs, sl) == want
-    if _blake2.IMPLEMENTATION != "hashlib":
+    if _blake2.implementation() != "hashlib":
         assert _blake2.library_blocks(arr, a, b, bs, sl) == want
 
 
@@ -92,7 +103,7 @@ def test_hashlib_path_gives_the_same_signature_and_delta(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Without a library (hashlib only) signatures and deltas are the same bytes, on one
-    thread and several; DELTABKP_BLAKE2=hashlib selects that path at import."""
+    thread and several; DELTABKP_BLAKE2=hashlib selects that path."""
     base = os.urandom(400_000)
     new = base[:100_000] + b"edit" + base[100_000:]
     sig = rdiff.signature(base, 4096)
@@ -104,7 +115,87 @@ def test_hashlib_path_gives_the_same_signature_and_delta(
     assert rdiff.patch(base, dlt) == new
     env = dict(os.environ, DELTABKP_BLAKE2="hashlib")
     r = subprocess.run(
-        [sys.executable, "-c", "from deltabkp.engine import _blake2; print(_blake2.IMPLEMENTATION)"],
+        [sys.executable, "-c", "from deltabkp.engine import _blake2; print(_blake2.implementation())"],
         env=env, capture_output=True, text=True, check=True, timeout=60,
     )
     assert r.stdout.strip() == "hashlib"
+
+
+_FIRST_USE = """
+import sys
+events = []
+watched = ("subprocess.Popen", "os.posix_spawn", "os.exec", "os.system", "ctypes.dlopen")
+
+def hook(event, args):
+    # ctypes.dlopen(None) is ctypes' own pythonapi handle, not a library
+    if event in watched and not (event == "ctypes.dlopen" and args[0] is None):
+        events.append(f"{event} {args[0]}")
+
+sys.addaudithook(hook)
+import deltabkp.rdiff
+from deltabkp.engine import _blake2
+assert not events and not _blake2._tried and "ctypes.util" not in sys.modules, events
+deltabkp.rdiff.signature(bytes(10_000))  # rk_blake2: the first use loads
+assert _blake2._tried
+print(_blake2.implementation(), *events, sep="\\n")
+"""
+
+
+def test_the_library_is_loaded_on_first_use_not_at_import() -> None:
+    """``import deltabkp.rdiff`` opens no library and starts no process (no ``ldconfig -p``
+    of ``find_library``); the first signature loads one, by its soname when that opens."""
+    out = subprocess.run([sys.executable, "-c", _FIRST_USE], capture_output=True, text=True,
+                         check=False, timeout=60)
+    assert out.returncode == 0, out.stderr
+    implementation, *events = out.stdout.splitlines()
+    assert implementation == _blake2.implementation()
+    if any(_opens(name) for spec in _blake2._LIBRARIES for name in spec.sonames):
+        assert implementation != "hashlib"
+        assert all(e.startswith("ctypes.dlopen lib") for e in events), events  # no ldconfig
+
+
+def test_concurrent_first_calls_load_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rdiff's helper threads may make the first call together: one load, one answer."""
+    loads: list[str | None] = []
+    real = _blake2._load_first
+
+    def counted(choice: str | None) -> _blake2._Loaded | None:
+        loads.append(choice)
+        return real(choice)
+
+    monkeypatch.setattr(_blake2, "_tried", False)
+    monkeypatch.setattr(_blake2, "_loaded", None)
+    monkeypatch.setattr(_blake2, "_load_first", counted)
+    start = threading.Barrier(6)
+    got: list[str] = []
+
+    def first_call() -> None:
+        start.wait()
+        got.append(_blake2.implementation())
+
+    threads = [threading.Thread(target=first_call) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(loads) == 1 and len(got) == 6 and len(set(got)) == 1
+
+
+def test_a_failing_library_call_is_an_error_not_a_digest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call that returns a status other than 0 (here the 3rd of 5) leaves its digest
+    unwritten: ``blake2b_blocks`` raises instead of returning the output array's bytes."""
+    calls: list[int] = []
+
+    def fails_third(*args: object) -> int:
+        calls.append(1)
+        return -1 if len(calls) == 3 else 0
+
+    sodium = _blake2._LIBRARIES[0]
+    monkeypatch.setattr(_blake2, "_tried", True)
+    monkeypatch.setattr(_blake2, "_loaded", _blake2._Loaded(fails_third, sodium))
+    arr = np.frombuffer(bytes(500), np.uint8)
+    with pytest.raises(RuntimeError, match=r"libsodium .* returned -1 for block 2 of 5"):
+        _blake2.blake2b_blocks(arr, 0, 500, 100, 32)
+    assert len(calls) == 3

@@ -4,8 +4,9 @@ Three implementations give the same digests, the first available one is used:
 
 * ``libsodium`` (``crypto_generichash_blake2b``, AVX2 code) and
 * ``libb2`` (the BLAKE2 authors' optimised library, the one librsync itself links; SSE/AVX
-  code), both loaded with ctypes when ``ctypes.util.find_library`` finds them: ~1.4x and
-  ~1.3x hashlib's speed on large inputs here (37, 41 and 53 ms for 30 MB).  Each call
+  code), both loaded with ctypes (by their Debian sonames, else where
+  ``ctypes.util.find_library`` finds them): ~1.4x and ~1.3x hashlib's speed on large
+  inputs here (37, 41 and 53 ms for 30 MB).  Each call
   releases the GIL, and writes its 32-byte digest straight into one output array: no Python
   object per block.  A call costs ~1.2 us of Python and ctypes (hashlib's: about the same),
   so a 5376-byte block, rdiff's default for a 30 MB file, goes ~1.2x faster than hashlib.
@@ -14,20 +15,28 @@ Three implementations give the same digests, the first available one is used:
 ``DELTABKP_BLAKE2`` in the environment picks one: ``hashlib``, ``sodium`` or ``b2`` (a
 library that is absent or fails its check falls back to hashlib).
 
+The library is loaded on the first ``blake2b_blocks`` or ``implementation()`` call, not at
+import: ``import deltabkp.rdiff`` (every CLI start) does no I/O here.  ``find_library`` runs
+``ldconfig -p`` in a subprocess (~20 ms), so it is asked only when no library's known
+soname opens and passes the check.
+The first call may come from several rdiff helper threads at once; a lock makes one of them
+load and the others wait for its answer.
+
 Invariants: a library is used only if it gives hashlib's digests on the test vectors below
 when loaded (libb2 0.98's argument order is ``blake2b(out, in, key, outlen, inlen,
 keylen)``; the newer reference order ``(out, outlen, in, ...)`` sees a NULL input or an
 ``outlen`` over 64 in our arguments and returns an error without reading memory, so such a
-library is not used); the caller's buffer is only read, and only inside the blocks asked
-for, whose bounds are checked before any pointer is formed.
+library is not used); every call's status is checked too, so a digest the library did not
+write never leaves (the output array is uninitialised); the caller's buffer is only read, and
+only inside the blocks asked for, whose bounds are checked before any pointer is formed.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +44,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["IMPLEMENTATION", "blake2b_256", "blake2b_blocks", "hashlib_blocks", "library_blocks"]
+__all__ = ["blake2b_256", "blake2b_blocks", "hashlib_blocks", "implementation", "library_blocks"]
 
 U8 = npt.NDArray[np.uint8]
 DIGEST = 32
@@ -75,11 +84,13 @@ def hashlib_blocks(data: U8, a: int, b: int, bs: int, sl: int) -> bytes:
 
 @attrs.frozen
 class _Library:
-    """How to call one library's BLAKE2b: its name for ``find_library``, the function, an
-    init function to call first (or None), and the arguments around the two pointers
-    (``out``, ``in``) and the input length, in the library's order, as ready ctypes objects."""
+    """How to call one library's BLAKE2b: its name for ``find_library``, the sonames to try
+    first, the function, an init function to call first (or None), and the arguments around
+    the two pointers (``out``, ``in``) and the input length, in the library's order, as ready
+    ctypes objects."""
 
     name: str
+    sonames: tuple[str, ...]
     symbol: str
     init: str | None
     args: Callable[[ctypes.c_void_p, ctypes.c_void_p, int], tuple[object, ...]]
@@ -88,20 +99,38 @@ class _Library:
 _LIBRARIES = (
     # libsodium: AVX2 code, ~10% faster than libb2's AVX here; int crypto_generichash_blake2b(
     # out, size_t outlen, in, unsigned long long inlen, key, size_t keylen).
-    _Library("sodium", "crypto_generichash_blake2b", "sodium_init", lambda out, src, n: (
+    _Library("sodium", ("libsodium.so.23",), "crypto_generichash_blake2b", "sodium_init",
+             lambda out, src, n: (
         out, ctypes.c_size_t(DIGEST), src, ctypes.c_ulonglong(n), None, ctypes.c_size_t(0))),
     # libb2 0.98 (Debian's libb2-1): int blake2b(out, in, key, uint8_t outlen, uint64_t inlen,
     # uint8_t keylen).  The newer reference order (out, outlen, in, ...) fails the check: it
     # sees a NULL input of 32 bytes (or an outlen > 64) and returns -1 without reading.
-    _Library("b2", "blake2b", None, lambda out, src, n: (
+    _Library("b2", ("libb2.so.1",), "blake2b", None, lambda out, src, n: (
         out, src, None, ctypes.c_uint8(DIGEST), ctypes.c_uint64(n), ctypes.c_uint8(0))),
 )
 
 
-def _load(spec: _Library) -> tuple[Any, _Library] | None:
+@attrs.frozen
+class _Loaded:
+    """A library that passed its check: its BLAKE2b function (returns an int status) and how
+    to call it."""
+
+    fn: Any
+    spec: _Library
+
+
+def _find(spec: _Library) -> str | None:
+    """Where ``find_library`` finds ``spec``'s library (it runs ``ldconfig -p``: asked only
+    after the known sonames failed), unless that is one of the sonames already tried."""
+    import ctypes.util  # here: only this fallback needs it
+
     name = ctypes.util.find_library(spec.name)
-    if name is None:
-        return None
+    return None if name in spec.sonames else name
+
+
+def _checked(spec: _Library, name: str) -> _Loaded | None:
+    """The library file ``name`` as ``spec``, if it opens, has the functions, and gives
+    hashlib's digests of the test vectors."""
     try:
         lib = ctypes.CDLL(name)
         fn = lib[spec.symbol]
@@ -124,45 +153,101 @@ def _load(spec: _Library) -> tuple[Any, _Library] | None:
                          ctypes.c_void_p(ctypes.addressof(src)), len(vector))
         if fn(*args) != 0 or out.raw != blake2b_256(vector) + bytes(32):
             return None
-    fn.restype = None  # our arguments are checked, the status would always be 0
-    return fn, spec
+    return _Loaded(fn, spec)
 
 
-def _load_first(choice: str | None) -> tuple[Any, _Library] | None:
-    for spec in _LIBRARIES:
-        if choice in (None, "", spec.name):
-            found = _load(spec)
+def _by_soname(spec: _Library) -> _Loaded | None:
+    for name in spec.sonames:
+        found = _checked(spec, name)
+        if found is not None:
+            return found
+    return None
+
+
+def _by_search(spec: _Library) -> _Loaded | None:
+    name = _find(spec)
+    return None if name is None else _checked(spec, name)
+
+
+def _load(spec: _Library) -> _Loaded | None:
+    """``spec``'s library if a file of it passes the check (sonames first), or None."""
+    return _by_soname(spec) or _by_search(spec)
+
+
+def _load_first(choice: str | None) -> _Loaded | None:
+    """The first library in ``_LIBRARIES`` order (or the one named ``choice``) that loads:
+    every library's sonames are tried before any ``find_library`` search."""
+    specs = [spec for spec in _LIBRARIES if choice in (None, "", spec.name)]
+    for how in (_by_soname, _by_search):
+        for spec in specs:
+            found = how(spec)
             if found is not None:
                 return found
     return None
 
 
-_loaded = _load_first(os.environ.get("DELTABKP_BLAKE2"))
+_lock = threading.Lock()
+_tried = False  # set (under _lock) only after _loaded holds the answer
+_loaded: _Loaded | None = None
 
 
-def library_blocks(data: U8, a: int, b: int, bs: int, sl: int) -> bytes:
-    """As ``hashlib_blocks``, through the loaded library (only when one loaded:
-    ``IMPLEMENTATION``)."""
+def _library() -> _Loaded | None:
+    """The loaded library, loading it on the first call (once, whichever threads ask)."""
+    global _tried, _loaded
+    if _tried:
+        return _loaded
+    with _lock:
+        if not _tried:
+            _loaded = _load_first(os.environ.get("DELTABKP_BLAKE2"))
+            _tried = True
+    return _loaded
+
+
+def implementation() -> str:
+    """Which implementation ``blake2b_blocks`` uses: "libsodium", "libb2" or "hashlib"
+    (loads the library if not done yet)."""
+    loaded = _library()
+    return "hashlib" if loaded is None else "lib" + loaded.spec.name
+
+
+def _blocks(loaded: _Loaded, data: U8, a: int, b: int, bs: int, sl: int) -> bytes:
     n = _check_range(data, a, b, bs, sl)
-    if _loaded is None:
-        raise RuntimeError("no BLAKE2b library is loaded")
-    fn, spec = _loaded
+    fn, spec = loaded.fn, loaded.spec
     out = np.empty((n, DIGEST), np.uint8)
     if n:
         # ``data`` keeps the caller's buffer alive (and exported) for the whole loop.
         src, dst = data.ctypes.data + a, out.ctypes.data
         ps, pd = ctypes.c_void_p(src), ctypes.c_void_p(dst)
         args = spec.args(pd, ps, bs)
-        for _ in range(n):
+        for i in range(n):
             ps.value, pd.value = src, dst
-            fn(*args)
+            # Our arguments are checked, so a status other than 0 is the library's own
+            # failure: its digest (and ``out``'s uninitialised bytes) must not become a sum.
+            # The check costs ~0.1 us per call (~1 % of a 5376-byte block's hash).
+            status = fn(*args)
+            if status != 0:
+                raise RuntimeError(
+                    f"lib{spec.name} {spec.symbol} returned {status} for block {i} of {n} "
+                    f"({bs} B)"
+                )
             src += bs
             dst += DIGEST
     return _truncated(out, sl)
 
 
-#: Which implementation ``blake2b_blocks`` is: "libsodium", "libb2" or "hashlib".
-IMPLEMENTATION = "hashlib" if _loaded is None else "lib" + _loaded[1].name
-blake2b_blocks: Callable[[U8, int, int, int, int], bytes] = (
-    hashlib_blocks if _loaded is None else library_blocks
-)
+def library_blocks(data: U8, a: int, b: int, bs: int, sl: int) -> bytes:
+    """As ``hashlib_blocks``, through the loaded library (only when one loaded:
+    ``implementation()``)."""
+    loaded = _library()
+    if loaded is None:
+        _check_range(data, a, b, bs, sl)
+        raise RuntimeError("no BLAKE2b library is loaded")
+    return _blocks(loaded, data, a, b, bs, sl)
+
+
+def blake2b_blocks(data: U8, a: int, b: int, bs: int, sl: int) -> bytes:
+    """As ``hashlib_blocks``, through the library when one loads (``implementation()``)."""
+    loaded = _library()
+    if loaded is None:
+        return hashlib_blocks(data, a, b, bs, sl)
+    return _blocks(loaded, data, a, b, bs, sl)
