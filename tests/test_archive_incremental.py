@@ -431,9 +431,9 @@ def test_previous_build_unusable_falls_back_to_a_full_build(tmp_path: Path) -> N
 @pytest.mark.parametrize("threads", [0, 2])
 def test_previous_archive_failing_midway_builds_afresh(tmp_path: Path, threads: int) -> None:
     """The previous archive passed its check at the start, then fails while the build
-    copies from it (truncated to half here, by the build's own sink right after the first
-    chunk): the build goes on as a fresh one from the bytes already made, identical to a
-    fresh build, and says why."""
+    copies from it (truncated to half here, right after the first chunk): the build goes on
+    as a fresh one from the bytes already made, identical to a fresh build, its sink given
+    the same bytes, and says why."""
     root, gen = sixty_files_built(tmp_path, 21)
     assert gen.index is not None
     with open(root / "f01", "ab") as f:  # a run f02..f59: most of the archive copied
@@ -441,17 +441,21 @@ def test_previous_archive_failing_midway_builds_afresh(tmp_path: Path, threads: 
     settle()
     prev = tmp_path / "prev.tgz"
     size = prev.stat().st_size
-
-    def truncate_once(chunk: bytes) -> None:
-        if prev.stat().st_size == size:
-            os.truncate(prev, size // 2)
-
+    sunk: list[bytes] = []
     # As the agent builds (``no_links``: the fresh build it goes on with is built alike).
     b = IncrementalBuilder(root, previous=gen.index, previous_archive=prev, racy_ns=RACY_NS,
-                           threads=threads, sink=truncate_once, no_links=True)
-    data = b"".join(b)
-    assert prev.stat().st_size == size // 2  # truncated during the build, after its check
+                           threads=threads, sink=sunk.append, no_links=True)
+    chunks = iter(b)
+    # The first chunk (the gzip header) comes after the previous archive's check and before
+    # any copy from it.  Truncated here, on the iterating thread, not by the sink: in its
+    # worker thread (``threads=2``) the truncation would race the copy's reads, held in
+    # order only by ``_BESIDE`` and where the copy falls among the chunks.
+    first = next(chunks)
+    assert first == GZIP_HEADER
+    os.truncate(prev, size // 2)
+    data = first + b"".join(chunks)
     assert data == fresh(root)
+    assert b"".join(sunk) == data
     assert "the previous archive shrank" in b.stats.previous
     assert "built afresh" in b.stats.previous
     # Its index is the fresh build's (it was one), naming this very archive.
