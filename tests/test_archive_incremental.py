@@ -14,7 +14,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import attrs
 import blake3
@@ -428,12 +428,59 @@ def test_previous_build_unusable_falls_back_to_a_full_build(tmp_path: Path) -> N
         assert b.stats.entries_reused == 0
 
 
+class FailingReads:
+    """The previous archive's file as ``_Old`` reads it: reads touching ``[bad_lo, bad_hi)``
+    fail with EIO (a bad sector), reads past ``end`` come back short (truncated there)."""
+
+    def __init__(self, f: Any, bad_lo: int, bad_hi: int, end: int | None) -> None:
+        self.f, self.bad_lo, self.bad_hi, self.end = f, bad_lo, bad_hi, end
+        self.at = 0
+
+    def seek(self, at: int) -> int:
+        self.at = at
+        return int(self.f.seek(at))
+
+    def read(self, n: int) -> bytes:
+        if self.at < self.bad_hi and self.at + n > self.bad_lo:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        if self.end is not None:
+            n = max(0, min(n, self.end - self.at))
+        return bytes(self.f.read(n))
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def failing_reads(
+    monkeypatch: pytest.MonkeyPatch, bad_lo: int, bad_hi: int, end: int | None = None
+) -> None:
+    """Every previous archive opened from now on reads as ``FailingReads`` (after its check:
+    the check reads the file itself)."""
+    real = _Old.__init__
+
+    def init(self: _Old, index: ArchiveIndex, f: Any) -> None:
+        fr = cast("BinaryIO", FailingReads(f, bad_lo, bad_hi, end)) if f is not None else None
+        real(self, index, fr)
+
+    monkeypatch.setattr(_Old, "__init__", init)
+
+
+def inside_of_big(index: ArchiveIndex) -> tuple[int, int]:
+    """The file offsets of the deflate bytes of the inside of ``index``'s entry "big" (all
+    but ~70 KB at either end): a changed big file's compare needs them."""
+    [e] = [e for e in index.entries if e.path == "big"]
+    segs = index.segments
+    first = next(i for i, (t, _d, _c) in enumerate(segs) if t > e.tar_start + 70_000)
+    last = next(i for i, (t, _d, _c) in enumerate(segs) if t > e.tar_end - 70_000)
+    return len(GZIP_HEADER) + segs[first - 1][1], len(GZIP_HEADER) + segs[last][1]
+
+
 @pytest.mark.parametrize("threads", [0, 2])
 def test_previous_archive_failing_midway_builds_afresh(tmp_path: Path, threads: int) -> None:
     """The previous archive passed its check at the start, then fails while the build
-    copies from it (truncated to half here, by the build's own sink right after the first
-    chunk): the build goes on as a fresh one from the bytes already made, identical to a
-    fresh build, and says why."""
+    copies from it (truncated to half here, right after the first chunk): the build goes on
+    as a fresh one from the bytes already made, identical to a fresh build, its sink given
+    the same bytes, and says why."""
     root, gen = sixty_files_built(tmp_path, 21)
     assert gen.index is not None
     with open(root / "f01", "ab") as f:  # a run f02..f59: most of the archive copied
@@ -441,22 +488,27 @@ def test_previous_archive_failing_midway_builds_afresh(tmp_path: Path, threads: 
     settle()
     prev = tmp_path / "prev.tgz"
     size = prev.stat().st_size
-
-    def truncate_once(chunk: bytes) -> None:
-        if prev.stat().st_size == size:
-            os.truncate(prev, size // 2)
-
+    sunk: list[bytes] = []
     # As the agent builds (``no_links``: the fresh build it goes on with is built alike).
     b = IncrementalBuilder(root, previous=gen.index, previous_archive=prev, racy_ns=RACY_NS,
-                           threads=threads, sink=truncate_once, no_links=True)
-    data = b"".join(b)
-    assert prev.stat().st_size == size // 2  # truncated during the build, after its check
+                           threads=threads, sink=sunk.append, no_links=True)
+    chunks = iter(b)
+    # The first chunk (the gzip header) comes after the previous archive's check and before
+    # any copy from it.  Truncated here, on the iterating thread, not by the sink: in its
+    # worker thread (``threads=2``) the truncation would race the copy's reads, held in
+    # order only by ``_BESIDE`` and where the copy falls among the chunks.
+    first = next(chunks)
+    assert first == GZIP_HEADER
+    os.truncate(prev, size // 2)
+    data = first + b"".join(chunks)
     assert data == fresh(root)
+    assert b"".join(sunk) == data
     assert "the previous archive shrank" in b.stats.previous
     assert "built afresh" in b.stats.previous
     # Its index is the fresh build's (it was one), naming this very archive.
     again = IncrementalBuilder(root, racy_ns=RACY_NS)
     assert b"".join(again) == data and b.index == again.index
+    assert b.handover is None  # a fresh build's: nothing copied to hand over
 
 
 def test_previous_archive_unreadable_under_a_changed_file_compresses_it_anew(
@@ -470,39 +522,8 @@ def test_previous_archive_unreadable_under_a_changed_file_compresses_it_anew(
     settle()
     gen = Generations(root, tmp_path / "prev.tgz")
     gen.build()
-    index = gen.index
-    assert index is not None
-    # The deflate bytes of the big file's inside: a read touching them fails with EIO.
-    [e] = [e for e in index.entries if e.path == "big"]
-    segs = index.segments
-    first = next(i for i, (t, _d, _c) in enumerate(segs) if t > e.tar_start + 70_000)
-    last = next(i for i, (t, _d, _c) in enumerate(segs) if t > e.tar_end - 70_000)
-    bad_lo, bad_hi = (len(GZIP_HEADER) + segs[i][1] for i in (first - 1, last))
-
-    class BadSector:
-        """The previous archive's file, failing reads over ``[bad_lo, bad_hi)``."""
-
-        def __init__(self, f: Any) -> None:
-            self.f = f
-
-        def seek(self, at: int) -> int:
-            self.at = at
-            return int(self.f.seek(at))
-
-        def read(self, n: int) -> bytes:
-            if self.at < bad_hi and self.at + n > bad_lo:
-                raise OSError(errno.EIO, os.strerror(errno.EIO))
-            return bytes(self.f.read(n))
-
-        def close(self) -> None:
-            self.f.close()
-
-    real = _Old.__init__
-
-    def init(self: _Old, index: ArchiveIndex, f: Any) -> None:
-        real(self, index, BadSector(f) if f is not None else None)
-
-    monkeypatch.setattr(_Old, "__init__", init)
+    assert gen.index is not None
+    failing_reads(monkeypatch, *inside_of_big(gen.index))  # EIO under big's inside
     d = bytearray(big.read_bytes())
     d[500_000 : 500_064] = rng.randbytes(64)
     big.write_bytes(bytes(d))
@@ -513,6 +534,40 @@ def test_previous_archive_unreadable_under_a_changed_file_compresses_it_anew(
     assert s.previous == "" and "Input/output error" in s.old_failed
     assert s.bytes_matched == 0 and s.bytes_compressed > 1_000_000  # big: compressed anew
     assert s.entries_reused >= 4  # the small files before it: still copied
+
+
+def test_previous_archive_failing_for_a_compare_then_a_copy_keeps_both_whys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The previous archive fails under a changed big file's compare (EIO: the file
+    compressed anew), then again for the copy of the files after it (truncated there): the
+    build goes on afresh and its stats keep both, why it went on afresh (``previous``) and
+    what the compare met (``old_failed``); a fresh build has nothing to hand over."""
+    rng = random.Random(12)
+    root, big = tree_with_big(tmp_path, rng, lambda r: r.randbytes(300_000) + text(r, 700_000))
+    for i in range(8):  # after "big": a run to copy from the previous archive
+        (root / f"z{i}").write_bytes(text(rng, 30_000))
+    settle()
+    gen = Generations(root, tmp_path / "prev.tgz")
+    gen.build()
+    index = gen.index
+    assert index is not None
+    # Short reads past the segment holding big's last byte: beyond the compare's reads.
+    [e] = [e for e in index.entries if e.path == "big"]
+    segs = index.segments
+    end = len(GZIP_HEADER) + next(d for t, d, _c in segs if t >= e.tar_end)
+    failing_reads(monkeypatch, *inside_of_big(index), end)
+    d = bytearray(big.read_bytes())
+    d[500_000 : 500_064] = rng.randbytes(64)
+    big.write_bytes(bytes(d))
+    settle()
+    assert gen.build() == fresh(root)
+    b = gen.builder
+    assert b is not None
+    assert "the previous archive shrank" in b.stats.previous
+    assert "built afresh" in b.stats.previous
+    assert "Input/output error" in b.stats.old_failed
+    assert b.handover is None
 
 
 @pytest.mark.parametrize("level", [4, 9])

@@ -607,7 +607,8 @@ class IncrementalStats:
     #: (from where the splicer got back in step: ``_splice_changed``)
     bytes_matched: int = 0
     #: Why the previous archive failed for a changed file's compare (its bytes then
-    #: compressed anew, as with no previous entry); "" if it never did.
+    #: compressed anew, as with no previous entry); "" if it never did.  Kept when the
+    #: build later went on afresh (``previous`` then says why).
     old_failed: str = ""
 
 
@@ -1438,8 +1439,9 @@ class IncrementalBuilder(TgzBuilder):
     @property
     def handover(self) -> BuildHandover | None:
         """What this build compressed (its tar) and copied (which old segments), for
-        ``encode_layout``; None until the iteration has ended, or for a build without a
-        previous one."""
+        ``encode_layout``; None until the iteration has ended, for a build without a
+        previous one, and for one that went on afresh when the previous archive failed
+        midway (``stats.previous`` says why)."""
         return self._fresh
 
     def _generate(self) -> Generator[bytes, None, None]:
@@ -1493,7 +1495,11 @@ class IncrementalBuilder(TgzBuilder):
                     yield chunk
                 beside.wait()
                 self._report, self._index = afresh.report, afresh.index
-                self._stats = attrs.evolve(afresh.stats, previous=why)
+                # The fresh build had no previous one to fail: what the first attempt's
+                # compares met is kept (the agent logs it: the kept archive may be going bad).
+                self._stats = attrs.evolve(
+                    afresh.stats, previous=why, old_failed=old.failed if old is not None else ""
+                )
                 return
             beside.wait()
         finally:
