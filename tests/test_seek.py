@@ -243,7 +243,7 @@ def test_reads_answer_the_same_with_extra_entry_points(
         entered.enter(10, 40_000, b"short")
 
 
-def _build_unracy(root: Path, out: Path, prev: IncrementalBuilder | None, prev_path: Path
+def _build_unracy(root: Path, out: Path, prev: IncrementalBuilder | None, prev_path: Path | None
                   ) -> IncrementalBuilder:
     """``_build`` with nothing racy: ``_settle`` changes every ctime, so files settled just
     before a build are read again by the next one; here, unchanged files are copied."""
@@ -283,7 +283,8 @@ def test_layout_delta_is_the_same_with_the_builds_hand_over(
     assert fresh is not None and fresh.archive_hash == b.index.archive_hash
     seek = SeekPoints.build(old, a.index.archive_hash, index=a.index, spacing=4096)
     plain = b"".join(encode_layout(a.index, old, b.index, new))
-    short = BuildHandover(fresh.archive_hash, fresh.offsets[:1], fresh.chunks[:1])
+    short = BuildHandover(fresh.archive_hash, fresh.previous_hash, fresh.offsets[:1],
+                          fresh.chunks[:1])
     for f in (fresh, short, _fresh_corrupted(fresh)):
         for sp in (None, seek):
             assert b"".join(encode_layout(a.index, old, b.index, new, seek=sp, fresh=f)) == plain
@@ -352,6 +353,41 @@ def test_the_hand_over_spares_inflating_old_and_new(tmp_path: Path) -> None:
     cut = layout._Encoder(a.index, old, c.index, new, fresh=c.handover)
     assert b"".join(cut.records()) == want
     assert cut.fresh_runs == 2 and cut.fresh_windows == 2
+
+
+def test_a_hand_over_is_ignored_against_another_base(tmp_path: Path) -> None:
+    """B built from A hands over which of A's segments it copied; encoding A' -> B with that
+    hand-over (A' another archive of a like tree: many segments of A' have the tar, lengths
+    and places of A's, not their compressed bytes) must not take those as equal.  It did
+    (``previous_hash`` unchecked): COPYs of A' bytes that are not B's, the receiver's
+    blake3 refusing the result.  Now the hand-over names A and is ignored: the delta is the
+    plain one, and rebuilds B."""
+    rng = random.Random(12)
+    root, other = tmp_path / "tree", tmp_path / "other"
+    for i in range(60):
+        (root / f"d{i:02}").mkdir(parents=True)
+        (root / f"d{i:02}" / "f.py").write_bytes(_text(rng, 8000))
+    _settle(root)
+    a = _build_unracy(root, tmp_path / "a.tgz", None, None)
+    shutil.copytree(root, other)
+    for i in range(1, 60, 2):  # A': every other file edited in place (same length)
+        with open(other / f"d{i:02}" / "f.py", "r+b") as f:
+            f.seek(3000)
+            f.write(b"#" + bytes([65 + i % 26]) * 3)
+    a2 = _build_unracy(other, tmp_path / "a2.tgz", None, None)
+    for i in (20, 40):
+        with open(root / f"d{i}" / "f.py", "r+b") as f:
+            f.seek(3000)
+            f.write(b"# edited in place #")
+    b = _build_unracy(root, tmp_path / "b.tgz", a, tmp_path / "a.tgz")
+    assert b.handover is not None and b.handover.copies
+    assert b.handover.previous_hash == a.index.archive_hash
+    old2, new = (tmp_path / "a2.tgz").read_bytes(), (tmp_path / "b.tgz").read_bytes()
+    plain = b"".join(encode_layout(a2.index, old2, b.index, new))
+    handed = b"".join(encode_layout(a2.index, old2, b.index, new, fresh=b.handover))
+    assert handed == plain
+    seek = SeekPoints.build(old2, a2.index.archive_hash, index=a2.index)
+    assert _patch_with(old2, handed, a2.index.archive_hash, seek) == new
 
 
 def _patch_with(old: bytes, delta: bytes, h: bytes, seek: SeekPoints) -> bytes:

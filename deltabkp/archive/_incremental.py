@@ -1511,7 +1511,8 @@ class IncrementalBuilder(TgzBuilder):
             ),
         )
         if splicer.fresh is not None and not why:
-            self._fresh = splicer.fresh.value(self._index.archive_hash)
+            assert old is not None  # a keeper is made only with a previous build
+            self._fresh = splicer.fresh.value(self._index.archive_hash, old.index.archive_hash)
         self._stats = IncrementalStats(
             previous=why, entries_reused=reused[0], files_opened=opened[0],
             bytes_compressed=splicer.compressed, bytes_copied=splicer.copied,
@@ -1898,9 +1899,15 @@ class BuildHandover:
     its tar bounded by ``FRESH_LIMIT`` (what it lacks is inflated as before; ``copies`` is
     one triple per copied stretch).  The encoder checks the tar and windows it takes
     (CRC-32s against the indexes); ``copies`` it takes as stated — those bytes are old
-    archive bytes by construction, and a receiver rebuilds them from its own base."""
+    archive bytes by construction, and a receiver rebuilds them from its own base — but
+    only against the archive the build reused, ``previous_hash``: of another base (a library
+    user encoding A' -> B with the hand-over of A -> B) they say nothing, so the encoder
+    ignores a hand-over that names another."""
 
     archive_hash: bytes
+    #: The blake3 of the previous archive the build reused (its index's ``archive_hash``):
+    #: ``copies`` and the windows (old tar bytes) are of that archive only.
+    previous_hash: bytes
     offsets: tuple[int, ...]
     chunks: tuple[bytes, ...] = attrs.field(repr=False)
     #: The old segments the build copied verbatim: ``(new segment, old segment, count)``
@@ -1961,6 +1968,6 @@ class _FreshKeeper:
             self.size += len(data)
             self.end = at + len(data)
 
-    def value(self, archive_hash: bytes) -> BuildHandover:
-        return BuildHandover(archive_hash, tuple(self.offsets), tuple(self.chunks),
-                             tuple(self.copies))
+    def value(self, archive_hash: bytes, previous_hash: bytes) -> BuildHandover:
+        return BuildHandover(archive_hash, previous_hash, tuple(self.offsets),
+                             tuple(self.chunks), tuple(self.copies))

@@ -1039,14 +1039,17 @@ def encode_layout(
     the old archive's seek points (used only if they name it), so old tar bytes are
     inflated around what changed instead of from the start; ``fresh``: what the incremental
     build of the new archive handed over (``IncrementalBuilder.handover``, used only if it
-    names it), so the encoder inflates little of either archive and compares only what the
+    names both archives: built from ``old_archive`` into ``new_archive``), so the encoder inflates little of either archive and compares only what the
     build did not copy; the same delta either way."""
     if old_index.archive_size != len(memoryview(old_archive)) or \
             new_index.archive_size != len(memoryview(new_archive)):
         raise IntegrityError("layout delta: an archive is not the size its index says")
     if seek is not None and not seek.matches(old_index.archive_hash, old_index.archive_size):
         seek = None
-    if fresh is not None and fresh.archive_hash != new_index.archive_hash:
+    # A hand-over is of one build: from the old archive it reused to the new one.  Against
+    # another base its ``copies`` and windows would be taken as equal without being so.
+    if fresh is not None and (fresh.archive_hash != new_index.archive_hash
+                              or fresh.previous_hash != old_index.archive_hash):
         fresh = None
     return _Encoder(old_index, old_archive, new_index, new_archive, seek, fresh).records()
 
