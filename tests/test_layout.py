@@ -103,6 +103,8 @@ def test_protocol_and_engine_do_no_io() -> None:
                 # hashing tasks of blocks (BLAKE2b/MD4 release the GIL); no clock, nothing
                 # opened
                 bad -= {"threading"}
+            if pkg == "engine" and path.name == "_blake2.py":
+                bad -= {"threading"}  # a lock around the one load of the BLAKE2b library
             assert not bad, f"{name} imports {bad}"
             ours = {m for m in graph[name] if not any(m.startswith(a) for a in allowed_ours)}
             assert not ours, f"{name} imports {ours}"
