@@ -915,9 +915,6 @@ class _Splicer:
         # The tar bytes compressed (and each job's window), for the layout encoder: only
         # with a previous build (no layout delta follows a full one), ≤ FRESH_LIMIT bytes.
         self.fresh = _FreshKeeper() if old is not None else None
-        # For the hand-over: the tar before ``window`` back to the segment boundary, when
-        # ``copy_run`` had it (tar offset of ``buf_at`` it goes with, bytes).
-        self._head: tuple[int, bytes] = (-1, b"")
 
     # -- feeding
 
@@ -954,9 +951,7 @@ class _Splicer:
         rel = [c - self.buf_at for c in cuts]
         prime = self.window
         if self.fresh is not None:
-            at, head = self._head
-            self.fresh.add(self.buf_at, prime, data, head if at == self.buf_at else b"")
-            self._head = (-1, b"")
+            self.fresh.add(self.buf_at, prime, data)
         self.window = (self.window + data)[-DICT_SIZE:]
         ends = cuts + [upto] if final else cuts
         if self.pool is None:
@@ -999,26 +994,15 @@ class _Splicer:
             self.queue.append(("copy", start, end - start, (first, last + 1), delta))
             self.copied += end - start
         want_from = max(0, e - DICT_SIZE)
-        # The hand-over's window goes back to the segment boundary before it: the layout
-        # encoder then checks the segment it starts in whole (else it serves reads from
-        # the window only after that segment).  Only a copied segment's (from the sync
-        # cut on: a cut of both streams), read from the files (≤ one segment more).
-        head_from = want_from
-        if self.fresh is not None and want_from > c:
-            b = int(old.cut_ends[old.last_cut_upto(want_from)])
-            if b >= c:
-                head_from = b
-        have = bytearray(run.sync_window[max(0, head_from - (c - DICT_SIZE)) :] if head_from < c else b"")
-        tail = self._tail_from_files(run, max(head_from, c) - delta, run.old_end - delta)
+        have = bytearray(run.sync_window[max(0, want_from - (c - DICT_SIZE)) :] if want_from < c else b"")
+        tail = self._tail_from_files(run, max(want_from, c) - delta, run.old_end - delta)
         if tail is not None:
             have += tail
         else:
-            self._inflate(run, c, head_from, have)
-        # have = old[head_from, old_end), head_from <= max(0, e - 32768)
+            self._inflate(run, c, want_from, have)
+        # have = old[max(0, e - 32768), old_end)
         new_e = e - delta
-        skip = want_from - head_from
-        before, rest = bytes(have[skip : e - head_from]), bytes(have[e - head_from :])
-        self._head = (new_e, bytes(have[:skip]))
+        before, rest = bytes(have[: e - want_from]), bytes(have[e - want_from :])
         self.finder = CutFinder.at_cut(new_e, before)
         self.window = before
         self.buf = bytearray()
@@ -1910,9 +1894,7 @@ class BuildHandover:
     """What the incremental build of the archive ``archive_hash`` knows that its layout
     delta needs: the tar it compressed (not copied), with the 32 KiB window each compression
     job was primed with — ``chunks[k]`` is the tar from offset ``offsets[k]``, in order, not
-    overlapping (adjacent where contiguous); a window after copied segments goes back to the
-    start of the segment it begins in (its *head*, so that the encoder checks that segment's
-    CRC-32 whole) when the build read it — and which old segments it copied verbatim.
+    overlapping (adjacent where contiguous) — and which old segments it copied verbatim.
 
     Why: the layout encoder (``_layout``) needs the tar of the segments compressed anew,
     the 32 KiB of tar before each (the window: old tar bytes, which locate the old stream
@@ -1973,13 +1955,11 @@ class _FreshKeeper:
         if count > 0:
             self.copies.append((new, old, count))
 
-    def add(self, at: int, prime: bytes, data: bytes, head: bytes = b"") -> None:
+    def add(self, at: int, prime: bytes, data: bytes) -> None:
         """A job's ``data`` from tar offset ``at``, compressed primed with ``prime`` (the
-        tar before ``at``); ``head``: the tar before ``prime`` back to a segment boundary
-        (kept with it: the encoder checks the window's first segment whole)."""
+        tar before ``at``)."""
         if self.full or at < self.end:
             return
-        prime = head + prime if head else prime
         if self.size + len(prime) + len(data) > FRESH_LIMIT:
             self.full = True  # nothing more: what is kept stays consistent
             return

@@ -68,8 +68,7 @@ Invariants:
   one the builder compressed (each segment's CRC-32 as indexed; the final segment, which
   has none, compresses back to the archive's bytes; handed over or inflated alike), an
   old reference equals the bytes it stands for (an extra entry point's window checked
-  against the old index's CRC-32s first; only checked bytes answer reads: a segment's head
-  missing from the hand-over, its rest in the window only primes the inflater).  That those tar bytes compress to the archive's is the builder's invariant (its
+  against the old index's CRC-32s first).  That those tar bytes compress to the archive's is the builder's invariant (its
   output is a fresh build's, ``compress_segments`` primed with the window); recompressing
   every run to check it again was ~1/4 of an encode's CPU, and the receiver's blake3 catches it
   anyway (the server then retries the backup as a full transfer).  The sender
@@ -219,33 +218,22 @@ class TarStream:
         self.seeks = self.inflated = 0
 
     def enter(self, archive_offset: int, tar_offset: int, window: bytes, ahead: bytes = b"",
-              ahead_end: int = 0, checked: int | None = None) -> None:
+              ahead_end: int = 0) -> None:
         """One more entry point: the deflate stream at ``archive_offset`` (a segment
         boundary) starts tar offset ``tar_offset``, which ``window`` (its
         ``min(32 KiB, tar_offset)`` tar bytes before) primes; ``ahead``: the tar from there
         already inflated (up to the segment boundary at archive offset ``ahead_end``), so
-        not inflated again.  The caller vouches for ``ahead`` and for the window from tar
-        offset ``checked`` on (default: all of it; the encoder checks them by CRC-32s):
-        reads from there to ``tar_offset`` are answered from the window, the bytes before
-        ``checked`` only prime the inflater (a wrong byte there could change what a read
-        answers; one the deflate stream after refers to fails ``ahead``'s check).  What
-        reads answer does not change, only what is inflated to answer them.  At most
-        ``_EXTRA`` are kept (the lowest go first)."""
+        not inflated again.  The caller vouches for them (the encoder checks them by
+        CRC-32s); reads inside the window are answered from it.  What reads answer does
+        not change, only what is inflated to answer them.  At most ``_EXTRA`` are kept (the
+        lowest go first)."""
         if len(window) != min(DICT_SIZE, tar_offset):
             raise ValueError("an entry point's window is 32 KiB (or all the tar before it)")
-        start = tar_offset - len(window)
-        checked = start if checked is None else checked
-        if not start <= checked <= tar_offset:
-            raise ValueError("an entry point's window is checked from a byte inside it")
         k = bisect.bisect_left(self._xt, tar_offset)
         if k < len(self._xt) and self._xt[k] == tar_offset:
             return
         self._xt.insert(k, tar_offset)
-        # Served from ``checked`` on; ascending with ``_xt`` (``_read`` bisects it): a point
-        # whose window starts before the one below's is served from there on only (less).
-        self._xfrom.insert(k, max(checked, self._xfrom[k - 1]) if k else checked)
-        for x in range(k + 1, len(self._xfrom)):
-            self._xfrom[x] = max(self._xfrom[x], self._xfrom[x - 1])
+        self._xfrom.insert(k, tar_offset - len(window))
         self._xa.insert(k, archive_offset)
         self._xw.insert(k, window)
         self._xh.insert(k, (ahead, ahead_end))
@@ -329,9 +317,7 @@ class TarStream:
         """Inflate from extra point ``x``, its window kept as the tar before it."""
         t, w = self._xt[x], self._xw[x]
         ahead, after = self._xh[x]
-        # The window primes the inflater whole; only its checked part answers reads.
-        served = w[self._xfrom[x] - (t - len(w)) :]
-        self._pieces, self._starts = ([served], [self._xfrom[x]]) if served else ([], [])
+        self._pieces, self._starts = ([w], [t - len(w)]) if w else ([], [])
         self._in, self._end = self._xa[x], t
         if ahead:
             self._pieces.append(ahead)
@@ -777,21 +763,12 @@ class _Encoder:
         window = self.fresh.read(lo, self.nt[i0])
         if window is None:
             return
-        # The segment the window starts in, partly covered: checked whole if the hand-over
-        # holds its head too (the run before ends near), else the window answers reads
-        # only from the next boundary on (``checked``): the bytes before it merely prime.
-        head = self.fresh.read(self.nt[s], lo) if self.nt[s] < lo else b""
-        if head is None:
-            base, checked, view = lo, self.nt[s + 1], memoryview(window)
-        else:
-            base = checked = self.nt[s]
-            view = memoryview(head + window if head else window)
+        view = memoryview(window)
         for x in range(s, i0):
             if copies[x] != j - (i0 - 1 - x):
                 return
-            if self.nt[x] >= checked and zlib.crc32(
-                    view[self.nt[x] - base : self.nt[x + 1] - base]
-            ) != self._old_crcs[copies[x]]:
+            if self.nt[x] >= lo and zlib.crc32(
+                    view[self.nt[x] - lo : self.nt[x + 1] - lo]) != self._old_crcs[copies[x]]:
                 return
         # The old segments from ``j + 1`` over the next 32 KiB (not into the final one,
         # which has no CRC-32).
@@ -812,8 +789,7 @@ class _Encoder:
         for x in range(j + 1, k):
             if zlib.crc32(ov[self.ot[x] - end : self.ot[x + 1] - end]) != self._old_crcs[x]:
                 return
-        self.old_tar.enter(_HDR + self.od[j + 1], end, window, out, _HDR + self.od[k],
-                           checked=end - (self.nt[i0] - max(lo, checked)))
+        self.old_tar.enter(_HDR + self.od[j + 1], end, window, out, _HDR + self.od[k])
         self.fresh_windows += 1
 
     def _parts(self, tar: bytes, at: int) -> list[bytes | tuple[int, int]]:
