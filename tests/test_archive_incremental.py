@@ -288,6 +288,10 @@ def test_tree_smaller_than_a_segment(tmp_path: Path) -> None:
     root.mkdir()
     for name in ("a", "b", "c"):
         (root / name).write_bytes(name.encode() * 100)
+    # Fixed times: the tar (~4 KiB) then has the same bytes every run, with no cut in it
+    # (with the clock's times, one run in a few had a candidate after 2 KiB).
+    for p in (root / "a", root / "b", root / "c", root):
+        os.utime(p, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
     settle()
     gen = Generations(root, tmp_path / "prev.tgz")
     gen.build()
