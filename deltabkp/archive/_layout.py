@@ -948,13 +948,11 @@ def _choose(
         # last_single[i]: the last segment at or before i whose single candidate was taken.
         last_single = np.maximum.accumulate(np.where(out >= 0, idx, -1)).tolist()
         last_multi = -1
-        # Python ints and lists: indexing numpy per step cost more than the step.
-        chosen = out.tolist()
-        cands_l, ptr = multi.cands.tolist(), multi.ptr.tolist()
+        chosen = out.tolist()  # Python ints: indexing numpy per step cost more than the step
         for r, i in enumerate(multi.rows.tolist()):  # ascending
             before = max(last_single[i - 1] if i else -1, last_multi)
             expect = chosen[before] + 1 if before >= 0 else -1
-            cs = cands_l[ptr[r] : ptr[r + 1]]
+            cs = multi.cands[multi.ptr[r] : multi.ptr[r + 1]].tolist()
             if expect in cs and equal(i, expect):  # nearly always: no sort
                 chosen[i], last_multi = expect, i
                 continue
