@@ -177,13 +177,18 @@ def test_layout_delta_is_the_same_with_seek_points(
     assert got == new
 
 
-def test_a_change_near_the_end_inflates_little_of_the_old_archive(tmp_path: Path) -> None:
-    rng = random.Random(11)
-    root = tmp_path / "tree"
+def _sixty_files(root: Path, rng: random.Random) -> None:
+    """A tree of 60 directories of one ~8 KB text file each (~500 KB of tar), settled."""
     for i in range(60):
         (root / f"d{i:02}").mkdir(parents=True)
         (root / f"d{i:02}" / "f.py").write_bytes(_text(rng, 8000))
     _settle(root)
+
+
+def test_a_change_near_the_end_inflates_little_of_the_old_archive(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    root = tmp_path / "tree"
+    _sixty_files(root, rng)
     a = _build(root, tmp_path / "a.tgz", None, None)
     with open(root / "d58" / "f.py", "ab") as f:
         f.write(b"# appended near the end\n")
@@ -302,10 +307,7 @@ def test_the_hand_over_spares_inflating_old_and_new(tmp_path: Path) -> None:
     the build hands over only the jobs compressed first (the rest inflated as before)."""
     rng = random.Random(12)
     root = tmp_path / "tree"
-    for i in range(60):
-        (root / f"d{i:02}").mkdir(parents=True)
-        (root / f"d{i:02}" / "f.py").write_bytes(_text(rng, 8000))
-    _settle(root)
+    _sixty_files(root, rng)
 
     def build(out: str, prev: IncrementalBuilder | None) -> IncrementalBuilder:
         return _build_unracy(root, tmp_path / out, prev, tmp_path / "a.tgz")
@@ -364,10 +366,7 @@ def test_a_hand_over_is_ignored_against_another_base(tmp_path: Path) -> None:
     plain one, and rebuilds B."""
     rng = random.Random(12)
     root, other = tmp_path / "tree", tmp_path / "other"
-    for i in range(60):
-        (root / f"d{i:02}").mkdir(parents=True)
-        (root / f"d{i:02}" / "f.py").write_bytes(_text(rng, 8000))
-    _settle(root)
+    _sixty_files(root, rng)
     a = _build_unracy(root, tmp_path / "a.tgz", None, None)
     shutil.copytree(root, other)
     for i in range(1, 60, 2):  # A': every other file edited in place (same length)
