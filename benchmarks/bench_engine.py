@@ -155,7 +155,7 @@ def main() -> int:
               f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")
         print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
               f"deltabkp.rdiff helper threads: {deltabkp.rdiff.default_threads()}, "
-              f"BLAKE2b from {_blake2.implementation()}")
+              f"BLAKE2b from {_blake2.implementation()} ({_blake2.loop() or '-'} loop)")
         print(f"# archive pair: base {len(base):,} B, new {len(new):,} B "
               f"(stdlib tree, ~1% change set, gzip --rsyncable); unrelated pair: "
               f"{len(unew):,} B random each; best of {rep} interleaved rounds")

@@ -1,7 +1,8 @@
 """The BLAKE2b of many blocks (deltabkp.engine._blake2): every library it may load gives
 hashlib's digests, the hashlib path works alone, bad block ranges are refused, a library's
 failing call is an error (never a digest), and the library is loaded on first use, once,
-not at import."""
+not at import.  The C loop over blocks (``_blockloop``) gives the same digests as the ctypes
+loop, checks its bounds itself, and reports a failing call the same way."""
 
 from __future__ import annotations
 
@@ -194,8 +195,96 @@ def test_a_failing_library_call_is_an_error_not_a_digest(
 
     sodium = _blake2._LIBRARIES[0]
     monkeypatch.setattr(_blake2, "_tried", True)
-    monkeypatch.setattr(_blake2, "_loaded", _blake2._Loaded(fails_third, sodium))
+    monkeypatch.setattr(_blake2, "_loaded", _blake2._Loaded(fails_third, sodium, None))
     arr = np.frombuffer(bytes(500), np.uint8)
     with pytest.raises(RuntimeError, match=r"libsodium .* returned -1 for block 2 of 5"):
         _blake2.blake2b_blocks(arr, 0, 500, 100, 32)
     assert len(calls) == 3
+
+
+def _loaded_with(loop: bool) -> _blake2._Loaded:
+    loaded = _blake2._library()
+    if loaded is None:
+        pytest.skip("no BLAKE2b library is installed")
+    return attrs.evolve(loaded, loop=loaded.loop if loop else None)
+
+
+def test_the_c_loop_is_built_and_used() -> None:
+    """The test install (README's command, with a compiler: .ci/run) builds the C loop, and a
+    library that loads uses it: a loop that is missing fails here, it is not skipped."""
+    from deltabkp.engine import _blockloop
+
+    assert callable(_blockloop.blocks)
+    if _blake2.implementation() != "hashlib":
+        assert _blake2.loop() == "C"
+
+
+@settings(max_examples=40)
+@given(
+    data=st.binary(max_size=5000),
+    bs=st.integers(1, 1500),
+    sl=st.integers(1, 32),
+    a=st.integers(0, 40),
+)
+def test_c_and_ctypes_loops_give_hashlibs_digests(data: bytes, bs: int, sl: int, a: int) -> None:
+    arr = np.frombuffer(data, np.uint8)
+    a = min(a, len(data))
+    b = a + (len(data) - a) // bs * bs
+    want = _direct(data, a, b, bs, sl)
+    for loop in (True, False):
+        assert _blake2._blocks(_loaded_with(loop), arr, a, b, bs, sl) == want
+
+
+def test_the_c_loop_checks_its_own_bounds() -> None:
+    """Called directly with ranges that do not fit, the C loop raises before reading."""
+    loaded = _loaded_with(True)
+    if loaded.loop is None:
+        pytest.skip("the library did not pass the C loop's check")
+    arr = np.frombuffer(bytes(1000), np.uint8)
+    out = np.zeros((20, 32), np.uint8)
+    fn, order = loaded.address, loaded.spec.order
+    for start, count, size, dst in ((0, 11, 100, out), (-1, 1, 100, out), (1001, 0, 1, out),
+                                    (1, 10, 100, out), (0, 1, 0, out), (0, 1, -5, out),
+                                    (0, 10, 100, out[:9]), (0, 2**62, 2**62, out)):
+        with pytest.raises(ValueError, match="do not fit"):
+            loaded.loop(fn, order, arr, start, count, size, dst)
+    for bad_fn, bad_order in ((0, 0), (fn, 2)):
+        with pytest.raises(ValueError, match="no BLAKE2b function"):
+            loaded.loop(bad_fn, bad_order, arr, 0, 1, 100, out)
+    with pytest.raises(TypeError):  # digests are written: a read-only output is refused
+        loaded.loop(loaded.address, order, arr, 0, 1, 100, arr)
+    assert loaded.loop(loaded.address, order, arr, 1000, 0, 7, out[:0]) == (-1, 0)
+
+
+def test_the_c_loop_stops_at_a_failing_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A C function (here a ctypes callback in libsodium's argument order) that fails the 3rd
+    of 5 calls: the loop stops there, and ``blake2b_blocks`` raises instead of returning."""
+    loaded = _loaded_with(True)
+    if loaded.loop is None:
+        pytest.skip("the library did not pass the C loop's check")
+    calls: list[int] = []
+    proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                             ctypes.c_ulonglong, ctypes.c_void_p, ctypes.c_size_t)
+
+    @proto  # type: ignore[untyped-decorator]
+    def fails_third(out: int, outlen: int, src: int, n: int, key: int, keylen: int) -> int:
+        calls.append(n)
+        return -7 if len(calls) == 3 else 0
+
+    sodium = _blake2._LIBRARIES[0]
+    monkeypatch.setattr(_blake2, "_tried", True)
+    monkeypatch.setattr(_blake2, "_loaded", _blake2._Loaded(fails_third, sodium, loaded.loop))
+    arr = np.frombuffer(bytes(500), np.uint8)
+    with pytest.raises(RuntimeError, match=r"libsodium .* returned -7 for block 2 of 5"):
+        _blake2.blake2b_blocks(arr, 0, 500, 100, 32)
+    assert calls == [100, 100, 100]
+
+
+def test_the_ctypes_loop_can_be_chosen() -> None:
+    """DELTABKP_BLAKE2_LOOP=ctypes turns the C loop off (same digests: the test above)."""
+    env = dict(os.environ, DELTABKP_BLAKE2_LOOP="ctypes")
+    r = subprocess.run(
+        [sys.executable, "-c", "from deltabkp.engine import _blake2; print(_blake2.loop())"],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    )
+    assert r.stdout.strip() == ("" if _blake2.implementation() == "hashlib" else "ctypes")

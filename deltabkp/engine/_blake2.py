@@ -47,6 +47,8 @@ import numpy.typing as npt
 __all__ = ["blake2b_256", "blake2b_blocks", "hashlib_blocks", "implementation", "library_blocks"]
 
 U8 = npt.NDArray[np.uint8]
+#: ``_blockloop.blocks(fn, order, data, start, count, size, out) -> (failed, status)``.
+_Loop = Callable[[int, int, U8, int, int, int, U8], tuple[int, int]]
 DIGEST = 32
 #: Inputs of the load check: empty, one byte, one compression block and a bit, a long one.
 _CHECK = (b"", b"a", bytes(range(256)) * 4 + b"xyz", bytes(range(251)) * 40)
@@ -94,6 +96,8 @@ class _Library:
     symbol: str
     init: str | None
     args: Callable[[ctypes.c_void_p, ctypes.c_void_p, int], tuple[object, ...]]
+    #: The argument order's number in the C loop (``_blockloop.c``).
+    order: int
 
 
 _LIBRARIES = (
@@ -101,22 +105,38 @@ _LIBRARIES = (
     # out, size_t outlen, in, unsigned long long inlen, key, size_t keylen).
     _Library("sodium", ("libsodium.so.23",), "crypto_generichash_blake2b", "sodium_init",
              lambda out, src, n: (
-        out, ctypes.c_size_t(DIGEST), src, ctypes.c_ulonglong(n), None, ctypes.c_size_t(0))),
+        out, ctypes.c_size_t(DIGEST), src, ctypes.c_ulonglong(n), None, ctypes.c_size_t(0)),
+             0),
     # libb2 0.98 (Debian's libb2-1): int blake2b(out, in, key, uint8_t outlen, uint64_t inlen,
     # uint8_t keylen).  The newer reference order (out, outlen, in, ...) fails the check: it
     # sees a NULL input of 32 bytes (or an outlen > 64) and returns -1 without reading.
     _Library("b2", ("libb2.so.1",), "blake2b", None, lambda out, src, n: (
-        out, src, None, ctypes.c_uint8(DIGEST), ctypes.c_uint64(n), ctypes.c_uint8(0))),
+        out, src, None, ctypes.c_uint8(DIGEST), ctypes.c_uint64(n), ctypes.c_uint8(0)), 1),
 )
 
 
 @attrs.frozen
 class _Loaded:
-    """A library that passed its check: its BLAKE2b function (returns an int status) and how
-    to call it."""
+    """A library that passed its check: its BLAKE2b function (returns an int status), how
+    to call it, and the C loop over blocks when it loaded and passed its own check."""
 
     fn: Any
     spec: _Library
+    loop: _Loop | None
+    #: ``fn``'s address for the C loop, 0 without one (ctypes.cast costs ~1 us: once, not
+    #: per task).
+    address: int = attrs.field(init=False)
+
+    @address.default
+    def _fn_address(self) -> int:
+        return 0 if self.loop is None else _address(self.fn)
+
+
+def _address(fn: Any) -> int:
+    """The address of a ctypes function (a symbol ctypes found: never NULL)."""
+    address = ctypes.cast(fn, ctypes.c_void_p).value
+    assert address
+    return address
 
 
 def _find(spec: _Library) -> str | None:
@@ -153,7 +173,29 @@ def _checked(spec: _Library, name: str) -> _Loaded | None:
                          ctypes.c_void_p(ctypes.addressof(src)), len(vector))
         if fn(*args) != 0 or out.raw != blake2b_256(vector) + bytes(32):
             return None
-    return _Loaded(fn, spec)
+    return _Loaded(fn, spec, _checked_loop(fn, spec))
+
+
+def _checked_loop(fn: Any, spec: _Library) -> _Loop | None:
+    """The C loop (``_blockloop``) for ``fn``, if it is built, not turned off
+    (``DELTABKP_BLAKE2_LOOP=ctypes``) and gives hashlib's digests of blocks of the test
+    vectors; else None (the ctypes loop is used)."""
+    if os.environ.get("DELTABKP_BLAKE2_LOOP") == "ctypes":
+        return None
+    try:
+        from deltabkp.engine import _blockloop
+    except ImportError:  # built without a compiler: optional
+        return None
+    loop: _Loop = _blockloop.blocks
+    vector = _CHECK[-1]
+    data = np.frombuffer(vector, np.uint8)
+    for bs in (1, 129, 1000):
+        n = len(data) // bs
+        out = np.zeros((n, DIGEST), np.uint8)
+        want = b"".join(blake2b_256(vector[o : o + bs]) for o in range(0, n * bs, bs))
+        if loop(_address(fn), spec.order, data, 0, n, bs, out) != (-1, 0) or out.tobytes() != want:
+            return None
+    return loop
 
 
 def _by_soname(spec: _Library) -> _Loaded | None:
@@ -210,29 +252,51 @@ def implementation() -> str:
     return "hashlib" if loaded is None else "lib" + loaded.spec.name
 
 
+def loop() -> str:
+    """How ``blake2b_blocks`` calls the library over many blocks: "C" (``_blockloop``, the
+    GIL released for all of them), "ctypes" (a call per block) or "" (hashlib)."""
+    loaded = _library()
+    if loaded is None:
+        return ""
+    return "ctypes" if loaded.loop is None else "C"
+
+
 def _blocks(loaded: _Loaded, data: U8, a: int, b: int, bs: int, sl: int) -> bytes:
     n = _check_range(data, a, b, bs, sl)
-    fn, spec = loaded.fn, loaded.spec
     out = np.empty((n, DIGEST), np.uint8)
     if n:
-        # ``data`` keeps the caller's buffer alive (and exported) for the whole loop.
-        src, dst = data.ctypes.data + a, out.ctypes.data
-        ps, pd = ctypes.c_void_p(src), ctypes.c_void_p(dst)
-        args = spec.args(pd, ps, bs)
-        for i in range(n):
-            ps.value, pd.value = src, dst
+        if loaded.loop is not None:
+            # One call for all the blocks, the GIL released (helper threads run side by side).
+            failed, status = loaded.loop(loaded.address, loaded.spec.order, data, a, n, bs, out)
+        else:
+            failed, status = _ctypes_loop(loaded, data, a, n, bs, out)
+        if failed >= 0:
             # Our arguments are checked, so a status other than 0 is the library's own
             # failure: its digest (and ``out``'s uninitialised bytes) must not become a sum.
-            # The check costs ~0.1 us per call (~1 % of a 5376-byte block's hash).
-            status = fn(*args)
-            if status != 0:
-                raise RuntimeError(
-                    f"lib{spec.name} {spec.symbol} returned {status} for block {i} of {n} "
-                    f"({bs} B)"
-                )
-            src += bs
-            dst += DIGEST
+            raise RuntimeError(
+                f"lib{loaded.spec.name} {loaded.spec.symbol} returned {status} for block "
+                f"{failed} of {n} ({bs} B)"
+            )
     return _truncated(out, sl)
+
+
+def _ctypes_loop(loaded: _Loaded, data: U8, a: int, n: int, bs: int, out: U8) -> tuple[int, int]:
+    """The C loop's job through ctypes, a call per block (the GIL held ~1.2 us each):
+    ``(-1, 0)``, or the first block whose call failed and its status."""
+    # ``data`` and ``out`` keep the caller's buffer and the digests alive for the whole loop.
+    fn = loaded.fn
+    src, dst = data.ctypes.data + a, out.ctypes.data
+    ps, pd = ctypes.c_void_p(src), ctypes.c_void_p(dst)
+    args = loaded.spec.args(pd, ps, bs)
+    for i in range(n):
+        ps.value, pd.value = src, dst
+        # The check costs ~0.1 us per call (~1 % of a 5376-byte block's hash).
+        status = fn(*args)
+        if status != 0:
+            return i, status
+        src += bs
+        dst += DIGEST
+    return -1, 0
 
 
 def library_blocks(data: U8, a: int, b: int, bs: int, sl: int) -> bytes:

@@ -1,0 +1,8 @@
+# The C loop of _blockloop.c (built optionally: import it inside try/except ImportError).
+import numpy as np
+import numpy.typing as npt
+
+def blocks(
+    fn: int, order: int, data: npt.NDArray[np.uint8], start: int, count: int, size: int,
+    out: npt.NDArray[np.uint8], /,
+) -> tuple[int, int]: ...
