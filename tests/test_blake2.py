@@ -86,6 +86,8 @@ def test_blocks_equal_hashlib_per_block(data: bytes, bs: int, sl: int, skip: int
     assert _blake2.blake2b_blocks(arr, a, b, bs, sl) == want
     if _blake2.implementation() != "hashlib":
         assert _blake2.library_blocks(arr, a, b, bs, sl) == want
+        for loop in (True, False):  # the C loop (when built) and the ctypes one
+            assert _blake2._blocks(_loaded_with(loop), arr, a, b, bs, sl) == want
 
 
 def test_bad_ranges_are_refused_before_reading() -> None:
@@ -217,22 +219,6 @@ def test_the_c_loop_is_built_and_used() -> None:
     assert callable(_blockloop.blocks)
     if _blake2.implementation() != "hashlib":
         assert _blake2.loop() == "C"
-
-
-@settings(max_examples=40)
-@given(
-    data=st.binary(max_size=5000),
-    bs=st.integers(1, 1500),
-    sl=st.integers(1, 32),
-    a=st.integers(0, 40),
-)
-def test_c_and_ctypes_loops_give_hashlibs_digests(data: bytes, bs: int, sl: int, a: int) -> None:
-    arr = np.frombuffer(data, np.uint8)
-    a = min(a, len(data))
-    b = a + (len(data) - a) // bs * bs
-    want = _direct(data, a, b, bs, sl)
-    for loop in (True, False):
-        assert _blake2._blocks(_loaded_with(loop), arr, a, b, bs, sl) == want
 
 
 def test_the_c_loop_checks_its_own_bounds() -> None:
