@@ -900,6 +900,10 @@ class _Splicer:
         self.pool = ThreadPoolExecutor(threads, "deltabkp-gzip") if threads > 0 else None
         # ("job", future, tar offsets of its cuts (+ end if final), final) | ("copy", ...)
         self.queue: collections.deque[tuple[object, ...]] = collections.deque()
+        # Its "job" items: what ``_ready(keep)`` bounds.  Copies wait in the queue at no
+        # cost (their bytes are read as they go out), so the iterating thread no longer
+        # waits for the oldest job just because copies queued behind it.
+        self.jobs = 0
         self.comp_pos = 0  # deflate bytes handed out
         # Packed (8 or 4 bytes a value): ~170,000 segments for a 1 GB tree.  The segments'
         # CRCs are the first len(seg_tar) of crc_parts (the final segment is not one).
@@ -960,6 +964,7 @@ class _Splicer:
         else:
             fut = self.pool.submit(_job, data, rel, self.level, final, prime)
         self.queue.append(("job", fut, ends, final, self.buf_at))
+        self.jobs += 1
         self.compressed += n
         del self.buf[:n]
         self.buf_at = upto
@@ -1060,9 +1065,10 @@ class _Splicer:
         yield gzip_trailer(crc32_concat(self.crc_parts, self.crc_lens), self.pos)
 
     def _ready(self, keep: int) -> Iterator[bytes]:
-        while self.queue and (len(self.queue) > keep or self._done(self.queue[0])):
+        while self.queue and (self.jobs > keep or self._done(self.queue[0])):
             item = self.queue.popleft()
             if item[0] == "job":
+                self.jobs -= 1
                 _, fut, ends, _final, at = item
                 assert isinstance(fut, Future) and isinstance(ends, list) and isinstance(at, int)
                 out, comp_ends, crcs = fut.result()
