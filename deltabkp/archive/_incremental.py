@@ -41,7 +41,11 @@ pure function of its name and ``lstat`` plus, for a file with data, its content.
   hashed, one by one: equal, it stays in its run (its old compressed bytes are reused, its
   last 96 KiB kept for the run's tail); else it is compressed like a changed file.  A tree
   backed up right after it was written (a copy, an rsync) so costs a read of its files at
-  the next build, not a recompression;
+  the next build, not a recompression — and only one: those the quick check just before
+  the build (``unchanged`` of the same index, the agent's check after a racy build) read
+  so, consistently and not racy then, the build reuses unread, as reusable files
+  (``_Old.trust_verified``; on ``bench_agent.py --racy-first`` ~400 of the ~800 files it
+  opened);
 - a *changed* file whose old entry at the same path (a file both times, ≤ ``mem_limit``)
   directly follows a run in sync is read as usual (hot-read rules), and what was read is
   compared, byte for byte, with the old entry's bytes at the same in-file offsets (the
@@ -106,7 +110,8 @@ Invariants:
   hot-read rules and kept in the run only if what was read has the old identity, or in
   the last ≤ 96 KiB of a run (read by path, no symlink followed, identity checked before
   and after), or it was racy when the previous build read it (read
-  once, kept only if its digest matches; never read a second time for a run's tail);
+  once, kept only if its digest matches; never read a second time for a run's tail) and
+  the quick check before the build did not read it so, not racy then;
 - per entry, a reused file that continues a run already in sync costs its ``lstat``, a
   dict lookup and one compare of its identity packed as the index packs it (the previous
   build's identities are slices of its index, gathered once: ``_Old``); such files are
@@ -211,6 +216,7 @@ _ENTRY_HEAD = struct.Struct("<BBH")
 _NAME_LEN = struct.Struct("<H")
 _ENTRY_TAR_AT = 60
 _ENTRY_TAR = struct.Struct("<QQ")
+_DIGEST_AT = _ENTRY.size - 16
 #: ``_SEGMENT`` as a numpy record: the table is kept in memory in its on-disk form.
 _SEGMENT_DTYPE = np.dtype({
     "names": ["tar_end", "deflate_end", "crc"], "formats": ["<u8", "<u8", "<u4"],
@@ -436,6 +442,14 @@ class EntryTable(Sequence[IndexEntry]):
             s, e = unpack(data, o + _ENTRY_TAR_AT)
             pack(data, o + _ENTRY_TAR_AT, s - shift, e - shift)
 
+    def mark_reusable(self, i: int) -> None:
+        """Entry ``i`` (appended here) as a file read consistently and not racy: the
+        reusable flag set, no digest — the record ``_read_file`` makes of such a read."""
+        assert isinstance(self._data, bytearray), "a parsed table is read-only"
+        at = self._offsets[i]
+        self._data[at + 1] |= _FLAG_REUSABLE
+        self._data[at + _DIGEST_AT : at + _ENTRY.size] = bytes(16)
+
     def raw(self, i: int) -> tuple[Any, ...]:
         """Entry ``i``'s record fields as ``_ENTRY`` unpacks them (no name, no object)."""
         return _ENTRY.unpack_from(self._data, self._offsets[i])
@@ -637,11 +651,18 @@ class _Old:
         # its build, on the same object): taken over, not made again (~8 ms for 5,000
         # entries, on the build's serial path).  Taken once: nothing stays behind the build.
         checked = _Old._checked
+        #: Positions of files racy when that build read them that a quick check read again
+        #: (``_unchanged``): same bytes, and not racy then for ``verified_ns``.
+        self.verified: list[int] = []
+        self.verified_ns = 0
+        #: Those the build trusts as reusable (``trust_verified``), sorted.
+        self.trusted: list[int] = []
         if checked is not None and checked.index is index:
             _Old._checked = None
             self.at_path, self.starts, self.ends = checked.at_path, checked.starts, checked.ends
             self.ident, self.cut_ends = checked.ident, checked.cut_ends
             self.deflate_ends = checked.deflate_ends
+            self.verified, self.verified_ns = checked.verified, checked.verified_ns
             return
         # The packed records' fixed part gathered into columns in one numpy pass (per-entry
         # unpacking cost ~2 µs an entry, a third of an unchanged entry's whole cost).
@@ -695,6 +716,35 @@ class _Old:
             and ino == st.st_ino and dev == st.st_dev and mode == st.st_mode
             and uid == st.st_uid and gid == st.st_gid and nlink == st.st_nlink
         )
+
+    def trust_verified(self, racy_ns: int) -> None:
+        """Files racy when the previous build read them, read again by the quick check just
+        before this build (``_unchanged``), consistently, with their old identity and bytes,
+        and not racy then (for at least this build's ``racy_ns``): reusable from here on, as
+        after the build's own re-read (``_verify``) — that read vouches for the bytes of this
+        identity as any build's read of a settled file does (a later write moves mtime and
+        ctime).  So the build does not read them a second time: their old identity is
+        matched like a reusable file's (its lstat now; a run's tail checked before and after
+        its read) and their records become reusable ones (``mark``)."""
+        if not self.verified or self.verified_ns < racy_ns:
+            return
+        t = self.index.entries
+        at, end = _IDENTITY_AT, _IDENTITY_AT + _IDENTITY.size
+        self.trusted = sorted(set(self.verified))
+        for p in self.trusted:
+            o = t._offsets[p]
+            self.ident[p] = bytes(t._data[o + at : o + end])
+
+    def mark(self, entries: EntryTable, first: int, last: int) -> None:
+        """Old entries ``first..last`` were just appended to ``entries`` (the last ones, in
+        order): those trusted (``trust_verified``) get a reusable file's record."""
+        trusted = self.trusted
+        lo = bisect.bisect_left(trusted, first)
+        if lo == len(trusted) or trusted[lo] > last:
+            return
+        base = len(entries) - 1 - last
+        for p in trusted[lo : bisect.bisect_right(trusted, last)]:
+            entries.mark_reusable(base + p)
 
     def reusable_file(self, i: int, st: os.stat_result) -> bool:
         """Entry ``i`` is a file read consistently and not racy, with ``st``'s identity."""
@@ -900,10 +950,7 @@ class _Splicer:
         self.pool = ThreadPoolExecutor(threads, "deltabkp-gzip") if threads > 0 else None
         # ("job", future, tar offsets of its cuts (+ end if final), final) | ("copy", ...)
         self.queue: collections.deque[tuple[object, ...]] = collections.deque()
-        # Its "job" items: what ``_ready(keep)`` bounds.  Copies wait in the queue at no
-        # cost (their bytes are read as they go out), so the iterating thread no longer
-        # waits for the oldest job just because copies queued behind it.
-        self.jobs = 0
+        self.jobs = 0  # "job" items in ``queue``
         self.comp_pos = 0  # deflate bytes handed out
         # Packed (8 or 4 bytes a value): ~170,000 segments for a 1 GB tree.  The segments'
         # CRCs are the first len(seg_tar) of crc_parts (the final segment is not one).
@@ -1456,6 +1503,8 @@ class IncrementalBuilder(TgzBuilder):
             self.previous, self.previous_archive, self.level, self.previous_hashed
         )
         _Old._checked = None  # taken over by ``old`` above, or another index's: let go
+        if old is not None:
+            old.trust_verified(self.racy_ns)
         opened = [0]
         peeked = [0]
 
@@ -1685,6 +1734,9 @@ class IncrementalBuilder(TgzBuilder):
         with the digest of the bytes it stored.  Nothing is compressed.  False whenever it
         cannot be sure (any entry added, removed, changed, or a racy one unreadable)."""
         old = _Old(index, None)
+        # (Positions another check of this index verified, taken over: vouched for as far
+        # as both checks' racy windows allow.)
+        old.verified_ns = min(old.verified_ns, self.racy_ns) if old.verified else self.racy_ns
         same = self._unchanged(index, old)
         # Changed: a build from this index follows (the agent's), and takes these lookups
         # over; unchanged: none does, and nothing is kept.
@@ -1735,6 +1787,8 @@ class IncrementalBuilder(TgzBuilder):
                 r = item.record
                 if r is None or h.digest(length=16) != e.digest or r.identity() != e.identity():
                     return False
+                if r.reusable:  # read consistently, not racy now: the build need not again
+                    old.verified.append(n - 1)
             return n == len(index.entries) and not counts.changed
         finally:
             os.close(top_fd)
@@ -1785,6 +1839,7 @@ class IncrementalBuilder(TgzBuilder):
                 assert old.starts[first] == run.old_end
                 shift = run.old_start - run.new_start
                 entries.append_reused(old.index.entries, first, last, shift)
+                old.mark(entries, first, last)
                 # Members for the run's tail: only the last ones can be in it.
                 run_end = old.ends[last] - shift
                 k = n - 1
@@ -1835,6 +1890,7 @@ class IncrementalBuilder(TgzBuilder):
                     entries.append(item.record.placed(total, total + o_end - o_start))
                 else:
                     entries.append_moved(old.index.entries, o, total, total + o_end - o_start)
+                    old.mark(entries, o, o)
                 run.add(total, total + o_end - o_start, item)
                 total += o_end - o_start
                 run.old_end = o_end
