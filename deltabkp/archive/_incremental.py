@@ -950,7 +950,10 @@ class _Splicer:
         self.pool = ThreadPoolExecutor(threads, "deltabkp-gzip") if threads > 0 else None
         # ("job", future, tar offsets of its cuts (+ end if final), final) | ("copy", ...)
         self.queue: collections.deque[tuple[object, ...]] = collections.deque()
-        self.jobs = 0  # "job" items in ``queue``
+        # Its "job" items: what ``_ready(keep)`` bounds.  Copies wait in the queue at no
+        # cost (their bytes are read as they go out), so the iterating thread no longer
+        # waits for the oldest job just because copies queued behind it.
+        self.jobs = 0
         self.comp_pos = 0  # deflate bytes handed out
         # Packed (8 or 4 bytes a value): ~170,000 segments for a 1 GB tree.  The segments'
         # CRCs are the first len(seg_tar) of crc_parts (the final segment is not one).
