@@ -904,6 +904,57 @@ def test_files_the_quick_check_verified_are_not_read_again(
     assert b.stats.files_opened == 2 and "f07" in spy
 
 
+def test_settled_index_records_the_racy_files_read_again_as_reusable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``settled`` reads again the files racy when the archive was built and records those
+    equal, same identity and not racy now, as reusable: the same archive, and the next
+    build (and quick check) reads none of them.  A file changed since, one racy now, one
+    with other links stay as they were; nothing racy: nothing read, None."""
+    rng = random.Random(14)
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(20):
+        (root / f"f{i:02d}").write_bytes(text(rng, 20_000))
+    os.link(root / "f03", root / "f03.link")
+    os.utime(root / "f07", ns=(0, time.time_ns() + 3600 * 10**9))  # racy whatever the timing
+    first = IncrementalBuilder(root, racy_ns=10**18)  # every file racy when read
+    a1 = b"".join(first)
+    keep = tmp_path / "a1.tgz"
+    keep.write_bytes(a1)
+    settle()
+    (root / "f11").write_bytes(text(rng, 20_000))  # changed since
+    settle()
+    spy = count_opens(monkeypatch)
+    new = IncrementalBuilder(root, racy_ns=RACY_NS).settled(first.index)
+    monkeypatch.undo()
+    assert new is not None and new.archive_hash == first.index.archive_hash
+    assert new.segments == first.index.segments
+    assert set(spy) == {f"f{i:02d}" for i in range(20)} - {"f03", "f11"}
+    racy = {e.path for e in new.entries if e.kind == DATA and not e.reusable}
+    assert racy == {"f03", "f07", "f11"}  # (f03.link: a hard link entry, header only)
+    for e, f in zip(new.entries, first.index.entries, strict=True):
+        settled = f.kind == DATA and e.path not in racy
+        assert e == (attrs.evolve(f, reusable=True, digest=bytes(16)) if settled else f)
+    # The next build from it: the archive a fresh build makes, the settled files unread.
+    _Old._checked = None
+    spy = count_opens(monkeypatch)
+    b = IncrementalBuilder(root, previous=new, previous_archive=keep, racy_ns=RACY_NS)
+    data = b"".join(b)
+    monkeypatch.undo()
+    assert data == fresh(root)
+    # Read: f03 and f07 (racy still), f11 (changed), the 32-96 KiB after it; not the rest
+    # (from the first index: all 20).
+    assert {"f03", "f07", "f11"} <= set(spy) and b.stats.files_opened <= 9
+    # Nothing racy when built: nothing read, nothing to record.
+    os.utime(root / "f07", ns=(0, time.time_ns() - 10 * 10**9))
+    settle()
+    plain = IncrementalBuilder(root, racy_ns=RACY_NS)
+    b"".join(plain)
+    spy = count_opens(monkeypatch)
+    assert IncrementalBuilder(root, racy_ns=RACY_NS).settled(plain.index) is None and spy == []
+
+
 def test_sink_gets_the_archive_in_order(tmp_path: Path) -> None:
     # The agent's kept archive is written by the builder's worker thread (``sink``): the
     # same bytes as yielded, all of them once the iteration ended, a full or a spliced

@@ -450,6 +450,13 @@ class EntryTable(Sequence[IndexEntry]):
         self._data[at + 1] |= _FLAG_REUSABLE
         self._data[at + _DIGEST_AT : at + _ENTRY.size] = bytes(16)
 
+    def with_reusable(self, positions: Iterable[int]) -> EntryTable:
+        """A copy with the entries at ``positions`` marked reusable (``mark_reusable``)."""
+        t = EntryTable(bytearray(self._data), array.array("Q", self._offsets))
+        for i in positions:
+            t.mark_reusable(i)
+        return t
+
     def raw(self, i: int) -> tuple[Any, ...]:
         """Entry ``i``'s record fields as ``_ENTRY`` unpacks them (no name, no object)."""
         return _ENTRY.unpack_from(self._data, self._offsets[i])
@@ -1745,6 +1752,56 @@ class IncrementalBuilder(TgzBuilder):
         # over; unchanged: none does, and nothing is kept.
         _Old._checked = None if same else old
         return same
+
+    def settled(self, index: ArchiveIndex) -> ArchiveIndex | None:
+        """``index`` with the files that were racy when its archive was built read again
+        now (hot-safe, as a build reads), one by one, and those equal to what it stored,
+        with the same identity and not racy now, recorded as reusable files (the records
+        a build's own re-read stores); None if there is none such.  The archive is not
+        touched: its bytes are those of that index either way.  For after a racy build
+        (the agent, once its answer went, off the next backup's path): the next build
+        reuses them unread where it would have read each again, and the quick check
+        before it reads none.  Files changed since are left as they are (the next build
+        reads them as changed)."""
+        t = index.entries
+        if not len(t):
+            return None
+        offs = np.frombuffer(t._offsets, np.uint64).astype(np.int64)
+        raw = np.frombuffer(t._data, np.uint8)
+        kind, flags = raw[offs], raw[offs + 1]
+        del raw
+        if not bool(np.any((kind == DATA) & ((flags & _FLAG_REUSABLE) == 0))):
+            return None  # nothing racy: the usual case, a gather and no walk
+        checked = _Old._checked  # a build from ``index`` may still take these over
+        try:
+            old = _Old(index, None)
+        finally:
+            _Old._checked = checked
+        top, top_fd = open_root(self.root, no_links=self.no_links)
+        counts = _Counts()
+        links: dict[tuple[int, int], str] = {}
+        found: list[int] = []
+        try:
+            for rel, dir_fd, name, st in walk(top, top_fd, self.exclude, counts.skip):
+                p = old.find(rel)
+                # (A file with other links is left racy: which name a build stores it
+                # under, the data or the hard link, depends on the walk.)
+                if (p < 0 or st.st_nlink != 1 or st.st_size > self.mem_limit
+                        or not stat.S_ISREG(st.st_mode) or not old.racy_file(p, st)):
+                    continue
+                item = _Item(iter(()), p, rel=rel, st=st, verify=True)
+                h = blake3.blake3()
+                for piece in self._read_file(item, rel, dir_fd, name, st, counts, links, [0], old):
+                    h.update(piece)
+                r = item.record
+                if (r is not None and r.reusable and h.digest(length=16) == old.digest(p)
+                        and old.same_file(p, counts.stored if counts.stored is not None else st)):
+                    found.append(p)
+        finally:
+            os.close(top_fd)
+        if not found:
+            return None
+        return attrs.evolve(index, entries=t.with_reusable(found))
 
     def _unchanged(self, index: ArchiveIndex, old: _Old) -> bool:
         top, top_fd = open_root(self.root, no_links=self.no_links)
