@@ -918,21 +918,25 @@ def test_settled_index_records_the_racy_files_read_again_as_reusable(
         (root / f"f{i:02d}").write_bytes(text(rng, 20_000))
     os.link(root / "f03", root / "f03.link")
     os.utime(root / "f07", ns=(0, time.time_ns() + 3600 * 10**9))  # racy whatever the timing
+    for d in ("d/e", "gone"):
+        (root / d).mkdir(parents=True)
+        (root / d / "g").write_bytes(text(rng, 5_000))
     first = IncrementalBuilder(root, racy_ns=10**18)  # every file racy when read
     a1 = b"".join(first)
     keep = tmp_path / "a1.tgz"
     keep.write_bytes(a1)
     settle()
     (root / "f11").write_bytes(text(rng, 20_000))  # changed since
+    shutil.rmtree(root / "gone")
     settle()
     spy = count_opens(monkeypatch)
     new = IncrementalBuilder(root, racy_ns=RACY_NS).settled(first.index)
     monkeypatch.undo()
     assert new is not None and new.archive_hash == first.index.archive_hash
     assert new.segments == first.index.segments
-    assert set(spy) == {f"f{i:02d}" for i in range(20)} - {"f03", "f11"}
+    assert set(spy) == {f"f{i:02d}" for i in range(20)} - {"f03", "f11"} | {"g"}
     racy = {e.path for e in new.entries if e.kind == DATA and not e.reusable}
-    assert racy == {"f03", "f07", "f11"}  # (f03.link: a hard link entry, header only)
+    assert racy == {"f03", "f07", "f11", "gone/g"}  # (f03.link: a hard link, header only)
     for e, f in zip(new.entries, first.index.entries, strict=True):
         settled = f.kind == DATA and e.path not in racy
         assert e == (attrs.evolve(f, reusable=True, digest=bytes(16)) if settled else f)

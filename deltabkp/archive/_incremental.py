@@ -183,7 +183,7 @@ from deltabkp.archive._gzip import (
     compress_segments,
     gzip_trailer,
 )
-from deltabkp.archive._walk import ARCHIVE_VERSION, RACY_NS, open_root, walk
+from deltabkp.archive._walk import _O_DIR, ARCHIVE_VERSION, RACY_NS, open_root, walk
 from deltabkp.errors import ArchiveError, FormatError, LimitExceeded, UnsupportedVersion
 
 __all__ = [
@@ -1761,8 +1761,10 @@ class IncrementalBuilder(TgzBuilder):
         touched: its bytes are those of that index either way.  For after a racy build
         (the agent, once its answer went, off the next backup's path): the next build
         reuses them unread where it would have read each again, and the quick check
-        before it reads none.  Files changed since are left as they are (the next build
-        reads them as changed)."""
+        before it reads none.  Only those files are looked at (no walk: each reached by
+        its path from the root, no symlink followed, then ``lstat``), so a tree with one
+        racy log costs that log; none racy (one gather of the index's flags): nothing.
+        A file changed since, racy still, or with other links is left as it was."""
         t = index.entries
         if not len(t):
             return None
@@ -1770,34 +1772,57 @@ class IncrementalBuilder(TgzBuilder):
         raw = np.frombuffer(t._data, np.uint8)
         kind, flags = raw[offs], raw[offs + 1]
         del raw
-        if not bool(np.any((kind == DATA) & ((flags & _FLAG_REUSABLE) == 0))):
-            return None  # nothing racy: the usual case, a gather and no walk
-        checked = _Old._checked  # a build from ``index`` may still take these over
-        try:
-            old = _Old(index, None)
-        finally:
-            _Old._checked = checked
+        racy = np.flatnonzero((kind == DATA) & ((flags & _FLAG_REUSABLE) == 0)).tolist()
+        if not racy:
+            return None
         top, top_fd = open_root(self.root, no_links=self.no_links)
         counts = _Counts()
         links: dict[tuple[int, int], str] = {}
         found: list[int] = []
+        here: str | None = None  # the directory ``fds`` lead to (index order: by directory)
+        fds: list[int] = []
         try:
-            for rel, dir_fd, name, st in walk(top, top_fd, self.exclude, counts.skip):
-                p = old.find(rel)
-                # (A file with other links is left racy: which name a build stores it
-                # under, the data or the hard link, depends on the walk.)
-                if (p < 0 or st.st_nlink != 1 or st.st_size > self.mem_limit
-                        or not stat.S_ISREG(st.st_mode) or not old.racy_file(p, st)):
+            for p in racy:
+                r = t.raw(p)
+                digest = bytes(r[14])
+                if digest == bytes(16):  # not read consistently then: nothing to compare
+                    continue
+                rel = t.path(p)
+                d, _, name = rel.rpartition("/")
+                if d != here:
+                    for fd in fds:
+                        if fd >= 0:
+                            os.close(fd)
+                    fds, here = [], d
+                    try:
+                        for part in d.split("/") if d else ():
+                            fds.append(os.open(part, _O_DIR, dir_fd=fds[-1] if fds else top_fd))
+                    except OSError:
+                        fds.append(-1)  # gone or replaced: none of its files is read
+                if fds and fds[-1] < 0:
+                    continue
+                dfd = fds[-1] if fds else top_fd
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except OSError:
+                    continue
+                o = t._offsets[p]
+                if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1
+                        or st.st_size > self.mem_limit
+                        or _identity(st) != t._data[o + _IDENTITY_AT : o + _IDENTITY_AT + _IDENTITY.size]):
                     continue
                 item = _Item(iter(()), p, rel=rel, st=st, verify=True)
                 h = blake3.blake3()
-                for piece in self._read_file(item, rel, dir_fd, name, st, counts, links, [0], old):
+                for piece in self._read_file(item, rel, dfd, name, st, counts, links, [0], None):
                     h.update(piece)
-                r = item.record
-                if (r is not None and r.reusable and h.digest(length=16) == old.digest(p)
-                        and old.same_file(p, counts.stored if counts.stored is not None else st)):
+                rec = item.record
+                if (rec is not None and rec.reusable and h.digest(length=16) == digest
+                        and rec.identity() == tuple(r[3:12])):
                     found.append(p)
         finally:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
             os.close(top_fd)
         if not found:
             return None
