@@ -45,7 +45,10 @@ pure function of its name and ``lstat`` plus, for a file with data, its content.
   the build (``unchanged`` of the same index, the agent's check after a racy build) read
   so, consistently and not racy then, the build reuses unread, as reusable files
   (``_Old.trust_verified``; on ``bench_agent.py --racy-first`` ~400 of the ~800 files it
-  opened);
+  opened).  ``settled(index)`` does that read ahead of time, for the racy files alone
+  (reached by path, no walk), and returns the index with those found equal and settled
+  recorded as reusable: the agent runs it once a racy build's answer went, so the next
+  backup reads none of them;
 - a *changed* file whose old entry at the same path (a file both times, ≤ ``mem_limit``)
   directly follows a run in sync is read as usual (hot-read rules), and what was read is
   compared, byte for byte, with the old entry's bytes at the same in-file offsets (the
