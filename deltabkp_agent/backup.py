@@ -60,6 +60,10 @@ Invariants:
   ``unchanged``) was sent; the kept build (archive and index) as soon as the build ran to
   its end, whatever the server does next: it is only a base for the next build, which is
   byte-identical to a full one whatever base it had;
+- after the answer (with the kept build's seek points), the files the build found racy
+  are read again and those equal and settled are recorded as reusable in the kept index
+  (``_settle_kept``; the same archive): the next backup does not read each of them again
+  in its quick check and its build, on the server's wait;
 - the new archive's own signature is not made by its build when the archive is kept
   (only a rolling delta against it needs one, and the layout delta is the usual case):
   ``_cached_signature`` makes it from the kept archive the first time a backup needs it,
@@ -380,6 +384,7 @@ async def _finish(
         # The same archive kept again: its seek file (if any) still names it; this also lets
         # go of the replaced build's index (held for ``make_seek``).
         await thread(ctx.cache.make_seek, root)
+        await thread(_settle_kept, ctx.cache, root, exclude)
         return BackupOutcome("unchanged", "hash", req.base_hash, built.archive_size,
                              signature_from=sig_from)
     await chan.send(protocol.BackupDone(
@@ -392,6 +397,7 @@ async def _finish(
     # The kept build's seek points, for the next layout delta: after the answer went (off
     # the backup's critical path), still under the path's lock (never raises).
     await thread(ctx.cache.make_seek, root)
+    await thread(_settle_kept, ctx.cache, root, exclude)
     return BackupOutcome(
         "sent", "", built.archive_hash, built.archive_size, built.delta_bytes, built.files,
         len(built.changed), sig_from,
@@ -413,6 +419,23 @@ def _unchanged_since(index: ArchiveIndex, root: str, exclude: tuple[str, ...]) -
     from deltabkp.archive import IncrementalBuilder
 
     return IncrementalBuilder(root, exclude=exclude, no_links=True).unchanged(index)
+
+
+def _settle_kept(cache: AgentCache, root: str, exclude: tuple[str, ...]) -> None:
+    """After a build that found files racy: read them again now, while nothing waits on
+    this path, and keep those found equal (and settled) as reusable in the kept index, so
+    the next backup's build and quick check do not read each of them again on its path
+    (``IncrementalBuilder.settled``; nothing is read when none was racy).  Never raises:
+    the kept index stays right as it was."""
+    from deltabkp.archive import IncrementalBuilder
+
+    def settled(index: ArchiveIndex) -> ArchiveIndex | None:
+        return IncrementalBuilder(root, exclude=exclude, no_links=True).settled(index)
+
+    try:
+        cache.settle_kept(root, settled)
+    except DeltabkpError as exc:
+        log.debug("backup of %s: kept index not settled: %s", root, exc)
 
 
 def _cached_signature(

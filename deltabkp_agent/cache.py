@@ -57,7 +57,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -261,6 +261,26 @@ class AgentCache:
         if not self.keep_archives:
             return None
         return self._read_index(self._build_files(path)[1])
+
+    def settle_kept(self, path: str, settled: Callable[[ArchiveIndex], ArchiveIndex | None]) -> bool:
+        """Replace the kept index of ``path`` by ``settled(index)`` (the same archive, its
+        files racy when built and read again since recorded as reusable:
+        ``IncrementalBuilder.settled``) when that gives one; whether it did.  Under the
+        path's lock, after the backup's answer went.  Never raises for the cache's sake: a
+        failed write leaves the kept index as it was (still right, only racier)."""
+        index = self.kept_index(path)
+        if index is None:
+            return False
+        new = settled(index)
+        if new is None or new.archive_hash != index.archive_hash:
+            return False
+        try:
+            write_bytes_atomic(self._build_files(path)[1], new.encode(), durable=False,
+                               mode=0o600)
+        except OSError as exc:
+            log.debug("cache: kept index of %s not settled: %s", path, exc.strerror or exc)
+            return False
+        return True
 
     def kept_archive(self, path: str) -> Path | None:
         """The last archive kept for ``path`` (None if turned off); check it against

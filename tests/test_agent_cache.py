@@ -396,6 +396,43 @@ async def test_after_a_racy_build_the_index_is_the_quick_check(
     assert calls == ["_fingerprint"], calls
 
 
+async def test_after_a_racy_build_its_racy_files_are_settled_in_the_kept_index(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the answer, the agent reads again the files its build found racy and keeps
+    those settled and equal as reusable in the kept index (``_settle_kept``): the next
+    backup's check and build do not read them again.  Held here until the racy window
+    of what the build read has passed (a build of a big tree takes that long)."""
+    import deltabkp_agent.backup as agent_backup
+
+    app = tmp_path / "app"
+    app.mkdir()
+    for i in range(5):
+        (app / f"f{i}").write_bytes(b"racy when built %d\n" % i * 200)
+    real = agent_backup._settle_kept
+
+    def later(cache: AgentCache, root: str, exclude: tuple[str, ...]) -> None:
+        time.sleep(RACY_NS_AGENT / 1e9 + 0.2)
+        real(cache, root, exclude)
+
+    monkeypatch.setattr(agent_backup, "_settle_kept", later)
+    _calls, request = await _counted_agent(nursery, tmp_path, app, monkeypatch)
+    a1, _ = await request(None)
+    cache = AgentCache(tmp_path / "cache")
+    root = os.path.realpath(app)
+    first = cache.kept_index(root)
+    assert first is not None and not any(e.reusable for e in first.entries if e.kind)
+    idx = first
+    with trio.fail_after(10):
+        while not all(e.reusable for e in idx.entries):
+            await trio.sleep(0.05)
+            idx = cache.kept_index(root) or first
+    assert idx.archive_hash == first.archive_hash == blake3.blake3(a1).digest()
+    await trio.to_thread.run_sync(_append, app / "f3", b"changed\n")
+    a2, how = await request(a1)
+    assert how == "delta" and a2 == b"".join(TgzBuilder(app))
+
+
 async def test_after_a_settled_build_the_fingerprint_alone_is_the_quick_check(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

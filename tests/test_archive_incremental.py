@@ -834,6 +834,131 @@ def test_files_racy_when_built_are_read_again_not_recompressed(tmp_path: Path) -
     assert fourth.stats.bytes_compressed >= 20_000 and fourth.stats.entries_reused == 29
 
 
+def test_files_the_quick_check_verified_are_not_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files racy when the previous build read them, read again by the quick check just
+    before the build (the agent's check of a racy build, then its build from the same
+    index), consistently, with their old identity and bytes and not racy then, are reusable
+    for that build: it does not read them a second time, and stores the records its own
+    re-read would (reusable, no digest).  Not trusted: a file changed since the check (its
+    lstat), a check whose read was racy itself, a check with a narrower racy window."""
+    rng = random.Random(12)
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(30):
+        (root / f"f{i:02d}").write_bytes(text(rng, 20_000))
+    (root / "z_last").write_bytes(text(rng, 5_000))  # after them in the archive
+    first = IncrementalBuilder(root, racy_ns=10**18)  # every file racy when read
+    a1 = b"".join(first)
+    keep = tmp_path / "a1.tgz"
+    keep.write_bytes(a1)
+    (root / "z_last").write_bytes(text(rng, 5_000))
+    settle()  # (z_last too: both builds below then store the same record of it)
+    files = {f"f{i:02d}" for i in range(30)}
+
+    def build(check_ns: int | None, build_ns: int = RACY_NS) -> tuple[IncrementalBuilder, list[str]]:
+        _Old._checked = None
+        spy = count_opens(monkeypatch)
+        if check_ns is not None:
+            assert not IncrementalBuilder(root, racy_ns=check_ns).unchanged(first.index)
+            assert files <= set(spy)  # the check read the racy files (z_last: its lstat)
+            spy.clear()
+        b = IncrementalBuilder(root, previous=first.index, previous_archive=keep,
+                               racy_ns=build_ns)
+        data = b"".join(b)
+        monkeypatch.undo()
+        assert data == fresh(root)
+        return b, spy
+
+    alone, spy = build(None)
+    assert files <= set(spy) and alone.stats.files_opened == 31
+    checked, spy = build(RACY_NS)
+    # Opened: z_last, and the run's tail before it (read by path, identity checked).
+    assert checked.stats.files_opened == 1 and set(spy) == {"z_last", "f28", "f29"}
+    assert checked.index == alone.index  # the records of the build's own re-read
+    assert all(e.reusable and e.digest == bytes(16) for e in checked.index.entries)
+    # A narrower window for the check than for the build: not trusted, read again.
+    b, _spy = build(RACY_NS, build_ns=10**18)
+    assert b.stats.files_opened == 31
+    # Changed after the check (same size and mtime, another ctime): its lstat says so.
+    _Old._checked = None
+    assert not IncrementalBuilder(root, racy_ns=RACY_NS).unchanged(first.index)
+    f05 = root / "f05"
+    mtime = f05.stat().st_mtime_ns
+    f05.write_bytes(bytes(20_000))
+    os.utime(f05, ns=(0, mtime))
+    spy = count_opens(monkeypatch)
+    b = IncrementalBuilder(root, previous=first.index, previous_archive=keep, racy_ns=RACY_NS)
+    data = b"".join(b)
+    monkeypatch.undo()
+    # f05, the run's first stretch after it (read until back in step), z_last.
+    assert data == fresh(root) and "f05" in spy and b.stats.files_opened < 6
+    # A file racy when the check read it (its mtime ahead of the clock): read by the build.
+    os.utime(root / "f07", ns=(0, time.time_ns() + 3600 * 10**9))
+    first = IncrementalBuilder(root, racy_ns=10**18)
+    keep.write_bytes(b"".join(first))
+    (root / "z_last").write_bytes(text(rng, 5_000))
+    settle()
+    b, spy = build(RACY_NS)
+    assert b.stats.files_opened == 2 and "f07" in spy
+
+
+def test_settled_index_records_the_racy_files_read_again_as_reusable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``settled`` reads again the files racy when the archive was built and records those
+    equal, same identity and not racy now, as reusable: the same archive, and the next
+    build (and quick check) reads none of them.  A file changed since, one racy now, one
+    with other links stay as they were; nothing racy: nothing read, None."""
+    rng = random.Random(14)
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(20):
+        (root / f"f{i:02d}").write_bytes(text(rng, 20_000))
+    os.link(root / "f03", root / "f03.link")
+    os.utime(root / "f07", ns=(0, time.time_ns() + 3600 * 10**9))  # racy whatever the timing
+    for d in ("d/e", "gone"):
+        (root / d).mkdir(parents=True)
+        (root / d / "g").write_bytes(text(rng, 5_000))
+    first = IncrementalBuilder(root, racy_ns=10**18)  # every file racy when read
+    a1 = b"".join(first)
+    keep = tmp_path / "a1.tgz"
+    keep.write_bytes(a1)
+    settle()
+    (root / "f11").write_bytes(text(rng, 20_000))  # changed since
+    shutil.rmtree(root / "gone")
+    settle()
+    spy = count_opens(monkeypatch)
+    new = IncrementalBuilder(root, racy_ns=RACY_NS).settled(first.index)
+    monkeypatch.undo()
+    assert new is not None and new.archive_hash == first.index.archive_hash
+    assert new.segments == first.index.segments
+    assert set(spy) == {f"f{i:02d}" for i in range(20)} - {"f03", "f11"} | {"g"}
+    racy = {e.path for e in new.entries if e.kind == DATA and not e.reusable}
+    assert racy == {"f03", "f07", "f11", "gone/g"}  # (f03.link: a hard link, header only)
+    for e, f in zip(new.entries, first.index.entries, strict=True):
+        settled = f.kind == DATA and e.path not in racy
+        assert e == (attrs.evolve(f, reusable=True, digest=bytes(16)) if settled else f)
+    # The next build from it: the archive a fresh build makes, the settled files unread.
+    _Old._checked = None
+    spy = count_opens(monkeypatch)
+    b = IncrementalBuilder(root, previous=new, previous_archive=keep, racy_ns=RACY_NS)
+    data = b"".join(b)
+    monkeypatch.undo()
+    assert data == fresh(root)
+    # Read: f03 and f07 (racy still), f11 (changed), the 32-96 KiB after it; not the rest
+    # (from the first index: all 20).
+    assert {"f03", "f07", "f11"} <= set(spy) and b.stats.files_opened <= 9
+    # Nothing racy when built: nothing read, nothing to record.
+    os.utime(root / "f07", ns=(0, time.time_ns() - 10 * 10**9))
+    settle()
+    plain = IncrementalBuilder(root, racy_ns=RACY_NS)
+    b"".join(plain)
+    spy = count_opens(monkeypatch)
+    assert IncrementalBuilder(root, racy_ns=RACY_NS).settled(plain.index) is None and spy == []
+
+
 def test_sink_gets_the_archive_in_order(tmp_path: Path) -> None:
     # The agent's kept archive is written by the builder's worker thread (``sink``): the
     # same bytes as yielded, all of them once the iteration ended, a full or a spliced

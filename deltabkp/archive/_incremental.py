@@ -41,7 +41,14 @@ pure function of its name and ``lstat`` plus, for a file with data, its content.
   hashed, one by one: equal, it stays in its run (its old compressed bytes are reused, its
   last 96 KiB kept for the run's tail); else it is compressed like a changed file.  A tree
   backed up right after it was written (a copy, an rsync) so costs a read of its files at
-  the next build, not a recompression;
+  the next build, not a recompression — and only one: those the quick check just before
+  the build (``unchanged`` of the same index, the agent's check after a racy build) read
+  so, consistently and not racy then, the build reuses unread, as reusable files
+  (``_Old.trust_verified``; on ``bench_agent.py --racy-first`` ~400 of the ~800 files it
+  opened).  ``settled(index)`` does that read ahead of time, for the racy files alone
+  (reached by path, no walk), and returns the index with those found equal and settled
+  recorded as reusable: the agent runs it once a racy build's answer went, so the next
+  backup reads none of them;
 - a *changed* file whose old entry at the same path (a file both times, ≤ ``mem_limit``)
   directly follows a run in sync is read as usual (hot-read rules), and what was read is
   compared, byte for byte, with the old entry's bytes at the same in-file offsets (the
@@ -106,7 +113,8 @@ Invariants:
   hot-read rules and kept in the run only if what was read has the old identity, or in
   the last ≤ 96 KiB of a run (read by path, no symlink followed, identity checked before
   and after), or it was racy when the previous build read it (read
-  once, kept only if its digest matches; never read a second time for a run's tail);
+  once, kept only if its digest matches; never read a second time for a run's tail) and
+  the quick check before the build did not read it so, not racy then;
 - per entry, a reused file that continues a run already in sync costs its ``lstat``, a
   dict lookup and one compare of its identity packed as the index packs it (the previous
   build's identities are slices of its index, gathered once: ``_Old``); such files are
@@ -178,7 +186,7 @@ from deltabkp.archive._gzip import (
     compress_segments,
     gzip_trailer,
 )
-from deltabkp.archive._walk import ARCHIVE_VERSION, RACY_NS, open_root, walk
+from deltabkp.archive._walk import _O_DIR, ARCHIVE_VERSION, RACY_NS, open_root, walk
 from deltabkp.errors import ArchiveError, FormatError, LimitExceeded, UnsupportedVersion
 
 __all__ = [
@@ -211,6 +219,7 @@ _ENTRY_HEAD = struct.Struct("<BBH")
 _NAME_LEN = struct.Struct("<H")
 _ENTRY_TAR_AT = 60
 _ENTRY_TAR = struct.Struct("<QQ")
+_DIGEST_AT = _ENTRY.size - 16
 #: ``_SEGMENT`` as a numpy record: the table is kept in memory in its on-disk form.
 _SEGMENT_DTYPE = np.dtype({
     "names": ["tar_end", "deflate_end", "crc"], "formats": ["<u8", "<u8", "<u4"],
@@ -436,6 +445,21 @@ class EntryTable(Sequence[IndexEntry]):
             s, e = unpack(data, o + _ENTRY_TAR_AT)
             pack(data, o + _ENTRY_TAR_AT, s - shift, e - shift)
 
+    def mark_reusable(self, i: int) -> None:
+        """Entry ``i`` (appended here) as a file read consistently and not racy: the
+        reusable flag set, no digest — the record ``_read_file`` makes of such a read."""
+        assert isinstance(self._data, bytearray), "a parsed table is read-only"
+        at = self._offsets[i]
+        self._data[at + 1] |= _FLAG_REUSABLE
+        self._data[at + _DIGEST_AT : at + _ENTRY.size] = bytes(16)
+
+    def with_reusable(self, positions: Iterable[int]) -> EntryTable:
+        """A copy with the entries at ``positions`` marked reusable (``mark_reusable``)."""
+        t = EntryTable(bytearray(self._data), array.array("Q", self._offsets))
+        for i in positions:
+            t.mark_reusable(i)
+        return t
+
     def raw(self, i: int) -> tuple[Any, ...]:
         """Entry ``i``'s record fields as ``_ENTRY`` unpacks them (no name, no object)."""
         return _ENTRY.unpack_from(self._data, self._offsets[i])
@@ -637,11 +661,18 @@ class _Old:
         # its build, on the same object): taken over, not made again (~8 ms for 5,000
         # entries, on the build's serial path).  Taken once: nothing stays behind the build.
         checked = _Old._checked
+        #: Positions of files racy when that build read them that a quick check read again
+        #: (``_unchanged``): same bytes, and not racy then for ``verified_ns``.
+        self.verified: list[int] = []
+        self.verified_ns = 0
+        #: Those the build trusts as reusable (``trust_verified``), sorted.
+        self.trusted: list[int] = []
         if checked is not None and checked.index is index:
             _Old._checked = None
             self.at_path, self.starts, self.ends = checked.at_path, checked.starts, checked.ends
             self.ident, self.cut_ends = checked.ident, checked.cut_ends
             self.deflate_ends = checked.deflate_ends
+            self.verified, self.verified_ns = checked.verified, checked.verified_ns
             return
         # The packed records' fixed part gathered into columns in one numpy pass (per-entry
         # unpacking cost ~2 µs an entry, a third of an unchanged entry's whole cost).
@@ -695,6 +726,35 @@ class _Old:
             and ino == st.st_ino and dev == st.st_dev and mode == st.st_mode
             and uid == st.st_uid and gid == st.st_gid and nlink == st.st_nlink
         )
+
+    def trust_verified(self, racy_ns: int) -> None:
+        """Files racy when the previous build read them, read again by the quick check just
+        before this build (``_unchanged``), consistently, with their old identity and bytes,
+        and not racy then (for at least this build's ``racy_ns``): reusable from here on, as
+        after the build's own re-read (``_verify``) — that read vouches for the bytes of this
+        identity as any build's read of a settled file does (a later write moves mtime and
+        ctime).  So the build does not read them a second time: their old identity is
+        matched like a reusable file's (its lstat now; a run's tail checked before and after
+        its read) and their records become reusable ones (``mark``)."""
+        if not self.verified or self.verified_ns < racy_ns:
+            return
+        t = self.index.entries
+        at, end = _IDENTITY_AT, _IDENTITY_AT + _IDENTITY.size
+        self.trusted = sorted(set(self.verified))
+        for p in self.trusted:
+            o = t._offsets[p]
+            self.ident[p] = bytes(t._data[o + at : o + end])
+
+    def mark(self, entries: EntryTable, first: int, last: int) -> None:
+        """Old entries ``first..last`` were just appended to ``entries`` (the last ones, in
+        order): those trusted (``trust_verified``) get a reusable file's record."""
+        trusted = self.trusted
+        lo = bisect.bisect_left(trusted, first)
+        if lo == len(trusted) or trusted[lo] > last:
+            return
+        base = len(entries) - 1 - last
+        for p in trusted[lo : bisect.bisect_right(trusted, last)]:
+            entries.mark_reusable(base + p)
 
     def reusable_file(self, i: int, st: os.stat_result) -> bool:
         """Entry ``i`` is a file read consistently and not racy, with ``st``'s identity."""
@@ -900,6 +960,10 @@ class _Splicer:
         self.pool = ThreadPoolExecutor(threads, "deltabkp-gzip") if threads > 0 else None
         # ("job", future, tar offsets of its cuts (+ end if final), final) | ("copy", ...)
         self.queue: collections.deque[tuple[object, ...]] = collections.deque()
+        # Its "job" items: what ``_ready(keep)`` bounds.  Copies wait in the queue at no
+        # cost (their bytes are read as they go out), so the iterating thread no longer
+        # waits for the oldest job just because copies queued behind it.
+        self.jobs = 0
         self.comp_pos = 0  # deflate bytes handed out
         # Packed (8 or 4 bytes a value): ~170,000 segments for a 1 GB tree.  The segments'
         # CRCs are the first len(seg_tar) of crc_parts (the final segment is not one).
@@ -960,6 +1024,7 @@ class _Splicer:
         else:
             fut = self.pool.submit(_job, data, rel, self.level, final, prime)
         self.queue.append(("job", fut, ends, final, self.buf_at))
+        self.jobs += 1
         self.compressed += n
         del self.buf[:n]
         self.buf_at = upto
@@ -1060,9 +1125,10 @@ class _Splicer:
         yield gzip_trailer(crc32_concat(self.crc_parts, self.crc_lens), self.pos)
 
     def _ready(self, keep: int) -> Iterator[bytes]:
-        while self.queue and (len(self.queue) > keep or self._done(self.queue[0])):
+        while self.queue and (self.jobs > keep or self._done(self.queue[0])):
             item = self.queue.popleft()
             if item[0] == "job":
+                self.jobs -= 1
                 _, fut, ends, _final, at = item
                 assert isinstance(fut, Future) and isinstance(ends, list) and isinstance(at, int)
                 out, comp_ends, crcs = fut.result()
@@ -1450,6 +1516,8 @@ class IncrementalBuilder(TgzBuilder):
             self.previous, self.previous_archive, self.level, self.previous_hashed
         )
         _Old._checked = None  # taken over by ``old`` above, or another index's: let go
+        if old is not None:
+            old.trust_verified(self.racy_ns)
         opened = [0]
         peeked = [0]
 
@@ -1679,11 +1747,89 @@ class IncrementalBuilder(TgzBuilder):
         with the digest of the bytes it stored.  Nothing is compressed.  False whenever it
         cannot be sure (any entry added, removed, changed, or a racy one unreadable)."""
         old = _Old(index, None)
+        # (Positions another check of this index verified, taken over: vouched for as far
+        # as both checks' racy windows allow.)
+        old.verified_ns = min(old.verified_ns, self.racy_ns) if old.verified else self.racy_ns
         same = self._unchanged(index, old)
         # Changed: a build from this index follows (the agent's), and takes these lookups
         # over; unchanged: none does, and nothing is kept.
         _Old._checked = None if same else old
         return same
+
+    def settled(self, index: ArchiveIndex) -> ArchiveIndex | None:
+        """``index`` with the files that were racy when its archive was built read again
+        now (hot-safe, as a build reads), one by one, and those equal to what it stored,
+        with the same identity and not racy now, recorded as reusable files (the records
+        a build's own re-read stores); None if there is none such.  The archive is not
+        touched: its bytes are those of that index either way.  For after a racy build
+        (the agent, once its answer went, off the next backup's path): the next build
+        reuses them unread where it would have read each again, and the quick check
+        before it reads none.  Only those files are looked at (no walk: each reached by
+        its path from the root, no symlink followed, then ``lstat``), so a tree with one
+        racy log costs that log; none racy (one gather of the index's flags): nothing.
+        A file changed since, racy still, or with other links is left as it was."""
+        t = index.entries
+        if not len(t):
+            return None
+        offs = np.frombuffer(t._offsets, np.uint64).astype(np.int64)
+        raw = np.frombuffer(t._data, np.uint8)
+        kind, flags = raw[offs], raw[offs + 1]
+        del raw
+        racy = np.flatnonzero((kind == DATA) & ((flags & _FLAG_REUSABLE) == 0)).tolist()
+        if not racy:
+            return None
+        top, top_fd = open_root(self.root, no_links=self.no_links)
+        counts = _Counts()
+        links: dict[tuple[int, int], str] = {}
+        found: list[int] = []
+        here: str | None = None  # the directory ``fds`` lead to (index order: by directory)
+        fds: list[int] = []
+        try:
+            for p in racy:
+                r = t.raw(p)
+                digest = bytes(r[14])
+                if digest == bytes(16):  # not read consistently then: nothing to compare
+                    continue
+                rel = t.path(p)
+                d, _, name = rel.rpartition("/")
+                if d != here:
+                    for fd in fds:
+                        if fd >= 0:
+                            os.close(fd)
+                    fds, here = [], d
+                    try:
+                        for part in d.split("/") if d else ():
+                            fds.append(os.open(part, _O_DIR, dir_fd=fds[-1] if fds else top_fd))
+                    except OSError:
+                        fds.append(-1)  # gone or replaced: none of its files is read
+                if fds and fds[-1] < 0:
+                    continue
+                dfd = fds[-1] if fds else top_fd
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except OSError:
+                    continue
+                o = t._offsets[p]
+                if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1
+                        or st.st_size > self.mem_limit
+                        or _identity(st) != t._data[o + _IDENTITY_AT : o + _IDENTITY_AT + _IDENTITY.size]):
+                    continue
+                item = _Item(iter(()), p, rel=rel, st=st, verify=True)
+                h = blake3.blake3()
+                for piece in self._read_file(item, rel, dfd, name, st, counts, links, [0], None):
+                    h.update(piece)
+                rec = item.record
+                if (rec is not None and rec.reusable and h.digest(length=16) == digest
+                        and rec.identity() == tuple(r[3:12])):
+                    found.append(p)
+        finally:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+            os.close(top_fd)
+        if not found:
+            return None
+        return attrs.evolve(index, entries=t.with_reusable(found))
 
     def _unchanged(self, index: ArchiveIndex, old: _Old) -> bool:
         top, top_fd = open_root(self.root, no_links=self.no_links)
@@ -1729,6 +1875,8 @@ class IncrementalBuilder(TgzBuilder):
                 r = item.record
                 if r is None or h.digest(length=16) != e.digest or r.identity() != e.identity():
                     return False
+                if r.reusable:  # read consistently, not racy now: the build need not again
+                    old.verified.append(n - 1)
             return n == len(index.entries) and not counts.changed
         finally:
             os.close(top_fd)
@@ -1779,6 +1927,7 @@ class IncrementalBuilder(TgzBuilder):
                 assert old.starts[first] == run.old_end
                 shift = run.old_start - run.new_start
                 entries.append_reused(old.index.entries, first, last, shift)
+                old.mark(entries, first, last)
                 # Members for the run's tail: only the last ones can be in it.
                 run_end = old.ends[last] - shift
                 k = n - 1
@@ -1829,6 +1978,7 @@ class IncrementalBuilder(TgzBuilder):
                     entries.append(item.record.placed(total, total + o_end - o_start))
                 else:
                     entries.append_moved(old.index.entries, o, total, total + o_end - o_start)
+                    old.mark(entries, o, o)
                 run.add(total, total + o_end - o_start, item)
                 total += o_end - o_start
                 run.old_end = o_end
