@@ -61,6 +61,10 @@ log = logging.getLogger("deltabkp_server")
 #: Pause before the start-up signer asks again for the lease of a target busy with a backup
 #: (a lease query; it ends with that backup, which signs or converts the version itself).
 UNSIGNED_RETRY_S = 2.0
+#: Worker threads of a layout delta's apply (``LayoutPatcher(threads=...)``): they rebuild
+#: the RUN records' tar from the base, in turn, and compress them side by side, while the
+#: ingest's thread hashes and writes (the pieces in order, the same bytes).
+APPLY_THREADS = 2
 
 
 class _Patch:
@@ -88,6 +92,7 @@ class _Patch:
             kind = LayoutPatcher
             if self.load_seek is not None:
                 extra["seek"] = self.load_seek()
+            extra["threads"] = APPLY_THREADS
         self.patcher = kind(
             self._base_buf, base_hash=base.hash if base else None, max_size=self._max_size,
             **extra,
