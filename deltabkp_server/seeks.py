@@ -32,22 +32,9 @@ from deltabkp.errors import DeltabkpError
 from deltabkp_server.model import ArchiveRecord
 from deltabkp_server.store import Store
 
-__all__ = ["SPACING", "SeekCache"]
+__all__ = ["SeekCache"]
 
 log = logging.getLogger("deltabkp_server")
-
-#: Tar bytes between the points of a server's table: a quarter of an agent's
-#: (``archive.SPACING``), because the server has no index to enter the base where a fresh
-#: run's reads start (the agent's encoder does, from the build's hand-over): each run's
-#: reads inflate from the point before them.  Measured on the stdlib bench pair (~1 %
-#: change, ``benchmarks/bench_layout.py --seek 256 1024 --threads 1 2 --repeat 5``, load
-#: ~5): old tar inflated by the apply 20.7 -> 9.1 MB (with ``TarStream``'s jumps at the
-#: table's spacing), apply CPU median 0.183 -> 0.159 s (one by one), 0.196 -> 0.168 s (2
-#: threads); the table 97 -> 382 points, its file 1.0 -> 4.0 MB (~10 KB a point: ~14 %
-#: of that archive, whose tar compresses ~3.5:1), carried through a patch in 0.12 -> 0.17
-#: s CPU, made from the markers (a full transfer) in 0.42 -> 0.88 s, both after the
-#: backup's answer.
-SPACING = 256 << 10
 
 
 class SeekCache:
@@ -103,13 +90,12 @@ class SeekCache:
                     seek = None
                     if carry is not None and carry[0] == archive_hash:
                         try:
-                            seek = SeekPoints.carry(carry[1], carry[2], buf, archive_hash,
-                                                    spacing=SPACING)
+                            seek = SeekPoints.carry(carry[1], carry[2], buf, archive_hash)
                         except DeltabkpError as exc:  # then the markers: a whole inflate
                             log.debug("seek files: cannot carry points to archive %d of "
                                       "target %d: %s", seq, target_id, exc)
                     if seek is None:
-                        seek = SeekPoints.build(buf, archive_hash, spacing=SPACING)
+                        seek = SeekPoints.build(buf, archive_hash)
                 write_bytes_atomic(f, seek.encode(), durable=False, mode=0o600)
             for other in self.dir.glob(f"{target_id}-*.dbkpsk"):
                 if other != f:

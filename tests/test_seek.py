@@ -50,7 +50,6 @@ from deltabkp.archive import (
 from deltabkp.errors import FormatError, LimitExceeded, UnsupportedVersion
 from deltabkp_agent.cache import AgentCache
 from deltabkp_server.model import ArchiveRecord
-from deltabkp_server.seeks import SPACING as seeks_spacing
 from deltabkp_server.seeks import SeekCache
 from deltabkp_server.store import LocalStore
 
@@ -342,12 +341,11 @@ def test_the_hand_over_spares_inflating_old_and_new(tmp_path: Path) -> None:
     assert compared[0] > 0.9 * len(new) and compared[1] < 0.2 * len(new), compared
     assert handed.fresh_windows == 2 and handed.fresh_runs == 3  # two edits, the final segment
     assert plain.fresh_windows == plain.fresh_runs == 0
-    # Seeking: forward, a jump pays past the table's spacing (128 KiB here), so the plain
-    # stream inflates from the point before each edit's reads (~1/4 of this small tree);
-    # entered at each edit, ~what it reads (the final segment's window still from the
-    # table): about half of that.
-    assert plain.old_tar.inflated < 0.4 * a.index.tar_size
-    assert handed.old_tar.inflated < 0.6 * plain.old_tar.inflated
+    # Seeking: forward up to a spacing (1 MiB) is inflated rather than jumped, so the
+    # plain stream inflates ~all of this small tree; entered at each edit, ~what it reads
+    # (the final segment's window still from the table).
+    assert plain.old_tar.inflated > 0.9 * a.index.tar_size
+    assert handed.old_tar.inflated < 0.5 * plain.old_tar.inflated
     with pytest.MonkeyPatch.context() as mp:
         # All but the last job's bytes (the final segment's): the rest is kept.
         mp.setattr(incremental, "FRESH_LIMIT", sum(map(len, b.handover.chunks)) - 1)
@@ -566,10 +564,7 @@ def test_daemons_keep_seek_files_and_survive_corrupt_ones(
     first = SeekPoints.parse(server_sk.read_bytes())
     assert first.matches(blake3.blake3(newest.read_bytes()).digest(), newest.stat().st_size)
     assert len(first) >= 1  # the case meant: an archive with a point to seek to
-    # Index or markers: one table at a spacing (the server's is denser than the agent's).
-    archive = newest.read_bytes()
-    assert first == SeekPoints.build(archive, first.archive_hash, spacing=seeks_spacing)
-    assert SeekPoints.parse(agent_sk.read_bytes()) == SeekPoints.build(archive, first.archive_hash)
+    assert SeekPoints.parse(agent_sk.read_bytes()) == first  # index or markers: one table
     for f in (server_sk, agent_sk):
         data = bytearray(f.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -723,15 +718,14 @@ def test_server_carries_seek_points_and_falls_back_to_the_markers(
     p.feed(b"".join(encode_layout(a.index, old, b.index, new, seek=base_seek)))
     p.finish()
     r2 = _commit(store, 1, 2, new)
-    full = SeekPoints.build(new, r2.hash, spacing=seeks_spacing)
+    full = SeekPoints.build(new, r2.hash)
     built = []
     monkeypatch.setattr(SeekPoints, "build", classmethod(
         lambda cls, *args, **kw: built.append(1) or full))
     seeks.carry_from(1, r2.hash, base_seek, p.copies)
     seeks.make(store, 1, 2, r2.size, r2.hash)
     got = seeks.load(1, r2)
-    assert got == SeekPoints.carry(base_seek, p.copies, new, r2.hash, spacing=seeks_spacing)
-    assert not built
+    assert got == SeekPoints.carry(base_seek, p.copies, new, r2.hash) and not built
     assert len(got) >= 1 and set(got.tar_offsets) & set(full.tar_offsets)
     _windows_are_the_tar(new, got)
     # A hint of another archive: the markers.

@@ -201,9 +201,6 @@ class TarStream:
         self.buf = memoryview(archive)
         self._keep = KEEP if keep is None else keep
         self._seek = seek
-        # A forward jump to a seek point pays past the table's spacing (its mean gap: a
-        # server's table is denser than an agent's, ``SPACING``).
-        self._jump = SPACING if seek is None else min(SPACING, seek.tar_size // (len(seek) + 1))
         self._d = isal_zlib.decompressobj(-15)
         self._in = _HDR
         self._pieces: list[bytes] = []
@@ -281,7 +278,7 @@ class TarStream:
                     self._enter(x)
             # Forward, a jump pays only past a spacing: inflating up to it costs ~1 ms a MiB,
             # and a jump drops what is kept, which reads going back and forth still need.
-            elif lo < self._base or at > self._end + self._jump:
+            elif lo < self._base or at > self._end + SPACING:
                 self._restart(k)
         elif lo < self._base:  # cannot happen without seeking: pieces go at the floor
             return None
@@ -1155,9 +1152,7 @@ class LayoutPatcher:
     0.04-0.05 s CPU of an apply's 0.15-0.20 s (before, when workers only compressed:
     ~0.10 s); the whole costs about the same CPU (median 0.196 against 0.183 s one by one),
     and wall follows only where a core is free (at that load the medians were 0.219 and
-    0.227 s).  With the server's 256 KiB seek points (``deltabkp_server.seeks``), on
-    ``bench_system.sh``'s daemons (3 runs each, alternating, load 5-6), the server's apply
-    phase took 152-286 ms wall with 2 threads, 304-374 ms with 1."""
+    0.227 s)."""
 
     def __init__(
         self, base: Any, *, base_hash: bytes | None = None, max_size: int | None = None,
