@@ -61,10 +61,13 @@ log = logging.getLogger("deltabkp_server")
 #: Pause before the start-up signer asks again for the lease of a target busy with a backup
 #: (a lease query; it ends with that backup, which signs or converts the version itself).
 UNSIGNED_RETRY_S = 2.0
-#: Worker threads of a layout delta's apply (``LayoutPatcher(threads=...)``): they rebuild
-#: the RUN records' tar from the base, in turn, and compress them side by side, while the
-#: ingest's thread hashes and writes (the pieces in order, the same bytes).
-APPLY_THREADS = 2
+#: Worker threads of a layout delta's apply (``LayoutPatcher(threads=...)``; 1: all in the
+#: ingest's thread).  2 would rebuild the RUN records' tar in turn and compress them side by
+#: side while the ingest's thread hashes and writes; measured on ``bench_system.sh`` (daemons
+#: and two other engineers' work on 2 cores, load 5-7, alternating runs) it gave no shorter
+#: apply (wall medians 342 against 326 ms, 3 runs each) for ~15-35 ms more CPU: no core was
+#: free.  A server with cores of its own may raise it (the same bytes either way).
+APPLY_THREADS = 1
 
 
 class _Patch:
