@@ -1,5 +1,5 @@
-"""``LayoutPatcher(threads=N)``: RUN records compressed in worker threads (and the blake3 in
-one of its own) give exactly what the one-by-one path gives — the same pieces, the same
+"""``LayoutPatcher(threads=N)``: RUN records rebuilt in worker threads (old tar read in turn,
+then compressed side by side) give exactly what the one-by-one path gives — the same pieces, the same
 ``copies``, the same error after the same pieces on a damaged delta — and leave no thread
 behind once the delta ended or failed, a ``pieces`` generator was closed early, or the
 patcher was closed or dropped mid-delta.
@@ -180,7 +180,7 @@ def test_a_bad_record_after_runs_in_flight(pair: Pair, monkeypatch: pytest.Monke
     assert len(serial[0]) == 9  # the five COPY and four RUN records before the bad one
 
     found = threading.Event()
-    real_run = LayoutPatcher._run
+    real_run = LayoutPatcher._parse_run
 
     def run(self: LayoutPatcher, body: bytes) -> object:
         try:
@@ -193,7 +193,7 @@ def test_a_bad_record_after_runs_in_flight(pair: Pair, monkeypatch: pytest.Monke
         assert found.wait(60), "the calling thread never reached the bad record"
         return compress_segments(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(LayoutPatcher, "_run", run)
+    monkeypatch.setattr(LayoutPatcher, "_parse_run", run)
     monkeypatch.setattr(_layout, "compress_segments", compress)
     assert _run(old, h, bytes(bad), 4) == serial
     assert not _layout_threads()
@@ -239,3 +239,27 @@ def test_closed_early_with_runs_in_flight_leaves_no_thread(
     assert not _layout_threads()
     with pytest.raises(FormatError, match="no END record"):
         p.finish()
+
+
+@pytest.mark.parametrize("truncated", [True, False])
+def test_an_old_tar_read_failing_in_a_worker_fails_the_call_that_read_it(
+    pair: Pair, truncated: bool
+) -> None:
+    """Workers rebuild a run's tar (its old tar reads, in turn): a read that fails (here a
+    reference past the base's tar) is the serial path's error after the same pieces, in
+    the call that read the record — also when the delta ends right after it, where a run
+    merely compressing would wait for a next call."""
+    old, h, delta, _new = pair
+    at = [at for k, at in _records(delta) if k == _layout.T_RUN][1]
+    n_cuts = struct.unpack_from("<I", delta, at + 5 + 5)[0]
+    part = at + 5 + _layout._RUN.size + 4 * n_cuts
+    assert delta[part] == 0  # the run's window: an old tar reference
+    bad = bytearray(delta)
+    struct.pack_into("<Q", bad, part + 1, 1 << 40)
+    if truncated:
+        bad = bad[: at + 5 + struct.unpack_from("<I", delta, at + 1)[0]]
+    serial = _run(old, h, bytes(bad), 1)
+    assert serial[1] is not None and serial[1].startswith("IntegrityError")
+    for threads in (2, 3):
+        assert _run(old, h, bytes(bad), threads) == serial
+        assert not _layout_threads()

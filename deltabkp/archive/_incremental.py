@@ -1223,8 +1223,7 @@ class _Beside(Generic[_T]):
     core while this one walks and splices.  At most ``_BESIDE`` chunks wait (memory stays
     bounded); ``inline`` (a builder with no threads): at once, in the caller.  ``wait``:
     until every chunk is done (its error raised there); ``close``: the thread ends, chunks
-    not taken yet are dropped (after an error, or a consumer that stopped iterating).
-    The layout patcher hashes its output with one too (``_layout``)."""
+    not taken yet are dropped (after an error, or a consumer that stopped iterating)."""
 
     def __init__(
         self, fn: Callable[[_T], object], inline: bool, name: str = "deltabkp-archive-out"

@@ -58,11 +58,13 @@ keys, ``_choose``'s loop over repeated content), ~20 % the literal stream at lev
 v1.dbkpld`` pins the encoder's bytes).
 
 Invariants:
-- pure (bytes and buffers in, bytes out; no I/O), deterministic.  The receiver may compress
-  RUN records in worker threads (``LayoutPatcher(threads=...)``): a run's output depends
-  only on its tar and window, so the bytes, their order and the errors are the one-by-one
-  path's; the threads end with the delta's END, an error or ``close`` (or with the
-  patcher: they hold no view of the base).  The sender checks what it
+- pure (bytes and buffers in, bytes out; no I/O), deterministic.  The receiver may rebuild
+  RUN records in worker threads (``LayoutPatcher(threads=...)``): each reads its old tar
+  in the records' order, in turn (one stream, whose answers depend on the reads before),
+  then compresses beside the others (a run's output depends only on its tar and window),
+  so the bytes, their order and the errors are the one-by-one path's; the threads end
+  with the delta's END, an error or ``close`` (or, idle, with the patcher).  The sender
+  checks what it
   sends: a COPY is of equal bytes (compared stretch by stretch, but for the segments the
   build says it copied verbatim: those are old bytes by construction), a RUN's tar is the
   one the builder compressed (each segment's CRC-32 as indexed; the final segment, which
@@ -93,12 +95,13 @@ from __future__ import annotations
 
 import array
 import bisect
+import contextlib
 import itertools
 import struct
 import zlib
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import attrs
@@ -112,7 +115,6 @@ from deltabkp.archive._incremental import (
     DATA,
     ArchiveIndex,
     BuildHandover,
-    _Beside,
 )
 from deltabkp.archive._seek import _HDR, _INFLATE_ERRORS, SPACING, SeekPoints
 from deltabkp.errors import (
@@ -1055,6 +1057,61 @@ def encode_layout(
 # -- decoding (the receiver, who holds the old archive) --------------------------------------
 
 
+class _Run(NamedTuple):
+    """A RUN record as read (``LayoutPatcher._parse_run``), its old tar not read yet."""
+
+    #: Each part: literal bytes, or an old tar reference (offset, length).
+    pieces: list[memoryview | tuple[int, int]]
+    tar_len: int
+    w: int
+    cont: bool
+    final: bool
+    ends: list[int]
+    #: The error found after the reads in the record's order (raised after them).
+    later: FormatError | None
+
+
+class _Turns:
+    """Whose turn it is to read old tar: RUN records rebuilt in worker threads read it in
+    the records' order (``TarStream`` is one forward stream, and what a read answers
+    depends on the reads before it), then compress side by side.  ``take`` gives a run
+    the turn before its own (None: the first) and its own: a future each, resolved once
+    that run is done reading, to whether it or one before it failed (``settle`` waits
+    for the last one taken: a failed run's error is then raised in the call that read
+    it, as one by one).  ``abandon`` (``close``) cancels those not resolved, so a run
+    waiting for one that never ran ends."""
+
+    def __init__(self) -> None:
+        self._last: Future[bool] | None = None
+        self._open: list[Future[bool]] = []
+
+    def take(self) -> tuple[Future[bool] | None, Future[bool]]:
+        prev, mine = self._last, Future[bool]()
+        self._last = mine
+        self._open = [f for f in self._open if not f.done()]
+        self._open.append(mine)
+        return prev, mine
+
+    @staticmethod
+    def wait(turn: tuple[Future[bool] | None, Future[bool]]) -> bool:
+        """Until the run before has read (CancelledError: abandoned); did any fail?"""
+        return turn[0].result() if turn[0] is not None else False
+
+    @staticmethod
+    def done(turn: tuple[Future[bool] | None, Future[bool]], failed: bool) -> None:
+        with contextlib.suppress(InvalidStateError):  # abandoned meanwhile
+            turn[1].set_result(failed)
+
+    def settle(self) -> bool:
+        """Wait until every run taken is done reading; has one failed?"""
+        return self._last.result() if self._last is not None else False
+
+    def abandon(self) -> None:
+        for f in self._open:
+            f.cancel()
+        self._open = []
+
+
 @attrs.frozen
 class _Waiting:
     """A record's output waiting its turn in ``LayoutPatcher.pieces``: its pieces, or the
@@ -1074,20 +1131,28 @@ class LayoutPatcher:
     points, used only if they name ``base_hash`` (old tar bytes are then inflated from the
     point before each reference instead of from the start; the same output).
 
-    ``threads``: RUN records are compressed by that many worker threads while the calling
-    thread rebuilds the next records' tar (1, the default: all in the calling thread —
-    measured on ``bench_system.sh``, daemons sharing 2 cores, 4 runs each, alternating:
-    2 threads cost ~40 ms more CPU per apply for no shorter wall, the agent's encode
-    feeding the apply being the pace; a server with cores to spare may pass more).  A run's output
-    depends only on its own tar bytes and window (the previous run's *tar* tail, known
-    before it compresses), so runs are independent; pieces still come out in the records'
-    order, the same bytes, the same errors after the same pieces (fewer before a truncated
-    delta's: runs still compressing wait for more).  At most ``_AHEAD`` x
-    ``threads`` + 1 records (≤ ``_AHEAD_BYTES`` of tar and RAW bytes) wait; runs still
-    compressing when a ``pieces`` call returns come out at the next one (all by the call
-    that reads END).  The threads end with the call that reads END, with an error, when a
-    ``pieces`` generator is closed, or by ``close`` (``finish`` calls it); the blake3's
-    thread ends with each call."""
+    ``threads``: RUN records are rebuilt by that many worker threads (1, the default: all
+    in the calling thread).  The calling thread parses the records (literals included) and
+    hands each RUN to the pool; a worker reads the run's old tar once the run before has
+    read its own (``_Turns``: ``TarStream`` is one stream, and what a read answers depends
+    on the reads before it), then compresses it while the next run reads; the calling
+    thread hashes (blake3) and hands out the pieces meanwhile, so inflating, compressing
+    and writing overlap.  A run's output depends only on its own tar bytes and window (the
+    previous run's *tar* tail, which that run's worker leaves before the next one reads),
+    so pieces still come out in the records' order, the same bytes, the same errors after
+    the same pieces (a run whose tar could not be rebuilt fails the call that read it;
+    fewer pieces before a truncated delta's: runs still compressing wait for more).  At
+    most ``_AHEAD`` x ``threads`` + 1 records (≤ ``_AHEAD_BYTES`` of tar and RAW bytes)
+    wait; runs still compressing when a ``pieces`` call returns come out at the next one
+    (all by the call that reads END).  The threads end with the call that reads END, with
+    an error, when a ``pieces`` generator is closed, or by ``close`` (``finish`` calls it).
+
+    Measured (``benchmarks/bench_layout.py --seek 256 1024 --threads 1 2 --repeat 5``, the
+    stdlib pair, 2 cores shared at load ~5): with 2 threads the calling thread spends
+    0.04-0.05 s CPU of an apply's 0.15-0.20 s (before, when workers only compressed:
+    ~0.10 s); the whole costs about the same CPU (median 0.196 against 0.183 s one by one),
+    and wall follows only where a core is free (at that load the medians were 0.219 and
+    0.227 s)."""
 
     def __init__(
         self, base: Any, *, base_hash: bytes | None = None, max_size: int | None = None,
@@ -1102,6 +1167,7 @@ class LayoutPatcher:
         # new archive is known only once the runs before it are compressed).
         self._waiting: deque[_Waiting] = deque()
         self._pool: ThreadPoolExecutor | None = None
+        self._turns = _Turns()
         self._buf = bytearray()
         self._head: tuple[int, bytes, int] | None = None  # new size, new hash, level
         # Twice the sender's reach: a sender of the first release referenced as far back as
@@ -1141,9 +1207,6 @@ class LayoutPatcher:
             return
         assert self._head is not None
         level = self._head[2]
-        # blake3 of the pieces, in order, in a thread of its own (it releases the GIL): the
-        # calling thread, which inflates old tar and writes, is the longest path.
-        hashing = _Beside(self._hash.update, self._threads <= 1, "deltabkp-layout-hash")
         waiting = self._waiting
         ahead = _AHEAD * self._threads if self._threads > 1 else 0
         keep_going = False
@@ -1161,32 +1224,34 @@ class LayoutPatcher:
                     if self._ended:
                         raise FormatError("layout delta has bytes after its END record")
                     if kind == T_RUN:
-                        tar, cuts, final, zdict = self._run(body)
+                        run = self._parse_run(body)
                         if self._threads > 1:
                             if self._pool is None:
                                 self._pool = ThreadPoolExecutor(self._threads, "deltabkp-layout")
+                                self._turns = _Turns()
+                            turn = self._turns.take()
                             waiting.append(_Waiting(
-                                self._pool.submit(compress_segments, tar, cuts, level, final,
-                                                  zdict),
-                                None, len(tar)))
+                                self._pool.submit(self._rebuild, run, level, turn), None,
+                                run.tar_len))
                         else:
-                            waiting.append(_Waiting(
-                                [compress_segments(tar, cuts, level, final, zdict)], None, 0))
+                            waiting.append(_Waiting([self._rebuild(run, level)], None, 0))
                     else:
                         waiting.append(self._record(kind, body))
                 except Exception:
-                    # What the one-by-one path hands out before this error, first.
-                    yield from self._ready(waiting, 0, hashing)
+                    # What the one-by-one path hands out before this error, first (a run
+                    # before it failing in a worker raises its own error there, first).
+                    yield from self._ready(waiting, 0)
                     raise
-                yield from self._ready(waiting, ahead, hashing)
+                yield from self._ready(waiting, ahead)
             # Runs still compressing come out at the next call (the workers go on while the
             # delta's next chunk arrives: the agent streams it in ~20 ms frames), all of
-            # them once the END record is read.
-            yield from self._ready(waiting, ahead if not self._ended else 0, hashing)
-            hashing.wait()
+            # them once the END record is read; but a run whose tar could not be rebuilt
+            # fails this call, as one by one (the pieces before it first).
+            if self._threads > 1 and not self._ended and self._turns.settle():
+                yield from self._ready(waiting, 0)
+            yield from self._ready(waiting, ahead if not self._ended else 0)
             keep_going = not self._ended
         finally:
-            hashing.close()
             if not keep_going:  # the end, an error, or the caller closed the generator
                 self.close()
 
@@ -1198,12 +1263,12 @@ class LayoutPatcher:
             if isinstance(w.out, Future):
                 w.out.cancel()
         self._waiting.clear()
+        self._turns.abandon()  # a started run waiting for a cancelled one's turn goes
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def _ready(self, waiting: deque[_Waiting], keep: int, hashing: _Beside[Any]
-               ) -> Iterator[bytes | memoryview]:
+    def _ready(self, waiting: deque[_Waiting], keep: int) -> Iterator[bytes | memoryview]:
         """Hand out the waiting records' pieces, oldest first: every ready one, and waiting
         for the oldest while more than ``keep`` records (or ``_AHEAD_BYTES``) wait."""
         while waiting:
@@ -1223,7 +1288,7 @@ class LayoutPatcher:
                 self._size += len(piece)
                 if self._max_size is not None and self._size > self._max_size:
                     raise LimitExceeded(f"layout delta output exceeds {self._max_size} bytes")
-                hashing.put(piece)
+                self._hash.update(piece)
                 yield piece
 
     def _parse_header(self) -> bool:
@@ -1272,9 +1337,12 @@ class LayoutPatcher:
             return _Waiting([], None, 0)
         raise FormatError(f"layout delta has an unknown record type {kind}")
 
-    def _run(self, body: bytes) -> tuple[memoryview, list[int], bool, bytes]:
-        """A RUN record's tar rebuilt and checked: what ``compress_segments`` makes its
-        output of (tar bytes, cuts, final, window)."""
+    def _parse_run(self, body: bytes) -> _Run:
+        """A RUN record read and checked as far as its bytes go without the old tar: all
+        but its old tar reads (``_rebuild``).  The checks that follow the reads in the
+        record's order (the literals used up, the window, the cuts: known from lengths
+        alone) are found here and raised by ``_rebuild`` after the reads, whose failure
+        comes first."""
         assert self._head is not None
         if len(body) < _RUN.size:
             raise FormatError("layout delta RUN record is truncated")
@@ -1308,50 +1376,82 @@ class LayoutPatcher:
             raise FormatError(f"layout delta literals are corrupt: {exc}") from None
         if len(lits) != n_lit or self._lit.unconsumed_tail:
             raise FormatError("layout delta literals are not the length the record says")
-        tar = bytearray()
-        lp = 0
+        # Each part as what it adds: literal bytes (views of ``lits``), or an old tar
+        # reference (offset, length); and the tar length, as the reads would make it.
+        pieces: list[memoryview | tuple[int, int]] = []
+        lp = tar_len = 0
         lit_view = memoryview(lits)
         for p in parts:
             if p[0] == 1:
-                tar += lit_view[lp : lp + p[1]]
+                piece = lit_view[lp : lp + p[1]]
+                pieces.append(piece)
+                tar_len += len(piece)
                 lp += p[1]
             else:
-                _k, lo, n = p
-                got = self._old_tar.read(lo, lo + n)
-                if got is None:
-                    raise IntegrityError(
-                        f"layout delta: old tar [{lo}, {lo + n}) is not in the base (or dropped)"
-                    )
-                tar += got
-            if len(tar) > _RUN_LIMIT:
-                raise LimitExceeded("layout delta RUN record rebuilds too many tar bytes")
+                pieces.append((p[1], p[2]))
+                tar_len += p[2]
+        later: FormatError | None = None
+        data_len = tar_len
         if lp != n_lit:
-            raise FormatError("layout delta RUN parts do not use all literal bytes")
-        # Views of ``tar`` (never changed again; a worker may compress it): no copies of
-        # the run's bytes.
-        view = memoryview(tar)
-        if flags & F_CONTINUE:
+            later = FormatError("layout delta RUN parts do not use all literal bytes")
+        elif flags & F_CONTINUE:
             if w or not self._tail_ok:
-                raise FormatError("layout delta RUN continues no previous run")
-            zdict, data = self._tail, view
+                later = FormatError("layout delta RUN continues no previous run")
+        elif w > tar_len:
+            later = FormatError("layout delta RUN window is longer than its tar bytes")
         else:
-            if w > len(tar):
-                raise FormatError("layout delta RUN window is longer than its tar bytes")
-            zdict, data = bytes(view[:w]), view[w:]
+            data_len -= w
         final = bool(flags & F_FINAL)
         ends, prev = [], 0
         for c in cuts:
             prev += c
             ends.append(prev)
-        if prev > len(data) or (not final and prev != len(data)) or any(c <= 0 for c in cuts):
-            raise FormatError("layout delta RUN cuts do not fit its tar bytes")
-        # The next run's window: the last 32 KiB of tar up to here (zdict + data).
-        if len(data) >= DICT_SIZE:
-            self._tail = bytes(data[-DICT_SIZE:])
-        else:
-            self._tail = (zdict + bytes(data))[-DICT_SIZE:]
-        self._tail_ok = True
-        return data, ends, final, zdict
+        if later is None and (prev > data_len or (not final and prev != data_len)
+                              or any(c <= 0 for c in cuts)):
+            later = FormatError("layout delta RUN cuts do not fit its tar bytes")
+        self._tail_ok = True  # what follows sees a run before it (an error ends all anyway)
+        return _Run(pieces, tar_len, w, bool(flags & F_CONTINUE), final, ends, later)
+
+    def _rebuild(self, run: _Run, level: int,
+                 turn: tuple[Future[bool] | None, Future[bool]] | None = None) -> bytes:
+        """A RUN record's output: its tar rebuilt (old tar read, in the records' order:
+        given its ``turn``, in a worker, after the run before it has read), checked, then
+        compressed as the builder did (``compress_segments``, primed with its window)."""
+        failed = _Turns.wait(turn) if turn is not None else False
+        ok = False
+        try:
+            tar = bytearray()
+            for p in run.pieces:
+                if isinstance(p, memoryview):
+                    tar += p
+                else:
+                    lo, n = p
+                    got = self._old_tar.read(lo, lo + n)
+                    if got is None:
+                        raise IntegrityError(
+                            f"layout delta: old tar [{lo}, {lo + n}) is not in the base "
+                            "(or dropped)")
+                    tar += got
+                if len(tar) > _RUN_LIMIT:
+                    raise LimitExceeded("layout delta RUN record rebuilds too many tar bytes")
+            if run.later is not None:
+                raise run.later
+            # Views of ``tar`` (never changed again): no copies of the run's bytes.
+            view = memoryview(tar)
+            if run.cont:
+                zdict, data = self._tail, view
+            else:
+                zdict, data = bytes(view[: run.w]), view[run.w :]
+            # The next run's window: the last 32 KiB of tar up to here (zdict + data).
+            if len(data) >= DICT_SIZE:
+                self._tail = bytes(data[-DICT_SIZE:])
+            else:
+                self._tail = (zdict + bytes(data))[-DICT_SIZE:]
+            ok = True
+        finally:
+            if turn is not None:
+                _Turns.done(turn, failed or not ok)
+        return compress_segments(data, run.ends, level, run.final, zdict)
 
     def finish(self) -> None:
         self.close()  # nothing waits once END was read; else the delta is truncated
