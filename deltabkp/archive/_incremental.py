@@ -1813,6 +1813,8 @@ class IncrementalBuilder(TgzBuilder):
                         or st.st_size > self.mem_limit
                         or _identity(st) != t._data[o + _IDENTITY_AT : o + _IDENTITY_AT + _IDENTITY.size]):
                     continue
+                if max(st.st_mtime_ns, st.st_ctime_ns) >= time.time_ns() - self.racy_ns:
+                    continue  # racy still: a read now could not settle it (the next build reads it)
                 item = _Item(iter(()), p, rel=rel, st=st, verify=True)
                 h = blake3.blake3()
                 for piece in self._read_file(item, rel, dfd, name, st, counts, links, [0], None):

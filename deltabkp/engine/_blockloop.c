@@ -25,8 +25,10 @@
  * size_t keylen) */
 typedef int (*sodium_fn)(unsigned char *, size_t, const unsigned char *, unsigned long long,
                          const unsigned char *, size_t);
-/* libb2 0.98: int blake2b(out, in, key, uint8_t outlen, uint64_t inlen, uint8_t keylen) */
-typedef int (*b2_fn)(uint8_t *, const void *, const void *, uint8_t, uint64_t, uint8_t);
+/* libb2 0.98.1 (Debian's libb2-1): int blake2b(out, in, key, size_t outlen, size_t inlen,
+ * size_t keylen); 0.98 had uint8_t, uint64_t, uint8_t there: full-width arguments are read
+ * the same by both on 64-bit ABIs (and the load check refuses a library that reads otherwise). */
+typedef int (*b2_fn)(uint8_t *, const void *, const void *, size_t, size_t, size_t);
 
 enum { ORDER_SODIUM = 0, ORDER_B2 = 1 };
 
@@ -34,7 +36,7 @@ PyDoc_STRVAR(blocks_doc,
 "blocks(fn, order, data, start, count, size, out) -> (index, status)\n\n"
 "BLAKE2b-256 of ``count`` blocks of ``size`` bytes of ``data`` from ``start``, written one\n"
 "after the other into ``out``, through the C function at address ``fn`` (its argument\n"
-"order: 0 libsodium's crypto_generichash_blake2b, 1 libb2 0.98's blake2b). Returns\n"
+"order: 0 libsodium's crypto_generichash_blake2b, 1 libb2's blake2b). Returns\n"
 "(-1, 0), or the first block whose call failed and that call's status.");
 
 static PyObject *
@@ -75,7 +77,7 @@ blocks(PyObject *self, PyObject *args)
     } else {
         b2_fn fn = (b2_fn)(uintptr_t)addr;
         for (Py_ssize_t i = 0; i < count; i++) {
-            status = fn(out + i * DIGEST, in + i * size, NULL, DIGEST, (uint64_t)size, 0);
+            status = fn(out + i * DIGEST, in + i * size, NULL, DIGEST, (size_t)size, 0);
             if (status != 0) { failed = i; break; }
         }
     }
