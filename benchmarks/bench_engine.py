@@ -21,18 +21,13 @@ work on the machine the helpers find no idle core and the wall-time ratios drop 
 CPU-time ones.  The header names the BLAKE2b in use (``deltabkp/engine/_blake2.py``:
 libsodium, libb2 or hashlib; ``DELTABKP_BLAKE2=hashlib|sodium|b2`` picks one).
 
-Measured (2-vCPU VM shared with five other sessions, load 1.8-6.6; 30 MB archive pair,
-rdiff 2.3.2, libsodium; medians of 7-15 interleaved rounds in one process, "before" = the
-tree without ``_blake2``): CPU time of the rdiff-format signature 72-76 ms vs rdiff's 76-77
-(before: 89-90), one thread 61 (before: 74-79); delta 80-85 ms vs rdiff's 89-94 (before:
-121-131), one thread 72 (before: 113-114).  One thread costs ~0.8 of rdiff's CPU time, so
-the 2x goal needs the second core free: with both cores busy the wall-time ratios fall to
-the CPU-time ones.  In a quiet moment (load ~2.3, --repeat 3, same minutes as the tree
-before): signature 43.7 ms vs rdiff's 78.8 = 1.81x (before 1.60x), one thread 1.53x (1.09x);
-delta 53.3 ms vs 97.1 = 1.82x (before 1.11x), one thread 1.81x (0.90x).  CPU time with the
-helper thread: signature 75 ms, delta 81, vs 51 and 54 on one thread: when both threads run
-at once, handing the GIL back and forth around every block's hash costs ~25 ms, which is
-what keeps the threaded rows below 2x on 2 vCPUs.
+Measured (2-vCPU VM, rdiff 2.3.2, libsodium, 30 MB archive pair, --repeat 3, quiet machine,
+load 1.0-1.2, 2026-11-30): rdiff-format signature 2.19-2.69x rdiff, delta 2.29-2.55x; on one
+thread 1.55-1.63x and 1.80-1.86x (BLAKE2b alone is ~38 ms of a ~47 ms signature, so the 2x
+needs the second core).  What made the threaded rows scale: the BLAKE2b of a task's blocks is
+one call of the C loop (``deltabkp/engine/_blockloop.c``, the GIL released); the same minute
+with ``DELTABKP_BLAKE2_LOOP=ctypes`` (a ctypes call per block, the GIL handed back and forth
+between the threads around each, ~25 ms per 30 MB) gave 1.80x and 1.56x.
 """
 
 from __future__ import annotations

@@ -231,9 +231,10 @@ def strong_fn(kind: SignatureKind) -> Callable[[bytes | bytearray | memoryview],
     return blake2b_256 if kind.blake2 else _md4
 
 
-#: hashlib releases the GIL only while hashing at least 2 KiB at once, and a library call
-#: holds it ~1.2 us per block whatever its size (~3 us of hashing at 2 KiB): smaller blocks
-#: would mostly take turns on it, so they are hashed in the calling thread.
+#: hashlib releases the GIL only while hashing at least 2 KiB at once, and the ctypes loop
+#: holds it ~1.2 us per block whatever its size (~3 us of hashing at 2 KiB; the C loop,
+#: ``_blake2.loop() == "C"``, releases it for a whole task): smaller blocks would mostly take
+#: turns on it, so they are hashed in the calling thread.
 GIL_FREE_MIN = 2048
 #: Bytes of blocks per task: a hand-off costs ~10-50 us, a task of 256 KiB ~0.4 ms of BLAKE2b,
 #: and a few tasks per thread let a thread that was descheduled fall behind without the
