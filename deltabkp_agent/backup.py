@@ -434,7 +434,7 @@ def _settle_kept(cache: AgentCache, root: str, exclude: tuple[str, ...]) -> None
 
     try:
         cache.settle_kept(root, settled)
-    except DeltabkpError as exc:
+    except (DeltabkpError, OSError) as exc:  # the answer went: nothing may fail it now
         log.debug("backup of %s: kept index not settled: %s", root, exc)
 
 
