@@ -1220,3 +1220,27 @@ def test_changed_file_grown_past_the_memory_limit_since_the_walk(
     assert grown and gen.builder is not None and gen.builder.stats.bytes_matched == 0
     settle()
     assert gen.build(Small) == fresh(root)
+
+
+def test_settled_stops_at_its_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``settled`` reads no more than its byte budget (the file that crosses it is the last)
+    nor past its time: the files not reached stay racy, the rest as without a budget."""
+    rng = random.Random(15)
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(6):
+        (root / f"f{i}").write_bytes(text(rng, 10_000))
+    first = IncrementalBuilder(root, racy_ns=10**18)  # every file racy when read
+    b"".join(first)
+    settle()
+    builder = IncrementalBuilder(root, racy_ns=RACY_NS)
+    spy = count_opens(monkeypatch)
+    part = builder.settled(first.index, budget=25_000)
+    monkeypatch.undo()
+    assert sorted(set(spy)) == ["f0", "f1", "f2"] and part is not None
+    assert [e.path for e in part.entries if e.reusable] == ["f0", "f1", "f2"]
+    assert builder.settled(first.index, seconds=0) is None  # out of time before the first
+    whole = builder.settled(first.index)
+    assert whole is not None and [e.path for e in whole.entries if e.reusable] == [
+        f"f{i}" for i in range(6)
+    ]

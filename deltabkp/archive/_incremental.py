@@ -189,6 +189,10 @@ from deltabkp.archive._gzip import (
 from deltabkp.archive._walk import _O_DIR, ARCHIVE_VERSION, RACY_NS, open_root, walk
 from deltabkp.errors import ArchiveError, FormatError, LimitExceeded, UnsupportedVersion
 
+#: What ``IncrementalBuilder.settled`` reads at most, in bytes and seconds, after a racy build.
+SETTLE_BUDGET = 256 << 20
+SETTLE_S = 5.0
+
 __all__ = [
     "INDEX_MAGIC",
     "INDEX_VERSION",
@@ -1755,7 +1759,9 @@ class IncrementalBuilder(TgzBuilder):
         _Old._checked = None if same else old
         return same
 
-    def settled(self, index: ArchiveIndex) -> ArchiveIndex | None:
+    def settled(
+        self, index: ArchiveIndex, *, budget: int = SETTLE_BUDGET, seconds: float = SETTLE_S
+    ) -> ArchiveIndex | None:
         """``index`` with the files that were racy when its archive was built read again
         now (hot-safe, as a build reads), one by one, and those equal to what it stored,
         with the same identity and not racy now, recorded as reusable files (the records
@@ -1766,7 +1772,10 @@ class IncrementalBuilder(TgzBuilder):
         before it reads none.  Only those files are looked at (no walk: each reached by
         its path from the root, no symlink followed, then ``lstat``), so a tree with one
         racy log costs that log; none racy (one gather of the index's flags): nothing.
-        A file changed since, racy still, or with other links is left as it was."""
+        A file changed since, racy still, or with other links is left as it was.  It stops
+        once it read ``budget`` bytes or ran ``seconds`` (the agent holds the path's lock
+        meanwhile: a tree that was all racy must not keep the next backup waiting); files
+        not reached stay racy, read by the next build as before."""
         t = index.entries
         if not len(t):
             return None
@@ -1778,6 +1787,7 @@ class IncrementalBuilder(TgzBuilder):
         if not racy:
             return None
         top, top_fd = open_root(self.root, no_links=self.no_links)
+        deadline = time.monotonic() + seconds
         counts = _Counts()
         links: dict[tuple[int, int], str] = {}
         found: list[int] = []
@@ -1785,6 +1795,8 @@ class IncrementalBuilder(TgzBuilder):
         fds: list[int] = []
         try:
             for p in racy:
+                if budget <= 0 or time.monotonic() >= deadline:
+                    break
                 r = t.raw(p)
                 digest = bytes(r[14])
                 if digest == bytes(16):  # not read consistently then: nothing to compare
@@ -1819,6 +1831,7 @@ class IncrementalBuilder(TgzBuilder):
                 h = blake3.blake3()
                 for piece in self._read_file(item, rel, dfd, name, st, counts, links, [0], None):
                     h.update(piece)
+                    budget -= len(piece)
                 rec = item.record
                 if (rec is not None and rec.reusable and h.digest(length=16) == digest
                         and rec.identity() == tuple(r[3:12])):
