@@ -28,7 +28,7 @@ from deltabkp.errors import (
     UsageError,
 )
 from deltabkp_server.agents import ping
-from deltabkp_server.catalog import AsyncCatalog, Catalog, SqliteCatalog
+from deltabkp_server.catalog import AsyncCatalog, Catalog, SqliteCatalog, lease_server
 from deltabkp_server.config import ServerConfig
 from deltabkp_server.model import (
     DETAIL_MAX,
@@ -342,7 +342,8 @@ class ControlAPI:
         targets = await self.catalog.call(lambda c: c.targets())
         servers = await self.catalog.call(lambda c: c.servers(now, ttl))
         running = await self.catalog.call(lambda c: c.running_executions())
-        owners = {(t.node, t.path): t.lease_owner for t in targets}
+        # An upkeep lease's owner is its own (``upkeep_owner``): shown as its server.
+        owners = {(t.node, t.path): t.lease_owner and lease_server(t.lease_owner) for t in targets}
         return {
             "version": __version__,
             "server_id": self.scheduler.server_id,
@@ -354,7 +355,8 @@ class ControlAPI:
             "running": self.scheduler.running,
             "servers": [
                 {**s.to_wire(), "targets": [t.name for t in targets
-                                            if t.lease_owner == s.id and _leased(t, now)]}
+                                            if owners[(t.node, t.path)] == s.id
+                                            and _leased(t, now)]}
                 for s in servers
             ],
             "data_dir": str(self.config.data_dir),
@@ -375,7 +377,8 @@ class ControlAPI:
         running = await self.catalog.call(lambda c: c.running_executions(tid))
         out: dict[str, Any] = {"node": target.node, "path": target.path, "running": bool(running)}
         if running:
-            out.update(_running(running[-1], target.lease_owner))
+            owner = target.lease_owner
+            out.update(_running(running[-1], owner and lease_server(owner)))
         return out
 
     async def fetch(self, chan: net.Channel, args: dict[str, Any]) -> None:

@@ -33,6 +33,7 @@ from deltabkp_server.catalog import (
     Catalog,
     PostgresCatalog,
     SqliteCatalog,
+    lease_server,
     open_catalog,
     redact,
 )
@@ -1010,7 +1011,34 @@ async def test_leased_stops_the_body_when_renewals_fail_until_it_runs_out(
             await trio.sleep_forever()  # the next failed renewal cancels the body here
         ran_on = True
     monkeypatch.undo()
-    assert not ran_on and cat.get_target(t.id).lease_owner == "s1"
+    owner = cat.get_target(t.id).lease_owner
+    assert not ran_on and owner is not None and lease_server(owner) == "s1"
+    assert owner != "s1"  # upkeep's own owner, not the server's
+
+
+async def test_an_upkeep_lease_is_lost_when_its_own_servers_scheduler_claims_the_target(
+    cat: Catalog,
+) -> None:
+    """A stalled catalog lets an upkeep's lease run out and the same server's scheduler
+    claims the target for a backup: the upkeep's next renewal must find the lease gone
+    (it is held under its own owner, not the server's id), so the two never both run."""
+    t = cat.register(NODE, PATH, 300, 10.0)
+    acat = AsyncCatalog(cat)
+    now = [100.0]
+    kw: dict[str, Any] = {"ttl": 0.3, "clock": lambda: now[0], "what": "verification"}
+    ran_on = False
+    async with acat.leased("s1", t.id, **kw) as held:
+        assert held
+        owner = cat.get_target(t.id).lease_owner
+        assert owner is not None and owner.startswith("s1#verification-")
+        assert cat.renew("s1", [t.id], now[0] + 0.3) == set()  # not the scheduler's to renew
+        now[0] += 60  # the lease ran out; the scheduler of the same server claims the target
+        [(claimed, _)] = cat.claim_due("s1", now[0], now[0] + 30, 5)
+        assert claimed.id == t.id
+        with trio.fail_after(30):  # a deadline, not a timing assertion
+            await trio.sleep_forever()  # the upkeep's next renewal finds it gone: cancelled
+        ran_on = True
+    assert not ran_on and cat.get_target(t.id).lease_owner == "s1"  # the scheduler's, kept
 
 
 def test_a_verification_lease_excludes_backups_and_keeps_the_schedule(cat: Catalog) -> None:

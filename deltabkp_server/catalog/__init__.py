@@ -19,7 +19,14 @@ from pathlib import Path
 
 from deltabkp.errors import CatalogError
 from deltabkp_server.catalog._postgres import PostgresCatalog, redact
-from deltabkp_server.catalog._protocol import UNSET, AsyncCatalog, Catalog, lease_running_out
+from deltabkp_server.catalog._protocol import (
+    UNSET,
+    AsyncCatalog,
+    Catalog,
+    lease_running_out,
+    lease_server,
+    upkeep_owner,
+)
 from deltabkp_server.catalog._schema import SCHEMA_VERSION
 from deltabkp_server.catalog._sqlite import SqliteCatalog
 from deltabkp_server.model import ServerRecord
@@ -33,6 +40,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "UNSET",
     "lease_running_out",
+    "lease_server",
+    "upkeep_owner",
     "open_catalog",
     "redact",
     "DEFAULT_SQLITE_NAME",

@@ -11,7 +11,12 @@ Invariants:
   to take a lease, ``renew``/``release`` act only for the server that holds it, so two servers never hold one target at once;
 - ``AsyncCatalog`` never runs more threads than the backend's ``max_threads``;
   ``AsyncCatalog.leased`` is the one way upkeep (verification, start-up signing) holds a
-  target's lease: taken with ``lease_target``, renewed, its body stopped if it is lost.
+  target's lease: taken with ``lease_target``, renewed, its body stopped if it is lost;
+- an upkeep lease is held under an owner of its own (``upkeep_owner``: the server's id,
+  ``#``, the work and a random tag), never the server's id itself: renewals match the owner
+  exactly, so after a stalled catalog let the lease run out and the same server's scheduler
+  claimed the target, the upkeep's renewal fails (and the scheduler's would for the upkeep's)
+  instead of both running.  ``lease_server`` names the server behind any owner.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -33,7 +39,7 @@ from deltabkp_server.model import (
     Target,
 )
 
-__all__ = ["Catalog", "AsyncCatalog", "UNSET"]
+__all__ = ["Catalog", "AsyncCatalog", "UNSET", "lease_server", "upkeep_owner"]
 
 T = TypeVar("T")
 
@@ -41,6 +47,23 @@ log = logging.getLogger("deltabkp_server")
 
 #: How often ``AsyncCatalog.leased`` asks again for a lease it waits for.
 _LEASE_POLL_S = 0.5
+
+#: Between a server's id and the rest of an upkeep lease's owner (not in a server id:
+#: host/pid/hex).
+_UPKEEP_SEP = "#"
+
+
+def upkeep_owner(server_id: str, what: str) -> str:
+    """A fresh ``lease_owner`` for one piece of upkeep by ``server_id`` (see the invariants)."""
+    tag = "-".join(what.split()) or "upkeep"
+    return f"{server_id}{_UPKEEP_SEP}{tag}-{secrets.token_hex(4)}"
+
+
+def lease_server(owner: str) -> str:
+    """The server behind a ``lease_owner``: itself for an execution's, the prefix of an
+    upkeep lease's (``upkeep_owner``)."""
+    return owner.split(_UPKEEP_SEP, 1)[0]
+
 
 #: "Leave this column as it is" for the optional arguments of ``set_schedule``/``release``.
 UNSET: Any = object()
@@ -290,7 +313,9 @@ class AsyncCatalog:
         lease is about to run out: ``lease_running_out``) the body is cancelled, as the
         scheduler stops an execution, and the block ends early (``what`` names the work in the
         log).  Dropped at the end, shielded, unless lost.  The body's error leaves
-        as it is (not as the renewing nursery's exception group)."""
+        as it is (not as the renewing nursery's exception group).  Held under an owner of its
+        own (``upkeep_owner``), not ``server_id`` itself."""
+        server_id = upkeep_owner(server_id, what)
         until = await self._take_lease(server_id, target_id, ttl, clock, wait)
         if until is None:
             yield False
@@ -307,8 +332,7 @@ class AsyncCatalog:
                     failed.append(exc)
                 nursery.cancel_scope.cancel()
         finally:
-            # Once lost, the lease may be this server's again for another holder (leases are
-            # keyed by server, e.g. the scheduler claimed the target since): not ours to drop.
+            # Once lost, the lease is someone else's (or nobody's): not ours to drop.
             if not lost:
                 with trio.CancelScope(shield=True), trio.move_on_after(10):
                     await self.call(lambda c: c.drop_lease(server_id, target_id))
