@@ -31,6 +31,7 @@ from deltabkp.archive import (
     encode_layout,
 )
 from deltabkp.archive._layout import MAX_RECORD
+from deltabkp.archive._walk import ARCHIVE_VERSION
 from deltabkp.errors import (
     DeltabkpError,
     FormatError,
@@ -305,6 +306,7 @@ def test_accepts_is_left_out_for_older_agents_and_parsed_by_new_ones() -> None:
     frames.feed(protocol.encode(offer))
     assert frames.next_message() == offer
     assert LAYOUT_CAPABILITY.startswith("layout-1/zlib-")
+    assert LAYOUT_CAPABILITY.endswith(f"/archive-{ARCHIVE_VERSION}")  # format 3: tuned deflate
 
 
 def test_content_copied_from_far_behind_the_kept_old_tar(
