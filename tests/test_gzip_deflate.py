@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 
 from deltabkp.archive import _gzip, _libz
 from deltabkp.archive._gzip import DICT_SIZE, TUNE, compress_segments, deflater
-from deltabkp.archive._libz import DeflateError
-from deltabkp.errors import ArchiveError, DeltabkpError
+from deltabkp.errors import ArchiveError, DeflateError, DeltabkpError
 
 #: blake2b-256 of ``_libz.check_input()`` deflated at level 6 with format 3's tune, primed
 #: (zlib 1.2.13): the library checks the same digest when it loads libz.

@@ -34,7 +34,8 @@ import numpy as np
 import numpy.typing as npt
 
 from deltabkp.archive import _libz
-from deltabkp.archive._libz import DeflateError, Libz, Tune
+from deltabkp.archive._libz import Libz, Tune
+from deltabkp.errors import DeflateError
 
 __all__ = [
     "CutFinder",

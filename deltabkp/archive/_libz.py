@@ -33,9 +33,9 @@ from collections.abc import Sequence
 import attrs
 import numpy as np
 
-from deltabkp.errors import ArchiveError
+from deltabkp.errors import DeflateError
 
-__all__ = ["DeflateError", "Libz", "Tune", "library"]
+__all__ = ["Libz", "Tune", "library"]
 
 #: deflate's parameters a level leaves to ``deflateTune``: ``(good_length, max_lazy,
 #: nice_length, max_chain)``.
@@ -50,10 +50,6 @@ WBITS, MEM_LEVEL = -15, 8
 _MAX_IN = 1 << 30
 
 _SONAME = "libz.so.1"
-
-
-class DeflateError(ArchiveError):
-    """libz failed, or is not the deflate the archive format needs: no archive bytes made."""
 
 
 class _ZStream(ctypes.Structure):
