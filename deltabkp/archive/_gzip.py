@@ -191,7 +191,7 @@ DEFAULT_LEVEL = 6
 #: are zlib's own, untuned.  Fixed forever for format 3: changing it changes every byte.
 TUNE: dict[int, Tune] = {6: (8, 64, 128, 56)}
 #: blake2b-256 of ``_libz.check_input()`` deflated at level 6, tuned, primed: the bytes
-#: format 3 needs (tests/test_archive.py pins it too).  A libz that gives other bytes
+#: format 3 needs (tests/test_gzip_deflate.py pins it too).  A libz that gives other bytes
 #: (another version's deflate, zlib-ng's compat library) is refused: its archives would
 #: differ from every other machine's.
 _TUNED_DIGEST = "41b7a19f24946b722e7c7509c1b2e57ee79a5292fd06e0eb24dec22c7789e6e5"

@@ -95,10 +95,11 @@ Invariants:
   previous build (tests/test_archive_incremental.py: random trees, random edits, several
   generations);
 - an entry is reused only when identity, ``ARCHIVE_VERSION``, level and deflater (zlib
-  version and tune parameters: ``_gzip.deflater``) all match, and the previous archive's blake3 is the one its index names (checked before use:
-  a corrupt cache would otherwise be copied into every later archive; not re-hashed when
-  the caller vouches for the file by the ``stat`` it took when it wrote it: the agent's
-  cache, for the archive it kept itself in this process); anything else falls back to
+  version and tune parameters: ``_gzip.deflater``) all match, and the previous archive's
+  blake3 is the one its index names (checked before use: a corrupt cache would otherwise
+  be copied into every later archive; not re-hashed when the caller vouches for the file
+  by the ``stat`` it took when it wrote it: the agent's cache, for the archive it kept
+  itself in this process); anything else falls back to
   compressing (never an error: the previous build is only a cache);
 - the previous archive failing *during* the build (EIO, truncated, bad deflate: ``_OldFailed``)
   is no error either: a changed file's compare does without it (compressed anew,
