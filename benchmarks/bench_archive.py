@@ -23,8 +23,9 @@ previous one's index and archive is timed against a fresh ``TgzBuilder`` of the 
 incremental builds in a row of a copy of that tree with a file appended every 100 ms,
 against a full build, each checked against a fresh build of what it captured.
 ``--deflaters``: CPU seconds of each step of a full build over the tar of the ~107 MB tree
-(cut finding, deflate with the format's sync flushes, plain deflate) next to ``tar | pigz
---rsyncable``, and the same deflate with zlib-ng and ISA-L where installed (``pip install
+(cut finding, the format's deflate — version 3: zlib -6 tuned, through ctypes — and version
+2's, Python's zlib -6, both with the format's sync flushes, plain deflate) next to ``tar | pigz
+--rsyncable``, and version 2's deflate with zlib-ng and ISA-L where installed (``pip install
 zlib-ng isal``; not dependencies): their size against pigz's and whether a compressor primed
 with ``zdict`` emits what a continuing one does (the format needs it: docs/formats.md); fewer
 flushes and other levels (format options); then the full build against ``tar | pigz -6
@@ -378,56 +379,43 @@ def deflaters(rounds: int = 5) -> None:
     t_plain, plain = cpu(lambda: zlib.compress(tar, 6))
     assert isinstance(plain, bytes)
     print(f"   zlib -6, no flushes               cpu {t_plain:6.2f} s   size {len(plain) / pigz_size:.4f} x pigz")
+    # The format's deflate (version 3: zlib -6 tuned, through ctypes) next to format 2's
+    # (Python's zlib -6 untuned) and other deflaters with the format's flushes.
+    t, out = cpu(lambda: _gzip.compress_segments(tar, cuts, 6, True))
+    assert isinstance(out, bytes)
+    same = primed_equals_continuing(_gzip.compress_segments, tar, cuts, 6, random.Random(1))
+    print(f"   {'v3: zlib -6 tuned ' + ' '.join(map(str, _gzip.TUNE[6])) + ', ctypes':33} cpu {t:6.2f} s   "
+          f"size {(len(out) + 18) / pigz_size:.4f} x pigz   primed == continuing: {same}")
     mods: list[tuple[str, object, tuple[int, ...]]] = [("zlib", zlib, (6,))]
     for name, mod, levels in (("zlib_ng.zlib_ng", "zlib-ng", (6, 7)), ("isal.isal_zlib", "isal", (3,))):
         try:
             mods.append((mod, importlib.import_module(name), levels))
         except ImportError:
             print(f"   {mod}: not installed")
-    rng = random.Random(1)
     for label, mod, levels in mods:
         for level in levels:
-            saved = _gzip.zlib
-            _gzip.zlib = mod  # type: ignore[assignment]  # the same code, another deflater
-            try:
-                t, out = cpu(lambda level=level: _gzip.compress_segments(tar, cuts, level, True))
-                assert isinstance(out, bytes)
-                # Grouping independence: two jobs split at a random cut, the second primed.
-                same = True
-                for _ in range(5):
-                    k = rng.randrange(1, min(400, len(cuts) - 1))
-                    n = min(400, len(cuts) - 1)
-                    whole = _gzip.compress_segments(tar[: cuts[n]], cuts[: n + 1], level, False)
-                    a = _gzip.compress_segments(tar[: cuts[k]], cuts[: k + 1], level, False)
-                    b = _gzip.compress_segments(
-                        tar[cuts[k] : cuts[n]], [c - cuts[k] for c in cuts[k + 1 : n + 1]], level,
-                        False, tar[max(0, cuts[k] - _gzip.DICT_SIZE) : cuts[k]])
-                    same = same and a + b == whole
-            finally:
-                _gzip.zlib = saved
+            seg = functools.partial(module_segments, mod)
+            t, out = cpu(lambda level=level, seg=seg: seg(tar, cuts, level, True))
+            assert isinstance(out, bytes)
+            same = primed_equals_continuing(seg, tar, cuts, level, random.Random(1))
             print(f"   {label + f' -{level}, sync flushes':33} cpu {t:6.2f} s   size "
                   f"{(len(out) + 18) / pigz_size:.4f} x pigz   primed == continuing: {same}")
     # Format options for a later version: fewer flushes (a flush at every k-th cut only:
-    # segments k times longer), or another zlib level, with the format's flushes.
+    # segments k times longer), or another zlib level, with the format's flushes (v3's).
     for k in (2, 4, 16):
         t, out = cpu(functools.partial(_gzip.compress_segments, tar, cuts[k - 1 :: k], 6, True))
         assert isinstance(out, bytes)
-        print(f"   {f'zlib -6, flush every {k}th cut':33} cpu {t:6.2f} s   size "
+        print(f"   {f'v3 -6, flush every {k}th cut':33} cpu {t:6.2f} s   size "
               f"{(len(out) + 18) / pigz_size:.4f} x pigz")
     # The format's split for a deflater whose primed compressor differs from a continuing
     # one: a fresh compressor per segment, primed with the 32 KiB before it.
     bounds = [0, *cuts, len(tar)]
     for label, mod, _levels in [m for m in mods if m[0] == "zlib-ng"]:
-        saved = _gzip.zlib
-        _gzip.zlib = mod  # type: ignore[assignment]
-        try:
-            t, parts = cpu(lambda: [
-                _gzip.compress_segments(tar[a:b], [] if b == len(tar) else [b - a], 7, b == len(tar),
-                                        tar[max(0, a - _gzip.DICT_SIZE) : a])
-                for a, b in itertools.pairwise(bounds)
-            ])
-        finally:
-            _gzip.zlib = saved
+        t, parts = cpu(lambda mod=mod: [
+            module_segments(mod, tar[a:b], [] if b == len(tar) else [b - a], 7, b == len(tar),
+                            tar[max(0, a - _gzip.DICT_SIZE) : a])
+            for a, b in itertools.pairwise(bounds)
+        ])
         assert isinstance(parts, list)
         print(f"   {label + ' -7, fresh per segment':33} cpu {t:6.2f} s   size "
               f"{(sum(map(len, parts)) + 18) / pigz_size:.4f} x pigz")
@@ -437,6 +425,40 @@ def deflaters(rounds: int = 5) -> None:
         print(f"   {f'zlib -{level}, sync flushes':33} cpu {t:6.2f} s   size "
               f"{(len(out) + 18) / pigz_size:.4f} x pigz")
     full_build(base, rounds, tar)
+
+
+def module_segments(mod: Any, data: bytes, cuts: list[int], level: int, final: bool,
+                    zdict: bytes = b"") -> bytes:
+    """Format 2's deflate with any zlib-like module (``compressobj``: ``compress`` + a sync
+    flush per segment): Python's zlib (format 2 itself), zlib-ng, ISA-L."""
+    args = (level, mod.DEFLATED, -15, 8, mod.Z_DEFAULT_STRATEGY)
+    comp = mod.compressobj(*args, zdict) if zdict else mod.compressobj(*args)
+    view = memoryview(data)
+    out, prev = [], 0
+    for cut in cuts:
+        out += [comp.compress(view[prev:cut]), comp.flush(mod.Z_SYNC_FLUSH)]
+        prev = cut
+    if final:
+        out += [comp.compress(view[prev:]), comp.flush(mod.Z_FINISH)]
+    return b"".join(out)
+
+
+def primed_equals_continuing(seg: Callable[..., bytes], tar: bytes, cuts: list[int], level: int,
+                             rng: Any) -> bool:
+    """Grouping independence: two jobs split at a random cut, the second primed with the
+    32 KiB before it, against one job (5 tries)."""
+    from deltabkp.archive import _gzip
+
+    same = True
+    for _ in range(5):
+        k = rng.randrange(1, min(400, len(cuts) - 1))
+        n = min(400, len(cuts) - 1)
+        whole = seg(tar[: cuts[n]], cuts[: n + 1], level, False)
+        a = seg(tar[: cuts[k]], cuts[: k + 1], level, False)
+        b = seg(tar[cuts[k] : cuts[n]], [c - cuts[k] for c in cuts[k + 1 : n + 1]], level, False,
+                tar[max(0, cuts[k] - _gzip.DICT_SIZE) : cuts[k]])
+        same = same and a + b == whole
+    return same
 
 
 def _schedstat() -> tuple[float, float]:

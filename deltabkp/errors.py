@@ -32,6 +32,7 @@ __all__ = [
     "RequestRefused",
     "ArchiveError",
     "UnsafeArchiveError",
+    "DeflateError",
     "StoreError",
     "MissingObject",
     "StoreUnavailable",
@@ -215,6 +216,11 @@ class ArchiveError(DeltabkpError):
 
 class UnsafeArchiveError(ArchiveError):
     """An archive entry would escape the destination on extraction (absolute, .., link)."""
+
+
+class DeflateError(ArchiveError):
+    """libz failed, or does not give the archive format's deflate bytes (another zlib
+    build, zlib-ng's compat library): no archive bytes made with it."""
 
 
 class StoreError(DeltabkpError):

@@ -462,3 +462,53 @@ async def test_after_a_settled_build_the_fingerprint_alone_is_the_quick_check(
     # Its fingerprint is racy (the edit's ctime is new) and differs from the recorded one:
     # changed, with no index check; the index read once, for the build.
     assert calls == ["_fingerprint", "kept_index"], calls
+
+
+async def test_a_kept_build_of_an_older_archive_format_means_a_full_build_and_a_rolling_delta(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """After an upgrade across an archive format (format 2's index kept, format 3's deflate
+    now): the build does not reuse it (a full build), the layout delta is given up for the
+    rolling one, and the archive is a fresh build's; the backup after that is a layout
+    delta again."""
+    import attrs
+
+    from deltabkp.archive import LAYOUT_CAPABILITY, LAYOUT_MAGIC, ArchiveIndex, LayoutPatcher
+
+    app = tmp_path / "app"
+    make_tree(app, 40)
+    await trio.sleep(RACY_NS_AGENT / 1e9 + 0.1)
+    key = b"k" * 32
+    cfg = AgentConfig(key=key, allow=Allowlist.from_args([str(tmp_path)]), host="127.0.0.1",
+                      port=0, cache_dir=tmp_path / "cache")
+    agent = Agent(cfg)
+    await nursery.start(agent.run)
+    address = net.Address.parse(agent.address)
+    base = b""
+    for n, older_index in enumerate((False, False, True, False)):
+        if older_index:
+            (idx,) = (tmp_path / "cache").rglob("builds/*.idx")
+            kept = ArchiveIndex.parse(idx.read_bytes())
+            idx.write_bytes(attrs.evolve(kept, archive_version=2, deflater="1.2.13").encode())
+        if n:
+            await trio.to_thread.run_sync(_append, app / f"f{10 * n:02d}", b"edit %d\n" % n)
+            await trio.sleep(RACY_NS_AGENT / 1e9 + 0.1)
+        with agent_log() as messages:
+            r = await backup_exchange(address, key, str(app), base or None,
+                                      accepts=(LAYOUT_CAPABILITY,))
+        assert r.kind == "delta" and r.done is not None
+        layout = r.delta.startswith(LAYOUT_MAGIC)
+        if layout:
+            p = LayoutPatcher(base, base_hash=blake3.blake3(base).digest())
+            out = p.feed(r.delta)
+            p.finish()
+            base = b"".join(out)
+        else:
+            base = bytes(deltabkp.patch(base, r.delta))
+        assert base == b"".join(TgzBuilder(app))
+        built = [m for m in messages if m.startswith("archive of")]
+        assert len(built) == 1, messages
+        assert layout == (n in (1, 3)), (n, messages)
+        if older_index:
+            assert "full build" in built[0] and "format 2" in built[0], built[0]
+            assert any("layout delta given up" in m for m in messages), messages

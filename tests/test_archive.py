@@ -443,13 +443,16 @@ def golden_stream() -> bytes:
 
 
 def test_golden_rsyncable_stream() -> None:
-    """The gzip layer's exact bytes for a fixed stream (format v1: cuts, level, header)."""
+    """The gzip layer's exact bytes for a fixed stream (format 3: cuts, tuned deflate,
+    header); format 1/2's golden (zlib -6 untuned) holds the same stream."""
     out = b"".join(RsyncableGzip(6, 2).compress([golden_stream()]))
-    golden = GOLDEN / "stream.gz"
+    golden = GOLDEN / "stream-v3.gz"
     if os.environ.get("DELTABKP_REGEN_GOLDEN"):
         golden.write_bytes(out)
     assert gzip.decompress(golden.read_bytes()) == golden_stream()
     same_zlib(out, golden.read_bytes())
+    old = (GOLDEN / "stream.gz").read_bytes()
+    assert gzip.decompress(old) == golden_stream() and old != out
 
 
 #: The deflate bytes are zlib's own: the goldens were recorded with this zlib.
@@ -479,11 +482,10 @@ def test_golden_tree_archive(tmp_path: Path) -> None:
             os.utime(os.path.join(dirpath, n), ns=(T0 * 10**9, T0 * 10**9), follow_symlinks=False)
     data, _ = build_bytes(tree)
     golden = GOLDEN / "tree.tgz"
-    if os.environ.get("DELTABKP_REGEN_GOLDEN"):
-        golden.write_bytes(data)
-    same_zlib(data, golden.read_bytes())
-    # Format 2 only adds PAX records (for fractions of a second) and FIFO entries: a tree
-    # with neither still gives the format-1 golden's exact bytes.
+    # Format 2 only added PAX records (for fractions of a second) and FIFO entries, format 3
+    # only changed the deflate: a tree with neither still gives the format-1 golden's tar.
+    assert gzip.decompress(data) == gzip.decompress(golden.read_bytes())
+    assert data[:10] == golden.read_bytes()[:10] and data[-8:] == golden.read_bytes()[-8:]
 
 
 def test_fingerprint_covers_the_archive_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -497,8 +499,8 @@ def test_fingerprint_covers_the_archive_format(tmp_path: Path, monkeypatch: pyte
     assert tree_fingerprint(tree).digest != now.digest
 
 
-def test_golden_tree_archive_v2(tmp_path: Path) -> None:
-    """Format 2's exact bytes: the golden tree plus a FIFO, absolute and escaping symlinks,
+def test_golden_tree_archive_v3(tmp_path: Path) -> None:
+    """Format 3's exact bytes (format 2's tar, the tuned deflate): the golden tree plus a FIFO, absolute and escaping symlinks,
     an entry of another owner, and sub-second mtimes (PAX records) on files, directories,
     links and the FIFO (root only: owners)."""
     if os.geteuid() != 0:
@@ -520,10 +522,12 @@ def test_golden_tree_archive_v2(tmp_path: Path) -> None:
     os.utime(tree / "empty", ns=(-1_500_000_000, -1_500_000_000))
     data, report = build_bytes(tree)
     assert report.fifos == 1 and report.skipped == ()
-    golden = GOLDEN / "tree-v2.tgz"
+    golden = GOLDEN / "tree-v3.tgz"
     if os.environ.get("DELTABKP_REGEN_GOLDEN"):
         golden.write_bytes(data)
     same_zlib(data, golden.read_bytes())
+    # Format 2's golden: the same tar, deflated by zlib -6 untuned.
+    assert gzip.decompress((GOLDEN / "tree-v2.tgz").read_bytes()) == gzip.decompress(data)
     with tarfile.open(fileobj=io.BytesIO(golden.read_bytes())) as tf:
         pax = [m.name for m in tf if m.pax_headers]
     assert "sub/fifo" in pax or "current" in pax

@@ -422,7 +422,10 @@ def test_previous_build_unusable_falls_back_to_a_full_build(tmp_path: Path) -> N
         (index, bad, "not the one its index describes"),
         (index, tmp_path / "missing.tgz", "cannot open"),
         (attrs.evolve(index, level=9), tmp_path / "prev.tgz", "level"),
-        (attrs.evolve(index, zlib_version="0.0"), tmp_path / "prev.tgz", "zlib"),
+        (attrs.evolve(index, deflater="zlib 0.0"), tmp_path / "prev.tgz", "made by zlib 0.0"),
+        # An index of format 2 (zlib -6 untuned): never reused for a format-3 build.
+        (attrs.evolve(index, archive_version=2, deflater="1.2.13"), tmp_path / "prev.tgz", "format 2"),
+        (attrs.evolve(index, deflater=index.deflater.split(" tune")[0]), tmp_path / "prev.tgz", "tune"),
         (attrs.evolve(index, archive_version=1), tmp_path / "prev.tgz", "format"),
     ]
     for idx, archive, why in cases:
@@ -605,7 +608,7 @@ def test_fast_levels_are_refused(tmp_path: Path) -> None:
 def golden_index() -> ArchiveIndex:
     return ArchiveIndex(
         archive_hash=bytes(range(32)), archive_size=70_000, tar_size=204_800, level=6,
-        zlib_version="1.2.13",
+        deflater="1.2.13", archive_version=2,  # recorded under format 2 (index format unchanged)
         entries=(
             IndexEntry("dir", HEADER_ONLY, True, tar_start=0, tar_end=512, digest=b"D" * 16),
             IndexEntry("dir/file.txt", DATA, True, 0o100644, 1000, 1000, 1, 2049, 123456,
@@ -824,7 +827,7 @@ def test_files_racy_when_built_are_read_again_not_recompressed(tmp_path: Path) -
     wrong = ArchiveIndex(
         archive_hash=first.index.archive_hash, archive_size=first.index.archive_size,
         tar_size=first.index.tar_size, level=first.index.level,
-        zlib_version=first.index.zlib_version, segments=first.index.segments,
+        deflater=first.index.deflater, segments=first.index.segments,
         entries=[attrs.evolve(e, digest=b"\x01" * 16) if e.path == "f15" else e
                  for e in first.index.entries],
     )

@@ -31,6 +31,7 @@ from deltabkp.archive import (
     encode_layout,
 )
 from deltabkp.archive._layout import MAX_RECORD
+from deltabkp.archive._walk import ARCHIVE_VERSION
 from deltabkp.errors import (
     DeltabkpError,
     FormatError,
@@ -265,6 +266,12 @@ def test_refusals() -> None:
         p.finish()
     with pytest.raises(LimitExceeded):
         LayoutPatcher(base, max_size=1000).feed(delta)
+    # Made with another deflater (format 2's header named the zlib version alone): its runs
+    # would not compress to the sender's bytes here.
+    zlen = delta[81]
+    assert delta[82 : 82 + zlen].startswith(b"zlib ") and b" tune " in delta[82 : 82 + zlen]
+    with pytest.raises(IntegrityError, match="layout delta needs 1.2.13, this is zlib "):
+        LayoutPatcher(base).feed(delta[:81] + bytes([6]) + b"1.2.13" + delta[82 + zlen :])
     # A record announcing more than the limit is refused before it is buffered.
     head_len = 6 + 1 + 1 + 32 + 8 + 32 + 1 + 1 + delta[81]
     with pytest.raises(LimitExceeded):
@@ -305,6 +312,7 @@ def test_accepts_is_left_out_for_older_agents_and_parsed_by_new_ones() -> None:
     frames.feed(protocol.encode(offer))
     assert frames.next_message() == offer
     assert LAYOUT_CAPABILITY.startswith("layout-1/zlib-")
+    assert LAYOUT_CAPABILITY.endswith(f"/archive-{ARCHIVE_VERSION}")  # format 3: tuned deflate
 
 
 def test_content_copied_from_far_behind_the_kept_old_tar(

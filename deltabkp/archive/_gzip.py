@@ -11,11 +11,14 @@ Invariants:
   after it and on the 32 KiB before it (the match window, kept: a full reset costs ~20% of
   size on source trees, the sync flushes ~1% with ~6 KiB segments).  That is what keeps a local change local;
 - a job (a run of segments) may be compressed by its own compressor primed with the 32 KiB
-  before it (``zdict``): zlib then produces exactly the bytes a single compressor would, so
+  before it (``zdict``): zlib then produces exactly the bytes a single compressor would
+  (level 6 tuned too: still ``deflate_slow``, every string inserted), so
   jobs run in parallel threads and the output depends neither on the grouping nor on the
   thread count (tests/test_archive.py checks it);
 - the output is one standard gzip member (RFC 1952): fixed header (no name, mtime 0, OS 255),
-  raw deflate at the given level, CRC-32 and ISIZE trailer.
+  raw deflate at the given level (format 3: level 6 tuned, ``TUNE``; libz through
+  ``_libz``, its bytes checked against a golden digest when it loads), CRC-32 and ISIZE
+  trailer.
 """
 
 from __future__ import annotations
@@ -30,15 +33,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import numpy.typing as npt
 
+from deltabkp.archive import _libz
+from deltabkp.archive._libz import Libz, Tune
+from deltabkp.errors import DeflateError
+
 __all__ = [
     "CutFinder",
+    "DEFAULT_LEVEL",
     "DICT_SIZE",
     "GZIP_HEADER",
     "MAX_SEGMENT",
     "MIN_SEGMENT",
     "RsyncableGzip",
+    "TUNE",
     "WINDOW",
     "compress_segments",
+    "deflater",
     "gzip_trailer",
 ]
 
@@ -171,36 +181,69 @@ class CutFinder:
 DICT_SIZE = 32 * 1024
 
 
-def compress_segments(
-    data: bytes | memoryview, cuts: Sequence[int], level: int, final: bool, zdict: bytes = b"",
-    ends: list[int] | None = None,
-) -> bytes:
-    """Raw deflate of ``data`` with a sync flush at each relative offset in ``cuts``.
+#: The format's deflate level (``TgzBuilder``'s default).
+DEFAULT_LEVEL = 6
+#: Archive format 3's deflate at a level: zlib's parameters for it, changed by
+#: ``deflateTune(good_length, max_lazy, nice_length, max_chain)`` (docs/formats.md, the
+#: sweep: ~20% less deflate CPU than zlib -6 for ~0.3% more bytes, still ≤ 1.01x pigz
+#: --rsyncable).  Still zlib's deflate_slow with every string inserted, so a compressor
+#: primed with the 32 KiB before a cut emits what a continuing one does.  Other levels
+#: are zlib's own, untuned.  Fixed forever for format 3: changing it changes every byte.
+TUNE: dict[int, Tune] = {6: (8, 64, 128, 56)}
+#: blake2b-256 of ``_libz.check_input()`` deflated at level 6, tuned, primed: the bytes
+#: format 3 needs (tests/test_gzip_deflate.py pins it too).  A libz that gives other bytes
+#: (another version's deflate, zlib-ng's compat library) is refused: its archives would
+#: differ from every other machine's.
+_TUNED_DIGEST = "41b7a19f24946b722e7c7509c1b2e57ee79a5292fd06e0eb24dec22c7789e6e5"
 
-    ``zdict`` is the (up to 32 KiB of) stream just before ``data``.  The last cut of a
-    non-final job must be ``len(data)``; the final job ends with ``Z_FINISH`` instead (its
-    last block is the only one with BFINAL set).  ``ends``, if given, receives the offset in
-    the output where each cut's segment ends (the incremental build's index).
+
+def deflater(level: int) -> str:
+    """What the deflate bytes at ``level`` depend on, as the archive index records it:
+    the zlib version, and the tune parameters if any (e.g. ``zlib 1.2.13 tune 8 64 128
+    56``).  Loads libz (``DeflateError`` if it does not load or check)."""
+    tune = TUNE.get(level)
+    return f"zlib {_deflate_library().version}" + ("" if tune is None else " tune " + " ".join(map(str, tune)))
+
+
+_checked: Libz | None = None
+
+
+def _deflate_library() -> Libz:
+    """libz, loaded, checked against Python's zlib (``_libz``) and against the golden
+    digest of format 3's tuned deflate (once)."""
+    global _checked
+    if _checked is not None:
+        return _checked
+    z = _libz.library()
+    data, cuts, zdict = _libz.check_input()
+    got = hashlib.blake2b(z.deflate_segments(data, cuts, DEFAULT_LEVEL, TUNE[DEFAULT_LEVEL], True, zdict),
+                          digest_size=32).hexdigest()
+    if got != _TUNED_DIGEST:
+        raise DeflateError(
+            f"{z.name} (zlib {z.version}) does not give archive format 3's deflate bytes (its "
+            f"tuned level {DEFAULT_LEVEL} output has digest {got[:16]}..., not {_TUNED_DIGEST[:16]}...): "
+            "archives made with it would differ from other machines'; use a stock zlib "
+            "(1.2.x) as libz.so.1")
+    _checked = z
+    return z
+
+
+def compress_segments(
+    data: bytes | memoryview, cuts: Sequence[int], level: int, final: bool,
+    zdict: bytes | memoryview = b"", ends: list[int] | None = None,
+) -> bytes:
+    """Raw deflate of ``data`` with a sync flush at each relative offset in ``cuts``: the one
+    place archive bytes are deflated (builder, incremental build, layout patcher).
+
+    zlib at ``level``, tuned as ``TUNE`` says (format 3), through ``_libz`` (one
+    ``deflate`` call per segment, the GIL released during each).  ``zdict`` is the (up to
+    32 KiB of) stream just before ``data``.  The last cut of a non-final job must be
+    ``len(data)``; the final job ends with ``Z_FINISH`` instead (its last block is the only
+    one with BFINAL set).  ``ends``, if given, receives the offset in the output where each
+    cut's segment ends (the incremental build's index).  ``DeflateError`` if libz fails.
     """
-    if zdict:
-        comp = zlib.compressobj(level, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, zdict)
-    else:
-        comp = zlib.compressobj(level, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY)
-    view = memoryview(data)
-    out: list[bytes] = []
-    prev = 0
-    size = 0
-    for cut in cuts:
-        out.append(comp.compress(view[prev:cut]))
-        out.append(comp.flush(zlib.Z_SYNC_FLUSH))
-        prev = cut
-        if ends is not None:
-            size += len(out[-2]) + len(out[-1])
-            ends.append(size)
-    if final:
-        out.append(comp.compress(view[prev:]))
-        out.append(comp.flush(zlib.Z_FINISH))
-    return b"".join(out)
+    z = _checked if _checked is not None else _deflate_library()
+    return z.deflate_segments(data, cuts, level, TUNE.get(level), final, zdict, ends)
 
 
 #: Uncompressed bytes gathered before cut points are searched and a job is handed out.

@@ -94,11 +94,12 @@ Invariants:
 - the output is byte-identical to ``TgzBuilder`` of the same tree state, with or without a
   previous build (tests/test_archive_incremental.py: random trees, random edits, several
   generations);
-- an entry is reused only when identity, ``ARCHIVE_VERSION``, level and zlib version all
-  match, and the previous archive's blake3 is the one its index names (checked before use:
-  a corrupt cache would otherwise be copied into every later archive; not re-hashed when
-  the caller vouches for the file by the ``stat`` it took when it wrote it: the agent's
-  cache, for the archive it kept itself in this process); anything else falls back to
+- an entry is reused only when identity, ``ARCHIVE_VERSION``, level and deflater (zlib
+  version and tune parameters: ``_gzip.deflater``) all match, and the previous archive's
+  blake3 is the one its index names (checked before use: a corrupt cache would otherwise
+  be copied into every later archive; not re-hashed when the caller vouches for the file
+  by the ``stat`` it took when it wrote it: the agent's cache, for the archive it kept
+  itself in this process); anything else falls back to
   compressing (never an error: the previous build is only a cache);
 - the previous archive failing *during* the build (EIO, truncated, bad deflate: ``_OldFailed``)
   is no error either: a changed file's compare does without it (compressed anew,
@@ -184,6 +185,7 @@ from deltabkp.archive._gzip import (
     MAX_SEGMENT,
     CutFinder,
     compress_segments,
+    deflater,
     gzip_trailer,
 )
 from deltabkp.archive._walk import _O_DIR, ARCHIVE_VERSION, RACY_NS, open_root, walk
@@ -536,13 +538,15 @@ class ArchiveIndex:
     archive_size: int
     tar_size: int
     level: int
-    zlib_version: str
+    #: What the deflate bytes depend on besides the level (``_gzip.deflater``: zlib's
+    #: version and format 3's tune parameters), ASCII.
+    deflater: str
     entries: EntryTable = attrs.field(converter=_entry_table)
     segments: SegmentTable = attrs.field(converter=_segment_table)
     archive_version: int = ARCHIVE_VERSION
 
     def encode(self) -> bytes:
-        zv = self.zlib_version.encode("ascii")
+        zv = self.deflater.encode("ascii")
         out = [_HEAD.pack(
             INDEX_MAGIC, INDEX_VERSION, 0, self.archive_version, self.level, len(zv),
             self.archive_hash, self.archive_size, self.tar_size, len(self.entries),
@@ -608,12 +612,12 @@ class ArchiveIndex:
         ):
             raise FormatError("archive index segments are not increasing within the archive")
         try:
-            zlib_version = zv.decode("ascii")
+            deflater = zv.decode("ascii")
         except UnicodeDecodeError:
-            raise FormatError("archive index has a non-ASCII zlib version") from None
+            raise FormatError("archive index has a non-ASCII deflater") from None
         return cls(
             archive_hash=archive_hash, archive_size=archive_size, tar_size=tar_size,
-            level=level, zlib_version=zlib_version, entries=entries,
+            level=level, deflater=deflater, entries=entries,
             segments=segments, archive_version=archive_version,
         )
 
@@ -832,8 +836,8 @@ def _open_previous(
         return None, f"previous archive is format {index.archive_version}, not {ARCHIVE_VERSION}"
     if index.level != level:
         return None, f"previous archive has deflate level {index.level}, not {level}"
-    if index.zlib_version != zlib.ZLIB_RUNTIME_VERSION:
-        return None, f"previous archive was made by zlib {index.zlib_version}"
+    if index.deflater != (now := deflater(level)):
+        return None, f"previous archive was made by {index.deflater}, not {now}"
     try:
         f = open(archive, "rb")  # noqa: SIM115 (kept open for the whole build, closed by it)
     except OSError as exc:
@@ -1582,7 +1586,7 @@ class IncrementalBuilder(TgzBuilder):
         self._report = counts.report(splicer.pos, size)
         self._index = ArchiveIndex(
             archive_hash=h.digest(), archive_size=size, tar_size=splicer.pos,
-            level=self.level, zlib_version=zlib.ZLIB_RUNTIME_VERSION, entries=entries,
+            level=self.level, deflater=deflater(self.level), entries=entries,
             segments=SegmentTable.from_columns(
                 splicer.seg_tar, splicer.seg_deflate, splicer.crc_parts[: len(splicer.seg_tar)]
             ),

@@ -79,8 +79,10 @@ Invariants:
   build handed their tar over.  The
   receiver checks size and blake3 of the result against the header: a wrong archive is
   never produced silently (``IntegrityError``);
-- zlib's output at a level depends on its version: the capability string names it
-  (``LAYOUT_CAPABILITY``), and a peer with another zlib never receives this form;
+- zlib's output at a level depends on its version and on the archive format's tune
+  parameters: the capability string names both (``LAYOUT_CAPABILITY``: zlib's version and
+  ``ARCHIVE_VERSION``), so a peer with another zlib or format never receives this form,
+  and the header names the deflater exactly (``_gzip.deflater``), checked by the receiver;
 - limits: a record ≤ ``MAX_RECORD`` bytes, a fresh run ≤ ``MAX_RUN_TAR`` tar bytes, old
   tar kept ≤ 2 x ``KEEP`` bytes (+ one ``_PIECE`` per inflate call), output ≤ the
   receiver's ``max_size``.
@@ -110,13 +112,14 @@ import numpy as np
 import numpy.typing as npt
 from isal import isal_zlib
 
-from deltabkp.archive._gzip import DICT_SIZE, compress_segments
+from deltabkp.archive._gzip import DICT_SIZE, compress_segments, deflater
 from deltabkp.archive._incremental import (
     DATA,
     ArchiveIndex,
     BuildHandover,
 )
 from deltabkp.archive._seek import _HDR, _INFLATE_ERRORS, SPACING, SeekPoints
+from deltabkp.archive._walk import ARCHIVE_VERSION
 from deltabkp.errors import (
     FormatError,
     IntegrityError,
@@ -134,8 +137,9 @@ __all__ = [
 
 LAYOUT_MAGIC = b"DBKPLD"
 LAYOUT_VERSION = 1
-#: What an agent advertises and a server accepts: this format with this zlib's deflate.
-LAYOUT_CAPABILITY = f"layout-{LAYOUT_VERSION}/zlib-{zlib.ZLIB_RUNTIME_VERSION}"
+#: What an agent advertises and a server accepts: this format with this zlib's deflate as
+#: this archive format tunes it (format 3: ``_gzip.TUNE``).
+LAYOUT_CAPABILITY = f"layout-{LAYOUT_VERSION}/zlib-{zlib.ZLIB_RUNTIME_VERSION}/archive-{ARCHIVE_VERSION}"
 #: Largest record body (a fresh run's parts and literals).
 MAX_RECORD = 4 << 20
 #: A fresh run is cut into records of about this many tar bytes (window excluded).
@@ -522,7 +526,7 @@ class _Encoder:
     def records(self) -> Generator[bytes, None, None]:
         ni, n = self.ni, len(self.ni.segments)
         yield _HEAD.pack(LAYOUT_MAGIC, LAYOUT_VERSION, 0, self.oi.archive_hash, ni.archive_size,
-                         ni.archive_hash, ni.level, len(ni.zlib_version)) + ni.zlib_version.encode()
+                         ni.archive_hash, ni.level, len(ni.deflater)) + ni.deflater.encode()
         # The leading segments both archives hold alike (same place, bounds and bytes) are
         # the plan's first COPY whatever the rest is (``_lead``): out before the plan (~30
         # ms of a ~1 % change's encode on the stdlib tree), so the receiver starts on them.
@@ -1308,10 +1312,10 @@ class LayoutPatcher:
             raise FormatError(f"layout delta has unknown flags {flags:#x}")
         if self._want_base_hash is not None and base_hash != self._want_base_hash:
             raise IntegrityError("layout delta was made against another base archive")
-        if zv != zlib.ZLIB_RUNTIME_VERSION:
-            raise IntegrityError(f"layout delta needs zlib {zv}, this is {zlib.ZLIB_RUNTIME_VERSION}")
         if not 1 <= level <= 9:
             raise FormatError(f"layout delta has deflate level {level}")
+        if zv != (here := deflater(level)):
+            raise IntegrityError(f"layout delta needs {zv}, this is {here}")
         if self._max_size is not None and new_size > self._max_size:
             raise LimitExceeded(f"layout delta announces {new_size} bytes, over {self._max_size}")
         self._head = (new_size, new_hash, level)

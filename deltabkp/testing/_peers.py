@@ -219,20 +219,24 @@ async def backup_exchange(
     chunk: int = 1000,
     timeout: float = 60.0,
     idle: float = 30.0,
+    accepts: tuple[str, ...] = (),
 ) -> BackupResult:
     """One backup of ``path`` from the agent at ``address``, as a server makes it.
 
     ``base`` is the server's last archive (its hash is offered); if the agent asks for its
     signature it gets ``base_sig`` (default: the signature of ``base``) in chunks of ``chunk``
     bytes.  The agent's refusal raises ``RequestRefused``; a delta chunk over
-    ``protocol.MAX_CHUNK`` is a ``RemoteProtocolError``.
+    ``protocol.MAX_CHUNK`` is a ``RemoteProtocolError``.  ``accepts``: the delta forms
+    offered besides the rolling one (e.g. ``LAYOUT_CAPABILITY``; the delta is then returned
+    as sent, to be applied by the caller: ``LayoutPatcher`` when it starts with
+    ``LAYOUT_MAGIC``).
     """
     if isinstance(address, str):
         address = net.Address.parse(address)
     base_hash = blake3.blake3(base).digest() if base is not None else None
     with trio.fail_after(timeout):
         async with await net.connect(address, key=key, role="server", timeout=idle) as chan:
-            await chan.send(protocol.BackupRequest(path, base_hash, ()))
+            await chan.send(protocol.BackupRequest(path, base_hash, (), accepts=accepts))
             msg = await chan.receive(timeout=idle)
             asked = isinstance(msg, protocol.NeedSignature)
             if asked:

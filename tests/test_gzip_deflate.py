@@ -1,0 +1,140 @@
+"""The archive's deflate (``_gzip.compress_segments`` through ``_libz``, format 3): equal to
+Python's zlib where untuned, the tuned bytes pinned by a golden digest, primed == continuing,
+and every failure a ``DeflateError`` naming the library."""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deltabkp.archive import _gzip, _libz
+from deltabkp.archive._gzip import DICT_SIZE, TUNE, compress_segments, deflater
+from deltabkp.errors import ArchiveError, DeflateError, DeltabkpError
+
+#: blake2b-256 of ``_libz.check_input()`` deflated at level 6 with format 3's tune, primed
+#: (zlib 1.2.13): the library checks the same digest when it loads libz.
+GOLDEN_TUNED = "41b7a19f24946b722e7c7509c1b2e57ee79a5292fd06e0eb24dec22c7789e6e5"
+
+
+def compressobj_segments(data: bytes, cuts: list[int], level: int, final: bool, zdict: bytes) -> bytes:
+    """Format 2's deflate: Python's zlib, ``compress`` + ``flush(Z_SYNC_FLUSH)`` per segment."""
+    comp = zlib.compressobj(level, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, zdict) if zdict \
+        else zlib.compressobj(level, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY)
+    out, prev = [], 0
+    for cut in cuts:
+        out += [comp.compress(data[prev:cut]), comp.flush(zlib.Z_SYNC_FLUSH)]
+        prev = cut
+    if final:
+        out += [comp.compress(data[prev:]), comp.flush(zlib.Z_FINISH)]
+    return b"".join(out)
+
+
+def test_tuned_output_is_the_golden_digest() -> None:
+    data, cuts, zdict = _libz.check_input()
+    out = compress_segments(data, cuts, 6, True, zdict)
+    assert hashlib.blake2b(out, digest_size=32).hexdigest() == GOLDEN_TUNED == _gzip._TUNED_DIGEST
+    assert zlib.decompressobj(-15, zdict=zdict).decompress(out) == data
+    # The tune changes the bytes (else the digest would not pin it).
+    assert out != compressobj_segments(data, cuts, 6, True, zdict)
+
+
+def test_deflater_names_version_and_tune() -> None:
+    z = _libz.library()
+    assert deflater(6) == f"zlib {z.version} tune " + " ".join(map(str, TUNE[6]))
+    assert deflater(9) == f"zlib {z.version}"
+    assert z.version == zlib.ZLIB_RUNTIME_VERSION  # the library Python's zlib uses
+
+
+text = st.lists(st.sampled_from([b"abc", b"def ", b"the quick ", b"\n", b"xyzzy", b"\0" * 7]),
+                max_size=3000).map(b"".join)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.one_of(text, st.binary(max_size=20_000)), zdict=st.one_of(st.just(b""), text),
+       level=st.integers(1, 9), final=st.booleans(), cuts=st.lists(st.floats(0, 1), max_size=12))
+def test_untuned_equals_pythons_zlib(data: bytes, zdict: bytes, level: int, final: bool,
+                                     cuts: list[float]) -> None:
+    """The binding without ``deflateTune`` is Python's zlib, byte for byte: empty segments,
+    empty input, primed or not, any level, final or not."""
+    at = sorted(int(f * len(data)) for f in cuts)
+    if not final:
+        at.append(len(data))
+    zdict = zdict[-DICT_SIZE:]
+    ends: list[int] = []
+    got = _libz.library().deflate_segments(memoryview(data), at, level, None, final, zdict, ends)
+    assert got == compressobj_segments(data, at, level, final, zdict)
+    want_ends = [len(compressobj_segments(data[: c], at[: k + 1], level, False, zdict))
+                 for k, c in enumerate(at)]
+    assert ends == want_ends
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=text, split=st.floats(0, 1), step=st.integers(500, 4000))
+def test_tuned_primed_equals_continuing(data: bytes, split: float, step: int) -> None:
+    """A job primed with the 32 KiB before it emits what one compressor over both does
+    (what the parallel and incremental builds and the layout patcher rely on)."""
+    cuts = list(range(step, len(data), step)) + [len(data)]
+    k = int(split * (len(cuts) - 1))
+    whole = compress_segments(data, cuts, 6, False)
+    a = compress_segments(data[: cuts[k]], cuts[: k + 1], 6, False)
+    b = compress_segments(data[cuts[k] :], [c - cuts[k] for c in cuts[k + 1 :]], 6, False,
+                          data[max(0, cuts[k] - DICT_SIZE) : cuts[k]])
+    assert a + b == whole
+
+
+def test_output_buffer_grows(monkeypatch: pytest.MonkeyPatch) -> None:
+    data, cuts, zdict = _libz.check_input()
+    want = compress_segments(data, cuts, 6, True, zdict)
+    monkeypatch.setattr(_libz, "_capacity", lambda n, cuts: 7)
+    ends: list[int] = []
+    assert compress_segments(data, cuts, 6, True, zdict, ends) == want
+    assert ends == sorted(ends) and ends[-1] < len(want)
+
+
+def test_failures_are_deflate_errors() -> None:
+    with pytest.raises(DeflateError, match=r"zlib .* deflateInit2_ returned -2"):
+        compress_segments(b"abc", [], 12, True)
+    with pytest.raises(ValueError, match="not in order"):
+        compress_segments(b"abcdef", [4, 2], 6, True)
+    with pytest.raises(ValueError, match="must end at a cut"):
+        compress_segments(b"abcdef", [2], 6, False)
+    assert issubclass(DeflateError, ArchiveError) and issubclass(DeflateError, DeltabkpError)
+
+
+def test_a_libz_with_other_bytes_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A libz whose tuned bytes are not format 3's (zlib-ng's compat library, another
+    deflate) is refused with the library and version named, on every call."""
+    monkeypatch.setattr(_gzip, "_checked", None)
+    monkeypatch.setattr(_gzip, "_TUNED_DIGEST", "00" * 32)
+    z = _libz.library()
+    for _ in range(2):
+        with pytest.raises(DeflateError, match=rf"{z.name} \(zlib {z.version}\) does not give archive format 3"):
+            compress_segments(b"abc", [], 6, True)
+    with pytest.raises(DeflateError):
+        deflater(6)
+
+
+def test_a_libz_unlike_pythons_zlib_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The load check: a library (or binding) whose untuned bytes are not Python's zlib's
+    fails to load, and the failure is kept (no second load)."""
+    monkeypatch.setattr(_libz, "_loaded", None)
+    monkeypatch.setattr(_libz, "_compressobj", lambda *a: b"other")
+    for _ in range(2):
+        with pytest.raises(DeflateError, match=r"libz\.so\.1 \(zlib .*\) does not deflate as Python's zlib"):
+            _libz.library()
+    monkeypatch.undo()
+    assert _libz.library().version == zlib.ZLIB_RUNTIME_VERSION
+
+
+def test_missing_libz(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes.util
+
+    monkeypatch.setattr(_libz, "_loaded", None)
+    monkeypatch.setattr(_libz, "_SONAME", "libz-absent.so.9")
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(DeflateError, match="cannot load libz"):
+        _libz.library()
