@@ -353,8 +353,16 @@ async def _counted_agent(
     await nursery.start(agent.run)
     where = net.Address.parse(agent.address)
 
+    done = [0]
+
     async def request(base: bytes | None) -> tuple[bytes, str]:
+        # The previous backup's work after its answer (seek points, settling the kept
+        # index) reads the kept index too: counted as its own, not this request's.
+        with trio.fail_after(30):  # a deadline, not a timing assertion
+            while agent.served < done[0]:
+                await trio.sleep(0.01)
         calls.clear()
+        done[0] += 1
         r = await backup_exchange(where, key, str(app), base)
         if r.kind == "unchanged":
             assert base is not None
