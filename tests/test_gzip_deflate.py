@@ -95,6 +95,17 @@ def test_output_buffer_grows(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ends == sorted(ends) and ends[-1] < len(want)
 
 
+def test_an_output_buffer_filled_exactly_by_a_flush(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync flush that ends exactly at the buffer's end: zlib refuses the repeated flush
+    after the buffer grew (nothing left to do) — done, not an error."""
+    data, cuts, zdict = _libz.check_input()
+    ends: list[int] = []
+    want = compress_segments(data, cuts, 6, True, zdict, ends)
+    for end in sorted(set(ends))[:4]:
+        monkeypatch.setattr(_libz, "_capacity", lambda n, cuts, end=end: end)
+        assert compress_segments(data, cuts, 6, True, zdict) == want
+
+
 def test_failures_are_deflate_errors() -> None:
     with pytest.raises(DeflateError, match=r"zlib .* deflateInit2_ returned -2"):
         compress_segments(b"abc", [], 12, True)

@@ -118,9 +118,17 @@ class Libz:
                             lib.deflateSetDictionary(ps, zd.ctypes.data, len(zd)), s)
             s.next_out, s.avail_out = ctypes.addressof(out), cap
 
+            def grow(size: int) -> None:
+                nonlocal out, cap
+                size = max(size, 2 * cap)
+                grown = ctypes.create_string_buffer(size)
+                ctypes.memmove(grown, out, s.total_out)
+                out, cap = grown, size
+                s.next_out = ctypes.addressof(out) + s.total_out
+                s.avail_out = cap - s.total_out
+
             def run(a: int, b: int, flush: int) -> None:
                 """deflate ``data[a:b]`` then ``flush``, growing ``out`` while it fills."""
-                nonlocal out, cap
                 if a == b and flush == Z_SYNC_FLUSH:
                     # An empty segment: compressobj's ``compress(b"")`` leaves zlib's last
                     # flush at Z_NO_FLUSH (Z_BUF_ERROR: nothing to do), so its sync flush is
@@ -133,17 +141,22 @@ class Libz:
                     step = min(b - a, _MAX_IN)
                     last = a + step == b
                     s.next_in, s.avail_in = (base + a if step else None), step
+                    # Room for all this call can give (``_bound``) before it runs: a flush
+                    # that fills ``out`` exactly returns with avail_out == 0, undone as far
+                    # as zlib knows, and the repeated call would add a second flush marker
+                    # (zlib.h, deflate: "avail_out greater than six") — other bytes.
+                    need = _bound(step)
+                    if s.avail_out < need:
+                        grow(s.total_out + need)
                     while True:
                         rc = lib.deflate(ps, flush if last else Z_NO_FLUSH)
                         if not (rc == Z_OK or (rc == Z_STREAM_END and last and flush == Z_FINISH)):
                             self._check("deflate", rc, s)
                         if s.avail_out:
                             break
-                        grown = ctypes.create_string_buffer(2 * cap)
-                        ctypes.memmove(grown, out, s.total_out)
-                        out, cap = grown, 2 * cap
-                        s.next_out = ctypes.addressof(out) + s.total_out
-                        s.avail_out = cap - s.total_out
+                        # Not reached while ``_bound`` holds (then with Z_NO_FLUSH only, or
+                        # a flush zlib has yet to finish): zlib.h's way to go on.
+                        grow(2 * cap)
                     if s.avail_in:  # zlib took less than it was given with room left
                         raise DeflateError(f"zlib {self.version} ({self.name}) deflate left "
                                            f"{s.avail_in} input bytes unread")
@@ -173,6 +186,13 @@ class Libz:
             msg = s.msg.decode("ascii", "replace") if s.msg else ""
             raise DeflateError(f"zlib {self.version} ({self.name}) {call} returned {rc}"
                                + (f": {msg}" if msg else ""))
+
+
+def _bound(n: int) -> int:
+    """More than one ``deflate`` call of ``n`` bytes and its flush can output after a sync
+    flush (nothing pending): zlib's ``deflateBound`` for raw deflate plus a flush marker
+    and the bits of an open block, with room to spare."""
+    return n + (n >> 12) + (n >> 14) + (n >> 25) + 64
 
 
 def _capacity(n: int, cuts: int) -> int:
