@@ -184,15 +184,35 @@ gear_cuts(PyObject *self, PyObject *args)
         if ((k >= window - 1 && s < thr && c - lst >= lo) || c - lst == hi)
             cuts[count++] = lst = c;
     }
-    /* From here the byte leaving is data's own, and every window is whole. */
-    for (; i < n; i++) {
-        s = (uint16_t)(s + g[d[i]] - g[d[i - window]]);
-        const long long c = pos + i + 1;
-        if (s < thr) {
-            if (c - lst >= lo)
+    /* From here the byte leaving is data's own, and every window is whole.  Candidates are
+     * rare (1/4096 of windows) and forced cuts rarer: 8 windows are summed and tested at
+     * once, and only a stretch with a candidate, or the one the forced cut falls in, is
+     * walked byte by byte. */
+    while (i < n) {
+        /* the index whose cut would be forced: c - lst == hi */
+        const long long force = lst + hi - pos - 1;
+        const Py_ssize_t stop = force < n ? (Py_ssize_t)force : n;
+        while (i + 8 <= stop) {
+            const uint16_t s0 = (uint16_t)(s + g[d[i]] - g[d[i - window]]);
+            const uint16_t s1 = (uint16_t)(s0 + g[d[i + 1]] - g[d[i + 1 - window]]);
+            const uint16_t s2 = (uint16_t)(s1 + g[d[i + 2]] - g[d[i + 2 - window]]);
+            const uint16_t s3 = (uint16_t)(s2 + g[d[i + 3]] - g[d[i + 3 - window]]);
+            const uint16_t s4 = (uint16_t)(s3 + g[d[i + 4]] - g[d[i + 4 - window]]);
+            const uint16_t s5 = (uint16_t)(s4 + g[d[i + 5]] - g[d[i + 5 - window]]);
+            const uint16_t s6 = (uint16_t)(s5 + g[d[i + 6]] - g[d[i + 6 - window]]);
+            const uint16_t s7 = (uint16_t)(s6 + g[d[i + 7]] - g[d[i + 7 - window]]);
+            if ((s0 < thr) | (s1 < thr) | (s2 < thr) | (s3 < thr) | (s4 < thr) | (s5 < thr)
+                | (s6 < thr) | (s7 < thr))
+                break;
+            s = s7;
+            i += 8;
+        }
+        const Py_ssize_t end = n - i < 8 ? n : i + 8;
+        for (; i < end; i++) {
+            s = (uint16_t)(s + g[d[i]] - g[d[i - window]]);
+            const long long c = pos + i + 1;
+            if ((s < thr && c - lst >= lo) || c - lst == hi)
                 cuts[count++] = lst = c;
-        } else if (c - lst == hi) {
-            cuts[count++] = lst = c;
         }
     }
     Py_END_ALLOW_THREADS
