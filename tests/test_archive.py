@@ -422,6 +422,16 @@ def test_cut_points_follow_the_spec() -> None:
         assert CutFinder.at_cut(c, data[:c]).feed(data[c:]) == [x for x in want if x > c]
 
 
+def test_the_c_cut_finder_is_built_and_used() -> None:
+    """The test install builds the C module (as tests/test_blake2.py checks for its loop):
+    unless turned off, the build's cuts come from C; a module that is missing or fails its
+    load check fails here, it is not skipped."""
+    if os.environ.get("DELTABKP_CUT_FINDER") == "numpy":
+        pytest.skip("DELTABKP_CUT_FINDER=numpy")
+    assert _blockloop is not None and callable(_blockloop.gear_cuts)
+    assert _gzip.cut_finder() == "C" and CutFinder().implementation == "C"
+
+
 def _c_finder_or_skip() -> None:
     if _gzip.cut_finder() != "C":
         pytest.skip("the C cut finder is not built (or DELTABKP_CUT_FINDER=numpy)")
