@@ -171,15 +171,14 @@ gear_cuts(PyObject *self, PyObject *args)
     for (Py_ssize_t k = 0; k < t; k++)
         s = (uint16_t)(s + g[tp[k]]);
     Py_ssize_t i = 0;
-    /* While the byte leaving the window may be the tail's (or none has left yet). */
+    /* While the byte leaving the window is the tail's (t + i - window < t), or none has
+     * left yet. */
     const Py_ssize_t head = n < window ? n : window;
     for (; i < head; i++) {
         const Py_ssize_t k = t + i;
         s = (uint16_t)(s + g[d[i]]);
-        if (k >= window) {
-            const Py_ssize_t o = k - window;
-            s = (uint16_t)(s - g[o < t ? tp[o] : d[o - t]]);
-        }
+        if (k >= window)
+            s = (uint16_t)(s - g[tp[k - window]]);
         const long long c = pos + i + 1;
         if ((k >= window - 1 && s < thr && c - lst >= lo) || c - lst == hi)
             cuts[count++] = lst = c;
