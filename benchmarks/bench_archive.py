@@ -23,13 +23,14 @@ previous one's index and archive is timed against a fresh ``TgzBuilder`` of the 
 incremental builds in a row of a copy of that tree with a file appended every 100 ms,
 against a full build, each checked against a fresh build of what it captured.
 ``--deflaters``: CPU seconds of each step of a full build over the tar of the ~107 MB tree
-(cut finding, the format's deflate — version 3: zlib -6 tuned, through ctypes — and version
-2's, Python's zlib -6, both with the format's sync flushes, plain deflate) next to ``tar | pigz
---rsyncable``, and version 2's deflate with zlib-ng and ISA-L where installed (``pip install
-zlib-ng isal``; not dependencies): their size against pigz's and whether a compressor primed
-with ``zdict`` emits what a continuing one does (the format needs it: docs/formats.md); fewer
-flushes and other levels (format options); then the full build against ``tar | pigz -6
---rsyncable``, alternating, ``max(--repeat, 5)`` rounds: wall, CPU, ratios, and where the
+(cut finding: numpy's and, when built, C's, the one the build uses marked; the format's
+deflate — version 3: zlib -6 tuned, through ctypes — and version 2's, Python's zlib -6, both
+with the format's sync flushes, plain deflate) next to ``tar | pigz --rsyncable``, and version
+2's deflate with zlib-ng and ISA-L where installed (``pip install zlib-ng isal``; not
+dependencies): their size against pigz's and whether a compressor primed with ``zdict`` emits
+what a continuing one does (the format needs it: docs/formats.md); fewer flushes and other
+levels (format options); then the full build against ``tar | pigz -6 --rsyncable``,
+alternating, ``max(--repeat, 5)`` rounds: wall, CPU, ratios, and where the
 build's threads spent their time (Linux ``/proc/.../schedstat``).
 
 Wall times, best of ``--repeat``; files in the page cache; asserts nothing.
@@ -364,17 +365,25 @@ def deflaters(rounds: int = 5) -> None:
         r = resource.getrusage(resource.RUSAGE_CHILDREN)
         return r.ru_utime + r.ru_stime
 
-    finder = _gzip.CutFinder()
     step = _gzip.JOB_SIZE
-    t_cut, cuts = cpu(lambda: [c for i in range(0, len(tar), step) for c in finder.feed(tar[i : i + step])])
-    assert isinstance(cuts, list)
+    uses = _gzip.cut_finder()  # the first call runs the C scan's load check
+    t_cuts: dict[str, float] = {}
+    found: dict[str, object] = {}
+    for impl in ("numpy", "C") if uses == "C" else ("numpy",):
+        t_cuts[impl], found[impl] = cpu(functools.partial(_all_cuts, _gzip.CutFinder(impl), tar, step))
+    cuts = found["numpy"]
+    assert isinstance(cuts, list) and all(v == cuts for v in found.values())
     c0 = children_cpu()
     pigz = subprocess.run(f"tar --sort=name -cf - -C {base} . | pigz -6 -n --rsyncable | wc -c",
                           shell=True, capture_output=True, text=True, check=True)
     t_pigz, pigz_size = children_cpu() - c0, int(pigz.stdout)
     print(f"tar {len(tar) / 1e6:.1f} MB, {len(cuts)} cuts | cores {os.cpu_count()}, load "
           f"{os.getloadavg()[0]:.1f} (CPU seconds: steadier than wall time on a shared machine)")
-    print(f"   cut finding (numpy)               cpu {t_cut:6.2f} s")
+    for impl, t in t_cuts.items():
+        print(f"   {f'cut finding ({impl})':33} cpu {t:6.2f} s   {t / len(tar) * 1e9:.2f} ns a byte"
+              + ("   (the build's)" if impl == uses else ""))
+    if uses != "C":
+        print("   cut finding (C): not built, turned off (DELTABKP_CUT_FINDER=numpy) or failed its check")
     print(f"   tar | pigz -6 --rsyncable (all)   cpu {t_pigz:6.2f} s   size {pigz_size:,}")
     t_plain, plain = cpu(lambda: zlib.compress(tar, 6))
     assert isinstance(plain, bytes)
@@ -459,6 +468,11 @@ def primed_equals_continuing(seg: Callable[..., bytes], tar: bytes, cuts: list[i
                 tar[max(0, cuts[k] - _gzip.DICT_SIZE) : cuts[k]])
         same = same and a + b == whole
     return same
+
+
+def _all_cuts(finder: Any, data: bytes, step: int) -> list[int]:
+    """``finder``'s cuts of ``data`` fed ``step`` bytes at a time (as the build's jobs)."""
+    return [c for i in range(0, len(data), step) for c in finder.feed(data[i : i + step])]
 
 
 def _schedstat() -> tuple[float, float]:

@@ -20,6 +20,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,8 +29,14 @@ from hypothesis import strategies as st
 
 import deltabkp
 from deltabkp.archive import ArchiveReport, TgzBuilder, build_archive, extract_archive
-from deltabkp.archive._gzip import MAX_SEGMENT, MIN_SEGMENT, CutFinder, RsyncableGzip
+from deltabkp.archive import _gzip
+from deltabkp.archive._gzip import MAX_SEGMENT, MIN_SEGMENT, WINDOW, CutFinder, RsyncableGzip
 from deltabkp.errors import ArchiveError
+
+try:
+    from deltabkp.engine import _blockloop
+except ImportError:  # built without a compiler
+    _blockloop = None  # type: ignore[assignment]
 
 GOLDEN = Path(__file__).parent / "golden" / "archive"
 T0 = 1_700_000_000
@@ -413,6 +420,147 @@ def test_cut_points_follow_the_spec() -> None:
         assert got == want, sizes
     for c in want[::37]:
         assert CutFinder.at_cut(c, data[:c]).feed(data[c:]) == [x for x in want if x > c]
+
+
+def test_the_c_cut_finder_is_built_and_used() -> None:
+    """The test install builds the C module (as tests/test_blake2.py checks for its loop):
+    unless turned off, the build's cuts come from C; a module that is missing or fails its
+    load check fails here, it is not skipped."""
+    if os.environ.get("DELTABKP_CUT_FINDER") == "numpy":
+        pytest.skip("DELTABKP_CUT_FINDER=numpy")
+    assert _blockloop is not None and callable(_blockloop.gear_cuts)
+    assert _gzip.cut_finder() == "C" and CutFinder().implementation == "C"
+
+
+def _c_finder_or_skip() -> None:
+    if _gzip.cut_finder() != "C":
+        pytest.skip("the C cut finder is not built (or DELTABKP_CUT_FINDER=numpy)")
+
+
+#: Two-byte patterns whose every 64-byte window is a candidate (32 * (G[a] + G[b]) = 0 mod
+#: 2^16): runs of them offer a candidate at every byte, so the minimum decides every cut.
+_CANDIDATE_PAIRS = [bytes(p) for p in itertools.product(range(256), repeat=2)
+                    if 32 * (int(_gzip._GEAR[p[0]]) + int(_gzip._GEAR[p[1]])) % 65536 < 16]
+
+_stream_pieces = st.one_of(
+    st.binary(max_size=20_000),
+    # candidates at every byte
+    st.builds(lambda p, n: p * n, st.sampled_from(_CANDIDATE_PAIRS), st.integers(1, 6_000)),
+    # no candidate (64 zeros sum to 40192): forced cuts every 64 KiB
+    st.builds(bytes, st.integers(1, 200_000)),
+)
+
+
+@given(st.lists(_stream_pieces, max_size=6),
+       st.lists(st.one_of(st.integers(0, 70), st.integers(0, 140_000)), max_size=30),
+       st.data())
+def test_c_cut_finder_gives_numpy_cuts(pieces: list[bytes], splits: list[int], data: st.DataObject) -> None:
+    """The C scan's cuts are the numpy finder's, whatever the feeds: empty ones, ones shorter
+    than the window, ones that cross candidate runs and forced cuts; and resumed with
+    ``at_cut`` (the incremental build)."""
+    _c_finder_or_skip()
+    stream = b"".join(pieces)
+    want = CutFinder("numpy").feed(stream)
+    f = CutFinder("C")
+    got: list[int] = []
+    at = 0
+    for n in splits + [len(stream)]:
+        got += f.feed(stream[at : at + n])
+        at += n
+    assert got == want
+    if want:
+        c = data.draw(st.sampled_from(want))
+        before = stream[: c][-data.draw(st.integers(WINDOW - 1, WINDOW + 5)) :]
+        assert CutFinder.at_cut(c, before, "C").feed(stream[c:]) == [x for x in want if x > c]
+
+
+def test_c_cut_finder_checks_its_state() -> None:
+    """Given rules or a state no feed could leave, the C scan raises ValueError before it
+    reads a byte; a finder whose state was broken does too."""
+    _c_finder_or_skip()
+    assert _blockloop is not None
+    table = _gzip._GEAR_BYTES
+    data = bytes(10_000)
+    ok = (table, WINDOW, 16, MIN_SEGMENT, MAX_SEGMENT, b"x" * 63, data, 100, 0)
+    assert _blockloop.gear_cuts(*ok) == ([], bytes(63), 10_100, 0)
+    bad_rules = [
+        (table[:-2], WINDOW, 16, MIN_SEGMENT, MAX_SEGMENT),
+        (table + b"\0\0", WINDOW, 16, MIN_SEGMENT, MAX_SEGMENT),
+        (table, 0, 16, MIN_SEGMENT, MAX_SEGMENT),
+        (table, WINDOW, -1, MIN_SEGMENT, MAX_SEGMENT),
+        (table, WINDOW, 16, 0, MAX_SEGMENT),
+        (table, WINDOW, 16, MIN_SEGMENT, MIN_SEGMENT - 1),
+    ]
+    for rules in bad_rules:
+        with pytest.raises(ValueError, match="bad cut rule"):
+            _blockloop.gear_cuts(*rules, b"", data, 0, 0)
+    bad_states = [
+        (b"x" * 64, 100, 0),  # more tail than the window holds
+        (b"x" * 10, 5, 0),  # more tail than the stream
+        (b"", -1, -1),
+        (b"", 100, 101),  # a cut ahead of the stream
+        (b"", MAX_SEGMENT, 0),  # a forced cut missed
+        (b"", 2**63 - 5, 2**63 - 6),  # the offset would overflow
+    ]
+    for tail, pos, last in bad_states:
+        with pytest.raises(ValueError, match="bad cut finder state"):
+            _blockloop.gear_cuts(*ok[:5], tail, data, pos, last)
+    with pytest.raises(TypeError):
+        _blockloop.gear_cuts(*ok[:6], "text", 0, 0)  # type: ignore[arg-type]
+    with pytest.raises(OverflowError):
+        _blockloop.gear_cuts(*ok[:7], 2**64, 0)
+    f = CutFinder("C")
+    f.feed(data)
+    f._last = f._pos + 1
+    with pytest.raises(ValueError, match="bad cut finder state"):
+        f.feed(data)
+
+
+def test_cut_finder_falls_back_to_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DELTABKP_CUT_FINDER=numpy``, a module that is missing or stale (no ``gear_cuts``),
+    or a scan that disagrees with numpy on the load check: ``CutFinder()`` uses numpy, and
+    gives the same cuts."""
+    import sys
+    import types
+
+    import deltabkp.engine
+
+    data = random.Random(5).randbytes(300_000)
+    want = CutFinder("numpy").feed(data)
+
+    def fresh(*, env: str | None = None, module: object = "real") -> str:
+        monkeypatch.setattr(_gzip, "_scan_tried", False)
+        monkeypatch.setattr(_gzip, "_scan", None)
+        if env is None:
+            monkeypatch.delenv("DELTABKP_CUT_FINDER", raising=False)
+        else:
+            monkeypatch.setenv("DELTABKP_CUT_FINDER", env)
+        if module is None:  # not built: the import fails
+            monkeypatch.delattr(deltabkp.engine, "_blockloop", raising=False)
+            monkeypatch.setitem(sys.modules, "deltabkp.engine._blockloop", None)
+        elif module != "real":
+            monkeypatch.setattr(deltabkp.engine, "_blockloop", module, raising=False)
+        assert CutFinder().feed(data) == want
+        return _gzip.cut_finder()
+
+    assert fresh(env="numpy") == "numpy"
+    with pytest.raises(RuntimeError, match="not available"):
+        CutFinder("C")
+    assert fresh(module=types.ModuleType("stale_build_without_gear_cuts")) == "numpy"
+    if _blockloop is not None:
+        wrong = types.ModuleType("off_by_one")
+        real = _blockloop.gear_cuts
+
+        def off_by_one(*args: Any) -> tuple[list[int], bytes, int, int]:
+            cuts, tail, pos, last = real(*args)
+            return [c + 1 for c in cuts], tail, pos, last
+
+        wrong.gear_cuts = off_by_one  # type: ignore[attr-defined]
+        assert fresh(module=wrong) == "numpy"
+        assert fresh(module=_blockloop) == "C"
+    assert fresh(module=None) == "numpy"
+    with pytest.raises(ValueError, match="no cut finder"):
+        CutFinder("fortran")
 
 
 def test_cut_points_resynchronise_after_insert() -> None:

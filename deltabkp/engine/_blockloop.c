@@ -1,23 +1,35 @@
-/* deltabkp.engine._blockloop: the loop of deltabkp/engine/_blake2.py over many blocks, in C.
+/* deltabkp.engine._blockloop: the project's loops over a whole buffer, in C, the GIL released.
  *
- * Why: a ctypes call holds the GIL ~1.2 us per block around the library's BLAKE2b, and
- * with helper threads hashing at once every block hands the GIL back and forth.  Here one
- * call hashes a whole task's blocks with the GIL released, so the threads run side by side.
+ * blocks(): the loop of deltabkp/engine/_blake2.py over many blocks.  Why: a ctypes call
+ * holds the GIL ~1.2 us per block around the library's BLAKE2b, and with helper threads
+ * hashing at once every block hands the GIL back and forth.  Here one call hashes a whole
+ * task's blocks with the GIL released, so the threads run side by side.  The hash itself
+ * stays the library's (libsodium or libb2, loaded and checked against hashlib by _blake2.py,
+ * which passes the checked function's address): this module has no hash of its own, no
+ * link-time dependency and no header beyond Python's.
  *
- * The hash itself stays the library's (libsodium or libb2, loaded and checked against
- * hashlib by _blake2.py, which passes the checked function's address): this module has no
- * hash of its own, no link-time dependency and no header beyond Python's.  It is optional:
- * without a compiler the package installs without it and _blake2.py loops through ctypes.
+ * gear_cuts(): the archive's content-defined cut points (deltabkp/archive/_gzip.py's
+ * CutFinder, docs/formats.md "Cut points"), one rolling sum per byte instead of numpy's
+ * passes: the gear table and the rule's numbers come from _gzip.py (their one home), which
+ * checks this scan against its numpy one when it loads and uses it only if they agree.
+ * Why: the build's iterating thread finds the cuts, and every 0.1 s it holds a core (and
+ * the GIL, between numpy's calls) delays the walk and the deflate workers.
+ *
+ * One module for both: one optional extension to build, ship and check.  It is optional:
+ * without a compiler the package installs without it, _blake2.py loops through ctypes and
+ * _gzip.py finds cuts with numpy.
  *
  * Invariants: every bound is checked before a pointer is formed (the caller's buffers are
- * held through the buffer protocol for the whole loop); the loop stops at the first status
- * other than 0 and reports that block, whose digest must not be used.
+ * held through the buffer protocol for the whole loop); blocks() stops at the first status
+ * other than 0 and reports that block, whose digest must not be used; gear_cuts() rejects a
+ * state no feed could have left (ValueError) before it reads a byte.
  */
 /* The stable ABI of 3.11 (Py_buffer joined it then): one wheel for every later CPython. */
 #define Py_LIMITED_API 0x030B0000
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 #define DIGEST 32
 
@@ -89,14 +101,164 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(gear_cuts_doc,
+"gear_cuts(table, window, threshold, min_segment, max_segment, tail, data, pos, last)\n"
+"    -> (cuts, tail, pos, last)\n\n"
+"The cut points of ``data``, the stream's bytes from offset ``pos`` on (docs/formats.md,\n"
+"\"Cut points\"): ``table`` is the 256 gear values as little-endian 16-bit words (512 bytes);\n"
+"a window of ``window`` bytes whose gear sum mod 2^16 is below ``threshold`` is a candidate;\n"
+"a cut needs ``min_segment`` bytes after the previous one, and is forced after\n"
+"``max_segment``.  The state: ``tail``, the stream's bytes just before ``pos`` (at most\n"
+"``window - 1``, fewer only at its start), and ``last``, the offset of the previous cut.\n"
+"Returns the cuts (absolute offsets, ascending) and the state after ``data``.");
+
+#define GEAR_TABLE 256
+
+static PyObject *
+gear_cuts(PyObject *self, PyObject *args)
+{
+    Py_buffer tab, tl, src;
+    Py_ssize_t window, threshold, min_seg, max_seg;
+    long long pos, last;
+    if (!PyArg_ParseTuple(args, "y*nnnny*y*LL", &tab, &window, &threshold, &min_seg, &max_seg,
+                          &tl, &src, &pos, &last))
+        return NULL;
+    PyObject *result = NULL, *cuts_list = NULL, *tail_out = NULL;
+    long long *cuts = NULL;
+    const Py_ssize_t n = src.len, t = tl.len;
+    if (tab.len != 2 * GEAR_TABLE || window < 1 || window > 65536 || threshold < 0
+        || threshold > 65536 || min_seg < 1 || max_seg < min_seg) {
+        PyErr_Format(PyExc_ValueError,
+                     "bad cut rule: a %zd-byte table (512 wanted), window %zd, threshold %zd, "
+                     "segments %zd..%zd", tab.len, window, threshold, min_seg, max_seg);
+        goto done;
+    }
+    /* A state some feed could have left: no cut ahead of the stream, a segment shorter than
+     * the forced cut, no more tail than the stream and the window hold; and no overflow. */
+    if (pos < 0 || last < 0 || last > pos || pos - last >= max_seg || t >= window || t > pos
+        || pos > LLONG_MAX - n) {
+        PyErr_Format(PyExc_ValueError,
+                     "bad cut finder state: %zd tail bytes, offset %lld, last cut %lld",
+                     t, pos, last);
+        goto done;
+    }
+    /* Each cut is at least min_seg after the one before, the first at least min_seg after
+     * ``last``. */
+    const long long cap = (pos - last + n) / min_seg + 1;
+    if ((unsigned long long)cap > PY_SSIZE_T_MAX / sizeof(long long)) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    cuts = PyMem_Malloc((size_t)cap * sizeof(long long));
+    if (cuts == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    uint16_t g[GEAR_TABLE];
+    const unsigned char *tb = (const unsigned char *)tab.buf;
+    for (int v = 0; v < GEAR_TABLE; v++)
+        g[v] = (uint16_t)(tb[2 * v] | (tb[2 * v + 1] << 8));
+    const unsigned char *d = (const unsigned char *)src.buf;
+    const unsigned char *tp = (const unsigned char *)tl.buf;
+    const long long lo = min_seg, hi = max_seg;
+    const unsigned thr = (unsigned)threshold;
+    Py_ssize_t count = 0;
+    long long lst = last;
+    Py_BEGIN_ALLOW_THREADS
+    /* The stream seen as tail + data: byte k of it is at offset pos - t + k, the window
+     * ending at k is whole from k = window - 1 on, and a cut after k is at pos - t + k + 1. */
+    uint16_t s = 0;
+    for (Py_ssize_t k = 0; k < t; k++)
+        s = (uint16_t)(s + g[tp[k]]);
+    Py_ssize_t i = 0;
+    /* While the byte leaving the window is the tail's (t + i - window < t), or none has
+     * left yet. */
+    const Py_ssize_t head = n < window ? n : window;
+    for (; i < head; i++) {
+        const Py_ssize_t k = t + i;
+        s = (uint16_t)(s + g[d[i]]);
+        if (k >= window)
+            s = (uint16_t)(s - g[tp[k - window]]);
+        const long long c = pos + i + 1;
+        if ((k >= window - 1 && s < thr && c - lst >= lo) || c - lst == hi)
+            cuts[count++] = lst = c;
+    }
+    /* From here the byte leaving is data's own, and every window is whole.  Candidates are
+     * rare (1/4096 of windows) and forced cuts rarer: 8 windows are summed and tested at
+     * once, and only a stretch with a candidate, or the one the forced cut falls in, is
+     * walked byte by byte. */
+    while (i < n) {
+        /* the index whose cut would be forced: c - lst == hi */
+        const long long force = lst + hi - pos - 1;
+        const Py_ssize_t stop = force < n ? (Py_ssize_t)force : n;
+        while (i + 8 <= stop) {
+            const uint16_t s0 = (uint16_t)(s + g[d[i]] - g[d[i - window]]);
+            const uint16_t s1 = (uint16_t)(s0 + g[d[i + 1]] - g[d[i + 1 - window]]);
+            const uint16_t s2 = (uint16_t)(s1 + g[d[i + 2]] - g[d[i + 2 - window]]);
+            const uint16_t s3 = (uint16_t)(s2 + g[d[i + 3]] - g[d[i + 3 - window]]);
+            const uint16_t s4 = (uint16_t)(s3 + g[d[i + 4]] - g[d[i + 4 - window]]);
+            const uint16_t s5 = (uint16_t)(s4 + g[d[i + 5]] - g[d[i + 5 - window]]);
+            const uint16_t s6 = (uint16_t)(s5 + g[d[i + 6]] - g[d[i + 6 - window]]);
+            const uint16_t s7 = (uint16_t)(s6 + g[d[i + 7]] - g[d[i + 7 - window]]);
+            if ((s0 < thr) | (s1 < thr) | (s2 < thr) | (s3 < thr) | (s4 < thr) | (s5 < thr)
+                | (s6 < thr) | (s7 < thr))
+                break;
+            s = s7;
+            i += 8;
+        }
+        const Py_ssize_t end = n - i < 8 ? n : i + 8;
+        for (; i < end; i++) {
+            s = (uint16_t)(s + g[d[i]] - g[d[i - window]]);
+            const long long c = pos + i + 1;
+            if ((s < thr && c - lst >= lo) || c - lst == hi)
+                cuts[count++] = lst = c;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    cuts_list = PyList_New(count);
+    if (cuts_list == NULL)
+        goto done;
+    for (Py_ssize_t j = 0; j < count; j++) {
+        PyObject *c = PyLong_FromLongLong(cuts[j]);
+        if (c == NULL || PyList_SetItem(cuts_list, j, c) < 0)
+            goto done;
+    }
+    /* The new tail: the last window - 1 bytes of tail + data (all of them if fewer). */
+    const Py_ssize_t keep = t + n < window - 1 ? t + n : window - 1;
+    tail_out = PyBytes_FromStringAndSize(NULL, keep);
+    if (tail_out == NULL)
+        goto done;
+    char *out = PyBytes_AsString(tail_out);
+    if (out == NULL)
+        goto done;
+    if (keep > n) {
+        memcpy(out, tp + t - (keep - n), (size_t)(keep - n));
+        if (n > 0)
+            memcpy(out + (keep - n), d, (size_t)n);
+    } else if (keep > 0) {
+        memcpy(out, d + n - keep, (size_t)keep);
+    }
+    result = Py_BuildValue("(OOLL)", cuts_list, tail_out, pos + n, lst);
+done:
+    Py_XDECREF(cuts_list);
+    Py_XDECREF(tail_out);
+    PyMem_Free(cuts);
+    PyBuffer_Release(&tab);
+    PyBuffer_Release(&tl);
+    PyBuffer_Release(&src);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"blocks", blocks, METH_VARARGS, blocks_doc},
+    {"gear_cuts", gear_cuts, METH_VARARGS, gear_cuts_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "deltabkp.engine._blockloop",
-    "One C loop over many blocks for deltabkp.engine._blake2 (the GIL released).", -1, methods,
+    "C loops over a whole buffer, the GIL released: deltabkp.engine._blake2's over many blocks, "
+    "deltabkp.archive._gzip's cut scan.", -1, methods,
 };
 
 PyMODINIT_FUNC
