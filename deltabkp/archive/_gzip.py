@@ -3,7 +3,8 @@
 Invariants:
 - cut points are a pure function of the uncompressed stream (never of how it was split into
   buffers): a 64-byte windowed sum of a fixed random 16-bit table ("gear" values) is computed
-  for every offset with numpy; a window whose sum is below ``_THRESHOLD`` ends a segment,
+  for every offset (by ``_blockloop.gear_cuts`` in C where built, else numpy: the same cuts,
+  checked at first use); a window whose sum is below ``_THRESHOLD`` ends a segment,
   subject to ``MIN_SEGMENT``/``MAX_SEGMENT``.  So an edit moves only the cuts within a window
   of it, and the compressed stream re-synchronises at the next cut (like gzip --rsyncable);
 - at every cut the compressor ends its deflate block and byte-aligns (``Z_SYNC_FLUSH``): the
@@ -19,6 +20,9 @@ Invariants:
   raw deflate at the given level (format 3: level 6 tuned, ``TUNE``; libz through
   ``_libz``, its bytes checked against a golden digest when it loads), CRC-32 and ISIZE
   trailer.
+
+Long because the format's three parts live together: the cut rule (both finders and
+their load check), the deflate parameters with their check, and the threaded writer.
 """
 
 from __future__ import annotations
