@@ -86,9 +86,17 @@ def test_tuned_primed_equals_continuing(data: bytes, split: float, step: int) ->
     assert a + b == whole
 
 
+def _ctypes_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deflate through the ctypes loop (the C loop's output never grows: its own test)."""
+    import attrs
+
+    monkeypatch.setattr(_gzip, "_checked", attrs.evolve(_gzip._deflate_library(), loop=None))
+
+
 def test_output_buffer_grows(monkeypatch: pytest.MonkeyPatch) -> None:
     data, cuts, zdict = _libz.check_input()
     want = compress_segments(data, cuts, 6, True, zdict)
+    _ctypes_loop(monkeypatch)
     monkeypatch.setattr(_libz, "_capacity", lambda n, cuts: 7)
     ends: list[int] = []
     assert compress_segments(data, cuts, 6, True, zdict, ends) == want
@@ -101,6 +109,7 @@ def test_an_output_buffer_filled_exactly_by_a_flush(monkeypatch: pytest.MonkeyPa
     data, cuts, zdict = _libz.check_input()
     ends: list[int] = []
     want = compress_segments(data, cuts, 6, True, zdict, ends)
+    _ctypes_loop(monkeypatch)
     for end in sorted(set(ends))[:4]:
         monkeypatch.setattr(_libz, "_capacity", lambda n, cuts, end=end: end)
         assert compress_segments(data, cuts, 6, True, zdict) == want
@@ -149,3 +158,79 @@ def test_missing_libz(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     with pytest.raises(DeflateError, match="cannot load libz"):
         _libz.library()
+
+
+def test_the_c_loop_is_built_and_used() -> None:
+    """The test install builds the optional C module: a job is one ``deflate_job`` call
+    (a missing or stale build fails here, it is not skipped)."""
+    assert _libz.library().loop is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.one_of(text, st.binary(max_size=20_000)), zdict=st.one_of(st.just(b""), text),
+       level=st.integers(1, 9), tuned=st.booleans(), final=st.booleans(),
+       cuts=st.lists(st.floats(0, 1), max_size=12))
+def test_the_c_loop_equals_the_ctypes_loop(data: bytes, zdict: bytes, level: int, tuned: bool,
+                                           final: bool, cuts: list[float]) -> None:
+    import attrs
+
+    at = sorted(int(f * len(data)) for f in cuts)
+    if not final:
+        at.append(len(data))
+    zdict = zdict[-DICT_SIZE:]
+    z = _libz.library()
+    tune = TUNE[6] if tuned else None
+    want_ends: list[int] = []
+    got_ends: list[int] = []
+    want = attrs.evolve(z, loop=None).deflate_segments(data, at, level, tune, final, zdict, want_ends)
+    assert z.deflate_segments(data, at, level, tune, final, zdict, got_ends) == want
+    assert got_ends == want_ends
+
+
+def test_the_c_loop_checks_its_arguments() -> None:
+    from array import array
+
+    from deltabkp.engine import _blockloop
+
+    fn, out, ends = 1, bytearray(100), bytearray(16)
+    stream = _libz._ZStream()  # never reached: every case is refused before a call
+    sp = __import__("ctypes").addressof(stream)
+    cases = [
+        (0, sp, b"abcd", array("q", [2]), False, out, ends),  # no function
+        (fn, 0, b"abcd", array("q", [4]), False, out, ends),  # no stream
+        (fn, sp, b"abcd", b"\0" * 7, True, out, ends),  # cuts not int64s
+        (fn, sp, b"abcd", array("q", [3, 2]), True, out, ends),  # out of order
+        (fn, sp, b"abcd", array("q", [5]), True, out, ends),  # past the data
+        (fn, sp, b"abcd", array("q", [-1]), True, out, ends),  # negative
+        (fn, sp, b"abcd", array("q", [2]), False, out, ends),  # a non-final job not at a cut
+        (fn, sp, b"abcd", array("q", [1, 2, 3]), True, out, ends),  # ends too short
+        (fn, sp, b"abcd", array("q", [2]), True, bytearray(), ends),  # no room
+    ]
+    for args in cases:
+        with pytest.raises(ValueError):
+            _blockloop.deflate_job(*args)
+    stream.total_out = 5  # a stream that has output already
+    with pytest.raises(ValueError, match="output already"):
+        _blockloop.deflate_job(fn, sp, b"abcd", array("q", [4]), False, out, ends)
+
+
+def test_a_c_loop_failure_is_a_deflate_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An output the bound said could not fill (``_capacity`` made wrong): the C loop stops
+    at that segment and the job is a ``DeflateError``, never short bytes."""
+    data, cuts, zdict = _libz.check_input()
+    monkeypatch.setattr(_libz, "_capacity", lambda n, cuts: 100)
+    with pytest.raises(DeflateError, match="filled its output"):
+        compress_segments(data, cuts, 6, True, zdict)
+
+
+def test_the_ctypes_loop_when_the_c_loop_is_turned_off() -> None:
+    import subprocess
+    import sys
+
+    code = ("from deltabkp.archive import _libz, _gzip; d, c, z = _libz.check_input(); "
+            "print(_libz.library().loop is None, _gzip.compress_segments(d, c, 6, True, z).hex())")
+    env = {**__import__("os").environ, "DELTABKP_DEFLATE_LOOP": "ctypes"}
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    data, cuts, zdict = _libz.check_input()
+    assert off == ["True", compress_segments(data, cuts, 6, True, zdict).hex()]

@@ -93,7 +93,8 @@ def test_sdist_and_wheel_build_check_and_install(tmp_path: Path) -> None:
     run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv,
         cwd=tmp_path)
     vpy = venv / "bin" / "python"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DELTABKP_CUT_FINDER")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "DELTABKP_CUT_FINDER", "DELTABKP_DEFLATE_LOOP")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     run(vpy, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", wheel,
         cwd=tmp_path, env=env)
@@ -103,13 +104,15 @@ def test_sdist_and_wheel_build_check_and_install(tmp_path: Path) -> None:
         "d = deltabkp.delta(deltabkp.signature(old), new); "
         "assert bytes(deltabkp.patch(old, d)) == new; "
         "from deltabkp.engine import _blake2, _blockloop; "
-        "from deltabkp.archive import _gzip; "
-        "print(deltabkp.__file__, _blockloop.__file__, _blake2.loop() or '-', _gzip.cut_finder())"
+        "from deltabkp.archive import _gzip, _libz; "
+        "print(deltabkp.__file__, _blockloop.__file__, _blake2.loop() or '-', _gzip.cut_finder(), "
+        "_gzip._deflate_library().loop is not None)"
     )
-    where, loop_file, loop, cuts = run(vpy, "-c", probe, cwd=tmp_path, env=env).split()
+    where, loop_file, loop, cuts, deflate = run(vpy, "-c", probe, cwd=tmp_path, env=env).split()
     assert Path(where).is_relative_to(venv) and Path(loop_file).is_relative_to(venv), where
     assert loop == {"hashlib": "-"}.get(_blake2.implementation(), "C")
     assert cuts == "C"  # the wheel's module has the cut scan, and it passed its check
+    assert deflate == "True"  # and the deflate loop, checked with libz
     version = run(vpy, "-c", "import deltabkp; print(deltabkp.__version__)", cwd=tmp_path,
                   env=env).strip()
     assert version == VERSION

@@ -352,8 +352,9 @@ def compress_segments(
     """Raw deflate of ``data`` with a sync flush at each relative offset in ``cuts``: the one
     place archive bytes are deflated (builder, incremental build, layout patcher).
 
-    zlib at ``level``, tuned as ``TUNE`` says (format 3), through ``_libz`` (one
-    ``deflate`` call per segment, the GIL released during each).  ``zdict`` is the (up to
+    zlib at ``level``, tuned as ``TUNE`` says (format 3), through ``_libz`` (the job in
+    one C call where the optional module is built, else one ctypes ``deflate`` call per
+    segment; the GIL released during each).  ``zdict`` is the (up to
     32 KiB of) stream just before ``data``.  The last cut of a non-final job must be
     ``len(data)``; the final job ends with ``Z_FINISH`` instead (its last block is the only
     one with BFINAL set).  ``ends``, if given, receives the offset in the output where each

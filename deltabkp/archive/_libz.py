@@ -4,7 +4,10 @@ Why not Python's ``zlib`` module: it has no ``deflateTune``, which archive forma
 (docs/formats.md "Archive", the deflate parameters).  Calling libz itself also makes one
 ``deflate(Z_SYNC_FLUSH)`` call per segment where ``compressobj`` needed two
 (``compress`` + ``flush``); ctypes releases the GIL during each call, so the build's deflate
-worker threads run side by side as before.
+worker threads run side by side as before.  Where the optional C module is built, a whole job
+is one call (``_blockloop.deflate_job``: the same deflate calls, the GIL released once): under
+load a worker that must take the GIL back after every segment also waits for its holder to
+be scheduled.
 
 Loading: on the first ``library()`` call (not at import: ``import deltabkp.archive`` does no
 I/O here), once whichever threads ask (a lock); by the soname ``libz.so.1``, else where
@@ -25,10 +28,12 @@ Invariants:
 
 from __future__ import annotations
 
+import array
 import ctypes
+import os
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import numpy as np
@@ -83,6 +88,10 @@ class Libz:
     name: str
     version: str
     lib: ctypes.CDLL = attrs.field(repr=False)
+    #: ``_blockloop.deflate_job`` (the whole job in one call, the GIL released once) when
+    #: built, not turned off (``DELTABKP_DEFLATE_LOOP=ctypes``) and passing the load check
+    #: with this library; else None: one ctypes call per segment.
+    loop: Callable[..., tuple[int, int, int]] | None = attrs.field(default=None, repr=False)
 
     def deflate_segments(
         self, data: bytes | memoryview, cuts: Sequence[int], level: int, tune: Tune | None,
@@ -99,11 +108,11 @@ class Libz:
             if not prev <= cut <= n:
                 raise ValueError(f"cut points {list(cuts)[:8]}... are not in order within {n} bytes")
             prev = cut
+        if not final and prev != n:
+            raise ValueError(f"a non-final job must end at a cut: {n - prev} bytes after the last")
         lib = self.lib
         src = np.frombuffer(data, np.uint8)  # kept alive (and the caller's buffer) to the end
         base = src.ctypes.data if n else 0
-        cap = _capacity(n, len(cuts))
-        out = ctypes.create_string_buffer(cap)
         s = _ZStream()
         ps = ctypes.byref(s)
         self._check("deflateInit2_", lib.deflateInit2_(
@@ -116,6 +125,10 @@ class Libz:
                 zd = np.frombuffer(zdict, np.uint8)
                 self._check("deflateSetDictionary",
                             lib.deflateSetDictionary(ps, zd.ctypes.data, len(zd)), s)
+            if self.loop is not None and n < 1 << 32:
+                return self._job(s, data, cuts, final, ends)
+            cap = _capacity(n, len(cuts))
+            out = ctypes.create_string_buffer(cap)
             s.next_out, s.avail_out = ctypes.addressof(out), cap
 
             def grow(size: int) -> None:
@@ -175,11 +188,29 @@ class Libz:
                     ends.append(s.total_out)
             if final:
                 run(prev, n, Z_FINISH)
-            elif prev != n:
-                raise ValueError(f"a non-final job must end at a cut: {n - prev} bytes after the last")
             return ctypes.string_at(out, s.total_out)
         finally:
             lib.deflateEnd(ps)  # its code only says whether the stream was finished
+
+    def _job(self, s: _ZStream, data: bytes | memoryview, cuts: Sequence[int], final: bool,
+             ends: list[int] | None) -> bytes:
+        """``deflate_segments``' loop in C (``_blockloop.deflate_job``) on the stream set up:
+        the same calls, the GIL released once for the job.  ``_capacity`` is more than every
+        segment's ``_bound`` together, so the output never fills (checked there)."""
+        assert self.loop is not None
+        out = bytearray(_capacity(len(data), len(cuts)))
+        at = array.array("q", cuts)
+        got = array.array("q", bytes(8 * len(cuts)))
+        fn = ctypes.cast(self.lib.deflate, ctypes.c_void_p).value or 0
+        status, failed, total = self.loop(fn, ctypes.addressof(s), data, at, final, out, got)
+        if failed != -1:
+            what = {-100: "filled its output", -101: "left input unread"}.get(status)
+            raise DeflateError(f"zlib {self.version} ({self.name}) deflate of segment {failed} "
+                               + (what or f"returned {status}")
+                               + (f": {s.msg.decode('ascii', 'replace')}" if s.msg else ""))
+        if ends is not None:
+            ends.extend(got)
+        return bytes(memoryview(out)[:total])
 
     def _check(self, call: str, rc: int, s: _ZStream) -> None:
         if rc != Z_OK:
@@ -271,6 +302,16 @@ def _checked(z: Libz) -> None:
                     f"{'primed' if prime else 'not primed'}): not usable for archives")
 
 
+def _c_loop() -> Callable[..., tuple[int, int, int]] | None:
+    if os.environ.get("DELTABKP_DEFLATE_LOOP") == "ctypes":
+        return None
+    try:
+        from deltabkp.engine import _blockloop
+    except ImportError:  # built without a compiler: optional
+        return None
+    return getattr(_blockloop, "deflate_job", None)  # None from a stale build
+
+
 def _load() -> Libz:
     tried: list[str] = []
     z = _open(_SONAME)
@@ -282,6 +323,14 @@ def _load() -> Libz:
         tried.append(f"{_SONAME} and {found}" if found else f"{_SONAME} (find_library found none)")
     if z is None:
         raise DeflateError(f"cannot load libz (tried {', '.join(tried)}): archives need zlib")
+    loop = _c_loop()
+    if loop is not None:
+        with_loop = attrs.evolve(z, loop=loop)
+        try:
+            _checked(with_loop)
+            return with_loop
+        except Exception:  # noqa: BLE001 - the C loop is optional: ctypes' is checked next
+            pass
     _checked(z)
     return z
 

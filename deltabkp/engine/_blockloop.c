@@ -15,9 +15,15 @@
  * Why: the build's iterating thread finds the cuts, and every 0.1 s it holds a core (and
  * the GIL, between numpy's calls) delays the walk and the deflate workers.
  *
- * One module for both: one optional extension to build, ship and check.  It is optional:
- * without a compiler the package installs without it, _blake2.py loops through ctypes and
- * _gzip.py finds cuts with numpy.
+ * deflate_job(): one compression job of the archive (deltabkp/archive/_libz.py): zlib's
+ * deflate over the job's segments, a sync flush after each, through the function at the
+ * address _libz.py passes (libz loaded and checked there; the z_stream set up there).  Why:
+ * ctypes takes the GIL back after every segment (~14,000 a build), and under load a deflate
+ * worker waiting for the GIL also waits for its holder to be scheduled; here once a job.
+ *
+ * One module for all three: one optional extension to build, ship and check.  It is
+ * optional: without a compiler the package installs without it, _blake2.py loops through
+ * ctypes, _gzip.py finds cuts with numpy and _libz.py calls deflate through ctypes.
  *
  * Invariants: every bound is checked before a pointer is formed (the caller's buffers are
  * held through the buffer protocol for the whole loop); blocks() stops at the first status
@@ -249,16 +255,141 @@ done:
     return result;
 }
 
+/* zlib.h's z_stream, field for field (its layout has not changed since zlib 1.0; zlib checks
+ * sizeof(z_stream) at deflateInit2_, made by _libz.py with the same layout in ctypes). */
+typedef struct {
+    const unsigned char *next_in;
+    unsigned int avail_in;
+    unsigned long total_in;
+    unsigned char *next_out;
+    unsigned int avail_out;
+    unsigned long total_out;
+    const char *msg;
+    void *state;
+    void *zalloc;
+    void *zfree;
+    void *opaque;
+    int data_type;
+    unsigned long adler;
+    unsigned long reserved;
+} dbkp_z_stream;
+
+typedef int (*deflate_fn)(dbkp_z_stream *, int);
+
+enum { DZ_OK = 0, DZ_STREAM_END = 1, DZ_BUF_ERROR = -5, DZ_NO_FLUSH = 0, DZ_SYNC_FLUSH = 2,
+       DZ_FINISH = 4 };
+/* deflate_job's own statuses: the output buffer filled (undone, as far as zlib knows), or
+ * zlib left input unread. */
+enum { DJ_FULL = -100, DJ_INPUT_LEFT = -101 };
+
+PyDoc_STRVAR(deflate_job_doc,
+"deflate_job(fn, stream, data, cuts, final, out, ends) -> (status, index, total_out)\n\n"
+"zlib's deflate (the function at address ``fn``) on the initialised z_stream at address\n"
+"``stream`` (total_out 0): each segment of ``data`` up to the next of ``cuts`` (int64,\n"
+"ascending, within ``data``; a non-final job ends at its last cut) then a sync flush, and\n"
+"after the last cut the rest with Z_FINISH if ``final``; output into ``out``, each cut's\n"
+"output end into ``ends`` (int64).  Returns (0, -1, total_out), or the first failing\n"
+"segment's status (zlib's code, -100 ``out`` filled, -101 input left unread) and index.");
+
+static PyObject *
+deflate_job(PyObject *self, PyObject *args)
+{
+    unsigned long long addr, strm;
+    int final;
+    Py_buffer src, cb, dst, eb;
+    if (!PyArg_ParseTuple(args, "KKy*y*pw*w*", &addr, &strm, &src, &cb, &final, &dst, &eb))
+        return NULL;
+    PyObject *result = NULL;
+    const long long *cuts = (const long long *)cb.buf;
+    long long *ends = (long long *)eb.buf;
+    const Py_ssize_t ncuts = cb.len / (Py_ssize_t)sizeof(long long);
+    dbkp_z_stream *s = (dbkp_z_stream *)(uintptr_t)strm;
+    if (addr == 0 || strm == 0) {
+        PyErr_SetString(PyExc_ValueError, "no deflate function or stream");
+        goto done;
+    }
+    if (cb.len % (Py_ssize_t)sizeof(long long) || eb.len / (Py_ssize_t)sizeof(long long) < ncuts
+        || dst.len < 1 || (unsigned long long)dst.len > UINT32_MAX
+        || (unsigned long long)src.len > UINT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "deflate_job: %zd B of cuts, %zd B of ends, %zd B out, "
+                     "%zd B in: not a job", cb.len, eb.len, dst.len, src.len);
+        goto done;
+    }
+    long long prev = 0;
+    for (Py_ssize_t i = 0; i < ncuts; i++) {
+        if (cuts[i] < prev || cuts[i] > src.len) {
+            PyErr_Format(PyExc_ValueError, "deflate_job: cut %zd (%lld) not in order within %zd B",
+                         i, cuts[i], src.len);
+            goto done;
+        }
+        prev = cuts[i];
+    }
+    if (!final && prev != src.len) {
+        PyErr_SetString(PyExc_ValueError, "deflate_job: a non-final job must end at a cut");
+        goto done;
+    }
+    if (s->total_out != 0) {
+        PyErr_SetString(PyExc_ValueError, "deflate_job: the stream has output already");
+        goto done;
+    }
+    deflate_fn fn = (deflate_fn)(uintptr_t)addr;
+    const unsigned char *in = (const unsigned char *)src.buf;
+    int status = 0;
+    Py_ssize_t failed = -1;
+    Py_BEGIN_ALLOW_THREADS
+    s->next_out = (unsigned char *)dst.buf;
+    s->avail_out = (unsigned int)dst.len;
+    prev = 0;
+    for (Py_ssize_t i = 0; i <= ncuts; i++) {
+        const int last = i == ncuts;
+        if (last && !final)
+            break;
+        const long long end = last ? (long long)src.len : cuts[i];
+        if (end == prev && !last) {
+            /* An empty segment: as zlib.compressobj's compress(b"") then flush (the flush is
+             * then not a repeat, so it emits an empty stored block). */
+            s->next_in = NULL;
+            s->avail_in = 0;
+            status = fn(s, DZ_NO_FLUSH);
+            if (status != DZ_OK && status != DZ_BUF_ERROR) { failed = i; break; }
+        }
+        s->next_in = end > prev ? in + prev : NULL;
+        s->avail_in = (unsigned int)(end - prev);
+        status = fn(s, last ? DZ_FINISH : DZ_SYNC_FLUSH);
+        if (status != (last ? DZ_STREAM_END : DZ_OK)) {
+            if (status == DZ_OK)  /* Z_FINISH not done: ``out`` filled */
+                status = DJ_FULL;
+            failed = i;
+            break;
+        }
+        if (s->avail_in != 0) { status = DJ_INPUT_LEFT; failed = i; break; }
+        if (!last && s->avail_out == 0) { status = DJ_FULL; failed = i; break; }
+        if (!last)
+            ends[i] = (long long)s->total_out;
+        prev = end;
+        status = 0;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(inK)", status, failed, (unsigned long long)s->total_out);
+done:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&cb);
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&eb);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"blocks", blocks, METH_VARARGS, blocks_doc},
     {"gear_cuts", gear_cuts, METH_VARARGS, gear_cuts_doc},
+    {"deflate_job", deflate_job, METH_VARARGS, deflate_job_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "deltabkp.engine._blockloop",
     "C loops over a whole buffer, the GIL released: deltabkp.engine._blake2's over many blocks, "
-    "deltabkp.archive._gzip's cut scan.", -1, methods,
+    "deltabkp.archive._gzip's cut scan, deltabkp.archive._libz's deflate over a job.", -1, methods,
 };
 
 PyMODINIT_FUNC

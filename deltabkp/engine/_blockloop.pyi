@@ -11,3 +11,8 @@ def gear_cuts(
     table: bytes, window: int, threshold: int, min_segment: int, max_segment: int, tail: bytes,
     data: bytes | bytearray | memoryview, pos: int, last: int, /,
 ) -> tuple[list[int], bytes, int, int]: ...
+
+def deflate_job(
+    fn: int, stream: int, data: bytes | bytearray | memoryview, cuts: bytes | bytearray | memoryview,
+    final: bool, out: bytearray | memoryview, ends: bytearray | memoryview, /,
+) -> tuple[int, int, int]: ...
