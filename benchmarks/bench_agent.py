@@ -52,7 +52,7 @@ def _serve(
     import trio
 
     from deltabkp import protocol
-    from deltabkp.archive import LAYOUT_CAPABILITY
+    from deltabkp.archive import layout_capability
     from deltabkp.archive._crc import crc32_concat
     from deltabkp_agent import backup
     from deltabkp_agent.cache import AgentCache
@@ -98,7 +98,7 @@ def _serve(
 
     async def serve() -> backup.BackupOutcome:
         ctx = backup.BackupContext("bench", cache, trio.CapacityLimiter(1), 1 << 30)
-        req = protocol.BackupRequest(root, base, accepts=(LAYOUT_CAPABILITY,) if layout else ())
+        req = protocol.BackupRequest(root, base, accepts=(layout_capability(),) if layout else ())
         return await backup.serve_backup(ctx, Chan(), req, root, ())  # type: ignore[arg-type]
 
     w, c = time.perf_counter(), time.process_time()

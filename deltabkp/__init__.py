@@ -26,10 +26,10 @@ _ENGINE_NAMES = (
     "patch", "signature",
 )
 _ARCHIVE_NAMES = (
-    "LAYOUT_CAPABILITY", "LAYOUT_MAGIC", "ArchiveIndex", "ArchiveReport", "BuildHandover",
+    "LAYOUT_MAGIC", "ArchiveIndex", "ArchiveReport", "BuildHandover",
     "ExtractReport", "FileIssue", "Fingerprint", "IncrementalBuilder", "IncrementalStats", "LayoutPatcher",
     "SeekPoints", "TgzBuilder", "build_archive", "check_destination", "encode_layout",
-    "extract_archive",
+    "extract_archive", "layout_capability",
     "tree_fingerprint",
 )
 _LAZY = {**dict.fromkeys(_ENGINE_NAMES, "deltabkp.engine"),

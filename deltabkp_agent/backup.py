@@ -100,7 +100,7 @@ import deltabkp
 from deltabkp import Signature, net, protocol
 from deltabkp._mmap import mapped
 from deltabkp._phases import Phases
-from deltabkp.archive import LAYOUT_CAPABILITY, ArchiveIndex, BuildHandover
+from deltabkp.archive import ArchiveIndex, BuildHandover, layout_capability
 from deltabkp.errors import (
     ArchiveError,
     DeltabkpError,
@@ -322,7 +322,8 @@ async def _serve(
 
     # 2. The layout delta, when the server takes it and the kept build is its base: no
     # signature, no rolling search (docs/formats.md "Layout delta").
-    if (req.base_hash is not None and LAYOUT_CAPABILITY in req.accepts and kept is not None
+    cap = layout_capability()  # "": no deflate here to make the archive's bytes with
+    if (req.base_hash is not None and cap and cap in req.accepts and kept is not None
             and kept.archive_hash == req.base_hash):
         try:
             built = await _stream_delta(

@@ -23,7 +23,7 @@ import trio
 
 from deltabkp import net, protocol
 from deltabkp._phases import Phases
-from deltabkp.archive import LAYOUT_CAPABILITY
+from deltabkp.archive import layout_capability
 from deltabkp.errors import RemoteProtocolError
 
 __all__ = ["SIG_KEEPALIVE_S", "Delta", "DeltaSink", "Pulled", "Unchanged", "offers_layout", "pull"]
@@ -74,7 +74,7 @@ async def pull(
     ph = phases if phases is not None else Phases()
     # The layout delta (docs/formats.md) only to an agent that advertised the same form
     # (and zlib): an agent that predates it never sees the field.
-    accepts = (LAYOUT_CAPABILITY,) if offers_layout(chan) else ()
+    accepts = (layout_capability(),) if offers_layout(chan) else ()
     await chan.send(protocol.BackupRequest(path, base_hash, (), bwlimit, accepts))
     msg = await chan.receive(timeout=idle)
     ph.lap("agent")
@@ -133,7 +133,8 @@ async def _kept_alive(chan: net.Channel, read_signature: Callable[[], Awaitable[
 def offers_layout(chan: net.Channel) -> bool:
     """The agent advertised the layout delta with this server's zlib: its next backup will
     likely be one (the server then keeps seek points of the archive it stores)."""
-    return LAYOUT_CAPABILITY in _deltas(chan)
+    cap = layout_capability()  # "": this server cannot make the archive's deflate bytes
+    return bool(cap) and cap in _deltas(chan)
 
 
 def _deltas(chan: net.Channel) -> tuple[str, ...]:

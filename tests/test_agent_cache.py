@@ -481,7 +481,7 @@ async def test_a_kept_build_of_an_older_archive_format_means_a_full_build_and_a_
     delta again."""
     import attrs
 
-    from deltabkp.archive import LAYOUT_CAPABILITY, LAYOUT_MAGIC, ArchiveIndex, LayoutPatcher
+    from deltabkp.archive import LAYOUT_MAGIC, ArchiveIndex, LayoutPatcher, layout_capability
 
     app = tmp_path / "app"
     make_tree(app, 40)
@@ -503,7 +503,7 @@ async def test_a_kept_build_of_an_older_archive_format_means_a_full_build_and_a_
             await trio.sleep(RACY_NS_AGENT / 1e9 + 0.1)
         with agent_log() as messages:
             r = await backup_exchange(address, key, str(app), base or None,
-                                      accepts=(LAYOUT_CAPABILITY,))
+                                      accepts=(layout_capability(),))
         assert r.kind == "delta" and r.done is not None
         layout = r.delta.startswith(LAYOUT_MAGIC)
         if layout:

@@ -35,6 +35,7 @@ from deltabkp_server.catalog import (
     SqliteCatalog,
     lease_server,
     open_catalog,
+    upkeep_owner,
     redact,
 )
 from deltabkp_server.catalog._schema import steps_after
@@ -348,6 +349,17 @@ def test_drop_leases_hands_targets_over_at_once(cat: Catalog) -> None:
     cat.claim_due("s2", 100.0, 130.0, 1)
     assert cat.drop_leases("s1") == 2
     assert sorted(t.id for t, _ in cat.claim_due("s3", 101.0, 131.0, 5)) == ids[:2]
+
+
+async def test_drop_leases_drops_the_servers_upkeep_leases_too(cat: Catalog) -> None:
+    """A server restarting after a crash mid-verification drops that upkeep's lease (its
+    own owner, ``upkeep_owner``), not another server's whose id it prefixes."""
+    a, b, c = _due(cat, 3)
+    assert cat.lease_target(upkeep_owner("s1", "verification"), a, 100.0, 130.0)
+    assert cat.lease_target(upkeep_owner("s11", "verification"), b, 100.0, 130.0)
+    assert cat.lease_target("s1", c, 100.0, 130.0)
+    assert cat.drop_leases("s1") == 2
+    assert [cat.get_target(t).lease_owner is None for t in (a, b, c)] == [True, False, True]
 
 
 def test_request_now_queues_and_manual_outranks_announce(cat: Catalog) -> None:

@@ -46,7 +46,6 @@ def test_deflater_names_version_and_tune() -> None:
     z = _libz.library()
     assert deflater(6) == f"zlib {z.version} tune " + " ".join(map(str, TUNE[6]))
     assert deflater(9) == f"zlib {z.version}"
-    assert z.version == zlib.ZLIB_RUNTIME_VERSION  # the library Python's zlib uses
 
 
 text = st.lists(st.sampled_from([b"abc", b"def ", b"the quick ", b"\n", b"xyzzy", b"\0" * 7]),
@@ -72,11 +71,24 @@ def test_untuned_equals_pythons_zlib(data: bytes, zdict: bytes, level: int, fina
     assert ends == want_ends
 
 
-@settings(max_examples=40, deadline=None)
-@given(data=text, split=st.floats(0, 1), step=st.integers(500, 4000))
+def _long_text(seed: int) -> bytes:
+    """100-300 KB of code-like lines from a seed: long hash chains and lazy matches, and
+    more than the 32 KiB window before the split, as the archive's jobs have."""
+    import random
+
+    rng = random.Random(seed)
+    words = [rng.randbytes(rng.randrange(1, 9)).hex().encode() for _ in range(300)]
+    lines = (b" ".join(rng.choices(words, k=rng.randrange(2, 12))) + b"\n" for _ in range(40_000))
+    return b"".join(lines)[: rng.randrange(100_000, 300_000)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.integers(0, 2**32).map(_long_text), split=st.floats(0, 1),
+       step=st.integers(2048, 65536))
 def test_tuned_primed_equals_continuing(data: bytes, split: float, step: int) -> None:
     """A job primed with the 32 KiB before it emits what one compressor over both does
-    (what the parallel and incremental builds and the layout patcher rely on)."""
+    (what the parallel and incremental builds and the layout patcher rely on), at a split
+    past the first 32 KiB: the window has slid."""
     cuts = list(range(step, len(data), step)) + [len(data)]
     k = int(split * (len(cuts) - 1))
     whole = compress_segments(data, cuts, 6, False)
@@ -104,8 +116,9 @@ def test_output_buffer_grows(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_an_output_buffer_filled_exactly_by_a_flush(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A sync flush that ends exactly at the buffer's end: zlib refuses the repeated flush
-    after the buffer grew (nothing left to do) — done, not an error."""
+    """Buffers that a sync flush would fill exactly: the ctypes loop makes room for a whole
+    call first (a flush that filled the buffer would be repeated by the next call: a second
+    marker), so the bytes are the same."""
     data, cuts, zdict = _libz.check_input()
     ends: list[int] = []
     want = compress_segments(data, cuts, 6, True, zdict, ends)
@@ -147,7 +160,7 @@ def test_a_libz_unlike_pythons_zlib_is_refused(monkeypatch: pytest.MonkeyPatch) 
         with pytest.raises(DeflateError, match=r"libz\.so\.1 \(zlib .*\) does not deflate as Python's zlib"):
             _libz.library()
     monkeypatch.undo()
-    assert _libz.library().version == zlib.ZLIB_RUNTIME_VERSION
+    assert _libz.library().deflate_segments(b"x", [], 6, None, True) == zlib.compress(b"x")[2:-4]
 
 
 def test_missing_libz(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,12 +24,13 @@ from hypothesis import strategies as st
 import deltabkp
 from deltabkp import protocol
 from deltabkp.archive import (
-    LAYOUT_CAPABILITY,
     ArchiveIndex,
     IncrementalBuilder,
     LayoutPatcher,
     encode_layout,
+    layout_capability,
 )
+from deltabkp.archive._gzip import deflater
 from deltabkp.archive._layout import MAX_RECORD
 from deltabkp.archive._walk import ARCHIVE_VERSION
 from deltabkp.errors import (
@@ -306,13 +307,14 @@ def _keys(msg: protocol.Message) -> set[str]:
 def test_accepts_is_left_out_for_older_agents_and_parsed_by_new_ones() -> None:
     plain = protocol.BackupRequest("/srv", bytes(32))
     assert "accepts" not in _keys(plain)  # an agent that predates it parses every request
-    offer = protocol.BackupRequest("/srv", bytes(32), accepts=(LAYOUT_CAPABILITY,))
+    offer = protocol.BackupRequest("/srv", bytes(32), accepts=(layout_capability(),))
     assert "accepts" in _keys(offer)
     frames = protocol.FrameDecoder()
     frames.feed(protocol.encode(offer))
     assert frames.next_message() == offer
-    assert LAYOUT_CAPABILITY.startswith("layout-1/zlib-")
-    assert LAYOUT_CAPABILITY.endswith(f"/archive-{ARCHIVE_VERSION}")  # format 3: tuned deflate
+    cap = layout_capability()
+    assert cap == f"layout-1/{deflater(6).replace(' ', '-')}/archive-{ARCHIVE_VERSION}"
+    assert cap.startswith("layout-1/zlib-") and "-tune-" in cap  # format 3: tuned deflate
 
 
 def test_content_copied_from_far_behind_the_kept_old_tar(

@@ -20,16 +20,15 @@ from deltabkp.archive._incremental import (
     IncrementalStats,
 )
 from deltabkp.archive._layout import (
-    LAYOUT_CAPABILITY,
     LAYOUT_MAGIC,
     LayoutPatcher,
     encode_layout,
+    layout_capability,
 )
 from deltabkp.archive._seek import SeekPoints
 from deltabkp.archive._walk import Fingerprint, tree_fingerprint
 
 __all__ = [
-    "LAYOUT_CAPABILITY",
     "LAYOUT_MAGIC",
     "ArchiveIndex",
     "ArchiveReport",
@@ -46,5 +45,6 @@ __all__ = [
     "check_destination",
     "encode_layout",
     "extract_archive",
+    "layout_capability",
     "tree_fingerprint",
 ]

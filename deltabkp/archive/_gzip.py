@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
+import logging
 import os
 import struct
 import threading
@@ -241,8 +242,14 @@ def _checked_scan() -> _Scan | None:
                 got += finder.feed(data[at : at + n])
                 at += n
             if got != want:
+                logging.getLogger(__name__).warning(
+                    "the C cut finder (%s) gives other cuts than numpy's: not used",
+                    _blockloop.__file__)
                 return None
-    except Exception:  # noqa: BLE001 - not built, or a stale build without gear_cuts
+    except ImportError:  # built without a compiler: optional
+        return None
+    except Exception as exc:  # noqa: BLE001 - e.g. a stale build without gear_cuts
+        logging.getLogger(__name__).warning("the C cut finder fails its check (%s): not used", exc)
         return None
     return scan
 

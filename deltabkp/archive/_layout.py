@@ -80,9 +80,12 @@ Invariants:
   receiver checks size and blake3 of the result against the header: a wrong archive is
   never produced silently (``IntegrityError``);
 - zlib's output at a level depends on its version and on the archive format's tune
-  parameters: the capability string names both (``LAYOUT_CAPABILITY``: zlib's version and
-  ``ARCHIVE_VERSION``), so a peer with another zlib or format never receives this form,
-  and the header names the deflater exactly (``_gzip.deflater``), checked by the receiver;
+  parameters: the capability string names both (``layout_capability()``: the deflater
+  archives are made with here — the libz ``_libz`` loaded, not Python's own zlib — and
+  ``ARCHIVE_VERSION``; empty, so never offered, where libz fails its checks), so a peer with
+  another zlib or format never receives this form, and the header names the deflater
+  exactly (``_gzip.deflater``), checked by the receiver (a deflater that cannot load here is
+  an ``IntegrityError`` too: the server then retries with a full transfer);
 - limits: a record ≤ ``MAX_RECORD`` bytes, a fresh run ≤ ``MAX_RUN_TAR`` tar bytes, old
   tar kept ≤ 2 x ``KEEP`` bytes (+ one ``_PIECE`` per inflate call), output ≤ the
   receiver's ``max_size``.
@@ -112,7 +115,7 @@ import numpy as np
 import numpy.typing as npt
 from isal import isal_zlib
 
-from deltabkp.archive._gzip import DICT_SIZE, compress_segments, deflater
+from deltabkp.archive._gzip import DEFAULT_LEVEL, DICT_SIZE, compress_segments, deflater
 from deltabkp.archive._incremental import (
     DATA,
     ArchiveIndex,
@@ -121,6 +124,7 @@ from deltabkp.archive._incremental import (
 from deltabkp.archive._seek import _HDR, _INFLATE_ERRORS, SPACING, SeekPoints
 from deltabkp.archive._walk import ARCHIVE_VERSION
 from deltabkp.errors import (
+    DeflateError,
     FormatError,
     IntegrityError,
     LimitExceeded,
@@ -128,18 +132,29 @@ from deltabkp.errors import (
 )
 
 __all__ = [
-    "LAYOUT_CAPABILITY",
     "LAYOUT_MAGIC",
     "LAYOUT_VERSION",
     "LayoutPatcher",
     "encode_layout",
+    "layout_capability",
 ]
 
 LAYOUT_MAGIC = b"DBKPLD"
 LAYOUT_VERSION = 1
-#: What an agent advertises and a server accepts: this format with this zlib's deflate as
-#: this archive format tunes it (format 3: ``_gzip.TUNE``).
-LAYOUT_CAPABILITY = f"layout-{LAYOUT_VERSION}/zlib-{zlib.ZLIB_RUNTIME_VERSION}/archive-{ARCHIVE_VERSION}"
+
+
+def layout_capability() -> str:
+    """What an agent advertises and a server accepts: this format, with the deflate archives
+    are made with here (``_gzip.deflater``: the loaded libz's version and format 3's tune,
+    e.g. ``layout-1/zlib-1.2.13-tune-8-64-128-56/archive-3``); "" (offer nothing: the
+    rolling delta) where libz fails its checks.  A function, not a constant: the name
+    depends on the library ``_libz`` loads, and importing ``deltabkp.archive`` loads none."""
+    try:
+        name = deflater(DEFAULT_LEVEL)
+    except DeflateError:
+        return ""
+    return f"layout-{LAYOUT_VERSION}/{name.replace(' ', '-')}/archive-{ARCHIVE_VERSION}"
+
 #: Largest record body (a fresh run's parts and literals).
 MAX_RECORD = 4 << 20
 #: A fresh run is cut into records of about this many tar bytes (window excluded).
@@ -1314,7 +1329,11 @@ class LayoutPatcher:
             raise IntegrityError("layout delta was made against another base archive")
         if not 1 <= level <= 9:
             raise FormatError(f"layout delta has deflate level {level}")
-        if zv != (here := deflater(level)):
+        try:
+            here = deflater(level)
+        except DeflateError as exc:  # this machine cannot make those bytes: a full transfer
+            raise IntegrityError(f"layout delta needs {zv}; here: {exc.reason}") from exc
+        if zv != here:
             raise IntegrityError(f"layout delta needs {zv}, this is {here}")
         if self._max_size is not None and new_size > self._max_size:
             raise LimitExceeded(f"layout delta announces {new_size} bytes, over {self._max_size}")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import logging
 import os
 import threading
 import zlib
@@ -125,7 +126,7 @@ class Libz:
                 zd = np.frombuffer(zdict, np.uint8)
                 self._check("deflateSetDictionary",
                             lib.deflateSetDictionary(ps, zd.ctypes.data, len(zd)), s)
-            if self.loop is not None and n < 1 << 32:
+            if self.loop is not None and _capacity(n, len(cuts)) <= 0xFFFF_FFFF:
                 return self._job(s, data, cuts, final, ends)
             cap = _capacity(n, len(cuts))
             out = ctypes.create_string_buffer(cap)
@@ -329,8 +330,9 @@ def _load() -> Libz:
         try:
             _checked(with_loop)
             return with_loop
-        except Exception:  # noqa: BLE001 - the C loop is optional: ctypes' is checked next
-            pass
+        except Exception as exc:  # noqa: BLE001 - the C loop is optional: ctypes' is checked next
+            logging.getLogger(__name__).warning(
+                "the C deflate loop fails its check with %s (%s): one ctypes call a segment", z.name, exc)
     _checked(z)
     return z
 

@@ -195,7 +195,7 @@ gear_cuts(PyObject *self, PyObject *args)
      * walked byte by byte. */
     while (i < n) {
         /* the index whose cut would be forced: c - lst == hi */
-        const long long force = lst + hi - pos - 1;
+        const long long force = (lst - pos) + hi - 1;  /* lst <= pos: no overflow */
         const Py_ssize_t stop = force < n ? (Py_ssize_t)force : n;
         while (i + 8 <= stop) {
             const uint16_t s0 = (uint16_t)(s + g[d[i]] - g[d[i - window]]);

@@ -94,7 +94,7 @@ class BackupRequest(Message):
         default=None, validator=attrs.validators.optional([_int, _positive]),
         metadata={OMIT_DEFAULT: True},
     )
-    #: Delta forms the server takes besides the rolling one (``archive.LAYOUT_CAPABILITY``);
+    #: Delta forms the server takes besides the rolling one (``archive.layout_capability()``);
     #: offered only to an agent that advertised the same string in its ``welcome``.
     accepts: tuple[str, ...] = attrs.field(
         default=(), converter=_to_tuple, validator=_str_tuple, metadata={OMIT_DEFAULT: True},

@@ -227,7 +227,7 @@ async def backup_exchange(
     signature it gets ``base_sig`` (default: the signature of ``base``) in chunks of ``chunk``
     bytes.  The agent's refusal raises ``RequestRefused``; a delta chunk over
     ``protocol.MAX_CHUNK`` is a ``RemoteProtocolError``.  ``accepts``: the delta forms
-    offered besides the rolling one (e.g. ``LAYOUT_CAPABILITY``; the delta is then returned
+    offered besides the rolling one (e.g. ``layout_capability()``; the delta is then returned
     as sent, to be applied by the caller: ``LayoutPatcher`` when it starts with
     ``LAYOUT_MAGIC``).
     """

@@ -56,7 +56,12 @@ _UPKEEP_SEP = "#"
 def upkeep_owner(server_id: str, what: str) -> str:
     """A fresh ``lease_owner`` for one piece of upkeep by ``server_id`` (see the invariants)."""
     tag = "-".join(what.split()) or "upkeep"
-    return f"{server_id}{_UPKEEP_SEP}{tag}-{secrets.token_hex(4)}"
+    return f"{upkeep_prefix(server_id)}{tag}-{secrets.token_hex(4)}"
+
+
+def upkeep_prefix(server_id: str) -> str:
+    """What every upkeep lease owner of ``server_id`` starts with (``upkeep_owner``)."""
+    return server_id + _UPKEEP_SEP
 
 
 def lease_server(owner: str) -> str:
@@ -143,8 +148,9 @@ class Catalog(Protocol):
         ...
 
     def drop_leases(self, server_id: str) -> int:
-        """Drop every lease ``server_id`` holds, schedule untouched (a clean shutdown hands
-        its targets over at once); return how many."""
+        """Drop every lease ``server_id`` holds, its upkeep's (``upkeep_owner``) too,
+        schedule untouched (a clean shutdown, or a restart after a crash, hands its targets
+        over at once); return how many."""
         ...
 
     def request_now(self, target_id: int, trigger: str) -> int:

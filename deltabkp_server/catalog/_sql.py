@@ -25,7 +25,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from deltabkp.errors import CatalogError, ErrorCode, RequestRefused
-from deltabkp_server.catalog._protocol import UNSET
+from deltabkp_server.catalog._protocol import UNSET, upkeep_prefix
 from deltabkp_server.catalog._schema import SCHEMA_VERSION, steps_after, version_stmt
 from deltabkp_server.catalog._rows import (
     EXEC_SELECT,
@@ -246,9 +246,11 @@ class SqlCatalog:
 
     def drop_leases(self, server_id: str) -> int:
         with self._tx() as tx:
+            prefix = upkeep_prefix(server_id)
             return tx.run(
-                "UPDATE targets SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=?",
-                (server_id,),
+                "UPDATE targets SET lease_owner=NULL, lease_until=NULL"
+                " WHERE lease_owner=? OR substr(lease_owner, 1, ?)=?",
+                (server_id, len(prefix), prefix),
             )
 
     def request_now(self, target_id: int, trigger: str) -> int:
