@@ -180,10 +180,11 @@ def test_the_replaced_archive_is_let_go_after_the_answer(tmp_path: Path) -> None
         time.sleep(0.05)
         build_kept(c, root)
         assert open_now() == base + 1
-        held = next(iter(c._retired.values()))
-        assert os.fstat(held).st_nlink == 0  # the replaced file, unlinked
+        held, aside = next(iter(c._retired.values()))
+        assert aside.exists() and os.fstat(held).st_ino == aside.stat().st_ino
     assert os.pread(held, len(first), 0) != b"" and c.make_seek(str(root))
-    assert open_now() == base and not c._retired
+    assert open_now() == base and not c._retired and not aside.exists()
+    assert not list((tmp_path / "c" / "builds").glob(".*"))
 
 
 def test_a_stopped_or_failed_build_keeps_the_previous_one(
