@@ -328,12 +328,13 @@ class AgentCache:
     def _read_seek(self, path: str) -> SeekPoints | None:
         f = self._seek_file(path)
         try:
-            data = f.read_bytes()
+            # Mapped: the table's windows stay views of the file's pages (~1 % of the
+            # archive, held through the encode), not a copy in the agent's memory.
+            with open(f, "rb") as fh, mapped(fh) as buf:
+                return SeekPoints.parse(buf)
         except OSError as exc:
             log.debug("cache: no seek points for %s (%s)", path, exc.strerror or exc)
             return None
-        try:
-            return SeekPoints.parse(data)
         except DeltabkpError as exc:
             log.debug("cache: dropping unreadable seek file %s: %s", f, exc)
             f.unlink(missing_ok=True)
