@@ -162,6 +162,31 @@ def test_kept_build_makes_the_next_build_incremental(tmp_path: Path) -> None:
     assert not list((tmp_path / "c" / "builds").glob(".*"))
 
 
+def test_the_replaced_archive_is_let_go_after_the_answer(tmp_path: Path) -> None:
+    """The kept archive a build replaces is held open across the rename (its last reference
+    going there freed ~30 MB inside ``os.replace``, before ``backup-done``) and closed by
+    ``make_seek``, after the answer, or by the next build: never more than one per path."""
+    c = AgentCache(tmp_path / "c")
+    root = make_tree(tmp_path / "t")
+    fds = Path("/proc/self/fd")
+
+    def open_now() -> int:
+        return len(list(fds.iterdir()))
+
+    first, _ = build_kept(c, root)  # nothing replaced
+    base = open_now()
+    for _ in range(2):  # each replaces the last: one held, the one before let go
+        (root / "f03").write_bytes(os.urandom(64))
+        time.sleep(0.05)
+        build_kept(c, root)
+        assert open_now() == base + 1
+        held, aside = next(iter(c._retired.values()))
+        assert aside.exists() and os.fstat(held).st_ino == aside.stat().st_ino
+    assert os.pread(held, len(first), 0) != b"" and c.make_seek(str(root))
+    assert open_now() == base and not c._retired and not aside.exists()
+    assert not list((tmp_path / "c" / "builds").glob(".*"))
+
+
 def test_a_stopped_or_failed_build_keeps_the_previous_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -49,6 +49,7 @@ from deltabkp.archive import (
 )
 from deltabkp.errors import FormatError, LimitExceeded, UnsupportedVersion
 from deltabkp_agent.cache import AgentCache
+from deltabkp_server import seeks as server_seeks
 from deltabkp_server.model import ArchiveRecord
 from deltabkp_server.seeks import SeekCache
 from deltabkp_server.store import LocalStore
@@ -320,7 +321,9 @@ def test_the_hand_over_spares_inflating_old_and_new(tmp_path: Path) -> None:
     b = build("b.tgz", a)
     old, new = (tmp_path / "a.tgz").read_bytes(), (tmp_path / "b.tgz").read_bytes()
     assert b.handover is not None
-    seek = SeekPoints.build(old, a.index.archive_hash, index=a.index, spacing=128 << 10)
+    # The agent's spacing, 1 MiB (a table jumps at its own: with points every 128 KiB
+    # the plain encoder too would enter near each edit).
+    seek = SeekPoints.build(old, a.index.archive_hash, index=a.index, spacing=seekmod.SPACING)
     compared: list[int] = []  # compressed bytes compared by each encoder
     real_equal = np.array_equal
 
@@ -564,7 +567,12 @@ def test_daemons_keep_seek_files_and_survive_corrupt_ones(
     first = SeekPoints.parse(server_sk.read_bytes())
     assert first.matches(blake3.blake3(newest.read_bytes()).digest(), newest.stat().st_size)
     assert len(first) >= 1  # the case meant: an archive with a point to seek to
-    assert SeekPoints.parse(agent_sk.read_bytes()) == first  # index or markers: one table
+    # Index or markers, one table at one spacing: the agent's at ``SPACING``, the server's
+    # denser (``seeks.SPACING``).
+    data = newest.read_bytes()
+    h = blake3.blake3(data).digest()
+    assert SeekPoints.parse(agent_sk.read_bytes()) == SeekPoints.build(data, h)
+    assert first == SeekPoints.build(data, h, spacing=server_seeks.SPACING)
     for f in (server_sk, agent_sk):
         data = bytearray(f.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -718,14 +726,15 @@ def test_server_carries_seek_points_and_falls_back_to_the_markers(
     p.feed(b"".join(encode_layout(a.index, old, b.index, new, seek=base_seek)))
     p.finish()
     r2 = _commit(store, 1, 2, new)
-    full = SeekPoints.build(new, r2.hash)
+    full = SeekPoints.build(new, r2.hash, spacing=server_seeks.SPACING)
     built = []
     monkeypatch.setattr(SeekPoints, "build", classmethod(
         lambda cls, *args, **kw: built.append(1) or full))
     seeks.carry_from(1, r2.hash, base_seek, p.copies)
     seeks.make(store, 1, 2, r2.size, r2.hash)
     got = seeks.load(1, r2)
-    assert got == SeekPoints.carry(base_seek, p.copies, new, r2.hash) and not built
+    assert got == SeekPoints.carry(base_seek, p.copies, new, r2.hash,
+                                   spacing=server_seeks.SPACING) and not built
     assert len(got) >= 1 and set(got.tar_offsets) & set(full.tar_offsets)
     _windows_are_the_tar(new, got)
     # A hint of another archive: the markers.

@@ -9,10 +9,13 @@ it, so a reader (``_layout.TarStream``) inflates from the nearest point at or be
 first byte it wants: reading old tar bytes around a change costs about ``SPACING`` of
 inflate, not the whole archive's.
 
-Spacing: 1 MiB of tar (~300 KB of deflate on source trees).  Each point costs its window,
-~10 KB compressed on disk and in memory (~1 % of the archive); a read inflates on average
-half a spacing it does not need (~1.5 ms with ISA-L).  Halving it doubles the table for a
-gain that is small beside the ~1 MiB a ``LayoutPatcher`` run record rebuilds anyway.
+Spacing: 1 MiB of tar (~300 KB of deflate on source trees) by default (``SPACING``: the
+agent's tables).  Each point costs its window, ~10 KB compressed on disk (~1 % of the
+archive; a parsed table's windows are views of the buffer it came from: of a mapped file,
+page cache); a read inflates on average half a spacing it does not need (~1.5 ms with
+ISA-L), and ``TarStream`` jumps at the table's own spacing (``gap``).  The server makes its
+tables at 256 KiB (``deltabkp_server.seeks.SPACING``: its apply enters the old archive
+before every run's window, docs/formats.md "Seek points").
 
 How a table is made (``SeekPoints.build``): one inflate of the whole archive (ISA-L), fed
 from boundary to boundary.  With the archive's ``ArchiveIndex`` the boundaries are its
@@ -97,11 +100,18 @@ class SeekPoints:
     tar_size: int
     archive_offsets: tuple[int, ...]
     tar_offsets: tuple[int, ...]
-    #: Each window, raw deflate (level 6), as stored.
-    windows: tuple[bytes, ...] = attrs.field(repr=False)
+    #: Each window, raw deflate (level 6), as stored: views of the buffer a parsed table
+    #: came from (a mapped seek file's pages, not anonymous memory: ``parse``).
+    windows: tuple[bytes | memoryview, ...] = attrs.field(repr=False)
 
     def __len__(self) -> int:
         return len(self.tar_offsets)
+
+    @property
+    def gap(self) -> int:
+        """The mean tar bytes between points (the whole tar without any): about the
+        spacing the table was made with, for a reader deciding whether a jump pays."""
+        return self.tar_size // (len(self.tar_offsets) + 1)
 
     def matches(self, archive_hash: bytes | None, archive_size: int) -> bool:
         """Is this the table of that archive?  (None: the caller cannot tell: no.)"""
@@ -173,7 +183,7 @@ class SeekPoints:
     @classmethod
     def _from_markers(cls, buf: memoryview, archive_hash: bytes, spacing: int) -> SeekPoints:
         inf = _Inflater(buf)
-        points: list[tuple[int, int, bytes]] = []
+        points: list[tuple[int, int, bytes | memoryview]] = []
         _scan(buf, inf, 0, len(buf) - 8, spacing, points)
         tar_size = int.from_bytes(buf[len(buf) - 4 :], "little")
         return cls(archive_hash, len(buf), inf.finish(None, tar_size),
@@ -212,7 +222,7 @@ class SeekPoints:
         end = len(buf) - 8
         po, pt = prior.archive_offsets, prior.tar_offsets
         inf = _Inflater(buf)
-        points: list[tuple[int, int, bytes]] = []
+        points: list[tuple[int, int, bytes | memoryview]] = []
         last = 0
         for new_off, old_off, n in copies:
             lo = bisect.bisect_left(po, old_off)
@@ -272,7 +282,7 @@ class SeekPoints:
         pcrc = prior_index.segments.crcs
         n_len_t = np.diff(nt, prepend=0)
         n_len_d = np.diff(nd, prepend=0)
-        got: list[tuple[int, int, bytes]] = []  # archive offset, tar offset, packed window
+        got: list[tuple[int, int, bytes | memoryview]] = []  # archive offset, tar offset, packed window
         shift = 0
         for k, t in enumerate(prior.tar_offsets):
             j = int(np.searchsorted(pt, t))
@@ -291,9 +301,9 @@ class SeekPoints:
                 got.append((_HDR + int(nd[i]), int(nt[i]), prior.windows[k]))
                 shift = int(nt[i]) - t
         # Fill the gaps: from the start, and between points too far apart.
-        out: list[tuple[int, int, bytes]] = []
+        out: list[tuple[int, int, bytes | memoryview]] = []
         ends = [*got, (len(buf) - 8, index.tar_size, b"")]
-        prev: tuple[int, int, bytes] = (_HDR, 0, b"")
+        prev: tuple[int, int, bytes | memoryview] = (_HDR, 0, b"")
         for nxt in ends:
             if nxt[1] - prev[1] > 2 * spacing:
                 window = b"" if prev[1] == 0 else _unpack(prev[2], prev[1])
@@ -318,17 +328,28 @@ class SeekPoints:
     # -- byte form -----------------------------------------------------------------------
 
     def encode(self) -> bytes:
-        parts = [_HEAD.pack(SEEK_MAGIC, SEEK_VERSION, 0, self.archive_hash, self.archive_size,
-                            self.tar_size, len(self))]
-        parts += [_POINT.pack(c, t, len(w))
-                  for c, t, w in zip(self.archive_offsets, self.tar_offsets, self.windows,
-                                     strict=True)]
-        parts += self.windows
-        body = b"".join(parts)
-        return body + blake3.blake3(body).digest()
+        return b"".join(self.encoded())
+
+    def encoded(self) -> Iterator[bytes | memoryview]:
+        """``encode`` in pieces (the windows as they are held, then the blake3): a table
+        of many points is written without a copy of all its windows in memory."""
+        h = blake3.blake3()
+        head = b"".join([_HEAD.pack(SEEK_MAGIC, SEEK_VERSION, 0, self.archive_hash,
+                                    self.archive_size, self.tar_size, len(self)),
+                         *(_POINT.pack(c, t, len(w)) for c, t, w in zip(
+                             self.archive_offsets, self.tar_offsets, self.windows,
+                             strict=True))])
+        h.update(head)
+        yield head
+        for w in self.windows:
+            h.update(w)
+            yield w
+        yield h.digest()
 
     @classmethod
     def parse(cls, data: Any) -> SeekPoints:
+        """The table in ``data`` (any buffer: a mapped file's windows stay views of its
+        pages, not copies; the buffer stays alive while the table does)."""
         b = memoryview(data)
         if len(b) < len(SEEK_MAGIC) or bytes(b[: len(SEEK_MAGIC)]) != SEEK_MAGIC:
             raise FormatError("not a seek file (bad magic)")
@@ -359,9 +380,9 @@ class SeekPoints:
         at += n * _POINT.size
         if at + sum(lens) != len(body):
             raise FormatError("seek file windows do not add up to its size")
-        wins = []
+        wins: list[bytes | memoryview] = []
         for wl in lens:
-            wins.append(bytes(body[at : at + wl]))
+            wins.append(body[at : at + wl])
             at += wl
         return cls(bytes(ahash), asize, tsize, tuple(offs), tuple(tars), tuple(wins))
 
@@ -439,7 +460,7 @@ def _markers(buf: memoryview, end: int, start: int = _HDR) -> Iterator[int]:
 
 
 def _scan(buf: memoryview, inf: _Inflater, last: int, stop: int, spacing: int,
-          points: list[tuple[int, int, bytes]]) -> int:
+          points: list[tuple[int, int, bytes | memoryview]]) -> int:
     """Inflate with ``inf`` up to archive offset ``stop``, placing points (appended to
     ``points``) at the sync markers on the way that prove boundaries, each the first at least
     ``spacing`` of tar after the one before (``last``, returned updated): the same points as
@@ -549,7 +570,7 @@ def _enters(buf: memoryview, index: ArchiveIndex, i: int, window: bytes) -> bool
     return done >= DICT_SIZE
 
 
-def _unpack(packed: bytes, tar_offset: int) -> bytes:
+def _unpack(packed: bytes | memoryview, tar_offset: int) -> bytes:
     want = min(DICT_SIZE, tar_offset)
     out = zlib.decompressobj(-15).decompress(packed, want + 1)
     if len(out) != want:
