@@ -393,7 +393,8 @@ def deflaters(rounds: int = 5) -> None:
     t, out = cpu(lambda: _gzip.compress_segments(tar, cuts, 6, True))
     assert isinstance(out, bytes)
     same = primed_equals_continuing(_gzip.compress_segments, tar, cuts, 6, random.Random(1))
-    print(f"   {'v3: zlib -6 tuned ' + ' '.join(map(str, _gzip.TUNE[6])) + ', ctypes':33} cpu {t:6.2f} s   "
+    how = "C loop" if _gzip._deflate_library().loop is not None else "ctypes"
+    print(f"   {'v3: zlib -6 tuned ' + ' '.join(map(str, _gzip.TUNE[6])) + ', ' + how:33} cpu {t:6.2f} s   "
           f"size {(len(out) + 18) / pigz_size:.4f} x pigz   primed == continuing: {same}")
     mods: list[tuple[str, object, tuple[int, ...]]] = [("zlib", zlib, (6,))]
     for name, mod, levels in (("zlib_ng.zlib_ng", "zlib-ng", (6, 7)), ("isal.isal_zlib", "isal", (3,))):
