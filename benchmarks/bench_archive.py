@@ -439,18 +439,11 @@ def deflaters(rounds: int = 5) -> None:
 
 def module_segments(mod: Any, data: bytes, cuts: list[int], level: int, final: bool,
                     zdict: bytes = b"") -> bytes:
-    """Format 2's deflate with any zlib-like module (``compressobj``: ``compress`` + a sync
-    flush per segment): Python's zlib (format 2 itself), zlib-ng, ISA-L."""
-    args = (level, mod.DEFLATED, -15, 8, mod.Z_DEFAULT_STRATEGY)
-    comp = mod.compressobj(*args, zdict) if zdict else mod.compressobj(*args)
-    view = memoryview(data)
-    out, prev = [], 0
-    for cut in cuts:
-        out += [comp.compress(view[prev:cut]), comp.flush(mod.Z_SYNC_FLUSH)]
-        prev = cut
-    if final:
-        out += [comp.compress(view[prev:]), comp.flush(mod.Z_FINISH)]
-    return b"".join(out)
+    """Format 2's deflate with any zlib-like module: Python's zlib (format 2 itself),
+    zlib-ng, ISA-L."""
+    from deltabkp.archive import _libz
+
+    return _libz.compressobj_segments(data, cuts, level, final, zdict, mod)
 
 
 def primed_equals_continuing(seg: Callable[..., bytes], tar: bytes, cuts: list[int], level: int,

@@ -35,6 +35,7 @@ import os
 import threading
 import zlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import numpy as np
@@ -268,13 +269,20 @@ def check_input() -> tuple[bytes, list[int], bytes]:
     return data, cuts, text[-32768:]
 
 
-def _compressobj(data: bytes, cuts: Sequence[int], level: int, zdict: bytes) -> bytes:
-    comp = zlib.compressobj(level, zlib.DEFLATED, WBITS, MEM_LEVEL, zlib.Z_DEFAULT_STRATEGY, zdict)
+def compressobj_segments(data: bytes | memoryview, cuts: Sequence[int], level: int, final: bool,
+                         zdict: bytes = b"", mod: Any = zlib) -> bytes:
+    """``deflate_segments``' bytes (untuned) the way format 2 made them, through a zlib-like
+    module's ``compressobj`` (``compress`` + ``flush(Z_SYNC_FLUSH)`` per segment): Python's
+    zlib for the load check and the tests, zlib-ng or ISA-L in the benchmark."""
+    args = (level, mod.DEFLATED, WBITS, MEM_LEVEL, mod.Z_DEFAULT_STRATEGY)
+    comp = mod.compressobj(*args, zdict) if zdict else mod.compressobj(*args)
+    view = memoryview(data)
     out, prev = [], 0
     for cut in cuts:
-        out += [comp.compress(data[prev:cut]), comp.flush(zlib.Z_SYNC_FLUSH)]
+        out += [comp.compress(view[prev:cut]), comp.flush(mod.Z_SYNC_FLUSH)]
         prev = cut
-    out += [comp.compress(data[prev:]), comp.flush(zlib.Z_FINISH)]
+    if final:
+        out += [comp.compress(view[prev:]), comp.flush(mod.Z_FINISH)]
     return b"".join(out)
 
 
@@ -294,7 +302,7 @@ def _checked(z: Libz) -> None:
     data, cuts, zdict = check_input()
     for level in (1, 6):
         for prime in (b"", zdict):
-            want = _compressobj(data, cuts, level, prime)
+            want = compressobj_segments(data, cuts, level, True, prime)
             got = z.deflate_segments(data, cuts, level, None, True, prime)
             if got != want:
                 raise DeflateError(
