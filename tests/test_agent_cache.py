@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -254,6 +255,18 @@ def test_archive_cache_turned_off(tmp_path: Path) -> None:
     assert not list((tmp_path / "c" / "builds").iterdir())
 
 
+KEY = b"k" * 32
+
+
+async def _start_agent(nursery: trio.Nursery, tmp_path: Path, **config: Any) -> Agent:
+    """A real agent serving ``tmp_path`` with its cache under it (key ``KEY``), started."""
+    cfg = AgentConfig(key=KEY, allow=Allowlist.from_args([str(tmp_path)]), host="127.0.0.1",
+                      port=0, cache_dir=tmp_path / "cache", **config)
+    agent = Agent(cfg)
+    await nursery.start(agent.run)
+    return agent
+
+
 async def test_agent_backs_up_a_racy_tree_incrementally(nursery: trio.Nursery, tmp_path: Path) -> None:
     """A real agent, a file appended before every backup (so the tree is always racy and
     never answered from its fingerprint): each backup is an incremental build that reads
@@ -262,11 +275,8 @@ async def test_agent_backs_up_a_racy_tree_incrementally(nursery: trio.Nursery, t
     app = tmp_path / "app"
     make_tree(app, 40)
     await trio.sleep(RACY_NS_AGENT / 1e9 + 0.1)  # the agent's racy window: files reusable
-    key = b"k" * 32
-    cfg = AgentConfig(key=key, allow=Allowlist.from_args([str(tmp_path)]), host="127.0.0.1",
-                      port=0, cache_dir=tmp_path / "cache")
-    agent = Agent(cfg)
-    await nursery.start(agent.run)
+    key = KEY
+    agent = await _start_agent(nursery, tmp_path)
     base: bytes | None = None
     for n in range(4):
         await trio.to_thread.run_sync(_append, app / "f20", b"log line %d\n" % n)
@@ -328,11 +338,8 @@ async def test_agent_without_archive_cache_keeps_signatures(
     makes it as it goes and files it; the next backup's rolling delta uses it (no
     NeedSignature)."""
     app = make_tree(tmp_path / "app")
-    key = b"k" * 32
-    cfg = AgentConfig(key=key, allow=Allowlist.from_args([str(tmp_path)]), host="127.0.0.1",
-                      port=0, cache_dir=tmp_path / "cache", keep_archives=False)
-    agent = Agent(cfg)
-    await nursery.start(agent.run)
+    key = KEY
+    agent = await _start_agent(nursery, tmp_path, keep_archives=False)
     where = net.Address.parse(agent.address)
     r1 = await backup_exchange(where, key, str(app), None)
     assert r1.kind == "delta" and r1.done is not None
@@ -371,11 +378,8 @@ async def _counted_agent(
     if kept_index:
         monkeypatch.setattr(AgentCache, "kept_index",
                             counted("kept_index", AgentCache.kept_index))
-    key = b"k" * 32
-    cfg = AgentConfig(key=key, allow=Allowlist.from_args([str(tmp_path)]), host="127.0.0.1",
-                      port=0, cache_dir=tmp_path / "cache")
-    agent = Agent(cfg)
-    await nursery.start(agent.run)
+    key = KEY
+    agent = await _start_agent(nursery, tmp_path)
     where = net.Address.parse(agent.address)
 
     done = [0]
@@ -511,11 +515,8 @@ async def test_a_kept_build_of_an_older_archive_format_means_a_full_build_and_a_
     app = tmp_path / "app"
     make_tree(app, 40)
     await trio.sleep(RACY_NS_AGENT / 1e9 + 0.1)
-    key = b"k" * 32
-    cfg = AgentConfig(key=key, allow=Allowlist.from_args([str(tmp_path)]), host="127.0.0.1",
-                      port=0, cache_dir=tmp_path / "cache")
-    agent = Agent(cfg)
-    await nursery.start(agent.run)
+    key = KEY
+    agent = await _start_agent(nursery, tmp_path)
     address = net.Address.parse(agent.address)
     base = b""
     for n, older_index in enumerate((False, False, True, False)):

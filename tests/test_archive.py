@@ -352,16 +352,20 @@ def test_rsyncable_change_stays_local(tmp_path: Path) -> None:
 # -- the rsyncable gzip layer ---------------------------------------------------------------
 
 
+def _fed(finder: CutFinder, data: bytes, splits: list[int]) -> list[int]:
+    """``finder``'s cuts of ``data`` fed in pieces of the sizes ``splits``, then the rest."""
+    got: list[int] = []
+    at = 0
+    for n in splits + [len(data)]:
+        got += finder.feed(data[at : at + n])
+        at += n
+    return got
+
+
 @given(st.binary(min_size=0, max_size=300_000), st.lists(st.integers(1, 70_000), max_size=20))
 def test_cut_points_do_not_depend_on_buffering(data: bytes, splits: list[int]) -> None:
     whole = CutFinder().feed(data)
-    f = CutFinder()
-    pieces: list[int] = []
-    at = 0
-    for n in splits + [len(data)]:
-        pieces += f.feed(data[at : at + n])
-        at += n
-    assert pieces == whole
+    assert _fed(CutFinder(), data, splits) == whole
     prev = 0
     for c in whole:
         assert MIN_SEGMENT <= c - prev <= MAX_SEGMENT
@@ -461,13 +465,7 @@ def test_c_cut_finder_gives_numpy_cuts(pieces: list[bytes], splits: list[int], d
     _c_finder_or_skip()
     stream = b"".join(pieces)
     want = CutFinder("numpy").feed(stream)
-    f = CutFinder("C")
-    got: list[int] = []
-    at = 0
-    for n in splits + [len(stream)]:
-        got += f.feed(stream[at : at + n])
-        at += n
-    assert got == want
+    assert _fed(CutFinder("C"), stream, splits) == want
     if want:
         c = data.draw(st.sampled_from(want))
         before = stream[: c][-data.draw(st.integers(WINDOW - 1, WINDOW + 5)) :]
