@@ -28,8 +28,8 @@ _ENGINE_NAMES = (
 _ARCHIVE_NAMES = (
     "LAYOUT_MAGIC", "ArchiveIndex", "ArchiveReport", "BuildHandover",
     "ExtractReport", "FileIssue", "Fingerprint", "IncrementalBuilder", "IncrementalStats", "LayoutPatcher",
-    "SeekPoints", "TgzBuilder", "build_archive", "check_destination", "encode_layout",
-    "extract_archive", "layout_capability",
+    "LayoutStreamer", "SeekPoints", "TgzBuilder", "build_archive", "check_destination",
+    "encode_layout", "extract_archive", "layout_capabilities", "layout_capability",
     "tree_fingerprint",
 )
 _LAZY = {**dict.fromkeys(_ENGINE_NAMES, "deltabkp.engine"),

@@ -33,7 +33,7 @@ import attrs
 import trio
 
 from deltabkp import __version__, net, protocol
-from deltabkp.archive import layout_capability
+from deltabkp.archive import layout_capabilities
 from deltabkp.errors import (
     AuthError,
     DeltabkpError,
@@ -240,7 +240,7 @@ class Agent:
         chan = await self.gate.admit(
             stream, key=self.config.key, role="agent", roles=("server",),
             info={"name": "deltabkp-agent", "version": __version__, "node": self.address,
-                  "deltas": [c for c in (layout_capability(),) if c]},
+                  "deltas": list(layout_capabilities())},
         )
         if chan is not None:
             chan.send_timeout = self.config.send_timeout

@@ -38,9 +38,12 @@ Invariants:
   a bounded memory channel (``_Handover``: no round trip per chunk, it waits only for a
   free slot), so a slow server slows the build and memory stays bounded
   (channel slots + at most ``HOLD_LIMIT`` held back + the encoder's own buffer);
-- the layout delta (``archive.encode_layout``, docs/formats.md) needs no signature and no
-  rolling search: used when the server offers it and the kept build's index names the base;
-  it is made once the build ran to its end, from both archives, checked as it is made (equal
+- the layout delta (docs/formats.md) needs no signature and no rolling search: used when
+  the server offers it and the kept build's index names the base.  Version 2
+  (``archive.LayoutStreamer``, offered first) is made and sent as the build goes
+  (``_Streaming``: held back while the archive might still be the base), its END once
+  built.  Version 1 (``archive.encode_layout``, for a server that offers only it) is
+  made once the build ran to its end, from both archives, checked as it is made (equal
   COPY bytes, RUNs that compress back to the new archive) and streamed as it is made (a
   chunk at least every ``STREAM_S``, the header and the first record at once: the server
   rebuilds the archive while the agent encodes, where one chunk at the end left it idle
@@ -91,7 +94,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import trio
@@ -100,7 +103,7 @@ import deltabkp
 from deltabkp import Signature, net, protocol
 from deltabkp._mmap import mapped
 from deltabkp._phases import Phases
-from deltabkp.archive import ArchiveIndex, BuildHandover, layout_capability
+from deltabkp.archive import ArchiveIndex, BuildHandover, LayoutStreamer, layout_capabilities
 from deltabkp.errors import (
     ArchiveError,
     DeltabkpError,
@@ -322,18 +325,22 @@ async def _serve(
 
     # 2. The layout delta, when the server takes it and the kept build is its base: no
     # signature, no rolling search (docs/formats.md "Layout delta").
-    cap = layout_capability()  # "": no deflate here to make the archive's bytes with
-    if (req.base_hash is not None and cap and cap in req.accepts and kept is not None
+    # The streamed form (version 2: made while the archive is built) if offered, else
+    # version 1 (made once it is built).  None where no deflate here makes the bytes.
+    form = next((v for v, c in zip((2, 1), layout_capabilities(), strict=False)
+                 if c in req.accepts), 0)
+    if (req.base_hash is not None and form and kept is not None
             and kept.archive_hash == req.base_hash):
         try:
             built = await _stream_delta(
                 ctx, chan, path, root, exclude, None, kept.archive_size, True, kept,
-                layout=kept, phases=ph,
+                layout=kept, streamed=form == 2, phases=ph,
             )
         except _NoLayout as exc:
             log.info("backup of %s: layout delta given up (%s); rolling delta", path, exc)
         else:
-            return await _finish(ctx, chan, req, root, exclude, fingerprint, built, "layout", ph)
+            return await _finish(ctx, chan, req, root, exclude, fingerprint, built,
+                                 "layout-2" if form == 2 else "layout", ph)
 
     # 3. The signature of the base: cached, or asked from the server, or empty (first backup).
     sig_from = "none"
@@ -537,6 +544,7 @@ def _build(
     layout: ArchiveIndex | None = None,
     kept_index: ArchiveIndex | None | _Unread = _UNREAD,
     phases: Phases | None = None,
+    streamed: bool = False,
 ) -> _Built | None:
     """Worker thread: tgz → delta encoder → channel. None if stopped.
 
@@ -544,7 +552,9 @@ def _build(
     same bytes as a full build, reading only what changed), and kept for the next one.
     With ``layout`` (the kept build's index, which is the server's base) there is no
     rolling encoder: once built, the layout delta is made from both archives, checked by
-    decoding it, and sent whole (``_NoLayout`` when it cannot be).  ``kept_index``: that
+    decoding it, and sent whole (``_NoLayout`` when it cannot be); ``streamed``: the
+    layout delta's version 2 instead, made and sent as the build goes (``_Streaming``).
+    ``kept_index``: that
     index as already read for this request (not parsed again).  The new archive's own
     signature is made here only when the archive is not being kept (else
     ``_cached_signature`` makes it from the kept archive if a later backup needs it).
@@ -569,7 +579,10 @@ def _build(
     delta_bytes = 0
     try:
         # A stopped build leaves the block by _Stopped: the kept archive stays the old one.
-        with cache.kept_build(root, kept_index) as kept:
+        with cache.kept_build(root, kept_index) as kept, contextlib.ExitStack() as stack:
+            streaming = None
+            if layout is not None and streamed:
+                streaming = _Streaming.open(stack, kept, layout, cache, root, hold, push)
             if not kept.keeping:
                 new_sig = deltabkp.SignatureBuilder(agent_block_size(max(estimate, 0)))
             # The kept archive is written by the builder's worker thread, beside its blake3
@@ -578,6 +591,7 @@ def _build(
                 root, exclude=exclude, no_links=True, previous=kept.index,
                 previous_archive=kept.archive, previous_hashed=kept.hashed,
                 sink=kept.write if kept.keeping else None,
+                stream=streaming.streamer if streaming is not None else None,
             )
             # Closed on a stop too: its worker thread (the kept archive's writes) ends here,
             # before the kept build's temp file goes.
@@ -589,6 +603,9 @@ def _build(
                         raise _Stopped from None
                     if new_sig is not None:
                         new_sig.feed(chunk)
+                    if streaming is not None:
+                        streaming.pump()
+                        continue
                     if encoder is None:
                         if time.monotonic() - last_push > KEEPALIVE_S:
                             hold = False
@@ -611,6 +628,19 @@ def _build(
             ph.lap("build" if encoder is None else "build+delta")
             kept.done(builder.index)
             ph.lap("keep")
+            if streaming is not None:
+                _log_build(root, builder)
+                new = builder.index
+                held = streaming.end(builder)
+                ph.lap("layout")
+                return _Built(
+                    archive_hash=new.archive_hash, archive_size=new.archive_size,
+                    files=int(builder.report.files),
+                    changed=tuple((str(i.path), str(i.what)) for i in builder.report.changed),
+                    skipped=tuple((str(i.path), str(i.what)) for i in builder.report.skipped),
+                    signature=new_sig.finish() if new_sig is not None else None, held=held,
+                    delta_bytes=streaming.sent,
+                )
             if layout is not None:
                 # The kept archive must be the base: its index names it, and the builder
                 # checked the file's blake3 against that index before using it ("" = used).
@@ -654,6 +684,103 @@ def _build(
         held=held,
         delta_bytes=delta_bytes,
     )
+
+
+class _Streaming:
+    """The layout delta's version 2 (``archive.LayoutStreamer``) as the build goes: records
+    pushed as they are made (``FLUSH_AT`` bytes or ``STREAM_S`` seconds, whichever first),
+    held back while the new archive might still be the base (``hold``: until the streamer
+    sees a change — a RUN of other than the old tar at its own place —, ``HOLD_LIMIT``
+    bytes, or a keep-alive due: as the rolling delta, a keep-alive gives the hold up), so
+    an unchanged build is answered ``unchanged (hash)``; an empty keep-alive every
+    ``KEEPALIVE_S`` while nothing else goes.  The build stops as soon as the streamer
+    fails (the previous archive not reused, or given up midway): before anything went
+    out, ``_NoLayout`` (the rolling delta follows, as if the form had not been offered);
+    after, the backup fails and the kept build is dropped (the next backup is a full
+    build and a rolling delta, not the same failure again)."""
+
+    def __init__(self, streamer: LayoutStreamer, hold: bool, push: Callable[[bytes], None],
+                 cache: AgentCache, root: str) -> None:
+        self.streamer = streamer
+        self.base_hash = streamer.oi.archive_hash
+        self.hold = hold
+        self._push = push
+        self._cache, self._root = cache, root
+        self.sent = 0
+        self._chunks = 0  # delta-chunks pushed, keep-alives included
+        self._pending = [streamer.header()]
+        self._size = len(self._pending[0])
+        self._due = time.monotonic() + STREAM_S
+        self._alive = time.monotonic()
+
+    @classmethod
+    def open(cls, stack: contextlib.ExitStack, kept: KeptBuild, layout: ArchiveIndex,
+             cache: AgentCache, root: str, hold: bool, push: Callable[[bytes], None]
+             ) -> _Streaming:
+        """Map the kept archive (the server's base: its index names it) for the build."""
+        if kept.index is None or kept.archive is None or \
+                kept.index.archive_hash != layout.archive_hash:
+            raise _NoLayout("the kept build is not the base")
+        try:
+            old = stack.enter_context(mapped(stack.enter_context(open(kept.archive, "rb"))))
+            streamer = LayoutStreamer(kept.index, old, seek=cache.kept_seek(root, kept.index))
+        except (OSError, ValueError, DeltabkpError) as exc:
+            raise _NoLayout(str(exc)) from None
+        # Its views of the mapping go before the mapping closes (the stack's last exit).
+        stack.callback(streamer.close)
+        return cls(streamer, hold, push, cache, root)
+
+    def pump(self) -> None:
+        """After a chunk of the build: push what is ready."""
+        try:
+            got = self.streamer.take()
+        except (ValueError, DeltabkpError) as exc:
+            self._failed(str(exc))
+        if self.streamer.failed:
+            self._failed(self.streamer.failed)
+        for r in got:
+            self._pending.append(r)
+            self._size += len(r)
+        if self.hold and (self.streamer.changed or self._size > HOLD_LIMIT):
+            self.hold = False
+        now = time.monotonic()
+        if now - self._alive > KEEPALIVE_S:
+            self.hold = False  # the server hears from us now, so "unchanged" is out
+            self._flush()
+        elif not self.hold and self._pending and (self._size >= FLUSH_AT or now >= self._due):
+            self._flush()
+
+    def end(self, builder: Any) -> bool:
+        """Once built: the last records; whether the archive is the base and nothing went."""
+        st = self.streamer
+        why = st.failed or builder.stats.previous
+        if why:
+            self._failed(why)
+        new = builder.index
+        try:
+            tail = st.end(new.archive_size, new.archive_hash)
+        except (ValueError, DeltabkpError) as exc:
+            self._failed(str(exc))
+        if self.hold and new.archive_hash == self.base_hash:
+            return True
+        self._pending += tail
+        self._flush()
+        return False
+
+    def _failed(self, why: str) -> NoReturn:
+        if not self._chunks:
+            raise _NoLayout(why)
+        self._cache.drop_kept(self._root)
+        raise ArchiveError(f"the layout delta failed after {self.sent} bytes: {why}")
+
+    def _flush(self) -> None:
+        out = b"".join(self._pending)
+        self._pending, self._size = [], 0
+        self.sent += len(out)
+        self._chunks += 1
+        self._push(out)
+        self._alive = time.monotonic()
+        self._due = self._alive + STREAM_S
 
 
 def _log_build(root: str, builder: Any) -> None:
@@ -777,6 +904,7 @@ async def _stream_delta(
     kept_index: ArchiveIndex | None | _Unread = _UNREAD,
     *,
     layout: ArchiveIndex | None = None,
+    streamed: bool = False,
     phases: Phases | None = None,
 ) -> _Built:
     send, receive = trio.open_memory_channel[bytes](CHANNEL_SLOTS)
@@ -788,7 +916,7 @@ async def _stream_delta(
             try:
                 box.built = await trio.to_thread.run_sync(
                     _build, root, exclude, base_sig, estimate, hold, handover, ctx.cache, layout,
-                    kept_index, phases, limiter=ctx.limiter,
+                    kept_index, phases, streamed, limiter=ctx.limiter,
                 )
             except Exception as exc:  # reported to the server below; a bug is logged there
                 box.error = exc

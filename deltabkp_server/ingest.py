@@ -42,6 +42,7 @@ import deltabkp
 from deltabkp import protocol
 from deltabkp._phases import Phases
 from deltabkp.archive import LAYOUT_MAGIC, LayoutPatcher
+from deltabkp.archive._layout import LAYOUT_STREAM_VERSION
 from deltabkp.errors import DeltabkpError, IntegrityError, StoreError, StoreUnavailable
 from deltabkp_server.catalog import AsyncCatalog
 from deltabkp_server.model import (
@@ -62,13 +63,19 @@ log = logging.getLogger("deltabkp_server")
 #: (a lease query; it ends with that backup, which signs or converts the version itself).
 UNSIGNED_RETRY_S = 2.0
 #: Worker threads of a layout delta's apply (``LayoutPatcher(threads=...)``; 1: all in the
-#: ingest's thread).  2 rebuild the RUN records' tar in turn and compress them side by side
-#: while the ingest's thread hashes and writes (the same bytes either way).  On
-#: ``bench_system.sh`` (both daemons on 2 cores) a quiet machine (load ~2) gave apply phases of
-#: 190/205 and 151/183 ms wall/CPU against 207/202 and 202/195 one by one, executions 0.187
-#: and 0.164 of a full build against 0.205 twice; at load 5-7 (no free core) nothing, for
-#: ~15-35 ms more CPU.
+#: ingest's thread).  For version 1 (made after the agent's build, sent at once) 2 rebuild
+#: the RUN records' tar in turn and compress them side by side while the ingest's thread
+#: hashes and writes (the same bytes either way).  On ``bench_system.sh`` (both daemons on 2
+#: cores) a quiet machine (load ~2) gave apply phases of 190/205 and 151/183 ms wall/CPU
+#: against 207/202 and 202/195 one by one, executions 0.187 and 0.164 of a full build against
+#: 0.205 twice; at load 5-7 (no free core) nothing, for ~15-35 ms more CPU.
 APPLY_THREADS = 2
+#: The same for version 2, streamed while the agent builds: its records come at the pace of
+#: the build, which one thread keeps up with (the server waited for records ~60-130 ms of a
+#: ~250 ms backup), and the second's handoffs cost ~25 ms of CPU the agent's build then lacks
+#: where both share the cores: 16 executions each on ``bench_system.sh``'s pair, alternating
+#: (/tmp harness, 2 cores, quiet), median 0.246 s one by one against 0.260 s with two.
+APPLY_THREADS_STREAMED = 1
 
 
 class _Patch:
@@ -96,7 +103,9 @@ class _Patch:
             kind = LayoutPatcher
             if self.load_seek is not None:
                 extra["seek"] = self.load_seek()
-            extra["threads"] = APPLY_THREADS
+            streamed = self._head[len(LAYOUT_MAGIC) : len(LAYOUT_MAGIC) + 1] == bytes(
+                [LAYOUT_STREAM_VERSION])
+            extra["threads"] = APPLY_THREADS_STREAMED if streamed else APPLY_THREADS
         self.patcher = kind(
             self._base_buf, base_hash=base.hash if base else None, max_size=self._max_size,
             **extra,
@@ -114,7 +123,7 @@ class _Patch:
     def feed(self, data: bytes) -> None:
         if self.patcher is None:
             self._head += data
-            if len(self._head) < len(LAYOUT_MAGIC):
+            if len(self._head) <= len(LAYOUT_MAGIC):  # the magic and the version byte
                 return
             self._choose()
             data, self._head = bytes(self._head), bytearray()

@@ -8,7 +8,8 @@ signature request with no base, a chunk out of turn are the agent's protocol err
 module only moves them, each wait under the idle deadline; while the server makes the
 base's signature (a crash left it unsigned) the agent gets an empty ``sig-chunk`` every
 ``SIG_KEEPALIVE_S``, so a large base's signing never outlasts the agent's wait.  It offers the layout delta
-(``accepts``) only to an agent whose ``welcome`` advertised the same form and zlib.
+(``accepts``: each version the agent's ``welcome`` advertised with the same zlib, the streamed
+one first) only to such an agent.
 Patching and storing are the sink's business (``ingest``).  It laps the execution's
 timeline (``deltabkp._phases``): the agent's time to answer, then receive and apply.
 """
@@ -23,7 +24,7 @@ import trio
 
 from deltabkp import net, protocol
 from deltabkp._phases import Phases
-from deltabkp.archive import layout_capability
+from deltabkp.archive import layout_capabilities
 from deltabkp.errors import RemoteProtocolError
 
 __all__ = ["SIG_KEEPALIVE_S", "Delta", "DeltaSink", "Pulled", "Unchanged", "offers_layout", "pull"]
@@ -73,8 +74,10 @@ async def pull(
     then "receive" (waiting for chunks) and "apply" (the sink's work) as they alternate."""
     ph = phases if phases is not None else Phases()
     # The layout delta (docs/formats.md) only to an agent that advertised the same form
-    # (and zlib): an agent that predates it never sees the field.
-    accepts = (layout_capability(),) if offers_layout(chan) else ()
+    # (and zlib): an agent that predates it never sees the field.  Both versions it
+    # advertised, the streamed one first (the agent takes the first it makes).
+    theirs = _deltas(chan)
+    accepts = tuple(c for c in layout_capabilities() if c in theirs)
     await chan.send(protocol.BackupRequest(path, base_hash, (), bwlimit, accepts))
     msg = await chan.receive(timeout=idle)
     ph.lap("agent")
@@ -131,10 +134,10 @@ async def _kept_alive(chan: net.Channel, read_signature: Callable[[], Awaitable[
 
 
 def offers_layout(chan: net.Channel) -> bool:
-    """The agent advertised the layout delta with this server's zlib: its next backup will
+    """The agent advertised a layout delta with this server's zlib: its next backup will
     likely be one (the server then keeps seek points of the archive it stores)."""
-    cap = layout_capability()  # "": this server cannot make the archive's deflate bytes
-    return bool(cap) and cap in _deltas(chan)
+    theirs = _deltas(chan)  # none of ours where this server cannot make the deflate bytes
+    return any(c in theirs for c in layout_capabilities())
 
 
 def _deltas(chan: net.Channel) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 import deltabkp
-from deltabkp import net
+from deltabkp import net, protocol
 from deltabkp.archive import IncrementalBuilder, TgzBuilder
 from deltabkp.archive._walk import RACY_NS as RACY_NS_AGENT
 from deltabkp.testing import backup_exchange
@@ -501,16 +501,24 @@ async def test_after_a_settled_build_the_fingerprint_alone_is_the_quick_check(
     assert calls == ["_fingerprint", "kept_index"], calls
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["layout-1", "layout-2"])
 async def test_a_kept_build_of_an_older_archive_format_means_a_full_build_and_a_rolling_delta(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, streamed: bool
 ) -> None:
     """After an upgrade across an archive format (format 2's index kept, format 3's deflate
     now): the build does not reuse it (a full build), the layout delta is given up for the
     rolling one, and the archive is a fresh build's; the backup after that is a layout
-    delta again."""
+    delta again.  Offered version 2, the build making it stops as soon as it finds the
+    kept archive unusable (one build, not two)."""
     import attrs
 
-    from deltabkp.archive import LAYOUT_MAGIC, ArchiveIndex, LayoutPatcher, layout_capability
+    from deltabkp.archive import (
+        LAYOUT_MAGIC,
+        ArchiveIndex,
+        LayoutPatcher,
+        layout_capabilities,
+        layout_capability,
+    )
 
     app = tmp_path / "app"
     make_tree(app, 40)
@@ -529,9 +537,12 @@ async def test_a_kept_build_of_an_older_archive_format_means_a_full_build_and_a_
             await trio.sleep(RACY_NS_AGENT / 1e9 + 0.1)
         with agent_log() as messages:
             r = await backup_exchange(address, key, str(app), base or None,
-                                      accepts=(layout_capability(),))
+                                      accepts=layout_capabilities() if streamed
+                                      else (layout_capability(),))
         assert r.kind == "delta" and r.done is not None
         layout = r.delta.startswith(LAYOUT_MAGIC)
+        if layout:
+            assert r.delta[len(LAYOUT_MAGIC)] == (2 if streamed else 1)
         if layout:
             p = LayoutPatcher(base, base_hash=blake3.blake3(base).digest())
             out = p.feed(r.delta)
@@ -546,3 +557,60 @@ async def test_a_kept_build_of_an_older_archive_format_means_a_full_build_and_a_
         if older_index:
             assert "full build" in built[0] and "format 2" in built[0], built[0]
             assert any("layout delta given up" in m for m in messages), messages
+
+
+async def test_streamed_layout_delta_holds_back_an_unchanged_archive(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 2 is sent while the archive is built, but held back while it may still be
+    the base: a file whose ctime alone changed (read and compressed again, to the same
+    bytes) is answered "unchanged (hash)", nothing sent; an edit is a delta that rebuilds the
+    archive.  With a keep-alive due at every chunk the hold is given up (as the rolling
+    delta's): delta chunks, some empty, then ``backup-done`` naming the base itself — never
+    "unchanged" after delta chunks, which the conversation forbids (found by review)."""
+    import deltabkp_agent.backup as backup_mod
+    from deltabkp.archive import LAYOUT_MAGIC, LayoutPatcher, layout_capabilities
+
+    app = tmp_path / "app"
+    make_tree(app, 60)
+    await trio.sleep(RACY_NS_AGENT / 1e9 + 0.1)
+    agent = await _start_agent(nursery, tmp_path)
+    address = net.Address.parse(agent.address)
+
+    async def backup(base: bytes | None) -> Any:
+        return await backup_exchange(address, KEY, str(app), base,
+                                     accepts=layout_capabilities())
+
+    first = await backup(None)
+    base = bytes(deltabkp.patch(b"", first.delta))
+    f = app / "f10"
+    f.chmod(f.stat().st_mode)  # its ctime only
+    await trio.sleep(RACY_NS_AGENT / 1e9 + 0.1)
+    r = await backup(base)
+    assert (r.kind, r.reason) == ("unchanged", "hash"), r
+    await trio.to_thread.run_sync(_append, f, b"edited\n")
+    await trio.sleep(RACY_NS_AGENT / 1e9 + 0.1)
+    r = await backup(base)
+    assert r.kind == "delta" and r.delta.startswith(LAYOUT_MAGIC + b"\x02")
+    p = LayoutPatcher(base, base_hash=blake3.blake3(base).digest())
+    new = b"".join(p.feed(r.delta))
+    p.finish()
+    assert new == b"".join(TgzBuilder(app))
+    # Unchanged again, but every chunk a keep-alive: the hold is given up.
+    monkeypatch.setattr(backup_mod, "KEEPALIVE_S", -1.0)
+    chunks: list[bytes] = []
+    f.chmod(f.stat().st_mode)  # the quick check misses; the build reads it again
+    with trio.fail_after(60):
+        async with await net.connect(address, key=KEY, role="server") as chan:
+            await chan.send(protocol.BackupRequest(
+                str(app), blake3.blake3(new).digest(), (), accepts=layout_capabilities()))
+            msg = await chan.receive()
+            while isinstance(msg, protocol.DeltaChunk):
+                chunks.append(msg.data)
+                msg = await chan.receive()
+    assert isinstance(msg, protocol.BackupDone), msg
+    assert msg.archive_hash == blake3.blake3(new).digest()
+    assert b"" in chunks or len(chunks) > 1
+    p = LayoutPatcher(new, base_hash=blake3.blake3(new).digest())
+    assert b"".join(p.feed(b"".join(chunks))) == new
+    p.finish()

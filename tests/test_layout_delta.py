@@ -257,8 +257,8 @@ def test_refusals() -> None:
     base, delta, h = _golden()
     with pytest.raises(FormatError, match="bad magic"):
         LayoutPatcher(base).feed(b"DBKPXX" + delta[6:])
-    with pytest.raises(UnsupportedVersion):
-        LayoutPatcher(base).feed(delta[:6] + b"\x02" + delta[7:])
+    with pytest.raises(UnsupportedVersion):  # 2 is the streamed form (test_layout_stream)
+        LayoutPatcher(base).feed(delta[:6] + b"\x03" + delta[7:])
     with pytest.raises(IntegrityError, match="another base"):
         LayoutPatcher(base, base_hash=bytes(32)).feed(delta)
     p = LayoutPatcher(base, base_hash=h)

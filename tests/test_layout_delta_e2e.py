@@ -58,7 +58,8 @@ def test_change_goes_as_layout_delta_then_rolling_when_the_cache_is_lost(
     _edit(app, 1)
     rec = c.ctl("backup-now", agent.address, str(app), "--wait")
     assert rec["outcome"] == "stored", rec
-    assert "signature from layout" in _nth_served(c, 2), _served(c)
+    # Version 2: streamed while the agent built (both daemons offer it first).
+    assert "signature from layout-2" in _nth_served(c, 2), _served(c)
     # Three edited spots: the rolling delta pays ~10 KB each; the layout delta far less.
     # (transferred counts the TLS handshake and frames too, ~3-4 KB.)
     assert rec["transferred"] < 12_000, rec

@@ -6,7 +6,8 @@ faithfully, safely and all or nothing.  ``IncrementalBuilder`` makes the same by
 ``TgzBuilder`` from the previous build's ``ArchiveIndex`` and archive, reading only what
 changed (and hands over the tar it compressed, ``BuildHandover``); ``encode_layout`` /
 ``LayoutPatcher`` describe the next archive by the layout of the previous one (the layout
-delta), inflating it only around what changed given its ``SeekPoints``.  Invariants are stated in each private module.
+delta), inflating it only around what changed given its ``SeekPoints``; ``LayoutStreamer``
+makes it while an ``IncrementalBuilder`` builds (version 2).  Invariants are stated in each private module.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from deltabkp.archive._incremental import (
 from deltabkp.archive._layout import (
     LAYOUT_MAGIC,
     LayoutPatcher,
+    LayoutStreamer,
     encode_layout,
+    layout_capabilities,
     layout_capability,
 )
 from deltabkp.archive._seek import SeekPoints
@@ -39,12 +42,14 @@ __all__ = [
     "IncrementalBuilder",
     "IncrementalStats",
     "LayoutPatcher",
+    "LayoutStreamer",
     "SeekPoints",
     "TgzBuilder",
     "build_archive",
     "check_destination",
     "encode_layout",
     "extract_archive",
+    "layout_capabilities",
     "layout_capability",
     "tree_fingerprint",
 ]

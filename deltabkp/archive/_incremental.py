@@ -161,7 +161,7 @@ import time
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO, Generic, TypeVar, cast, overload
+from typing import Any, BinaryIO, Generic, Protocol, TypeVar, cast, overload
 
 import attrs
 import blake3
@@ -948,6 +948,26 @@ class _Run:
 Peek = Callable[[_Item, int, int], "bytes | None"]
 
 
+class BuildStream(Protocol):
+    """What an incremental build tells as it goes (``IncrementalBuilder(stream=...)``; the
+    layout encoder's streamed form, ``_layout.LayoutStreamer``), from the building thread:
+    ``bind`` once the previous archive is open and checked (its blake3; the build's
+    ``EntryTable``, which grows as entries are placed), or ``fail`` if it is not used; then
+    ``placing`` an entry whose bytes are about to be fed (its record known, its tar range
+    ``[start, end)``: placed in the table once all of it is fed), and in the archive's
+    order each stretch of old segments copied (old deflate offset after
+    the gzip header, length, the old segment after them) and each compression job (tar
+    offset, the window it was primed with, its tar, its cut ends, final?); then the gzip
+    trailer.  ``fail`` again if the build gives the previous archive up midway."""
+
+    def bind(self, entries: Any, previous_hash: bytes) -> None: ...
+    def placing(self, record: IndexEntry, start: int, end: int) -> None: ...
+    def fail(self, why: str) -> None: ...
+    def copy(self, start: int, length: int, k: int) -> None: ...
+    def job(self, at: int, prime: bytes, data: bytes, ends: list[int], final: bool) -> None: ...
+    def trailer(self, raw: bytes) -> None: ...
+
+
 class _Splicer:
     """The new stream's compressor: feeds bytes like ``RsyncableGzip``, and copies old
     segments inside runs once in sync.  Output chunks come out in stream order."""
@@ -987,6 +1007,8 @@ class _Splicer:
         # The tar bytes compressed (and each job's window), for the layout encoder: only
         # with a previous build (no layout delta follows a full one), ≤ FRESH_LIMIT bytes.
         self.fresh = _FreshKeeper() if old is not None else None
+        #: Told each job and copy as it goes out, in order (``BuildStream``), or None.
+        self.stream: BuildStream | None = None
 
     # -- feeding
 
@@ -1031,7 +1053,7 @@ class _Splicer:
             fut.set_result(_job(data, rel, self.level, final, prime))
         else:
             fut = self.pool.submit(_job, data, rel, self.level, final, prime)
-        self.queue.append(("job", fut, ends, final, self.buf_at))
+        self.queue.append(("job", fut, ends, final, self.buf_at, prime, data))
         self.jobs += 1
         self.compressed += n
         del self.buf[:n]
@@ -1130,16 +1152,21 @@ class _Splicer:
         self.feed(b"")
         self._submit(self.pos, final=True)
         yield from self._ready(0)
-        yield gzip_trailer(crc32_concat(self.crc_parts, self.crc_lens), self.pos)
+        trailer = gzip_trailer(crc32_concat(self.crc_parts, self.crc_lens), self.pos)
+        if self.stream is not None:
+            self.stream.trailer(trailer)
+        yield trailer
 
     def _ready(self, keep: int) -> Iterator[bytes]:
         while self.queue and (self.jobs > keep or self._done(self.queue[0])):
             item = self.queue.popleft()
             if item[0] == "job":
                 self.jobs -= 1
-                _, fut, ends, _final, at = item
+                _, fut, ends, final, at, prime, data = item
                 assert isinstance(fut, Future) and isinstance(ends, list) and isinstance(at, int)
                 out, comp_ends, crcs = fut.result()
+                if self.stream is not None:
+                    self.stream.job(at, prime, data, ends, bool(final))  # type: ignore[arg-type]
                 prev = at
                 for i, end in enumerate(ends):
                     self.crc_parts.append(crcs[i])
@@ -1158,6 +1185,8 @@ class _Splicer:
                 first, stop = span
                 if self.fresh is not None:
                     self.fresh.copied(len(self.seg_tar), first, stop - first)
+                if self.stream is not None:
+                    self.stream.copy(start, length, stop)
                 # Vectorised: a run may copy tens of thousands of segments.
                 old = self.old
                 ts = old.cut_ends[first:stop].astype(np.int64)
@@ -1379,6 +1408,8 @@ def _splice_changed(
     start = total
     new = b"".join(head)
     r = item.record
+    if sp.stream is not None and r is not None:
+        sp.stream.placing(r, start, start + len(new))
     stretches: list[tuple[int, int]] = []
     old_size = old.index.entries.raw(item.prior)[9]
     # The data is compared at the same in-file offsets; the headers before it may differ
@@ -1464,7 +1495,9 @@ class IncrementalBuilder(TgzBuilder):
     never reused by the next build (default 2 s, generous for coarse clocks: git's racy-clean
     rule).  ``sink``: called with every chunk of the archive, in order, in a worker thread
     (with the archive's blake3, beside the build; done when the iteration ends): e.g. a
-    file's ``write``, off the building thread; the chunks are still yielded as well."""
+    file's ``write``, off the building thread; the chunks are still yielded as well.
+    ``stream``: told each copy and compression job as it goes out (``BuildStream``), from
+    the iterating thread: the layout delta made while the archive is built."""
 
     def __init__(
         self,
@@ -1478,6 +1511,7 @@ class IncrementalBuilder(TgzBuilder):
         level: int = 6,
         threads: int = 2,
         sink: Callable[[bytes], object] | None = None,
+        stream: BuildStream | None = None,
         **kw: object,
     ) -> None:
         super().__init__(root, exclude=exclude, level=level, threads=threads, **kw)  # type: ignore[arg-type]
@@ -1492,6 +1526,7 @@ class IncrementalBuilder(TgzBuilder):
         self.previous_hashed = previous_hashed
         self.racy_ns = racy_ns
         self.sink = sink
+        self.stream = stream
         self._index: ArchiveIndex | None = None
         self._stats: IncrementalStats | None = None
         #: For a build afresh if the previous archive fails midway (``_afresh``).
@@ -1535,6 +1570,13 @@ class IncrementalBuilder(TgzBuilder):
         splicer = _Splicer(self.level, self.threads, old, peek)
         counts = _Counts()
         entries = EntryTable(bytearray())
+        if self.stream is not None:
+            if old is None:
+                self.stream.fail(why or "no previous build")
+            else:
+                self.stream.bind(entries, old.index.archive_hash)
+                splicer.stream = self.stream
+                splicer.fresh = None  # the stream takes what a hand-over would keep
         reused = [0]
         h = blake3.blake3()
         sink = self.sink
@@ -1561,6 +1603,8 @@ class IncrementalBuilder(TgzBuilder):
                     yield chunk
             except _OldFailed as exc:
                 why = f"{exc}: built afresh"
+                if self.stream is not None:
+                    self.stream.fail(why)
                 splicer.close()
                 beside.wait()  # ``h`` now holds what went out
                 afresh = IncrementalBuilder(self.root, **self._args)
@@ -1972,6 +2016,10 @@ class IncrementalBuilder(TgzBuilder):
                 end_run()
                 start = total
                 for piece in item.pieces:
+                    if total == start and sp.stream is not None and item.record is not None:
+                        # The header (the record is known with it): where the entry will lie.
+                        sp.stream.placing(item.record, start,
+                                          start + len(piece) + _padded(item.record.size))
                     total += len(piece)
                     sp.feed(piece, scan=False)
                     yield from sp.spill()
@@ -2007,6 +2055,9 @@ class IncrementalBuilder(TgzBuilder):
             delta = run.old_start - run.new_start
             checked = False
             for piece in item.pieces:
+                if total == start and sp.stream is not None and item.record is not None:
+                    sp.stream.placing(item.record, start,
+                                      start + len(piece) + _padded(item.record.size))
                 if not checked:
                     checked = True
                     if not item.equal:

@@ -1,5 +1,8 @@
-"""The layout delta (DBKPLD v1): a new archive described against the previous one *by its
-layout*, for a sender that knows both archives' indexes (``ArchiveIndex``).
+"""The layout delta (DBKPLD v1, and v2 streamed): a new archive described against the
+previous one *by its layout*, for a sender that knows both archives' indexes
+(``ArchiveIndex``) — or, v2 (``LayoutStreamer``), the old one's and the build making the new
+one, which tells the streamer each copy and compression job as it goes out, so the receiver
+rebuilds while the sender builds (its class docstring; docs/formats.md).
 
 Why.  The rolling-checksum delta sees the compressed bytes only: after an edit, deflate
 output differs until the next sync cut at least 32 KiB on (a changed window changes every
@@ -57,7 +60,10 @@ keys, ``_choose``'s loop over repeated content), ~20 % the literal stream at lev
 (level 6: ~10 ms less, 30,868 bytes instead of 30,312 — but ``tests/golden/layout/
 v1.dbkpld`` pins the encoder's bytes).
 
-Invariants:
+Invariants (of version 1; version 2, ``LayoutStreamer``, differs where its docstring says:
+the sender checks nothing by recompressing or comparing archives — a COPY is the builder's
+copy of old segments, a RUN the tar it compressed with that window — and size and blake3 are
+checked against END, not the header):
 - pure (bytes and buffers in, bytes out; no I/O), deterministic.  The receiver may rebuild
   RUN records in worker threads (``LayoutPatcher(threads=...)``): each reads its old tar
   in the records' order, in turn (one stream, whose answers depend on the reads before),
@@ -120,6 +126,7 @@ from deltabkp.archive._incremental import (
     DATA,
     ArchiveIndex,
     BuildHandover,
+    IndexEntry,
 )
 from deltabkp.archive._seek import _HDR, _INFLATE_ERRORS, SPACING, SeekPoints
 from deltabkp.archive._walk import ARCHIVE_VERSION
@@ -133,27 +140,40 @@ from deltabkp.errors import (
 
 __all__ = [
     "LAYOUT_MAGIC",
+    "LAYOUT_STREAM_VERSION",
     "LAYOUT_VERSION",
     "LayoutPatcher",
+    "LayoutStreamer",
     "encode_layout",
+    "layout_capabilities",
     "layout_capability",
 ]
 
 LAYOUT_MAGIC = b"DBKPLD"
 LAYOUT_VERSION = 1
+#: The streamed form (``LayoutStreamer``): made as the build goes, size and blake3 at the end.
+LAYOUT_STREAM_VERSION = 2
 
 
-def layout_capability() -> str:
-    """What an agent advertises and a server accepts: this format, with the deflate archives
-    are made with here (``_gzip.deflater``: the loaded libz's version and format 3's tune,
-    e.g. ``layout-1/zlib-1.2.13-tune-8-64-128-56/archive-3``); "" (offer nothing: the
-    rolling delta) where libz fails its checks.  A function, not a constant: the name
-    depends on the library ``_libz`` loads, and importing ``deltabkp.archive`` loads none."""
+def layout_capability(version: int = LAYOUT_VERSION) -> str:
+    """What an agent advertises and a server accepts: this format (``version``), with the
+    deflate archives are made with here (``_gzip.deflater``: the loaded libz's version and
+    format 3's tune, e.g. ``layout-1/zlib-1.2.13-tune-8-64-128-56/archive-3``); "" (offer
+    nothing: the rolling delta) where libz fails its checks.  A function, not a constant:
+    the name depends on the library ``_libz`` loads, and importing ``deltabkp.archive``
+    loads none."""
     try:
         name = deflater(DEFAULT_LEVEL)
     except DeflateError:
         return ""
-    return f"layout-{LAYOUT_VERSION}/{name.replace(' ', '-')}/archive-{ARCHIVE_VERSION}"
+    return f"layout-{version}/{name.replace(' ', '-')}/archive-{ARCHIVE_VERSION}"
+
+
+def layout_capabilities() -> tuple[str, ...]:
+    """Every layout delta form made and read here, the preferred first (the streamed
+    version 2, then version 1); empty where libz fails its checks."""
+    got = tuple(layout_capability(v) for v in (LAYOUT_STREAM_VERSION, LAYOUT_VERSION))
+    return got if all(got) else ()
 
 #: Largest record body (a fresh run's parts and literals).
 MAX_RECORD = 4 << 20
@@ -180,8 +200,16 @@ _MIN_OUT = 64 * 1024
 #: thread, and their tar and RAW bytes at most (memory stays bounded while runs compress).
 _AHEAD = 2
 _AHEAD_BYTES = 8 << 20
+#: Most tar bytes of compression jobs a ``LayoutStreamer`` holds while the build's entries do
+#: not cover them yet (a changed file's entry is placed once all of it is read: a job inside
+#: a big one waits for its end).  Past it the oldest goes anyway, the part of it no entry
+#: covers yet as literal (correct, only less small): the agent's memory stays bounded.
+STREAM_WAITING = 8 << 20
 
 _HEAD = struct.Struct("<6sBB32sQ32sBB")
+#: Version 2's header: magic, version, flags, base blake3, level, deflater length.
+_HEAD2 = struct.Struct("<6sBB32sBB")
+_END2 = struct.Struct("<Q32s")  # version 2's END: the new archive's size, blake3
 _REC = struct.Struct("<BI")  # type, body length
 _COPY = struct.Struct("<QQ")  # old archive offset, length
 _RUN = struct.Struct("<BIIII")  # flags, window, n_cuts, n_parts, literal bytes (uncompressed)
@@ -380,37 +408,87 @@ def _pad(n: int) -> int:
     return -n % 512 + n
 
 
-class _Encoder:
-    #: Leading segments equal in both archives, compared by ``_lead`` (0 until it ran).
-    _lead_segs = 0
-    #: What the build of the new archive handed over (None: nothing, all is inflated).
-    fresh: BuildHandover | None = None
+class _Parts:
+    """The sender's half shared by both encoders: new tar bytes described as old tar
+    references and literals (``_parts``, by the new entries' paths), packed into RUN
+    records whose literals are one zlib stream across the delta; the old tar read forward
+    (``TarStream``) and entered at an old segment boundary given its window (``_enter_at``)."""
 
-    def __init__(self, old_index: ArchiveIndex, old: Any, new_index: ArchiveIndex, new: Any,
-                 seek: SeekPoints | None = None, fresh: BuildHandover | None = None):
-        self.oi, self.ni = old_index, new_index
-        self.fresh = fresh
-        #: Fresh runs whose window (extra entry point) and tar came from ``fresh``.
-        self.fresh_windows = self.fresh_runs = 0
-        self.old, self.new = memoryview(old), memoryview(new)
+    def __init__(self, old_index: ArchiveIndex, old: Any, new_entries: Any,
+                 seek: SeekPoints | None) -> None:
+        self.oi = old_index
+        #: The new archive's entries (an ``EntryTable``; the streaming encoder's grows as
+        #: the build goes): what ``_parts`` maps to old entries by path.
+        self.new_entries = new_entries
+        self.old = memoryview(old)
         self.old_tar = TarStream(old, seek=seek)
-        # Starts (tar, deflate) of each segment, old and new: packed (~170,000 segments on a
-        # 1 GB tree, where a list of ints costs ~40 bytes an element, an array 8).
+        # Starts (tar, deflate) of each old segment: packed (~170,000 segments on a 1 GB
+        # tree, where a list of ints costs ~40 bytes an element, an array 8).
         self.ot = _starts(old_index.segments.tar_ends)
         self.od = _starts(old_index.segments.deflate_ends)
-        self.nt = _starts(new_index.segments.tar_ends)
-        self.nd = _starts(new_index.segments.deflate_ends)
+        self._old_crcs = array.array("I", old_index.segments.crcs.tobytes())
         # Entries are looked up for the fresh runs only: no IndexEntry made for the others
         # (making all of them cost ~0.3 s on the stdlib tree).
         self._shift = 0  # old entry index - new entry index, at the last entry found
         # References _data_pieces compared equal (new lo, old lo, length), in this _parts.
         self._checked: set[tuple[int, int, int]] = set()
         self.lit = zlib.compressobj(9, zlib.DEFLATED, -15)
-        self._new_crcs = array.array("I", new_index.segments.crcs.tobytes())
-        self._old_crcs = array.array("I", old_index.segments.crcs.tobytes()) \
-            if fresh is not None else self._new_crcs
-        self._new_stream: TarStream | None = None
         self._far = 0  # the furthest old tar byte referenced so far (see _reach)
+        #: Extra entry points made (``_enter_at``).
+        self.fresh_windows = 0
+
+    def _run_record(self, flags: int, w: int, cuts: list[int],
+                    parts: list[bytes | tuple[int, int]]) -> bytes:
+        """A RUN record: its parts, and its literals as the next piece of the one stream."""
+        lits = b"".join(p for p in parts if isinstance(p, bytes))
+        blob = self.lit.compress(lits) + self.lit.flush(zlib.Z_SYNC_FLUSH)
+        body = [_RUN.pack(flags, w, len(cuts), len(parts), len(lits))]
+        body += [_CUT.pack(x) for x in cuts]
+        for p in parts:
+            body.append(_LIT.pack(1, len(p)) if isinstance(p, bytes) else _OLD.pack(0, *p))
+        body.append(blob)
+        return _record(T_RUN, b"".join(body))
+
+    def _enter_at(self, k: int, window: bytes) -> None:
+        """Give the old tar stream an entry point at old segment ``k`` with ``window`` (the
+        tar the new stream holds before the fresh tar that follows the old segments up to
+        ``k``, which the builder primed that compression with), so the reads around it are
+        inflated from there instead of from the seek point before (~1/2 MiB further back
+        on average).  Only if that window is the old tar there, checked by CRC-32s against
+        the old index: its whole old segments, and the old stream entered there with it
+        over the next 32 KiB of tar (all a later byte can refer back to).  Else nothing:
+        the stream seeks as before.  Either way the same delta: what a read answers does
+        not depend on where the stream was entered."""
+        end, m = self.ot[k], len(self.oi.segments)
+        w = len(window)
+        if k <= 0 or k > m or w != min(DICT_SIZE, end):
+            return
+        lo = end - w
+        view = memoryview(window)
+        for x in range(bisect.bisect_left(self.ot, lo), k):
+            if zlib.crc32(view[self.ot[x] - lo : self.ot[x + 1] - lo]) != self._old_crcs[x]:
+                return
+        # The old segments from ``k`` over the next 32 KiB (not into the final one, which
+        # has no CRC-32).
+        e = bisect.bisect_left(self.ot, end + DICT_SIZE, k)
+        if e > m:
+            return
+        want = self.ot[e] - end
+        try:
+            d = isal_zlib.decompressobj(-15, zdict=window) if window else \
+                isal_zlib.decompressobj(-15)
+            out = d.decompress(self.old[_HDR + self.od[k] : _HDR + self.od[e]], want + 1)
+        except _INFLATE_ERRORS:
+            return
+        if len(out) != want:
+            return
+        ov = memoryview(out)
+        for x in range(k, e):
+            if zlib.crc32(ov[self.ot[x] - end : self.ot[x + 1] - end]) != self._old_crcs[x]:
+                return
+        self.old_tar.enter(_HDR + self.od[k], end, window, out, _HDR + self.od[e])
+        self.fresh_windows += 1
+
 
     def _old_entry(self, path: str, i: int) -> _Ent | None:
         """The old entry of new entry ``i`` (``path``), or None.  Entries are in the walk's
@@ -431,6 +509,150 @@ class _Encoder:
                 return None
         self._shift = k - i
         return _ent(entries, k)
+
+    def _parts(self, tar: bytes, at: int) -> list[bytes | tuple[int, int]]:
+        """``tar`` (new tar bytes from offset ``at``) as old references and literals."""
+        pieces: list[tuple[int, int, int | None]] = []  # new lo, new hi, old lo (None: literal)
+        lo, hi = at, at + len(tar)
+        entries = self.new_entries
+        # Bisected on the raw records: no IndexEntry made per probe.
+        i = max(0, bisect.bisect_right(range(len(entries)), lo,
+                                       key=lambda k: entries.raw(k)[_RAW_TAR_START]) - 1)
+        self._checked.clear()
+        pos = lo
+        while pos < hi:
+            e = _ent(entries, i) if i < len(entries) else None
+            if e is None or pos >= e.tar_end:
+                if e is None:
+                    pieces.append((pos, hi, None))  # end-of-archive zeros
+                    break
+                i += 1
+                continue
+            end = min(hi, e.tar_end)
+            pieces += self._entry_pieces(e, i, pos, end, tar, at)
+            pos = end
+            i += 1
+        # Merge; an old reference is kept only if the old stream still has it (and it is equal).
+        out: list[bytes | tuple[int, int]] = []
+        for s, t, o in pieces:
+            if s == t:
+                continue
+            ref = None
+            if o is not None and o >= max(self._far, o + t - s) - _reach():
+                if (s, o, t - s) in self._checked:
+                    # Compared equal by _data_pieces, within a read that asked as far: read
+                    # again, it would answer those bytes unless behind the floor, and change
+                    # nothing in the stream.
+                    ok = o >= self.old_tar.floor
+                else:
+                    got = self.old_tar.read(o, o + t - s)
+                    ok = got is not None and tar.startswith(got, s - at)  # len(got) == t - s
+                if ok:
+                    ref = (o, t - s)
+                    self._far = max(self._far, o + t - s)
+            prev = out[-1] if out else None
+            if ref is None:
+                data = tar[s - at : t - at]
+                if isinstance(prev, bytes):
+                    out[-1] = prev + data
+                else:
+                    out.append(data)
+            elif isinstance(prev, tuple) and prev[0] + prev[1] == ref[0]:
+                out[-1] = (prev[0], prev[1] + ref[1])
+            else:
+                out.append(ref)
+        return out
+
+    def _entry_pieces(
+        self, e: _Ent, i: int, lo: int, hi: int, tar: bytes, at: int
+    ) -> list[tuple[int, int, int | None]]:
+        o = self._old_entry(self.new_entries.path(i), i)
+        if o is None:
+            return [(lo, hi, None)]
+        n_len, o_len = e.tar_end - e.tar_start, o.tar_end - o.tar_start
+        if e.kind != DATA or o.kind != DATA:
+            return [(lo, hi, o.tar_start + lo - e.tar_start if n_len == o_len else None)]
+        nh, oh = n_len - _pad(e.size), o_len - _pad(o.size)
+        out: list[tuple[int, int, int | None]] = []
+        # header | data | padding, each clipped to [lo, hi)
+        hs, he = e.tar_start, e.tar_start + nh
+        if lo < he:
+            out.append((lo, min(hi, he), o.tar_start + lo - hs if nh == oh else None))
+        ds, de = he, he + e.size
+        s, t = max(lo, ds), min(hi, de)
+        if s < t:
+            out += self._data_pieces(e, o, oh, s, t, tar, at)
+        if hi > de:
+            out.append((max(lo, de), hi, None))
+        return out
+
+    def _data_pieces(
+        self, e: _Ent, o: _Ent, oh: int, s: int, t: int, tar: bytes, at: int
+    ) -> list[tuple[int, int, int | None]]:
+        """New data ``[s, t)`` (tar offsets) against the old file: the longest run equal to
+        the old data at the same offset from the start, then from the end; literal between."""
+        ds = e.tar_start + (e.tar_end - e.tar_start - _pad(e.size))
+        p, q = s - ds, t - ds  # offsets in the new file's data
+        ods = o.tar_start + oh
+        # Most files around an edit are unchanged: equal bytes are found by ``startswith``
+        # (no copy); numpy looks for the first or last difference only where there is one.
+        # from the start: old data [p, min(q, o.size))
+        n1 = max(0, min(q, o.size) - p)
+        pre = 0
+        if n1:
+            got = self.old_tar.read(ods + p, ods + p + n1)
+            if got is not None:
+                if tar.startswith(got, s - at):
+                    pre = n1
+                else:
+                    diff = np.flatnonzero(np.frombuffer(tar, np.uint8, n1, s - at)
+                                          != np.frombuffer(got, np.uint8))
+                    pre = int(diff[0])
+        if pre == t - s:
+            self._checked.add((s, ods + p, t - s))
+            return [(s, t, ods + p)]
+        # from the end: old data aligned on the file's end
+        shift = o.size - e.size
+        a = max(p + pre, -shift, 0)
+        suf = 0
+        if a < q:
+            got = self.old_tar.read(ods + a + shift, ods + q + shift)
+            if got is not None:
+                if tar.startswith(got, s - at + a - p):
+                    suf = q - a
+                else:
+                    diff = np.flatnonzero(np.frombuffer(tar, np.uint8, q - a, s - at + a - p)
+                                          != np.frombuffer(got, np.uint8))
+                    suf = q - a - (int(diff[-1]) + 1)
+        out: list[tuple[int, int, int | None]] = []
+        if pre:
+            out.append((s, s + pre, ods + p))
+            self._checked.add((s, ods + p, pre))
+        out.append((s + pre, t - suf, None))
+        if suf:
+            out.append((t - suf, t, ods + q - suf + shift))
+            self._checked.add((t - suf, ods + q - suf + shift, suf))
+        return out
+
+
+class _Encoder(_Parts):
+    #: Leading segments equal in both archives, compared by ``_lead`` (0 until it ran).
+    _lead_segs = 0
+    #: What the build of the new archive handed over (None: nothing, all is inflated).
+    fresh: BuildHandover | None = None
+
+    def __init__(self, old_index: ArchiveIndex, old: Any, new_index: ArchiveIndex, new: Any,
+                 seek: SeekPoints | None = None, fresh: BuildHandover | None = None):
+        super().__init__(old_index, old, new_index.entries, seek)
+        self.ni = new_index
+        self.fresh = fresh
+        #: Fresh runs whose tar came from ``fresh``.
+        self.fresh_runs = 0
+        self.new = memoryview(new)
+        self.nt = _starts(new_index.segments.tar_ends)
+        self.nd = _starts(new_index.segments.deflate_ends)
+        self._new_crcs = array.array("I", new_index.segments.crcs.tobytes())
+        self._new_stream: TarStream | None = None
 
     def _new_tar(self) -> TarStream:
         """The new archive's tar, inflated forward only when first needed (rare: see _run)."""
@@ -731,15 +953,8 @@ class _Encoder:
                     raise IntegrityError(f"layout delta: {why}")
             cuts = [self.nt[x + 1] - self.nt[x] for x in chunk if x < n]
             parts = self._parts(tar, start) if cont else self._parts(window + tar, start - w)
-            lits = b"".join(p for p in parts if isinstance(p, bytes))
-            blob = self.lit.compress(lits) + self.lit.flush(zlib.Z_SYNC_FLUSH)
-            body = [_RUN.pack((F_FINAL if final else 0) | (F_CONTINUE if cont else 0),
-                              0 if cont else w, len(cuts), len(parts), len(lits))]
-            body += [_CUT.pack(x) for x in cuts]
-            for p in parts:
-                body.append(_LIT.pack(1, len(p)) if isinstance(p, bytes) else _OLD.pack(0, *p))
-            body.append(blob)
-            yield _record(T_RUN, b"".join(body))
+            yield self._run_record((F_FINAL if final else 0) | (F_CONTINUE if cont else 0),
+                                   0 if cont else w, cuts, parts)
             window = (window + tar)[-DICT_SIZE:]
             cont, chunk = True, []
 
@@ -766,181 +981,43 @@ class _Encoder:
         return None
 
     def _enter_old(self, i0: int, j: int, w: int, copies: array.array[int]) -> None:
-        """Give the old tar stream an entry point at old segment ``j + 1`` (the one after
-        the copy that new segment ``i0``, a fresh run, follows) with the window the builder
-        handed over (``fresh``: the new tar before ``i0``, which it primed that run's
-        compressor with), so the run's old tar bytes are inflated from there instead of
-        from the seek point before (~1/2 MiB further back on average).
-
-        Only if that window is the old tar there, checked by CRC-32s against the *old*
-        index: it lies in new segments copied from old ``..., j - 1, j`` (consecutive),
-        whose whole ones as handed over have their twins' CRC-32s; and the old stream
-        entered there with it inflates, over the next 32 KiB of tar (all a later byte can
-        refer back to), to the old segments' CRC-32s.  (The builder's windows are exactly
-        32 KiB: the first segment's head is not handed over.)  Else nothing: the stream
-        seeks as before.  Either way the same delta: what a read answers does not depend
-        on where the stream was entered."""
+        """``_enter_at`` old segment ``j + 1`` (the one after the copy that new segment
+        ``i0``, a fresh run, follows) with the window the builder handed over (``fresh``:
+        the new tar before ``i0``, which it primed that run's compressor with), if that
+        window lies in new segments copied from consecutive old ones.  (The builder's
+        windows are exactly 32 KiB: the first segment's head is not handed over.)"""
         assert self.fresh is not None
-        end = self.ot[j + 1]
-        if w != min(DICT_SIZE, end):
+        if w != min(DICT_SIZE, self.ot[j + 1]):
             return
         lo = self.nt[i0] - w
         s = bisect.bisect_right(self.nt, lo) - 1  # the new segment holding the window's start
         window = self.fresh.read(lo, self.nt[i0])
         if window is None:
             return
-        view = memoryview(window)
+        # The window lies in new segments copied from consecutive old ones ``..., j - 1, j``:
+        # then it stands where the old tar before old segment ``j + 1`` does (checked there).
         for x in range(s, i0):
             if copies[x] != j - (i0 - 1 - x):
                 return
-            if self.nt[x] >= lo and zlib.crc32(
-                    view[self.nt[x] - lo : self.nt[x + 1] - lo]) != self._old_crcs[copies[x]]:
-                return
-        # The old segments from ``j + 1`` over the next 32 KiB (not into the final one,
-        # which has no CRC-32).
-        m = len(self.oi.segments)
-        k = bisect.bisect_left(self.ot, end + DICT_SIZE, j + 1)
-        if k > m:
-            return
-        want = self.ot[k] - end
-        try:
-            d = isal_zlib.decompressobj(-15, zdict=window) if window else \
-                isal_zlib.decompressobj(-15)
-            out = d.decompress(self.old[_HDR + self.od[j + 1] : _HDR + self.od[k]], want + 1)
-        except _INFLATE_ERRORS:
-            return
-        if len(out) != want:
-            return
-        ov = memoryview(out)
-        for x in range(j + 1, k):
-            if zlib.crc32(ov[self.ot[x] - end : self.ot[x + 1] - end]) != self._old_crcs[x]:
-                return
-        self.old_tar.enter(_HDR + self.od[j + 1], end, window, out, _HDR + self.od[k])
-        self.fresh_windows += 1
+        self._enter_at(j + 1, window)
 
-    def _parts(self, tar: bytes, at: int) -> list[bytes | tuple[int, int]]:
-        """``tar`` (new tar bytes from offset ``at``) as old references and literals."""
-        pieces: list[tuple[int, int, int | None]] = []  # new lo, new hi, old lo (None: literal)
-        lo, hi = at, at + len(tar)
-        entries = self.ni.entries
-        # Bisected on the raw records: no IndexEntry made per probe.
-        i = max(0, bisect.bisect_right(range(len(entries)), lo,
-                                       key=lambda k: entries.raw(k)[_RAW_TAR_START]) - 1)
-        self._checked.clear()
-        pos = lo
-        while pos < hi:
-            e = _ent(entries, i) if i < len(entries) else None
-            if e is None or pos >= e.tar_end:
-                if e is None:
-                    pieces.append((pos, hi, None))  # end-of-archive zeros
-                    break
-                i += 1
-                continue
-            end = min(hi, e.tar_end)
-            pieces += self._entry_pieces(e, i, pos, end, tar, at)
-            pos = end
-            i += 1
-        # Merge; an old reference is kept only if the old stream still has it (and it is equal).
-        out: list[bytes | tuple[int, int]] = []
-        for s, t, o in pieces:
-            if s == t:
-                continue
-            ref = None
-            if o is not None and o >= max(self._far, o + t - s) - _reach():
-                if (s, o, t - s) in self._checked:
-                    # Compared equal by _data_pieces, within a read that asked as far: read
-                    # again, it would answer those bytes unless behind the floor, and change
-                    # nothing in the stream.
-                    ok = o >= self.old_tar.floor
-                else:
-                    got = self.old_tar.read(o, o + t - s)
-                    ok = got is not None and tar.startswith(got, s - at)  # len(got) == t - s
-                if ok:
-                    ref = (o, t - s)
-                    self._far = max(self._far, o + t - s)
-            prev = out[-1] if out else None
-            if ref is None:
-                data = tar[s - at : t - at]
-                if isinstance(prev, bytes):
-                    out[-1] = prev + data
-                else:
-                    out.append(data)
-            elif isinstance(prev, tuple) and prev[0] + prev[1] == ref[0]:
-                out[-1] = (prev[0], prev[1] + ref[1])
-            else:
-                out.append(ref)
-        return out
 
-    def _entry_pieces(
-        self, e: _Ent, i: int, lo: int, hi: int, tar: bytes, at: int
-    ) -> list[tuple[int, int, int | None]]:
-        o = self._old_entry(self.ni.entries.path(i), i)
-        if o is None:
-            return [(lo, hi, None)]
-        n_len, o_len = e.tar_end - e.tar_start, o.tar_end - o.tar_start
-        if e.kind != DATA or o.kind != DATA:
-            return [(lo, hi, o.tar_start + lo - e.tar_start if n_len == o_len else None)]
-        nh, oh = n_len - _pad(e.size), o_len - _pad(o.size)
-        out: list[tuple[int, int, int | None]] = []
-        # header | data | padding, each clipped to [lo, hi)
-        hs, he = e.tar_start, e.tar_start + nh
-        if lo < he:
-            out.append((lo, min(hi, he), o.tar_start + lo - hs if nh == oh else None))
-        ds, de = he, he + e.size
-        s, t = max(lo, ds), min(hi, de)
-        if s < t:
-            out += self._data_pieces(e, o, oh, s, t, tar, at)
-        if hi > de:
-            out.append((max(lo, de), hi, None))
-        return out
-
-    def _data_pieces(
-        self, e: _Ent, o: _Ent, oh: int, s: int, t: int, tar: bytes, at: int
-    ) -> list[tuple[int, int, int | None]]:
-        """New data ``[s, t)`` (tar offsets) against the old file: the longest run equal to
-        the old data at the same offset from the start, then from the end; literal between."""
-        ds = e.tar_start + (e.tar_end - e.tar_start - _pad(e.size))
-        p, q = s - ds, t - ds  # offsets in the new file's data
-        ods = o.tar_start + oh
-        # Most files around an edit are unchanged: equal bytes are found by ``startswith``
-        # (no copy); numpy looks for the first or last difference only where there is one.
-        # from the start: old data [p, min(q, o.size))
-        n1 = max(0, min(q, o.size) - p)
-        pre = 0
-        if n1:
-            got = self.old_tar.read(ods + p, ods + p + n1)
-            if got is not None:
-                if tar.startswith(got, s - at):
-                    pre = n1
-                else:
-                    diff = np.flatnonzero(np.frombuffer(tar, np.uint8, n1, s - at)
-                                          != np.frombuffer(got, np.uint8))
-                    pre = int(diff[0])
-        if pre == t - s:
-            self._checked.add((s, ods + p, t - s))
-            return [(s, t, ods + p)]
-        # from the end: old data aligned on the file's end
-        shift = o.size - e.size
-        a = max(p + pre, -shift, 0)
-        suf = 0
-        if a < q:
-            got = self.old_tar.read(ods + a + shift, ods + q + shift)
-            if got is not None:
-                if tar.startswith(got, s - at + a - p):
-                    suf = q - a
-                else:
-                    diff = np.flatnonzero(np.frombuffer(tar, np.uint8, q - a, s - at + a - p)
-                                          != np.frombuffer(got, np.uint8))
-                    suf = q - a - (int(diff[-1]) + 1)
-        out: list[tuple[int, int, int | None]] = []
-        if pre:
-            out.append((s, s + pre, ods + p))
-            self._checked.add((s, ods + p, pre))
-        out.append((s + pre, t - suf, None))
-        if suf:
-            out.append((t - suf, t, ods + q - suf + shift))
-            self._checked.add((t - suf, ods + q - suf + shift, suf))
-        return out
+def _in_place(parts: list[bytes | tuple[int, int]], at: int) -> bool:
+    """Are ``parts`` (new tar from offset ``at``) the old tar at the same place as it was —
+    old references to the same offsets, literals only zeros (a file's padding, sent as
+    literal) — as when a file whose ctime alone changed is read and compressed again?  Then
+    the archive may still be the old one (a guess: the archive's blake3 decides); anything
+    else is a change."""
+    for p in parts:
+        if isinstance(p, tuple):
+            if p[0] != at:
+                return False
+            at += p[1]
+        else:
+            if p.count(0) != len(p):
+                return False
+            at += len(p)
+    return True
 
 
 def _starts(ends: Any) -> array.array[int]:
@@ -1032,6 +1109,38 @@ def _walk_key(path: str) -> tuple[bytes, ...]:
 _RAW_TAR_START = 12
 
 
+class _Growing:
+    """The build's entries as they are placed (its ``EntryTable``), and the one being fed
+    (``placing``): the last until the table holds it.  What ``_parts`` reads of them."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self._next: tuple[int, str, tuple[int, ...]] | None = None  # position, path, raw
+
+    def placing(self, record: IndexEntry, start: int, end: int) -> None:
+        raw = [0] * (_RAW_TAR_START + 2)
+        raw[0], raw[9], raw[_RAW_TAR_START], raw[_RAW_TAR_START + 1] = \
+            record.kind, record.size, start, end
+        self._next = (len(self.table), record.path, tuple(raw))
+
+    def _extra(self) -> tuple[int, str, tuple[int, ...]] | None:
+        x = self._next
+        if x is not None and len(self.table) != x[0]:  # placed (or given up): the table's
+            self._next = x = None
+        return x
+
+    def __len__(self) -> int:
+        return len(self.table) + (self._extra() is not None)
+
+    def raw(self, i: int) -> tuple[Any, ...]:
+        x = self._extra()
+        return x[2] if x is not None and i == x[0] else self.table.raw(i)
+
+    def path(self, i: int) -> str:
+        x = self._extra()
+        return x[1] if x is not None and i == x[0] else self.table.path(i)
+
+
 class _Ent(NamedTuple):
     """The fields of an index entry the encoder uses, from its packed record: making an
     ``IndexEntry`` (15 fields, frozen) per entry of a fresh run, new and old, was ~1/10 of
@@ -1076,6 +1185,216 @@ def encode_layout(
                               or fresh.previous_hash != old_index.archive_hash):
         fresh = None
     return _Encoder(old_index, old_archive, new_index, new_archive, seek, fresh).records()
+
+
+
+class LayoutStreamer(_Parts):
+    """Sans-I/O: the layout delta *version 2*, made while the incremental build of the new
+    archive from ``old_index`` / ``old_archive`` runs (``IncrementalBuilder(stream=...)``
+    calls it), so the receiver rebuilds the archive while the sender still builds it.
+
+    Why: version 1 is made from both finished archives, so its receiver waits for the
+    whole build and then decodes after it (after the ~1 % change on the stdlib tree: a
+    build of ~150 ms, then ~100 ms of apply on the server).  Here the builder reports, in
+    its output order, each stretch of old segments it copied (a ``COPY`` of old archive
+    bytes: those bytes are old ones by construction) and each compression job (a ``RUN``:
+    the job's tar bytes and the window it was primed with, described as old tar references
+    and literals by the new entries' paths, ``_parts``, with the job's cuts), then the gzip
+    trailer; the new archive's size and blake3, known only at the end, are in the END
+    record instead of the header.  A job's tar is described once the build's entries cover
+    it (``bind``: the builder's growing ``EntryTable``; before, its bytes would go as
+    literal).  Segments a job compressed that came out equal to old ones are rebuilt by
+    the receiver too (version 1 would COPY them): the wire grows by their cut lengths and
+    references, the receiver compresses a little more, and nothing waits for the agent's
+    compression.  What the receiver rebuilds is the builder's own input (jobs are the tar
+    it compressed with that window, copies its old segments), so the same archive; the
+    receiver's blake3 against END (and the server's against ``backup-done``) stands
+    behind it, as in version 1.
+
+    Use: ``header()`` first, then ``take()`` after each chunk of the build (the records
+    made so far), and ``end(size, blake3)`` once it ended (the rest, RAW trailer and END).
+    ``failed``: why the build did not use the old archive (not reused at all, or given up
+    midway): the records made are then no delta of this build (the caller sends none, or
+    fails the backup if some went out)."""
+
+    def __init__(self, old_index: ArchiveIndex, old_archive: Any, *,
+                 seek: SeekPoints | None = None, level: int = DEFAULT_LEVEL) -> None:
+        if old_index.archive_size != len(memoryview(old_archive)):
+            raise IntegrityError("layout delta: the old archive is not the size its index says")
+        if seek is not None and not seek.matches(old_index.archive_hash, old_index.archive_size):
+            seek = None
+        super().__init__(old_index, old_archive, None, seek)
+        # Level 6, not version 1's 9: this runs in the build's own thread (stdlib pair's
+        # ~1 % change: 259 KB of literals, 11.8 ms at 9, 4.4 ms at 6, for 527 bytes more).
+        self.lit = zlib.compressobj(6, zlib.DEFLATED, -15)
+        self.level = level
+        self.deflater = deflater(level)  # DeflateError where libz cannot make the bytes
+        # Builder events in output order: (COPY, start, length, k) | (RUN, at, prime, data,
+        # ends, final) | (RAW, bytes).
+        self._events: deque[tuple[Any, ...]] = deque()
+        self._waiting = 0  # tar bytes of the RUN events queued (data and window)
+        self._copy = [0, _HDR]  # pending COPY (old archive offset, length): the gzip header first
+        self._tail_end = -1  # tar offset after the last RUN record (-1: the last was no RUN)
+        self._tail = b""  # its last 32 KiB of tar (window included)
+        self._enter = -1  # old segment after the last COPY (an entry point for the next RUN)
+        self._out: list[bytes] = []
+        self._ended = False
+        self._bound = False
+        #: Why the build did not use the old archive ("": it did, as far as it went).
+        self.failed = ""
+        #: Jobs described before the final one (0: nothing compressed anew but the end).
+        self.runs = 0
+        #: A RUN was made of other than the old tar at the same place, or a COPY of old
+        #: bytes from elsewhere: the new archive is not the old one (False: it may be).
+        self.changed = False
+
+    # -- what the sender's caller uses
+
+    def header(self) -> bytes:
+        return _HEAD2.pack(LAYOUT_MAGIC, LAYOUT_STREAM_VERSION, 0, self.oi.archive_hash,
+                           self.level, len(self.deflater)) + self.deflater.encode()
+
+    def take(self) -> list[bytes]:
+        """The records made since the last call (the jobs the entries cover so far)."""
+        self._pump(final=False)
+        out, self._out = self._out, []
+        return out
+
+    def end(self, size: int, digest: bytes) -> list[bytes]:
+        """The last records, once the build ended: the new archive is ``size`` bytes with
+        blake3 ``digest``."""
+        if self.failed:
+            raise IntegrityError(f"layout delta: the build did not reuse the old archive ({self.failed})")
+        self._pump(final=True)
+        if not self._ended:
+            raise IntegrityError("layout delta: the build did not end with its trailer")
+        out, self._out = self._out, []
+        return [*out, _record(T_END, _END2.pack(size, digest))]
+
+    def close(self) -> None:
+        """Let go of the old archive's buffer (views of it), e.g. before its map closes."""
+        self._events.clear()
+        self.new_entries = None
+        self.old = memoryview(b"")
+        self.old_tar = TarStream(b"")
+
+    # -- what the builder calls (``_incremental.BuildStream``)
+
+    def bind(self, entries: Any, previous_hash: bytes) -> None:
+        """The build reuses ``previous_hash``'s archive; ``entries``: its growing index."""
+        if previous_hash != self.oi.archive_hash:
+            self.fail("the build reuses another archive than the old one")
+            return
+        self.new_entries = _Growing(entries)
+        self._bound = True
+
+    def placing(self, record: IndexEntry, start: int, end: int) -> None:
+        """The entry whose bytes are being fed, to be placed at ``[start, end)``: its jobs
+        are described as they come (a big file's, by the time it is placed, would be many)."""
+        if self._bound:
+            self.new_entries.placing(record, start, end)
+
+    def fail(self, why: str) -> None:
+        self.failed = self.failed or why
+        self._events.clear()
+
+    def copy(self, start: int, length: int, k: int) -> None:
+        """Old deflate bytes ``[start, start + length)`` (after the gzip header) are the
+        next ones of the new archive: old segments up to ``k`` (exclusive)."""
+        if self._bound and not self.failed:
+            self._events.append((T_COPY, start, length, k))
+
+    def job(self, at: int, prime: bytes, data: bytes, ends: list[int], final: bool) -> None:
+        """A compression job: tar ``data`` from ``at``, primed with ``prime`` (the tar before
+        it), cut at ``ends`` (absolute; a final job's last one is its end)."""
+        if self._bound and not self.failed:
+            self._events.append((T_RUN, at, prime, data, ends, final))
+            self._waiting += len(prime) + len(data)
+
+    def trailer(self, raw: bytes) -> None:
+        if self._bound and not self.failed:
+            self._events.append((T_RAW, raw))
+
+    # -- making records
+
+    def _covered(self) -> int:
+        e = self.new_entries
+        return int(e.raw(len(e) - 1)[_RAW_TAR_START + 1]) if e is not None and len(e) else 0
+
+    def _pump(self, final: bool) -> None:
+        if self.failed or not self._bound:
+            return
+        covered = -1 if final else self._covered()
+        events = self._events
+        while events:
+            ev = events[0]
+            if ev[0] == T_RUN and not final and (ev[5] or ev[1] + len(ev[3]) > covered) \
+                    and self._waiting <= STREAM_WAITING:
+                return  # its entries are not all in yet (the final job's: at the end)
+            events.popleft()
+            if ev[0] == T_COPY:
+                _, start, length, k = ev
+                if self._copy[1] and self._copy[0] + self._copy[1] != _HDR + start:
+                    self.changed = True  # not where the pending copy's old bytes go on
+                if self._copy[0] + self._copy[1] == _HDR + start:
+                    self._copy[1] += length
+                else:
+                    self._flush_copy()
+                    self._copy = [_HDR + start, length]
+                self._enter = k
+                self._tail_end = -1
+            elif ev[0] == T_RUN:
+                self._waiting -= len(ev[2]) + len(ev[3])
+                self._flush_copy()
+                self._job(*ev[1:])
+            else:
+                self._flush_copy()
+                self._out.append(_record(T_RAW, ev[1]))
+                self._ended = True
+
+    def _flush_copy(self) -> None:
+        if self._copy[1]:
+            self._out.append(_record(T_COPY, _COPY.pack(*self._copy)))
+        self._copy = [0, 0]
+
+    def _job(self, at: int, prime: bytes, data: bytes, ends: list[int], final: bool) -> None:
+        # Continuing the RUN before (its receiver's window is the last 32 KiB of that RUN's
+        # tar) only where that is this job's window (the builder's is, for a job following
+        # a job; checked all the same: else the window goes as parts).
+        cont = self._tail_end == at and prime == self._tail
+        if not cont and self._enter >= 0:
+            self._enter_at(self._enter, prime)
+        self._enter = -1
+        # Segment lengths; a final job's last segment is its final one (no cut).
+        segs = [b - a for a, b in itertools.pairwise([at, *ends])]
+        # (A final job's last segment may be empty: a cut at the very end of the tar.)
+        if sum(segs) != len(data) or any(x <= 0 for x in (segs[:-1] if final else segs)):
+            raise IntegrityError("layout delta: a compression job's cuts do not fit its tar")
+        # Records of ~MAX_RUN_TAR tar each, cut at segment ends (one ends at the segment
+        # that takes it past the limit, as version 1's), each continuing the one before.
+        lo = k = 0
+        while k < len(segs):
+            first, hi = k, lo
+            while k < len(segs) and hi - lo < MAX_RUN_TAR:
+                hi += segs[k]
+                k += 1
+            last = k == len(segs)
+            tar = data[lo:hi]
+            if cont:
+                parts, w = self._parts(tar, at + lo), 0
+            else:
+                parts, w = self._parts(prime + tar, at - len(prime)), len(prime)
+            flags = (F_FINAL if final and last else 0) | (F_CONTINUE if cont else 0)
+            cuts = segs[first : k - 1] if final and last else segs[first:k]
+            # (The final job holds the end-of-archive blocks, in no entry: not a change.)
+            if not final and not self.changed and not _in_place(parts, at + lo - w):
+                self.changed = True
+            self._out.append(self._run_record(flags, w, cuts, parts))
+            cont, lo = True, hi
+        self._tail_end = at + len(data)
+        self._tail = (prime + data)[-DICT_SIZE:] if len(data) < DICT_SIZE else data[-DICT_SIZE:]
+        if not final:
+            self.runs += 1
 
 
 # -- decoding (the receiver, who holds the old archive) --------------------------------------
@@ -1194,6 +1513,8 @@ class LayoutPatcher:
         self._turns = _Turns()
         self._buf = bytearray()
         self._head: tuple[int, bytes, int] | None = None  # new size, new hash, level
+        #: The delta's format version (1, or 2: streamed, size and blake3 in END).
+        self.version = 0
         # Twice the sender's reach: a sender of the first release referenced as far back as
         # its own stream kept (KEEP to 2 x KEEP behind what it had inflated).
         if seek is not None and not seek.matches(base_hash, len(self._base)):
@@ -1319,15 +1640,24 @@ class LayoutPatcher:
         b = self._buf
         if len(b) >= len(LAYOUT_MAGIC) and b[: len(LAYOUT_MAGIC)] != LAYOUT_MAGIC:
             raise FormatError("not a layout delta (bad magic)")
-        if len(b) > len(LAYOUT_MAGIC) and b[len(LAYOUT_MAGIC)] != LAYOUT_VERSION:
-            raise UnsupportedVersion(f"layout delta version {b[len(LAYOUT_MAGIC)]} is not supported")
-        if len(b) < _HEAD.size:
+        if len(b) <= len(LAYOUT_MAGIC):
             return False
-        _m, _v, flags, base_hash, new_size, new_hash, level, zlen = _HEAD.unpack_from(b)
-        if len(b) < _HEAD.size + zlen:
+        version = b[len(LAYOUT_MAGIC)]
+        if version not in (LAYOUT_VERSION, LAYOUT_STREAM_VERSION):
+            raise UnsupportedVersion(f"layout delta version {version} is not supported")
+        head = _HEAD if version == LAYOUT_VERSION else _HEAD2
+        if len(b) < head.size:
             return False
-        zv = bytes(b[_HEAD.size : _HEAD.size + zlen]).decode("ascii", "replace")
-        del b[: _HEAD.size + zlen]
+        if version == LAYOUT_VERSION:
+            _m, _v, flags, base_hash, new_size, new_hash, level, zlen = _HEAD.unpack_from(b)
+        else:  # size and blake3 come with END (the sender did not know them yet)
+            _m, _v, flags, base_hash, level, zlen = _HEAD2.unpack_from(b)
+            new_size, new_hash = -1, b""
+        if len(b) < head.size + zlen:
+            return False
+        zv = bytes(b[head.size : head.size + zlen]).decode("ascii", "replace")
+        del b[: head.size + zlen]
+        self.version = version
         if flags:
             raise FormatError(f"layout delta has unknown flags {flags:#x}")
         if self._want_base_hash is not None and base_hash != self._want_base_hash:
@@ -1359,8 +1689,15 @@ class LayoutPatcher:
             self._tail_ok = False
             return _Waiting([body], None, len(body))
         if kind == T_END:
-            if body:
-                raise FormatError("layout delta END record has a body")
+            if self.version == LAYOUT_VERSION:
+                if body:
+                    raise FormatError("layout delta END record has a body")
+            else:
+                if len(body) != _END2.size:
+                    raise FormatError("layout delta END record has the wrong size")
+                new_size, new_hash = _END2.unpack(body)
+                assert self._head is not None
+                self._head = (new_size, new_hash, self._head[2])
             self._ended = True
             return _Waiting([], None, 0)
         raise FormatError(f"layout delta has an unknown record type {kind}")
