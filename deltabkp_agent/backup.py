@@ -630,17 +630,9 @@ def _build(
             ph.lap("keep")
             if streaming is not None:
                 _log_build(root, builder)
-                new = builder.index
                 held = streaming.end(builder)
                 ph.lap("layout")
-                return _Built(
-                    archive_hash=new.archive_hash, archive_size=new.archive_size,
-                    files=int(builder.report.files),
-                    changed=tuple((str(i.path), str(i.what)) for i in builder.report.changed),
-                    skipped=tuple((str(i.path), str(i.what)) for i in builder.report.skipped),
-                    signature=new_sig.finish() if new_sig is not None else None, held=held,
-                    delta_bytes=streaming.sent,
-                )
+                return _built(builder, new_sig, held, streaming.sent)
             if layout is not None:
                 # The kept archive must be the base: its index names it, and the builder
                 # checked the file's blake3 against that index before using it ("" = used).
@@ -654,14 +646,7 @@ def _build(
                     delta_bytes += _stream_layout(kept, kept.index, new, push, cache, root,
                                                   builder.handover)
                     ph.lap("layout")
-                return _Built(
-                    archive_hash=new.archive_hash, archive_size=new.archive_size,
-                    files=int(builder.report.files),
-                    changed=tuple((str(i.path), str(i.what)) for i in builder.report.changed),
-                    skipped=tuple((str(i.path), str(i.what)) for i in builder.report.skipped),
-                    signature=new_sig.finish() if new_sig is not None else None, held=held,
-                    delta_bytes=delta_bytes,
-                )
+                return _built(builder, new_sig, held, delta_bytes)
         assert encoder is not None and base_sig is not None
         pending += encoder.finish()
         held = hold
@@ -682,6 +667,19 @@ def _build(
         skipped=tuple((str(i.path), str(i.what)) for i in report.skipped),
         signature=new_sig.finish() if new_sig is not None else None,
         held=held,
+        delta_bytes=delta_bytes,
+    )
+
+
+def _built(builder: Any, new_sig: deltabkp.SignatureBuilder | None, held: bool,
+           delta_bytes: int) -> _Built:
+    """What a build that made a layout delta (or held it back) tells the answer."""
+    new, report = builder.index, builder.report
+    return _Built(
+        archive_hash=new.archive_hash, archive_size=new.archive_size, files=int(report.files),
+        changed=tuple((str(i.path), str(i.what)) for i in report.changed),
+        skipped=tuple((str(i.path), str(i.what)) for i in report.skipped),
+        signature=new_sig.finish() if new_sig is not None else None, held=held,
         delta_bytes=delta_bytes,
     )
 

@@ -216,7 +216,8 @@ def test_pieces_come_out_while_the_delta_is_still_being_applied(tmp_path: Path) 
 # -- golden file ------------------------------------------------------------------------------
 
 
-def _golden_pair(w: Path) -> tuple[Path, Path, ArchiveIndex, ArchiveIndex]:
+def _golden_edited(w: Path) -> tuple[Path, IncrementalBuilder]:
+    """The golden pair's tree, built (``w/old.tgz``) then edited: the tree, that build."""
     rng = random.Random(2026)
     root = w / "tree"
     _make_tree(root, rng, 12)
@@ -225,6 +226,11 @@ def _golden_pair(w: Path) -> tuple[Path, Path, ArchiveIndex, ArchiveIndex]:
     for kind, n in (("edit", 3), ("append", 5), ("add", 1), ("delete", 8)):
         _edit(root, rng, kind, n)
     _settle(root)
+    return root, a
+
+
+def _golden_pair(w: Path) -> tuple[Path, Path, ArchiveIndex, ArchiveIndex]:
+    root, a = _golden_edited(w)
     b = _build(root, w / "new.tgz", a, w / "old.tgz")
     return w / "old.tgz", w / "new.tgz", a.index, b.index
 
@@ -248,9 +254,11 @@ def test_golden_v1_decodes_to_the_recorded_archive() -> None:
     assert blake3.blake3(got).hexdigest() == want
 
 
-def _golden() -> tuple[bytes, bytes, bytes]:
+def _golden(delta: str = "v1.dbkpld") -> tuple[bytes, bytes, bytes]:
+    """The golden base, a delta of it (``v2.dbkpld``: the streamed form of the same pair,
+    ``test_layout_stream``) and the base's blake3."""
     base = (GOLDEN / "v1-base.tgz").read_bytes()
-    return base, (GOLDEN / "v1.dbkpld").read_bytes(), blake3.blake3(base).digest()
+    return base, (GOLDEN / delta).read_bytes(), blake3.blake3(base).digest()
 
 
 def test_refusals() -> None:
@@ -279,10 +287,11 @@ def test_refusals() -> None:
         LayoutPatcher(base).feed(delta[:head_len] + struct.pack("<BI", 1, MAX_RECORD + 1))
 
 
+@pytest.mark.parametrize("version", ["v1.dbkpld", "v2.dbkpld"])
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
-def test_a_damaged_delta_fails_only_with_deltabkp_errors(data: st.DataObject) -> None:
-    base, delta, h = _golden()
+def test_a_damaged_delta_fails_only_with_deltabkp_errors(version: str, data: st.DataObject) -> None:
+    base, delta, h = _golden(version)
     buf = bytearray(delta)
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(buf) - 1))
