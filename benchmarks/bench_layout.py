@@ -2,7 +2,7 @@
 with a full build of the same tree and with the rolling delta it replaces.
 
     python benchmarks/bench_layout.py [--repeat N] [--baseline PATH] [--seek [KIB ...]]
-                                      [--threads N ...]
+                                      [--threads N ...] [--handover] [--stream]
 
 Trees (``benchmarks/archive_data.py``): the ~107 MB stdlib tree and its copy with the ~1%
 change set.  Both archives are built (``IncrementalBuilder``, indexes kept) under
@@ -33,6 +33,14 @@ old archive's seek points, without and with what that incremental build hands ov
 it copied), in turns, ``--repeat`` times each, the archives mapped afresh each time (as the
 agent maps them): CPU best and median, old tar inflated, and whether the delta is the
 same bytes as without and as the bench pair's.
+
+``--stream`` makes the same agent's pair and times, in turns, ``--repeat`` times each, the
+incremental build alone (kept archive written beside, as the agent does), the same build
+with a ``LayoutStreamer`` making version 2 of the delta as it goes (the old archive's seek
+points given, as the agent's), then version 1 made after that build (with its hand-over):
+wall and CPU best and median, how far into the build the first RUN record was made, each
+delta's size; and the apply of each (``LayoutPatcher``, one thread, the server's seek points
+at 256 KiB): the work the server does beside the build (version 2) or after it (version 1).
 
 ``--baseline PATH`` runs encode and apply again with the ``deltabkp`` package found under
 PATH (e.g. a ``git worktree`` of an older commit), in the same run, on the same archives:
@@ -176,6 +184,87 @@ def _handover(repeat: int, trees: dict[str, Path], want_sha: str) -> str:
             f"(sha256 {', '.join(sorted(x[:16] for x in shas[False] | shas[True]))})")
 
 
+def _stream(repeat: int, trees: dict[str, Path]) -> str:
+    """``--stream``: on an agent's pair, the build with and without the streamed encoder."""
+    import shutil
+    import statistics
+
+    from deltabkp.archive import IncrementalBuilder, LayoutPatcher, LayoutStreamer, SeekPoints
+    from deltabkp.archive import encode_layout
+    from deltabkp.archive._layout import T_RUN
+    from deltabkp.archive._walk import RACY_NS
+
+    work = OUT.parent / "layout-stream"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    subprocess.run(["cp", "-a", str(trees["base"]), str(work / "app")], check=True)
+    time.sleep(RACY_NS / 1e9 + 0.1)  # the copy's ctimes: reusable by the next build
+    a = IncrementalBuilder(work / "app")
+    with open(work / "a.tgz", "wb") as f:
+        f.writelines(a)
+    subprocess.run(["rsync", "-a", "--checksum", "--delete", f"{trees['new']}/",
+                    f"{work / 'app'}/"], check=True)
+    time.sleep(RACY_NS / 1e9 + 0.1)
+    old = _mapped(work / "a.tgz")
+    agent_seek = SeekPoints.build(old, a.index.archive_hash, index=a.index)
+    server_seek = SeekPoints.build(old, a.index.archive_hash, index=a.index, spacing=256 << 10)
+    runs: dict[str, list[tuple[float, float]]] = {"build": [], "build + v2": [], "v1 after": []}
+    first_run: list[float] = []
+    deltas: dict[str, bytes] = {}
+    for _ in range(repeat):
+        for mode in ("build", "build + v2"):  # in turns: both see the same load
+            streamer = LayoutStreamer(a.index, old, seek=agent_seek) if mode != "build" else None
+            records = [streamer.header()] if streamer is not None else []
+            w, c = time.perf_counter(), time.process_time()
+            with open(work / "b.tgz", "wb") as f:
+                b = IncrementalBuilder(work / "app", previous=a.index,
+                                       previous_archive=work / "a.tgz", sink=f.write,
+                                       stream=streamer)
+                for _chunk in b:
+                    if streamer is not None:
+                        got = streamer.take()
+                        if len(first_run) < len(runs["build + v2"]) + 1 and \
+                                any(r[0] == T_RUN for r in got):
+                            first_run.append(time.perf_counter() - w)
+                        records += got
+                if streamer is not None:
+                    records += streamer.end(b.index.archive_size, b.index.archive_hash)
+            runs[mode].append((time.perf_counter() - w, time.process_time() - c))
+            if streamer is not None:
+                deltas["v2"] = b"".join(records)
+            else:
+                new = _mapped(work / "b.tgz")
+                w, c = time.perf_counter(), time.process_time()
+                deltas["v1"] = b"".join(encode_layout(a.index, old, b.index, new,
+                                                      seek=agent_seek, fresh=b.handover))
+                runs["v1 after"].append((time.perf_counter() - w, time.process_time() - c))
+    new_bytes = (work / "b.tgz").read_bytes()
+    applies: dict[str, list[float]] = {"v1": [], "v2": []}
+    for _ in range(repeat):
+        for v in ("v1", "v2"):
+            p = LayoutPatcher(old, base_hash=a.index.archive_hash, max_size=1 << 40,
+                              seek=server_seek)
+            c = time.process_time()
+            out = b"".join(p.feed(deltas[v]))
+            p.finish()
+            applies[v].append(time.process_time() - c)
+            if out != new_bytes:
+                return f"stream: the {v} delta does NOT rebuild the archive"
+    shutil.rmtree(work, ignore_errors=True)
+
+    def cell(xs: list[tuple[float, float]]) -> str:
+        wall, cpu = sorted(x[0] for x in xs), sorted(x[1] for x in xs)
+        return (f"wall best {wall[0]:.3f} median {statistics.median(wall):.3f}, "
+                f"CPU best {cpu[0]:.3f} median {statistics.median(cpu):.3f} s")
+
+    return (f"stream (an agent's pair, {repeat} runs each in turns): the build {cell(runs['build'])};"
+            f" with version 2 made as it goes {cell(runs['build + v2'])}, its first RUN "
+            f"{statistics.median(first_run):.3f} s in, {len(deltas['v2']):,} bytes; version 1 made "
+            f"after the build {cell(runs['v1 after'])}, {len(deltas['v1']):,} bytes; apply (one "
+            f"thread, server seek points) CPU median v1 {statistics.median(applies['v1']):.3f} s, "
+            f"v2 {statistics.median(applies['v2']):.3f} s; both rebuild the archive")
+
+
 def _seek_points(kib: int) -> Any:
     """The old archive's seek points at ``kib`` spacing, made as the agent makes them."""
     from deltabkp.archive import ArchiveIndex, SeekPoints
@@ -195,6 +284,9 @@ def main() -> None:
                     help="also apply with LayoutPatcher(threads=N) for each N, in turns")
     ap.add_argument("--handover", action="store_true",
                     help="also encode on an agent's pair, with and without the build's hand-over")
+    ap.add_argument("--stream", action="store_true",
+                    help="also build an agent's pair with and without the streamed encoder "
+                         "(version 2), and apply both versions")
     ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--measure-seek", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -277,6 +369,8 @@ def main() -> None:
     versus: list[str] = []
     if args.handover:
         versus.append(_handover(args.repeat, trees, str(rows["this tree"]["sha256"])))
+    if args.stream:
+        versus.append(_stream(args.repeat, trees))
     if args.baseline:
         here = str(Path(__file__).resolve().parent.parent)
         cmd = [sys.executable, __file__, "--measure", "--repeat", "1"]
