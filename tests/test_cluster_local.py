@@ -217,6 +217,21 @@ def test_local_cluster_up_add_backups_down(local_run: LocalRun, tmp_path: Path) 
     for n in rec["nodes"]:
         got = wait_for(partial(at_least_two, r, n), f"a second archive of {n['name']}", run=r.run)
         assert len({a["hash"] for a in got}) == len(got), "a stored archive must differ from the last"
+    # And a backup taken after an app rotated its log (it does past --rotate-bytes of load):
+    # a rotated file is in an archive.  Waited for, not assumed: how many backups come before
+    # the first rotation depends on how fast both run (faster backups once ended this test
+    # with two archives a node, both before any rotation).
+    seen_at: dict[str, int] = {}
+
+    def after_rotation() -> bool:
+        for n in rec["nodes"]:
+            if any(Path(n["data_dir"]).glob("messages-*.log")):
+                count = len(stored(r, n))
+                if count > seen_at.setdefault(n["name"], count):
+                    return True
+        return False
+
+    wait_for(after_rotation, "a backup after a log rotation", run=r.run)
 
     status = r.make_ok("local-status")
     assert status.count("running") >= 10 and server["address"] in status
