@@ -131,15 +131,14 @@ def _inflated(old_i: Any, old: Any, new_i: Any, new: Any, kw: dict[str, Any]) ->
         return None
 
 
-def _handover(repeat: int, trees: dict[str, Path], want_sha: str) -> str:
-    """``--handover``: encode on an agent's pair, without and with the build's hand-over."""
+def _agents_pair(work: Path, trees: dict[str, Path]) -> Any:
+    """As an agent's: a copy of the base tree in ``work/app`` built (``work/a.tgz``; its
+    builder returned), then the change set rsynced into the copy."""
     import shutil
 
-    from deltabkp.archive import IncrementalBuilder, SeekPoints, encode_layout
-    from deltabkp.archive._layout import _Encoder
+    from deltabkp.archive import IncrementalBuilder
     from deltabkp.archive._walk import RACY_NS
 
-    work = OUT.parent / "layout-handover"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     subprocess.run(["cp", "-a", str(trees["base"]), str(work / "app")], check=True)
@@ -149,6 +148,18 @@ def _handover(repeat: int, trees: dict[str, Path], want_sha: str) -> str:
         f.writelines(a)
     subprocess.run(["rsync", "-a", "--checksum", "--delete", f"{trees['new']}/",
                     f"{work / 'app'}/"], check=True)
+    return a
+
+
+def _handover(repeat: int, trees: dict[str, Path], want_sha: str) -> str:
+    """``--handover``: encode on an agent's pair, without and with the build's hand-over."""
+    import shutil
+
+    from deltabkp.archive import IncrementalBuilder, SeekPoints, encode_layout
+    from deltabkp.archive._layout import _Encoder
+
+    work = OUT.parent / "layout-handover"
+    a = _agents_pair(work, trees)
     b = IncrementalBuilder(work / "app", previous=a.index, previous_archive=work / "a.tgz")
     with open(work / "b.tgz", "wb") as f:
         f.writelines(b)
@@ -195,15 +206,7 @@ def _stream(repeat: int, trees: dict[str, Path]) -> str:
     from deltabkp.archive._walk import RACY_NS
 
     work = OUT.parent / "layout-stream"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    subprocess.run(["cp", "-a", str(trees["base"]), str(work / "app")], check=True)
-    time.sleep(RACY_NS / 1e9 + 0.1)  # the copy's ctimes: reusable by the next build
-    a = IncrementalBuilder(work / "app")
-    with open(work / "a.tgz", "wb") as f:
-        f.writelines(a)
-    subprocess.run(["rsync", "-a", "--checksum", "--delete", f"{trees['new']}/",
-                    f"{work / 'app'}/"], check=True)
+    a = _agents_pair(work, trees)
     time.sleep(RACY_NS / 1e9 + 0.1)
     old = _mapped(work / "a.tgz")
     agent_seek = SeekPoints.build(old, a.index.archive_hash, index=a.index)

@@ -242,7 +242,10 @@ class _Handover:
 class _NoLayout(Exception):
     """The layout delta cannot be made (archive not kept, kept build not the base, failed
     its own check before its first byte): nothing but keep-alives was sent, so the rolling
-    delta takes over."""
+    delta takes over.  ``after_chunks``: keep-alives (empty ``delta-chunk``s) did go out —
+    the server is then past the point where the agent may ask for its signature."""
+
+    after_chunks = False
 
 
 class ServerStopped(PeerUnavailable):
@@ -323,6 +326,7 @@ async def _serve(
             kept = await thread(ctx.cache.kept_index, root)
             ph.lap("index")
 
+    given_up: _NoLayout | None = None
     # 2. The layout delta, when the server takes it and the kept build is its base: no
     # signature, no rolling search (docs/formats.md "Layout delta").
     # The streamed form (version 2: made while the archive is built) if offered, else
@@ -338,6 +342,7 @@ async def _serve(
             )
         except _NoLayout as exc:
             log.info("backup of %s: layout delta given up (%s); rolling delta", path, exc)
+            given_up = exc
         else:
             return await _finish(ctx, chan, req, root, exclude, fingerprint, built,
                                  "layout-2" if form == 2 else "layout", ph)
@@ -353,6 +358,11 @@ async def _serve(
             base_sig = Signature.parse(cached)
         else:
             sig_from = "server"
+            if given_up is not None and given_up.after_chunks:
+                # ``need-sig`` after ``delta-chunk``s is no move of the conversation: fail
+                # this backup plainly (the next one starts with the rolling delta's request).
+                raise ArchiveError(f"the layout delta was given up ({given_up}) after keep-alive "
+                                   "chunks went out, and no signature of the base is cached")
             await chan.send(protocol.NeedSignature())
             raw = await _receive_signature(chan, ctx, path)
             base_sig = await thread(_parse_server_signature, raw, req.base_hash, node, path)
@@ -888,6 +898,7 @@ class _Box:
     error: BaseException | None = None
     aborted: str | None = None
     stopped_by_server: ServerStopped | None = None
+    chunks: int = 0  # delta-chunks sent (keep-alives included)
 
 
 async def _stream_delta(
@@ -938,6 +949,7 @@ async def _stream_delta(
             async with receive:
                 async for piece in receive:
                     handover.taken()
+                    box.chunks += 1
                     # A server that stops reading is dropped by the send deadline
                     # (PeerUnavailable); caught here, or it would leave as an ExceptionGroup.
                     await chan.send(protocol.DeltaChunk(piece))
@@ -953,6 +965,8 @@ async def _stream_delta(
     if box.aborted is not None:
         raise PeerUnavailable(f"backup abandoned: {box.aborted}", node=ctx.node, path=path)
     if box.error is not None:
+        if isinstance(box.error, _NoLayout):
+            box.error.after_chunks = box.chunks > 0
         raise box.error
     if box.built is None:  # stopped without the peer going away: we are being cancelled
         await trio.lowlevel.checkpoint()

@@ -614,3 +614,33 @@ async def test_streamed_layout_delta_holds_back_an_unchanged_archive(
     p = LayoutPatcher(new, base_hash=blake3.blake3(new).digest())
     assert b"".join(p.feed(b"".join(chunks))) == new
     p.finish()
+
+
+async def test_a_layout_delta_given_up_after_keep_alives_never_asks_for_a_signature(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 1 given up after its build sent keep-alives (empty ``delta-chunk``s: a build
+    over ``KEEPALIVE_S``), with no signature of the base cached: asking the server for it
+    now is no move of the conversation, so the backup fails with a plain error instead of a
+    ``need-sig`` after delta chunks (found reading the version 2 review)."""
+    import deltabkp_agent.backup as backup_mod
+    from deltabkp.archive import layout_capability
+    from deltabkp.errors import RequestRefused
+
+    app = tmp_path / "app"
+    make_tree(app, 40)
+    await trio.sleep(RACY_NS_AGENT / 1e9 + 0.1)
+    agent = await _start_agent(nursery, tmp_path)
+    address = net.Address.parse(agent.address)
+    first = await backup_exchange(address, KEY, str(app), None)
+    base = bytes(deltabkp.patch(b"", first.delta))
+    await trio.to_thread.run_sync(_append, app / "f10", b"edited\n")
+
+    def give_up(*_a: Any, **_k: Any) -> int:
+        raise backup_mod._NoLayout("made to fail here")
+
+    monkeypatch.setattr(backup_mod, "KEEPALIVE_S", -1.0)
+    monkeypatch.setattr(backup_mod, "_stream_layout", give_up)
+    monkeypatch.setattr(backup_mod, "_cached_signature", lambda *_a: None)
+    with pytest.raises(RequestRefused, match="after keep-alive chunks went out"):
+        await backup_exchange(address, KEY, str(app), base, accepts=(layout_capability(),))
