@@ -26,7 +26,7 @@ _ENGINE_NAMES = (
     "patch", "signature",
 )
 _ARCHIVE_NAMES = (
-    "LAYOUT_MAGIC", "ArchiveIndex", "ArchiveReport", "BuildHandover",
+    "LAYOUT_MAGIC", "LAYOUT_STREAM_VERSION", "ArchiveIndex", "ArchiveReport", "BuildHandover",
     "ExtractReport", "FileIssue", "Fingerprint", "IncrementalBuilder", "IncrementalStats", "LayoutPatcher",
     "LayoutStreamer", "SeekPoints", "TgzBuilder", "build_archive", "check_destination",
     "encode_layout", "extract_archive", "layout_capabilities", "layout_capability",

@@ -41,8 +41,7 @@ import trio
 import deltabkp
 from deltabkp import protocol
 from deltabkp._phases import Phases
-from deltabkp.archive import LAYOUT_MAGIC, LayoutPatcher
-from deltabkp.archive._layout import LAYOUT_STREAM_VERSION
+from deltabkp.archive import LAYOUT_MAGIC, LAYOUT_STREAM_VERSION, LayoutPatcher
 from deltabkp.errors import DeltabkpError, IntegrityError, StoreError, StoreUnavailable
 from deltabkp_server.catalog import AsyncCatalog
 from deltabkp_server.model import (

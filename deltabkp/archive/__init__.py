@@ -22,6 +22,7 @@ from deltabkp.archive._incremental import (
 )
 from deltabkp.archive._layout import (
     LAYOUT_MAGIC,
+    LAYOUT_STREAM_VERSION,
     LayoutPatcher,
     LayoutStreamer,
     encode_layout,
@@ -33,6 +34,7 @@ from deltabkp.archive._walk import Fingerprint, tree_fingerprint
 
 __all__ = [
     "LAYOUT_MAGIC",
+    "LAYOUT_STREAM_VERSION",
     "ArchiveIndex",
     "ArchiveReport",
     "BuildHandover",

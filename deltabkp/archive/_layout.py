@@ -1334,11 +1334,11 @@ class LayoutStreamer(_Parts):
             events.popleft()
             if ev[0] == T_COPY:
                 _, start, length, k = ev
-                if self._copy[1] and self._copy[0] + self._copy[1] != _HDR + start:
-                    self.changed = True  # not where the pending copy's old bytes go on
                 if self._copy[0] + self._copy[1] == _HDR + start:
                     self._copy[1] += length
                 else:
+                    if self._copy[1]:
+                        self.changed = True  # not where the pending copy's old bytes go on
                     self._flush_copy()
                     self._copy = [_HDR + start, length]
                 self._enter = k
