@@ -26,9 +26,10 @@ _ENGINE_NAMES = (
     "patch", "signature",
 )
 _ARCHIVE_NAMES = (
-    "LAYOUT_MAGIC", "LAYOUT_STREAM_VERSION", "ArchiveIndex", "ArchiveReport", "BuildHandover",
-    "ExtractReport", "FileIssue", "Fingerprint", "IncrementalBuilder", "IncrementalStats", "LayoutPatcher",
-    "LayoutStreamer", "SeekPoints", "TgzBuilder", "build_archive", "check_destination",
+    "LAYOUT_EARLY_VERSION", "LAYOUT_MAGIC", "LAYOUT_STREAM_VERSION", "LAYOUT_VERSION",
+    "ArchiveIndex", "ArchiveReport", "BuildHandover", "ExtractReport", "FileIssue", "Fingerprint",
+    "IncrementalBuilder", "IncrementalStats", "LayoutPatcher", "LayoutStreamer", "SeekPoints",
+    "TgzBuilder", "build_archive", "check_destination",
     "encode_layout", "extract_archive", "layout_capabilities", "layout_capability",
     "tree_fingerprint",
 )

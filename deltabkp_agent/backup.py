@@ -103,7 +103,15 @@ import deltabkp
 from deltabkp import Signature, net, protocol
 from deltabkp._mmap import mapped
 from deltabkp._phases import Phases
-from deltabkp.archive import ArchiveIndex, BuildHandover, LayoutStreamer, layout_capabilities
+from deltabkp.archive import (
+    LAYOUT_EARLY_VERSION,
+    LAYOUT_STREAM_VERSION,
+    LAYOUT_VERSION,
+    ArchiveIndex,
+    BuildHandover,
+    LayoutStreamer,
+    layout_capability,
+)
 from deltabkp.errors import (
     ArchiveError,
     DeltabkpError,
@@ -176,6 +184,10 @@ class _Built:
     #: True when every delta byte is still held back (nothing pushed yet).
     held: bool
     delta_bytes: int
+    #: ``backup-done`` went already, before the archive was compressed (a layout delta's
+    #: version 3, ``_Streaming.answer_early``); this is then the kept build (or, with an
+    #: empty ``archive_hash``, that answer: the kept build was lost after it).
+    answered: bool = False
 
 
 class _Stopped(Exception):
@@ -196,14 +208,14 @@ class _Handover:
     A stopped stream (receiver gone, run over, the request cancelled) is ``_Stopped`` at
     the thread's next ``put``."""
 
-    def __init__(self, send: trio.MemorySendChannel[bytes]) -> None:
+    def __init__(self, send: trio.MemorySendChannel[bytes | _Built]) -> None:
         self._send = send
         self._token = trio.lowlevel.current_trio_token()
         self._slots = threading.Semaphore(CHANNEL_SLOTS)
         self.closed = False
 
-    def put(self, chunk: bytes) -> None:
-        """Worker thread: hand ``chunk`` over (waits for a free slot)."""
+    def put(self, chunk: bytes | _Built) -> None:
+        """Worker thread: hand ``chunk`` (or the answer) over (waits for a free slot)."""
         # A timeout, so a cancelled request is seen even if no slot is ever freed.
         while not self._slots.acquire(timeout=0.1):
             self._check()
@@ -221,7 +233,7 @@ class _Handover:
         except trio.Cancelled:
             raise _Stopped from None
 
-    def _deliver(self, chunk: bytes) -> None:
+    def _deliver(self, chunk: bytes | _Built) -> None:
         # In the event loop, as a system callback: must not raise.  A slot per chunk in
         # the channel, and as many slots as the channel's buffer: never WouldBlock.
         try:
@@ -329,23 +341,24 @@ async def _serve(
     given_up: _NoLayout | None = None
     # 2. The layout delta, when the server takes it and the kept build is its base: no
     # signature, no rolling search (docs/formats.md "Layout delta").
-    # The streamed form (version 2: made while the archive is built) if offered, else
-    # version 1 (made once it is built).  None where no deflate here makes the bytes.
-    form = next((v for v, c in zip((2, 1), layout_capabilities(), strict=False)
-                 if c in req.accepts), 0)
+    # The streamed forms (version 3: answered before the archive is compressed; 2: once
+    # built) if offered, else version 1 (made once it is built).  None where no deflate
+    # here makes the bytes.
+    form = next((v for v in (LAYOUT_EARLY_VERSION, LAYOUT_STREAM_VERSION, LAYOUT_VERSION)
+                 if (c := layout_capability(v)) and c in req.accepts), 0)
     if (req.base_hash is not None and form and kept is not None
             and kept.archive_hash == req.base_hash):
         try:
             built = await _stream_delta(
                 ctx, chan, path, root, exclude, None, kept.archive_size, True, kept,
-                layout=kept, streamed=form == 2, phases=ph,
+                layout=kept, streamed=form if form != LAYOUT_VERSION else 0, phases=ph,
             )
         except _NoLayout as exc:
             log.info("backup of %s: layout delta given up (%s); rolling delta", path, exc)
             given_up = exc
         else:
             return await _finish(ctx, chan, req, root, exclude, fingerprint, built,
-                                 "layout-2" if form == 2 else "layout", ph)
+                                 f"layout-{form}" if form != LAYOUT_VERSION else "layout", ph)
 
     # 3. The signature of the base: cached, or asked from the server, or empty (first backup).
     sig_from = "none"
@@ -405,13 +418,16 @@ async def _finish(
         await thread(_settle_kept, ctx.cache, root, exclude)
         return BackupOutcome("unchanged", "hash", req.base_hash, built.archive_size,
                              signature_from=sig_from)
-    await chan.send(protocol.BackupDone(
-        built.archive_hash, built.archive_size, built.files, built.changed, built.skipped
-    ))
-    ph.lap("send")
-    await thread(_cache_quietly, ctx.cache.record, root, built.archive_hash,
-                 {"fingerprint": fingerprint, "exclude": exclude, "signature": built.signature})
-    ph.lap("cache")
+    if not built.answered:
+        await chan.send(protocol.BackupDone(
+            built.archive_hash, built.archive_size, built.files, built.changed, built.skipped
+        ))
+        ph.lap("send")
+    if built.archive_hash:  # (empty: answered, then the kept build was lost)
+        await thread(_cache_quietly, ctx.cache.record, root, built.archive_hash,
+                     {"fingerprint": fingerprint, "exclude": exclude,
+                      "signature": built.signature})
+        ph.lap("cache")
     # The kept build's seek points, for the next layout delta: after the answer went (off
     # the backup's critical path), still under the path's lock (never raises).
     await thread(ctx.cache.make_seek, root)
@@ -554,7 +570,7 @@ def _build(
     layout: ArchiveIndex | None = None,
     kept_index: ArchiveIndex | None | _Unread = _UNREAD,
     phases: Phases | None = None,
-    streamed: bool = False,
+    streamed: int = 0,
 ) -> _Built | None:
     """Worker thread: tgz → delta encoder → channel. None if stopped.
 
@@ -563,7 +579,9 @@ def _build(
     With ``layout`` (the kept build's index, which is the server's base) there is no
     rolling encoder: once built, the layout delta is made from both archives, checked by
     decoding it, and sent whole (``_NoLayout`` when it cannot be); ``streamed``: the
-    layout delta's version 2 instead, made and sent as the build goes (``_Streaming``).
+    layout delta's version 2 or 3 instead, made and sent as the build goes
+    (``_Streaming``; version 3: answered before the archive is compressed, the answer
+    handed over after the records).
     ``kept_index``: that
     index as already read for this request (not parsed again).  The new archive's own
     signature is made here only when the archive is not being kept (else
@@ -592,7 +610,9 @@ def _build(
         with cache.kept_build(root, kept_index) as kept, contextlib.ExitStack() as stack:
             streaming = None
             if layout is not None and streamed:
-                streaming = _Streaming.open(stack, kept, layout, cache, root, hold, push)
+                streaming = _Streaming.open(stack, kept, layout, cache, root, hold, push,
+                                            streamed)
+            answered: _Built | None = None
             if not kept.keeping:
                 new_sig = deltabkp.SignatureBuilder(agent_block_size(max(estimate, 0)))
             # The kept archive is written by the builder's worker thread, beside its blake3
@@ -602,6 +622,7 @@ def _build(
                 previous_archive=kept.archive, previous_hashed=kept.hashed,
                 sink=kept.write if kept.keeping else None,
                 stream=streaming.streamer if streaming is not None else None,
+                stream_first=streamed == LAYOUT_EARLY_VERSION,
             )
             # Closed on a stop too: its worker thread (the kept archive's writes) ends here,
             # before the kept build's temp file goes.
@@ -615,6 +636,11 @@ def _build(
                         new_sig.feed(chunk)
                     if streaming is not None:
                         streaming.pump()
+                        if answered is None and streaming.answer_early():
+                            # The server gets ``backup-done`` now: the rest of this build
+                            # (compressing, keeping) is the agent's alone.
+                            answered = _walked(builder, streaming.sent)
+                            send.put(answered)
                         continue
                     if encoder is None:
                         if time.monotonic() - last_push > KEEPALIVE_S:
@@ -636,13 +662,22 @@ def _build(
                         delta_bytes += len(out)
                         push(out)
             ph.lap("build" if encoder is None else "build+delta")
+            if answered is not None and (streaming is None or streaming.streamer.failed
+                                         or builder.stats.previous):
+                # After the answer: the server's archive stands (its END checked it); this
+                # one may be another (built afresh), so it is no base for the next build.
+                assert streaming is not None
+                cache.drop_kept(root)
+                raise ArchiveError("the archive build failed after the answer: "
+                                   f"{streaming.streamer.failed or builder.stats.previous}")
             kept.done(builder.index)
             ph.lap("keep")
             if streaming is not None:
                 _log_build(root, builder)
-                held = streaming.end(builder)
+                held = answered is None and streaming.end(builder)
                 ph.lap("layout")
-                return _built(builder, new_sig, held, streaming.sent)
+                return attrs.evolve(_built(builder, new_sig, held, streaming.sent),
+                                    answered=answered is not None)
             if layout is not None:
                 # The kept archive must be the base: its index names it, and the builder
                 # checked the file's blake3 against that index before using it ("" = used).
@@ -681,6 +716,18 @@ def _build(
     )
 
 
+def _walked(builder: Any, delta_bytes: int) -> _Built:
+    """The answer of a build whose layout delta went before its archive was compressed:
+    what its walk saw, no archive size nor blake3 (the server's rebuild has them)."""
+    report = builder.walked
+    return _Built(
+        archive_hash=b"", archive_size=0, files=int(report.files),
+        changed=tuple((str(i.path), str(i.what)) for i in report.changed),
+        skipped=tuple((str(i.path), str(i.what)) for i in report.skipped),
+        signature=None, held=False, delta_bytes=delta_bytes, answered=True,
+    )
+
+
 def _built(builder: Any, new_sig: deltabkp.SignatureBuilder | None, held: bool,
            delta_bytes: int) -> _Built:
     """What a build that made a layout delta (or held it back) tells the answer."""
@@ -710,6 +757,7 @@ class _Streaming:
     def __init__(self, streamer: LayoutStreamer, hold: bool, push: Callable[[bytes], None],
                  cache: AgentCache, root: str) -> None:
         self.streamer = streamer
+        self._ended = False
         self.base_hash = streamer.oi.archive_hash
         self.hold = hold
         self._push = push
@@ -723,15 +771,16 @@ class _Streaming:
 
     @classmethod
     def open(cls, stack: contextlib.ExitStack, kept: KeptBuild, layout: ArchiveIndex,
-             cache: AgentCache, root: str, hold: bool, push: Callable[[bytes], None]
-             ) -> _Streaming:
+             cache: AgentCache, root: str, hold: bool, push: Callable[[bytes], None],
+             version: int = LAYOUT_STREAM_VERSION) -> _Streaming:
         """Map the kept archive (the server's base: its index names it) for the build."""
         if kept.index is None or kept.archive is None or \
                 kept.index.archive_hash != layout.archive_hash:
             raise _NoLayout("the kept build is not the base")
         try:
             old = stack.enter_context(mapped(stack.enter_context(open(kept.archive, "rb"))))
-            streamer = LayoutStreamer(kept.index, old, seek=cache.kept_seek(root, kept.index))
+            streamer = LayoutStreamer(kept.index, old, seek=cache.kept_seek(root, kept.index),
+                                      version=version)
         except (OSError, ValueError, DeltabkpError) as exc:
             raise _NoLayout(str(exc)) from None
         # Its views of the mapping go before the mapping closes (the stack's last exit).
@@ -758,6 +807,21 @@ class _Streaming:
         elif not self.hold and self._pending and (self._size >= FLUSH_AT or now >= self._due):
             self._flush()
 
+    def answer_early(self) -> bool:
+        """Version 3: once the build told the streamer everything, and a change was seen
+        (else the archive may still be the base: ``end`` decides, once built), push the
+        last records and END; True when the answer may go."""
+        st = self.streamer
+        if st.version != LAYOUT_EARLY_VERSION or not st.told_all or self.hold or st.failed:
+            return False
+        try:
+            self._pending += st.end()
+        except (ValueError, DeltabkpError) as exc:
+            self._failed(str(exc))
+        self._ended = True
+        self._flush()
+        return True
+
     def end(self, builder: Any) -> bool:
         """Once built: the last records; whether the archive is the base and nothing went."""
         st = self.streamer
@@ -766,7 +830,8 @@ class _Streaming:
             self._failed(why)
         new = builder.index
         try:
-            tail = st.end(new.archive_size, new.archive_hash)
+            tail = (st.end() if st.version == LAYOUT_EARLY_VERSION
+                    else st.end(new.archive_size, new.archive_hash))
         except (ValueError, DeltabkpError) as exc:
             self._failed(str(exc))
         if self.hold and new.archive_hash == self.base_hash:
@@ -899,6 +964,7 @@ class _Box:
     aborted: str | None = None
     stopped_by_server: ServerStopped | None = None
     chunks: int = 0  # delta-chunks sent (keep-alives included)
+    answered: _Built | None = None  # backup-done sent before the build ended
 
 
 async def _stream_delta(
@@ -913,10 +979,10 @@ async def _stream_delta(
     kept_index: ArchiveIndex | None | _Unread = _UNREAD,
     *,
     layout: ArchiveIndex | None = None,
-    streamed: bool = False,
+    streamed: int = 0,
     phases: Phases | None = None,
 ) -> _Built:
-    send, receive = trio.open_memory_channel[bytes](CHANNEL_SLOTS)
+    send, receive = trio.open_memory_channel[bytes | _Built](CHANNEL_SLOTS)
     handover = _Handover(send)
     box = _Box()
 
@@ -930,17 +996,21 @@ async def _stream_delta(
             except Exception as exc:  # reported to the server below; a bug is logged there
                 box.error = exc
 
+    watching = trio.CancelScope()
+
     async def watch_peer(scope: trio.CancelScope) -> None:
         # The server says nothing during the stream; anything it does say (cancel, an error,
-        # a hang-up) ends this backup.
-        try:
-            msg = await chan.receive(timeout=None, raise_errors=False)
-            if isinstance(msg, (protocol.Cancel, protocol.Error)):
-                box.stopped_by_server = _server_stopped(msg, ctx.node, path)
-            box.aborted = f"server sent {msg.TYPE} during the stream"
-        except DeltabkpError as exc:
-            box.aborted = str(exc)
-        scope.cancel()
+        # a hang-up) ends this backup, until it has its answer (it then hangs up when it
+        # has stored the archive, while this build may still be compressing).
+        with watching:
+            try:
+                msg = await chan.receive(timeout=None, raise_errors=False)
+                if isinstance(msg, (protocol.Cancel, protocol.Error)):
+                    box.stopped_by_server = _server_stopped(msg, ctx.node, path)
+                box.aborted = f"server sent {msg.TYPE} during the stream"
+            except DeltabkpError as exc:
+                box.aborted = str(exc)
+            scope.cancel()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(produce)
@@ -949,6 +1019,13 @@ async def _stream_delta(
             async with receive:
                 async for piece in receive:
                     handover.taken()
+                    if isinstance(piece, _Built):  # the last delta chunk went before it
+                        watching.cancel()
+                        await chan.send(protocol.BackupDone(
+                            piece.archive_hash, piece.archive_size, piece.files, piece.changed,
+                            piece.skipped))
+                        box.answered = piece
+                        continue
                     box.chunks += 1
                     # A server that stops reading is dropped by the send deadline
                     # (PeerUnavailable); caught here, or it would leave as an ExceptionGroup.
@@ -960,6 +1037,12 @@ async def _stream_delta(
             handover.close()  # the build stops at its next chunk, if it still runs
         nursery.cancel_scope.cancel()  # the stream is done (or dead): stop watching
 
+    if box.answered is not None and box.built is None:
+        # Answered; the kept build was lost after (logged): the server has its archive.
+        if box.error is not None:
+            log.warning("backup of %s: answered, but the archive's own build then failed "
+                        "(the next build is a full one): %s", path, box.error)
+        return box.answered
     if box.stopped_by_server is not None:
         raise box.stopped_by_server
     if box.aborted is not None:

@@ -287,11 +287,12 @@ class Executor:
                 assert base is not None  # the conversation refuses "unchanged" without a base
                 quiet = True
                 return _Same(base, f"unchanged ({pulled.reason})")
-            done = pulled.done
-            if not await ingest.finish(done):
+            verified = await ingest.finish(pulled.done)
+            if verified is None:
                 assert base is not None
                 quiet = True
-                return _Same(base, "unchanged (hash)", done.skipped)
+                return _Same(base, "unchanged (hash)", pulled.done.skipped)
+            done = verified
 
             def result(seq: int) -> ExecutionResult:
                 return ExecutionResult(

@@ -36,12 +36,13 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import attrs
 import trio
 
 import deltabkp
 from deltabkp import protocol
 from deltabkp._phases import Phases
-from deltabkp.archive import LAYOUT_MAGIC, LAYOUT_STREAM_VERSION, LayoutPatcher
+from deltabkp.archive import LAYOUT_EARLY_VERSION, LAYOUT_MAGIC, LayoutPatcher
 from deltabkp.errors import DeltabkpError, IntegrityError, StoreError, StoreUnavailable
 from deltabkp_server.catalog import AsyncCatalog
 from deltabkp_server.model import (
@@ -69,7 +70,7 @@ UNSIGNED_RETRY_S = 2.0
 #: against 207/202 and 202/195 one by one, executions 0.187 and 0.164 of a full build against
 #: 0.205 twice; at load 5-7 (no free core) nothing, for ~15-35 ms more CPU.
 APPLY_THREADS = 2
-#: The same for version 2, streamed while the agent builds: its records come at the pace of
+#: The same for versions 2 and 3, streamed while the agent builds: its records come at the pace of
 #: the build, which one thread keeps up with (the server waited for records ~60-130 ms of a
 #: ~250 ms backup), and the second's handoffs cost ~25 ms of CPU the agent's build then lacks
 #: where both share the cores: 16 executions each on ``bench_system.sh``'s pair, alternating
@@ -102,8 +103,7 @@ class _Patch:
             kind = LayoutPatcher
             if self.load_seek is not None:
                 extra["seek"] = self.load_seek()
-            streamed = self._head[len(LAYOUT_MAGIC) : len(LAYOUT_MAGIC) + 1] == bytes(
-                [LAYOUT_STREAM_VERSION])
+            streamed = self._head[len(LAYOUT_MAGIC)] != 1  # version 1: sent at once
             extra["threads"] = APPLY_THREADS_STREAMED if streamed else APPLY_THREADS
         self.patcher = kind(
             self._base_buf, base_hash=base.hash if base else None, max_size=self._max_size,
@@ -128,11 +128,18 @@ class _Patch:
             data, self._head = bytes(self._head), bytearray()
         self._write(data)
 
-    def finish(self, done: protocol.BackupDone) -> None:
+    def finish(self, done: protocol.BackupDone) -> protocol.BackupDone:
+        """Check the new archive against ``done``; ``done`` with the archive's size and
+        blake3 (a layout delta's version 3: the agent answered before it compressed, and
+        said neither — the patcher checked the tar it rebuilt against the delta's END)."""
         if self.patcher is None:
             self._choose()
             self._write(bytes(self._head))
         self.patcher.finish()  # raises IntegrityError on a length or blake3 mismatch
+        if not done.archive_hash and not done.archive_size and \
+                getattr(self.patcher, "version", 0) == LAYOUT_EARLY_VERSION:
+            done = attrs.evolve(done, archive_hash=self.patcher.new_hash,
+                                archive_size=self.patcher.new_size)
         if self.patcher.new_hash != done.archive_hash or self.patcher.new_size != done.archive_size:
             raise IntegrityError(
                 f"patched archive ({self.patcher.new_size} bytes, {self.patcher.new_hash.hex()[:16]}) "
@@ -142,6 +149,7 @@ class _Patch:
             raise IntegrityError(
                 f"wrote {self.part.size} bytes but the archive has {done.archive_size}"
             )
+        return done
 
 
 class Ingest:
@@ -226,10 +234,12 @@ class Ingest:
         patch = await self._open()
         await self._thread(patch.feed, data)
 
-    async def finish(self, done: protocol.BackupDone) -> bool:
-        """Verify the new archive; False when it is byte-identical to the base."""
+    async def finish(self, done: protocol.BackupDone) -> protocol.BackupDone | None:
+        """Verify the new archive: ``done`` with its size and blake3 (the patcher's where
+        the agent could not say them, ``_Patch.finish``); None when it is byte-identical to
+        the base."""
         patch = await self._open()
-        await self._thread(patch.finish, done)
+        done = await self._thread(patch.finish, done)
         self.phases.lap("verify")
         patcher = patch.patcher
         if self._seeks is not None and isinstance(patcher, LayoutPatcher) and \
@@ -242,7 +252,7 @@ class Ingest:
         self._patch = None
         del patch
         self._stack.close()
-        return self.base is None or done.archive_hash != self.base.hash
+        return done if self.base is None or done.archive_hash != self.base.hash else None
 
     async def commit(
         self, eid: int, result: Callable[[int], ExecutionResult]

@@ -265,8 +265,8 @@ def test_refusals() -> None:
     base, delta, h = _golden()
     with pytest.raises(FormatError, match="bad magic"):
         LayoutPatcher(base).feed(b"DBKPXX" + delta[6:])
-    with pytest.raises(UnsupportedVersion):  # 2 is the streamed form (test_layout_stream)
-        LayoutPatcher(base).feed(delta[:6] + b"\x03" + delta[7:])
+    with pytest.raises(UnsupportedVersion):  # 2 and 3 are the streamed forms (test_layout_stream)
+        LayoutPatcher(base).feed(delta[:6] + b"\x04" + delta[7:])
     with pytest.raises(IntegrityError, match="another base"):
         LayoutPatcher(base, base_hash=bytes(32)).feed(delta)
     p = LayoutPatcher(base, base_hash=h)
@@ -287,7 +287,7 @@ def test_refusals() -> None:
         LayoutPatcher(base).feed(delta[:head_len] + struct.pack("<BI", 1, MAX_RECORD + 1))
 
 
-@pytest.mark.parametrize("version", ["v1.dbkpld", "v2.dbkpld"])
+@pytest.mark.parametrize("version", ["v1.dbkpld", "v2.dbkpld", "v3.dbkpld"])
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_a_damaged_delta_fails_only_with_deltabkp_errors(version: str, data: st.DataObject) -> None:

@@ -58,8 +58,9 @@ def test_change_goes_as_layout_delta_then_rolling_when_the_cache_is_lost(
     _edit(app, 1)
     rec = c.ctl("backup-now", agent.address, str(app), "--wait")
     assert rec["outcome"] == "stored", rec
-    # Version 2: streamed while the agent built (both daemons offer it first).
-    assert "signature from layout-2" in _nth_served(c, 2), _served(c)
+    # Version 3: streamed while the agent built, answered before it compressed (both
+    # daemons offer it first).
+    assert "signature from layout-3" in _nth_served(c, 2), _served(c)
     # Three edited spots: the rolling delta pays ~10 KB each; the layout delta far less.
     # (transferred counts the TLS handshake and frames too, ~3-4 KB.)
     assert rec["transferred"] < 12_000, rec
@@ -69,6 +70,14 @@ def test_change_goes_as_layout_delta_then_rolling_when_the_cache_is_lost(
     wait_for(lambda: re.search(
         r"phases connect \d+/\d+, agent .*apply .*store-commit .*catalog-commit \d+/\d+",
         "".join(p.read_text() for p in c.root.glob("*-server.log"))), what="server's phases")
+
+    # The agent's own archive, compressed after it answered, is the server's: the next
+    # backup is a layout delta against it again.
+    _edit(app, 3)
+    rec = c.ctl("backup-now", agent.address, str(app), "--wait")
+    assert rec["outcome"] == "stored", rec
+    assert "signature from layout-3" in _nth_served(c, 3), _served(c)
+    _same_as_fresh_build(c, app)
 
     # The agent's kept build is gone: the rolling delta (cached signature) does the work.
     home = tmp_path / "home" / ".cache" / "deltabkp"
@@ -80,7 +89,7 @@ def test_change_goes_as_layout_delta_then_rolling_when_the_cache_is_lost(
     _edit(app, 2)
     rec = c.ctl("backup-now", agent.address, str(app), "--wait")
     assert rec["outcome"] == "stored", rec
-    assert "signature from layout" not in _nth_served(c, 3), _served(c)
+    assert "signature from layout" not in _nth_served(c, 4), _served(c)
     _same_as_fresh_build(c, app)
 
 

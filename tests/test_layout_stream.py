@@ -1,10 +1,12 @@
-"""The layout delta's version 2 (``LayoutStreamer``): made while the incremental build runs.
+"""The layout delta's versions 2 and 3 (``LayoutStreamer``): made while the incremental build
+runs (version 3: all of it before the build compresses, ``stream_first``).
 
 The same receiver (``LayoutPatcher``) rebuilds the new archive byte for byte, whatever the
 trees, edits and chunking; the records come out as the build goes (the first RUN before the
 build's end); a build that does not reuse the old archive makes no delta; damaged deltas fail
 with deltabkp's errors only.  Golden file: ``tests/golden/layout/v2.dbkpld`` (the same pair as
-``v1.dbkpld``: against ``v1-base.tgz`` it rebuilds the archive of ``v1-new.b3``).
+``v1.dbkpld``: against ``v1-base.tgz`` it rebuilds the archive of ``v1-new.b3``), and
+``v3.dbkpld`` (the same).
 """
 
 from __future__ import annotations
@@ -29,27 +31,48 @@ from deltabkp.archive import (
     layout_capabilities,
     layout_capability,
 )
-from deltabkp.archive._layout import LAYOUT_STREAM_VERSION, T_COPY, T_END, T_RUN
+from deltabkp.archive._layout import (
+    LAYOUT_EARLY_VERSION,
+    LAYOUT_STREAM_VERSION,
+    T_COPY,
+    T_END,
+    T_RUN,
+)
 from deltabkp.errors import FormatError, IntegrityError, UnsupportedVersion
-from tests.test_layout_delta import EDITS, GOLDEN, _build, _edit, _make_tree, _patch, _settle
+from tests.test_layout_delta import (
+    EDITS,
+    GOLDEN,
+    _build,
+    _edit,
+    _golden_edited,
+    _make_tree,
+    _patch,
+    _settle,
+)
 from tests.test_layout_delta import _golden as _golden_of
-from tests.test_layout_delta import _golden_edited
+
+#: Archive bytes a version 3 build had yielded when its END was made (``_streamed``).
+_EARLY_OUT: list[int] = []
 
 
 def _streamed(
     root: Path, out: Path, prev: IncrementalBuilder, prev_path: Path, *, threads: int = 0,
-    seek: SeekPoints | None = None,
+    seek: SeekPoints | None = None, version: int = LAYOUT_STREAM_VERSION,
 ) -> tuple[IncrementalBuilder, bytes, LayoutStreamer, int]:
     """Build ``root`` from ``prev`` with a streamer, as the agent does: the delta, and how
-    many chunks of the build had gone out when the first RUN record was made."""
+    many chunks of the build had gone out when the first RUN record was made.  Version 3:
+    END as soon as the streamer was told everything (the archive bytes out by then are
+    appended to ``_EARLY_OUT``)."""
     old = prev_path.read_bytes()
-    streamer = LayoutStreamer(prev.index, old, seek=seek)
+    streamer = LayoutStreamer(prev.index, old, seek=seek, version=version)
+    early = version == LAYOUT_EARLY_VERSION
     # racy_ns=0: files written a moment ago (their ctime is recent) are reused all the same,
     # as an agent's settled tree's are (nothing writes them during the test).
     b = IncrementalBuilder(root, previous=prev.index, previous_archive=prev_path,
-                           threads=threads, stream=streamer, racy_ns=0)
+                           threads=threads, stream=streamer, racy_ns=0, stream_first=early)
     records = [streamer.header()]
     first_run = -1
+    ended = False
     with open(out, "wb") as f:
         for k, chunk in enumerate(b):
             f.write(chunk)
@@ -57,7 +80,13 @@ def _streamed(
             if first_run < 0 and any(r[0] == T_RUN for r in got):
                 first_run = k
             records += got
-    records += streamer.end(b.index.archive_size, b.index.archive_hash)
+            if early and not ended and streamer.told_all:
+                records += streamer.end()
+                ended = True
+                _EARLY_OUT.append(f.tell())
+    if not early:
+        records += streamer.end(b.index.archive_size, b.index.archive_hash)
+    assert ended or not early
     return b, b"".join(records), streamer, first_run
 
 
@@ -87,13 +116,16 @@ def _records(delta: bytes) -> list[int]:
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), generations=st.lists(EDITS, min_size=1, max_size=2),
-       step=st.sampled_from((None, 1, 977)), threads=st.sampled_from((0, 2)))
+       step=st.sampled_from((None, 1, 977)), threads=st.sampled_from((0, 2)),
+       version=st.sampled_from((LAYOUT_STREAM_VERSION, LAYOUT_EARLY_VERSION)))
 def test_streamed_delta_rebuilds_the_agents_archive_byte_for_byte(
-    seed: int, generations: list[list[tuple[str, int]]], step: int | None, threads: int
+    seed: int, generations: list[list[tuple[str, int]]], step: int | None, threads: int,
+    version: int,
 ) -> None:
     """Random trees and edit sequences over generations, built with and without the
-    compression pool: the streamed delta of each generation, decoded against the previous
-    archive (fed whole, byte by byte, or in odd pieces), is the new archive exactly."""
+    compression pool: the streamed delta of each generation (version 2, or 3: told before
+    the build compresses), decoded against the previous archive (fed whole, byte by byte,
+    or in odd pieces), is the new archive exactly, and the build's archive a fresh one's."""
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as d:
         w = Path(d)
@@ -107,9 +139,10 @@ def test_streamed_delta_rebuilds_the_agents_archive_byte_for_byte(
                 _edit(root, rng, kind, n)
             # (No ``_settle``: only the edited files' ctimes change, the rest is copied.)
             path = w / f"a{g}.tgz"
-            b, delta, streamer, _ = _streamed(root, path, prev, prev_path, threads=threads)
+            b, delta, streamer, _ = _streamed(root, path, prev, prev_path, threads=threads,
+                                              version=version)
             assert not streamer.failed
-            assert delta[:7] == b"DBKPLD" + bytes([LAYOUT_STREAM_VERSION])
+            assert delta[:7] == b"DBKPLD" + bytes([version])
             old, new = prev_path.read_bytes(), path.read_bytes()
             assert new == b"".join(IncrementalBuilder(root, threads=0))  # a fresh build's
             assert _patch(old, delta, prev.index.archive_hash, step if g == 1 else None) == new
@@ -202,11 +235,11 @@ def test_a_build_that_does_not_reuse_the_old_archive_makes_no_delta(tmp_path: Pa
         LayoutStreamer(a.index, bytes(damaged[:-1]))
 
 
-def test_capabilities_name_both_versions_the_streamed_one_first() -> None:
+def test_capabilities_name_every_version_the_newest_first() -> None:
     caps = layout_capabilities()
-    assert caps == (layout_capability(2), layout_capability(1))
-    assert caps[0].startswith("layout-2/") and caps[1].startswith("layout-1/")
-    assert caps[0].split("/", 1)[1] == caps[1].split("/", 1)[1]  # the same deflater and format
+    assert caps == (layout_capability(3), layout_capability(2), layout_capability(1))
+    assert [c.split("/", 1)[0] for c in caps] == ["layout-3", "layout-2", "layout-1"]
+    assert len({c.split("/", 1)[1] for c in caps}) == 1  # the same deflater and format
 
 
 # -- golden file ------------------------------------------------------------------------------
@@ -232,6 +265,91 @@ def _golden() -> tuple[bytes, bytes, bytes]:
     return _golden_of("v2.dbkpld")
 
 
+def _golden_early(w: Path) -> tuple[Path, bytes]:
+    root, a = _golden_edited(w)
+    _, delta, _, _ = _streamed(root, w / "new.tgz", a, w / "old.tgz",
+                               version=LAYOUT_EARLY_VERSION)
+    return w / "old.tgz", delta
+
+
+def write_golden_v3() -> None:  # pragma: no cover - run by hand
+    """python -c "import tests.test_layout_stream as t; t.write_golden_v3()" """
+    with tempfile.TemporaryDirectory() as d:
+        old, delta = _golden_early(Path(d))
+        assert old.read_bytes() == (GOLDEN / "v1-base.tgz").read_bytes()
+        (GOLDEN / "v3.dbkpld").write_bytes(delta)
+
+
+def test_golden_v3_decodes_to_the_recorded_archive(tmp_path: Path) -> None:
+    """Version 3: version 2's records (the same bytes, but the version byte and END), END
+    the blake3 of the tar its RUN records rebuild; the encoder still makes these bytes."""
+    base, delta, h = _golden_of("v3.dbkpld")
+    assert delta[:7] == b"DBKPLD\x03"
+    got = _patch(base, delta, h)
+    assert blake3.blake3(got).hexdigest() == (GOLDEN / "v1-new.b3").read_text().strip()
+    v2 = (GOLDEN / "v2.dbkpld").read_bytes()
+    assert delta[7:-69] == v2[7:-45] and delta[-69:-64] == struct.pack("<BI", T_END, 64)
+    _, made = _golden_early(tmp_path)
+    assert made == delta
+
+
+def test_refusals_of_version_3() -> None:
+    """END vouches for the RUN records' rebuilt tar and for the delta's bytes (a damaged
+    COPY record would copy other old bytes; the fuzz of ``test_layout_delta`` found it):
+    another digest, or another size, is refused; the archive's size and blake3 are the
+    receiver's own (what a full build makes)."""
+    base, delta, h = _golden_of("v3.dbkpld")
+    p = LayoutPatcher(base, base_hash=h)
+    p.feed(delta)
+    p.finish()
+    assert blake3.blake3(_patch(base, delta, h)).digest() == p.new_hash
+    for bad, why in ((delta[:-64] + bytes(32) + delta[-32:], "other tar"),
+                     (delta[:-32] + bytes(32), "not the one"),
+                     # the gzip trailer (the RAW record before END) changed
+                     (delta[:-70] + bytes([delta[-70] ^ 1]) + delta[-69:], "not the one")):
+        p = LayoutPatcher(base, base_hash=h)
+        p.feed(bad)
+        with pytest.raises(IntegrityError, match=why):
+            p.finish()
+    with pytest.raises(FormatError, match="END record has the wrong size"):
+        LayoutPatcher(base).feed(delta[:-69] + struct.pack("<BI", T_END, 40) + bytes(40))
+
+
+def test_version_3_is_all_told_before_the_build_compresses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 3's END is made before any compressed job went out (the build held its jobs,
+    ``DEFER_LIMIT``), from the same records as version 2's; past the limit (0 here) the jobs
+    are compressed as they come, and the delta and the archive are the same bytes."""
+    import deltabkp.archive._incremental as inc
+
+    rng = random.Random(5)
+    root = tmp_path / "tree"
+    _big_tree(root, rng)
+    a = IncrementalBuilder(root, threads=0, racy_ns=0)
+    (tmp_path / "a.tgz").write_bytes(b"".join(a))
+    files = sorted(root.rglob("*.py"))
+    for f in (files[len(files) // 3], files[2 * len(files) // 3]):
+        f.write_bytes(f.read_bytes()[:500] + b"# an edit\n" + f.read_bytes()[500:])
+    old = (tmp_path / "a.tgz").read_bytes()
+    _EARLY_OUT.clear()
+    b2, d2, _, _ = _streamed(root, tmp_path / "b.tgz", a, tmp_path / "a.tgz", threads=2)
+    b3, d3, s3, _ = _streamed(root, tmp_path / "c.tgz", a, tmp_path / "a.tgz", threads=2,
+                              version=LAYOUT_EARLY_VERSION)
+    new = (tmp_path / "b.tgz").read_bytes()
+    assert (tmp_path / "c.tgz").read_bytes() == new and b3.index == b2.index
+    assert s3.runs >= 2
+    # Out before END: the gzip header and the copies before the first job, no more.
+    first_job = next(i for i, (x, y) in enumerate(zip(old, new, strict=False)) if x != y)
+    assert _EARLY_OUT[-1] <= first_job, (_EARLY_OUT, first_job)
+    assert d3[7:-69] == d2[7:-45]
+    assert _patch(old, d3, a.index.archive_hash, 977) == new
+    monkeypatch.setattr(inc, "DEFER_LIMIT", 0)
+    _, d4, _, _ = _streamed(root, tmp_path / "d.tgz", a, tmp_path / "a.tgz", threads=2,
+                             version=LAYOUT_EARLY_VERSION)
+    assert (tmp_path / "d.tgz").read_bytes() == new and d4 == d3
+    assert _EARLY_OUT[-1] > first_job  # compressed as they came
+
 def test_golden_v2_decodes_to_the_recorded_archive() -> None:
     """(Damaged copies of it: ``test_layout_delta.test_a_damaged_delta_fails_only_with_…``.)"""
     base, delta, h = _golden()
@@ -250,7 +368,7 @@ def test_the_streamer_still_makes_the_golden_bytes(tmp_path: Path) -> None:
 def test_refusals_of_version_2() -> None:
     base, delta, h = _golden()
     with pytest.raises(UnsupportedVersion):
-        LayoutPatcher(base).feed(delta[:6] + b"\x03" + delta[7:])
+        LayoutPatcher(base).feed(delta[:6] + b"\x04" + delta[7:])
     with pytest.raises(IntegrityError, match="another base"):
         LayoutPatcher(base, base_hash=bytes(32)).feed(delta)
     # END carries size and blake3: a wrong one is refused at finish, a short one at once.
@@ -270,10 +388,11 @@ def test_refusals_of_version_2() -> None:
         p.finish()
 
 
-def test_index_parse_is_untouched_by_streaming(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [LAYOUT_STREAM_VERSION, LAYOUT_EARLY_VERSION])
+def test_index_parse_is_untouched_by_streaming(tmp_path: Path, version: int) -> None:
     """The build's index is the same whether a streamer watched it or not."""
     root, a = _built_then_edited(tmp_path, 4, 40, "append", 7)
-    b, _, _, _ = _streamed(root, tmp_path / "b.tgz", a, tmp_path / "a.tgz")
+    b, _, _, _ = _streamed(root, tmp_path / "b.tgz", a, tmp_path / "a.tgz", version=version)
     plain = IncrementalBuilder(root, previous=a.index, previous_archive=tmp_path / "a.tgz",
                                threads=0, racy_ns=0)  # as ``_streamed`` builds
     assert b"".join(plain) == (tmp_path / "b.tgz").read_bytes()

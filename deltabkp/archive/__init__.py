@@ -7,7 +7,8 @@ faithfully, safely and all or nothing.  ``IncrementalBuilder`` makes the same by
 changed (and hands over the tar it compressed, ``BuildHandover``); ``encode_layout`` /
 ``LayoutPatcher`` describe the next archive by the layout of the previous one (the layout
 delta), inflating it only around what changed given its ``SeekPoints``; ``LayoutStreamer``
-makes it while an ``IncrementalBuilder`` builds (version 2).  Invariants are stated in each private module.
+makes it while an ``IncrementalBuilder`` builds (versions 2 and 3).  Invariants are stated
+in each private module.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from deltabkp.archive._incremental import (
     IncrementalStats,
 )
 from deltabkp.archive._layout import (
+    LAYOUT_EARLY_VERSION,
     LAYOUT_MAGIC,
     LAYOUT_STREAM_VERSION,
+    LAYOUT_VERSION,
     LayoutPatcher,
     LayoutStreamer,
     encode_layout,
@@ -33,8 +36,10 @@ from deltabkp.archive._seek import SeekPoints
 from deltabkp.archive._walk import Fingerprint, tree_fingerprint
 
 __all__ = [
+    "LAYOUT_EARLY_VERSION",
     "LAYOUT_MAGIC",
     "LAYOUT_STREAM_VERSION",
+    "LAYOUT_VERSION",
     "ArchiveIndex",
     "ArchiveReport",
     "BuildHandover",

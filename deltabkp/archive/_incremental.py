@@ -171,6 +171,7 @@ from isal import isal_zlib
 
 from deltabkp.archive._build import (
     _O_READ,
+    ArchiveReport,
     TgzBuilder,
     _Counts,
     _end_of_archive,
@@ -1009,6 +1010,12 @@ class _Splicer:
         self.fresh = _FreshKeeper() if old is not None else None
         #: Told each job and copy as it goes out, in order (``BuildStream``), or None.
         self.stream: BuildStream | None = None
+        #: The stream is told each job and copy as it is queued, not as it goes out, and
+        #: the jobs wait uncompressed (up to ``DEFER_LIMIT`` bytes of tar, then they are
+        #: compressed as they come) until it was told the trailer (``stream_first``).
+        self.early = False
+        self.deferred = 0  # tar bytes (data and windows) of the jobs waiting uncompressed
+        self._told = False  # the stream was told something since the last chunk out
 
     # -- feeding
 
@@ -1048,17 +1055,62 @@ class _Splicer:
             self.fresh.add(self.buf_at, prime, data)
         self.window = (self.window + data)[-DICT_SIZE:]
         ends = cuts + [upto] if final else cuts
-        if self.pool is None:
-            fut: Future[tuple[bytes, list[int], list[int]]] = Future()
-            fut.set_result(_job(data, rel, self.level, final, prime))
+        fut: Future[tuple[bytes, list[int], list[int]]] | None = None
+        if self.early:
+            self._tell_job(self.buf_at, prime, data, ends, final)
+        if self.early and self.deferred >= 0:
+            self.deferred += len(prime) + n
         else:
-            fut = self.pool.submit(_job, data, rel, self.level, final, prime)
-        self.queue.append(("job", fut, ends, final, self.buf_at, prime, data))
+            fut = self._compress(data, rel, final, prime)
+        self.queue.append(("job", fut, ends, final, self.buf_at, prime, data, rel))
         self.jobs += 1
         self.compressed += n
         del self.buf[:n]
         self.buf_at = upto
         self.cuts = [c for c in self.cuts if c > upto]
+
+    def _compress(
+        self, data: bytes, rel: list[int], final: bool, prime: bytes
+    ) -> Future[tuple[bytes, list[int], list[int]]]:
+        if self.pool is None:
+            fut: Future[tuple[bytes, list[int], list[int]]] = Future()
+            fut.set_result(_job(data, rel, self.level, final, prime))
+            return fut
+        return self.pool.submit(_job, data, rel, self.level, final, prime)
+
+    def _undefer(self) -> None:
+        """Compress the jobs waiting, and from now on each as it comes (``deferred`` -1)."""
+        q = self.queue
+        for i, item in enumerate(q):
+            if item[0] == "job" and item[1] is None:
+                _, _, ends, final, at, prime, data, rel = item
+                q[i] = ("job", self._compress(data, rel, final, prime),  # type: ignore[arg-type]
+                        ends, final, at, prime, data, rel)
+        self.deferred = -1
+
+    def _tell_job(self, at: int, prime: bytes, data: bytes, ends: list[int], final: bool) -> None:
+        # The CRC-32s the job would give, for the trailer the stream is told before it runs.
+        view = memoryview(data)
+        prev = at
+        for end in ends:
+            self.crc_parts.append(zlib.crc32(view[prev - at : end - at]))
+            self.crc_lens.append(end - prev)
+            prev = end
+        assert self.stream is not None
+        self.stream.job(at, prime, data, ends, final)
+        self._told = True
+
+    def _tell_copy(self, start: int, length: int, first: int, stop: int, delta: int) -> None:
+        old = self.old
+        assert old is not None
+        # Vectorised: a run may copy tens of thousands of segments.
+        ts = old.cut_ends[first:stop].astype(np.int64)
+        prev_t = int(old.cut_ends[first - 1]) if first > 0 else 0
+        self.crc_parts.extend(old.index.segments[first:stop].crcs.tolist())
+        self.crc_lens.extend(np.diff(ts, prepend=prev_t).tolist())
+        if self.stream is not None:
+            self.stream.copy(start, length, stop)
+            self._told = True
 
     def flush_to(self, cut: int) -> bytes:
         """Compress up to ``cut`` (a cut fed already), forget what was fed after it; return
@@ -1088,6 +1140,8 @@ class _Splicer:
             end = int(old.deflate_ends[last])
             self.queue.append(("copy", start, end - start, (first, last + 1), delta))
             self.copied += end - start
+            if self.early:
+                self._tell_copy(start, end - start, first, last + 1, delta)
         want_from = max(0, e - DICT_SIZE)
         have = bytearray(run.sync_window[max(0, want_from - (c - DICT_SIZE)) :] if want_from < c else b"")
         tail = self._tail_from_files(run, max(want_from, c) - delta, run.old_end - delta)
@@ -1151,26 +1205,38 @@ class _Splicer:
     def finish(self) -> Iterator[bytes]:
         self.feed(b"")
         self._submit(self.pos, final=True)
-        yield from self._ready(0)
+        if not self.early:
+            yield from self._ready(0)
         trailer = gzip_trailer(crc32_concat(self.crc_parts, self.crc_lens), self.pos)
         if self.stream is not None:
             self.stream.trailer(trailer)
+        if self.early:
+            yield b""  # the stream has everything: the caller takes it before the jobs run
+            yield from self._ready(0)
         yield trailer
 
     def _ready(self, keep: int) -> Iterator[bytes]:
+        if self.deferred > 0:
+            if keep and self.deferred <= DEFER_LIMIT:
+                if self._told:
+                    self._told = False
+                    yield b""  # nothing goes out yet: the caller takes the stream's records
+                return
+            self._undefer()
         while self.queue and (self.jobs > keep or self._done(self.queue[0])):
             item = self.queue.popleft()
             if item[0] == "job":
                 self.jobs -= 1
-                _, fut, ends, final, at, prime, data = item
+                _, fut, ends, final, at, prime, data, _rel = item
                 assert isinstance(fut, Future) and isinstance(ends, list) and isinstance(at, int)
                 out, comp_ends, crcs = fut.result()
-                if self.stream is not None:
+                if self.stream is not None and not self.early:
                     self.stream.job(at, prime, data, ends, bool(final))  # type: ignore[arg-type]
                 prev = at
                 for i, end in enumerate(ends):
-                    self.crc_parts.append(crcs[i])
-                    self.crc_lens.append(end - prev)
+                    if not self.early:
+                        self.crc_parts.append(crcs[i])
+                        self.crc_lens.append(end - prev)
                     if i < len(comp_ends):
                         self.seg_tar.append(end)
                         self.seg_deflate.append(self.comp_pos + comp_ends[i])
@@ -1185,18 +1251,14 @@ class _Splicer:
                 first, stop = span
                 if self.fresh is not None:
                     self.fresh.copied(len(self.seg_tar), first, stop - first)
-                if self.stream is not None:
-                    self.stream.copy(start, length, stop)
-                # Vectorised: a run may copy tens of thousands of segments.
+                if not self.early:
+                    self._tell_copy(start, length, first, stop, delta)
                 old = self.old
                 ts = old.cut_ends[first:stop].astype(np.int64)
-                prev_t = int(old.cut_ends[first - 1]) if first > 0 else 0
                 self.seg_tar.extend((ts - delta).tolist())
                 self.seg_deflate.extend(
                     (old.deflate_ends[first:stop].astype(np.int64) + (self.comp_pos - start)).tolist()
                 )
-                self.crc_parts.extend(old.index.segments[first:stop].crcs.tolist())
-                self.crc_lens.extend(np.diff(ts, prepend=prev_t).tolist())
                 for off in range(0, length, _COPY):
                     n = min(_COPY, length - off)
                     yield self.old.read(start + off, n)
@@ -1209,7 +1271,7 @@ class _Splicer:
     def close(self) -> None:
         if self.pool is not None:
             for item in self.queue:
-                if item[0] == "job":
+                if item[0] == "job" and item[1] is not None:
                     item[1].cancel()  # type: ignore[attr-defined]
             self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -1497,7 +1559,13 @@ class IncrementalBuilder(TgzBuilder):
     (with the archive's blake3, beside the build; done when the iteration ends): e.g. a
     file's ``write``, off the building thread; the chunks are still yielded as well.
     ``stream``: told each copy and compression job as it goes out (``BuildStream``), from
-    the iterating thread: the layout delta made while the archive is built."""
+    the iterating thread: the layout delta made while the archive is built.
+    ``stream_first``: the stream is told each copy and job as it is queued, and the whole
+    tar (its trailer included) before the jobs are compressed (the build yields empty
+    chunks meanwhile, for its caller to take what the stream made): a layout delta whose
+    receiver compresses the jobs itself need not wait for this build's compression (the
+    jobs wait, up to ``DEFER_LIMIT`` bytes of tar; past it they are compressed as they
+    come).  The archive is the same bytes either way."""
 
     def __init__(
         self,
@@ -1512,6 +1580,7 @@ class IncrementalBuilder(TgzBuilder):
         threads: int = 2,
         sink: Callable[[bytes], object] | None = None,
         stream: BuildStream | None = None,
+        stream_first: bool = False,
         **kw: object,
     ) -> None:
         super().__init__(root, exclude=exclude, level=level, threads=threads, **kw)  # type: ignore[arg-type]
@@ -1527,12 +1596,23 @@ class IncrementalBuilder(TgzBuilder):
         self.racy_ns = racy_ns
         self.sink = sink
         self.stream = stream
+        self.stream_first = stream_first
         self._index: ArchiveIndex | None = None
         self._stats: IncrementalStats | None = None
         #: For a build afresh if the previous archive fails midway (``_afresh``).
         self._args: dict[str, Any] = dict(exclude=exclude, level=level, threads=threads,
                                           racy_ns=racy_ns, **kw)
         self._fresh: BuildHandover | None = None
+        self._walk: tuple[_Counts, _Splicer] | None = None
+
+    @property
+    def walked(self) -> ArchiveReport:
+        """``report`` as far as the walk went (``bytes_out`` 0): all of it once the stream
+        was told the trailer (``stream_first``: before the archive is compressed)."""
+        if self._walk is None:
+            raise ArchiveError("the build has not started")
+        counts, splicer = self._walk
+        return counts.report(splicer.pos, 0)
 
     @property
     def index(self) -> ArchiveIndex:
@@ -1569,6 +1649,7 @@ class IncrementalBuilder(TgzBuilder):
 
         splicer = _Splicer(self.level, self.threads, old, peek)
         counts = _Counts()
+        self._walk = (counts, splicer)
         entries = EntryTable(bytearray())
         if self.stream is not None:
             if old is None:
@@ -1576,6 +1657,7 @@ class IncrementalBuilder(TgzBuilder):
             else:
                 self.stream.bind(entries, old.index.archive_hash)
                 splicer.stream = self.stream
+                splicer.early = self.stream_first
                 splicer.fresh = None  # the stream takes what a hand-over would keep
         reused = [0]
         h = blake3.blake3()
@@ -1598,8 +1680,9 @@ class IncrementalBuilder(TgzBuilder):
                     splicer, self._items(top, top_fd, counts, old, opened, sync), entries,
                     reused, sync,
                 ):
-                    beside.put(chunk)
-                    size += len(chunk)
+                    if chunk:
+                        beside.put(chunk)
+                        size += len(chunk)
                     yield chunk
             except _OldFailed as exc:
                 why = f"{exc}: built afresh"
@@ -2099,6 +2182,12 @@ class IncrementalBuilder(TgzBuilder):
 
 
 # -- what a build compressed and copied, for the layout encoder -----------------------------
+
+#: Most tar bytes (jobs' data and windows) a build whose stream comes first
+#: (``IncrementalBuilder(stream_first=True)``) holds uncompressed until the stream has all
+#: of it: ~3.4 MB after the ~1 % change on the stdlib tree.  Past it, the jobs are
+#: compressed as they come (anonymous memory of the agent, as ``FRESH_LIMIT``).
+DEFER_LIMIT = 8 << 20
 
 #: Most tar bytes a build keeps for ``BuildHandover`` (~3.4 MB after the ~1 % change on the
 #: stdlib tree): past it, the stretches compressed later are not kept (the encoder inflates

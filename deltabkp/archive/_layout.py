@@ -153,6 +153,10 @@ LAYOUT_MAGIC = b"DBKPLD"
 LAYOUT_VERSION = 1
 #: The streamed form (``LayoutStreamer``): made as the build goes, size and blake3 at the end.
 LAYOUT_STREAM_VERSION = 2
+#: Version 2's records, told before the sender compresses (``LayoutStreamer(version=3)``
+#: beside ``IncrementalBuilder(stream_first=True)``): END carries the blake3 of the tar the
+#: RUN records rebuild, not the new archive's, which the sender knows only later.
+LAYOUT_EARLY_VERSION = 3
 
 
 def layout_capability(version: int = LAYOUT_VERSION) -> str:
@@ -170,9 +174,11 @@ def layout_capability(version: int = LAYOUT_VERSION) -> str:
 
 
 def layout_capabilities() -> tuple[str, ...]:
-    """Every layout delta form made and read here, the preferred first (the streamed
-    version 2, then version 1); empty where libz fails its checks."""
-    got = tuple(layout_capability(v) for v in (LAYOUT_STREAM_VERSION, LAYOUT_VERSION))
+    """Every layout delta form made and read here, the preferred first (version 3, told
+    before the sender compresses, then the streamed version 2, then version 1); empty
+    where libz fails its checks."""
+    got = tuple(layout_capability(v)
+                for v in (LAYOUT_EARLY_VERSION, LAYOUT_STREAM_VERSION, LAYOUT_VERSION))
     return got if all(got) else ()
 
 #: Largest record body (a fresh run's parts and literals).
@@ -210,6 +216,10 @@ _HEAD = struct.Struct("<6sBB32sQ32sBB")
 #: Version 2's header: magic, version, flags, base blake3, level, deflater length.
 _HEAD2 = struct.Struct("<6sBB32sBB")
 _END2 = struct.Struct("<Q32s")  # version 2's END: the new archive's size, blake3
+#: Version 3's END: blake3 of the RUN records' rebuilt tar (windows included), in order; of
+#: the delta's bytes before END (its header and every record: which old bytes each COPY
+#: takes, the gzip trailer).
+_END3 = struct.Struct("<32s32s")
 _REC = struct.Struct("<BI")  # type, body length
 _COPY = struct.Struct("<QQ")  # old archive offset, length
 _RUN = struct.Struct("<BIIII")  # flags, window, n_cuts, n_parts, literal bytes (uncompressed)
@@ -1218,7 +1228,10 @@ class LayoutStreamer(_Parts):
     fails the backup if some went out)."""
 
     def __init__(self, old_index: ArchiveIndex, old_archive: Any, *,
-                 seek: SeekPoints | None = None, level: int = DEFAULT_LEVEL) -> None:
+                 seek: SeekPoints | None = None, level: int = DEFAULT_LEVEL,
+                 version: int = LAYOUT_STREAM_VERSION) -> None:
+        if version not in (LAYOUT_STREAM_VERSION, LAYOUT_EARLY_VERSION):
+            raise ValueError(f"LayoutStreamer makes versions 2 and 3, not {version}")
         if old_index.archive_size != len(memoryview(old_archive)):
             raise IntegrityError("layout delta: the old archive is not the size its index says")
         if seek is not None and not seek.matches(old_index.archive_hash, old_index.archive_size):
@@ -1229,6 +1242,12 @@ class LayoutStreamer(_Parts):
         self.lit = zlib.compressobj(6, zlib.DEFLATED, -15)
         self.level = level
         self.deflater = deflater(level)  # DeflateError where libz cannot make the bytes
+        self.version = version
+        # Version 3: what its END vouches for (each RUN record's window and tar, in order).
+        self._runs_hash = blake3.blake3() if version == LAYOUT_EARLY_VERSION else None
+        self._sent_hash = blake3.blake3()
+        #: The builder told the trailer: every event is in (version 3's ``end`` may come).
+        self.told_all = False
         # Builder events in output order: (COPY, start, length, k) | (RUN, at, prime, data,
         # ends, final) | (RAW, bytes).
         self._events: deque[tuple[Any, ...]] = deque()
@@ -1251,24 +1270,39 @@ class LayoutStreamer(_Parts):
     # -- what the sender's caller uses
 
     def header(self) -> bytes:
-        return _HEAD2.pack(LAYOUT_MAGIC, LAYOUT_STREAM_VERSION, 0, self.oi.archive_hash,
+        """The delta's first bytes (once)."""
+        head = _HEAD2.pack(LAYOUT_MAGIC, self.version, 0, self.oi.archive_hash,
                            self.level, len(self.deflater)) + self.deflater.encode()
+        self._sent_hash.update(head)
+        return head
 
     def take(self) -> list[bytes]:
         """The records made since the last call (the jobs the entries cover so far)."""
         self._pump(final=False)
+        return self._taken()
+
+    def _taken(self) -> list[bytes]:
         out, self._out = self._out, []
+        if self._runs_hash is not None:
+            for r in out:
+                self._sent_hash.update(r)
         return out
 
-    def end(self, size: int, digest: bytes) -> list[bytes]:
-        """The last records, once the build ended: the new archive is ``size`` bytes with
-        blake3 ``digest``."""
+    def end(self, size: int | None = None, digest: bytes | None = None) -> list[bytes]:
+        """The last records: version 2 once the build ended (the new archive is ``size``
+        bytes with blake3 ``digest``), version 3 once ``told_all`` (no arguments)."""
         if self.failed:
             raise IntegrityError(f"layout delta: the build did not reuse the old archive ({self.failed})")
+        if (self._runs_hash is None) != (size is not None and digest is not None):
+            raise ValueError("version 2's END takes the archive's size and blake3, version 3's not")
         self._pump(final=True)
         if not self._ended:
             raise IntegrityError("layout delta: the build did not end with its trailer")
-        out, self._out = self._out, []
+        out = self._taken()
+        if self._runs_hash is not None:
+            return [*out, _record(T_END, _END3.pack(self._runs_hash.digest(),
+                                                    self._sent_hash.digest()))]
+        assert size is not None and digest is not None
         return [*out, _record(T_END, _END2.pack(size, digest))]
 
     def close(self) -> None:
@@ -1314,6 +1348,7 @@ class LayoutStreamer(_Parts):
     def trailer(self, raw: bytes) -> None:
         if self._bound and not self.failed:
             self._events.append((T_RAW, raw))
+            self.told_all = True
 
     # -- making records
 
@@ -1384,6 +1419,10 @@ class LayoutStreamer(_Parts):
                 parts, w = self._parts(tar, at + lo), 0
             else:
                 parts, w = self._parts(prime + tar, at - len(prime)), len(prime)
+            if self._runs_hash is not None:  # what the receiver rebuilds: window, then tar
+                if not cont:
+                    self._runs_hash.update(prime)
+                self._runs_hash.update(tar)
             flags = (F_FINAL if final and last else 0) | (F_CONTINUE if cont else 0)
             cuts = segs[first : k - 1] if final and last else segs[first:k]
             # (The final job holds the end-of-archive blocks, in no entry: not a change.)
@@ -1530,6 +1569,10 @@ class LayoutPatcher:
         self._tail_ok = False
         self._hash = blake3.blake3()
         self._size = 0
+        # Version 3: the RUN records' rebuilt tar, in order; the delta's bytes before END.
+        self._runs_hash = blake3.blake3()
+        self._got_hash = blake3.blake3()
+        self._end3 = (b"", b"")
         self._ended = False
         self.new_size = 0
         self.new_hash = b""
@@ -1565,6 +1608,8 @@ class LayoutPatcher:
                     if len(self._buf) < _REC.size + n:
                         break
                     body = bytes(self._buf[_REC.size : _REC.size + n])
+                    if kind != T_END:
+                        self._got_hash.update(self._buf[: _REC.size + n])
                     del self._buf[: _REC.size + n]
                     if self._ended:
                         raise FormatError("layout delta has bytes after its END record")
@@ -1643,7 +1688,7 @@ class LayoutPatcher:
         if len(b) <= len(LAYOUT_MAGIC):
             return False
         version = b[len(LAYOUT_MAGIC)]
-        if version not in (LAYOUT_VERSION, LAYOUT_STREAM_VERSION):
+        if version not in (LAYOUT_VERSION, LAYOUT_STREAM_VERSION, LAYOUT_EARLY_VERSION):
             raise UnsupportedVersion(f"layout delta version {version} is not supported")
         head = _HEAD if version == LAYOUT_VERSION else _HEAD2
         if len(b) < head.size:
@@ -1656,6 +1701,7 @@ class LayoutPatcher:
         if len(b) < head.size + zlen:
             return False
         zv = bytes(b[head.size : head.size + zlen]).decode("ascii", "replace")
+        self._got_hash.update(b[: head.size + zlen])
         del b[: head.size + zlen]
         self.version = version
         if flags:
@@ -1692,6 +1738,10 @@ class LayoutPatcher:
             if self.version == LAYOUT_VERSION:
                 if body:
                     raise FormatError("layout delta END record has a body")
+            elif self.version == LAYOUT_EARLY_VERSION:
+                if len(body) != _END3.size:
+                    raise FormatError("layout delta END record has the wrong size")
+                self._end3 = _END3.unpack(body)
             else:
                 if len(body) != _END2.size:
                     raise FormatError("layout delta END record has the wrong size")
@@ -1801,6 +1851,8 @@ class LayoutPatcher:
                     raise LimitExceeded("layout delta RUN record rebuilds too many tar bytes")
             if run.later is not None:
                 raise run.later
+            if self.version == LAYOUT_EARLY_VERSION:
+                self._runs_hash.update(tar)  # in the records' order: under the read turn
             # Views of ``tar`` (never changed again): no copies of the run's bytes.
             view = memoryview(tar)
             if run.cont:
@@ -1825,6 +1877,16 @@ class LayoutPatcher:
         if self._buf:
             raise FormatError("layout delta has bytes after its END record")
         new_size, new_hash, _level = self._head
+        if self.version == LAYOUT_EARLY_VERSION:
+            # The sender had not compressed yet: its RUN records' tar is what it vouches
+            # for; the archive is this rebuild's (the same bytes where the deflater is the
+            # same, which the header checked).
+            runs, sent = self._end3
+            if self._got_hash.digest() != sent:
+                raise IntegrityError("layout delta is not the one its sender made")
+            if self._runs_hash.digest() != runs:
+                raise IntegrityError("layout delta rebuilt other tar than its sender made")
+            new_size, new_hash = self._size, self._hash.digest()
         if self._size != new_size:
             raise IntegrityError(f"layout delta rebuilt {self._size} bytes, its header says {new_size}")
         if self._hash.digest() != new_hash:
