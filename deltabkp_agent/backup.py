@@ -39,10 +39,16 @@ Invariants:
   free slot), so a slow server slows the build and memory stays bounded
   (channel slots + at most ``HOLD_LIMIT`` held back + the encoder's own buffer);
 - the layout delta (docs/formats.md) needs no signature and no rolling search: used when
-  the server offers it and the kept build's index names the base.  Version 2
-  (``archive.LayoutStreamer``, offered first) is made and sent as the build goes
-  (``_Streaming``: held back while the archive might still be the base), its END once
-  built.  Version 1 (``archive.encode_layout``, for a server that offers only it) is
+  the server offers it and the kept build's index names the base.  Versions 3 and 2
+  (``archive.LayoutStreamer``, offered first) are made and sent as the build goes
+  (``_Streaming``: held back while the archive might still be the base), version 2's END
+  once built; version 3's END and ``backup-done`` (no archive hash: the server's rebuild
+  has it) as soon as the builder told the streamer everything, before it compresses
+  (``stream_first``): the build then goes on to compress and keep the agent's own copy
+  while the server stores its archive, no longer watched (a failure of its own after the
+  answer drops the kept build, logged; the server's archive stands); with no change seen
+  by then, the build ends first, as version 2's (``unchanged (hash)`` if it is the
+  base).  Version 1 (``archive.encode_layout``, for a server that offers only it) is
   made once the build ran to its end, from both archives, checked as it is made (equal
   COPY bytes, RUNs that compress back to the new archive) and streamed as it is made (a
   chunk at least every ``STREAM_S``, the header and the first record at once: the server
@@ -635,8 +641,14 @@ def _build(
                     if new_sig is not None:
                         new_sig.feed(chunk)
                     if streaming is not None:
+                        if answered is not None:
+                            # Nothing more goes to the server (no keep-alive after the
+                            # answer); a build that stopped reusing the base stops here.
+                            if streaming.streamer.failed:
+                                break
+                            continue
                         streaming.pump()
-                        if answered is None and streaming.answer_early():
+                        if streaming.answer_early():
                             # The server gets ``backup-done`` now: the rest of this build
                             # (compressing, keeping) is the agent's alone.
                             answered = _walked(builder, streaming.sent)
@@ -757,7 +769,6 @@ class _Streaming:
     def __init__(self, streamer: LayoutStreamer, hold: bool, push: Callable[[bytes], None],
                  cache: AgentCache, root: str) -> None:
         self.streamer = streamer
-        self._ended = False
         self.base_hash = streamer.oi.archive_hash
         self.hold = hold
         self._push = push
@@ -818,7 +829,6 @@ class _Streaming:
             self._pending += st.end()
         except (ValueError, DeltabkpError) as exc:
             self._failed(str(exc))
-        self._ended = True
         self._flush()
         return True
 
@@ -1019,6 +1029,8 @@ async def _stream_delta(
             async with receive:
                 async for piece in receive:
                     handover.taken()
+                    if box.answered is not None:
+                        continue  # (nothing comes after the answer; never sent if it did)
                     if isinstance(piece, _Built):  # the last delta chunk went before it
                         watching.cancel()
                         await chan.send(protocol.BackupDone(
@@ -1037,7 +1049,9 @@ async def _stream_delta(
             handover.close()  # the build stops at its next chunk, if it still runs
         nursery.cancel_scope.cancel()  # the stream is done (or dead): stop watching
 
-    if box.answered is not None and box.built is None:
+    if box.answered is not None:
+        if box.built is not None:
+            return box.built
         # Answered; the kept build was lost after (logged): the server has its archive.
         if box.error is not None:
             log.warning("backup of %s: answered, but the archive's own build then failed "

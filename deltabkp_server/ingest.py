@@ -103,7 +103,8 @@ class _Patch:
             kind = LayoutPatcher
             if self.load_seek is not None:
                 extra["seek"] = self.load_seek()
-            streamed = self._head[len(LAYOUT_MAGIC)] != 1  # version 1: sent at once
+            # Version 1 is sent at once; the others as the agent builds.
+            streamed = self._head[len(LAYOUT_MAGIC) : len(LAYOUT_MAGIC) + 1] != b"\x01"
             extra["threads"] = APPLY_THREADS_STREAMED if streamed else APPLY_THREADS
         self.patcher = kind(
             self._base_buf, base_hash=base.hash if base else None, max_size=self._max_size,

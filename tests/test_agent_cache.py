@@ -602,7 +602,7 @@ async def test_streamed_layout_delta_holds_back_an_unchanged_archive(
     monkeypatch.setattr(backup_mod, "KEEPALIVE_S", -1.0)
     chunks: list[bytes] = []
     f.chmod(f.stat().st_mode)  # the quick check misses; the build reads it again
-    with trio.fail_after(60):
+    with trio.fail_after(60), agent_log() as messages:
         async with await net.connect(address, key=KEY, role="server") as chan:
             await chan.send(protocol.BackupRequest(
                 str(app), blake3.blake3(new).digest(), (), accepts=layout_capabilities()))
@@ -610,6 +610,16 @@ async def test_streamed_layout_delta_holds_back_an_unchanged_archive(
             while isinstance(msg, protocol.DeltaChunk):
                 chunks.append(msg.data)
                 msg = await chan.receive()
+            # Nothing after the answer, though version 3's build goes on after it with a
+            # keep-alive due at every chunk: the agent hangs up once it kept its build.
+            with pytest.raises(deltabkp.DeltabkpError):
+                extra = await chan.receive()
+                raise AssertionError(f"{extra} after backup-done")
+        while not any(m.startswith("backup of") for m in messages):
+            await trio.sleep(0.01)
+    # (A keep-alive after the answer was no move of the conversation: the backup failed on
+    # the agent's side and its build was lost — found by review.)
+    assert not any("failed" in m for m in messages), messages
     assert isinstance(msg, protocol.BackupDone), msg
     assert msg.archive_hash == (blake3.blake3(new).digest() if version == 2 else b"")
     assert b"" in chunks or len(chunks) > 1
