@@ -245,39 +245,24 @@ def test_capabilities_name_every_version_the_newest_first() -> None:
 # -- golden file ------------------------------------------------------------------------------
 
 
-def _golden_streamed(w: Path) -> tuple[Path, bytes]:
+def _golden_streamed(w: Path, version: int = LAYOUT_STREAM_VERSION) -> tuple[Path, bytes]:
     """The pair of ``v1.dbkpld`` (``test_layout_delta._golden_pair``'s trees), the new
     build streamed: its base, its delta."""
     root, a = _golden_edited(w)
-    _, delta, _, _ = _streamed(root, w / "new.tgz", a, w / "old.tgz")
+    _, delta, _, _ = _streamed(root, w / "new.tgz", a, w / "old.tgz", version=version)
     return w / "old.tgz", delta
 
 
-def write_golden() -> None:  # pragma: no cover - run by hand
-    """python -c "import tests.test_layout_stream as t; t.write_golden()" """
+def write_golden(version: int = LAYOUT_STREAM_VERSION) -> None:  # pragma: no cover - by hand
+    """python -c "import tests.test_layout_stream as t; t.write_golden(2); t.write_golden(3)" """
     with tempfile.TemporaryDirectory() as d:
-        old, delta = _golden_streamed(Path(d))
+        old, delta = _golden_streamed(Path(d), version)
         assert old.read_bytes() == (GOLDEN / "v1-base.tgz").read_bytes()
-        (GOLDEN / "v2.dbkpld").write_bytes(delta)
+        (GOLDEN / f"v{version}.dbkpld").write_bytes(delta)
 
 
 def _golden() -> tuple[bytes, bytes, bytes]:
     return _golden_of("v2.dbkpld")
-
-
-def _golden_early(w: Path) -> tuple[Path, bytes]:
-    root, a = _golden_edited(w)
-    _, delta, _, _ = _streamed(root, w / "new.tgz", a, w / "old.tgz",
-                               version=LAYOUT_EARLY_VERSION)
-    return w / "old.tgz", delta
-
-
-def write_golden_v3() -> None:  # pragma: no cover - run by hand
-    """python -c "import tests.test_layout_stream as t; t.write_golden_v3()" """
-    with tempfile.TemporaryDirectory() as d:
-        old, delta = _golden_early(Path(d))
-        assert old.read_bytes() == (GOLDEN / "v1-base.tgz").read_bytes()
-        (GOLDEN / "v3.dbkpld").write_bytes(delta)
 
 
 def test_golden_v3_decodes_to_the_recorded_archive(tmp_path: Path) -> None:
@@ -289,7 +274,7 @@ def test_golden_v3_decodes_to_the_recorded_archive(tmp_path: Path) -> None:
     assert blake3.blake3(got).hexdigest() == (GOLDEN / "v1-new.b3").read_text().strip()
     v2 = (GOLDEN / "v2.dbkpld").read_bytes()
     assert delta[7:-69] == v2[7:-45] and delta[-69:-64] == struct.pack("<BI", T_END, 64)
-    _, made = _golden_early(tmp_path)
+    _, made = _golden_streamed(tmp_path, LAYOUT_EARLY_VERSION)
     assert made == delta
 
 
