@@ -45,7 +45,8 @@ Invariants:
   once built; version 3's END and ``backup-done`` (no archive hash: the server's rebuild
   has it) as soon as the builder told the streamer everything, before it compresses
   (``stream_first``): the build then goes on to compress and keep the agent's own copy
-  while the server stores its archive, no longer watched (a failure of its own after the
+  once the server hung up (it stored its archive; ``AFTER_ANSWER_WAIT_S`` at most), the
+  server's messages no longer watched for (a failure of its own after the
   answer drops the kept build, logged; the server's archive stands); with no change seen
   by then, the build ends first, as version 2's (``unchanged (hash)`` if it is the
   base).  Version 1 (``archive.encode_layout``, for a server that offers only it) is
@@ -148,6 +149,10 @@ CHANNEL_SLOTS = 4
 #: empty delta-chunk) go out, so its idle timeout (300 s by default) never fires on a build
 #: that is merely slow; the "unchanged (hash)" shortcut is then given up for that build.
 KEEPALIVE_S = 30.0
+#: Longest a build answered early (layout delta version 3) waits, before it compresses its
+#: own copy of the archive, for the server to hang up (it does once it stored the archive):
+#: the cores go to the server's last records first.
+AFTER_ANSWER_WAIT_S = 2.0
 #: Longest wait for the next signature chunk from the server.
 SIG_CHUNK_TIMEOUT = 60.0
 
@@ -219,6 +224,8 @@ class _Handover:
         self._token = trio.lowlevel.current_trio_token()
         self._slots = threading.Semaphore(CHANNEL_SLOTS)
         self.closed = False
+        #: Set by the event loop once the server is done with an early answer.
+        self.server_done = threading.Event()
 
     def put(self, chunk: bytes | _Built) -> None:
         """Worker thread: hand ``chunk`` (or the answer) over (waits for a free slot)."""
@@ -230,6 +237,15 @@ class _Handover:
             self._token.run_sync_soon(self._deliver, chunk)
         except trio.RunFinishedError:
             raise _Stopped from None
+
+    def wait_server(self, timeout: float) -> None:
+        """Worker thread, after an early answer: until the server is done with it (at most
+        ``timeout``); ``_Stopped`` if the stream was stopped meanwhile."""
+        deadline = time.monotonic() + timeout
+        while not self.server_done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            self._check()
+            if time.monotonic() >= deadline:
+                return
 
     def _check(self) -> None:
         if self.closed:
@@ -653,6 +669,7 @@ def _build(
                             # (compressing, keeping) is the agent's alone.
                             answered = _walked(builder, streaming.sent)
                             send.put(answered)
+                            send.wait_server(AFTER_ANSWER_WAIT_S)
                         continue
                     if encoder is None:
                         if time.monotonic() - last_push > KEEPALIVE_S:
@@ -1006,21 +1023,23 @@ async def _stream_delta(
             except Exception as exc:  # reported to the server below; a bug is logged there
                 box.error = exc
 
-    watching = trio.CancelScope()
-
     async def watch_peer(scope: trio.CancelScope) -> None:
         # The server says nothing during the stream; anything it does say (cancel, an error,
-        # a hang-up) ends this backup, until it has its answer (it then hangs up when it
-        # has stored the archive, while this build may still be compressing).
-        with watching:
-            try:
-                msg = await chan.receive(timeout=None, raise_errors=False)
+        # a hang-up) ends this backup, until it has its answer: it then hangs up once it
+        # stored the archive, which lets this build (still to compress) go on at once.
+        try:
+            msg = await chan.receive(timeout=None, raise_errors=False)
+            if box.answered is None:
                 if isinstance(msg, (protocol.Cancel, protocol.Error)):
                     box.stopped_by_server = _server_stopped(msg, ctx.node, path)
                 box.aborted = f"server sent {msg.TYPE} during the stream"
-            except DeltabkpError as exc:
+        except DeltabkpError as exc:
+            if box.answered is None:
                 box.aborted = str(exc)
-            scope.cancel()
+        if box.answered is not None:
+            handover.server_done.set()
+            return
+        scope.cancel()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(produce)
@@ -1032,11 +1051,14 @@ async def _stream_delta(
                     if box.answered is not None:
                         continue  # (nothing comes after the answer; never sent if it did)
                     if isinstance(piece, _Built):  # the last delta chunk went before it
-                        watching.cancel()
-                        await chan.send(protocol.BackupDone(
-                            piece.archive_hash, piece.archive_size, piece.files, piece.changed,
-                            piece.skipped))
-                        box.answered = piece
+                        box.answered = piece  # (first: the server may hang up at once)
+                        try:
+                            await chan.send(protocol.BackupDone(
+                                piece.archive_hash, piece.archive_size, piece.files,
+                                piece.changed, piece.skipped))
+                        except PeerUnavailable:
+                            box.answered = None
+                            raise
                         continue
                     box.chunks += 1
                     # A server that stops reading is dropped by the send deadline

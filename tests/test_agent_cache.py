@@ -628,6 +628,55 @@ async def test_streamed_layout_delta_holds_back_an_unchanged_archive(
     p.finish()
 
 
+async def test_version_3_answers_then_compresses_once_the_server_hung_up(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 3: ``backup-done`` (no archive hash) comes before the agent compressed its
+    own copy, which then waits for the server to hang up (the cores go to the server's
+    last records first; at most ``AFTER_ANSWER_WAIT_S``); the kept build is then the
+    server's archive: the next backup is a layout delta against it."""
+    import deltabkp_agent.backup as backup_mod
+    from deltabkp.archive import LAYOUT_MAGIC, LayoutPatcher, layout_capability
+
+    monkeypatch.setattr(backup_mod, "AFTER_ANSWER_WAIT_S", 60.0)
+    accepts = (layout_capability(3),)
+    app = tmp_path / "app"
+    make_tree(app, 60)
+    await trio.sleep(RACY_NS_AGENT / 1e9 + 0.1)
+    agent = await _start_agent(nursery, tmp_path)
+    address = net.Address.parse(agent.address)
+    base = bytes(deltabkp.patch(b"", (await backup_exchange(address, KEY, str(app), None)).delta))
+    for n in range(2):
+        await trio.to_thread.run_sync(_append, app / f"f{10 + n}", b"edited\n")
+        await trio.sleep(RACY_NS_AGENT / 1e9 + 0.1)
+        chunks: list[bytes] = []
+        with trio.fail_after(60), agent_log() as messages:
+            async with await net.connect(address, key=KEY, role="server") as chan:
+                await chan.send(protocol.BackupRequest(
+                    str(app), blake3.blake3(base).digest(), (), accepts=accepts))
+                msg = await chan.receive()
+                while isinstance(msg, protocol.DeltaChunk):
+                    chunks.append(msg.data)
+                    msg = await chan.receive()
+                assert isinstance(msg, protocol.BackupDone), msg
+                assert (msg.archive_hash, msg.archive_size) == (b"", 0)
+                await trio.sleep(0.5)
+                # Still waiting for us to hang up: not compressed, not logged.
+                assert not any(m.startswith("archive of") for m in messages), messages
+            while not any(m.startswith("backup of") for m in messages):
+                await trio.sleep(0.01)
+        assert not any("failed" in m for m in messages), messages
+        delta = b"".join(chunks)
+        assert delta.startswith(LAYOUT_MAGIC + b"\x03")
+        p = LayoutPatcher(base, base_hash=blake3.blake3(base).digest())
+        base = b"".join(p.feed(delta))
+        p.finish()
+        assert base == b"".join(TgzBuilder(app))
+        # The agent's own copy is this archive: its log names its blake3.
+        assert any(blake3.blake3(base).hexdigest()[:16] in m for m in messages
+                   if m.startswith("backup of")), messages
+
+
 async def test_a_layout_delta_given_up_after_keep_alives_never_asks_for_a_signature(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
