@@ -37,10 +37,12 @@ same bytes as without and as the bench pair's.
 ``--stream`` makes the same agent's pair and times, in turns, ``--repeat`` times each, the
 incremental build alone (kept archive written beside, as the agent does), the same build
 with a ``LayoutStreamer`` making version 2 of the delta as it goes (the old archive's seek
-points given, as the agent's), then version 1 made after that build (with its hand-over):
-wall and CPU best and median, how far into the build the first RUN record was made, each
-delta's size; and the apply of each (``LayoutPatcher``, one thread, the server's seek points
-at 256 KiB): the work the server does beside the build (version 2) or after it (version 1).
+points given, as the agent's), the same making version 3 (``stream_first``: its END, the
+agent's answer, before the build compresses: how far into the build that was), then
+version 1 made after that build (with its hand-over): wall and CPU best and median, how far
+into the build the first RUN record was made, each delta's size; and the apply of each
+(``LayoutPatcher``, one thread, the server's seek points at 256 KiB): the work the server
+does beside the build (versions 2 and 3) or after it (version 1).
 
 ``--baseline PATH`` runs encode and apply again with the ``deltabkp`` package found under
 PATH (e.g. a ``git worktree`` of an older commit), in the same run, on the same archives:
@@ -211,30 +213,39 @@ def _stream(repeat: int, trees: dict[str, Path]) -> str:
     old = _mapped(work / "a.tgz")
     agent_seek = SeekPoints.build(old, a.index.archive_hash, index=a.index)
     server_seek = SeekPoints.build(old, a.index.archive_hash, index=a.index, spacing=256 << 10)
-    runs: dict[str, list[tuple[float, float]]] = {"build": [], "build + v2": [], "v1 after": []}
+    runs: dict[str, list[tuple[float, float]]] = {
+        "build": [], "build + v2": [], "build + v3": [], "v1 after": []}
     first_run: list[float] = []
+    answered: list[float] = []  # version 3: END made, this far into the build
     deltas: dict[str, bytes] = {}
     for _ in range(repeat):
-        for mode in ("build", "build + v2"):  # in turns: both see the same load
-            streamer = LayoutStreamer(a.index, old, seek=agent_seek) if mode != "build" else None
+        for mode in ("build", "build + v2", "build + v3"):  # in turns: all see the same load
+            v3 = mode == "build + v3"
+            streamer = (LayoutStreamer(a.index, old, seek=agent_seek, version=3 if v3 else 2)
+                        if mode != "build" else None)
             records = [streamer.header()] if streamer is not None else []
             w, c = time.perf_counter(), time.process_time()
+            ended = False
             with open(work / "b.tgz", "wb") as f:
                 b = IncrementalBuilder(work / "app", previous=a.index,
                                        previous_archive=work / "a.tgz", sink=f.write,
-                                       stream=streamer)
+                                       stream=streamer, stream_first=v3)
                 for _chunk in b:
                     if streamer is not None:
                         got = streamer.take()
-                        if len(first_run) < len(runs["build + v2"]) + 1 and \
+                        if mode == "build + v2" and len(first_run) < len(runs[mode]) + 1 and \
                                 any(r[0] == T_RUN for r in got):
                             first_run.append(time.perf_counter() - w)
                         records += got
-                if streamer is not None:
+                        if v3 and not ended and streamer.told_all:
+                            records += streamer.end()
+                            ended = True
+                            answered.append(time.perf_counter() - w)
+                if streamer is not None and not v3:
                     records += streamer.end(b.index.archive_size, b.index.archive_hash)
             runs[mode].append((time.perf_counter() - w, time.process_time() - c))
             if streamer is not None:
-                deltas["v2"] = b"".join(records)
+                deltas["v3" if v3 else "v2"] = b"".join(records)
             else:
                 new = _mapped(work / "b.tgz")
                 w, c = time.perf_counter(), time.process_time()
@@ -242,9 +253,9 @@ def _stream(repeat: int, trees: dict[str, Path]) -> str:
                                                       seek=agent_seek, fresh=b.handover))
                 runs["v1 after"].append((time.perf_counter() - w, time.process_time() - c))
     new_bytes = (work / "b.tgz").read_bytes()
-    applies: dict[str, list[float]] = {"v1": [], "v2": []}
+    applies: dict[str, list[float]] = {"v1": [], "v2": [], "v3": []}
     for _ in range(repeat):
-        for v in ("v1", "v2"):
+        for v in ("v1", "v2", "v3"):
             p = LayoutPatcher(old, base_hash=a.index.archive_hash, max_size=1 << 40,
                               seek=server_seek)
             c = time.process_time()
@@ -262,10 +273,13 @@ def _stream(repeat: int, trees: dict[str, Path]) -> str:
 
     return (f"stream (an agent's pair, {repeat} runs each in turns): the build {cell(runs['build'])};"
             f" with version 2 made as it goes {cell(runs['build + v2'])}, its first RUN "
-            f"{statistics.median(first_run):.3f} s in, {len(deltas['v2']):,} bytes; version 1 made "
+            f"{statistics.median(first_run):.3f} s in, {len(deltas['v2']):,} bytes; with version 3 "
+            f"{cell(runs['build + v3'])}, its END (the answer) {statistics.median(answered):.3f} "
+            f"s in, {len(deltas['v3']):,} bytes; version 1 made "
             f"after the build {cell(runs['v1 after'])}, {len(deltas['v1']):,} bytes; apply (one "
             f"thread, server seek points) CPU median v1 {statistics.median(applies['v1']):.3f} s, "
-            f"v2 {statistics.median(applies['v2']):.3f} s; both rebuild the archive")
+            f"v2 {statistics.median(applies['v2']):.3f} s, v3 "
+            f"{statistics.median(applies['v3']):.3f} s; each rebuilds the archive")
 
 
 def _seek_points(kib: int) -> Any:
