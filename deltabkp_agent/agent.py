@@ -368,7 +368,7 @@ class Agent:
                 out.signature_from, out.changed, out.phases,
                 extra={**about, "event": "backup-served"},
             )
-        return True
+        return out.reusable
 
 
 def configure_logging(level: int = logging.INFO) -> None:

@@ -45,8 +45,10 @@ Invariants:
   once built; version 3's END and ``backup-done`` (no archive hash: the server's rebuild
   has it) as soon as the builder told the streamer everything, before it compresses
   (``stream_first``): the build then goes on to compress and keep the agent's own copy
-  once the server hung up (it stored its archive; ``AFTER_ANSWER_WAIT_S`` at most), the
-  server's messages no longer watched for (a failure of its own after the
+  once a server on this host hung up (it stored its archive; ``AFTER_ANSWER_WAIT_S`` at
+  most); a ``cancel``/``error`` from the server after the answer (it did not store it) is
+  ``ServerStopped``, nothing cached; the connection then serves no other request (what
+  the server says after the answer is read while the build goes on) (a failure of its own after the
   answer drops the kept build, logged; the server's archive stands); with no change seen
   by then, the build ends first, as version 2's (``unchanged (hash)`` if it is the
   base).  Version 1 (``archive.encode_layout``, for a server that offers only it) is
@@ -150,8 +152,9 @@ CHANNEL_SLOTS = 4
 #: that is merely slow; the "unchanged (hash)" shortcut is then given up for that build.
 KEEPALIVE_S = 30.0
 #: Longest a build answered early (layout delta version 3) waits, before it compresses its
-#: own copy of the archive, for the server to hang up (it does once it stored the archive):
-#: the cores go to the server's last records first.
+#: own copy of the archive, for a server on this host (loopback) to hang up (it does once it
+#: stored the archive): the cores go to the server's last records first.  A server
+#: elsewhere is not waited for.
 AFTER_ANSWER_WAIT_S = 2.0
 #: Longest wait for the next signature chunk from the server.
 SIG_CHUNK_TIMEOUT = 60.0
@@ -181,6 +184,9 @@ class BackupOutcome:
     signature_from: str = ""  # "cache" | "server" | "none" | "layout" (no signature needed)
     #: Where the request's time went (``Phases.render``), for the agent's log line.
     phases: str = ""
+    #: The connection may serve another request (False after an early answer: what the
+    #: server said after it was read while the build went on).
+    reusable: bool = True
 
 
 @attrs.frozen
@@ -226,6 +232,9 @@ class _Handover:
         self.closed = False
         #: Set by the event loop once the server is done with an early answer.
         self.server_done = threading.Event()
+        #: The server runs on this host (loopback): its end is waited for after an early
+        #: answer (``wait_server``).
+        self.local = False
 
     def put(self, chunk: bytes | _Built) -> None:
         """Worker thread: hand ``chunk`` (or the answer) over (waits for a free slot)."""
@@ -456,7 +465,7 @@ async def _finish(
     await thread(_settle_kept, ctx.cache, root, exclude)
     return BackupOutcome(
         "sent", "", built.archive_hash, built.archive_size, built.delta_bytes, built.files,
-        len(built.changed), sig_from,
+        len(built.changed), sig_from, reusable=not built.answered,
     )
 
 
@@ -669,7 +678,8 @@ def _build(
                             # (compressing, keeping) is the agent's alone.
                             answered = _walked(builder, streaming.sent)
                             send.put(answered)
-                            send.wait_server(AFTER_ANSWER_WAIT_S)
+                            if send.local:
+                                send.wait_server(AFTER_ANSWER_WAIT_S)
                         continue
                     if encoder is None:
                         if time.monotonic() - last_push > KEEPALIVE_S:
@@ -992,6 +1002,7 @@ class _Box:
     stopped_by_server: ServerStopped | None = None
     chunks: int = 0  # delta-chunks sent (keep-alives included)
     answered: _Built | None = None  # backup-done sent before the build ended
+    refused: ServerStopped | None = None  # the server's cancel or error after that answer
 
 
 async def _stream_delta(
@@ -1011,6 +1022,7 @@ async def _stream_delta(
 ) -> _Built:
     send, receive = trio.open_memory_channel[bytes | _Built](CHANNEL_SLOTS)
     handover = _Handover(send)
+    handover.local = _server_here(chan)
     box = _Box()
 
     async def produce() -> None:
@@ -1033,6 +1045,9 @@ async def _stream_delta(
                 if isinstance(msg, (protocol.Cancel, protocol.Error)):
                     box.stopped_by_server = _server_stopped(msg, ctx.node, path)
                 box.aborted = f"server sent {msg.TYPE} during the stream"
+            elif isinstance(msg, (protocol.Cancel, protocol.Error)):
+                # It did not store the archive (its check or its commit failed).
+                box.refused = _server_stopped(msg, ctx.node, path)
         except DeltabkpError as exc:
             if box.answered is None:
                 box.aborted = str(exc)
@@ -1050,13 +1065,17 @@ async def _stream_delta(
                     handover.taken()
                     if box.answered is not None:
                         continue  # (nothing comes after the answer; never sent if it did)
+                    if box.aborted is not None:
+                        # The watcher saw the server go (or speak) in the same scheduler
+                        # batch that brought this piece: nothing more goes.
+                        break
                     if isinstance(piece, _Built):  # the last delta chunk went before it
                         box.answered = piece  # (first: the server may hang up at once)
                         try:
                             await chan.send(protocol.BackupDone(
                                 piece.archive_hash, piece.archive_size, piece.files,
                                 piece.changed, piece.skipped))
-                        except PeerUnavailable:
+                        except BaseException:
                             box.answered = None
                             raise
                         continue
@@ -1072,6 +1091,10 @@ async def _stream_delta(
         nursery.cancel_scope.cancel()  # the stream is done (or dead): stop watching
 
     if box.answered is not None:
+        if box.refused is not None:
+            # The server did not store it: the kept build stays a base for the next build
+            # (not the server's: that backup makes a rolling delta), nothing is cached.
+            raise box.refused
         if box.built is not None:
             return box.built
         # Answered; the kept build was lost after (logged): the server has its archive.
@@ -1091,6 +1114,14 @@ async def _stream_delta(
         await trio.lowlevel.checkpoint()
         raise PeerUnavailable("backup stopped", node=ctx.node, path=path)
     return box.built
+
+
+def _server_here(chan: net.Channel) -> bool:
+    """The server speaks from this host's loopback (``AFTER_ANSWER_WAIT_S``)."""
+    try:
+        return net.is_loopback(net.Address.parse(chan.peer).host)
+    except DeltabkpError:
+        return False
 
 
 def describe_failure(exc: BaseException) -> tuple[ErrorCode, str]:

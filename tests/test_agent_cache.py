@@ -675,6 +675,25 @@ async def test_version_3_answers_then_compresses_once_the_server_hung_up(
         # The agent's own copy is this archive: its log names its blake3.
         assert any(blake3.blake3(base).hexdigest()[:16] in m for m in messages
                    if m.startswith("backup of")), messages
+    # The server refuses what it got (its check or its commit failed: it says ``cancel``
+    # after the answer): the agent caches nothing for it and logs no backup served.
+    await trio.to_thread.run_sync(_append, app / "f13", b"edited\n")
+    await trio.sleep(RACY_NS_AGENT / 1e9 + 0.1)
+    with trio.fail_after(60), agent_log() as messages:
+        async with await net.connect(address, key=KEY, role="server") as chan:
+            await chan.send(protocol.BackupRequest(
+                str(app), blake3.blake3(base).digest(), (), accepts=accepts))
+            msg = await chan.receive()
+            while isinstance(msg, protocol.DeltaChunk):
+                msg = await chan.receive()
+            assert isinstance(msg, protocol.BackupDone), msg
+            await chan.send(protocol.Cancel())
+            with pytest.raises(deltabkp.DeltabkpError):
+                await chan.receive()  # the agent hangs up
+        while not any(m.startswith("backup of") for m in messages):
+            await trio.sleep(0.01)
+    assert any("stopped" in m for m in messages), messages
+    assert not any(m.startswith("backup of") and "archive" in m for m in messages), messages
 
 
 async def test_a_layout_delta_given_up_after_keep_alives_never_asks_for_a_signature(
