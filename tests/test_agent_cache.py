@@ -628,6 +628,20 @@ async def test_streamed_layout_delta_holds_back_an_unchanged_archive(
     p.finish()
 
 
+async def _request(chan: net.Channel, app: Path, base: bytes, accepts: tuple[str, ...]
+                   ) -> tuple[list[bytes], protocol.Message]:
+    """A backup of ``app`` against ``base`` asked as a server does: its delta chunks, and
+    the message after them."""
+    await chan.send(protocol.BackupRequest(str(app), blake3.blake3(base).digest(), (),
+                                           accepts=accepts))
+    chunks: list[bytes] = []
+    msg = await chan.receive()
+    while isinstance(msg, protocol.DeltaChunk):
+        chunks.append(msg.data)
+        msg = await chan.receive()
+    return chunks, msg
+
+
 async def test_version_3_answers_then_compresses_once_the_server_hung_up(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -649,15 +663,9 @@ async def test_version_3_answers_then_compresses_once_the_server_hung_up(
     for n in range(2):
         await trio.to_thread.run_sync(_append, app / f"f{10 + n}", b"edited\n")
         await trio.sleep(RACY_NS_AGENT / 1e9 + 0.1)
-        chunks: list[bytes] = []
         with trio.fail_after(60), agent_log() as messages:
             async with await net.connect(address, key=KEY, role="server") as chan:
-                await chan.send(protocol.BackupRequest(
-                    str(app), blake3.blake3(base).digest(), (), accepts=accepts))
-                msg = await chan.receive()
-                while isinstance(msg, protocol.DeltaChunk):
-                    chunks.append(msg.data)
-                    msg = await chan.receive()
+                chunks, msg = await _request(chan, app, base, accepts)
                 assert isinstance(msg, protocol.BackupDone), msg
                 assert (msg.archive_hash, msg.archive_size) == (b"", 0)
                 await trio.sleep(0.5)
@@ -681,11 +689,7 @@ async def test_version_3_answers_then_compresses_once_the_server_hung_up(
     await trio.sleep(RACY_NS_AGENT / 1e9 + 0.1)
     with trio.fail_after(60), agent_log() as messages:
         async with await net.connect(address, key=KEY, role="server") as chan:
-            await chan.send(protocol.BackupRequest(
-                str(app), blake3.blake3(base).digest(), (), accepts=accepts))
-            msg = await chan.receive()
-            while isinstance(msg, protocol.DeltaChunk):
-                msg = await chan.receive()
+            _, msg = await _request(chan, app, base, accepts)
             assert isinstance(msg, protocol.BackupDone), msg
             await chan.send(protocol.Cancel())
             with pytest.raises(deltabkp.DeltabkpError):

@@ -157,17 +157,22 @@ def _big_tree(root: Path, rng: random.Random) -> None:
     _settle(root)
 
 
+def _big_built(w: Path, seed: int) -> tuple[Path, IncrementalBuilder]:
+    """``_big_tree`` in ``w/tree``, built (``w/a.tgz``): the tree, that build."""
+    root = w / "tree"
+    _big_tree(root, random.Random(seed))
+    a = IncrementalBuilder(root, threads=0, racy_ns=0)
+    (w / "a.tgz").write_bytes(b"".join(a))
+    return root, a
+
+
 def test_records_go_out_while_the_build_runs_and_cost_about_what_v1_costs(tmp_path: Path) -> None:
     """An edit a third into a big tree: its RUN is made well before the build's last chunk
     (the receiver works while the agent builds), entering the old stream right after the
     copied segments before it (``fresh_windows``), the delta the same with the old archive's
     seek points or without, and about version 1's size (the jobs' segments that compressed to
     old bytes are rebuilt, not copied: their cuts and references cost a little)."""
-    rng = random.Random(5)
-    root = tmp_path / "tree"
-    _big_tree(root, rng)
-    a = IncrementalBuilder(root, threads=0, racy_ns=0)
-    (tmp_path / "a.tgz").write_bytes(b"".join(a))
+    root, a = _big_built(tmp_path, 5)
     files = sorted(root.rglob("*.py"))
     edited = files[len(files) // 3]
     edited.write_bytes(edited.read_bytes()[:500] + b"# an edit\n" + edited.read_bytes()[500:])
@@ -193,11 +198,7 @@ def test_records_go_out_while_the_build_runs_and_cost_about_what_v1_costs(tmp_pa
 def test_an_unchanged_tree_is_copies_and_the_final_run(tmp_path: Path) -> None:
     """Nothing changed: no compression job before the final one (``runs`` 0, which is what
     the agent holds its records back on), and the delta rebuilds the same archive."""
-    rng = random.Random(9)
-    root = tmp_path / "tree"
-    _big_tree(root, rng)
-    a = IncrementalBuilder(root, threads=0, racy_ns=0)
-    (tmp_path / "a.tgz").write_bytes(b"".join(a))
+    root, a = _big_built(tmp_path, 9)
     b, delta, streamer, _ = _streamed(root, tmp_path / "b.tgz", a, tmp_path / "a.tgz")
     old = (tmp_path / "a.tgz").read_bytes()
     assert b.index.archive_hash == a.index.archive_hash
@@ -308,11 +309,7 @@ def test_version_3_is_all_told_before_the_build_compresses(
     are compressed as they come, and the delta and the archive are the same bytes."""
     import deltabkp.archive._incremental as inc
 
-    rng = random.Random(5)
-    root = tmp_path / "tree"
-    _big_tree(root, rng)
-    a = IncrementalBuilder(root, threads=0, racy_ns=0)
-    (tmp_path / "a.tgz").write_bytes(b"".join(a))
+    root, a = _big_built(tmp_path, 5)
     files = sorted(root.rglob("*.py"))
     for f in (files[len(files) // 3], files[2 * len(files) // 3]):
         f.write_bytes(f.read_bytes()[:500] + b"# an edit\n" + f.read_bytes()[500:])
@@ -445,11 +442,7 @@ def test_a_file_read_again_unchanged_is_no_change(tmp_path: Path) -> None:
     """Only a file's ctime changed (a chmod to its own mode): the build reads and compresses
     it again, to the old bytes at the old place, and the streamer does not call that a change
     (the agent then still answers "unchanged (hash)"); an edit is one."""
-    rng = random.Random(12)
-    root = tmp_path / "tree"
-    _big_tree(root, rng)
-    a = IncrementalBuilder(root, threads=0, racy_ns=0)
-    (tmp_path / "a.tgz").write_bytes(b"".join(a))
+    root, a = _big_built(tmp_path, 12)
     p = sorted(root.rglob("*.py"))[50]
     p.chmod(p.stat().st_mode)
     b, delta, streamer, _ = _streamed(root, tmp_path / "b.tgz", a, tmp_path / "a.tgz")
