@@ -46,12 +46,12 @@ Invariants:
   has it) as soon as the builder told the streamer everything, before it compresses
   (``stream_first``): the build then goes on to compress and keep the agent's own copy
   once a server on this host hung up (it stored its archive; ``AFTER_ANSWER_WAIT_S`` at
-  most); a ``cancel``/``error`` from the server after the answer (it did not store it) is
-  ``ServerStopped``, nothing cached; the connection then serves no other request (what
-  the server says after the answer is read while the build goes on) (a failure of its own after the
-  answer drops the kept build, logged; the server's archive stands); with no change seen
-  by then, the build ends first, as version 2's (``unchanged (hash)`` if it is the
-  base).  Version 1 (``archive.encode_layout``, for a server that offers only it) is
+  most).  A ``cancel``/``error`` from the server after the answer (it did not store it)
+  is ``ServerStopped``, nothing cached; the connection then serves no other request (what
+  the server says after the answer is read while the build goes on).  A failure of the
+  build's own after the answer drops the kept build, logged; the server's archive stands.
+  With no change seen by then, the build ends first, as version 2's (``unchanged (hash)``
+  if it is the base).  Version 1 (``archive.encode_layout``, for a server that offers only it) is
   made once the build ran to its end, from both archives, checked as it is made (equal
   COPY bytes, RUNs that compress back to the new archive) and streamed as it is made (a
   chunk at least every ``STREAM_S``, the header and the first record at once: the server
