@@ -70,8 +70,8 @@ UNSIGNED_RETRY_S = 2.0
 #: against 207/202 and 202/195 one by one, executions 0.187 and 0.164 of a full build against
 #: 0.205 twice; at load 5-7 (no free core) nothing, for ~15-35 ms more CPU.
 APPLY_THREADS = 2
-#: The same for versions 2 and 3, streamed while the agent builds: its records come at the pace of
-#: the build, which one thread keeps up with (the server waited for records ~60-130 ms of a
+#: The same for versions 2 and 3, streamed while the agent builds: its records come at the
+#: pace of the build, which one thread keeps up with (the server waited for records ~60-130 ms of a
 #: ~250 ms backup), and the second's handoffs cost ~25 ms of CPU the agent's build then lacks
 #: where both share the cores: 16 executions each on ``bench_system.sh``'s pair, alternating
 #: (/tmp harness, 2 cores, quiet), median 0.246 s one by one against 0.260 s with two.

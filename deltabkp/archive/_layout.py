@@ -1273,7 +1273,8 @@ class LayoutStreamer(_Parts):
         """The delta's first bytes (once)."""
         head = _HEAD2.pack(LAYOUT_MAGIC, self.version, 0, self.oi.archive_hash,
                            self.level, len(self.deflater)) + self.deflater.encode()
-        self._sent_hash.update(head)
+        if self._runs_hash is not None:  # version 3: what its END vouches for
+            self._sent_hash.update(head)
         return head
 
     def take(self) -> list[bytes]:
@@ -1608,7 +1609,7 @@ class LayoutPatcher:
                     if len(self._buf) < _REC.size + n:
                         break
                     body = bytes(self._buf[_REC.size : _REC.size + n])
-                    if kind != T_END:
+                    if kind != T_END and self.version == LAYOUT_EARLY_VERSION:
                         self._got_hash.update(self._buf[: _REC.size + n])
                     del self._buf[: _REC.size + n]
                     if self._ended:
@@ -1701,7 +1702,8 @@ class LayoutPatcher:
         if len(b) < head.size + zlen:
             return False
         zv = bytes(b[head.size : head.size + zlen]).decode("ascii", "replace")
-        self._got_hash.update(b[: head.size + zlen])
+        if version == LAYOUT_EARLY_VERSION:  # what its END vouches for
+            self._got_hash.update(b[: head.size + zlen])
         del b[: head.size + zlen]
         self.version = version
         if flags:
